@@ -1,0 +1,27 @@
+"""Federated training: partitioning, client update, aggregation and engines."""
+
+from ._aggregate import accept_updates, fedavg
+from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update, site_seed
+from ._local_engine import run_local
+from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from ._partition import partition
+from ._server import FederatedServer, FederationConfig
+from ._site_data import SiteData
+
+__all__ = [
+    "ClientConfig",
+    "ClientUpdate",
+    "FederatedServer",
+    "FederationConfig",
+    "Parameters",
+    "SiteData",
+    "accept_updates",
+    "client_evaluate",
+    "client_update",
+    "fedavg",
+    "get_shared_parameters",
+    "partition",
+    "run_local",
+    "set_shared_parameters",
+    "site_seed",
+]

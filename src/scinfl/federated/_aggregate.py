@@ -1,0 +1,84 @@
+"""Server-side aggregation: FedAvg weighted by the number of training samples."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._client import ClientUpdate
+from ._parameters import Parameters
+
+logger = logging.getLogger(__name__)
+
+
+def accept_updates(
+    updates: Sequence[ClientUpdate],
+    key_fingerprint: str | None,
+    key_version: int | None,
+) -> list[ClientUpdate]:
+    """Drop (and log) updates made under another key fingerprint or key version.
+
+    Examples
+    --------
+    >>> accept_updates([], key_fingerprint=None, key_version=None)
+    []
+    """
+    accepted = []
+    for update in updates:
+        if key_fingerprint is not None and update.key_fingerprint != key_fingerprint:
+            logger.warning(
+                "Rejected the update of site %r: key fingerprint %s, expected %s.",
+                update.site,
+                update.key_fingerprint,
+                key_fingerprint,
+            )
+        elif key_version is not None and update.key_version != key_version:
+            logger.warning(
+                "Rejected the update of site %r: key version %s, expected %s.",
+                update.site,
+                update.key_version,
+                key_version,
+            )
+        else:
+            accepted.append(update)
+    return accepted
+
+
+def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:
+    """Average the sites' parameters weighted by their number of training samples ``n_k``.
+
+    ``w = sum_k n_k w_k / sum_k n_k``. Integer tensors (counters) are taken from the first
+    update. FedProx changes the client objective only, so it aggregates the same way.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.federated import ClientUpdate
+    >>> a = ClientUpdate("a", 1, {"w": np.array([0.0])})
+    >>> b = ClientUpdate("b", 3, {"w": np.array([4.0])})
+    >>> fedavg([a, b])["w"]
+    array([3.])
+    """
+    if not updates:
+        raise ValueError("No updates to aggregate: every site failed or was rejected this round.")
+    names = list(updates[0].parameters)
+    for update in updates[1:]:
+        if list(update.parameters) != names:
+            raise ValueError(f"Site {update.site!r} sent parameters of another architecture.")
+    weights = np.array([u.n for u in updates], dtype=np.float64)
+    if (weights <= 0).any():
+        raise ValueError("Every update must report a positive number of training samples.")
+    weights /= weights.sum()
+    result: Parameters = {}
+    for name in names:
+        first = updates[0].parameters[name]
+        if not np.issubdtype(first.dtype, np.floating):
+            result[name] = first.copy()
+            continue
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for w, update in zip(weights, updates, strict=True):
+            acc += w * update.parameters[name]
+        result[name] = acc.astype(first.dtype)
+    return result

@@ -1,0 +1,63 @@
+"""What travels: the shared parameters of a module, as plain numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+Parameters = dict[str, np.ndarray]
+
+# names that would betray key material; the key lives in non-persistent buffers, so none of
+# these can appear in a state_dict, but every upload is checked all the same
+_FORBIDDEN_SUBSTRINGS = ("coordinates", "key_seed")
+
+
+def get_shared_parameters(module: nn.Module) -> Parameters:
+    """Copy of everything a site shares: the module's ``state_dict`` as numpy arrays.
+
+    Key material is held in non-persistent buffers and is therefore never part of it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> params = get_shared_parameters(torch.nn.Linear(2, 3))
+    >>> sorted(params)
+    ['bias', 'weight']
+    """
+    state = module.state_dict()
+    leaked = [name for name in state if any(s in name for s in _FORBIDDEN_SUBSTRINGS)]
+    if leaked:
+        raise RuntimeError(f"Refusing to share key material: {leaked}.")
+    return {name: t.detach().cpu().numpy().copy() for name, t in state.items()}
+
+
+def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray]) -> None:
+    """Load shared parameters into ``module`` (strictly: names and shapes must match).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 3)
+    >>> set_shared_parameters(layer, get_shared_parameters(torch.nn.Linear(2, 3)))
+    """
+    state = {name: torch.as_tensor(np.asarray(value)) for name, value in parameters.items()}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            "The parameters do not fit this model "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}). All sites must build the "
+            "same architecture: same features, categories, likelihood and key_mode."
+        )
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"Parameter {name!r} has shape {tuple(value.shape)} here but "
+                f"{tuple(expected[name].shape)} in the model: sites disagree on the feature space "
+                "or on the categories. Agree on the feature names and categories before training."
+            )
+    module.load_state_dict(state, strict=True)

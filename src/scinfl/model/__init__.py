@@ -1,0 +1,5 @@
+"""User-facing models."""
+
+from ._infl import INFL
+
+__all__ = ["INFL"]

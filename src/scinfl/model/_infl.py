@@ -1,0 +1,471 @@
+"""INFL: a keyed VAE trained across sites that never share data or key."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scvi
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from scvi.utils import setup_anndata_dsp
+
+from scinfl.federated import FederationConfig, SiteData, run_local
+from scinfl.key import Key, KeyMismatchError, MissingKeyError
+from scinfl.module import KeyedVAE
+
+from ._validation import (
+    apply_agreed_categories,
+    validate_layer,
+    validate_matrix,
+    validate_obs_column,
+    validate_sites,
+)
+
+logger = logging.getLogger(__name__)
+
+SITE_KEY = "site"
+
+
+class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """Federated VAE with a secret key embedded in its architecture (INFL).
+
+    Each site trains on its own rows; only parameters travel, and the key (secret coordinates
+    that condition the encoder's keyed layers) never does: it is in no ``state_dict``, saved
+    model or upload. A latent space for clustering, and labels when ``labels_key`` is set.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    key
+        The federation's :class:`~scinfl.Key`. Required before training or inference when
+        ``key_mode`` is not ``None``.
+    key_mode
+        ``"pooled"`` (the paper's design) or ``None`` (plain federated model, no key).
+    key_strength
+        Strength ``lambda`` of the keyed modulation.
+    gene_likelihood
+        ``"nb"`` / ``"zinb"`` for counts; ``"normal"`` for continuous data (NaN = missing,
+        masked out of the loss).
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes, as in scvi-tools.
+    classification_ratio
+        Weight of the classifier loss when ``labels_key`` was registered.
+    **module_kwargs
+        Passed to :class:`~scinfl.module.KeyedVAE`.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=300, n_vars=40, n_sites=3)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+    >>> history = model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
+    >>> model.get_latent().shape
+    (300, 10)
+    """
+
+    _module_cls = KeyedVAE
+
+    def __init__(
+        self,
+        adata: AnnData,
+        key: Key | None = None,
+        key_mode: str | None = "pooled",
+        key_strength: float = 1.0,
+        gene_likelihood: Literal["nb", "zinb", "normal"] = "nb",
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        classification_ratio: float = 50.0,
+        **module_kwargs,
+    ) -> None:
+        super().__init__(adata)
+        layer = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).get("layer")
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        validate_matrix(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where)
+        labels_key = self.adata_manager.registry["setup_args"].get("labels_key")
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_batch=self.summary_stats.n_batch,
+            n_labels=self.summary_stats.n_labels,
+            gene_likelihood=gene_likelihood,
+            key_mode=key_mode,
+            key_strength=key_strength,
+            classify=labels_key is not None,
+            classification_ratio=classification_ratio,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            **module_kwargs,
+        )
+        self.key_fingerprint_: str | None = None
+        self.key_version_: int | None = None
+        self.federated_history_: pd.DataFrame | None = None
+        self._model_summary_string = (
+            f"INFL: key_mode={key_mode}, gene_likelihood={gene_likelihood}, n_latent={n_latent}, "
+            f"n_hidden={n_hidden}, n_layers={n_layers}"
+        )
+        init_params = self._get_init_params(locals())
+        init_params["non_kwargs"].pop("key", None)  # the key is passed at run time, never saved
+        self.init_params_ = init_params
+        if key is not None:
+            self.set_key(key)
+        elif key_mode is not None:
+            logger.info("INFL created without a key; call `model.set_key(key)` before training.")
+
+    # -- key -------------------------------------------------------------------------------
+    def set_key(self, key: Key, allow_mismatch: bool = False) -> None:
+        """Install the federation's key (kept in memory only, never saved or shared).
+
+        Parameters
+        ----------
+        key
+            The key.
+        allow_mismatch
+            Accept a key other than the one this model was trained with (key rotation: then
+            fine-tune with :meth:`train_federated`). Otherwise a different key is refused.
+
+        Examples
+        --------
+        >>> model.set_key(scinfl.Key.load("site.key"))  # doctest: +SKIP
+        """
+        if not isinstance(key, Key):
+            raise TypeError(f"Expected a scinfl.Key, got {type(key).__name__}; load one with scinfl.Key.load(path).")
+        if not self.module.is_keyed:
+            logger.warning("This model has key_mode=None; the key is not used.")
+        if (
+            self.key_fingerprint_ is not None
+            and key.fingerprint != self.key_fingerprint_
+            and not allow_mismatch
+        ):
+            raise KeyMismatchError(
+                f"This model was trained with key {self.key_fingerprint_} (version "
+                f"{self.key_version_}); the key given is {key.fingerprint} (version {key.version}). "
+                "Load the federation's key file, or pass allow_mismatch=True to rotate keys and "
+                "fine-tune."
+            )
+        self.module.set_key(key)
+        self.key_fingerprint_ = key.fingerprint
+        self.key_version_ = key.version
+
+    def _require_key(self) -> None:
+        if not self.module.has_key:
+            raise MissingKeyError(
+                "This model is keyed but has no key. Pass `key=` when creating or loading it, or call "
+                "`model.set_key(scinfl.Key.load(path))`."
+            )
+
+    # -- setup -------------------------------------------------------------------------------
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        site_key: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categories: Mapping[str, Sequence[str]] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for INFL.
+
+        Parameters
+        ----------
+        adata
+            Observations x features; counts or continuous values.
+        layer
+            Layer with the data (``None``: ``adata.X``). Counts for ``nb``/``zinb``.
+        site_key
+            ``.obs`` column naming the site of each observation (required to federate; see
+            :func:`scinfl.federated.partition` to simulate sites).
+        batch_key
+            ``.obs`` column of batches to correct for in the decoder.
+        labels_key
+            ``.obs`` column of labels; trains a classifier head and enables :meth:`predict`.
+        categories
+            Agreed categories by argument name, e.g. ``{"labels_key": [...]}``: fixes the
+            category codes across sites that set up their data separately. Values outside the
+            list are refused.
+        **kwargs
+            Passed to :class:`~scvi.data.AnnDataManager`.
+
+        Examples
+        --------
+        >>> INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="cell_type")  # doctest: +SKIP
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        validate_layer(adata, layer)
+        for argument, key in (("site_key", site_key), ("batch_key", batch_key), ("labels_key", labels_key)):
+            validate_obs_column(adata, key, argument)
+        for argument, cats in (categories or {}).items():
+            if argument not in ("site_key", "batch_key", "labels_key"):
+                raise ValueError(f"categories= takes 'site_key', 'batch_key' or 'labels_key', got {argument!r}.")
+            column = {"site_key": site_key, "batch_key": batch_key, "labels_key": labels_key}[argument]
+            apply_agreed_categories(adata, column, cats)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(SITE_KEY, site_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # -- federated training -------------------------------------------------------------------
+    def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
+        manager = self.adata_manager
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        batch = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel().astype(np.int64)
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(np.int64)
+        codes = np.asarray(manager.get_from_registry(SITE_KEY)).ravel().astype(np.int64)
+        names = manager.get_state_registry(SITE_KEY).categorical_mapping
+        sites = []
+        for code, name in enumerate(names):
+            rows = np.flatnonzero(codes == code)
+            if len(rows) == 0:
+                continue
+            sites.append(
+                SiteData.from_arrays(
+                    str(name),
+                    X[rows],
+                    batch=batch[rows],
+                    labels=labels[rows],
+                    validation_size=validation_size,
+                    seed=int(np.random.SeedSequence([seed, code]).generate_state(1)[0]),
+                )
+            )
+        return sites
+
+    def train_federated(
+        self,
+        max_rounds: int = 50,
+        local_epochs: int = 1,
+        fraction: float = 1.0,
+        engine: Literal["local"] = "local",
+        strategy: Literal["fedavg", "fedprox"] = "fedavg",
+        mu: float = 0.01,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        kl_warmup_rounds: int | None = None,
+        validation_size: float = 0.1,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 10,
+        min_cells_per_site: int = 10,
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> pd.DataFrame:
+        """Train across the sites of ``.obs[site_key]``; each site sees only its own rows.
+
+        Every round a fraction of sites trains ``local_epochs`` from the global weights, sends
+        back its shared parameters and ``n_k`` (never the key), and the server averages them
+        (FedAvg weighted by ``n_k``; FedProx adds ``mu/2 ||w - w_global||^2`` to each site's
+        loss). The KL weight follows the global round. The global model with the lowest
+        validation loss (each site's held-out rows) is kept.
+
+        Parameters
+        ----------
+        max_rounds
+            Number of communication rounds.
+        local_epochs
+            Local epochs per round.
+        fraction
+            Fraction of sites sampled each round.
+        engine
+            ``"local"``: all sites in this process, in turn.
+        strategy
+            ``"fedavg"`` or ``"fedprox"``.
+        mu
+            FedProx proximal weight (used with ``strategy="fedprox"``).
+        batch_size, lr, weight_decay
+            Local optimisation (Adam).
+        kl_warmup_rounds
+            Rounds of linear KL warm-up (default: half of ``max_rounds``).
+        validation_size
+            Fraction of each site's rows held out for validation and model selection.
+        early_stopping, early_stopping_patience
+            Stop when the validation loss has not improved for that many rounds.
+        min_cells_per_site
+            Smallest site accepted.
+        seed
+            Seed of the federation (default: ``scvi.settings.seed``).
+        progress_bar
+            Show a progress bar over rounds.
+
+        Returns
+        -------
+        History: one row per round and site (``n_train``, training and validation losses,
+        accuracies with labels, time). Also stored in ``model.federated_history_``.
+
+        Examples
+        --------
+        >>> history = model.train_federated(max_rounds=30, local_epochs=1)  # doctest: +SKIP
+        """
+        if engine != "local":
+            raise ValueError(f"Unknown engine {engine!r}; available: 'local'.")
+        if strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {strategy!r}.")
+        if self.adata_manager.registry["setup_args"].get("site_key") is None:
+            raise ValueError(
+                "No site_key was registered: pass site_key= to INFL.setup_anndata, or simulate "
+                "sites with scinfl.federated.partition(adata, n_sites=3) first."
+            )
+        self._require_key()
+        seed = scvi.settings.seed if seed is None else seed
+        seed = 0 if seed is None else int(seed)
+        config = FederationConfig(
+            max_rounds=max_rounds,
+            local_epochs=local_epochs,
+            fraction=fraction,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            mu=mu if strategy == "fedprox" else 0.0,
+            kl_warmup_rounds=kl_warmup_rounds,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            seed=seed,
+        )
+        sites = self._site_data(validation_size, seed)
+        validate_sites(
+            [s.name for s in sites],
+            {s.name: s.n_train for s in sites},
+            batch_size=batch_size,
+            min_cells=min_cells_per_site,
+        )
+        torch.manual_seed(seed)
+        server = run_local(
+            self.module,
+            sites,
+            config,
+            key_fingerprint=self.key_fingerprint_,
+            key_version=self.key_version_,
+            progress_bar=progress_bar,
+        )
+        self.module.eval()
+        self.is_trained_ = True
+        history = server.history()
+        history.attrs["best_round"] = server.best_round
+        self.federated_history_ = history
+        return history
+
+    # -- outputs -------------------------------------------------------------------------------
+    def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
+        """Latent representation of each observation (mean of q(z|x) by default).
+
+        Parameters are those of :meth:`scvi.model.base.VAEMixin.get_latent_representation`.
+
+        Examples
+        --------
+        >>> adata.obsm["X_scinfl"] = model.get_latent_representation()  # doctest: +SKIP
+        """
+        self._require_key()
+        return super().get_latent_representation(*args, **kwargs)
+
+    def get_latent(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent means, shape ``(n_obs, n_latent)``: what to store in ``.obsm["X_scinfl"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_scinfl"] = model.get_latent()  # doctest: +SKIP
+        """
+        return self.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict labels with the classifier head (needs ``labels_key`` at setup).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Data to predict on (default: the registered AnnData).
+        soft
+            Return class probabilities as a DataFrame instead of label names.
+
+        Examples
+        --------
+        >>> adata.obs["scinfl_prediction"] = model.predict()  # doctest: +SKIP
+        """
+        if self.module.classifier is None:
+            raise ValueError("This model has no classifier: pass labels_key= to INFL.setup_anndata.")
+        self._require_key()
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        self.module.eval()
+        probs = []
+        for tensors in loader:
+            inference_inputs = self.module._get_inference_input(tensors)
+            qz = self.module.inference(**inference_inputs)["qz"]
+            probs.append(torch.softmax(self.module.classification_logits(qz.loc), dim=-1).cpu())
+        probs = torch.cat(probs).numpy()
+        categories = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        if soft:
+            return pd.DataFrame(probs, index=obs_names, columns=list(categories))
+        return np.asarray(categories)[probs.argmax(1)]
+
+    # -- save / load -------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        key: Key | None = None,
+        **kwargs,
+    ) -> INFL:
+        """Load a saved model; a keyed model needs the key it was trained with.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData set up like the training data.
+        key
+            The federation's key (saved models never contain it).
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Examples
+        --------
+        >>> model = INFL.load("model/", adata, key=scinfl.Key.load("site.key"))  # doctest: +SKIP
+        """
+        model = super().load(str(dir_path), adata=adata, **kwargs)
+        if model.module.is_keyed:
+            if key is None:
+                raise MissingKeyError(
+                    f"The model in {dir_path} is keyed (key {model.key_fingerprint_}); pass "
+                    "key=scinfl.Key.load(path) with the federation's key to load it."
+                )
+            if model.key_fingerprint_ is not None and key.fingerprint != model.key_fingerprint_:
+                raise KeyMismatchError(
+                    f"The model in {dir_path} was trained with key {model.key_fingerprint_}; the key "
+                    f"given is {key.fingerprint}. Use the federation's key file."
+                )
+            model.set_key(key)
+        return model

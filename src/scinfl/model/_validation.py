@@ -1,0 +1,159 @@
+"""Checks of user data, each failing with a message that names the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+_CHUNK = 16384
+
+
+def _values(matrix) -> np.ndarray:
+    """The stored values of a (possibly sparse) matrix chunk."""
+    if sparse.issparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
+def _iter_chunks(matrix):
+    for start in range(0, matrix.shape[0], _CHUNK):
+        yield matrix[start : start + _CHUNK]
+
+
+def validate_matrix(matrix, likelihood: str, where: str) -> None:
+    """Check that ``matrix`` suits ``likelihood``; chunked, never densifying the whole matrix.
+
+    Counts (``nb``, ``zinb``) must be finite, non-negative integers. Continuous data
+    (``normal``) may hold NaN (missing, masked out of the loss) but no infinities.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> validate_matrix(np.array([[1.0, 2.0]]), "nb", "adata.X")
+    """
+    n_nan = n_inf = n_neg = n_frac = 0
+    for chunk in _iter_chunks(matrix):
+        values = _values(chunk)
+        nan = np.isnan(values)
+        n_nan += int(nan.sum())
+        n_inf += int(np.isinf(values).sum())
+        if likelihood in ("nb", "zinb"):
+            finite = values[~nan]
+            n_neg += int((finite < 0).sum())
+            n_frac += int((np.abs(finite - np.round(finite)) > 1e-6).sum())
+    if n_inf:
+        raise ValueError(f"{where} holds {n_inf} infinite values; remove or clip them before setup.")
+    if likelihood in ("nb", "zinb"):
+        if n_nan:
+            raise ValueError(
+                f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) cannot "
+                "model. Use raw counts (e.g. layer='counts'), or gene_likelihood='normal' for "
+                "continuous data with missing values."
+            )
+        if n_neg:
+            raise ValueError(
+                f"{where} holds {n_neg} negative values: it is not raw counts (scaled or "
+                "log-ratio data?). Point `layer=` at the raw counts, or use gene_likelihood='normal'."
+            )
+        if n_frac:
+            raise ValueError(
+                f"{where} holds {n_frac} non-integer values: it looks normalised or log-transformed. "
+                "Point `layer=` at the raw counts, or use gene_likelihood='normal'."
+            )
+
+
+def validate_layer(adata: AnnData, layer: str | None) -> None:
+    """Check that ``layer`` exists in ``adata.layers``.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata
+    >>> validate_layer(anndata.AnnData(np.ones((2, 2))), None)
+    """
+    if layer is not None and layer not in adata.layers:
+        available = list(adata.layers.keys()) or "none"
+        raise ValueError(
+            f"Layer {layer!r} not found in adata.layers (available: {available}). Pass one of "
+            "them, or layer=None to use adata.X."
+        )
+
+
+def validate_obs_column(adata: AnnData, key: str | None, argument: str) -> None:
+    """Check that an ``.obs`` column exists and has no missing values.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata
+    >>> validate_obs_column(anndata.AnnData(np.ones((2, 2))), None, "site_key")
+    """
+    if key is None:
+        return
+    if key not in adata.obs:
+        raise ValueError(
+            f"{argument}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:20]})."
+        )
+    n_missing = int(adata.obs[key].isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{key!r}] has {n_missing} missing values; fill them (e.g. 'unknown') or "
+            "subset the AnnData before setup."
+        )
+
+
+def apply_agreed_categories(adata: AnnData, key: str | None, categories: Sequence[str] | None) -> None:
+    """Cast ``adata.obs[key]`` to the categories agreed by all sites, refusing unknown values.
+
+    Category codes must mean the same thing at every site; agreeing on the list up front (by
+    name) makes them global without pooling any data.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, pandas as pd
+    >>> adata = anndata.AnnData(np.ones((2, 1)), obs=pd.DataFrame({"c": ["b", "a"]}))
+    >>> apply_agreed_categories(adata, "c", ["a", "b", "z"])
+    >>> list(adata.obs["c"].cat.categories)
+    ['a', 'b', 'z']
+    """
+    if key is None or categories is None:
+        return
+    categories = list(categories)
+    values = adata.obs[key].astype(str)
+    unknown = sorted(set(values) - set(categories))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{key!r}] holds categories {unknown[:10]} that are not in the agreed list "
+            f"{categories[:10]}{'...' if len(categories) > 10 else ''}. Every site must use the same "
+            "categories: add them to the list passed as `categories=` at every site."
+        )
+    adata.obs[key] = pd.Categorical(values, categories=categories)
+
+
+def validate_sites(
+    site_names: Sequence[str],
+    site_sizes: Mapping[str, int],
+    batch_size: int,
+    min_cells: int,
+) -> None:
+    """Check that every site can form at least one minibatch.
+
+    Examples
+    --------
+    >>> validate_sites(["a"], {"a": 200}, batch_size=128, min_cells=10)
+    """
+    for site in site_names:
+        n = site_sizes[site]
+        if n < max(min_cells, 2):
+            raise ValueError(
+                f"Site {site!r} has {n} cells/samples; a site needs at least {max(min_cells, 2)} "
+                "to train and validate. Merge it into another site or drop it."
+            )
+        if n < batch_size:
+            raise ValueError(
+                f"Site {site!r} has {n} cells/samples, fewer than batch_size={batch_size}. "
+                f"Pass a smaller batch size (e.g. train_federated(batch_size={max(2, n // 2)})) "
+                "or merge the site into another one."
+            )

@@ -1,0 +1,17 @@
+"""Torch modules: keyed INR layers, key encoders and the keyed VAE."""
+
+from ._key_encoder import CoordinateKeyEncoder
+from ._key_modes import KEY_MODES, PooledKeyMode, get_key_mode
+from ._keyed_linear import PooledKeyedLinear
+from ._keyify import keyify
+from ._vae import KeyedVAE
+
+__all__ = [
+    "KEY_MODES",
+    "CoordinateKeyEncoder",
+    "KeyedVAE",
+    "PooledKeyMode",
+    "PooledKeyedLinear",
+    "get_key_mode",
+    "keyify",
+]

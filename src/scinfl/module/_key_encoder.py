@@ -1,0 +1,72 @@
+"""Coordinate key encoder: turns the secret coordinates into a key vector (the paper's design)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from scinfl.key import MissingKeyError
+
+
+class CoordinateKeyEncoder(nn.Module):
+    """Encode a set of secret coordinates into one key vector by an INR and mean pooling.
+
+    ``phi(c) = LayerNorm(SiLU(W2 SiLU(W1 c + b1) + b2))`` for every point ``c``, mean-pooled
+    over the points. The coordinates are a non-persistent buffer: they are in no
+    ``state_dict``, saved model or upload; the encoder's weights are shared like any others.
+
+    Parameters
+    ----------
+    coord_dim
+        Dimension of each coordinate.
+    key_dim
+        Dimension of the key vector.
+    n_hidden
+        Hidden width of the INR.
+
+    Examples
+    --------
+    >>> import torch
+    >>> enc = CoordinateKeyEncoder()
+    >>> enc.set_coordinates(torch.rand(128, 2) * 2 - 1)
+    >>> enc().shape
+    torch.Size([16])
+    """
+
+    def __init__(self, coord_dim: int = 2, key_dim: int = 16, n_hidden: int = 32) -> None:
+        super().__init__()
+        self.coord_dim = coord_dim
+        self.key_dim = key_dim
+        self.fc1 = nn.Linear(coord_dim, n_hidden)
+        self.fc2 = nn.Linear(n_hidden, key_dim)
+        self.norm = nn.LayerNorm(key_dim)
+        self.register_buffer("coordinates", None, persistent=False)
+
+    @property
+    def has_key(self) -> bool:
+        """Whether coordinates are set."""
+        return self.coordinates is not None
+
+    def set_coordinates(self, coordinates: torch.Tensor | None) -> None:
+        """Set (or clear, with ``None``) the secret coordinates."""
+        if coordinates is not None:
+            if coordinates.ndim != 2 or coordinates.shape[1] != self.coord_dim:
+                raise ValueError(
+                    f"Expected coordinates of shape (n, {self.coord_dim}), got {tuple(coordinates.shape)}."
+                )
+            coordinates = coordinates.detach().to(self.fc1.weight.device, self.fc1.weight.dtype)
+        self.coordinates = coordinates
+
+    def encode_points(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Per-point embeddings ``phi(c)``, shape ``(n, key_dim)``."""
+        return self.norm(F.silu(self.fc2(F.silu(self.fc1(coordinates)))))
+
+    def forward(self) -> torch.Tensor:
+        """Pooled key vector of shape ``(key_dim,)``."""
+        if self.coordinates is None:
+            raise MissingKeyError(
+                "This model is keyed but no key is set. Pass `key=` when creating or loading the "
+                "model, or call `model.set_key(scinfl.Key.load(path))`."
+            )
+        return self.encode_points(self.coordinates).mean(dim=0)

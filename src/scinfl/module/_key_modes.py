@@ -1,0 +1,83 @@
+"""Key modes: how a key is turned into secret material and where it acts in the model.
+
+A key mode owns two decisions, so that a new keyed design drops in without touching the VAE:
+which secret material it derives from a :class:`~scinfl.Key` (``key_material``) and how it
+rewires a module to depend on that material (``build_key_encoder`` and ``install``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from scinfl.key import Key
+
+from ._key_encoder import CoordinateKeyEncoder
+from ._keyed_linear import PooledKeyedLinear
+from ._keyify import keyify
+
+
+class PooledKeyMode:
+    """The paper's design: 128 secret 2-D coordinates, mean-pooled by an INR into one key vector
+    that modulates every keyed linear layer (row scale, bias shift, FiLM).
+
+    Parameters
+    ----------
+    key_strength
+        ``lambda`` of the keyed layers.
+    n_points
+        Number of secret coordinates.
+    key_dim
+        Dimension of the pooled key vector.
+
+    Examples
+    --------
+    >>> mode = PooledKeyMode(key_strength=2.0)
+    >>> encoder = mode.build_key_encoder(n_input=100)
+    >>> material = mode.key_material(Key.generate(), n_input=100)
+    >>> tuple(material.shape)
+    (128, 2)
+    """
+
+    name: ClassVar[str] = "pooled"
+
+    def __init__(self, key_strength: float = 1.0, n_points: int = 128, key_dim: int = 16) -> None:
+        self.key_strength = key_strength
+        self.n_points = n_points
+        self.key_dim = key_dim
+
+    def build_key_encoder(self, n_input: int) -> CoordinateKeyEncoder:
+        """The module that turns key material into what keyed layers consume."""
+        return CoordinateKeyEncoder(coord_dim=2, key_dim=self.key_dim)
+
+    def key_material(self, key: Key, n_input: int) -> torch.Tensor:
+        """Secret coordinates derived from ``key``."""
+        return torch.from_numpy(key.coordinates(self.n_points, dim=2, purpose=self.name))
+
+    def install(self, module: nn.Module, key_encoder: nn.Module) -> None:
+        """Key every linear layer inside ``module``."""
+        keyify(
+            module,
+            key_encoder,
+            layer_cls=PooledKeyedLinear,
+            key_dim=self.key_dim,
+            key_strength=self.key_strength,
+        )
+
+
+KEY_MODES: dict[str, type] = {PooledKeyMode.name: PooledKeyMode}
+
+
+def get_key_mode(name: str, **kwargs) -> PooledKeyMode:
+    """Instantiate the key mode registered under ``name``.
+
+    Examples
+    --------
+    >>> get_key_mode("pooled").name
+    'pooled'
+    """
+    if name not in KEY_MODES:
+        raise ValueError(f"Unknown key_mode {name!r}; choose one of {sorted(KEY_MODES)} or None (no key).")
+    return KEY_MODES[name](**kwargs)

@@ -1,0 +1,202 @@
+"""The keyed VAE behind :class:`scinfl.model.INFL`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module import VAE
+from scvi.module._constants import MODULE_KEYS
+from scvi.module.base import LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from torch.nn import functional as F
+
+from scinfl.key import Key
+
+from ._key_modes import get_key_mode
+
+Likelihood = Literal["nb", "zinb", "normal"]
+
+
+class KeyedVAE(VAE):
+    """scvi-tools' :class:`~scvi.module.VAE` with keyed encoder layers, a masked Gaussian
+    likelihood for continuous data with missing values, and an optional classifier head.
+
+    Federated-friendly defaults: LayerNorm instead of BatchNorm (BatchNorm running statistics
+    are per-site data summaries and average badly across non-IID sites), observed library size
+    (no per-site library prior to agree on).
+
+    Parameters
+    ----------
+    n_input
+        Number of features.
+    n_batch
+        Number of batch categories (0 for none).
+    n_labels
+        Number of label categories; a classifier head is built when ``classify`` is set.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` (counts) or ``"normal"`` (continuous; NaN entries are masked out of
+        the loss and shown to the encoder as 0).
+    key_mode
+        Registered key mode (``"pooled"``: the paper's design) or ``None`` for no key.
+    key_strength
+        ``lambda`` of the keyed layers.
+    classify
+        Build a classifier head on the latent mean and add its cross-entropy to the loss.
+    classification_ratio
+        Weight of the classification loss.
+    **vae_kwargs
+        Passed to :class:`scvi.module.VAE` (``n_hidden``, ``n_latent``, ``n_layers``,
+        ``dropout_rate``, ``dispersion``, ...).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from scinfl import Key
+    >>> vae = KeyedVAE(n_input=20, n_labels=3, classify=True)
+    >>> vae.set_key(Key.generate())
+    >>> "key_encoder.coordinates" in vae.state_dict()
+    False
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 0,
+        n_labels: int = 0,
+        gene_likelihood: Likelihood = "nb",
+        key_mode: str | None = "pooled",
+        key_strength: float = 1.0,
+        classify: bool = False,
+        classification_ratio: float = 50.0,
+        **vae_kwargs,
+    ) -> None:
+        if gene_likelihood not in ("nb", "zinb", "normal"):
+            raise ValueError(f"gene_likelihood must be 'nb', 'zinb' or 'normal', got {gene_likelihood!r}.")
+        vae_kwargs.setdefault("use_batch_norm", "none")
+        vae_kwargs.setdefault("use_layer_norm", "both")
+        vae_kwargs.setdefault("log_variational", gene_likelihood != "normal")
+        super().__init__(
+            n_input,
+            n_batch=n_batch,
+            n_labels=n_labels,
+            gene_likelihood=gene_likelihood,
+            use_observed_lib_size=True,
+            **vae_kwargs,
+        )
+        if gene_likelihood == "normal" and self.dispersion != "gene":
+            raise ValueError("gene_likelihood='normal' supports dispersion='gene' only.")
+        # the library-size encoder is unused with the observed library size; dropping it keeps
+        # untrained per-feature weights out of every upload
+        self.l_encoder = None
+        self.classify = classify and n_labels > 0
+        self.classification_ratio = classification_ratio
+        self.classifier = None
+        if self.classify:
+            self.classifier = nn.Sequential(
+                nn.Linear(self.n_latent, 32),
+                nn.LayerNorm(32),
+                nn.ReLU(),
+                nn.Linear(32, n_labels),
+            )
+        self.key_mode_name = key_mode
+        self.key_encoder = None
+        if key_mode is not None:
+            mode = get_key_mode(key_mode, key_strength=key_strength)
+            self._key_mode = mode
+            self.key_encoder = mode.build_key_encoder(n_input)
+            mode.install(self.z_encoder, self.key_encoder)
+            if self.classifier is not None:
+                mode.install(self.classifier, self.key_encoder)
+
+    # -- key -------------------------------------------------------------------------------
+    @property
+    def is_keyed(self) -> bool:
+        """Whether this module has keyed layers."""
+        return self.key_encoder is not None
+
+    @property
+    def has_key(self) -> bool:
+        """Whether a key is set (always ``True`` for an unkeyed module)."""
+        return self.key_encoder is None or self.key_encoder.has_key
+
+    def set_key(self, key: Key | None) -> None:
+        """Install (or, with ``None``, remove) the secret key material."""
+        if self.key_encoder is None:
+            return
+        material = None if key is None else self._key_mode.key_material(key, self.n_input)
+        self.key_encoder.set_coordinates(material)
+
+    def key_parameter_names(self) -> list[str]:
+        """Names of the parameters that exist only because the model is keyed."""
+        names = []
+        for path, sub in self.named_modules():
+            if path == "key_encoder":
+                names += [f"{path}.{n}" for n, _ in sub.named_parameters()]
+            elif getattr(sub, "is_keyed_layer", False):
+                names += [f"{path}.{n}" for n, _ in sub.named_parameters() if n not in ("weight", "bias")]
+        return names
+
+    # -- inference / generative / loss -------------------------------------------------------
+    def _get_inference_input(self, tensors, full_forward_pass: bool = False):
+        inputs = super()._get_inference_input(tensors, full_forward_pass=full_forward_pass)
+        if self.gene_likelihood == "normal" and MODULE_KEYS.X_KEY in inputs:
+            # missing values are shown to the encoder as 0 (the reference level of centred
+            # log-ratios); they never enter the loss
+            inputs[MODULE_KEYS.X_KEY] = torch.nan_to_num(inputs[MODULE_KEYS.X_KEY], nan=0.0)
+        return inputs
+
+    @auto_move_data
+    def generative(self, z, library, batch_index, cont_covs=None, cat_covs=None, size_factor=None, y=None, transform_batch=None):
+        """Generative process; for ``normal`` a linear mean head and per-feature scale."""
+        if self.gene_likelihood != "normal":
+            return super().generative(
+                z, library, batch_index, cont_covs, cat_covs, size_factor, y, transform_batch
+            )
+        if transform_batch is not None:
+            batch_index = torch.ones_like(batch_index) * transform_batch
+        # scvi's DecoderSCVI ends in a softmax over features (count proportions); for
+        # continuous data use its hidden layers and the linear part of its scale head
+        hidden = self.decoder.px_decoder(z, batch_index)
+        mean = self.decoder.px_scale_decoder[0](hidden)
+        scale = F.softplus(self.px_r) + 1e-3
+        return {
+            MODULE_KEYS.PX_KEY: Normal(mean, scale.expand_as(mean)),
+            MODULE_KEYS.PL_KEY: None,
+            MODULE_KEYS.PZ_KEY: Normal(torch.zeros_like(z), torch.ones_like(z)),
+        }
+
+    def reconstruction_loss(self, x: torch.Tensor, px) -> torch.Tensor:
+        """Negative log-likelihood per observation; NaN entries of ``x`` are masked out."""
+        if self.gene_likelihood == "normal":
+            observed = ~torch.isnan(x)
+            log_prob = px.log_prob(torch.where(observed, x, torch.zeros_like(x)))
+            return -(log_prob * observed).sum(-1)
+        return -px.log_prob(x).sum(-1)
+
+    def classification_logits(self, qz_mean: torch.Tensor) -> torch.Tensor:
+        """Class logits from the latent mean."""
+        return self.classifier(qz_mean)
+
+    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
+        """ELBO (with KL warm-up weight) plus, with a classifier, weighted cross-entropy."""
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        qz = inference_outputs[MODULE_KEYS.QZ_KEY]
+        kl_z = kl_divergence(qz, generative_outputs[MODULE_KEYS.PZ_KEY]).sum(dim=-1)
+        reconst = self.reconstruction_loss(x, generative_outputs[MODULE_KEYS.PX_KEY])
+        loss = torch.mean(reconst + kl_weight * kl_z)
+        extra = {}
+        if self.classifier is not None:
+            y = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+            logits = self.classification_logits(qz.loc)
+            ce = F.cross_entropy(logits, y)
+            loss = loss + self.classification_ratio * ce
+            extra = {"classification_loss": ce, "logits": logits, "true_labels": y}
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconst,
+            kl_local={MODULE_KEYS.KL_Z_KEY: kl_z},
+            **extra,
+        )

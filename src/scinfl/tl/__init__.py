@@ -1,0 +1,6 @@
+"""Scanpy-style tools that write into ``.obs`` / ``.obsm`` / ``.uns`` (never key material)."""
+
+from ._cluster import cluster
+from ._embed import embed
+
+__all__ = ["cluster", "embed"]
