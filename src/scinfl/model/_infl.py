@@ -226,13 +226,15 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         cls.register_manager(adata_manager)
 
     # -- federated training -------------------------------------------------------------------
+    def _registered_codes(self, registry_key: str) -> np.ndarray:
+        return np.asarray(self.adata_manager.get_from_registry(registry_key)).ravel().astype(np.int64)
+
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
-        manager = self.adata_manager
-        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        batch = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel().astype(np.int64)
-        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel().astype(np.int64)
-        codes = np.asarray(manager.get_from_registry(SITE_KEY)).ravel().astype(np.int64)
-        names = manager.get_state_registry(SITE_KEY).categorical_mapping
+        X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        batch = self._registered_codes(REGISTRY_KEYS.BATCH_KEY)
+        labels = self._registered_codes(REGISTRY_KEYS.LABELS_KEY)
+        codes = self._registered_codes(SITE_KEY)
+        names = self.adata_manager.get_state_registry(SITE_KEY).categorical_mapping
         sites = []
         for code, name in enumerate(names):
             rows = np.flatnonzero(codes == code)
@@ -324,10 +326,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "No site_key was registered: pass site_key= to INFL.setup_anndata, or simulate "
                 "sites with scinfl.federated.partition(adata, n_sites=3) first."
             )
-        self._require_key()
-        seed = scvi.settings.seed if seed is None else seed
-        seed = 0 if seed is None else int(seed)
-        config = FederationConfig(
+        config = self._federation_config(
             max_rounds=max_rounds,
             local_epochs=local_epochs,
             fraction=fraction,
@@ -340,14 +339,66 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             early_stopping_patience=early_stopping_patience,
             seed=seed,
         )
-        sites = self._site_data(validation_size, seed)
+        sites = self._site_data(validation_size, config.seed)
         validate_sites(
             [s.name for s in sites],
             {s.name: s.n_train for s in sites},
             batch_size=batch_size,
             min_cells=min_cells_per_site,
         )
-        torch.manual_seed(seed)
+        return self._run(sites, config, progress_bar)
+
+    def train_centralized(
+        self,
+        max_epochs: int = 50,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        kl_warmup_epochs: int | None = None,
+        validation_size: float = 0.1,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 10,
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> pd.DataFrame:
+        """Train the same model on all rows pooled, as one site: the centralized reference.
+
+        Same optimiser, minibatching, KL schedule and model selection as
+        :meth:`train_federated`, so the two differ only in where the data sit. (scvi-tools'
+        :meth:`train` also works on this model and uses Lightning.)
+
+        Examples
+        --------
+        >>> model.train_centralized(max_epochs=30)  # doctest: +SKIP
+        """
+        config = self._federation_config(
+            max_rounds=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_rounds=kl_warmup_epochs,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            seed=seed,
+        )
+        site = SiteData.from_arrays(
+            "all",
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            batch=self._registered_codes(REGISTRY_KEYS.BATCH_KEY),
+            labels=self._registered_codes(REGISTRY_KEYS.LABELS_KEY),
+            validation_size=validation_size,
+            seed=config.seed,
+        )
+        validate_sites(["all"], {"all": site.n_train}, batch_size=batch_size, min_cells=2)
+        return self._run([site], config, progress_bar)
+
+    def _federation_config(self, seed: int | None, **kwargs) -> FederationConfig:
+        self._require_key()
+        seed = scvi.settings.seed if seed is None else seed
+        return FederationConfig(seed=0 if seed is None else int(seed), **kwargs)
+
+    def _run(self, sites: list[SiteData], config: FederationConfig, progress_bar: bool) -> pd.DataFrame:
+        torch.manual_seed(config.seed)
         server = run_local(
             self.module,
             sites,

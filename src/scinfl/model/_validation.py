@@ -42,7 +42,7 @@ def validate_matrix(matrix, likelihood: str, where: str) -> None:
         n_nan += int(nan.sum())
         n_inf += int(np.isinf(values).sum())
         if likelihood in ("nb", "zinb"):
-            finite = values[~nan]
+            finite = values[np.isfinite(values)]
             n_neg += int((finite < 0).sum())
             n_frac += int((np.abs(finite - np.round(finite)) > 1e-6).sum())
     if n_inf:

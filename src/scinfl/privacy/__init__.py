@@ -1,0 +1,58 @@
+"""Privacy audit: attacks on what the server sees, and the scores of their reconstructions.
+
+The adversary is the server (see ``docs/privacy.md``): it knows the architecture, every shared
+parameter, each site's upload and the key generator, but not the key. Attacks here use only
+that: an upload is turned into a gradient (:func:`upload_gradient`,
+:func:`gradient_from_update`), then inverted analytically (:func:`analytic_attack`) or by
+gradient matching (:func:`dlg`) with the attacker's key guess (:func:`attacker_module`).
+"""
+
+from ._attacks import (
+    Reconstruction,
+    analytic_attack,
+    analytic_inversion,
+    attacker_module,
+    dlg,
+    infer_label,
+    input_layer,
+    output_layer,
+)
+from ._metrics import (
+    candidate_scores,
+    candidate_set,
+    label_recovery,
+    partial_correlation,
+    reidentification_rate,
+    reidentify,
+    top_k_overlap,
+)
+from ._upload import (
+    client_loss,
+    gradient_from_update,
+    make_tensors,
+    shared_parameter_names,
+    upload_gradient,
+)
+
+__all__ = [
+    "Reconstruction",
+    "analytic_attack",
+    "analytic_inversion",
+    "attacker_module",
+    "candidate_scores",
+    "candidate_set",
+    "client_loss",
+    "dlg",
+    "gradient_from_update",
+    "infer_label",
+    "input_layer",
+    "label_recovery",
+    "make_tensors",
+    "output_layer",
+    "partial_correlation",
+    "reidentification_rate",
+    "reidentify",
+    "shared_parameter_names",
+    "top_k_overlap",
+    "upload_gradient",
+]

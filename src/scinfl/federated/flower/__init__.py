@@ -1,0 +1,45 @@
+"""Flower engine: a ``ServerApp`` and a ``ClientApp`` built on scinfl's client and server code.
+
+Needs the ``flower`` extra (``pip install "scinfl[flower]"``). The apps reuse
+:func:`~scinfl.federated.client_update`, :func:`~scinfl.federated.client_evaluate` and
+:class:`~scinfl.federated.FederatedServer` unchanged; Flower only moves the messages. The key
+never enters a message: each site's ClientApp holds its own key and reports its fingerprint
+and version, and the server drops updates under another key.
+"""
+
+try:
+    import flwr  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "scinfl.federated.flower needs Flower: pip install 'scinfl[flower]' "
+        "(flwr[simulation]==1.41.*)."
+    ) from err
+
+from ._client_app import SiteRuntime, make_client_app
+from ._records import (
+    config_to_record,
+    content_to_update,
+    parameters_to_record,
+    record_to_config,
+    record_to_parameters,
+    update_to_content,
+)
+from ._server_app import SiteDirectory, discover_sites, make_server_app, run_rounds
+from ._simulation import SimulationSites, run_flower_simulation
+
+__all__ = [
+    "SimulationSites",
+    "SiteDirectory",
+    "SiteRuntime",
+    "config_to_record",
+    "content_to_update",
+    "discover_sites",
+    "make_client_app",
+    "make_server_app",
+    "parameters_to_record",
+    "record_to_config",
+    "record_to_parameters",
+    "run_flower_simulation",
+    "run_rounds",
+    "update_to_content",
+]

@@ -1,0 +1,143 @@
+"""The Flower ``ClientApp``: one site's side, built on :func:`~scinfl.federated.client_update`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from .._client import client_evaluate, client_update
+from .._parameters import get_shared_parameters
+from .._site_data import SiteData
+from ._records import (
+    CONFIG,
+    IDENTITY,
+    METRICS,
+    PARAMETERS,
+    identity_record,
+    metrics_record,
+    parameters_to_record,
+    record_to_config,
+    record_to_parameters,
+    update_to_content,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ``query`` instruction entry asking a site for its (initial) shared parameters
+WANT_PARAMETERS = "want-parameters"
+
+
+@dataclass
+class SiteRuntime:
+    """What a ClientApp needs at one site: its module (key set), its data, its key identity.
+
+    The key itself lives in the module's non-persistent buffers; only its fingerprint and
+    version are ever put into a message.
+
+    Parameters
+    ----------
+    module
+        The site's module with the federation's key set.
+    site
+        The site's data.
+    key_fingerprint, key_version
+        Public identity of the site's key, sent with every reply.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> runtime = SiteRuntime(KeyedVAE(n_input=4, key_mode=None), SiteData.from_arrays("a", np.ones((10, 4))))
+    >>> runtime.site.name
+    'a'
+    """
+
+    module: nn.Module
+    site: SiteData
+    key_fingerprint: str | None = None
+    key_version: int | None = None
+
+
+SiteResolver = Callable[[Context], SiteRuntime]
+
+
+def make_client_app(resolve: SiteResolver) -> ClientApp:
+    """Build the Flower ``ClientApp`` of scinfl around a function that finds the node's site.
+
+    The app answers three message types, each with the node's public identity (site name,
+    ``n_k``, key fingerprint and version) in a ``ConfigRecord`` named ``"identity"``:
+
+    - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``);
+    - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
+      the received :class:`~scinfl.federated.ClientConfig`; replies parameters and metrics;
+    - ``evaluate``: :func:`~scinfl.federated.client_evaluate` of the received parameters.
+
+    Parameters
+    ----------
+    resolve
+        ``resolve(context) -> SiteRuntime``: the node's module (key set), data and key
+        identity, e.g. from ``context.node_config`` (``partition-id`` in simulation;
+        ``data-path`` and ``key-path`` in deployment).
+
+    Returns
+    -------
+    The ``ClientApp``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
+    >>> app = make_client_app(lambda context: SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site))
+    >>> type(app).__name__
+    'ClientApp'
+    """
+    app = ClientApp()
+
+    def _identity(runtime: SiteRuntime, n: int) -> ConfigRecord:
+        return identity_record(
+            runtime.site.name,
+            n,
+            runtime.key_fingerprint,
+            runtime.key_version,
+            **{"n-train": runtime.site.n_train, "n-val": runtime.site.n_val},
+        )
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        runtime = resolve(context)
+        content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
+        if CONFIG in msg.content and msg.content[CONFIG].get(WANT_PARAMETERS, False):
+            content[PARAMETERS] = parameters_to_record(get_shared_parameters(runtime.module))
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        runtime = resolve(context)
+        update = client_update(
+            runtime.module,
+            runtime.site,
+            record_to_parameters(msg.content[PARAMETERS]),
+            record_to_config(msg.content[CONFIG]),
+            key_fingerprint=runtime.key_fingerprint,
+            key_version=runtime.key_version,
+        )
+        content = update_to_content(update)
+        content[IDENTITY] = _identity(runtime, update.n)
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        runtime = resolve(context)
+        metrics = client_evaluate(runtime.module, runtime.site, record_to_parameters(msg.content[PARAMETERS]))
+        content = RecordDict(
+            {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
+        )
+        return Message(content, reply_to=msg)
+
+    return app

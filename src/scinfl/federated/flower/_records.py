@@ -1,0 +1,179 @@
+"""What travels in a Flower message: parameters, round instructions, replies, key identity.
+
+Only public things are ever encoded here: shared parameters (the module's ``state_dict``, which
+holds no key material), the round's :class:`~scinfl.federated.ClientConfig`, metrics, ``n_k``
+and the key's *fingerprint and version*. There is no encoder for a :class:`~scinfl.Key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from .._client import ClientConfig, ClientUpdate
+from .._parameters import Parameters
+
+PARAMETERS = "parameters"
+CONFIG = "config"
+METRICS = "metrics"
+IDENTITY = "identity"
+
+_FIELDS = {f.name: f.type for f in dataclasses.fields(ClientConfig)}
+
+
+def parameters_to_record(parameters: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Encode shared parameters as an :class:`~flwr.app.ArrayRecord` (exact, names kept).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> record = parameters_to_record({"w": np.arange(3, dtype=np.float32)})
+    >>> record_to_parameters(record)["w"]
+    array([0., 1., 2.], dtype=float32)
+    """
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in parameters.items()})
+
+
+def record_to_parameters(record: ArrayRecord, order: Mapping[str, object] | None = None) -> Parameters:
+    """Decode an :class:`~flwr.app.ArrayRecord` into numpy parameters.
+
+    Parameters
+    ----------
+    record
+        The record.
+    order
+        Names in the wanted order (e.g. the current global parameters); names not in it
+        follow in the record's order, so a mismatch still reaches the architecture check.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> record = parameters_to_record({"b": np.zeros(1), "a": np.ones(1)})
+    >>> list(record_to_parameters(record, order={"a": None, "b": None}))
+    ['a', 'b']
+    """
+    arrays = {name: array.numpy() for name, array in record.items()}
+    if order is None:
+        return arrays
+    ordered = {name: arrays[name] for name in order if name in arrays}
+    ordered.update({name: value for name, value in arrays.items() if name not in ordered})
+    return ordered
+
+
+def config_to_record(config: ClientConfig) -> ConfigRecord:
+    """Encode the round's instructions.
+
+    Examples
+    --------
+    >>> config_to_record(ClientConfig(round=3))["round"]
+    3
+    """
+    return ConfigRecord(dataclasses.asdict(config))
+
+
+def record_to_config(record: ConfigRecord) -> ClientConfig:
+    """Decode the round's instructions (unknown entries are refused).
+
+    Examples
+    --------
+    >>> record_to_config(config_to_record(ClientConfig(round=3, lr=0.01))).lr
+    0.01
+    """
+    unknown = sorted(set(record) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown round instructions {unknown}: the server runs another scinfl version.")
+    return ClientConfig(**dict(record.items()))
+
+
+def identity_record(
+    site: str,
+    n: int,
+    key_fingerprint: str | None,
+    key_version: int | None,
+    **extra: int | float | str | bool,
+) -> ConfigRecord:
+    """The public identity a site attaches to every reply: name, ``n_k``, key fingerprint and version.
+
+    Examples
+    --------
+    >>> record = identity_record("a", 10, "00ff", 1)
+    >>> record["key-fingerprint"], record["key-version"]
+    ('00ff', 1)
+    """
+    record = ConfigRecord({"site": str(site), "n": int(n), **extra})
+    if key_fingerprint is not None:
+        record["key-fingerprint"] = str(key_fingerprint)
+    if key_version is not None:
+        record["key-version"] = int(key_version)
+    return record
+
+
+def metrics_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """Encode metrics (floats; ``NaN`` allowed).
+
+    Examples
+    --------
+    >>> metrics_record({"loss": 1})["loss"]
+    1.0
+    """
+    return MetricRecord({name: float(value) for name, value in metrics.items()})
+
+
+def update_to_content(update: ClientUpdate) -> RecordDict:
+    """Encode a :class:`~scinfl.federated.ClientUpdate` as a reply's content.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> content = update_to_content(ClientUpdate("a", 5, {"w": np.zeros(2)}, {"train_loss": 1.0}))
+    >>> sorted(content)
+    ['identity', 'metrics', 'parameters']
+    """
+    return RecordDict(
+        {
+            PARAMETERS: parameters_to_record(update.parameters),
+            METRICS: metrics_record(update.metrics),
+            IDENTITY: identity_record(update.site, update.n, update.key_fingerprint, update.key_version),
+        }
+    )
+
+
+def content_to_update(content: RecordDict, order: Mapping[str, object] | None = None) -> ClientUpdate:
+    """Decode a reply's content into a :class:`~scinfl.federated.ClientUpdate`.
+
+    A reply without parameters (an evaluation) gives an update with empty parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> update = ClientUpdate("a", 5, {"w": np.zeros(2)}, {"train_loss": 1.0}, "00ff", 2)
+    >>> content_to_update(update_to_content(update)).key_version
+    2
+    """
+    identity = content[IDENTITY]
+    parameters = record_to_parameters(content[PARAMETERS], order) if PARAMETERS in content else {}
+    metrics = dict(content[METRICS].items()) if METRICS in content else {}
+    return ClientUpdate(
+        site=str(identity["site"]),
+        n=int(identity["n"]),
+        parameters=parameters,
+        metrics={name: float(value) for name, value in metrics.items()},
+        key_fingerprint=identity.get("key-fingerprint"),
+        key_version=identity.get("key-version"),
+    )
+
+
+def reply_error(message: Message) -> str | None:
+    """The error text of a reply, or ``None`` when it carries content.
+
+    Examples
+    --------
+    >>> reply_error.__name__
+    'reply_error'
+    """
+    if message.has_error():
+        return f"{message.error.reason} (code {message.error.code})"
+    return None

@@ -1,0 +1,272 @@
+"""The Flower ``ServerApp``: the round loop of :func:`~scinfl.federated.run_local` over a Grid.
+
+Sampling, FedAvg, the key-identity check and model selection are those of
+:class:`~scinfl.federated.FederatedServer`; this module only moves messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from .._aggregate import accept_updates
+from .._client import ClientUpdate
+from .._server import FederatedServer
+from ._client_app import WANT_PARAMETERS
+from ._records import CONFIG, PARAMETERS, config_to_record, content_to_update, parameters_to_record, record_to_parameters, reply_error
+
+logger = logging.getLogger(__name__)
+
+ServerFactory = Callable[[Context], FederatedServer]
+FinishCallback = Callable[[FederatedServer, Context], None]
+
+
+@dataclass
+class SiteDirectory:
+    """Which Flower node holds which site, as the sites reported it.
+
+    Examples
+    --------
+    >>> SiteDirectory({"a": 11}, {"a": 9}, {"a": 1}).sites
+    ['a']
+    """
+
+    nodes: dict[str, int]
+    n_train: dict[str, int]
+    n_val: dict[str, int]
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names, sorted."""
+        return sorted(self.nodes)
+
+
+def discover_sites(
+    grid: Grid,
+    expected: int | Sequence[str],
+    timeout: float | None = 300.0,
+    poll: float = 0.2,
+) -> SiteDirectory:
+    """Wait for the nodes to connect, then ask each for its site name and sizes (``query``).
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    expected
+        Number of sites to wait for, or their names (then exactly these must answer).
+    timeout
+        Seconds to wait for the nodes and their answers (``None``: forever).
+    poll
+        Seconds between checks for connected nodes.
+
+    Returns
+    -------
+    The :class:`SiteDirectory`.
+
+    Examples
+    --------
+    >>> directory = discover_sites(grid, expected=3)  # doctest: +SKIP
+    """
+    names = None if isinstance(expected, int) else sorted(expected)
+    n_expected = expected if names is None else len(names)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= n_expected:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Only {len(node_ids)} of {n_expected} Flower nodes connected within {timeout} s. "
+                "Start one `flower-supernode` per site (each with its own --node-config)."
+            )
+        time.sleep(poll)
+    messages = [
+        Message(RecordDict(), node_id, MessageType.QUERY, group_id="discovery") for node_id in node_ids
+    ]
+    remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+    directory = SiteDirectory({}, {}, {})
+    for reply in grid.send_and_receive(messages, timeout=remaining):
+        error = reply_error(reply)
+        if error is not None:
+            logger.warning("Node %d did not answer the site query: %s", reply.metadata.src_node_id, error)
+            continue
+        identity = reply.content["identity"]
+        site = str(identity["site"])
+        if site in directory.nodes:
+            raise RuntimeError(
+                f"Two Flower nodes claim site {site!r}: give every supernode its own `site` in --node-config."
+            )
+        directory.nodes[site] = reply.metadata.src_node_id
+        directory.n_train[site] = int(identity["n-train"])
+        directory.n_val[site] = int(identity["n-val"])
+    if names is not None and directory.sites != names:
+        raise RuntimeError(f"Expected sites {names}, but the nodes reported {directory.sites}.")
+    if len(directory.nodes) < n_expected:
+        raise RuntimeError(f"Only {len(directory.nodes)} of {n_expected} sites answered: {directory.sites}.")
+    return directory
+
+
+def _request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | None) -> dict:
+    site = directory.sites[0]
+    message = Message(
+        RecordDict({CONFIG: ConfigRecord({WANT_PARAMETERS: True})}),
+        directory.nodes[site],
+        MessageType.QUERY,
+        group_id="initial-parameters",
+    )
+    replies = list(grid.send_and_receive([message], timeout=timeout))
+    if not replies or reply_error(replies[0]) is not None:
+        reason = reply_error(replies[0]) if replies else "no reply"
+        raise RuntimeError(f"Site {site!r} did not send initial parameters: {reason}.")
+    logger.info("Initial global parameters taken from site %r.", site)
+    return record_to_parameters(replies[0].content[PARAMETERS])
+
+
+def _collect(replies, directory: SiteDirectory, server: FederatedServer, what: str) -> list[ClientUpdate]:
+    """Decode replies; drop errors and replies whose claimed site is not the addressed node's."""
+    updates = []
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        error = reply_error(reply)
+        if error is not None:
+            logger.warning("A site failed its %s step (node %d): %s", what, node_id, error)
+            continue
+        update = content_to_update(reply.content, order=server.parameters)
+        if directory.nodes.get(update.site) != node_id:
+            logger.warning("Dropped a %s reply of node %d claiming site %r.", what, node_id, update.site)
+            continue
+        updates.append(update)
+    return sorted(updates, key=lambda u: u.site)
+
+
+def run_rounds(
+    grid: Grid,
+    server: FederatedServer,
+    directory: SiteDirectory,
+    round_timeout: float | None = None,
+    progress_bar: bool = True,
+) -> FederatedServer:
+    """The federated rounds of :func:`~scinfl.federated.run_local`, with sites behind a Grid.
+
+    Each round: :meth:`~scinfl.federated.FederatedServer.sample_sites`, a ``train`` message to
+    each sampled site, :meth:`~scinfl.federated.FederatedServer.aggregate` of the replies
+    (sorted by site, which drops updates under another key), an ``evaluate`` message with the
+    new global parameters to every site, and
+    :meth:`~scinfl.federated.FederatedServer.record_evaluation`. Evaluations under another
+    key are dropped too.
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    server
+        The federation's server state (parameters, settings, key identity).
+    directory
+        Site-to-node map from :func:`discover_sites`.
+    round_timeout
+        Seconds to wait for the replies of one step (``None``: wait for all).
+    progress_bar
+        Show a progress bar over rounds.
+
+    Returns
+    -------
+    ``server``, after the last round; its ``best_parameters`` are the selected model.
+
+    Examples
+    --------
+    >>> server = run_rounds(grid, server, discover_sites(grid, 3))  # doctest: +SKIP
+    """
+    config = server.config
+    rounds = tqdm(range(config.max_rounds), desc="federated rounds (flower)", disable=not progress_bar)
+    for round_ in rounds:
+        selected = server.sample_sites(directory.sites, round_)
+        config_record = config_to_record(config.client_config(round_))
+        messages = [
+            Message(
+                RecordDict({PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_record}),
+                directory.nodes[site],
+                MessageType.TRAIN,
+                group_id=str(round_),
+            )
+            for site in selected
+        ]
+        updates = _collect(grid.send_and_receive(messages, timeout=round_timeout), directory, server, "train")
+        server.aggregate(round_, updates)
+        record = parameters_to_record(server.parameters)
+        messages = [
+            Message(RecordDict({PARAMETERS: record}), directory.nodes[site], MessageType.EVALUATE, group_id=str(round_))
+            for site in directory.sites
+        ]
+        evaluations = _collect(grid.send_and_receive(messages, timeout=round_timeout), directory, server, "evaluate")
+        accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
+        stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
+        val = [u.metrics["val_loss"] for u in accepted if u.metrics.get("n_val", 0) > 0]
+        if val:
+            rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
+        if stop:
+            break
+    return server
+
+
+def make_server_app(
+    server_factory: ServerFactory,
+    expected_sites: int | Sequence[str] | Callable[[Context], int | Sequence[str]],
+    on_finish: FinishCallback | None = None,
+    round_timeout: float | None = None,
+    discovery_timeout: float | None = 300.0,
+    progress_bar: bool = True,
+) -> ServerApp:
+    """Build the Flower ``ServerApp`` of scinfl.
+
+    Parameters
+    ----------
+    server_factory
+        ``server_factory(context) -> FederatedServer``: the server state to drive (settings,
+        key identity, initial parameters; empty parameters = take them from the first site).
+    expected_sites
+        Number or names of the sites to wait for (or a function of the context giving them).
+    on_finish
+        Called with the server and the context after the last round (e.g. to save results).
+    round_timeout
+        Seconds to wait for the replies of one step (``None``: all of them).
+    discovery_timeout
+        Seconds to wait for the nodes to connect and introduce themselves.
+    progress_bar
+        Show a progress bar over rounds.
+
+    Returns
+    -------
+    The ``ServerApp``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.federated import FederationConfig
+    >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=2))
+    >>> app = make_server_app(lambda context: server, expected_sites=["a", "b"])
+    >>> type(app).__name__
+    'ServerApp'
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server = server_factory(context)
+        expected = expected_sites(context) if callable(expected_sites) else expected_sites
+        directory = discover_sites(grid, expected, timeout=discovery_timeout)
+        logger.info("Sites: %s", ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites))
+        if not server.parameters:
+            server.parameters = _request_parameters(grid, directory, round_timeout)
+        run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar)
+        if on_finish is not None:
+            on_finish(server, context)
+
+    return app

@@ -1,0 +1,197 @@
+"""Flower's simulation engine (``flwr.simulation.run_simulation``), one virtual node per site."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Context
+from flwr.simulation import run_simulation
+from torch import nn
+
+from scinfl.key import Key
+
+from .._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from .._server import FederatedServer, FederationConfig
+from .._site_data import SiteData
+from ._client_app import SiteRuntime, make_client_app
+from ._server_app import make_server_app
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationSites:
+    """The in-process site table of a simulation: which virtual node plays which site.
+
+    Node ``partition-id`` ``i`` plays the ``i``-th site (sorted by name). The table travels to
+    the simulation's worker processes on this machine (never into a Flower message): the
+    module (without key material when ``keys`` are given), the sites' data and the keys.
+
+    Parameters
+    ----------
+    module
+        Template module; each node trains its own copy.
+    sites
+        The sites' data.
+    keys
+        Key of each site (``None``: the module already holds the key).
+    key_fingerprint, key_version
+        Key identity the sites report when ``keys`` is ``None``.
+    num_threads
+        Torch threads in a worker (the caller's, so results match the local engine).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> sites = [SiteData.from_arrays(s, np.ones((10, 4))) for s in "ba"]
+    >>> table = SimulationSites(KeyedVAE(n_input=4, key_mode=None), sites)
+    >>> [s.name for s in table.sites]
+    ['a', 'b']
+    """
+
+    module: nn.Module
+    sites: Sequence[SiteData]
+    keys: Mapping[str, Key] | None = None
+    key_fingerprint: str | None = None
+    key_version: int | None = None
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        self.sites = sorted(self.sites, key=lambda s: s.name)
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Site names must be unique, got {names}.")
+        if self.keys is not None:
+            missing = sorted(set(names) - set(self.keys))
+            if missing:
+                raise ValueError(f"No key given for sites {missing}.")
+
+    def __call__(self, context: Context) -> SiteRuntime:
+        """The runtime of the node of ``context`` (by its ``partition-id``)."""
+        torch.set_num_threads(self.num_threads)
+        site = self.sites[int(context.node_config["partition-id"])]
+        if self.keys is None:
+            return SiteRuntime(self.module, site, self.key_fingerprint, self.key_version)
+        key = self.keys[site.name]
+        self.module.set_key(key)
+        return SiteRuntime(self.module, site, key.fingerprint, key.version)
+
+
+def _default_backend_config() -> dict[str, Any]:
+    # one worker process holding all CPUs of the simulation: sites train in turn, as in the
+    # local engine, with the caller's thread count (so the arithmetic is the same)
+    return {
+        "init_args": {"num_cpus": 1, "num_gpus": 0},
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    }
+
+
+def run_flower_simulation(
+    module: nn.Module,
+    sites: Sequence[SiteData],
+    config: FederationConfig,
+    key_fingerprint: str | None = None,
+    key_version: int | None = None,
+    initial_parameters: Parameters | None = None,
+    progress_bar: bool = True,
+    key: Key | Mapping[str, Key] | None = None,
+    backend_config: Mapping[str, Any] | None = None,
+    verbose_logging: bool = False,
+) -> FederatedServer:
+    """Run a federation with Flower's simulation engine; leave the selected model in ``module``.
+
+    Same contract as :func:`~scinfl.federated.run_local`: one virtual Flower node per site
+    runs the scinfl ``ClientApp`` (:func:`~scinfl.federated.client_update` /
+    :func:`~scinfl.federated.client_evaluate`), the ``ServerApp`` drives a
+    :class:`~scinfl.federated.FederatedServer` (sampling, FedAvg, key check, selection), and
+    the same seed gives the same global parameters as the local engine. Messages carry
+    parameters, round instructions, metrics and the key's fingerprint and version, never
+    the key.
+
+    Parameters
+    ----------
+    module
+        Keyed module (with its key set, unless ``key`` is given).
+    sites
+        The sites' data; node ``partition-id`` ``i`` plays the ``i``-th site by name.
+    config
+        Federation settings.
+    key_fingerprint, key_version
+        Identity of the federation's key: the server rejects updates under another key.
+    initial_parameters
+        Start from these global parameters instead of the module's.
+    progress_bar
+        Show a progress bar over rounds.
+    key
+        The sites' key (one for all, or one per site name). Then the nodes receive the module
+        without key material and each installs its own key; a site holding another key
+        reports another fingerprint and its updates are rejected. ``None``: the module's key.
+    backend_config
+        Flower's Ray backend settings (default: one worker process, 1 CPU).
+    verbose_logging
+        Flower's debug logs.
+
+    Returns
+    -------
+    The :class:`~scinfl.federated.FederatedServer`, with the history and the selected round.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> vae = KeyedVAE(n_input=8, key_mode=None)
+    >>> sites = [SiteData.from_arrays(s, np.random.poisson(2, (40, 8))) for s in "ab"]
+    >>> config = FederationConfig(max_rounds=2, batch_size=16)
+    >>> server = run_flower_simulation(vae, sites, config, progress_bar=False)  # doctest: +SKIP
+    >>> server.history()["round"].max()  # doctest: +SKIP
+    1
+    """
+    sites = list(sites)
+    if not sites:
+        raise ValueError("No sites to federate.")
+    keys: dict[str, Key] | None = None
+    if isinstance(key, Key):
+        keys = {site.name: key for site in sites}
+    elif key is not None:
+        keys = dict(key)
+    template = copy.deepcopy(module)
+    if keys is not None and hasattr(template, "set_key"):
+        template.set_key(None)  # the nodes install their own key
+    table = SimulationSites(
+        template,
+        sites,
+        keys=keys,
+        key_fingerprint=key_fingerprint,
+        key_version=key_version,
+        num_threads=torch.get_num_threads(),
+    )
+    server = FederatedServer(
+        parameters=initial_parameters or get_shared_parameters(module),
+        config=config,
+        key_fingerprint=key_fingerprint,
+        key_version=key_version,
+    )
+    server_app = make_server_app(
+        lambda context: server,
+        expected_sites=[site.name for site in table.sites],
+        progress_bar=progress_bar,
+        discovery_timeout=None,
+    )
+    client_app = make_client_app(table)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(table.sites),
+        backend_config=dict(backend_config) if backend_config is not None else _default_backend_config(),
+        verbose_logging=verbose_logging,
+    )
+    if server.best_parameters is None:
+        raise RuntimeError("The Flower simulation ended before its first round; see the log above.")
+    set_shared_parameters(module, server.best_parameters)
+    return server

@@ -1,0 +1,386 @@
+"""Reconstruction attacks on a site's upload: analytic first-layer inversion and gradient inversion."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from torch import nn
+from torch.nn import functional as F
+
+from scinfl.key import Key
+
+from ._upload import Gradients, client_loss, shared_parameter_names
+
+logger = logging.getLogger(__name__)
+
+KeyGuess = Literal["none", "wrong"] | Key
+
+
+def attacker_module(module: nn.Module, key: KeyGuess = "none", seed: int | None = None) -> nn.Module:
+    """The adversary's copy of a model: same architecture and shared parameters, its own key guess.
+
+    The server knows the architecture, every shared parameter and the key *generator*, not the
+    key. Without the key it can still build the keyed architecture and must put something in
+    place of the secret material:
+
+    - ``"none"``: the key material replaced by zeros (every secret coordinate at the origin);
+    - ``"wrong"``: a key drawn from the same generator (:meth:`scinfl.Key.generate`);
+    - a :class:`~scinfl.Key`: the correct key (the upper bound of every attack).
+
+    An unkeyed module (``key_mode=None``) is copied as it is.
+
+    Parameters
+    ----------
+    module
+        The model holding the parameters the attacker knows (the global ones of the round).
+    key
+        ``"none"``, ``"wrong"`` or a :class:`~scinfl.Key`.
+    seed
+        With ``"wrong"``, draw the wrong key deterministically from this seed (for
+        reproducible audits); by default from the OS.
+
+    Returns
+    -------
+    A new module (the input is not modified).
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> vae = KeyedVAE(n_input=10)
+    >>> bad = attacker_module(vae, "none")
+    >>> float(bad.key_encoder.coordinates.abs().sum())
+    0.0
+    """
+    attacker = copy.deepcopy(module)
+    if getattr(attacker, "key_encoder", None) is None:
+        return attacker
+    mode = attacker._key_mode
+    if isinstance(key, Key):
+        attacker.set_key(key)
+    elif key == "wrong":
+        guess = Key.generate() if seed is None else Key(np.random.default_rng(seed).bytes(32))
+        attacker.set_key(guess)
+    elif key == "none":
+        shape = mode.key_material(Key(b"\0" * 32), attacker.n_input).shape
+        attacker.key_encoder.set_coordinates(torch.zeros(shape))
+    else:
+        raise ValueError(f"key must be 'none', 'wrong' or a scinfl.Key, got {key!r}.")
+    return attacker
+
+
+def input_layer(module: nn.Module) -> tuple[str, nn.Linear]:
+    """Name and module of the first linear layer of the encoder (the one that reads the input).
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> input_layer(KeyedVAE(n_input=10, key_mode=None))[0]
+    'z_encoder.encoder.fc_layers.Layer 0.0'
+    """
+    for name, sub in module.named_modules():
+        if name.startswith("z_encoder") and isinstance(sub, nn.Linear):
+            return name, sub
+    raise ValueError("No linear layer found in the module's z_encoder.")
+
+
+def output_layer(module: nn.Module, prefix: str) -> tuple[str, nn.Linear]:
+    """Name and module of the last linear layer under ``prefix`` (e.g. ``"classifier"``).
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> output_layer(KeyedVAE(n_input=10, n_labels=3, classify=True, key_mode=None), "classifier")[0]
+    'classifier.3'
+    """
+    found = [(n, m) for n, m in module.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)]
+    found = [(n, m) for n, m in found if not any(o != n and o.startswith(n + ".") for o, _ in found)]
+    if not found:
+        raise ValueError(f"No linear layer under {prefix!r}.")
+    return found[-1]
+
+
+def analytic_inversion(
+    gradients: Gradients,
+    layer_name: str,
+    weight: str = "weight",
+    bias: str = "bias",
+) -> np.ndarray:
+    """Input of a linear layer recovered from a one-sample gradient: ``x = dL/dW_i / dL/db_i``.
+
+    For ``h = W x + b`` and one sample, ``dL/dW = delta x^T`` and ``dL/db = delta``, so every row
+    ``i`` with ``delta_i != 0`` gives ``x`` exactly; the row with the largest ``|dL/db_i|`` is used.
+    A row-wise rescaling of ``W`` (the pooled keyed layer) only rescales the result.
+
+    Parameters
+    ----------
+    gradients
+        ``{name: gradient}``, e.g. from :func:`upload_gradient` or :func:`gradient_from_update`.
+    layer_name
+        Prefix of the layer's parameters (see :func:`input_layer`).
+    weight, bias
+        Names of the weight and bias inside the layer.
+
+    Returns
+    -------
+    The layer's input, shape ``(in_features,)``. For a count model's encoder this is
+    ``log1p(x)`` (followed by any covariate columns).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(4, 3)
+    >>> x = torch.tensor([[1.0, 2.0, 0.0, 3.0]])
+    >>> layer(x).pow(2).sum().backward()
+    >>> grads = {"weight": layer.weight.grad, "bias": layer.bias.grad}
+    >>> np.round(analytic_inversion(grads, "", "weight", "bias"), 4).tolist()
+    [1.0, 2.0, 0.0, 3.0]
+    """
+    prefix = f"{layer_name}." if layer_name else ""
+    dw = gradients[prefix + weight].double()
+    db = gradients[prefix + bias].double()
+    row = int(db.abs().argmax())
+    if float(db[row].abs()) == 0.0:
+        logger.warning("The bias gradient of %r is zero: nothing to invert.", layer_name)
+        return np.zeros(dw.shape[1])
+    return (dw[row] / db[row]).numpy()
+
+
+def analytic_attack(attacker: nn.Module, gradients: Gradients) -> np.ndarray:
+    """Analytic inversion of the encoder's first layer, mapped back to feature space.
+
+    For an ordinary or pooled-keyed first layer the inversion is the input itself. For a layer
+    that reads the features through secret per-feature embeddings (``key_mode="feature"``) it
+    is a projection ``E^T x``; the attacker maps it back with the embeddings of its own key
+    guess (minimum-norm solution), which is exact only with the correct key.
+
+    Parameters
+    ----------
+    attacker
+        The adversary's module (:func:`attacker_module`).
+    gradients
+        The upload.
+
+    Returns
+    -------
+    Reconstruction of the encoder input (``log1p`` counts for count models), ``(n_input,)``.
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> from scinfl.privacy import make_tensors, upload_gradient
+    >>> vae = KeyedVAE(n_input=10, key_mode=None)
+    >>> x = np.arange(10.0)
+    >>> rec = analytic_attack(vae, upload_gradient(vae, make_tensors(x)))
+    >>> bool(np.allclose(rec, np.log1p(x), atol=1e-4))
+    True
+    """
+    name, layer = input_layer(attacker)
+    lift = getattr(layer, "lift", None)
+    if lift is None:
+        return analytic_inversion(gradients, name)[: attacker.n_input]
+    y = analytic_inversion(gradients, name, weight=layer.projected_weight_name)
+    with torch.no_grad():
+        return lift(torch.as_tensor(y, dtype=torch.float32)).double().numpy()
+
+
+def infer_label(gradients: Gradients, layer_name: str = "classifier.3") -> int:
+    """iDLG label inference: the class whose output bias has the most negative gradient.
+
+    With softmax cross-entropy, ``dL/db_c = p_c - [c = y]`` is negative only for the true class
+    of a one-sample upload.
+
+    Examples
+    --------
+    >>> import torch
+    >>> infer_label({"out.bias": torch.tensor([0.2, -0.7, 0.5])}, "out")
+    1
+    """
+    return int(gradients[f"{layer_name}.bias"].argmin())
+
+
+@dataclass
+class Reconstruction:
+    """Result of a gradient-inversion attack.
+
+    Attributes
+    ----------
+    x
+        Reconstructed encoder input, ``(n, n_input)``: ``log1p`` counts for count models.
+    labels
+        Recovered labels (``None`` without a classifier).
+    loss
+        Final gradient distance.
+    history
+        Gradient distance every 50 iterations.
+    """
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    loss: float
+    history: list[float] = field(default_factory=list)
+
+
+def _distance(dummy, target, kind: str) -> torch.Tensor:
+    if kind == "cosine":
+        dot = sum((d * t).sum() for d, t in zip(dummy, target, strict=True))
+        nd = torch.sqrt(sum(d.pow(2).sum() for d in dummy))
+        nt = torch.sqrt(sum(t.pow(2).sum() for t in target))
+        return 1 - dot / (nd * nt + 1e-12)
+    return sum((d - t).pow(2).sum() for d, t in zip(dummy, target, strict=True))
+
+
+def dlg(
+    attacker: nn.Module,
+    gradients: Gradients,
+    n_samples: int = 1,
+    labels: Literal["infer", "optimize"] | int | np.ndarray = "infer",
+    distance: Literal["cosine", "l2"] = "cosine",
+    n_iter: int = 500,
+    lr: float = 0.1,
+    init: Literal["random", "mean"] | np.ndarray = "random",
+    reference: np.ndarray | None = None,
+    parameter_names: list[str] | None = None,
+    kl_weight: float = 1.0,
+    seed: int = 0,
+) -> Reconstruction:
+    """Gradient inversion: optimise a dummy input so that its gradient matches the upload.
+
+    ``distance="cosine"`` is *inverting gradients* (Geiping et al. 2020: ``1 - cos`` over all
+    shared parameters, Adam with step decay); ``"l2"`` is the original *DLG* (Zhu et al. 2019).
+    Labels are inferred from the classifier's output bias (*iDLG*, Zhao et al. 2020), optimised
+    jointly as soft labels (DLG), or given. The dummy is parametrised in ``log1p`` space
+    (``x = expm1(softplus(v))`` for counts), so reconstructions are non-negative.
+
+    Parameters
+    ----------
+    attacker
+        The adversary's module holding the global parameters and its key guess
+        (:func:`attacker_module`).
+    gradients
+        The upload (:func:`upload_gradient`, :func:`gradient_from_update`).
+    n_samples
+        Number of rows to reconstruct (the upload's batch size, which the server knows).
+    labels
+        ``"infer"``, ``"optimize"`` or the labels.
+    distance
+        ``"cosine"`` or ``"l2"``.
+    n_iter, lr
+        Adam iterations and learning rate (decayed 10x at 3/8, 5/8 and 7/8 of the run).
+    init
+        ``"random"``, ``"mean"`` (start from ``reference``, the public mean ``log1p`` profile) or
+        an array.
+    reference
+        Public mean profile (for ``init="mean"``).
+    parameter_names
+        Match only these parameters (default: every shared parameter with a non-zero upload);
+        e.g. the decoder's to audit it on its own.
+    kl_weight
+        KL weight of the attacked round.
+    seed
+        Seed of the dummy initialisation.
+
+    Returns
+    -------
+    :class:`Reconstruction`.
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> from scinfl.privacy import make_tensors, upload_gradient
+    >>> vae = KeyedVAE(n_input=10, key_mode=None)
+    >>> grads = upload_gradient(vae, make_tensors(np.arange(10.0)))
+    >>> rec = dlg(vae, grads, n_iter=20)
+    >>> rec.x.shape
+    (1, 10)
+    """
+    attacker.eval()
+    names = parameter_names or [
+        n for n in shared_parameter_names(attacker) if n in gradients and float(gradients[n].abs().sum()) > 0
+    ]
+    for p in attacker.parameters():
+        p.requires_grad_(False)
+    params = dict(attacker.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    target = [gradients[n].to(params[n].dtype) for n in names]
+    p_in = attacker.n_input
+    counts = getattr(attacker, "gene_likelihood", "nb") != "normal"
+
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(init, str) and init == "mean":
+        if reference is None:
+            raise ValueError("init='mean' needs reference=, the public mean profile.")
+        start = torch.as_tensor(np.asarray(reference), dtype=torch.float32).expand(n_samples, p_in).clone()
+    elif isinstance(init, str):
+        start = torch.rand(n_samples, p_in, generator=gen) * (1.0 if counts else 2.0)
+        if not counts:
+            start = start - 1.0
+    else:
+        start = torch.as_tensor(np.asarray(init), dtype=torch.float32).reshape(n_samples, p_in).clone()
+    if counts:  # inverse softplus of the log1p profile
+        start = torch.where(start > 20, start, torch.log(torch.expm1(start.clamp_min(1e-4))))
+    v = nn.Parameter(start)
+    variables = [v]
+
+    classify = getattr(attacker, "classifier", None) is not None
+    label_logits = None
+    fixed_labels = torch.zeros(n_samples, 1, dtype=torch.long)
+    if classify:
+        if isinstance(labels, str) and labels == "infer":
+            fixed_labels[:] = infer_label(gradients, output_layer(attacker, "classifier")[0])
+        elif isinstance(labels, str) and labels == "optimize":
+            n_labels = output_layer(attacker, "classifier")[1].out_features
+            label_logits = nn.Parameter(torch.randn(n_samples, n_labels, generator=gen) * 0.1)
+            variables.append(label_logits)
+        else:
+            fixed_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(n_samples, 1)
+
+    optimizer = torch.optim.Adam(variables, lr=lr)
+    milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    batch = torch.zeros(n_samples, 1, dtype=torch.long)
+    best, best_v, history = np.inf, v.detach().clone(), []
+    best_logits = None if label_logits is None else label_logits.detach().clone()
+
+    def encode(v_):
+        return torch.expm1(F.softplus(v_)) if counts else v_
+
+    for it in range(n_iter):
+        tensors = {
+            REGISTRY_KEYS.X_KEY: encode(v),
+            REGISTRY_KEYS.BATCH_KEY: batch,
+            REGISTRY_KEYS.LABELS_KEY: fixed_labels,
+        }
+        soft = None if label_logits is None else torch.softmax(label_logits, -1)
+        loss = client_loss(attacker, tensors, kl_weight=kl_weight, soft_labels=soft)
+        dummy = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+        pairs = [(d, t) for d, t in zip(dummy, target, strict=True) if d is not None]
+        dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
+        optimizer.zero_grad(set_to_none=True)
+        dist.backward()
+        optimizer.step()
+        scheduler.step()
+        value = float(dist.detach())
+        if np.isfinite(value) and value < best:
+            best, best_v = value, v.detach().clone()
+            if label_logits is not None:
+                best_logits = label_logits.detach().clone()
+        if it % 50 == 0:
+            history.append(value)
+    for p in attacker.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        x = F.softplus(best_v) if counts else best_v
+    if not classify:
+        rec_labels = None
+    elif best_logits is not None:
+        rec_labels = best_logits.argmax(-1).numpy()
+    else:
+        rec_labels = fixed_labels.view(-1).numpy()
+    return Reconstruction(x=x.double().numpy(), labels=rec_labels, loss=best, history=history)

@@ -1,0 +1,82 @@
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import scinfl
+from scinfl import Key, KeyFileError
+
+
+def test_generate_is_random_and_versioned():
+    a, b = Key.generate(), Key.generate()
+    assert a != b
+    assert a.fingerprint != b.fingerprint
+    assert a.version == 1
+    assert len(a._seed) * 8 >= 128
+
+
+def test_coordinates_are_deterministic_and_domain_separated(key):
+    c1 = key.coordinates(128, purpose="pooled")
+    assert c1.shape == (128, 2) and c1.dtype == np.float32
+    assert np.array_equal(c1, key.coordinates(128, purpose="pooled"))
+    assert not np.allclose(c1, key.coordinates(128, purpose="features"))
+    assert c1.min() >= -1 and c1.max() <= 1
+
+
+def test_repr_never_shows_the_secret(key):
+    text = repr(key) + str(key)
+    assert key._seed.hex() not in text
+    assert key.fingerprint in text
+
+
+def test_fingerprint_does_not_contain_seed_material(key):
+    assert key.fingerprint not in key._seed.hex()
+
+
+def test_save_load_roundtrip_with_private_permissions(tmp_path, key):
+    path = key.save(tmp_path / "site.key")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert Key.load(path) == key
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scinfl-key-")]
+
+
+def test_save_refuses_to_overwrite(tmp_path, key):
+    path = key.save(tmp_path / "site.key")
+    other = Key.generate()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        other.save(path)
+    assert Key.load(path) == key
+    other.save(path, overwrite=True)
+    assert Key.load(path) == other
+
+
+def test_load_rejects_missing_foreign_and_corrupt_files(tmp_path, key):
+    with pytest.raises(KeyFileError, match="No key file"):
+        Key.load(tmp_path / "absent.key")
+    foreign = tmp_path / "foreign.key"
+    foreign.write_text('{"hello": 1}')
+    with pytest.raises(KeyFileError, match="not a scinfl key"):
+        Key.load(foreign)
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(KeyFileError, match="not a scinfl key"):
+        Key.load(binary)
+    path = key.save(tmp_path / "site.key")
+    payload = json.loads(path.read_text())
+    payload["seed"] = payload["seed"][:-2] + ("00" if payload["seed"][-2:] != "00" else "11")
+    tampered = tmp_path / "tampered.key"
+    tampered.write_text(json.dumps(payload))
+    with pytest.raises(KeyFileError, match="corrupt"):
+        Key.load(tampered)
+
+
+def test_rotate_bumps_version(key):
+    new = key.rotate()
+    assert new.version == key.version + 1
+    assert new.fingerprint != key.fingerprint
+
+
+def test_public_api_exports():
+    assert scinfl.Key is Key

@@ -1,0 +1,201 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+from scipy import sparse
+
+import scinfl
+from scinfl import Key, KeyMismatchError, MissingKeyError
+from scinfl.federated import client_update, get_shared_parameters
+from scinfl.model import INFL
+
+FAST = {"max_rounds": 2, "batch_size": 32, "progress_bar": False}
+
+
+def _model(adata, key, **kwargs):
+    INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="label")
+    return INFL(adata, key=key, n_hidden=32, **kwargs)
+
+
+def test_train_federated_history_and_outputs(counts_adata, key):
+    model = _model(counts_adata, key)
+    history = model.train_federated(**FAST)
+    assert isinstance(history, pd.DataFrame)
+    assert set(history["site"]) == {"site0", "site1", "site2"}
+    assert {"round", "site", "n_train", "train_loss", "val_loss", "val_accuracy", "kl_weight"} <= set(history)
+    assert history["n_train"].sum() == 2 * sum(int(round(n * 0.9)) for n in counts_adata.obs["site"].value_counts())
+    assert model.is_trained_
+    latent = model.get_latent()
+    assert latent.shape == (counts_adata.n_obs, 10)
+    assert np.allclose(latent, model.get_latent_representation())
+    predictions = model.predict()
+    assert set(predictions) <= set(counts_adata.obs["label"].cat.categories)
+    probs = model.predict(soft=True)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_training_is_deterministic_for_a_seed(counts_adata, key):
+    latents = []
+    for _ in range(2):
+        scvi.settings.seed = 3  # scvi-tools' way: seeds weight init and, by default, the federation
+        model = _model(counts_adata.copy(), key)
+        model.train_federated(**FAST)
+        latents.append(model.get_latent())
+    np.testing.assert_array_equal(latents[0], latents[1])
+
+
+def test_fedprox_and_fraction_run(counts_adata, key):
+    model = _model(counts_adata, key)
+    history = model.train_federated(**FAST, strategy="fedprox", mu=0.1, fraction=0.3)
+    trained = history[history["n_train"] > 0].groupby("round")["site"].nunique()
+    assert (trained == 1).all()
+
+
+def test_upload_carries_no_key_material(counts_adata, key):
+    model = _model(counts_adata, key)
+    sites = model._site_data(0.1, seed=0)
+    update = client_update(
+        model.module,
+        sites[0],
+        get_shared_parameters(model.module),
+        scinfl.federated.ClientConfig(round=0, batch_size=32),
+        key.fingerprint,
+        key.version,
+    )
+    coords = key.coordinates(128, purpose="pooled")
+    assert update.key_fingerprint == key.fingerprint
+    assert not [n for n in update.parameters if "coordinates" in n]
+    for value in update.parameters.values():
+        assert coords.tobytes() not in value.tobytes()
+        if value.shape == coords.shape:
+            assert not np.allclose(value, coords)
+
+
+def test_save_load_roundtrip_never_saves_key(tmp_path, counts_adata, key):
+    model = _model(counts_adata, key)
+    model.train_federated(**FAST)
+    latent = model.get_latent()
+    model.save(tmp_path / "model")
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "model").iterdir())
+    assert key._seed not in blob and key._seed.hex().encode() not in blob
+    assert key.coordinates(128).tobytes() not in blob
+    loaded = INFL.load(tmp_path / "model", counts_adata, key=key)
+    np.testing.assert_allclose(loaded.get_latent(), latent, atol=1e-6)
+    with pytest.raises(MissingKeyError, match="key="):
+        INFL.load(tmp_path / "model", counts_adata)
+    with pytest.raises(KeyMismatchError, match="federation's key"):
+        INFL.load(tmp_path / "model", counts_adata, key=Key.generate())
+
+
+def test_wrong_key_refused_and_rotation_allowed(counts_adata, key):
+    model = _model(counts_adata, key)
+    with pytest.raises(KeyMismatchError, match="allow_mismatch"):
+        model.set_key(Key.generate())
+    new = key.rotate()
+    model.set_key(new, allow_mismatch=True)
+    assert model.key_version_ == 2
+
+
+def test_training_without_key_is_refused(counts_adata):
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
+    model = INFL(counts_adata)
+    with pytest.raises(MissingKeyError, match="set_key"):
+        model.train_federated(**FAST)
+
+
+def test_plain_model_without_key(counts_adata):
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
+    model = INFL(counts_adata, key_mode=None, n_hidden=32)
+    model.train_federated(**FAST)
+    assert model.get_latent().shape[0] == counts_adata.n_obs
+
+
+def test_normal_likelihood_with_missing_values(key):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 25)).astype(np.float32)
+    X[rng.random(X.shape) < 0.1] = np.nan
+    adata = scinfl.data.synthetic_counts(n_obs=120, n_vars=25)
+    adata.X = X
+    INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    model = INFL(adata, key=key, gene_likelihood="normal", n_hidden=16)
+    history = model.train_federated(**FAST)
+    assert np.isfinite(history["train_loss"]).all()
+    assert np.isfinite(model.get_latent()).all()
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_missing_layer(counts_adata):
+    with pytest.raises(ValueError, match="not found in adata.layers.*available"):
+        INFL.setup_anndata(counts_adata, layer="raw_counts")
+
+
+def test_missing_obs_column(counts_adata):
+    with pytest.raises(ValueError, match="site_key='hospital' is not a column"):
+        INFL.setup_anndata(counts_adata, layer="counts", site_key="hospital")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda X: X.__setitem__((0, 0), np.nan), "NaN"),
+        (lambda X: X.__setitem__((0, 0), -3.0), "negative"),
+        (lambda X: X.__setitem__((0, 0), 0.5), "non-integer"),
+        (lambda X: X.__setitem__((0, 0), np.inf), "infinite"),
+    ],
+)
+def test_counts_validation(counts_adata, key, corrupt, message):
+    X = counts_adata.layers["counts"].toarray()
+    corrupt(X)
+    counts_adata.layers["counts"] = sparse.csr_matrix(X)
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
+    with pytest.raises(ValueError, match=message):
+        INFL(counts_adata, key=key)
+
+
+def test_tiny_site_is_refused_with_fix(counts_adata, key):
+    counts_adata.obs["site"] = counts_adata.obs["site"].cat.add_categories("tiny")
+    counts_adata.obs.iloc[:3, counts_adata.obs.columns.get_loc("site")] = "tiny"
+    model = _model(counts_adata, key)
+    with pytest.raises(ValueError, match="'tiny' has 3 .* Merge it"):
+        model.train_federated(**FAST)
+
+
+def test_site_smaller_than_batch_is_refused(counts_adata, key):
+    model = _model(counts_adata, key)
+    with pytest.raises(ValueError, match="fewer than batch_size=512.*batch_size="):
+        model.train_federated(max_rounds=1, batch_size=512, progress_bar=False)
+
+
+def test_no_site_key(counts_adata, key):
+    INFL.setup_anndata(counts_adata, layer="counts")
+    model = INFL(counts_adata, key=key)
+    with pytest.raises(ValueError, match="partition"):
+        model.train_federated(**FAST)
+
+
+def test_agreed_categories(counts_adata):
+    agreed = ["type0", "type1", "type2", "type3"]
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site", labels_key="label", categories={"labels_key": agreed})
+    model = INFL(counts_adata, key_mode=None)
+    assert model.summary_stats.n_labels == 4
+    site0 = counts_adata[counts_adata.obs["site"] == "site0"].copy()
+    site0.obs["label"] = site0.obs["label"].astype(str)
+    site0.obs.iloc[0, site0.obs.columns.get_loc("label")] = "type9"
+    with pytest.raises(ValueError, match="not in the agreed list.*every site"):
+        INFL.setup_anndata(site0, layer="counts", labels_key="label", categories={"labels_key": agreed})
+
+
+def test_predict_without_labels(counts_adata, key):
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
+    model = INFL(counts_adata, key=key)
+    with pytest.raises(ValueError, match="labels_key"):
+        model.predict()
+
+
+def test_get_latent_without_key_refused(counts_adata, key):
+    model = _model(counts_adata, key)
+    model.module.set_key(None)
+    with pytest.raises(MissingKeyError):
+        model.get_latent()
+    assert torch.is_tensor(model.module.px_r)
