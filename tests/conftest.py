@@ -2,9 +2,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import scvi  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import scvi
+import torch
 
 torch.set_num_threads(1)
 

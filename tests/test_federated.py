@@ -78,7 +78,9 @@ def test_fedprox_term_pulls_towards_global():
     start = get_shared_parameters(vae)
 
     def drift(mu):
-        update = client_update(vae, site, start, ClientConfig(round=0, batch_size=8, local_epochs=3, lr=1e-2, mu=mu))
+        update = client_update(
+            vae, site, start, ClientConfig(round=0, batch_size=8, local_epochs=3, lr=1e-2, mu=mu)
+        )
         return sum(float(((update.parameters[n] - start[n]) ** 2).sum()) for n in start)
 
     assert drift(100.0) < 0.5 * drift(0.0)
@@ -107,14 +109,19 @@ def test_set_shared_parameters_refuses_other_feature_space():
 def test_minibatches_cover_training_rows_once():
     site = SiteData.from_arrays("a", np.arange(50 * 2).reshape(50, 2), validation_size=0.2, seed=0)
     seen = np.concatenate(
-        [b["X"][:, 0].numpy() // 2 for b in site.minibatches("train", 16, torch.Generator().manual_seed(0))]
+        [
+            b["X"][:, 0].numpy() // 2
+            for b in site.minibatches("train", 16, torch.Generator().manual_seed(0))
+        ]
     )
     assert sorted(seen.astype(int)) == sorted(site.train_idx)
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet"])
 def test_partition(method, counts_adata):
-    sites = partition(counts_adata, n_sites=4, method=method, label_key="label", key_added="sim", seed=0)
+    sites = partition(
+        counts_adata, n_sites=4, method=method, label_key="label", key_added="sim", seed=0
+    )
     assert sites.nunique() <= 4 and (counts_adata.obs["sim"] == sites).all()
 
 

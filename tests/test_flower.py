@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 
-import torch  # noqa: E402
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-import scinfl  # noqa: E402
-from scinfl.federated import (  # noqa: E402
+import scinfl
+from scinfl.federated import (
     ClientConfig,
     ClientUpdate,
     FederatedServer,
@@ -28,7 +35,7 @@ from scinfl.federated import (  # noqa: E402
     get_shared_parameters,
     run_local,
 )
-from scinfl.federated.flower import (  # noqa: E402
+from scinfl.federated.flower import (
     SimulationSites,
     config_to_record,
     content_to_update,
@@ -40,7 +47,7 @@ from scinfl.federated.flower import (  # noqa: E402
     run_flower_simulation,
     update_to_content,
 )
-from scinfl.module import KeyedVAE  # noqa: E402
+from scinfl.module import KeyedVAE
 
 N_VARS = 30
 
@@ -101,7 +108,10 @@ def _assert_same_history(a, b):
 
 
 def test_records_roundtrip_exactly():
-    params = {"b": np.arange(6, dtype=np.float32).reshape(2, 3) / 7, "a": np.array(3, dtype=np.int64)}
+    params = {
+        "b": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        "a": np.array(3, dtype=np.int64),
+    }
     back = record_to_parameters(parameters_to_record(params))
     assert list(back) == ["b", "a"]
     for name in params:
@@ -128,17 +138,19 @@ def test_unknown_instruction_is_refused():
 class LoopbackGrid(Grid):
     """Delivers each message to the ClientApp of its node, in this process, and logs it."""
 
-    def __init__(self, client_app, n_nodes: int) -> None:
+    def __init__(self, client_app, n_nodes: int = 0, node_configs=None, run_config=None) -> None:
         self.client_app = client_app
+        if node_configs is None:
+            node_configs = [{"partition-id": i, "num-partitions": n_nodes} for i in range(n_nodes)]
         self.contexts = {
             100 + i: Context(
                 run_id=1,
                 node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": n_nodes},
+                node_config=dict(node_config),
                 state=RecordDict(),
-                run_config={},
+                run_config=dict(run_config or {}),
             )
-            for i in range(n_nodes)
+            for i, node_config in enumerate(node_configs)
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
@@ -150,7 +162,9 @@ class LoopbackGrid(Grid):
     def run(self):  # pragma: no cover - unused
         return None
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
+    def create_message(
+        self, content, message_type, dst_node_id, group_id, ttl=None
+    ):  # pragma: no cover
         return Message(content, dst_node_id, message_type, group_id=group_id)
 
     def get_node_ids(self):
@@ -167,7 +181,12 @@ class LoopbackGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(message)
-            reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            try:
+                reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001 - as Flower's runtime does: an error reply
+                reply = Message(
+                    Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message
+                )
             self.replies.append(reply)
             out.append(reply)
         return out
@@ -186,7 +205,11 @@ def _run_loopback(module, sites, config, key, keys=None, parameters=None):
     if keys is not None:
         template.set_key(None)
     table = SimulationSites(
-        template, sites, keys=keys, key_fingerprint=key.fingerprint, key_version=key.version,
+        template,
+        sites,
+        keys=keys,
+        key_fingerprint=key.fingerprint,
+        key_version=key.version,
         num_threads=torch.get_num_threads(),
     )
     server = FederatedServer(
@@ -234,6 +257,27 @@ def test_update_under_another_key_is_dropped(module, sites, config, key, task_id
     _assert_same_parameters(server.best_parameters, expected)
 
 
+def _broken(site: SiteData) -> SiteData:
+    # one feature too many: the site introduces itself, then every train/evaluate step fails
+    X = np.ones((site.X.shape[0], N_VARS + 1), dtype=np.float32)
+    return SiteData(site.name, X, site.batch, site.labels, site.train_idx, site.val_idx)
+
+
+def test_failing_site_is_dropped(module, sites, config, key, task_identity, caplog):
+    failing = sites[2].name
+    with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        server, _ = _run_loopback(module, [*sites[:2], _broken(sites[2])], config, key)
+    assert any(f"site {failing!r} failed its train step" in r.message for r in caplog.records)
+    assert failing not in set(server.history()["site"])
+    expected, _ = _local(module, sites[:2], config, key)
+    _assert_same_parameters(server.best_parameters, expected)
+
+
+def test_every_site_failing_raises(module, sites, config, key, task_identity):
+    with pytest.raises(RuntimeError, match="every site failed its train step"):
+        _run_loopback(module, [_broken(s) for s in sites], config, key)
+
+
 def test_no_key_material_in_messages(module, sites, config, key, task_identity):
     keys = {s.name: key for s in sites}
     _, grid = _run_loopback(module, sites, config, key, keys=keys)
@@ -278,3 +322,214 @@ def test_simulation_matches_local_engine(module, sites, config, key):
     assert server.best_round == local_server.best_round
     _assert_same_history(server.history(), local_server.history())
     print(f"flower simulation, 2 rounds x 3 sites: {elapsed:.1f} s")
+
+
+# -- deployment apps (scinfl.federated.flower.app) -----------------------------------------
+
+
+def _deployment_files(tmp_path, key, run_config_extra=None):
+    adata = scinfl.data.synthetic_counts(n_obs=240, n_vars=N_VARS, n_sites=3, seed=0)
+    names = sorted(adata.obs["site"].unique())
+    for name in names:
+        adata[adata.obs["site"] == name].copy().write_h5ad(tmp_path / f"{name}.h5ad")
+    key_path = key.save(tmp_path / "site.key", overwrite=True)
+    run_config = {
+        "num-rounds": 2,
+        "min-sites": 3,
+        "batch-size": 32,
+        "seed": 3,
+        "n-hidden": 32,
+        "n-latent": 5,
+        "validation-size": 0.2,
+        "labels-key": "label",
+        "labels": ",".join(sorted(adata.obs["label"].unique())),
+        "key-fingerprint": key.fingerprint,
+        "key-version": key.version,
+        "output-dir": str(tmp_path / "out"),
+        "discovery-timeout": 300.0,
+        **(run_config_extra or {}),
+    }
+    node_configs = [
+        {"data-path": str(tmp_path / f"{name}.h5ad"), "key-path": str(key_path), "site": name}
+        for name in names
+    ]
+    return names, run_config, node_configs
+
+
+def _local_reference(tmp_path, names, run_config, key):
+    from scinfl.federated.flower.app import build_module, federation_config, load_site_data
+
+    sites = [load_site_data(tmp_path / f"{name}.h5ad", name, run_config) for name in names]
+    module = build_module(run_config, n_input=N_VARS)
+    module.set_key(key)
+    server = run_local(
+        module,
+        sites,
+        federation_config(run_config),
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+    )
+    return get_shared_parameters(module), server
+
+
+def test_deployed_site_is_loaded_from_node_config(tmp_path, key):
+    from scinfl.federated.flower.app import resolve_deployed_site
+
+    names, run_config, node_configs = _deployment_files(tmp_path, key)
+    context = Context(
+        run_id=1, node_id=7, node_config=node_configs[1], state=RecordDict(), run_config=run_config
+    )
+    runtime = resolve_deployed_site(context)
+    assert runtime.site.name == names[1]
+    assert (runtime.key_fingerprint, runtime.key_version) == (key.fingerprint, key.version)
+    assert runtime.module.classifier is not None and runtime.module.has_key
+    assert set(np.unique(runtime.site.labels)) <= {0, 1, 2}
+    bad = {**run_config, "labels": "type0,type1"}
+    with pytest.raises(ValueError, match="agreed categories"):
+        resolve_deployed_site(
+            Context(
+                run_id=1, node_id=7, node_config=node_configs[0], state=RecordDict(), run_config=bad
+            )
+        )
+
+
+def test_deployment_apps_match_local_engine(tmp_path, key, task_identity):
+    from scinfl.federated.flower.app import client_app, load_results, server_app
+
+    names, run_config, node_configs = _deployment_files(tmp_path, key)
+    grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
+    server_app(
+        grid,
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
+    parameters, history, summary = load_results(tmp_path / "out")
+    expected, server = _local_reference(tmp_path, names, run_config, key)
+    _assert_same_parameters(parameters, expected)
+    assert summary["best_round"] == server.best_round
+    assert history["accepted"].all() and sorted(set(history["site"])) == names
+
+
+def test_deployment_adopts_first_site_key_when_unpinned(tmp_path, key, task_identity, caplog):
+    from scinfl.federated.flower.app import client_app, load_results, server_app
+
+    names, run_config, node_configs = _deployment_files(
+        tmp_path, key, {"key-fingerprint": "", "key-version": 0, "num-rounds": 1}
+    )
+    intruder_key = scinfl.Key.generate()
+    node_configs[2]["key-path"] = str(intruder_key.save(tmp_path / "other.key"))
+    grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
+    with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        server_app(
+            grid,
+            Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+        )
+    _, history, summary = load_results(tmp_path / "out")
+    assert summary["key_fingerprint"] == key.fingerprint
+    assert any("adopting the key of site" in r.message for r in caplog.records)
+    assert history.set_index("site")["accepted"].to_dict() == {
+        names[0]: True,
+        names[1]: True,
+        names[2]: False,
+    }
+
+
+# -- deployment: flower-superlink + one flower-supernode per site on 127.0.0.1 -------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(processes) -> None:
+    for process in processes:  # each was started in its own session: end its whole group
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SCINFL_TEST_FLOWER_DEPLOYMENT"),
+    reason="starts a SuperLink, 3 SuperNodes and one process per message (minutes on 2 cores); "
+    "set SCINFL_TEST_FLOWER_DEPLOYMENT=1",
+)
+def test_deployment_matches_local_engine(tmp_path, key):
+    from scinfl.federated.flower.app import load_results, write_flower_app
+
+    bin_dir = Path(sys.executable).parent
+    if not all(
+        (bin_dir / exe).exists() for exe in ("flower-superlink", "flower-supernode", "flwr")
+    ):
+        pytest.skip("Flower's executables are not next to this Python.")
+    names, run_config, node_configs = _deployment_files(tmp_path, key)
+    app = write_flower_app(tmp_path / "app", run_config)
+    port = _free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(home))
+    processes, logs = [], []
+
+    def start(name, *args):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        processes.append(
+            subprocess.Popen(
+                [str(bin_dir / args[0]), *args[1:]],
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--port", str(port))
+        for name, node in zip(names, node_configs, strict=True):
+            node_config = " ".join(f'{k}="{v}"' for k, v in node.items())
+            start(
+                f"supernode-{name}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                node_config,
+            )
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app), "test", "--stream"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    finally:
+        _stop(processes)
+        for log in logs:
+            log.close()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    parameters, history, summary = load_results(tmp_path / "out")
+    # the same computation as the local engine, site by site, in other processes: equal up to
+    # float rounding (the ClientApp processes may use another torch thread count)
+    expected, server = _local_reference(tmp_path, names, run_config, key)
+    _assert_same_parameters(parameters, expected, atol=1e-5)
+    assert summary["best_round"] == server.best_round
+    assert summary["key_fingerprint"] == key.fingerprint
+    assert history["accepted"].all() and sorted(set(history["site"])) == names

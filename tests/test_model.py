@@ -23,8 +23,18 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     history = model.train_federated(**FAST)
     assert isinstance(history, pd.DataFrame)
     assert set(history["site"]) == {"site0", "site1", "site2"}
-    assert {"round", "site", "n_train", "train_loss", "val_loss", "val_accuracy", "kl_weight"} <= set(history)
-    assert history["n_train"].sum() == 2 * sum(int(round(n * 0.9)) for n in counts_adata.obs["site"].value_counts())
+    assert {
+        "round",
+        "site",
+        "n_train",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "kl_weight",
+    } <= set(history)
+    assert history["n_train"].sum() == 2 * sum(
+        int(round(n * 0.9)) for n in counts_adata.obs["site"].value_counts()
+    )
     assert model.is_trained_
     latent = model.get_latent()
     assert latent.shape == (counts_adata.n_obs, 10)
@@ -176,14 +186,22 @@ def test_no_site_key(counts_adata, key):
 
 def test_agreed_categories(counts_adata):
     agreed = ["type0", "type1", "type2", "type3"]
-    INFL.setup_anndata(counts_adata, layer="counts", site_key="site", labels_key="label", categories={"labels_key": agreed})
+    INFL.setup_anndata(
+        counts_adata,
+        layer="counts",
+        site_key="site",
+        labels_key="label",
+        categories={"labels_key": agreed},
+    )
     model = INFL(counts_adata, key_mode=None)
     assert model.summary_stats.n_labels == 4
     site0 = counts_adata[counts_adata.obs["site"] == "site0"].copy()
     site0.obs["label"] = site0.obs["label"].astype(str)
     site0.obs.iloc[0, site0.obs.columns.get_loc("label")] = "type9"
     with pytest.raises(ValueError, match="not in the agreed list.*every site"):
-        INFL.setup_anndata(site0, layer="counts", labels_key="label", categories={"labels_key": agreed})
+        INFL.setup_anndata(
+            site0, layer="counts", labels_key="label", categories={"labels_key": agreed}
+        )
 
 
 def test_predict_without_labels(counts_adata, key):
@@ -199,3 +217,12 @@ def test_get_latent_without_key_refused(counts_adata, key):
     with pytest.raises(MissingKeyError):
         model.get_latent()
     assert torch.is_tensor(model.module.px_r)
+
+
+def test_balance_classes_uses_local_label_counts(counts_adata, key):
+    model = _model(counts_adata, key)
+    history = model.train_federated(**FAST, balance_classes=True)
+    assert np.isfinite(history["train_loss"]).all()
+    scinfl.tl.predict(counts_adata, model)
+    assert counts_adata.obsm["scinfl_proba"].shape == (counts_adata.n_obs, 3)
+    assert set(counts_adata.obs["scinfl_prediction"].cat.categories) == {"type0", "type1", "type2"}

@@ -11,7 +11,9 @@ from pathlib import Path
 logger = logging.getLogger("scinfl")
 
 
-def quickstart(rounds: int = 30, out: str | Path = "scinfl_quickstart", seed: int = 0, central: bool = True) -> dict:
+def quickstart(
+    rounds: int = 30, out: str | Path = "scinfl_quickstart", seed: int = 0, central: bool = True
+) -> dict:
     """Federate an INFL model over 3 simulated sites of packaged PBMC data and report.
 
     Writes ``<out>/pbmc68k_scinfl.h5ad`` (``.obsm["X_scinfl"]``, ``.obs["scinfl_leiden"]``,
@@ -50,12 +52,18 @@ def quickstart(rounds: int = 30, out: str | Path = "scinfl_quickstart", seed: in
     key.save(key_path, overwrite=True)
 
     adata = scinfl.data.pbmc68k(n_sites=3, seed=seed)
-    summary: dict = {"cells": adata.n_obs, "genes": adata.n_vars, "sites": adata.obs["site"].nunique()}
+    summary: dict = {
+        "cells": adata.n_obs,
+        "genes": adata.n_vars,
+        "sites": adata.obs["site"].nunique(),
+    }
 
     def fit(federated: bool):
         data = adata.copy()
         scvi.settings.seed = seed
-        scinfl.model.INFL.setup_anndata(data, layer="counts", site_key="site", labels_key="bulk_labels")
+        scinfl.model.INFL.setup_anndata(
+            data, layer="counts", site_key="site", labels_key="bulk_labels"
+        )
         model = scinfl.model.INFL(data, key=key)
         start = time.perf_counter()
         if federated:
@@ -67,8 +75,12 @@ def quickstart(rounds: int = 30, out: str | Path = "scinfl_quickstart", seed: in
         scinfl.tl.cluster(data)
         data.obs["scinfl_prediction"] = model.predict()
         scores = {
-            "ARI (Leiden vs bulk_labels)": adjusted_rand_score(data.obs["bulk_labels"], data.obs["scinfl_leiden"]),
-            "accuracy (classifier)": float(np.mean(data.obs["scinfl_prediction"] == data.obs["bulk_labels"])),
+            "ARI (Leiden vs bulk_labels)": adjusted_rand_score(
+                data.obs["bulk_labels"], data.obs["scinfl_leiden"]
+            ),
+            "accuracy (classifier)": float(
+                np.mean(data.obs["scinfl_prediction"] == data.obs["bulk_labels"])
+            ),
             "best round": history.attrs["best_round"],
             "seconds per round": elapsed / rounds,
         }
@@ -81,7 +93,9 @@ def quickstart(rounds: int = 30, out: str | Path = "scinfl_quickstart", seed: in
     fed.write_h5ad(out / "pbmc68k_scinfl.h5ad")
     scinfl.pl.umap(fed, color=["scinfl_leiden", "bulk_labels", "site"], save=out / "umap.png")
     model.save(out / "model", overwrite=True)
-    summary["outputs"] = [str(p) for p in (out / "pbmc68k_scinfl.h5ad", out / "umap.png", out / "model", key_path)]
+    summary["outputs"] = [
+        str(p) for p in (out / "pbmc68k_scinfl.h5ad", out / "umap.png", out / "model", key_path)
+    ]
     _print_summary(summary, rounds)
     return summary
 
@@ -90,7 +104,9 @@ def _print_summary(summary: dict, rounds: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"scinfl quickstart: {summary['sites']} sites, {summary['cells']} cells x {summary['genes']} genes, {rounds} rounds")
+    table = Table(
+        title=f"scinfl quickstart: {summary['sites']} sites, {summary['cells']} cells x {summary['genes']} genes, {rounds} rounds"
+    )
     columns = [c for c in ("federated", "centralized") if c in summary]
     table.add_column("metric")
     for column in columns:
@@ -109,9 +125,13 @@ def _print_summary(summary: dict, rounds: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scinfl`` command."""
-    parser = argparse.ArgumentParser(prog="scinfl", description="Federated omics models with a secret key (INFL).")
+    parser = argparse.ArgumentParser(
+        prog="scinfl", description="Federated omics models with a secret key (INFL)."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    qs = commands.add_parser("quickstart", help="3-site federation on packaged PBMC data; prints a summary")
+    qs = commands.add_parser(
+        "quickstart", help="3-site federation on packaged PBMC data; prints a summary"
+    )
     qs.add_argument("--rounds", type=int, default=30, help="federated rounds (default 30)")
     qs.add_argument("--out", default="scinfl_quickstart", help="output directory")
     qs.add_argument("--seed", type=int, default=0)

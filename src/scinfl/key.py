@@ -201,7 +201,9 @@ class Key:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        logger.info("Saved key version %d (fingerprint %s) to %s", self._version, self.fingerprint, path)
+        logger.info(
+            "Saved key version %d (fingerprint %s) to %s", self._version, self.fingerprint, path
+        )
         return path
 
     @classmethod
@@ -234,13 +236,17 @@ class Key:
             )
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            logger.warning("Key file %s is readable by others (mode %o); run `chmod 600 %s`.", path, mode, path)
+            logger.warning(
+                "Key file %s is readable by others (mode %o); run `chmod 600 %s`.", path, mode, path
+            )
         try:
             payload = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise KeyFileError(f"{path} is not a scinfl key file (not JSON: {err}).") from None
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise KeyFileError(f"{path} is not a scinfl key file (missing format marker {_FORMAT!r}).")
+            raise KeyFileError(
+                f"{path} is not a scinfl key file (missing format marker {_FORMAT!r})."
+            )
         if payload.get("format_version") != _FORMAT_VERSION:
             raise KeyFileError(
                 f"{path} uses key format {payload.get('format_version')!r}; this scinfl reads "

@@ -1,6 +1,8 @@
 """Data loaders (real data shipped by registry packages) and synthetic generators."""
 
+from ._cptac import cptac_ucec
+from ._kang import kang2018
 from ._pbmc68k import pbmc68k
 from ._synthetic import synthetic_counts
 
-__all__ = ["pbmc68k", "synthetic_counts"]
+__all__ = ["cptac_ucec", "kang2018", "pbmc68k", "synthetic_counts"]

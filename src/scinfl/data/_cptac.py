@@ -213,7 +213,8 @@ def cptac_ucec(
     """Load the CPTAC endometrial carcinoma (UCEC) discovery cohort.
 
     Reads the tables shipped in the ``cptac`` 0.4.x wheel (folder
-    ``cptac/data_endometrial``; data version 2.1 of Dou et al., *Cell* 2020).
+    ``cptac/data_endometrial``; cptac data version 2.1 of the cohort published
+    by Dou et al., *Cell* 2020).
     The ``cptac`` package is located on disk but never imported, and nothing
     is downloaded.
 

@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import numbers
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -276,7 +277,10 @@ def kang2018(path: str | Path | None = None, n_top_genes: int | None = None) -> 
     parts = {}
     for condition, file in files.items():
         logger.info("Reading Kang 2018 %s cells from %s", condition, file)
-        part = ad.read_h5ad(file)
+        with warnings.catch_warnings():
+            # The files use the pre-0.7 h5ad layout; anndata reads it fine but warns.
+            warnings.filterwarnings("ignore", message=".*without encoding metadata")
+            part = ad.read_h5ad(file)
         part.X = sp.csr_matrix(part.X, dtype=np.float32)
         part.obs = pd.DataFrame(index=part.obs_names.astype(str))
         part.var = pd.DataFrame(index=part.var_names.astype(str))

@@ -17,7 +17,9 @@ def _counts_from_lognorm(lognorm: sparse.csr_matrix) -> sparse.csr_matrix:
     """
     norm = sparse.csr_matrix(lognorm, dtype=np.float64, copy=True)
     norm.data = np.expm1(norm.data)
-    smallest = np.minimum.reduceat(norm.data, norm.indptr[:-1]) if norm.nnz else np.ones(norm.shape[0])
+    smallest = (
+        np.minimum.reduceat(norm.data, norm.indptr[:-1]) if norm.nnz else np.ones(norm.shape[0])
+    )
     norm = sparse.diags(1.0 / smallest) @ norm
     norm.data = np.round(norm.data)
     return sparse.csr_matrix(norm, dtype=np.float32)
@@ -61,7 +63,10 @@ def pbmc68k(n_sites: int = 3, site_method: str = "iid", seed: int = 0) -> AnnDat
         var=reduced.raw.var[[]].copy(),
     )
     adata.layers["counts"] = counts
-    adata.uns["scinfl_source"] = {"dataset": "scanpy.datasets.pbmc68k_reduced", "counts": "recovered"}
+    adata.uns["scinfl_source"] = {
+        "dataset": "scanpy.datasets.pbmc68k_reduced",
+        "counts": "recovered",
+    }
     partition(
         adata,
         n_sites=n_sites,

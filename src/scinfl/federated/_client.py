@@ -32,6 +32,9 @@ class ClientConfig:
         KL weight for this round, set by the server from the global round.
     mu
         FedProx proximal weight (0 = FedAvg).
+    balance_classes
+        Weight the classification loss by the inverse frequency of each label among the site's
+        own training rows (class imbalance, decided locally).
     seed
         Federation seed; with the round and the site name it fixes all randomness.
 
@@ -49,6 +52,7 @@ class ClientConfig:
     eps: float = 0.01
     kl_weight: float = 1.0
     mu: float = 0.0
+    balance_classes: bool = False
     seed: int = 0
 
 
@@ -159,8 +163,12 @@ def client_update(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
+    )
     anchors = [p.detach().clone() for p in params] if config.mu > 0 else None
+    if getattr(module, "classifier", None) is not None:
+        module.class_weights = site.class_weights(module.n_labels) if config.balance_classes else None
     totals = _new_totals()
     for _ in range(config.local_epochs):
         for batch in site.minibatches("train", config.batch_size, generator):

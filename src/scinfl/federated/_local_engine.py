@@ -72,7 +72,14 @@ def run_local(
         selected = server.sample_sites(list(by_name), round_)
         client_config = config.client_config(round_)
         updates = [
-            client_update(module, by_name[name], server.parameters, client_config, key_fingerprint, key_version)
+            client_update(
+                module,
+                by_name[name],
+                server.parameters,
+                client_config,
+                key_fingerprint,
+                key_version,
+            )
             for name in selected
         ]
         parameters = server.aggregate(round_, updates)

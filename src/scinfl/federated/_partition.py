@@ -57,14 +57,18 @@ def partition(
     n = adata.n_obs
     if method == "column":
         if column is None or column not in adata.obs:
-            raise ValueError("method='column' needs `column=`, the name of an existing .obs column.")
+            raise ValueError(
+                "method='column' needs `column=`, the name of an existing .obs column."
+            )
         sites = adata.obs[column].astype(str).to_numpy()
     elif method == "iid":
         sites = np.empty(n, dtype=object)
         sites[rng.permutation(n)] = [f"site{i}" for i in np.arange(n) % n_sites]
     elif method == "dirichlet":
         if label_key is None or label_key not in adata.obs:
-            raise ValueError("method='dirichlet' needs `label_key=`, the name of an existing .obs column.")
+            raise ValueError(
+                "method='dirichlet' needs `label_key=`, the name of an existing .obs column."
+            )
         sites = np.empty(n, dtype=object)
         labels = adata.obs[label_key].to_numpy()
         for label in pd.unique(labels):

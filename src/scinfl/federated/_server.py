@@ -38,6 +38,7 @@ class FederationConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     mu: float = 0.0
+    balance_classes: bool = False
     kl_warmup_rounds: int | None = None
     early_stopping: bool = False
     early_stopping_patience: int = 10
@@ -69,6 +70,7 @@ class FederationConfig:
             weight_decay=self.weight_decay,
             kl_weight=self.kl_weight(round_),
             mu=self.mu,
+            balance_classes=self.balance_classes,
             seed=self.seed,
         )
 
@@ -149,7 +151,9 @@ class FederatedServer:
         evaluated = {s: m for s, m in site_metrics.items() if m.get("n_val", 0) > 0}
         for site, metrics in site_metrics.items():
             if not any(r["round"] == round_ and r["site"] == site for r in self.rows):
-                self.rows.append({"round": round_, "site": site, "n_train": 0, "accepted": False, **metrics})
+                self.rows.append(
+                    {"round": round_, "site": site, "n_train": 0, "accepted": False, **metrics}
+                )
         if not evaluated:
             self.best_parameters, self.best_round = self.parameters, round_
             return False

@@ -94,6 +94,21 @@ class SiteData:
         """Number of validation rows."""
         return len(self.val_idx)
 
+    def class_weights(self, n_labels: int) -> torch.Tensor:
+        """Inverse-frequency weights of the labels among the training rows (0 for absent ones).
+
+        Examples
+        --------
+        >>> site = SiteData.from_arrays("a", np.ones((4, 1)), labels=np.array([0, 0, 0, 1]), validation_size=0)
+        >>> site.class_weights(3).tolist()
+        [0.6666666865348816, 2.0, 0.0]
+        """
+        counts = np.bincount(self.labels[self.train_idx], minlength=n_labels).astype(np.float64)
+        present = counts > 0
+        weights = np.zeros(n_labels)
+        weights[present] = counts.sum() / (present.sum() * counts[present])
+        return torch.as_tensor(weights, dtype=torch.float32)
+
     def tensors(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """The registry tensors for the given row positions."""
         x = self.X[rows]

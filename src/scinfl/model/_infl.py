@@ -93,7 +93,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         super().__init__(adata)
         layer = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).get("layer")
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        validate_matrix(self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where)
+        validate_matrix(
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where
+        )
         labels_key = self.adata_manager.registry["setup_args"].get("labels_key")
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
@@ -142,7 +144,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.set_key(scinfl.Key.load("site.key"))  # doctest: +SKIP
         """
         if not isinstance(key, Key):
-            raise TypeError(f"Expected a scinfl.Key, got {type(key).__name__}; load one with scinfl.Key.load(path).")
+            raise TypeError(
+                f"Expected a scinfl.Key, got {type(key).__name__}; load one with scinfl.Key.load(path)."
+            )
         if not self.module.is_keyed:
             logger.warning("This model has key_mode=None; the key is not used.")
         if (
@@ -208,12 +212,20 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         validate_layer(adata, layer)
-        for argument, key in (("site_key", site_key), ("batch_key", batch_key), ("labels_key", labels_key)):
+        for argument, key in (
+            ("site_key", site_key),
+            ("batch_key", batch_key),
+            ("labels_key", labels_key),
+        ):
             validate_obs_column(adata, key, argument)
         for argument, cats in (categories or {}).items():
             if argument not in ("site_key", "batch_key", "labels_key"):
-                raise ValueError(f"categories= takes 'site_key', 'batch_key' or 'labels_key', got {argument!r}.")
-            column = {"site_key": site_key, "batch_key": batch_key, "labels_key": labels_key}[argument]
+                raise ValueError(
+                    f"categories= takes 'site_key', 'batch_key' or 'labels_key', got {argument!r}."
+                )
+            column = {"site_key": site_key, "batch_key": batch_key, "labels_key": labels_key}[
+                argument
+            ]
             apply_agreed_categories(adata, column, cats)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -227,7 +239,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     # -- federated training -------------------------------------------------------------------
     def _registered_codes(self, registry_key: str) -> np.ndarray:
-        return np.asarray(self.adata_manager.get_from_registry(registry_key)).ravel().astype(np.int64)
+        return (
+            np.asarray(self.adata_manager.get_from_registry(registry_key)).ravel().astype(np.int64)
+        )
 
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -264,6 +278,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         kl_warmup_rounds: int | None = None,
+        balance_classes: bool = False,
         validation_size: float = 0.1,
         early_stopping: bool = False,
         early_stopping_patience: int = 10,
@@ -297,6 +312,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Local optimisation (Adam).
         kl_warmup_rounds
             Rounds of linear KL warm-up (default: half of ``max_rounds``).
+        balance_classes
+            With labels, weight each site's classification loss by the inverse frequency of
+            the labels among its own rows (for imbalanced classes).
         validation_size
             Fraction of each site's rows held out for validation and model selection.
         early_stopping, early_stopping_patience
@@ -335,6 +353,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             weight_decay=weight_decay,
             mu=mu if strategy == "fedprox" else 0.0,
             kl_warmup_rounds=kl_warmup_rounds,
+            balance_classes=balance_classes,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             seed=seed,
@@ -355,6 +374,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         kl_warmup_epochs: int | None = None,
+        balance_classes: bool = False,
         validation_size: float = 0.1,
         early_stopping: bool = False,
         early_stopping_patience: int = 10,
@@ -377,6 +397,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             lr=lr,
             weight_decay=weight_decay,
             kl_warmup_rounds=kl_warmup_epochs,
+            balance_classes=balance_classes,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             seed=seed,
@@ -397,7 +418,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         seed = scvi.settings.seed if seed is None else seed
         return FederationConfig(seed=0 if seed is None else int(seed), **kwargs)
 
-    def _run(self, sites: list[SiteData], config: FederationConfig, progress_bar: bool) -> pd.DataFrame:
+    def _run(
+        self, sites: list[SiteData], config: FederationConfig, progress_bar: bool
+    ) -> pd.DataFrame:
         torch.manual_seed(config.seed)
         server = run_local(
             self.module,
@@ -463,7 +486,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> adata.obs["scinfl_prediction"] = model.predict()  # doctest: +SKIP
         """
         if self.module.classifier is None:
-            raise ValueError("This model has no classifier: pass labels_key= to INFL.setup_anndata.")
+            raise ValueError(
+                "This model has no classifier: pass labels_key= to INFL.setup_anndata."
+            )
         self._require_key()
         adata = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
@@ -474,7 +499,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             qz = self.module.inference(**inference_inputs)["qz"]
             probs.append(torch.softmax(self.module.classification_logits(qz.loc), dim=-1).cpu())
         probs = torch.cat(probs).numpy()
-        categories = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        categories = self.adata_manager.get_state_registry(
+            REGISTRY_KEYS.LABELS_KEY
+        ).categorical_mapping
         obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
         if soft:
             return pd.DataFrame(probs, index=obs_names, columns=list(categories))

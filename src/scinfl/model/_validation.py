@@ -46,7 +46,9 @@ def validate_matrix(matrix, likelihood: str, where: str) -> None:
             n_neg += int((finite < 0).sum())
             n_frac += int((np.abs(finite - np.round(finite)) > 1e-6).sum())
     if n_inf:
-        raise ValueError(f"{where} holds {n_inf} infinite values; remove or clip them before setup.")
+        raise ValueError(
+            f"{where} holds {n_inf} infinite values; remove or clip them before setup."
+        )
     if likelihood in ("nb", "zinb"):
         if n_nan:
             raise ValueError(
@@ -104,7 +106,9 @@ def validate_obs_column(adata: AnnData, key: str | None, argument: str) -> None:
         )
 
 
-def apply_agreed_categories(adata: AnnData, key: str | None, categories: Sequence[str] | None) -> None:
+def apply_agreed_categories(
+    adata: AnnData, key: str | None, categories: Sequence[str] | None
+) -> None:
     """Cast ``adata.obs[key]`` to the categories agreed by all sites, refusing unknown values.
 
     Category codes must mean the same thing at every site; agreeing on the list up front (by

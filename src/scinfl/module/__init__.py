@@ -1,5 +1,12 @@
 """Torch modules: keyed INR layers, key encoders and the keyed VAE."""
 
+from ._feature_key import (
+    FeatureInputLinear,
+    FeatureKeyEncoder,
+    FeatureKeyMode,
+    FeatureOutputLinear,
+    FeatureVector,
+)
 from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
@@ -9,6 +16,11 @@ from ._vae import KeyedVAE
 __all__ = [
     "KEY_MODES",
     "CoordinateKeyEncoder",
+    "FeatureInputLinear",
+    "FeatureKeyEncoder",
+    "FeatureKeyMode",
+    "FeatureOutputLinear",
+    "FeatureVector",
     "KeyedVAE",
     "PooledKeyMode",
     "PooledKeyedLinear",

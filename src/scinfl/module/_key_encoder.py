@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,6 +45,8 @@ class CoordinateKeyEncoder(nn.Module):
         self.fc2 = nn.Linear(n_hidden, key_dim)
         self.norm = nn.LayerNorm(key_dim)
         self.register_buffer("coordinates", None, persistent=False)
+        self._cached: torch.Tensor | None = None
+        self._caching = False
 
     @property
     def has_key(self) -> bool:
@@ -62,8 +67,33 @@ class CoordinateKeyEncoder(nn.Module):
         """Per-point embeddings ``phi(c)``, shape ``(n, key_dim)``."""
         return self.norm(F.silu(self.fc2(F.silu(self.fc1(coordinates)))))
 
+    @contextmanager
+    def reuse(self) -> Iterator[None]:
+        """Compute the key vector once for every keyed layer of one forward pass.
+
+        Examples
+        --------
+        >>> enc = CoordinateKeyEncoder()
+        >>> enc.set_coordinates(torch.zeros(4, 2))
+        >>> with enc.reuse():
+        ...     assert enc() is enc()
+        """
+        self._caching, self._cached = True, None
+        try:
+            yield
+        finally:
+            self._caching, self._cached = False, None
+
     def forward(self) -> torch.Tensor:
         """Pooled key vector of shape ``(key_dim,)``."""
+        if self._cached is not None:
+            return self._cached
+        k = self._compute()
+        if self._caching:
+            self._cached = k
+        return k
+
+    def _compute(self) -> torch.Tensor:
         if self.coordinates is None:
             raise MissingKeyError(
                 "This model is keyed but no key is set. Pass `key=` when creating or loading the "

@@ -14,6 +14,7 @@ from torch import nn
 
 from scinfl.key import Key
 
+from ._feature_key import FeatureKeyMode
 from ._key_encoder import CoordinateKeyEncoder
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
@@ -67,10 +68,10 @@ class PooledKeyMode:
         )
 
 
-KEY_MODES: dict[str, type] = {PooledKeyMode.name: PooledKeyMode}
+KEY_MODES: dict[str, type] = {PooledKeyMode.name: PooledKeyMode, FeatureKeyMode.name: FeatureKeyMode}
 
 
-def get_key_mode(name: str, **kwargs) -> PooledKeyMode:
+def get_key_mode(name: str, **kwargs) -> PooledKeyMode | FeatureKeyMode:
     """Instantiate the key mode registered under ``name``.
 
     Examples

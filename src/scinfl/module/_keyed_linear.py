@@ -102,9 +102,9 @@ class PooledKeyedLinear(nn.Linear):
             h = h + self.bias
         e = self.film_norm(F.silu(self.film_embed(h)))
         k_b = k.expand_as(e)
-        gamma, beta = self.film_out(F.silu(self.film_in(torch.cat([e, k_b, e * k_b], dim=-1)))).chunk(
-            2, dim=-1
-        )
+        gamma, beta = self.film_out(
+            F.silu(self.film_in(torch.cat([e, k_b, e * k_b], dim=-1)))
+        ).chunk(2, dim=-1)
         return h * (1 + lam * torch.tanh(gamma)) + lam * torch.tanh(beta)
 
     def extra_repr(self) -> str:

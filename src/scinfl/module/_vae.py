@@ -21,8 +21,10 @@ Likelihood = Literal["nb", "zinb", "normal"]
 
 
 class KeyedVAE(VAE):
-    """scvi-tools' :class:`~scvi.module.VAE` with keyed encoder layers, a masked Gaussian
-    likelihood for continuous data with missing values, and an optional classifier head.
+    """scvi-tools' VAE with keyed encoder layers, a masked Gaussian likelihood, a classifier.
+
+    Subclasses :class:`~scvi.module.VAE`: the Gaussian likelihood (continuous data) masks
+    missing values out of the loss; the classifier head is optional.
 
     Federated-friendly defaults: LayerNorm instead of BatchNorm (BatchNorm running statistics
     are per-site data summaries and average badly across non-IID sites), observed library size
@@ -74,7 +76,9 @@ class KeyedVAE(VAE):
         **vae_kwargs,
     ) -> None:
         if gene_likelihood not in ("nb", "zinb", "normal"):
-            raise ValueError(f"gene_likelihood must be 'nb', 'zinb' or 'normal', got {gene_likelihood!r}.")
+            raise ValueError(
+                f"gene_likelihood must be 'nb', 'zinb' or 'normal', got {gene_likelihood!r}."
+            )
         vae_kwargs.setdefault("use_batch_norm", "none")
         vae_kwargs.setdefault("use_layer_norm", "both")
         vae_kwargs.setdefault("log_variational", gene_likelihood != "normal")
@@ -94,6 +98,9 @@ class KeyedVAE(VAE):
         self.classify = classify and n_labels > 0
         self.classification_ratio = classification_ratio
         self.classifier = None
+        # per-class weights of the classification loss, set by each site from its own label
+        # counts (no pooled statistic); never shared
+        self.register_buffer("class_weights", None, persistent=False)
         if self.classify:
             self.classifier = nn.Sequential(
                 nn.Linear(self.n_latent, 32),
@@ -136,10 +143,19 @@ class KeyedVAE(VAE):
             if path == "key_encoder":
                 names += [f"{path}.{n}" for n, _ in sub.named_parameters()]
             elif getattr(sub, "is_keyed_layer", False):
-                names += [f"{path}.{n}" for n, _ in sub.named_parameters() if n not in ("weight", "bias")]
+                names += [
+                    f"{path}.{n}" for n, _ in sub.named_parameters() if n not in ("weight", "bias")
+                ]
         return names
 
     # -- inference / generative / loss -------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """scvi-tools' forward pass, with the key vector computed once for all keyed layers."""
+        if self.key_encoder is None or not hasattr(self.key_encoder, "reuse"):
+            return super().forward(*args, **kwargs)
+        with self.key_encoder.reuse():
+            return super().forward(*args, **kwargs)
+
     def _get_inference_input(self, tensors, full_forward_pass: bool = False):
         inputs = super()._get_inference_input(tensors, full_forward_pass=full_forward_pass)
         if self.gene_likelihood == "normal" and MODULE_KEYS.X_KEY in inputs:
@@ -149,7 +165,17 @@ class KeyedVAE(VAE):
         return inputs
 
     @auto_move_data
-    def generative(self, z, library, batch_index, cont_covs=None, cat_covs=None, size_factor=None, y=None, transform_batch=None):
+    def generative(
+        self,
+        z,
+        library,
+        batch_index,
+        cont_covs=None,
+        cat_covs=None,
+        size_factor=None,
+        y=None,
+        transform_batch=None,
+    ):
         """Generative process; for ``normal`` a linear mean head and per-feature scale."""
         if self.gene_likelihood != "normal":
             return super().generative(
@@ -180,7 +206,9 @@ class KeyedVAE(VAE):
         """Class logits from the latent mean."""
         return self.classifier(qz_mean)
 
-    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
+    def loss(
+        self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0
+    ) -> LossOutput:
         """ELBO (with KL warm-up weight) plus, with a classifier, weighted cross-entropy."""
         x = tensors[REGISTRY_KEYS.X_KEY]
         qz = inference_outputs[MODULE_KEYS.QZ_KEY]
@@ -191,7 +219,7 @@ class KeyedVAE(VAE):
         if self.classifier is not None:
             y = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
             logits = self.classification_logits(qz.loc)
-            ce = F.cross_entropy(logits, y)
+            ce = F.cross_entropy(logits, y, weight=self.class_weights if self.training else None)
             loss = loss + self.classification_ratio * ce
             extra = {"classification_loss": ce, "logits": logits, "true_labels": y}
         return LossOutput(

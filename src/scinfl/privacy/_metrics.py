@@ -14,7 +14,11 @@ def _residualise(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Residuals of each row of ``a`` after least squares on ``[1, reference]``."""
     design = np.stack([np.ones_like(reference), reference], axis=1)
     coef, *_ = np.linalg.lstsq(design, a.T, rcond=None)
-    return a - (design @ coef).T
+    resid = a - (design @ coef).T
+    # a row that is an affine function of the reference has nothing left: make that exact
+    tiny = np.linalg.norm(resid, axis=1) <= 1e-9 * np.maximum(np.linalg.norm(a, axis=1), 1e-300)
+    resid[tiny] = 0.0
+    return resid
 
 
 def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

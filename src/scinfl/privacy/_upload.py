@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,13 +67,17 @@ def client_loss(
     >>> client_loss(vae, t).ndim
     0
     """
-    if stochastic:
-        _, _, out = module(dict(tensors), loss_kwargs={"kl_weight": kl_weight})
-    else:
-        inference_outputs = module.inference(**module._get_inference_input(tensors))
-        inference_outputs[MODULE_KEYS.Z_KEY] = inference_outputs[MODULE_KEYS.QZ_KEY].loc
-        generative_outputs = module.generative(**module._get_generative_input(tensors, inference_outputs))
-        out = module.loss(tensors, inference_outputs, generative_outputs, kl_weight=kl_weight)
+    key_encoder = getattr(module, "key_encoder", None)
+    reuse = key_encoder.reuse() if hasattr(key_encoder, "reuse") else contextlib.nullcontext()
+    with reuse:
+        if stochastic:
+            _, _, out = module(dict(tensors), loss_kwargs={"kl_weight": kl_weight})
+        else:
+            inference_outputs = module.inference(**module._get_inference_input(tensors))
+            inference_outputs[MODULE_KEYS.Z_KEY] = inference_outputs[MODULE_KEYS.QZ_KEY].loc
+            generative_inputs = module._get_generative_input(tensors, inference_outputs)
+            generative_outputs = module.generative(**generative_inputs)
+            out = module.loss(tensors, inference_outputs, generative_outputs, kl_weight=kl_weight)
     loss = out.loss
     if soft_labels is not None and getattr(out, "logits", None) is not None:
         ratio = module.classification_ratio

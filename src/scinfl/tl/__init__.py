@@ -2,5 +2,6 @@
 
 from ._cluster import cluster
 from ._embed import embed
+from ._predict import predict
 
-__all__ = ["cluster", "embed"]
+__all__ = ["cluster", "embed", "predict"]

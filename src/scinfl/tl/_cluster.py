@@ -50,8 +50,16 @@ def cluster(
     9
     """
     if use_rep not in adata.obsm:
-        raise ValueError(f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first.")
-    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=UNS_KEY, random_state=random_state)
+        raise ValueError(
+            f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
+        )
+    sc.pp.neighbors(
+        adata,
+        use_rep=use_rep,
+        n_neighbors=n_neighbors,
+        key_added=UNS_KEY,
+        random_state=random_state,
+    )
     sc.tl.leiden(
         adata,
         resolution=resolution,

@@ -10,9 +10,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from .._client import client_evaluate, client_update
-from .._parameters import get_shared_parameters
-from .._site_data import SiteData
+from scinfl.federated._client import client_evaluate, client_update
+from scinfl.federated._parameters import get_shared_parameters
+from scinfl.federated._site_data import SiteData
+
 from ._records import (
     CONFIG,
     IDENTITY,
@@ -134,7 +135,9 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
-        metrics = client_evaluate(runtime.module, runtime.site, record_to_parameters(msg.content[PARAMETERS]))
+        metrics = client_evaluate(
+            runtime.module, runtime.site, record_to_parameters(msg.content[PARAMETERS])
+        )
         content = RecordDict(
             {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
         )

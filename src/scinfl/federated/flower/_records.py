@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .._client import ClientConfig, ClientUpdate
-from .._parameters import Parameters
+from scinfl.federated._client import ClientConfig, ClientUpdate
+from scinfl.federated._parameters import Parameters
 
 PARAMETERS = "parameters"
 CONFIG = "config"
@@ -34,10 +34,14 @@ def parameters_to_record(parameters: Mapping[str, np.ndarray]) -> ArrayRecord:
     >>> record_to_parameters(record)["w"]
     array([0., 1., 2.], dtype=float32)
     """
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in parameters.items()})
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(value)) for name, value in parameters.items()}
+    )
 
 
-def record_to_parameters(record: ArrayRecord, order: Mapping[str, object] | None = None) -> Parameters:
+def record_to_parameters(
+    record: ArrayRecord, order: Mapping[str, object] | None = None
+) -> Parameters:
     """Decode an :class:`~flwr.app.ArrayRecord` into numpy parameters.
 
     Parameters
@@ -71,7 +75,10 @@ def config_to_record(config: ClientConfig) -> ConfigRecord:
     >>> config_to_record(ClientConfig(round=3))["round"]
     3
     """
-    return ConfigRecord(dataclasses.asdict(config))
+    values = dataclasses.asdict(config)
+    return ConfigRecord(
+        {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+    )
 
 
 def record_to_config(record: ConfigRecord) -> ClientConfig:
@@ -84,7 +91,9 @@ def record_to_config(record: ConfigRecord) -> ClientConfig:
     """
     unknown = sorted(set(record) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"Unknown round instructions {unknown}: the server runs another scinfl version.")
+        raise ValueError(
+            f"Unknown round instructions {unknown}: the server runs another scinfl version."
+        )
     return ClientConfig(**dict(record.items()))
 
 
@@ -95,7 +104,7 @@ def identity_record(
     key_version: int | None,
     **extra: int | float | str | bool,
 ) -> ConfigRecord:
-    """The public identity a site attaches to every reply: name, ``n_k``, key fingerprint and version.
+    """Build the public identity a site attaches to every reply (name, ``n_k``, key identity).
 
     Examples
     --------
@@ -136,12 +145,16 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
         {
             PARAMETERS: parameters_to_record(update.parameters),
             METRICS: metrics_record(update.metrics),
-            IDENTITY: identity_record(update.site, update.n, update.key_fingerprint, update.key_version),
+            IDENTITY: identity_record(
+                update.site, update.n, update.key_fingerprint, update.key_version
+            ),
         }
     )
 
 
-def content_to_update(content: RecordDict, order: Mapping[str, object] | None = None) -> ClientUpdate:
+def content_to_update(
+    content: RecordDict, order: Mapping[str, object] | None = None
+) -> ClientUpdate:
     """Decode a reply's content into a :class:`~scinfl.federated.ClientUpdate`.
 
     A reply without parameters (an evaluation) gives an update with empty parameters.
@@ -167,7 +180,7 @@ def content_to_update(content: RecordDict, order: Mapping[str, object] | None = 
 
 
 def reply_error(message: Message) -> str | None:
-    """The error text of a reply, or ``None`` when it carries content.
+    """Return the error text of a reply, or ``None`` when it carries content.
 
     Examples
     --------

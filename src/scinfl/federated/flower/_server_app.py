@@ -9,18 +9,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
-from .._aggregate import accept_updates
-from .._client import ClientUpdate
-from .._server import FederatedServer
+from scinfl.federated._aggregate import accept_updates
+from scinfl.federated._client import ClientUpdate
+from scinfl.federated._server import FederatedServer
+
 from ._client_app import WANT_PARAMETERS
-from ._records import CONFIG, PARAMETERS, config_to_record, content_to_update, parameters_to_record, record_to_parameters, reply_error
+from ._records import (
+    CONFIG,
+    PARAMETERS,
+    config_to_record,
+    content_to_update,
+    parameters_to_record,
+    record_to_parameters,
+    reply_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ class SiteDirectory:
     nodes: dict[str, int]
     n_train: dict[str, int]
     n_val: dict[str, int]
+    keys: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -89,14 +99,19 @@ def discover_sites(
             )
         time.sleep(poll)
     messages = [
-        Message(RecordDict(), node_id, MessageType.QUERY, group_id="discovery") for node_id in node_ids
+        Message(RecordDict(), node_id, MessageType.QUERY, group_id="discovery")
+        for node_id in node_ids
     ]
     remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
     directory = SiteDirectory({}, {}, {})
+    errors = []
     for reply in grid.send_and_receive(messages, timeout=remaining):
         error = reply_error(reply)
         if error is not None:
-            logger.warning("Node %d did not answer the site query: %s", reply.metadata.src_node_id, error)
+            logger.warning(
+                "Node %d did not answer the site query: %s", reply.metadata.src_node_id, error
+            )
+            errors.append(f"node {reply.metadata.src_node_id}: {error}")
             continue
         identity = reply.content["identity"]
         site = str(identity["site"])
@@ -107,14 +122,26 @@ def discover_sites(
         directory.nodes[site] = reply.metadata.src_node_id
         directory.n_train[site] = int(identity["n-train"])
         directory.n_val[site] = int(identity["n-val"])
+        directory.keys[site] = (identity.get("key-fingerprint"), identity.get("key-version"))
     if names is not None and directory.sites != names:
         raise RuntimeError(f"Expected sites {names}, but the nodes reported {directory.sites}.")
     if len(directory.nodes) < n_expected:
-        raise RuntimeError(f"Only {len(directory.nodes)} of {n_expected} sites answered: {directory.sites}.")
+        raise RuntimeError(
+            f"Only {len(directory.nodes)} of {n_expected} sites answered: {directory.sites}. "
+            + "; ".join(errors)
+        )
     return directory
 
 
-def _request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | None) -> dict:
+def request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | None = None) -> dict:
+    """Ask the first site (by name) for its shared parameters, to start the federation from.
+
+    The parameters of a freshly built module: random initial weights, no data, no key.
+
+    Examples
+    --------
+    >>> parameters = request_parameters(grid, discover_sites(grid, 3))  # doctest: +SKIP
+    """
     site = directory.sites[0]
     message = Message(
         RecordDict({CONFIG: ConfigRecord({WANT_PARAMETERS: True})}),
@@ -130,20 +157,30 @@ def _request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | N
     return record_to_parameters(replies[0].content[PARAMETERS])
 
 
-def _collect(replies, directory: SiteDirectory, server: FederatedServer, what: str) -> list[ClientUpdate]:
+def _collect(
+    replies, directory: SiteDirectory, server: FederatedServer, what: str, round_: int
+) -> list[ClientUpdate]:
     """Decode replies; drop errors and replies whose claimed site is not the addressed node's."""
-    updates = []
+    updates, errors = [], []
     for reply in replies:
         node_id = reply.metadata.src_node_id
         error = reply_error(reply)
         if error is not None:
-            logger.warning("A site failed its %s step (node %d): %s", what, node_id, error)
+            site = next((s for s, n in directory.nodes.items() if n == node_id), f"node {node_id}")
+            logger.warning("Round %d: site %r failed its %s step: %s", round_, site, what, error)
+            errors.append(f"{site}: {error}")
             continue
         update = content_to_update(reply.content, order=server.parameters)
         if directory.nodes.get(update.site) != node_id:
-            logger.warning("Dropped a %s reply of node %d claiming site %r.", what, node_id, update.site)
+            logger.warning(
+                "Dropped a %s reply of node %d claiming site %r.", what, node_id, update.site
+            )
             continue
         updates.append(update)
+    if errors and not updates:
+        raise RuntimeError(
+            f"Round {round_}: every site failed its {what} step: {'; '.join(errors)}"
+        )
     return sorted(updates, key=lambda u: u.site)
 
 
@@ -154,7 +191,7 @@ def run_rounds(
     round_timeout: float | None = None,
     progress_bar: bool = True,
 ) -> FederatedServer:
-    """The federated rounds of :func:`~scinfl.federated.run_local`, with sites behind a Grid.
+    """Run the rounds of :func:`~scinfl.federated.run_local` with the sites behind a Grid.
 
     Each round: :meth:`~scinfl.federated.FederatedServer.sample_sites`, a ``train`` message to
     each sampled site, :meth:`~scinfl.federated.FederatedServer.aggregate` of the replies
@@ -185,27 +222,61 @@ def run_rounds(
     >>> server = run_rounds(grid, server, discover_sites(grid, 3))  # doctest: +SKIP
     """
     config = server.config
-    rounds = tqdm(range(config.max_rounds), desc="federated rounds (flower)", disable=not progress_bar)
+    for site, (fingerprint, version) in sorted(directory.keys.items()):
+        if (server.key_fingerprint is not None and fingerprint != server.key_fingerprint) or (
+            server.key_version is not None and version != server.key_version
+        ):
+            logger.warning(
+                "Site %r holds key %s (version %s), not the federation's key %s (version %s): "
+                "its updates will be rejected.",
+                site,
+                fingerprint,
+                version,
+                server.key_fingerprint,
+                server.key_version,
+            )
+    rounds = tqdm(
+        range(config.max_rounds), desc="federated rounds (flower)", disable=not progress_bar
+    )
     for round_ in rounds:
         selected = server.sample_sites(directory.sites, round_)
         config_record = config_to_record(config.client_config(round_))
         messages = [
             Message(
-                RecordDict({PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_record}),
+                RecordDict(
+                    {PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_record}
+                ),
                 directory.nodes[site],
                 MessageType.TRAIN,
                 group_id=str(round_),
             )
             for site in selected
         ]
-        updates = _collect(grid.send_and_receive(messages, timeout=round_timeout), directory, server, "train")
+        updates = _collect(
+            grid.send_and_receive(messages, timeout=round_timeout),
+            directory,
+            server,
+            "train",
+            round_,
+        )
         server.aggregate(round_, updates)
         record = parameters_to_record(server.parameters)
         messages = [
-            Message(RecordDict({PARAMETERS: record}), directory.nodes[site], MessageType.EVALUATE, group_id=str(round_))
+            Message(
+                RecordDict({PARAMETERS: record}),
+                directory.nodes[site],
+                MessageType.EVALUATE,
+                group_id=str(round_),
+            )
             for site in directory.sites
         ]
-        evaluations = _collect(grid.send_and_receive(messages, timeout=round_timeout), directory, server, "evaluate")
+        evaluations = _collect(
+            grid.send_and_receive(messages, timeout=round_timeout),
+            directory,
+            server,
+            "evaluate",
+            round_,
+        )
         accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
         stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
         val = [u.metrics["val_loss"] for u in accepted if u.metrics.get("n_val", 0) > 0]
@@ -262,9 +333,11 @@ def make_server_app(
         server = server_factory(context)
         expected = expected_sites(context) if callable(expected_sites) else expected_sites
         directory = discover_sites(grid, expected, timeout=discovery_timeout)
-        logger.info("Sites: %s", ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites))
+        logger.info(
+            "Sites: %s", ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites)
+        )
         if not server.parameters:
-            server.parameters = _request_parameters(grid, directory, round_timeout)
+            server.parameters = request_parameters(grid, directory, round_timeout)
         run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar)
         if on_finish is not None:
             on_finish(server, context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Mapping, Sequence
@@ -13,11 +14,11 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 from torch import nn
 
+from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from scinfl.federated._server import FederatedServer, FederationConfig
+from scinfl.federated._site_data import SiteData
 from scinfl.key import Key
 
-from .._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from .._server import FederatedServer, FederationConfig
-from .._site_data import SiteData
 from ._client_app import SiteRuntime, make_client_app
 from ._server_app import make_server_app
 
@@ -73,14 +74,38 @@ class SimulationSites:
                 raise ValueError(f"No key given for sites {missing}.")
 
     def __call__(self, context: Context) -> SiteRuntime:
-        """The runtime of the node of ``context`` (by its ``partition-id``)."""
+        """Return the runtime of the node of ``context`` (by its ``partition-id``)."""
         torch.set_num_threads(self.num_threads)
         site = self.sites[int(context.node_config["partition-id"])]
+        for name in ("train_idx", "val_idx"):  # arrays arrive read-only from Ray's object store
+            index = getattr(site, name)
+            if not index.flags.writeable:
+                setattr(site, name, index.copy())
         if self.keys is None:
             return SiteRuntime(self.module, site, self.key_fingerprint, self.key_version)
         key = self.keys[site.name]
-        self.module.set_key(key)
+        set_key = getattr(self.module, "set_key", None)
+        if set_key is not None:
+            set_key(key)
         return SiteRuntime(self.module, site, key.fingerprint, key.version)
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    # flwr 1.41 deprecates the Python entry point in favour of `flwr run` on a project
+    # directory; in-process objects (module, sites, keys) can only go through the former
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_deprecation():
+    flwr_logger = logging.getLogger("flwr")
+    log_filter = _DropRunSimulationDeprecation()
+    flwr_logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(log_filter)
 
 
 def _default_backend_config() -> dict[str, Any]:
@@ -184,13 +209,16 @@ def run_flower_simulation(
         discovery_timeout=None,
     )
     client_app = make_client_app(table)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=len(table.sites),
-        backend_config=dict(backend_config) if backend_config is not None else _default_backend_config(),
-        verbose_logging=verbose_logging,
-    )
+    if backend_config is None:
+        backend_config = _default_backend_config()
+    with _quiet_deprecation():
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(table.sites),
+            backend_config=dict(backend_config),
+            verbose_logging=verbose_logging,
+        )
     if server.best_parameters is None:
         raise RuntimeError("The Flower simulation ended before its first round; see the log above.")
     set_shared_parameters(module, server.best_parameters)

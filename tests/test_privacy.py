@@ -1,0 +1,213 @@
+import numpy as np
+import pytest
+import torch
+
+from scinfl import Key
+from scinfl.federated import ClientConfig, SiteData, client_update, get_shared_parameters, site_seed
+from scinfl.module import FeatureKeyMode, KeyedVAE
+from scinfl.privacy import (
+    analytic_attack,
+    analytic_inversion,
+    attacker_module,
+    candidate_set,
+    dlg,
+    gradient_from_update,
+    infer_label,
+    label_recovery,
+    make_tensors,
+    partial_correlation,
+    reidentification_rate,
+    reidentify,
+    shared_parameter_names,
+    top_k_overlap,
+    upload_gradient,
+)
+
+N_GENES = 60
+
+
+@pytest.fixture(scope="module")
+def cells():
+    """Counts with a shared mean profile and cell-specific programmes, plus a public reference."""
+    rng = np.random.default_rng(0)
+    base = rng.gamma(1.0, 2.0, N_GENES)
+    programmes = rng.gamma(1.0, 1.0, (4, N_GENES))
+    types = rng.integers(0, 4, 300)
+    x = rng.poisson(base * programmes[types] * rng.lognormal(0, 0.3, (300, 1))).astype(np.float32)
+    x[:, 0] += 1  # no empty cell
+    logx = np.log1p(x)
+    return x, logx, logx[150:].mean(0), types
+
+
+def _vae(mode, key=None, **kwargs):
+    torch.manual_seed(0)
+    vae = KeyedVAE(n_input=N_GENES, key_mode=mode, **kwargs)
+    if mode is not None:
+        if mode == "feature":
+            vae._key_mode.install_model(vae)
+        vae.set_key(key or Key.generate())
+        # away from the identity modulation of a freshly keyed layer
+        with torch.no_grad():
+            for name, p in vae.named_parameters():
+                if "scale_out" in name or "film_out" in name:
+                    p.normal_(0, 0.3)
+    return vae
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def test_partial_correlation_is_scale_free_and_removes_the_reference():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=200)
+    x = ref + rng.normal(size=200)
+    assert partial_correlation(-2 * x + 5, x, ref) == pytest.approx(-1.0)
+    # a reconstruction that is only the public profile scores ~0 given the profile, ~high raw
+    only_ref = 3 * ref + 1
+    assert abs(partial_correlation(only_ref, x, ref)) < 1e-8
+    assert partial_correlation(only_ref, x) > 0.5
+    rows = partial_correlation(np.stack([x, ref]), np.stack([x, x]), ref)
+    assert rows.shape == (2,) and rows[0] == pytest.approx(1.0)
+
+
+def test_reidentification_and_candidates():
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(300, 40))
+    rows = candidate_set(300, victim=5, n_candidates=100, seed=0)
+    assert rows[0] == 5 and len(np.unique(rows)) == 100
+    assert reidentify(data[rows[0]] * 3, data[rows]) == 0
+    assert reidentification_rate(data[:10] + 0.01 * rng.normal(size=(10, 40)), range(10), data) == 1.0
+    noise = rng.normal(size=(50, 40))
+    assert reidentification_rate(noise, range(50), data) < 0.2
+    with pytest.raises(ValueError):
+        candidate_set(50, 0, n_candidates=100)
+
+
+def test_top_k_overlap_and_label_recovery():
+    x = np.arange(100.0)
+    assert top_k_overlap(x, x, k=10) == 1.0
+    assert top_k_overlap(-x, x, k=10) == 0.0
+    assert label_recovery([0, 1, 2, 2], [0, 1, 2, 0]) == 0.75
+
+
+# -- upload and analytic inversion ---------------------------------------------------------------------
+def test_analytic_inversion_of_a_linear_layer_is_exact():
+    layer = torch.nn.Linear(5, 3)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.0]])
+    layer(x).tanh().sum().backward()
+    grads = {"l.weight": layer.weight.grad, "l.bias": layer.bias.grad}
+    np.testing.assert_allclose(analytic_inversion(grads, "l"), x[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [None, "pooled"])
+def test_analytic_attack_recovers_the_input_without_the_key(mode, cells):
+    x, logx, ref, _ = cells
+    vae = _vae(mode)
+    recs = []
+    for i in range(3):
+        grads = upload_gradient(vae, make_tensors(x[i]), stochastic=True, seed=i)
+        recs.append(analytic_attack(attacker_module(vae, "none"), grads))
+        assert partial_correlation(recs[-1], logx[i], ref) > 0.99
+    assert reidentification_rate(np.stack(recs), range(3), logx, ref) == 1.0
+
+
+def test_analytic_attack_fails_against_feature_mode(cells):
+    x, logx, ref, _ = cells
+    key = Key.generate()
+    vae = _vae("feature", key=key)
+    scores = {"none": [], "wrong": [], "correct": []}
+    for i in range(8):
+        grads = upload_gradient(vae, make_tensors(x[i]), stochastic=True, seed=i)
+        for guess in scores:
+            att = attacker_module(vae, key if guess == "correct" else guess, seed=i)
+            scores[guess].append(partial_correlation(analytic_attack(att, grads), logx[i], ref))
+    assert abs(np.mean(scores["none"])) < 0.1
+    assert abs(np.mean(scores["wrong"])) < 0.1
+    # with the key the server would see a (lossy) projection of the input
+    assert np.mean(scores["correct"]) > np.mean(scores["wrong"]) + 0.2
+
+
+def test_feature_mode_shares_nothing_per_feature(key):
+    vae = _vae("feature", key=key)
+    state = vae.state_dict()
+    assert not [n for n, t in state.items() if N_GENES in t.shape]
+    assert not [n for n in state if "coordinates" in n]
+    # the per-feature parameters still exist, computed from the key
+    assert vae.px_r.shape == (N_GENES,)
+
+
+def test_feature_mode_output_depends_on_key(cells):
+    x, *_ = cells
+    vae = _vae("feature")
+    vae.eval()
+    t = make_tensors(x[:4])
+    qz1 = vae.inference(**vae._get_inference_input(t))["qz"].loc
+    vae.set_key(Key.generate())
+    qz2 = vae.inference(**vae._get_inference_input(t))["qz"].loc
+    assert not torch.allclose(qz1, qz2)
+
+
+def test_feature_mode_install_model_is_idempotent(key):
+    vae = _vae("feature", key=key)
+    names = sorted(vae.state_dict())
+    vae._key_mode.install_model(vae)
+    assert sorted(vae.state_dict()) == names
+
+
+def test_gradient_recovered_from_a_one_step_adam_update(cells):
+    """The server sees parameters, not gradients: one local Adam step is inverted exactly."""
+    x, logx, ref, _ = cells
+    vae = _vae(None)
+    site = SiteData.from_arrays("victim", x[:1])
+    config = ClientConfig(round=0, batch_size=8)
+    global_parameters = get_shared_parameters(vae)
+    update = client_update(vae, site, global_parameters, config)
+    grads = gradient_from_update(
+        global_parameters, update.parameters, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
+    )
+    rec = analytic_attack(attacker_module(vae), grads)
+    assert partial_correlation(rec, logx[0], ref) > 0.99
+    # and it is the gradient of the client's loss
+    from scinfl.federated import set_shared_parameters
+
+    set_shared_parameters(vae, global_parameters)
+    direct = upload_gradient(vae, make_tensors(x[:1]), stochastic=True, seed=site_seed(0, 0, "victim"))
+    name = "z_encoder.encoder.fc_layers.Layer 0.0.bias"
+    np.testing.assert_allclose(grads[name].numpy(), direct[name].numpy(), rtol=1e-2, atol=1e-5)
+
+
+def test_upload_gradient_covers_shared_parameters(key):
+    vae = _vae("pooled", key=key)
+    grads = upload_gradient(vae, make_tensors(np.ones(N_GENES)))
+    assert set(grads) == set(shared_parameter_names(vae))
+    assert not [n for n in grads if "coordinates" in n]
+
+
+def test_attacker_module_key_guesses(key):
+    vae = _vae("pooled", key=key)
+    none = attacker_module(vae, "none")
+    assert float(none.key_encoder.coordinates.abs().sum()) == 0
+    wrong = attacker_module(vae, "wrong", seed=1)
+    assert not torch.equal(wrong.key_encoder.coordinates, vae.key_encoder.coordinates)
+    right = attacker_module(vae, key)
+    assert torch.equal(right.key_encoder.coordinates, vae.key_encoder.coordinates)
+    assert vae.key_encoder.coordinates is not None  # the original is untouched
+    with pytest.raises(ValueError):
+        attacker_module(vae, "guess")
+
+
+def test_idlg_label_inference(cells):
+    x, _, _, types = cells
+    vae = _vae(None, n_labels=4, classify=True)
+    found = [
+        infer_label(upload_gradient(vae, make_tensors(x[i], labels=[types[i]])), "classifier.3") for i in range(6)
+    ]
+    assert label_recovery(found, types[:6]) == 1.0
+
+
+def test_dlg_runs_and_improves_on_plain_model(cells):
+    x, logx, ref, _ = cells
+    vae = _vae(None)
+    grads = upload_gradient(vae, make_tensors(x[0]))
+    rec = dlg(vae, grads, n_iter=150, lr=0.1)
+    assert rec.x.shape == (1, N_GENES)
+    assert rec.history[0] > rec.loss
+    assert partial_correlation(rec.x[0], logx[0], ref) > 0.5
