@@ -99,7 +99,7 @@ class Key:
 
     @property
     def fingerprint(self) -> str:
-        """Public identifier of the key: 64 bits of HMAC-SHA256 of a fixed label under the seed.
+        """Public identifier of the key (64 bits of HMAC-SHA256 of a fixed label under the seed).
 
         It identifies the key without revealing anything about it.
         """

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+#: Shared parameters by name, as numpy arrays: what a site uploads and the server averages.
 Parameters = dict[str, np.ndarray]
 
 # names that would betray key material; the key lives in non-persistent buffers, so none of

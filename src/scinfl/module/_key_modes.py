@@ -68,6 +68,7 @@ class PooledKeyMode:
         )
 
 
+#: Registered key modes by name; ``key_mode=`` of the model picks one.
 KEY_MODES: dict[str, type] = {PooledKeyMode.name: PooledKeyMode, FeatureKeyMode.name: FeatureKeyMode}
 
 
