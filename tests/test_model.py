@@ -226,3 +226,17 @@ def test_balance_classes_uses_local_label_counts(counts_adata, key):
     scinfl.tl.predict(counts_adata, model)
     assert counts_adata.obsm["scinfl_proba"].shape == (counts_adata.n_obs, 3)
     assert set(counts_adata.obs["scinfl_prediction"].cat.categories) == {"type0", "type1", "type2"}
+
+
+@pytest.mark.slow
+def test_flower_engine_gives_the_local_weights(counts_adata, key):
+    pytest.importorskip("flwr")
+    results = []
+    for engine in ("local", "flower"):
+        scvi.settings.seed = 0
+        model = _model(counts_adata.copy(), key)
+        model.train_federated(max_rounds=2, batch_size=32, progress_bar=False, engine=engine)
+        results.append(get_shared_parameters(model.module))
+    for name, value in results[0].items():
+        # same client code, same order of aggregation: only float32 kernel order could differ
+        np.testing.assert_allclose(results[1][name], value, atol=1e-5, err_msg=name)

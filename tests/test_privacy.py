@@ -4,7 +4,7 @@ import torch
 
 from scinfl import Key
 from scinfl.federated import ClientConfig, SiteData, client_update, get_shared_parameters, site_seed
-from scinfl.module import FeatureKeyMode, KeyedVAE
+from scinfl.module import KeyedVAE
 from scinfl.privacy import (
     analytic_attack,
     analytic_inversion,
@@ -74,7 +74,9 @@ def test_reidentification_and_candidates():
     rows = candidate_set(300, victim=5, n_candidates=100, seed=0)
     assert rows[0] == 5 and len(np.unique(rows)) == 100
     assert reidentify(data[rows[0]] * 3, data[rows]) == 0
-    assert reidentification_rate(data[:10] + 0.01 * rng.normal(size=(10, 40)), range(10), data) == 1.0
+    assert (
+        reidentification_rate(data[:10] + 0.01 * rng.normal(size=(10, 40)), range(10), data) == 1.0
+    )
     noise = rng.normal(size=(50, 40))
     assert reidentification_rate(noise, range(50), data) < 0.2
     with pytest.raises(ValueError):
@@ -161,7 +163,11 @@ def test_gradient_recovered_from_a_one_step_adam_update(cells):
     global_parameters = get_shared_parameters(vae)
     update = client_update(vae, site, global_parameters, config)
     grads = gradient_from_update(
-        global_parameters, update.parameters, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
+        global_parameters,
+        update.parameters,
+        lr=config.lr,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
     )
     rec = analytic_attack(attacker_module(vae), grads)
     assert partial_correlation(rec, logx[0], ref) > 0.99
@@ -169,7 +175,9 @@ def test_gradient_recovered_from_a_one_step_adam_update(cells):
     from scinfl.federated import set_shared_parameters
 
     set_shared_parameters(vae, global_parameters)
-    direct = upload_gradient(vae, make_tensors(x[:1]), stochastic=True, seed=site_seed(0, 0, "victim"))
+    direct = upload_gradient(
+        vae, make_tensors(x[:1]), stochastic=True, seed=site_seed(0, 0, "victim")
+    )
     name = "z_encoder.encoder.fc_layers.Layer 0.0.bias"
     np.testing.assert_allclose(grads[name].numpy(), direct[name].numpy(), rtol=1e-2, atol=1e-5)
 
@@ -198,7 +206,8 @@ def test_idlg_label_inference(cells):
     x, _, _, types = cells
     vae = _vae(None, n_labels=4, classify=True)
     found = [
-        infer_label(upload_gradient(vae, make_tensors(x[i], labels=[types[i]])), "classifier.3") for i in range(6)
+        infer_label(upload_gradient(vae, make_tensors(x[i], labels=[types[i]])), "classifier.3")
+        for i in range(6)
     ]
     assert label_recovery(found, types[:6]) == 1.0
 

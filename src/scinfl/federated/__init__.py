@@ -2,6 +2,12 @@
 
 from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update, site_seed
+from ._features import (
+    agree_features,
+    agree_features_from_reports,
+    observed_features,
+    site_feature_report,
+)
 from ._local_engine import run_local
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._partition import partition
@@ -16,12 +22,16 @@ __all__ = [
     "Parameters",
     "SiteData",
     "accept_updates",
+    "agree_features",
+    "agree_features_from_reports",
     "client_evaluate",
     "client_update",
     "fedavg",
     "get_shared_parameters",
+    "observed_features",
     "partition",
     "run_local",
     "set_shared_parameters",
+    "site_feature_report",
     "site_seed",
 ]

@@ -271,7 +271,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         max_rounds: int = 50,
         local_epochs: int = 1,
         fraction: float = 1.0,
-        engine: Literal["local"] = "local",
+        engine: Literal["local", "flower"] = "local",
         strategy: Literal["fedavg", "fedprox"] = "fedavg",
         mu: float = 0.01,
         batch_size: int = 128,
@@ -303,7 +303,9 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         fraction
             Fraction of sites sampled each round.
         engine
-            ``"local"``: all sites in this process, in turn.
+            ``"local"``: all sites in this process, in turn. ``"flower"``: the same federation
+            through Flower's simulation engine (one virtual node per site; needs the
+            ``flower`` extra); it gives the same global weights as ``"local"``.
         strategy
             ``"fedavg"`` or ``"fedprox"``.
         mu
@@ -335,8 +337,8 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> history = model.train_federated(max_rounds=30, local_epochs=1)  # doctest: +SKIP
         """
-        if engine != "local":
-            raise ValueError(f"Unknown engine {engine!r}; available: 'local'.")
+        if engine not in ("local", "flower"):
+            raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
         if strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {strategy!r}.")
         if self.adata_manager.registry["setup_args"].get("site_key") is None:
@@ -365,7 +367,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             batch_size=batch_size,
             min_cells=min_cells_per_site,
         )
-        return self._run(sites, config, progress_bar)
+        return self._run(sites, config, progress_bar, engine=engine)
 
     def train_centralized(
         self,
@@ -419,10 +421,18 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return FederationConfig(seed=0 if seed is None else int(seed), **kwargs)
 
     def _run(
-        self, sites: list[SiteData], config: FederationConfig, progress_bar: bool
+        self, sites: list[SiteData], config: FederationConfig, progress_bar: bool, engine: str = "local"
     ) -> pd.DataFrame:
         torch.manual_seed(config.seed)
-        server = run_local(
+        runner = run_local
+        if engine == "flower":
+            try:
+                from scinfl.federated.flower import run_flower_simulation as runner
+            except ImportError as err:
+                raise ImportError(
+                    "engine='flower' needs Flower: install the extra with `pip install 'scinfl[flower]'`."
+                ) from err
+        server = runner(
             self.module,
             sites,
             config,

@@ -1,11 +1,16 @@
 """Torch modules: keyed INR layers, key encoders and the keyed VAE."""
 
 from ._feature_key import (
+    BasisInputLinear,
+    BasisOutputLinear,
+    BasisVector,
     FeatureInputLinear,
     FeatureKeyEncoder,
     FeatureKeyMode,
     FeatureOutputLinear,
     FeatureVector,
+    InrFeatureKeyMode,
+    SecretBasis,
 )
 from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, PooledKeyMode, get_key_mode
@@ -15,15 +20,20 @@ from ._vae import KeyedVAE
 
 __all__ = [
     "KEY_MODES",
+    "BasisInputLinear",
+    "BasisOutputLinear",
+    "BasisVector",
     "CoordinateKeyEncoder",
     "FeatureInputLinear",
     "FeatureKeyEncoder",
     "FeatureKeyMode",
     "FeatureOutputLinear",
     "FeatureVector",
+    "InrFeatureKeyMode",
     "KeyedVAE",
     "PooledKeyMode",
     "PooledKeyedLinear",
+    "SecretBasis",
     "get_key_mode",
     "keyify",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from scinfl.key import Key
 
-from ._feature_key import FeatureKeyMode
+from ._feature_key import FeatureKeyMode, InrFeatureKeyMode
 from ._key_encoder import CoordinateKeyEncoder
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
@@ -69,10 +69,14 @@ class PooledKeyMode:
 
 
 #: Registered key modes by name; ``key_mode=`` of the model picks one.
-KEY_MODES: dict[str, type] = {PooledKeyMode.name: PooledKeyMode, FeatureKeyMode.name: FeatureKeyMode}
+KEY_MODES: dict[str, type] = {
+    PooledKeyMode.name: PooledKeyMode,
+    FeatureKeyMode.name: FeatureKeyMode,
+    InrFeatureKeyMode.name: InrFeatureKeyMode,
+}
 
 
-def get_key_mode(name: str, **kwargs) -> PooledKeyMode | FeatureKeyMode:
+def get_key_mode(name: str, **kwargs) -> PooledKeyMode | FeatureKeyMode | InrFeatureKeyMode:
     """Instantiate the key mode registered under ``name``.
 
     Examples

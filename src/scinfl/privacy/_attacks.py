@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 KeyGuess = Literal["none", "wrong"] | Key
 
 
-def attacker_module(module: nn.Module, key: KeyGuess = "none", seed: int | None = None) -> nn.Module:
+def attacker_module(
+    module: nn.Module, key: KeyGuess = "none", seed: int | None = None
+) -> nn.Module:
     """The adversary's copy of a model: same architecture and shared parameters, its own key guess.
 
     The server knows the architecture, every shared parameter and the key *generator*, not the
@@ -98,8 +100,14 @@ def output_layer(module: nn.Module, prefix: str) -> tuple[str, nn.Linear]:
     >>> output_layer(KeyedVAE(n_input=10, n_labels=3, classify=True, key_mode=None), "classifier")[0]
     'classifier.3'
     """
-    found = [(n, m) for n, m in module.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)]
-    found = [(n, m) for n, m in found if not any(o != n and o.startswith(n + ".") for o, _ in found)]
+    found = [
+        (n, m)
+        for n, m in module.named_modules()
+        if n.startswith(prefix) and isinstance(m, nn.Linear)
+    ]
+    found = [
+        (n, m) for n, m in found if not any(o != n and o.startswith(n + ".") for o, _ in found)
+    ]
     if not found:
         raise ValueError(f"No linear layer under {prefix!r}.")
     return found[-1]
@@ -190,7 +198,7 @@ def analytic_attack(attacker: nn.Module, gradients: Gradients) -> np.ndarray:
 
 
 def infer_label(gradients: Gradients, layer_name: str = "classifier.3") -> int:
-    """iDLG label inference: the class whose output bias has the most negative gradient.
+    """Label inference of iDLG: the class whose output bias has the most negative gradient.
 
     With softmax cross-entropy, ``dL/db_c = p_c - [c = y]`` is negative only for the true class
     of a one-sample upload.
@@ -301,7 +309,9 @@ def dlg(
     """
     attacker.eval()
     names = parameter_names or [
-        n for n in shared_parameter_names(attacker) if n in gradients and float(gradients[n].abs().sum()) > 0
+        n
+        for n in shared_parameter_names(attacker)
+        if n in gradients and float(gradients[n].abs().sum()) > 0
     ]
     for p in attacker.parameters():
         p.requires_grad_(False)
@@ -316,13 +326,19 @@ def dlg(
     if isinstance(init, str) and init == "mean":
         if reference is None:
             raise ValueError("init='mean' needs reference=, the public mean profile.")
-        start = torch.as_tensor(np.asarray(reference), dtype=torch.float32).expand(n_samples, p_in).clone()
+        start = (
+            torch.as_tensor(np.asarray(reference), dtype=torch.float32)
+            .expand(n_samples, p_in)
+            .clone()
+        )
     elif isinstance(init, str):
         start = torch.rand(n_samples, p_in, generator=gen) * (1.0 if counts else 2.0)
         if not counts:
             start = start - 1.0
     else:
-        start = torch.as_tensor(np.asarray(init), dtype=torch.float32).reshape(n_samples, p_in).clone()
+        start = (
+            torch.as_tensor(np.asarray(init), dtype=torch.float32).reshape(n_samples, p_in).clone()
+        )
     if counts:  # inverse softplus of the log1p profile
         start = torch.where(start > 20, start, torch.log(torch.expm1(start.clamp_min(1e-4))))
     v = nn.Parameter(start)
@@ -339,7 +355,9 @@ def dlg(
             label_logits = nn.Parameter(torch.randn(n_samples, n_labels, generator=gen) * 0.1)
             variables.append(label_logits)
         else:
-            fixed_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(n_samples, 1)
+            fixed_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(
+                n_samples, 1
+            )
 
     optimizer = torch.optim.Adam(variables, lr=lr)
     milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
@@ -359,7 +377,9 @@ def dlg(
         }
         soft = None if label_logits is None else torch.softmax(label_logits, -1)
         loss = client_loss(attacker, tensors, kl_weight=kl_weight, soft_labels=soft)
-        dummy = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+        dummy = torch.autograd.grad(
+            loss, [params[n] for n in names], create_graph=True, allow_unused=True
+        )
         pairs = [(d, t) for d, t in zip(dummy, target, strict=True) if d is not None]
         dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
         optimizer.zero_grad(set_to_none=True)

@@ -121,7 +121,9 @@ def candidate_set(n: int, victim: int, n_candidates: int = 100, seed: int = 0) -
     return np.concatenate([[victim], others])
 
 
-def reidentification_rate(reconstructions, victims, data, reference=None, n_candidates: int = 100, seed: int = 0) -> float:
+def reidentification_rate(
+    reconstructions, victims, data, reference=None, n_candidates: int = 100, seed: int = 0
+) -> float:
     """Fraction of reconstructions matched to their own sample among ``n_candidates`` candidates.
 
     Each victim is compared with itself and ``n_candidates - 1`` other rows of ``data`` (see

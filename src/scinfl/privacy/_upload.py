@@ -215,4 +215,8 @@ def make_tensors(x: torch.Tensor | np.ndarray, labels=None, batch=None) -> dict[
             return torch.zeros(n, 1, dtype=torch.long)
         return torch.as_tensor(np.asarray(v), dtype=torch.long).reshape(n, 1)
 
-    return {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.BATCH_KEY: codes(batch), REGISTRY_KEYS.LABELS_KEY: codes(labels)}
+    return {
+        REGISTRY_KEYS.X_KEY: x,
+        REGISTRY_KEYS.BATCH_KEY: codes(batch),
+        REGISTRY_KEYS.LABELS_KEY: codes(labels),
+    }

@@ -5,6 +5,13 @@ Needs the ``flower`` extra (``pip install "scinfl[flower]"``). The apps reuse
 :class:`~scinfl.federated.FederatedServer` unchanged; Flower only moves the messages. The key
 never enters a message: each site's ClientApp holds its own key and reports its fingerprint
 and version, and the server drops updates under another key.
+
+- :func:`run_flower_simulation`: Flower's simulation engine, same contract as
+  :func:`~scinfl.federated.run_local`.
+- :mod:`scinfl.federated.flower.app`: ``server_app`` / ``client_app`` for a deployment
+  (``flower-superlink``, one ``flower-supernode`` per site, ``flwr run``).
+- :func:`make_server_app` / :func:`make_client_app`: the apps, around any server state and
+  any way of finding a node's site.
 """
 
 try:
@@ -24,7 +31,13 @@ from ._records import (
     record_to_parameters,
     update_to_content,
 )
-from ._server_app import SiteDirectory, discover_sites, make_server_app, run_rounds
+from ._server_app import (
+    SiteDirectory,
+    discover_sites,
+    make_server_app,
+    request_parameters,
+    run_rounds,
+)
 from ._simulation import SimulationSites, run_flower_simulation
 
 __all__ = [
@@ -39,6 +52,7 @@ __all__ = [
     "parameters_to_record",
     "record_to_config",
     "record_to_parameters",
+    "request_parameters",
     "run_flower_simulation",
     "run_rounds",
     "update_to_content",

@@ -1,0 +1,393 @@
+"""Federated cancer subtyping on CPTAC UCEC proteomics: INFL against its baselines.
+
+Protocol (docs/proteomics.md):
+
+- sites: ``--split plex`` groups the 17 TMT plexes into 4 sites of consecutive plexes
+  (1-4, 5-8, 9-12, 13-17); ``--split country`` uses the patient's country: a sample without a
+  country takes the country of the same participant's other samples, Ukraine and Poland form
+  one "Eastern Europe" site (Poland alone has 6-8 samples), and "Other_specify" plus the
+  samples still without a country form an "Other/unknown" site (3 sites);
+- tasks: ``tumor`` (Proteomics_Tumor_Normal, 4 classes) and ``subtype`` (Genomics_subtype
+  among tumours, 4 classes, samples without a subtype dropped);
+- stratified repeated K-fold over samples; every method sees the same folds; the test fold
+  is used only for the reported metrics. Features are agreed by name on the training rows
+  (each site keeps the proteins it observes in >= 50% of its training samples, intersection);
+  model selection (best round) uses each site's validation rows inside the training folds.
+
+Usage::
+
+    uv run python benchmarks/proteomics.py --split plex --task tumor subtype
+    uv run python benchmarks/proteomics.py --split country --task tumor subtype --repeats 1
+    uv run python benchmarks/proteomics.py --quick      # 2 folds x 1 repeat, few rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import scvi
+import torch
+from anndata import AnnData
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+import scinfl
+from scinfl.federated import agree_features
+from scinfl.model import INFL
+
+TASKS = {
+    "tumor": (
+        "Proteomics_Tumor_Normal",
+        ["Tumor", "Adjacent_normal", "Enriched_normal", "Myometrium_normal"],
+    ),
+    "subtype": ("Genomics_subtype", ["CNV_low", "CNV_high", "MSI-H", "POLE"]),
+}
+PLEX_SITES = {"A (plex 1-4)": range(1, 5), "B (plex 5-8)": range(5, 9)}
+PLEX_SITES |= {"C (plex 9-12)": range(9, 13), "D (plex 13-17)": range(13, 18)}
+
+METHODS = [
+    "centralized",
+    "federated, no key",
+    "INFL pooled (paper)",
+    "INFL default",
+    "local only (mean over sites)",
+    "DP-FedAvg",
+    "logistic regression (pooled)",
+]
+
+
+@dataclass
+class Settings:
+    """Hyperparameters shared by every neural row (chosen on validation splits only)."""
+
+    n_latent: int = 10
+    n_hidden: int = 64
+    dropout_rate: float = 0.1
+    classification_ratio: float = 50.0
+    rounds: int = 20
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 3e-3
+    validation_size: float = 0.1
+    max_missing: float = 0.5
+    balance_classes: bool = True
+
+
+def default_key_mode() -> str | None:
+    """INFL's default ``key_mode`` at run time."""
+    return inspect.signature(INFL.__init__).parameters["key_mode"].default
+
+
+def plex_site(plex) -> str:
+    """Deterministic site of a TMT plex: consecutive blocks of plexes."""
+    for name, plexes in PLEX_SITES.items():
+        if int(plex) in plexes:
+            return name
+    raise ValueError(f"Unknown TMT plex {plex!r}.")
+
+
+def country_sites(obs: pd.DataFrame) -> pd.Series:
+    """Site by country (see the module docstring for how missing countries are handled)."""
+    country = obs["Country"].astype(object)
+    by_participant = country.groupby(obs["Proteomics_Participant_ID"].astype(str)).agg(
+        lambda s: s.dropna().iloc[0] if s.notna().any() else np.nan
+    )
+    filled = country.fillna(obs["Proteomics_Participant_ID"].astype(str).map(by_participant))
+    mapping = {
+        "United States": "United States",
+        "Ukraine": "Eastern Europe",
+        "Poland": "Eastern Europe",
+        "Other_specify": "Other/unknown",
+    }
+    return filled.map(mapping).fillna("Other/unknown")
+
+
+def prepare(adata: AnnData, task: str, split: str) -> AnnData:
+    """Rows of the task with ``.obs["label"]`` and ``.obs["site"]`` (fixed categories)."""
+    column, classes = TASKS[task]
+    keep = adata.obs[column].notna().to_numpy()
+    if task == "subtype":
+        keep &= (adata.obs["Proteomics_Tumor_Normal"] == "Tumor").to_numpy()
+    data = adata[keep].copy()
+    data.obs["label"] = pd.Categorical(data.obs[column].astype(str), categories=classes)
+    if split == "plex":
+        site = data.obs["Proteomics_TMT_plex"].map(plex_site)
+    elif split == "country":
+        site = country_sites(data.obs)
+    else:
+        raise ValueError(f"Unknown split {split!r}.")
+    data.obs["site"] = pd.Categorical(site.astype(str), categories=sorted(set(site)))
+    data.obs = data.obs[["label", "site"]]
+    return data
+
+
+def weighted_ovr_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    """One-vs-rest AUC per class present in ``y``, weighted by its prevalence."""
+    aucs, weights = [], []
+    for c in range(n_classes):
+        positive = y == c
+        if positive.any() and not positive.all():
+            aucs.append(roc_auc_score(positive, proba[:, c]))
+            weights.append(positive.sum())
+    return float(np.average(aucs, weights=weights)) if aucs else float("nan")
+
+
+def metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, macro F1 (over all classes of the task) and weighted OvR AUC."""
+    pred = proba.argmax(1)
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "macro_f1": f1_score(
+            y, pred, labels=list(range(n_classes)), average="macro", zero_division=0
+        ),
+        "auc": weighted_ovr_auc(y, proba, n_classes),
+    }
+
+
+def _setup(data: AnnData, classes: list[str], site_key: str | None) -> None:
+    INFL.setup_anndata(
+        data,
+        site_key=site_key,
+        labels_key="label",
+        categories={"labels_key": classes},
+    )
+
+
+def _model(data: AnnData, key_mode, key, s: Settings) -> INFL:
+    return INFL(
+        data,
+        key=key,
+        key_mode=key_mode,
+        gene_likelihood="normal",
+        n_hidden=s.n_hidden,
+        n_latent=s.n_latent,
+        dropout_rate=s.dropout_rate,
+        classification_ratio=s.classification_ratio,
+    )
+
+
+def _proba(model: INFL, test: AnnData, classes: list[str]) -> np.ndarray:
+    return model.predict(test, soft=True)[classes].to_numpy()
+
+
+def _train_kwargs(s: Settings, seed: int) -> dict:
+    return {
+        "batch_size": s.batch_size,
+        "lr": s.lr,
+        "balance_classes": s.balance_classes,
+        "validation_size": s.validation_size,
+        "seed": seed,
+        "progress_bar": False,
+    }
+
+
+def run_fold(
+    data: AnnData,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    s: Settings,
+    seed: int = 0,
+    methods: list[str] | None = None,
+) -> list[dict]:
+    """Train every method on ``train_idx`` and evaluate it on ``test_idx``."""
+    methods = METHODS if methods is None else methods
+    classes = list(data.obs["label"].cat.categories)
+    n_classes = len(classes)
+    train = data[train_idx].copy()
+    features = agree_features(train, "site", max_missing=s.max_missing)
+    train = train[:, features].copy()
+    test = data[test_idx, features].copy()
+    y = test.obs["label"].cat.codes.to_numpy()
+    key = scinfl.Key.generate()
+    rows = []
+
+    def record(method, proba, seconds, note=""):
+        rows.append(
+            {"method": method, **metrics(y, proba, n_classes), "seconds": seconds, "note": note}
+        )
+
+    for method in methods:
+        start = time.perf_counter()
+        scvi.settings.seed = seed
+        done = {r["method"]: r for r in rows}
+        if (
+            method == "INFL default"
+            and default_key_mode() == "pooled"
+            and "INFL pooled (paper)" in done
+        ):
+            # same model, same settings, same seed: the paper's row is this row's run
+            rows.append({**done["INFL pooled (paper)"], "method": method})
+            rows[-1]["note"] = "key_mode='pooled' (default): same run as the row above"
+        elif method in ("federated, no key", "INFL pooled (paper)", "INFL default"):
+            key_mode = {
+                "federated, no key": None,
+                "INFL pooled (paper)": "pooled",
+                "INFL default": default_key_mode(),
+            }[method]
+            fed = train.copy()
+            _setup(fed, classes, "site")
+            model = _model(fed, key_mode, key, s)
+            model.train_federated(
+                max_rounds=s.rounds, local_epochs=s.local_epochs, **_train_kwargs(s, seed)
+            )
+            record(
+                method,
+                _proba(model, test, classes),
+                time.perf_counter() - start,
+                f"key_mode={key_mode}",
+            )
+        elif method == "centralized":
+            pooled = train.copy()
+            _setup(pooled, classes, None)
+            model = _model(pooled, default_key_mode(), key, s)
+            model.train_centralized(max_epochs=s.rounds * s.local_epochs, **_train_kwargs(s, seed))
+            record(method, _proba(model, test, classes), time.perf_counter() - start)
+        elif method == "local only (mean over sites)":
+            per_site = []
+            for site in train.obs["site"].cat.categories:
+                local = train[(train.obs["site"] == site).to_numpy()].copy()
+                if local.n_obs == 0:
+                    continue
+                _setup(local, classes, None)
+                model = _model(local, default_key_mode(), key, s)
+                model.train_centralized(
+                    max_epochs=s.rounds * s.local_epochs, **_train_kwargs(s, seed)
+                )
+                per_site.append(metrics(y, _proba(model, test, classes), n_classes))
+            mean = pd.DataFrame(per_site).mean().to_dict()
+            rows.append(
+                {
+                    "method": method,
+                    **mean,
+                    "seconds": time.perf_counter() - start,
+                    "note": f"{len(per_site)} sites",
+                }
+            )
+        elif method == "DP-FedAvg":
+            available = hasattr(scinfl.federated, "flower") and any(
+                "dp" in name.lower() for name in dir(scinfl.federated.flower)
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "accuracy": np.nan,
+                    "macro_f1": np.nan,
+                    "auc": np.nan,
+                    "seconds": 0.0,
+                    "note": "available, not run" if available else "not available in scinfl",
+                }
+            )
+        elif method == "logistic regression (pooled)":
+            X_train = np.asarray(train.X, dtype=float)
+            means = np.nanmean(X_train, axis=0)
+            X_train = np.where(np.isnan(X_train), means, X_train)
+            X_test = np.asarray(test.X, dtype=float)
+            X_test = np.where(np.isnan(X_test), means, X_test)
+            scaler = StandardScaler().fit(X_train)
+            clf = LogisticRegression(max_iter=2000, class_weight="balanced")
+            clf.fit(scaler.transform(X_train), train.obs["label"].cat.codes.to_numpy())
+            proba = np.zeros((len(y), n_classes))
+            proba[:, clf.classes_] = clf.predict_proba(scaler.transform(X_test))
+            record(method, proba, time.perf_counter() - start)
+        else:
+            raise ValueError(f"Unknown method {method!r}.")
+    for row in rows:
+        row["n_features"] = len(features)
+    return rows
+
+
+def run(
+    adata: AnnData,
+    task: str = "tumor",
+    split: str = "plex",
+    folds: int = 5,
+    repeats: int = 3,
+    settings: Settings | None = None,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+) -> pd.DataFrame:
+    """Per-fold results of every method (one row per method and fold)."""
+    s = Settings() if settings is None else settings
+    data = prepare(adata, task, split)
+    y = data.obs["label"].cat.codes.to_numpy()
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    results = []
+    for i, (train_idx, test_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        fold_rows = run_fold(data, train_idx, test_idx, s, seed=seed + i, methods=methods)
+        for row in fold_rows:
+            row.update(fold=i % folds, repeat=i // folds)
+        results.extend(fold_rows)
+        if verbose:
+            acc = {r["method"]: round(r["accuracy"], 3) for r in fold_rows}
+            print(f"fold {i + 1}/{folds * repeats}: {acc}", flush=True)
+    return pd.DataFrame(results)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- sd over folds of every metric, one row per method (in ``METHODS`` order)."""
+    order = [m for m in METHODS if m in set(results["method"])]
+    table = {}
+    for method in order:
+        r = results[results["method"] == method]
+        row = {}
+        for metric in ("accuracy", "macro_f1", "auc"):
+            values = r[metric].dropna()
+            row[metric] = (
+                f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+                if len(values) > 1
+                else (f"{values.mean():.3f}" if len(values) else "n/a")
+            )
+        row["s/fold"] = f"{r['seconds'].mean():.1f}"
+        row["note"] = r["note"].iloc[0]
+        table[method] = row
+    return pd.DataFrame(table).T
+
+
+def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), nargs="+", default=["tumor"])
+    parser.add_argument("--split", choices=["plex", "country"], nargs="+", default=["plex"])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument("--quick", action="store_true", help="2 folds x 1 repeat, 5 rounds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", help="write the per-fold results to this file prefix")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.folds, args.repeats, args.rounds = 2, 1, 5
+    logging.getLogger("scvi").setLevel(logging.WARNING)
+    logging.getLogger("scinfl").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    settings = Settings(rounds=args.rounds)
+    adata = scinfl.data.cptac_ucec()
+    tables = []
+    for split in args.split:
+        for task in args.task:
+            results = run(adata, task, split, args.folds, args.repeats, settings, seed=args.seed)
+            if args.csv:
+                results.to_csv(f"{args.csv}_{split}_{task}.csv", index=False)
+            table = summarize(results)
+            print(
+                f"\ntask={task} split={split} folds={args.folds} repeats={args.repeats} "
+                f"features/fold={results['n_features'].median():.0f} (median)"
+            )
+            print(f"settings: {asdict(settings)}")
+            print(table.to_markdown(), flush=True)
+            tables.append(table)
+    return tables
+
+
+if __name__ == "__main__":
+    main()

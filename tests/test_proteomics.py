@@ -1,0 +1,245 @@
+"""Feature agreement across sites and the CPTAC proteomics benchmark protocol."""
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from scinfl.federated import (
+    agree_features,
+    agree_features_from_reports,
+    observed_features,
+    site_feature_report,
+)
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "proteomics.py"
+
+
+def _two_sites():
+    # P1 observed everywhere; P2 missing at site a; P3 missing at site b;
+    # P4 30% missing at both sites (kept at max_missing=0.5), P5 60% missing at site b only.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 5))
+    site = np.array(["a"] * 10 + ["b"] * 10)
+    X[:10, 1] = np.nan
+    X[10:, 2] = np.nan
+    X[[0, 1, 2, 10, 11, 12], 3] = np.nan
+    X[10:16, 4] = np.nan
+    adata = ad.AnnData(X, obs=pd.DataFrame({"site": site}, index=[f"s{i}" for i in range(20)]))
+    adata.var_names = ["P1", "P2", "P3", "P4", "P5"]
+    return adata
+
+
+def test_site_report_and_observed_features():
+    adata = _two_sites()
+    report = site_feature_report(adata[adata.obs["site"] == "b"])
+    assert report.round(2).to_dict() == {"P1": 0.0, "P2": 0.0, "P3": 1.0, "P4": 0.3, "P5": 0.6}
+    assert observed_features(adata[adata.obs["site"] == "b"], max_missing=0.5) == ["P1", "P2", "P4"]
+    assert observed_features(adata[adata.obs["site"] == "b"], max_missing=0.6) == [
+        "P1",
+        "P2",
+        "P4",
+        "P5",
+    ]
+
+
+def test_agree_features_intersection_and_union():
+    adata = _two_sites()
+    assert agree_features(adata, "site") == ["P1", "P4"]
+    assert agree_features(adata, "site", how="union") == ["P1", "P2", "P3", "P4", "P5"]
+    assert agree_features(adata, "site", max_missing=0.2) == ["P1"]
+
+
+def test_decision_is_per_site_not_pooled():
+    # P5 is 30% missing over the pooled rows (6 of 20) but 60% at site b: a pooled filter
+    # would keep it, the per-site rule drops it.
+    adata = _two_sites()
+    pooled_missing = np.isnan(adata.X).mean(0)
+    assert pooled_missing[4] < 0.5
+    assert "P5" not in agree_features(adata, "site", max_missing=0.5)
+    # the pooled filter would also keep P2 and P3 (50% missing overall), which one site lacks
+    assert pooled_missing[1] <= 0.5 and pooled_missing[2] <= 0.5
+    assert {"P2", "P3"}.isdisjoint(agree_features(adata, "site"))
+
+
+def test_each_site_uses_only_its_own_rows():
+    # Changing the values of site b cannot change what site a reports.
+    adata = _two_sites()
+    other = adata.copy()
+    other.X[10:] = np.nan
+    for data in (adata, other):
+        site_a = data[data.obs["site"] == "a"]
+        assert observed_features(site_a) == ["P1", "P3", "P4", "P5"]
+    assert agree_features(other, "site") == []
+    assert agree_features(other, "site", how="union") == ["P1", "P3", "P4", "P5"]
+
+
+def test_agreement_by_name_from_reports():
+    # sites with different feature orders and feature sets agree by name
+    reports = {"a": ["Q2", "Q1", "Q3"], "b": ["Q3", "Q2", "Q9"]}
+    assert agree_features_from_reports(reports) == ["Q2", "Q3"]
+    assert agree_features_from_reports(reports, order=["Q3", "Q2"]) == ["Q3", "Q2"]
+    assert agree_features_from_reports(reports, how="union") == ["Q2", "Q1", "Q3", "Q9"]
+    series = {"a": pd.Series({"Q1": 0.0, "Q2": 0.7}), "b": ["Q1", "Q2"]}
+    assert agree_features_from_reports(series, max_missing=0.5) == ["Q1"]
+    assert agree_features_from_reports(series, max_missing=0.8) == ["Q1", "Q2"]
+
+
+def test_agree_features_matches_report_exchange():
+    adata = _two_sites()
+    reports = {s: observed_features(adata[adata.obs["site"] == s]) for s in ("b", "a")}
+    assert agree_features_from_reports(reports, order=list(adata.var_names)) == agree_features(
+        adata, "site"
+    )
+
+
+def test_sparse_matrix_and_layer():
+    adata = _two_sites()
+    X = adata.X.copy()
+    X[X > 1] = 0.0  # implicit zeros are observed values
+    adata.layers["sparse"] = sparse.csr_matrix(X)  # NaN are stored entries
+    assert np.allclose(site_feature_report(adata, layer="sparse"), site_feature_report(adata))
+    assert agree_features(adata, "site", layer="sparse") == ["P1", "P4"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_missing": 1.0}, "max_missing"),
+        ({"max_missing": -0.1}, "max_missing"),
+        ({"how": "outer"}, "how"),
+        ({"site_key": "nope"}, "site_key"),
+        ({"layer": "nope"}, "Layer"),
+    ],
+)
+def test_agree_features_errors(kwargs, match):
+    adata = _two_sites()
+    kwargs = {"site_key": "site", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        agree_features(adata, **kwargs)
+
+
+def test_reports_errors():
+    with pytest.raises(ValueError, match="No site reports"):
+        agree_features_from_reports({})
+    with pytest.raises(TypeError, match="list of names"):
+        agree_features_from_reports({"a": "P1"})
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("proteomics_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_metrics_and_sites():
+    bench = _benchmark()
+    y = np.array([0, 0, 1, 1, 2])
+    proba = np.eye(4)[[0, 0, 1, 2, 2]]
+    m = bench.metrics(y, proba, 4)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert 0 < m["macro_f1"] < 1 and 0.5 < m["auc"] <= 1
+    assert [bench.plex_site(p) for p in (1, 4, 5, 12, 13, 17)] == [
+        "A (plex 1-4)",
+        "A (plex 1-4)",
+        "B (plex 5-8)",
+        "C (plex 9-12)",
+        "D (plex 13-17)",
+        "D (plex 13-17)",
+    ]
+    obs = pd.DataFrame(
+        {
+            "Country": pd.Categorical(["Ukraine", np.nan, "Poland", np.nan, "United States"]),
+            "Proteomics_Participant_ID": ["p1", "p1", "p2", "p3", "p4"],
+        }
+    )
+    assert bench.country_sites(obs).tolist() == [
+        "Eastern Europe",
+        "Eastern Europe",
+        "Eastern Europe",
+        "Other/unknown",
+        "United States",
+    ]
+
+
+@pytest.mark.realdata
+def test_benchmark_protocol_on_subset():
+    pytest.importorskip("cptac", reason="needs the data extra")
+    import scinfl
+
+    bench = _benchmark()
+    adata = scinfl.data.cptac_ucec()
+    # keep 2,000 proteins so that the test is quick; the protocol is the benchmark's
+    adata = adata[:, :2000].copy()
+    start = time.perf_counter()
+    settings = bench.Settings(rounds=3, n_hidden=32)
+    results = bench.run(
+        adata, task="subtype", split="plex", folds=2, repeats=1, settings=settings, verbose=False
+    )
+    elapsed = time.perf_counter() - start
+    assert set(results["method"]) == set(bench.METHODS)
+    assert len(results) == 2 * len(bench.METHODS)
+    trained = results[results["method"] != "DP-FedAvg"]
+    assert trained[["accuracy", "macro_f1", "auc"]].notna().all().all()
+    assert ((trained["accuracy"] >= 0) & (trained["accuracy"] <= 1)).all()
+    # features are agreed on the training rows (some proteins are dropped)
+    assert (results["n_features"] < 2000).all() and (results["n_features"] > 500).all()
+    table = bench.summarize(results)
+    assert list(table.index) == bench.METHODS
+    assert elapsed < 60
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "proteomics_subtyping.ipynb"
+
+
+def test_proteomics_tutorial_is_stored_without_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code_cells
+    assert all(not cell.outputs and cell.execution_count is None for cell in code_cells)
+    link = NOTEBOOK.parents[2] / "tutorials" / NOTEBOOK.name
+    assert link.is_symlink() and link.resolve() == NOTEBOOK
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_proteomics_tutorial_runs(tmp_path, monkeypatch):
+    pytest.importorskip("cptac", reason="needs the data extra")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
+    if "python3" not in kernelspec.KernelSpecManager().find_kernel_specs():
+        pytest.skip("no 'python3' Jupyter kernel (install ipykernel)")
+    # a subset: few rounds and the first 2,000 proteins
+    monkeypatch.setenv("SCINFL_TUTORIAL_ROUNDS", "3")
+    monkeypatch.setenv("SCINFL_TUTORIAL_PROTEINS", "2000")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            assert output.get("output_type") != "error"
+            if output.get("output_type") == "stream":
+                text.append(output.get("text", ""))
+            elif "data" in output:
+                text.append(output["data"].get("text/plain", ""))
+    text = "\n".join(text)
+    assert "tumours x 2000 proteins" in text
+    assert "agreed:" in text and "proteins" in text
+    assert "trained 3 rounds" in text
+    assert "accuracy" in text and "macro F1" in text
