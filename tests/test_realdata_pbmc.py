@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import scinfl
 
-ROUNDS = 60
+ROUNDS = 30  # the README's setting
 SEEDS = (0, 1)
 
 
@@ -39,12 +39,13 @@ def test_pbmc68k_pipeline_shapes():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_federated_ari_close_to_centralized(key):
-    """Leiden ARI on the federated latent within 0.05 of the same model trained centrally.
+    """Leiden ARI on the federated latent at most 0.05 below the same model trained centrally.
 
     Averaged over two seeds (Leiden ARI on 700 cells moves by a few points from seed to seed).
+    One-sided: with more rounds the federated model often scores above the centralized one.
     """
     fed = np.array([_ari(True, s, key) for s in SEEDS])
     central = np.array([_ari(False, s, key) for s in SEEDS])
     print(f"federated ARI/acc {fed.mean(0)}, centralized ARI/acc {central.mean(0)}")
     assert central[:, 0].mean() > 0.4  # the model learns the cell types at all
-    assert abs(fed[:, 0].mean() - central[:, 0].mean()) <= 0.05
+    assert fed[:, 0].mean() >= central[:, 0].mean() - 0.05
