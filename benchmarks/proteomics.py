@@ -28,7 +28,7 @@ import inspect
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -208,6 +208,12 @@ def run_fold(
     test = data[test_idx, features].copy()
     y = test.obs["label"].cat.codes.to_numpy()
     key = scinfl.Key.generate()
+    # train_federated refuses a site with fewer training rows than the batch size: cap the
+    # batch size at the smallest site's training rows (same value for every row of the fold)
+    sizes = train.obs["site"].value_counts()
+    sizes = sizes[sizes > 0]
+    n_val = np.maximum(np.round(s.validation_size * sizes), (sizes >= 10) * 1)
+    s = replace(s, batch_size=int(min(s.batch_size, (sizes - n_val).min())))
     rows = []
 
     def record(method, proba, seconds, note=""):
@@ -302,6 +308,7 @@ def run_fold(
             raise ValueError(f"Unknown method {method!r}.")
     for row in rows:
         row["n_features"] = len(features)
+        row["batch_size"] = s.batch_size
     return rows
 
 
@@ -381,7 +388,8 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
             table = summarize(results)
             print(
                 f"\ntask={task} split={split} folds={args.folds} repeats={args.repeats} "
-                f"features/fold={results['n_features'].median():.0f} (median)"
+                f"features/fold={results['n_features'].median():.0f} (median), "
+                f"batch_size={sorted(set(results['batch_size']))}"
             )
             print(f"settings: {asdict(settings)}")
             print(table.to_markdown(), flush=True)
