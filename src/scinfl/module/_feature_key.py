@@ -25,6 +25,7 @@ The secret material is a non-persistent buffer (never in a ``state_dict``, save 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,25 +44,41 @@ _MISSING_KEY = (
 )
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised fast Walsh-Hadamard transform along the last dimension (a power of two).
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype=dtype, device=device)
+
+
+def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform along ``dim`` (``-1`` or ``0``; a power of two).
+
+    ``H_n = H_a (x) H_b`` with ``a b = n``, applied as two small dense products on the
+    ``(a, b)``-reshaped input (few, large kernels rather than ``log2 n`` small ones).
 
     Examples
     --------
     >>> fwht(torch.tensor([1.0, 0.0, 0.0, 0.0])).tolist()
     [1.0, 1.0, 1.0, 1.0]
     """
-    n = x.shape[-1]
+    n = x.shape[dim]
     if n & (n - 1):
-        raise ValueError(f"The last dimension must be a power of two, got {n}.")
-    shape = x.shape
-    y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        y = y.view(-1, n // (2 * h), 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
-    return y.reshape(shape)
+        raise ValueError(f"The transformed dimension must be a power of two, got {n}.")
+    k = n.bit_length() - 1
+    a, b = 1 << (k // 2), 1 << (k - k // 2)
+    ha = _hadamard(a, x.dtype, str(x.device))
+    hb = _hadamard(b, x.dtype, str(x.device))
+    if dim in (-1, x.ndim - 1):
+        y = x.reshape(*x.shape[:-1], a, b)
+        return torch.matmul(torch.matmul(ha, y), hb).reshape(x.shape)  # H_a Y H_b
+    if dim != 0:
+        raise ValueError("fwht transforms along the first or the last dimension.")
+    y = x.reshape(a, b, -1)
+    y = torch.einsum("ij,jkm->ikm", ha, y)
+    y = torch.einsum("kl,ilm->ikm", hb, y)
+    return y.reshape(x.shape)
 
 
 class SecretBasis(nn.Module):
@@ -138,22 +155,24 @@ class SecretBasis(nn.Module):
         """Zero-pad the last dimension from ``n_features`` to ``size``."""
         return F.pad(v, (0, self.size - v.shape[-1]))
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """``T v`` along the last dimension (of length ``size``)."""
+    def forward(self, v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``T v`` along ``dim`` (``-1`` or ``0``, of length ``size``)."""
         self._check()
         scale = 1 / math.sqrt(self.size)
-        signs = self.signs.to(v.dtype)
+        shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
         for r in range(self.n_rounds):
-            v = fwht(v[..., self.perm[r]] * signs[r]) * scale
+            signs = self.signs[r].to(v.dtype).reshape(shape)
+            v = fwht(torch.index_select(v, dim, self.perm[r]) * signs, dim) * scale
         return v
 
-    def inverse(self, v: torch.Tensor) -> torch.Tensor:
-        """``T^-1 v = T^T v`` along the last dimension."""
+    def inverse(self, v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``T^-1 v = T^T v`` along ``dim`` (``-1`` or ``0``)."""
         self._check()
         scale = 1 / math.sqrt(self.size)
-        signs = self.signs.to(v.dtype)
+        shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
         for r in reversed(range(self.n_rounds)):
-            v = (fwht(v) * scale * signs[r])[..., self.inverse_perm[r]]
+            signs = self.signs[r].to(v.dtype).reshape(shape)
+            v = torch.index_select(fwht(v, dim) * (signs * scale), dim, self.inverse_perm[r])
         return v
 
 
@@ -284,7 +303,8 @@ class BasisOutputLinear(nn.Module):
         b = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
         with torch.no_grad():
             if key_source.has_key:
-                head.feature_weight.copy_(key_source(key_source.pad(linear.weight.T)).T)
+                padded = F.pad(linear.weight, (0, 0, 0, key_source.size - linear.out_features))
+                head.feature_weight.copy_(key_source(padded, dim=0))
                 head.feature_bias.copy_(key_source(key_source.pad(b)))
             else:
                 head.feature_weight.normal_(0, float(linear.weight.std()))
@@ -294,7 +314,7 @@ class BasisOutputLinear(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Per-feature outputs."""
         basis = self._key_source
-        weight = basis.inverse(self.feature_weight.T).T[: self.out_features]
+        weight = basis.inverse(self.feature_weight, dim=0)[: self.out_features]
         bias = basis.inverse(self.feature_bias)[: self.out_features]
         return F.linear(h, weight, bias)
 
@@ -376,8 +396,10 @@ class _PerFeatureKeyMode:
     def install_model(self, vae: nn.Module, key_encoder: nn.Module | None = None) -> nn.Module:
         """Key the per-feature parts of a VAE's decoder: output heads and dispersions.
 
-        Replaces every linear layer of ``vae.decoder`` with one output per feature, and
-        parametrizes ``vae.px_r``. Idempotent.
+        Replaces every linear layer of ``vae.decoder`` with one output per feature that the
+        likelihood uses (the mean head always, the dropout head with ZINB, the dispersion head
+        with ``dispersion="gene-cell"``; unused heads receive no gradient and keep their random
+        initial values), and parametrizes ``vae.px_r``. Idempotent.
 
         Notes
         -----
@@ -395,8 +417,16 @@ class _PerFeatureKeyMode:
         """
         key_encoder = key_encoder if key_encoder is not None else vae.key_encoder
         n_features = key_encoder.n_features
+        # heads the likelihood never uses get no gradient and carry nothing: leave them be
+        unused = set()
+        if getattr(vae, "gene_likelihood", None) != "zinb":
+            unused.add("px_dropout_decoder")
+        if getattr(vae, "dispersion", None) != "gene-cell":
+            unused.add("px_r_decoder")
         for parent in list(vae.decoder.modules()):
             for name, child in list(parent.named_children()):
+                if name in unused:
+                    continue
                 if type(child) is nn.Linear and child.out_features == n_features:
                     setattr(parent, name, self._output_layer(child, key_encoder))
         px_r = getattr(vae, "px_r", None)

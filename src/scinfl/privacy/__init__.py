@@ -7,11 +7,14 @@ that: an upload is turned into a gradient (:func:`upload_gradient`,
 gradient matching (:func:`dlg`) with the attacker's key guess (:func:`attacker_module`).
 """
 
+from ._adaptive import spectral_alignment_attack
 from ._attacks import (
     Reconstruction,
     analytic_attack,
     analytic_inversion,
     attacker_module,
+    decoder_bias_attack,
+    decoder_inversion,
     dlg,
     infer_label,
     input_layer,
@@ -42,6 +45,8 @@ __all__ = [
     "candidate_scores",
     "candidate_set",
     "client_loss",
+    "decoder_bias_attack",
+    "decoder_inversion",
     "dlg",
     "gradient_from_update",
     "infer_label",
@@ -53,6 +58,7 @@ __all__ = [
     "reidentification_rate",
     "reidentify",
     "shared_parameter_names",
+    "spectral_alignment_attack",
     "top_k_overlap",
     "upload_gradient",
 ]

@@ -127,7 +127,8 @@ def reidentification_rate(
     """Fraction of reconstructions matched to their own sample among ``n_candidates`` candidates.
 
     Each victim is compared with itself and ``n_candidates - 1`` other rows of ``data`` (see
-    :func:`candidate_set`); chance level is ``1 / n_candidates``.
+    :func:`candidate_set`); it is re-identified when its own row scores strictly higher than
+    every other candidate. Chance level is ``1 / n_candidates``.
 
     Parameters
     ----------
@@ -156,7 +157,9 @@ def reidentification_rate(
     hits = []
     for rec, victim in zip(recs, victims, strict=True):
         rows = candidate_set(len(data), int(victim), n_candidates, seed)
-        hits.append(reidentify(rec, data[rows], reference) == 0)
+        scores = candidate_scores(rec, data[rows], reference)
+        # strictly better than every other candidate: a tie (e.g. a constant reconstruction) is a miss
+        hits.append(bool(scores[0] > scores[1:].max()))
     return float(np.mean(hits))
 
 
