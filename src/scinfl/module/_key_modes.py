@@ -21,8 +21,10 @@ from ._keyify import keyify
 
 
 class PooledKeyMode:
-    """The paper's design: 128 secret 2-D coordinates, mean-pooled by an INR into one key vector
-    that modulates every keyed linear layer (row scale, bias shift, FiLM).
+    """The paper's design: secret coordinates pooled by an INR into one key vector.
+
+    128 secret 2-D coordinates are mean-pooled into a key vector that modulates every keyed
+    linear layer (row scale, bias shift, FiLM).
 
     Parameters
     ----------
