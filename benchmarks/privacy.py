@@ -81,7 +81,11 @@ def _score(rows, defence, attack, guess, recs, victims, logx, reference, found_l
             "partial_corr": float(np.mean(pc)),
             "partial_corr_sd": float(np.std(pc)),
             "top50_overlap": float(np.mean(top)),
-            "label_recovery": label_recovery(found_labels, labels[victims]),
+            "label_recovery": (
+                label_recovery(found_labels, labels[victims])
+                if found_labels is not None
+                else np.nan
+            ),
             "n_victims": len(victims),
         }
     )
@@ -157,7 +161,7 @@ def attacks(args) -> pd.DataFrame:
                     site0,
                     logx,
                     reference,
-                    [-1] * len(site0),
+                    None,
                     labels,
                 )
         logging.info("%s done", mode)

@@ -160,9 +160,10 @@ class SecretBasis(nn.Module):
         self._check()
         scale = 1 / math.sqrt(self.size)
         shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
+        perm, all_signs = self.perm.to(v.device), self.signs.to(v.device, v.dtype)
         for r in range(self.n_rounds):
-            signs = self.signs[r].to(v.dtype).reshape(shape)
-            v = fwht(torch.index_select(v, dim, self.perm[r]) * signs, dim) * scale
+            signs = all_signs[r].reshape(shape)
+            v = fwht(torch.index_select(v, dim, perm[r]) * signs, dim) * scale
         return v
 
     def inverse(self, v: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -170,9 +171,10 @@ class SecretBasis(nn.Module):
         self._check()
         scale = 1 / math.sqrt(self.size)
         shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
+        inverse_perm, all_signs = self.inverse_perm.to(v.device), self.signs.to(v.device, v.dtype)
         for r in reversed(range(self.n_rounds)):
-            signs = self.signs[r].to(v.dtype).reshape(shape)
-            v = torch.index_select(fwht(v, dim) * (signs * scale), dim, self.inverse_perm[r])
+            signs = all_signs[r].reshape(shape)
+            v = torch.index_select(fwht(v, dim) * (signs * scale), dim, inverse_perm[r])
         return v
 
 

@@ -3,8 +3,13 @@
 The adversary is the server (see ``docs/privacy.md``): it knows the architecture, every shared
 parameter, each site's upload and the key generator, but not the key. Attacks here use only
 that: an upload is turned into a gradient (:func:`upload_gradient`,
-:func:`gradient_from_update`), then inverted analytically (:func:`analytic_attack`) or by
-gradient matching (:func:`dlg`) with the attacker's key guess (:func:`attacker_module`).
+:func:`gradient_from_update`), then inverted analytically through the encoder's first layer
+(:func:`analytic_attack`) or through the decoder alone (:func:`decoder_inversion`,
+:func:`decoder_bias_attack`), or by gradient matching (:func:`dlg`), each with the attacker's
+key guess (:func:`attacker_module`: no key, a wrong key, or the correct key as the upper
+bound). :func:`spectral_alignment_attack` needs no key: it undoes a secret linear feature map
+from many uploads and public data. Reconstructions are scored by :func:`partial_correlation`,
+:func:`reidentification_rate`, :func:`top_k_overlap` and :func:`label_recovery`.
 """
 
 from ._adaptive import spectral_alignment_attack
