@@ -67,7 +67,7 @@ def quickstart(
         model = scinfl.model.INFL(data, key=key)
         start = time.perf_counter()
         if federated:
-            history = model.train_federated(max_rounds=rounds, local_epochs=1)
+            history = model.train_federated(max_rounds=rounds, local_epochs=2)
         else:
             history = model.train_centralized(max_epochs=rounds)
         elapsed = time.perf_counter() - start
