@@ -10,6 +10,9 @@ key guess (:func:`attacker_module`: no key, a wrong key, or the correct key as t
 bound). :func:`spectral_alignment_attack` needs no key: it undoes a secret linear feature map
 from many uploads and public data. Reconstructions are scored by :func:`partial_correlation`,
 :func:`reidentification_rate`, :func:`top_k_overlap` and :func:`label_recovery`.
+
+Membership inference on the released model: :func:`loss_attack` and :func:`rmia_attack` (with
+reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.
 """
 
 from ._adaptive import spectral_alignment_attack
@@ -24,6 +27,15 @@ from ._attacks import (
     infer_label,
     input_layer,
     output_layer,
+)
+from ._membership import (
+    MembershipResult,
+    ReferenceModels,
+    loss_attack,
+    membership_metrics,
+    rmia_attack,
+    sample_losses,
+    train_reference_models,
 )
 from ._metrics import (
     candidate_scores,
@@ -43,7 +55,9 @@ from ._upload import (
 )
 
 __all__ = [
+    "MembershipResult",
     "Reconstruction",
+    "ReferenceModels",
     "analytic_attack",
     "analytic_inversion",
     "attacker_module",
@@ -57,13 +71,18 @@ __all__ = [
     "infer_label",
     "input_layer",
     "label_recovery",
+    "loss_attack",
     "make_tensors",
+    "membership_metrics",
     "output_layer",
     "partial_correlation",
     "reidentification_rate",
     "reidentify",
+    "rmia_attack",
+    "sample_losses",
     "shared_parameter_names",
     "spectral_alignment_attack",
     "top_k_overlap",
+    "train_reference_models",
     "upload_gradient",
 ]
