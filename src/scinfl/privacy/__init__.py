@@ -13,6 +13,7 @@ from many uploads and public data. Reconstructions are scored by :func:`partial_
 
 Membership inference on the released model: :func:`loss_attack` and :func:`rmia_attack` (with
 reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.
+:func:`wrong_key_utility` measures what the model is worth with a wrong key or none.
 """
 
 from ._adaptive import spectral_alignment_attack
@@ -53,6 +54,7 @@ from ._upload import (
     shared_parameter_names,
     upload_gradient,
 )
+from ._utility import wrong_key_utility
 
 __all__ = [
     "MembershipResult",
@@ -85,4 +87,5 @@ __all__ = [
     "top_k_overlap",
     "train_reference_models",
     "upload_gradient",
+    "wrong_key_utility",
 ]

@@ -19,7 +19,7 @@ from ._upload import Gradients, client_loss, shared_parameter_names
 
 logger = logging.getLogger(__name__)
 
-KeyGuess = Literal["none", "wrong"] | Key
+KeyGuess = Literal["none", "wrong", "correct"] | Key
 
 
 def attacker_module(
@@ -33,7 +33,9 @@ def attacker_module(
 
     - ``"none"``: the key material replaced by zeros (every secret coordinate at the origin);
     - ``"wrong"``: a key drawn from the same generator (:meth:`scinfl.Key.generate`);
-    - a :class:`~scinfl.Key`: the correct key (the upper bound of every attack).
+    - a :class:`~scinfl.Key`: the correct key (the upper bound of every attack);
+    - ``"correct"``: the key material ``module`` holds (the upper bound, without the
+      :class:`~scinfl.Key` object).
 
     An unkeyed module (``key_mode=None``) is copied as it is.
 
@@ -42,7 +44,7 @@ def attacker_module(
     module
         The model holding the parameters the attacker knows (the global ones of the round).
     key
-        ``"none"``, ``"wrong"`` or a :class:`~scinfl.Key`.
+        ``"none"``, ``"wrong"``, ``"correct"`` or a :class:`~scinfl.Key`.
     seed
         With ``"wrong"``, draw the wrong key deterministically from this seed (for
         reproducible audits); by default from the OS.
@@ -68,11 +70,14 @@ def attacker_module(
     elif key == "wrong":
         guess = Key.generate() if seed is None else Key(np.random.default_rng(seed).bytes(32))
         attacker.set_key(guess)
+    elif key == "correct":
+        if not attacker.has_key:
+            raise ValueError("key='correct' needs a module with its key set.")
     elif key == "none":
         shape = mode.key_material(Key(b"\0" * 32), attacker.n_input).shape
         attacker.key_encoder.set_coordinates(torch.zeros(shape))
     else:
-        raise ValueError(f"key must be 'none', 'wrong' or a scinfl.Key, got {key!r}.")
+        raise ValueError(f"key must be 'none', 'wrong', 'correct' or a scinfl.Key, got {key!r}.")
     return attacker
 
 
