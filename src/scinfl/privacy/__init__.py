@@ -13,7 +13,9 @@ from many uploads and public data. Reconstructions are scored by :func:`partial_
 
 Membership inference on the released model: :func:`loss_attack` and :func:`rmia_attack` (with
 reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.
-:func:`wrong_key_utility` measures what the model is worth with a wrong key or none.
+:func:`wrong_key_utility` measures what the model is worth with a wrong key or none, and
+:func:`audit` runs everything on a trained model into one tidy table (drawn by
+:func:`scinfl.pl.privacy`).
 """
 
 from ._adaptive import spectral_alignment_attack
@@ -29,6 +31,7 @@ from ._attacks import (
     input_layer,
     output_layer,
 )
+from ._audit import audit, training_rows
 from ._membership import (
     MembershipResult,
     ReferenceModels,
@@ -63,6 +66,7 @@ __all__ = [
     "analytic_attack",
     "analytic_inversion",
     "attacker_module",
+    "audit",
     "candidate_scores",
     "candidate_set",
     "client_loss",
@@ -86,6 +90,7 @@ __all__ = [
     "spectral_alignment_attack",
     "top_k_overlap",
     "train_reference_models",
+    "training_rows",
     "upload_gradient",
     "wrong_key_utility",
 ]
