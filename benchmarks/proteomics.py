@@ -41,7 +41,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 import scinfl
-from scinfl.federated import agree_features
+from scinfl.federated import SiteData, agree_features
 from scinfl.model import INFL
 
 TASKS = {
@@ -80,6 +80,9 @@ class Settings:
     validation_size: float = 0.1
     max_missing: float = 0.5
     balance_classes: bool = True
+    # every site of the protocol takes part in every fold, however few its training rows
+    # (with the library default of 10, a fold that leaves a site 9 rows would stop the run)
+    min_cells_per_site: int = 2
 
 
 def default_key_mode() -> str | None:
@@ -190,6 +193,20 @@ def _train_kwargs(s: Settings, seed: int) -> dict:
     }
 
 
+def fold_batch_size(train: AnnData, s: Settings) -> int:
+    """``s.batch_size``, capped at the smallest site's number of training rows.
+
+    ``train_federated`` refuses a site with fewer training rows than the batch size, and a
+    fold of a small cohort can leave a site with fewer rows than ``s.batch_size``. Each
+    site's training rows are counted with the library's own rule
+    (:meth:`SiteData.n_validation`, which depends only on the site's size), so the cap holds
+    for whatever split the library draws. Every method of the fold uses this value.
+    """
+    sizes = train.obs["site"].value_counts()
+    n_train = [int(n) - SiteData.n_validation(int(n), s.validation_size) for n in sizes if n > 0]
+    return min(s.batch_size, *n_train)
+
+
 def run_fold(
     data: AnnData,
     train_idx: np.ndarray,
@@ -208,12 +225,7 @@ def run_fold(
     test = data[test_idx, features].copy()
     y = test.obs["label"].cat.codes.to_numpy()
     key = scinfl.Key.generate()
-    # train_federated refuses a site with fewer training rows than the batch size: cap the
-    # batch size at the smallest site's training rows (same value for every row of the fold)
-    sizes = train.obs["site"].value_counts()
-    sizes = sizes[sizes > 0]
-    n_val = np.maximum(np.round(s.validation_size * sizes), (sizes >= 10) * 1)
-    s = replace(s, batch_size=int(min(s.batch_size, (sizes - n_val).min())))
+    s = replace(s, batch_size=fold_batch_size(train, s))
     rows = []
 
     def record(method, proba, seconds, note=""):
@@ -243,7 +255,10 @@ def run_fold(
             _setup(fed, classes, "site")
             model = _model(fed, key_mode, key, s)
             model.train_federated(
-                max_rounds=s.rounds, local_epochs=s.local_epochs, **_train_kwargs(s, seed)
+                max_rounds=s.rounds,
+                local_epochs=s.local_epochs,
+                min_cells_per_site=s.min_cells_per_site,
+                **_train_kwargs(s, seed),
             )
             record(
                 method,

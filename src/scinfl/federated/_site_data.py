@@ -57,6 +57,25 @@ class SiteData:
         self._batch_t = torch.as_tensor(np.asarray(self.batch, dtype=np.int64)).view(-1, 1)
         self._labels_t = torch.as_tensor(np.asarray(self.labels, dtype=np.int64)).view(-1, 1)
 
+    @staticmethod
+    def n_validation(n: int, validation_size: float) -> int:
+        """Number of validation rows :meth:`from_arrays` holds out of a site's ``n`` rows.
+
+        ``round(validation_size * n)``, and at least one row for a site of 10 rows or more
+        (with ``validation_size > 0``). It depends on ``n`` only (not on the labels or the
+        seed), so the training size of every site is known before any split is drawn, e.g.
+        to choose a batch size that every site can fill.
+
+        Examples
+        --------
+        >>> SiteData.n_validation(12, 0.1), SiteData.n_validation(4, 0.1), SiteData.n_validation(25, 0.1)
+        (1, 0, 2)
+        """
+        n_val = int(round(validation_size * n)) if n > 1 else 0
+        if validation_size > 0 and n >= 10:
+            n_val = max(n_val, 1)
+        return n_val
+
     @classmethod
     def from_arrays(
         cls,
@@ -67,21 +86,21 @@ class SiteData:
         validation_size: float = 0.1,
         seed: int = 0,
     ) -> SiteData:
-        """Build a site from arrays with a seeded random train/validation split."""
+        """Build a site from arrays with a seeded random train/validation split.
+
+        :meth:`n_validation` rows are held out.
+        """
         n = X.shape[0]
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(n)
-        n_val = int(round(validation_size * n)) if n > 1 else 0
-        if validation_size > 0 and n >= 10:
-            n_val = max(n_val, 1)
+        n_val = cls.n_validation(n, validation_size)
+        val_idx = np.random.default_rng(seed).permutation(n)[:n_val]
         zeros = np.zeros(n, dtype=np.int64)
         return cls(
             name=name,
             X=X,
             batch=zeros if batch is None else batch,
             labels=zeros if labels is None else labels,
-            train_idx=np.sort(perm[n_val:]),
-            val_idx=np.sort(perm[:n_val]),
+            train_idx=np.setdiff1d(np.arange(n), val_idx),
+            val_idx=np.sort(val_idx),
         )
 
     @property
