@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
+from sklearn.model_selection import train_test_split
 
 
 @dataclass
@@ -86,13 +87,24 @@ class SiteData:
         validation_size: float = 0.1,
         seed: int = 0,
     ) -> SiteData:
-        """Build a site from arrays with a seeded random train/validation split.
+        """Build a site from arrays with a seeded train/validation split.
 
-        :meth:`n_validation` rows are held out.
+        :meth:`n_validation` rows are held out. With ``labels`` of two or more classes the
+        split is stratified by label (:func:`~sklearn.model_selection.train_test_split`) when
+        every class has at least two rows and both parts can hold every class; otherwise one
+        row of every class is kept for training and the validation rows are drawn at random
+        from the others, so that a small site still trains on each of its classes. Without
+        labels (or with a single class) the rows are split at random.
+
+        Examples
+        --------
+        >>> labels = np.array([0] * 8 + [1] * 2)
+        >>> site = SiteData.from_arrays("a", np.ones((10, 3)), labels=labels, validation_size=0.1)
+        >>> sorted(set(labels[site.train_idx].tolist()))
+        [0, 1]
         """
         n = X.shape[0]
-        n_val = cls.n_validation(n, validation_size)
-        val_idx = np.random.default_rng(seed).permutation(n)[:n_val]
+        val_idx = _validation_rows(n, cls.n_validation(n, validation_size), labels, seed)
         zeros = np.zeros(n, dtype=np.int64)
         return cls(
             name=name,
@@ -159,3 +171,20 @@ class SiteData:
         for i, start in enumerate(starts):
             stop = starts[i + 1] if i + 1 < len(starts) else len(idx)
             yield self.tensors(idx[start:stop])
+
+
+def _validation_rows(n: int, n_val: int, labels: np.ndarray | None, seed: int) -> np.ndarray:
+    """Positions of the ``n_val`` validation rows among ``n`` (see :meth:`SiteData.from_arrays`)."""
+    rng = np.random.default_rng(seed)
+    counts = np.array([n]) if labels is None else np.unique(labels, return_counts=True)[1]
+    if len(counts) < 2 or n_val == 0:
+        return rng.permutation(n)[:n_val]
+    if counts.min() >= 2 and len(counts) <= min(n_val, n - n_val):
+        _, val_idx = train_test_split(
+            np.arange(n), test_size=n_val, stratify=labels, random_state=int(rng.integers(2**32))
+        )
+        return val_idx
+    # one row of every class (the first in a random order) goes to validation last
+    perm = rng.permutation(n)
+    _, first = np.unique(np.asarray(labels)[perm], return_index=True)
+    return np.concatenate([np.delete(perm, first), perm[first]])[:n_val]
