@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import data, federated, model, module, pl, tl
+from . import data, federated, model, module, pl, privacy, tl
 from .key import Key, KeyFileError, KeyMismatchError, MissingKeyError
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "model",
     "module",
     "pl",
+    "privacy",
     "tl",
 ]
 

@@ -1,5 +1,6 @@
 """Plots."""
 
 from ._embedding import umap
+from ._privacy import privacy
 
-__all__ = ["umap"]
+__all__ = ["privacy", "umap"]

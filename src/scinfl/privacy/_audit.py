@@ -446,10 +446,11 @@ def audit(
         member_mask = training_rows(model, validation_size, training_seed)
     else:
         member_mask = _as_mask(members, n, "members")
-    rng = np.random.default_rng(seed)
+    # one random stream per part: the draws of a part do not depend on the attacks chosen
+    rng_split, rng_uploads, rng_membership = (np.random.default_rng([seed, k]) for k in range(3))
     non_members = np.flatnonzero(~member_mask)
     if public is None:
-        shuffled = rng.permutation(non_members)
+        shuffled = rng_split.permutation(non_members)
         public_rows = np.sort(shuffled[: len(shuffled) // 2])
         held_out = np.sort(shuffled[len(shuffled) // 2 :])
     else:
@@ -489,7 +490,7 @@ def audit(
             dlg_lr,
             kl_weight,
             seed,
-            rng,
+            rng_uploads,
         )
     membership = [a for a in MEMBERSHIP_ATTACKS if a in attacks]
     if membership:
@@ -516,7 +517,7 @@ def audit(
             fpr,
             kl_weight,
             seed,
-            rng,
+            rng_membership,
         )
     if "inference" in attacks:
         has_labels = data.label_names is not None or labels_key is not None
