@@ -1,0 +1,279 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scinfl
+from scinfl.module import KeyedVAE
+from scinfl.privacy import (
+    audit,
+    client_loss,
+    loss_attack,
+    make_tensors,
+    membership_metrics,
+    rmia_attack,
+    sample_losses,
+    train_reference_models,
+    training_rows,
+    wrong_key_utility,
+)
+
+N_GENES = 40
+FIXED_KEY = scinfl.Key(bytes(range(32)))  # the tests must not depend on a random draw
+
+
+@pytest.fixture(scope="module")
+def counts():
+    adata = scinfl.data.synthetic_counts(n_obs=600, n_vars=N_GENES, n_labels=3, seed=0)
+    return adata.X.toarray(), adata.obs["label"].cat.codes.to_numpy()
+
+
+def _vae(**kwargs):
+    return KeyedVAE(
+        n_input=N_GENES, n_labels=3, classify=True, key_mode=None, dropout_rate=0.0, **kwargs
+    )
+
+
+def _tensors(counts, rows):
+    x, y = counts
+    return make_tensors(x[rows], labels=y[rows])
+
+
+# -- membership ------------------------------------------------------------------------------
+def test_membership_metrics_at_chance_on_random_scores():
+    rng = np.random.default_rng(0)
+    auc, tpr = membership_metrics(rng.normal(size=4000), rng.random(4000) < 0.5)
+    assert abs(auc - 0.5) < 0.03
+    assert tpr < 0.03
+    assert membership_metrics([3.0, 2.0, 1.0, 0.0], [True, True, False, False]) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        membership_metrics([1.0, 2.0], [True, True])
+
+
+def test_sample_losses_average_to_the_client_loss(counts):
+    torch.manual_seed(0)
+    vae = _vae(n_hidden=16)
+    t = _tensors(counts, np.arange(12))
+    per_sample = sample_losses(vae, t, kl_weight=0.5, batch_size=5)
+    assert per_sample.shape == (12,)
+    vae.eval()
+    expected = float(client_loss(vae, t, kl_weight=0.5).detach())
+    assert per_sample.mean() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_attack_near_chance_on_a_model_that_saw_neither_set(counts):
+    torch.manual_seed(0)
+    result = loss_attack(
+        _vae(n_hidden=16), _tensors(counts, range(300)), _tensors(counts, range(300, 600))
+    )
+    assert abs(result.auc - 0.5) < 0.1
+
+
+def test_loss_and_rmia_detect_members_of_an_overfit_model(counts):
+    """Few samples, many epochs, large learning rate: the model memorises its members."""
+    members, non_members, population = np.arange(30), np.arange(30, 90), np.arange(90, 210)
+
+    def make():
+        return _vae(n_hidden=64)
+
+    target = train_reference_models(
+        make, _tensors(counts, members), n_models=1, fraction=1.0, epochs=200, lr=0.01, seed=5
+    ).modules[0]
+    loss = loss_attack(target, _tensors(counts, members), _tensors(counts, non_members))
+    assert loss.auc > 0.7
+    assert loss.tpr > 0.05
+
+    references = train_reference_models(
+        make, _tensors(counts, population), n_models=2, epochs=100, lr=0.01, seed=1
+    )
+    assert references.trained_on.sum(1).tolist() == [60, 60]
+    rmia = rmia_attack(
+        target,
+        references,
+        _tensors(counts, members),
+        _tensors(counts, non_members),
+        _tensors(counts, population),
+    )
+    assert rmia.auc > 0.7
+    assert ((rmia.scores >= 0) & (rmia.scores <= 1)).all()
+    assert rmia.is_member.sum() == 30
+
+
+# -- wrong-key utility -------------------------------------------------------------------------
+def _trained(mode, n_rounds=12, **train_kwargs):
+    adata = scinfl.data.synthetic_counts(n_obs=300, n_vars=N_GENES, n_labels=3, n_sites=2, seed=1)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    torch.manual_seed(0)
+    model = scinfl.model.INFL(adata, key=FIXED_KEY, key_mode=mode, n_hidden=32)
+    if mode is not None and mode.startswith("feature"):
+        # KeyedVAE does not call install_model yet: key the decoder and dispersions here
+        model.module._key_mode.install_model(model.module)
+    model.train_federated(
+        max_rounds=n_rounds, batch_size=32, progress_bar=False, seed=0, **train_kwargs
+    )
+    return model
+
+
+def test_wrong_key_utility_pooled_vs_feature_mode():
+    """DESIGN.md section 1: a wrong key of the pooled mode is almost the right key; the
+    feature mode's classifier is at chance without its key (its latent space still clusters)."""
+    pooled = wrong_key_utility(_trained("pooled")).set_index(["metric", "key_guess"])["value"]
+    feature_table = wrong_key_utility(_trained("feature"))
+    feature = feature_table.set_index(["metric", "key_guess"])["value"]
+    chance = feature_table.set_index(["metric", "key_guess"])["chance"]
+    for table in (pooled, feature):
+        assert table["accuracy", "correct"] > 0.9
+        assert table["agreement", "correct"] == 1.0
+    # pooled: the model works as well with a wrong key or none
+    assert pooled["accuracy", "wrong"] > pooled["accuracy", "correct"] - 0.05
+    assert pooled["accuracy", "none"] > pooled["accuracy", "correct"] - 0.05
+    assert pooled["agreement", "wrong"] > 0.95
+    # feature: predictions at chance level without the key
+    for guess in ("wrong", "none"):
+        assert feature["accuracy", guess] < chance["accuracy", guess] + 0.1
+        assert feature["agreement", guess] < 0.5
+
+
+def test_wrong_key_utility_on_a_module(counts):
+    torch.manual_seed(0)
+    vae = KeyedVAE(n_input=N_GENES, n_labels=3, classify=True, key_mode="pooled", n_hidden=16)
+    vae.set_key(FIXED_KEY)
+    table = wrong_key_utility(
+        vae, _tensors(counts, range(60)), guesses=["correct", "none"], metrics=["accuracy", "ari"]
+    )
+    assert list(table.columns) == ["key_guess", "metric", "value", "chance"]
+    assert len(table) == 4
+    with pytest.raises(ValueError):
+        wrong_key_utility(vae, _tensors(counts, range(60)), metrics=["auc"])
+
+
+# -- audit -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_model():
+    return _trained(None, n_rounds=5, validation_size=0.3)
+
+
+@pytest.fixture(scope="module")
+def plain_audit(plain_model):
+    return audit(
+        plain_model,
+        upload_sizes=(1, 4),
+        n_victims=2,
+        dlg_iters=5,
+        n_references=2,
+        reference_epochs=2,
+        validation_size=0.3,
+        training_seed=0,
+    )
+
+
+def test_training_rows_match_the_federated_split(plain_model):
+    members = training_rows(plain_model, validation_size=0.3, seed=0)
+    history = plain_model.federated_history_
+    assert members.sum() == history.loc[history["round"] == 0, "n_train"].sum()
+    # another split is another set of rows
+    assert (training_rows(plain_model, validation_size=0.3, seed=1) != members).any()
+
+
+def test_audit_returns_the_documented_table(plain_audit):
+    df = plain_audit
+    assert list(df.columns) == [
+        "defence",
+        "attack",
+        "key_guess",
+        "upload",
+        "metric",
+        "value",
+        "sd",
+        "chance",
+        "n",
+    ]
+    assert set(df["defence"]) == {"plain"}
+    assert set(df["attack"]) == {
+        "analytic",
+        "decoder-inversion",
+        "inverting-gradients",
+        "dlg",
+        "loss",
+        "rmia",
+        "inference",
+    }
+    assert set(df["upload"]) == {"one-sample", "batch-4", "global-model"}
+    # an unkeyed model: one attacker, its rows repeated for every key guess
+    counts = df.groupby("key_guess").size()
+    assert set(counts.index) == {"none", "wrong", "correct"} and counts.nunique() == 1
+    fractions = df[df["metric"] != "partial_corr"]
+    assert fractions["value"].between(-1, 1).all()
+    rates = df[df["metric"].isin(["reidentification", "auc", "label_recovery", "accuracy"])]
+    assert rates["value"].between(0, 1).all()
+    assert df.loc[df["metric"] == "partial_corr", "value"].between(-1, 1).all()
+    assert not df["value"].isna().any()
+    assert set(df.loc[df["attack"] == "loss", "metric"]) == {"auc", "tpr@1%fpr"}
+
+
+def test_audit_recovers_one_sample_uploads_of_a_plain_model(plain_audit):
+    """Plain FedAvg must fail the audit, otherwise the audit proves nothing."""
+    df = plain_audit.set_index(["attack", "key_guess", "upload", "metric"])["value"]
+    for attack in ("analytic", "decoder-inversion"):
+        assert df[attack, "none", "one-sample", "reidentification"] == 1.0
+        assert df[attack, "none", "one-sample", "partial_corr"] > 0.99
+    assert df["inverting-gradients", "none", "one-sample", "label_recovery"] == 1.0
+
+
+def test_audit_keyed_model_runs_each_guess(counts):
+    model = _trained("pooled", n_rounds=2, validation_size=0.3)
+    df = audit(
+        model,
+        attacks=["analytic", "inference"],
+        key_guesses=["none", "correct"],
+        n_victims=2,
+        validation_size=0.3,
+        training_seed=0,
+        defence="paper",
+    )
+    assert set(df["defence"]) == {"paper"}
+    assert set(df["key_guess"]) == {"none", "correct"}
+    assert set(df["attack"]) == {"analytic", "inference"}
+    with pytest.raises(ValueError):
+        audit(model, attacks=["magic"])
+    with pytest.raises(ValueError):
+        audit(model, key_guesses=["maybe"])
+
+
+# -- plot ---------------------------------------------------------------------------------------
+def test_pl_privacy_draws_one_panel_per_metric(plain_audit, tmp_path):
+    import matplotlib.pyplot as plt
+
+    df = pd.concat([plain_audit, plain_audit.assign(defence="copy")])
+    df = df[df["attack"].isin(["analytic", "loss", "inference"])]
+    fig = scinfl.pl.privacy(df, save=tmp_path / "audit.png")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == df["metric"].nunique() == 9
+    # one bar per defence in every group of the first panel
+    assert (
+        len(visible[0].patches)
+        == 2
+        * df[df["metric"] == "reidentification"].groupby(["attack", "key_guess", "upload"]).ngroups
+    )
+    assert (tmp_path / "audit.png").stat().st_size > 0
+    fig = scinfl.pl.privacy(df, metrics=["auc", "partial_corr"], x="attack", upload="one-sample")
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["auc", "partial_corr"]
+    plt.close("all")
+    with pytest.raises(ValueError):
+        scinfl.pl.privacy(df.drop(columns="metric"))
+
+
+def test_attacker_module_correct_guess_is_a_copy_with_the_key():
+    from scinfl.privacy import attacker_module
+
+    vae = KeyedVAE(n_input=N_GENES, key_mode="pooled")
+    with pytest.raises(ValueError):
+        attacker_module(vae, "correct")  # no key set
+    vae.set_key(FIXED_KEY)
+    copy = attacker_module(vae, "correct")
+    assert copy is not vae
+    assert torch.equal(copy.key_encoder.coordinates, vae.key_encoder.coordinates)
