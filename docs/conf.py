@@ -72,6 +72,7 @@ _API_PACKAGES = (
     "scinfl.model",
     "scinfl.module",
     "scinfl.federated",
+    "scinfl.federated.flower",
     "scinfl.data",
     "scinfl.tl",
     "scinfl.pl",

@@ -2,6 +2,7 @@
 
 from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update, site_seed
+from ._dp import DPFedAvg
 from ._features import (
     agree_features,
     agree_features_from_reports,
@@ -17,6 +18,7 @@ from ._site_data import SiteData
 __all__ = [
     "ClientConfig",
     "ClientUpdate",
+    "DPFedAvg",
     "FederatedServer",
     "FederationConfig",
     "Parameters",

@@ -168,7 +168,9 @@ def client_update(
     )
     anchors = [p.detach().clone() for p in params] if config.mu > 0 else None
     if getattr(module, "classifier", None) is not None:
-        module.class_weights = site.class_weights(module.n_labels) if config.balance_classes else None
+        module.class_weights = (
+            site.class_weights(module.n_labels) if config.balance_classes else None
+        )
     totals = _new_totals()
     for _ in range(config.local_epochs):
         for batch in site.minibatches("train", config.batch_size, generator):
@@ -218,9 +220,14 @@ def client_evaluate(
         set_shared_parameters(module, global_parameters)
     module.eval()
     totals = _new_totals()
-    for batch in site.minibatches("val", batch_size):
-        _, _, loss_output = module(batch, loss_kwargs={"kl_weight": 1.0})
-        _accumulate(totals, loss_output, batch["X"].shape[0])
+    # the reconstruction term samples z ~ q(z|x): draw it from a fixed seed, so that every
+    # round is scored with the same noise (selection compares models, not draws) and a site
+    # scores the same in any process, whatever its random state (local engine == Flower)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for batch in site.minibatches("val", batch_size):
+            _, _, loss_output = module(batch, loss_kwargs={"kl_weight": 1.0})
+            _accumulate(totals, loss_output, batch["X"].shape[0])
     metrics = _summarise(totals, "val", getattr(module, "classifier", None) is not None)
     metrics["n_val"] = float(site.n_val)
     if site.n_val == 0:

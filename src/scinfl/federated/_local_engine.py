@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -25,6 +26,8 @@ def run_local(
     key_version: int | None = None,
     initial_parameters: Parameters | None = None,
     progress_bar: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> FederatedServer:
     """Run a federation in this process and leave the selected global model in ``module``.
 
@@ -45,6 +48,11 @@ def run_local(
         Start from these global parameters instead of the module's.
     progress_bar
         Show a progress bar over rounds.
+    checkpoint_dir
+        Write the server state there after every round (see
+        :meth:`FederatedServer.save_checkpoint`).
+    resume
+        Continue from the checkpoint in ``checkpoint_dir`` instead of starting afresh.
 
     Returns
     -------
@@ -61,16 +69,19 @@ def run_local(
     1
     """
     by_name = {site.name: site for site in sites}
-    server = FederatedServer(
-        parameters=initial_parameters or get_shared_parameters(module),
-        config=config,
-        key_fingerprint=key_fingerprint,
-        key_version=key_version,
+    server = start_server(
+        initial_parameters or get_shared_parameters(module),
+        config,
+        key_fingerprint,
+        key_version,
+        n_sites=len(by_name),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
-    rounds = tqdm(range(config.max_rounds), desc="federated rounds", disable=not progress_bar)
+    rounds = tqdm(server.rounds(), desc="federated rounds", disable=not progress_bar)
     for round_ in rounds:
         selected = server.sample_sites(list(by_name), round_)
-        client_config = config.client_config(round_)
+        client_config = server.config.client_config(round_)
         updates = [
             client_update(
                 module,
@@ -93,3 +104,36 @@ def run_local(
             break
     set_shared_parameters(module, server.best_parameters)
     return server
+
+
+def start_server(
+    parameters: Parameters,
+    config: FederationConfig,
+    key_fingerprint: str | None,
+    key_version: int | None,
+    n_sites: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+) -> FederatedServer:
+    """A new :class:`FederatedServer`, or the one saved in ``checkpoint_dir`` when ``resume``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> start_server({"w": np.zeros(1)}, FederationConfig(), None, None).next_round
+    0
+    """
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to continue.")
+        return FederatedServer.from_checkpoint(
+            checkpoint_dir, config, key_fingerprint, key_version, n_sites=n_sites
+        )
+    return FederatedServer(
+        parameters=parameters,
+        config=config,
+        key_fingerprint=key_fingerprint,
+        key_version=key_version,
+        checkpoint_dir=checkpoint_dir,
+        n_sites=n_sites,
+    )

@@ -6,15 +6,20 @@ only the transport differs.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate
+from ._dp import DPFedAvg
 from ._parameters import Parameters
 
 logger = logging.getLogger(__name__)
@@ -23,6 +28,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FederationConfig:
     """Settings of a federated run (the server's side of ``train_federated``).
+
+    ``min_available`` is the fewest accepted updates a round needs (fewer: the run stops with
+    an error, and can be resumed from its last checkpoint). ``privacy="dp"`` turns the
+    aggregation into client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
+    ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``.
 
     Examples
     --------
@@ -43,6 +53,12 @@ class FederationConfig:
     early_stopping: bool = False
     early_stopping_patience: int = 10
     seed: int = 0
+    min_available: int = 1
+    privacy: str | None = None
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+    kl_warmup_default: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -53,8 +69,13 @@ class FederationConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
         if self.mu < 0:
             raise ValueError("mu (FedProx) must be >= 0.")
+        if self.min_available < 1:
+            raise ValueError("min_available must be >= 1.")
+        if self.privacy not in (None, "dp"):
+            raise ValueError(f"privacy must be None or 'dp', got {self.privacy!r}.")
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
+            self.kl_warmup_default = True
 
     def kl_weight(self, round_: int) -> float:
         """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
@@ -75,6 +96,31 @@ class FederationConfig:
         )
 
 
+#: Settings a resumed run must share with its checkpoint (they shape the trajectory).
+_TRAJECTORY_FIELDS = (
+    "local_epochs",
+    "fraction",
+    "min_sites",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "mu",
+    "balance_classes",
+    "kl_warmup_rounds",
+    "seed",
+    "privacy",
+    "dp_noise_multiplier",
+    "dp_clipping_norm",
+)
+_CHECKPOINT_FORMAT = "scinfl-federation-checkpoint"
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 @dataclass
 class FederatedServer:
     """Holds the global model's parameters and the history of a federation.
@@ -87,6 +133,12 @@ class FederatedServer:
         Federation settings.
     key_fingerprint, key_version
         The federation's key identity: updates under another key are rejected.
+    checkpoint_dir
+        If set, the server state (global and selected parameters, round, history, DP
+        accounting; never key material) is written there after every completed round, and
+        :meth:`from_checkpoint` continues from it.
+    n_sites
+        Number of sites in the federation (the population of the DP accountant).
 
     Examples
     --------
@@ -100,12 +152,32 @@ class FederatedServer:
     config: FederationConfig
     key_fingerprint: str | None = None
     key_version: int | None = None
-    start_round: int = 0
+    checkpoint_dir: str | Path | None = None
+    n_sites: int | None = None
+    next_round: int = 0
+    stopped: bool = False
     rows: list[dict] = field(default_factory=list)
     best_parameters: Parameters | None = None
     best_round: int | None = None
     best_val_loss: float = np.inf
     rounds_without_improvement: int = 0
+    dp: DPFedAvg | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.privacy == "dp" and self.dp is None:
+            self.dp = DPFedAvg(
+                noise_multiplier=self.config.dp_noise_multiplier,
+                clipping_norm=self.config.dp_clipping_norm,
+                n_sites=self.n_sites or 1,
+                delta=self.config.dp_delta,
+                seed=self.config.seed,
+            )
+
+    def rounds(self) -> range:
+        """The rounds still to run: those after the last completed one, none once stopped early."""
+        if self.stopped and self.config.early_stopping:
+            return range(0)
+        return range(self.next_round, self.config.max_rounds)
 
     def sample_sites(self, sites: Sequence[str], round_: int) -> list[str]:
         """The sites asked to train in ``round_`` (a seeded fraction, at least ``min_sites``)."""
@@ -118,7 +190,12 @@ class FederatedServer:
         return sorted(rng.choice(sites, size=n, replace=False).tolist())
 
     def aggregate(self, round_: int, updates: Sequence[ClientUpdate]) -> Parameters:
-        """Check the key identity of the updates, FedAvg them, record their metrics."""
+        """Check the key identity of the updates, aggregate them, record their metrics.
+
+        FedAvg weighted by ``n_k``, or DP-FedAvg when ``config.privacy == "dp"``. Raises if
+        fewer than ``config.min_available`` updates are accepted; the global model then stays
+        that of the last completed round.
+        """
         accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
         kl_weight = self.config.kl_weight(round_)
         for update in updates:
@@ -137,13 +214,31 @@ class FederatedServer:
                 f"Round {round_}: no update was accepted (all sites failed, or all used another "
                 "key). Check that every site loaded the federation's key file."
             )
-        self.parameters = fedavg(accepted)
+        if len(accepted) < self.config.min_available:
+            self.rows = [r for r in self.rows if r["round"] != round_]
+            raise RuntimeError(
+                f"Round {round_}: {len(accepted)} update(s) accepted, fewer than "
+                f"min_available={self.config.min_available} (sites failed, did not answer in "
+                "time, or used another key). Bring the sites back (each with the federation's "
+                "key file) and continue with resume=True from the last checkpoint, or lower "
+                "min_available."
+            )
+        if self.dp is not None:
+            self.dp.n_sites = max(self.dp.n_sites, self.n_sites or 0, len(accepted))
+            self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
+            epsilon = self.dp.epsilon()
+            for row in self.rows:
+                if row["round"] == round_:
+                    row["dp_epsilon"] = epsilon
+        else:
+            self.parameters = fedavg(accepted)
         return self.parameters
 
     def record_evaluation(self, round_: int, site_metrics: dict[str, dict[str, float]]) -> bool:
         """Record the validation metrics of the new global model; returns ``True`` to stop.
 
         The global model with the lowest validation loss (weighted by validation rows) is kept.
+        This completes the round: with a ``checkpoint_dir``, the state is saved.
         """
         for row in self.rows:
             if row["round"] == round_ and row["site"] in site_metrics:
@@ -154,24 +249,33 @@ class FederatedServer:
                 self.rows.append(
                     {"round": round_, "site": site, "n_train": 0, "accepted": False, **metrics}
                 )
+        stop = False
         if not evaluated:
             self.best_parameters, self.best_round = self.parameters, round_
-            return False
-        weights = np.array([m["n_val"] for m in evaluated.values()])
-        val_loss = float(np.average([m["val_loss"] for m in evaluated.values()], weights=weights))
-        if val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss
-            self.best_parameters = self.parameters
-            self.best_round = round_
-            self.rounds_without_improvement = 0
         else:
-            self.rounds_without_improvement += 1
-        stop = (
-            self.config.early_stopping
-            and self.rounds_without_improvement >= self.config.early_stopping_patience
-        )
-        if stop:
-            logger.info("Early stopping after round %d (best round %d).", round_, self.best_round)
+            weights = np.array([m["n_val"] for m in evaluated.values()])
+            val_loss = float(
+                np.average([m["val_loss"] for m in evaluated.values()], weights=weights)
+            )
+            if val_loss < self.best_val_loss:
+                self.best_val_loss = val_loss
+                self.best_parameters = self.parameters
+                self.best_round = round_
+                self.rounds_without_improvement = 0
+            else:
+                self.rounds_without_improvement += 1
+            stop = (
+                self.config.early_stopping
+                and self.rounds_without_improvement >= self.config.early_stopping_patience
+            )
+            if stop:
+                logger.info(
+                    "Early stopping after round %d (best round %d).", round_, self.best_round
+                )
+        self.next_round = round_ + 1
+        self.stopped = stop
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir)
         return stop
 
     def history(self) -> pd.DataFrame:
@@ -180,3 +284,148 @@ class FederatedServer:
         if not df.empty:
             df = df.sort_values(["round", "site"], kind="stable").reset_index(drop=True)
         return df
+
+    def dp_epsilon(self) -> float | None:
+        """Epsilon spent so far (``None`` without ``privacy="dp"``)."""
+        return None if self.dp is None else self.dp.epsilon()
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write the server state after the last completed round to ``directory``.
+
+        ``round-NNNNN.npz`` holds the global and the selected parameters, ``checkpoint.json``
+        the round, settings, selection state, DP accounting and history; the JSON is replaced
+        atomically last, so an interrupted write leaves the previous checkpoint intact. Only
+        what the server holds is written: no key, no data.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=2))
+        >>> _ = server.record_evaluation(0, {})
+        >>> path = server.save_checkpoint(tempfile.mkdtemp())
+        >>> FederatedServer.from_checkpoint(path, FederationConfig(max_rounds=2)).next_round
+        1
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays_name = f"round-{self.next_round:05d}.npz"
+        arrays = {f"global/{k}": v for k, v in self.parameters.items()}
+        if self.best_parameters is not None:
+            arrays.update({f"best/{k}": v for k, v in self.best_parameters.items()})
+        tmp = directory / f".{arrays_name}.tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, directory / arrays_name)
+        state = {
+            "format": _CHECKPOINT_FORMAT,
+            "version": 1,
+            "arrays": arrays_name,
+            "parameter_order": list(self.parameters),
+            "next_round": self.next_round,
+            "stopped": self.stopped,
+            "best_round": self.best_round,
+            "best_val_loss": self.best_val_loss if np.isfinite(self.best_val_loss) else None,
+            "rounds_without_improvement": self.rounds_without_improvement,
+            "key_fingerprint": self.key_fingerprint,
+            "key_version": self.key_version,
+            "config": dataclasses.asdict(self.config),
+            "dp_releases": None if self.dp is None else list(self.dp.releases),
+            "rows": self.rows,
+        }
+        tmp = directory / ".checkpoint.json.tmp"
+        tmp.write_text(json.dumps(state, default=_json_default))
+        os.replace(tmp, directory / "checkpoint.json")
+        for old in directory.glob("round-*.npz"):
+            if old.name != arrays_name:
+                old.unlink()
+        return directory
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        directory: str | Path,
+        config: FederationConfig,
+        key_fingerprint: str | None = None,
+        key_version: int | None = None,
+        n_sites: int | None = None,
+    ) -> FederatedServer:
+        """Continue a federation from :meth:`save_checkpoint`'s files.
+
+        ``config`` may change ``max_rounds`` (to train longer), early stopping and
+        ``min_available``; the settings that shape the trajectory (seed, learning rate, local
+        epochs, KL warm-up, DP, ...) must be those of the checkpoint, and so must the key.
+        Checkpoints are written again to ``directory``.
+
+        Examples
+        --------
+        >>> server = FederatedServer.from_checkpoint("ckpt/", config)  # doctest: +SKIP
+        """
+        directory = Path(directory)
+        path = directory / "checkpoint.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No checkpoint at {directory} (no checkpoint.json). Start without resume=True, "
+                "or pass the checkpoint_dir of the interrupted run."
+            )
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a readable scinfl checkpoint: {error}.") from error
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a scinfl federation checkpoint.")
+        saved = state["config"]
+        if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
+            # a default warm-up follows max_rounds; a resumed run keeps the one it started with
+            config = dataclasses.replace(config, kl_warmup_rounds=saved["kl_warmup_rounds"])
+        changed = [
+            f"{name} ({saved.get(name)!r} -> {getattr(config, name)!r})"
+            for name in _TRAJECTORY_FIELDS
+            if saved.get(name) != getattr(config, name)
+        ]
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {directory}: settings differ from the checkpoint's: "
+                f"{', '.join(changed)}. Resume with the same settings (only max_rounds, early "
+                "stopping and min_available may change), or start a new run in another "
+                "checkpoint_dir."
+            )
+        for what, ours, theirs in (
+            ("fingerprint", key_fingerprint, state["key_fingerprint"]),
+            ("version", key_version, state["key_version"]),
+        ):
+            if ours != theirs:
+                raise ValueError(
+                    f"Cannot resume from {directory}: it was trained under key {what} "
+                    f"{theirs!r}, this run uses {ours!r}. Load the federation's key, or start a "
+                    "new run (a rotated key needs a new run, see Key.rotate)."
+                )
+        order = state["parameter_order"]
+        with np.load(directory / state["arrays"]) as npz:
+            parameters = {name: npz[f"global/{name}"] for name in order}
+            best = (
+                {name: npz[f"best/{name}"] for name in order} if f"best/{order[0]}" in npz else None
+            )
+        server = cls(
+            parameters=parameters,
+            config=config,
+            key_fingerprint=key_fingerprint,
+            key_version=key_version,
+            checkpoint_dir=directory,
+            n_sites=n_sites,
+            next_round=int(state["next_round"]),
+            stopped=bool(state["stopped"]),
+            rows=state["rows"],
+            best_parameters=best,
+            best_round=state["best_round"],
+            best_val_loss=np.inf if state["best_val_loss"] is None else state["best_val_loss"],
+            rounds_without_improvement=int(state["rounds_without_improvement"]),
+        )
+        if server.dp is not None:
+            server.dp.releases = list(state["dp_releases"] or [])
+        logger.info(
+            "Resuming from %s after round %d (best round %s).",
+            directory,
+            server.next_round - 1,
+            server.best_round,
+        )
+        return server

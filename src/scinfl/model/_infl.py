@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -115,6 +116,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.key_fingerprint_: str | None = None
         self.key_version_: int | None = None
         self.federated_history_: pd.DataFrame | None = None
+        self.dp_epsilon_: float | None = None
         self._model_summary_string = (
             f"INFL: key_mode={key_mode}, gene_likelihood={gene_likelihood}, n_latent={n_latent}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}"
@@ -283,6 +285,13 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping: bool = False,
         early_stopping_patience: int = 10,
         min_cells_per_site: int = 10,
+        min_available: int = 1,
+        privacy: Literal["dp"] | None = None,
+        dp_noise_multiplier: float = 1.0,
+        dp_clipping_norm: float = 1.0,
+        dp_delta: float = 1e-5,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
         seed: int | None = None,
         progress_bar: bool = True,
     ) -> pd.DataFrame:
@@ -323,6 +332,26 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Stop when the validation loss has not improved for that many rounds.
         min_cells_per_site
             Smallest site accepted.
+        min_available
+            Fewest accepted site updates a round needs. Sites that fail (or, on Flower, do not
+            answer in time) are left out of that round; below ``min_available`` the run stops
+            with an error and can be continued with ``resume=True``.
+        privacy
+            ``"dp"``: client-level DP-FedAvg with fixed clipping, Flower's mechanism and
+            Rényi-DP accountant (needs the ``flower`` extra). Each site's update is clipped to
+            ``dp_clipping_norm``, updates are averaged uniformly and Gaussian noise of standard
+            deviation ``dp_noise_multiplier * dp_clipping_norm / n_sampled`` is added. The
+            epsilon spent (at ``dp_delta``) is in the history's ``dp_epsilon`` column and in
+            ``model.dp_epsilon_``.
+        dp_noise_multiplier, dp_clipping_norm, dp_delta
+            DP settings (used with ``privacy="dp"``).
+        checkpoint_dir
+            Write the server's state (global and selected weights, round, history, DP
+            accounting; never the key or data) there after every completed round.
+        resume
+            Continue the interrupted run saved in ``checkpoint_dir`` from its last completed
+            round, with the same settings (``max_rounds`` may grow); the result equals that of
+            an uninterrupted run.
         seed
             Seed of the federation (default: ``scvi.settings.seed``).
         progress_bar
@@ -335,7 +364,10 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> history = model.train_federated(max_rounds=30, local_epochs=1)  # doctest: +SKIP
+        >>> history = model.train_federated(max_rounds=30, local_epochs=2)  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/")  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/", resume=True)  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, privacy="dp", dp_noise_multiplier=0.5)  # doctest: +SKIP
         """
         if engine not in ("local", "flower"):
             raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
@@ -359,6 +391,11 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             seed=seed,
+            min_available=min_available,
+            privacy=privacy,
+            dp_noise_multiplier=dp_noise_multiplier,
+            dp_clipping_norm=dp_clipping_norm,
+            dp_delta=dp_delta,
         )
         sites = self._site_data(validation_size, config.seed)
         validate_sites(
@@ -367,7 +404,18 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             batch_size=batch_size,
             min_cells=min_cells_per_site,
         )
-        return self._run(sites, config, progress_bar, engine=engine)
+        if min_available > len(sites):
+            raise ValueError(
+                f"min_available={min_available} but the federation has only {len(sites)} sites."
+            )
+        return self._run(
+            sites,
+            config,
+            progress_bar,
+            engine=engine,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+        )
 
     def train_centralized(
         self,
@@ -421,7 +469,13 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return FederationConfig(seed=0 if seed is None else int(seed), **kwargs)
 
     def _run(
-        self, sites: list[SiteData], config: FederationConfig, progress_bar: bool, engine: str = "local"
+        self,
+        sites: list[SiteData],
+        config: FederationConfig,
+        progress_bar: bool,
+        engine: str = "local",
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
     ) -> pd.DataFrame:
         torch.manual_seed(config.seed)
         runner = run_local
@@ -439,12 +493,15 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             key_fingerprint=self.key_fingerprint_,
             key_version=self.key_version_,
             progress_bar=progress_bar,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
         )
         self.module.eval()
         self.is_trained_ = True
         history = server.history()
         history.attrs["best_round"] = server.best_round
         self.federated_history_ = history
+        self.dp_epsilon_ = server.dp_epsilon()
         return history
 
     # -- outputs -------------------------------------------------------------------------------

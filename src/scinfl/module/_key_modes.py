@@ -87,5 +87,7 @@ def get_key_mode(name: str, **kwargs) -> PooledKeyMode | FeatureKeyMode | InrFea
     'pooled'
     """
     if name not in KEY_MODES:
-        raise ValueError(f"Unknown key_mode {name!r}; choose one of {sorted(KEY_MODES)} or None (no key).")
+        raise ValueError(
+            f"Unknown key_mode {name!r}; choose one of {sorted(KEY_MODES)} or None (no key)."
+        )
     return KEY_MODES[name](**kwargs)

@@ -158,9 +158,29 @@ def request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | No
 
 
 def _collect(
-    replies, directory: SiteDirectory, server: FederatedServer, what: str, round_: int
+    replies,
+    directory: SiteDirectory,
+    server: FederatedServer,
+    what: str,
+    round_: int,
+    asked: Sequence[str] = (),
 ) -> list[ClientUpdate]:
-    """Decode replies; drop errors and replies whose claimed site is not the addressed node's."""
+    """Decode replies; drop errors and replies whose claimed site is not the addressed node's.
+
+    A site that died (its SuperNode killed or disconnected) answers with Flower's "node
+    unavailable" error once the SuperLink misses its heartbeats, or not at all within the
+    round timeout: both are logged and the round goes on without it.
+    """
+    replies = list(replies)
+    answered = {reply.metadata.src_node_id for reply in replies}
+    for site in asked:
+        if directory.nodes[site] not in answered:
+            logger.warning(
+                "Round %d: site %r did not answer its %s step in time; going on without it.",
+                round_,
+                site,
+                what,
+            )
     updates, errors = [], []
     for reply in replies:
         node_id = reply.metadata.src_node_id
@@ -177,9 +197,9 @@ def _collect(
             )
             continue
         updates.append(update)
-    if errors and not updates:
+    if (errors or asked) and not updates:
         raise RuntimeError(
-            f"Round {round_}: every site failed its {what} step: {'; '.join(errors)}"
+            f"Round {round_}: no site completed its {what} step: {'; '.join(errors) or 'timeout'}"
         )
     return sorted(updates, key=lambda u: u.site)
 
@@ -235,11 +255,14 @@ def run_rounds(
                 server.key_fingerprint,
                 server.key_version,
             )
-    rounds = tqdm(
-        range(config.max_rounds), desc="federated rounds (flower)", disable=not progress_bar
-    )
+    rounds = tqdm(server.rounds(), desc="federated rounds (flower)", disable=not progress_bar)
     for round_ in rounds:
-        selected = server.sample_sites(directory.sites, round_)
+        connected = set(grid.get_node_ids())
+        gone = [site for site in directory.sites if directory.nodes[site] not in connected]
+        if gone:
+            logger.warning("Round %d: sites %s are disconnected and not asked.", round_, gone)
+        available = [site for site in directory.sites if site not in gone]
+        selected = server.sample_sites(available, round_)
         config_record = config_to_record(config.client_config(round_))
         messages = [
             Message(
@@ -258,6 +281,7 @@ def run_rounds(
             server,
             "train",
             round_,
+            asked=selected,
         )
         server.aggregate(round_, updates)
         record = parameters_to_record(server.parameters)
@@ -268,7 +292,7 @@ def run_rounds(
                 MessageType.EVALUATE,
                 group_id=str(round_),
             )
-            for site in directory.sites
+            for site in available
         ]
         evaluations = _collect(
             grid.send_and_receive(messages, timeout=round_timeout),
@@ -276,6 +300,7 @@ def run_rounds(
             server,
             "evaluate",
             round_,
+            asked=available,
         )
         accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
         stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
@@ -294,6 +319,7 @@ def make_server_app(
     round_timeout: float | None = None,
     discovery_timeout: float | None = 300.0,
     progress_bar: bool = True,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
     """Build the Flower ``ServerApp`` of scinfl.
 
@@ -312,6 +338,9 @@ def make_server_app(
         Seconds to wait for the nodes to connect and introduce themselves.
     progress_bar
         Show a progress bar over rounds.
+    on_error
+        Called with an exception that ends the run, before it propagates (Flower's simulation
+        only logs it).
 
     Returns
     -------
@@ -330,15 +359,23 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server = server_factory(context)
-        expected = expected_sites(context) if callable(expected_sites) else expected_sites
-        directory = discover_sites(grid, expected, timeout=discovery_timeout)
-        logger.info(
-            "Sites: %s", ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites)
-        )
-        if not server.parameters:
-            server.parameters = request_parameters(grid, directory, round_timeout)
-        run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar)
+        try:
+            server = server_factory(context)
+            expected = expected_sites(context) if callable(expected_sites) else expected_sites
+            directory = discover_sites(grid, expected, timeout=discovery_timeout)
+            logger.info(
+                "Sites: %s",
+                ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites),
+            )
+            if not server.parameters:
+                server.parameters = request_parameters(grid, directory, round_timeout)
+            run_rounds(
+                grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar
+            )
+        except BaseException as error:
+            if on_error is not None:
+                on_error(error)
+            raise
         if on_finish is not None:
             on_finish(server, context)
 

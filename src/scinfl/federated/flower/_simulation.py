@@ -7,6 +7,7 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 from torch import nn
 
+from scinfl.federated._local_engine import start_server
 from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
@@ -128,6 +130,8 @@ def run_flower_simulation(
     key: Key | Mapping[str, Key] | None = None,
     backend_config: Mapping[str, Any] | None = None,
     verbose_logging: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> FederatedServer:
     """Run a federation with Flower's simulation engine; leave the selected model in ``module``.
 
@@ -161,6 +165,9 @@ def run_flower_simulation(
         Flower's Ray backend settings (default: one worker process, 1 CPU).
     verbose_logging
         Flower's debug logs.
+    checkpoint_dir, resume
+        Checkpoint after every round, and continue from it (as in
+        :func:`~scinfl.federated.run_local`).
 
     Returns
     -------
@@ -196,17 +203,22 @@ def run_flower_simulation(
         key_version=key_version,
         num_threads=torch.get_num_threads(),
     )
-    server = FederatedServer(
-        parameters=initial_parameters or get_shared_parameters(module),
-        config=config,
-        key_fingerprint=key_fingerprint,
-        key_version=key_version,
+    server = start_server(
+        initial_parameters or get_shared_parameters(module),
+        config,
+        key_fingerprint,
+        key_version,
+        n_sites=len(table.sites),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
+    failures: list[BaseException] = []
     server_app = make_server_app(
         lambda context: server,
         expected_sites=[site.name for site in table.sites],
         progress_bar=progress_bar,
         discovery_timeout=None,
+        on_error=failures.append,
     )
     client_app = make_client_app(table)
     if backend_config is None:
@@ -219,6 +231,8 @@ def run_flower_simulation(
             backend_config=dict(backend_config),
             verbose_logging=verbose_logging,
         )
+    if failures:  # Flower's simulation logs a ServerApp's exception and returns: re-raise it
+        raise failures[0]
     if server.best_parameters is None:
         raise RuntimeError("The Flower simulation ended before its first round; see the log above.")
     set_shared_parameters(module, server.best_parameters)

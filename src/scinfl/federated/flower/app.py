@@ -34,9 +34,10 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from scinfl.federated._local_engine import start_server
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
-from scinfl.key import Key
+from scinfl.key import Key, KeyMismatchError
 from scinfl.module import KeyedVAE
 
 from ._client_app import SiteRuntime, make_client_app
@@ -62,6 +63,12 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "key-fingerprint": "",
     "key-version": 0,
     "output-dir": "scinfl-flower-output",
+    "resume": False,
+    "min-available": 1,
+    "privacy": "",
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
+    "dp-delta": 1e-5,
     "round-timeout": 0.0,
     "discovery-timeout": 600.0,
     # data and model (every site builds the same architecture)
@@ -118,6 +125,11 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
         early_stopping=bool(s["early-stopping"]),
         early_stopping_patience=int(s["early-stopping-patience"]),
         seed=int(s["seed"]),
+        min_available=int(s["min-available"]),
+        privacy=str(s["privacy"]) or None,
+        dp_noise_multiplier=float(s["dp-noise-multiplier"]),
+        dp_clipping_norm=float(s["dp-clipping-norm"]),
+        dp_delta=float(s["dp-delta"]),
     )
 
 
@@ -225,6 +237,17 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
                 f"Site {site!r}: the model is keyed but the node config has no `key-path`."
             )
         key = Key.load(key_path)
+        expected = str(run_config.get("key-fingerprint", "")), int(run_config.get("key-version", 0))
+        if (expected[0] and key.fingerprint != expected[0]) or (
+            expected[1] and key.version != expected[1]
+        ):
+            # refuse here too, so the site's own log says why its updates would be dropped
+            raise KeyMismatchError(
+                f"Site {site!r}: the key file {key_path} holds key {key.fingerprint} (version "
+                f"{key.version}), but this federation uses key {expected[0] or '(any)'} (version "
+                f"{expected[1] or '(any)'}). Point `key-path` in --node-config at the "
+                "federation's key file (after a rotation: the new one)."
+            )
         module.set_key(key)
         fingerprint, version = key.fingerprint, key.version
     return SiteRuntime(module, data, fingerprint, version)
@@ -269,6 +292,7 @@ def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
         "best_val_loss": None if not np.isfinite(server.best_val_loss) else server.best_val_loss,
         "key_fingerprint": server.key_fingerprint,
         "key_version": server.key_version,
+        "dp_epsilon": server.dp_epsilon(),
         "sites": sorted(pd.unique(server.history()["site"]).tolist()) if server.rows else [],
         "parameter_order": list(server.best_parameters),
     }
@@ -298,17 +322,26 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     s = _settings(context.run_config)
-    server = FederatedServer(
-        parameters={},
-        config=federation_config(s),
-        key_fingerprint=str(s["key-fingerprint"]) or None,
-        key_version=int(s["key-version"]) or None,
-    )
+    checkpoint_dir = Path(s["output-dir"]) / "checkpoint"
     round_timeout = float(s["round-timeout"]) or None
     directory = discover_sites(
         grid, int(s["min-sites"]), timeout=float(s["discovery-timeout"]) or None
     )
     logger.info("Sites: %s", ", ".join(f"{n} (node {directory.nodes[n]})" for n in directory.sites))
+    fingerprint, version = str(s["key-fingerprint"]) or None, int(s["key-version"]) or None
+    if s["resume"] and fingerprint is None and (checkpoint_dir / "checkpoint.json").is_file():
+        # unpinned key: the run being resumed adopted one; keep it
+        saved = json.loads((checkpoint_dir / "checkpoint.json").read_text())
+        fingerprint, version = saved.get("key_fingerprint"), saved.get("key_version")
+    server = start_server(
+        {},
+        federation_config(s),
+        fingerprint,
+        version,
+        n_sites=len(directory.sites),
+        checkpoint_dir=checkpoint_dir,
+        resume=bool(s["resume"]),
+    )
     if server.key_fingerprint is None:
         first = directory.sites[0]
         server.key_fingerprint, version = directory.keys[first]
@@ -320,7 +353,8 @@ def _server_main(grid: Grid, context: Context) -> None:
             server.key_fingerprint,
             server.key_version,
         )
-    server.parameters = request_parameters(grid, directory, round_timeout)
+    if not server.parameters:
+        server.parameters = request_parameters(grid, directory, round_timeout)
     run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
     out = save_results(server, s["output-dir"])
     logger.info("Best round %s; results written to %s.", server.best_round, out.resolve())

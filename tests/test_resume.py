@@ -1,0 +1,231 @@
+"""Checkpoint after every round, resume, and the minimum number of available sites."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import scinfl
+from scinfl.federated import (
+    ClientUpdate,
+    FederatedServer,
+    FederationConfig,
+    SiteData,
+    _local_engine,
+    get_shared_parameters,
+    run_local,
+)
+from scinfl.module import KeyedVAE
+
+N_VARS = 12
+
+
+def _sites(n_sites=3, n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        SiteData.from_arrays(
+            f"s{i}", rng.poisson(2 + i, (n, N_VARS)), validation_size=0.25, seed=seed + i
+        )
+        for i in range(n_sites)
+    ]
+
+
+def _module(key):
+    torch.manual_seed(0)
+    module = KeyedVAE(n_input=N_VARS, n_hidden=16, n_latent=4, key_mode="pooled")
+    module.set_key(key)
+    return module
+
+
+def _config(**kwargs):
+    return FederationConfig(**{"max_rounds": 4, "batch_size": 16, "seed": 5, **kwargs})
+
+
+def _without_time(history):
+    return history.drop(columns=[c for c in history if c.endswith("time_s")])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _run_interrupted(monkeypatch, module, sites, config, key, checkpoint_dir, fail_round):
+    real = _local_engine.client_update
+
+    def dying(module, site, parameters, client_config, *args):
+        if client_config.round == fail_round:
+            raise _Interrupt("the machine went down")
+        return real(module, site, parameters, client_config, *args)
+
+    monkeypatch.setattr(_local_engine, "client_update", dying)
+    with pytest.raises(_Interrupt):
+        run_local(
+            module,
+            sites,
+            config,
+            key.fingerprint,
+            key.version,
+            progress_bar=False,
+            checkpoint_dir=checkpoint_dir,
+        )
+    monkeypatch.setattr(_local_engine, "client_update", real)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, key, monkeypatch):
+    sites, config = _sites(), _config()
+    module = _module(key)
+    reference = run_local(module, sites, config, key.fingerprint, key.version, progress_bar=False)
+    expected = get_shared_parameters(module)
+
+    _run_interrupted(monkeypatch, _module(key), sites, config, key, tmp_path / "ckpt", 2)
+    state = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert state["next_round"] == 2  # rounds 0 and 1 completed, round 2 lost
+
+    fresh = _module(key)
+    for p in fresh.parameters():  # the resumed weights come from the checkpoint, not from here
+        torch.nn.init.normal_(p)
+    resumed = run_local(
+        fresh,
+        sites,
+        config,
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+        checkpoint_dir=tmp_path / "ckpt",
+        resume=True,
+    )
+    got = get_shared_parameters(fresh)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert resumed.best_round == reference.best_round
+    assert _without_time(resumed.history()).equals(_without_time(reference.history()))
+
+
+def test_checkpoint_has_no_key_material(tmp_path, key):
+    module = _module(key)
+    run_local(
+        module,
+        _sites(),
+        _config(max_rounds=1),
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+        checkpoint_dir=tmp_path,
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint.json", "round-00001.npz"]
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert key._seed not in blob and key._seed.hex().encode() not in blob
+    coordinates = module.key_encoder.coordinates.detach().numpy()
+    assert coordinates.tobytes() not in blob
+    with np.load(tmp_path / "round-00001.npz") as npz:
+        stored = {name.split("/", 1)[1] for name in npz.files}
+    assert stored == set(get_shared_parameters(module))
+    assert not any("coordinates" in name for name in stored)
+
+
+def test_resume_extends_a_finished_run(tmp_path, key):
+    sites = _sites()
+    module = _module(key)
+    run_local(
+        module,
+        sites,
+        _config(max_rounds=2),
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+        checkpoint_dir=tmp_path,
+    )
+    # the default KL warm-up (max_rounds // 2) follows the run that started, not the new max
+    server = run_local(
+        module,
+        sites,
+        _config(max_rounds=3),
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+    assert sorted(server.history()["round"].unique()) == [0, 1, 2]
+    assert server.config.kl_warmup_rounds == 1
+
+
+def test_resume_refuses_other_settings_another_key_or_no_checkpoint(tmp_path, key):
+    module, sites = _module(key), _sites()
+    run_local(
+        module,
+        sites,
+        _config(max_rounds=1),
+        key.fingerprint,
+        key.version,
+        progress_bar=False,
+        checkpoint_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"settings differ.*lr \(0.001 -> 0.01\)"):
+        run_local(
+            module,
+            sites,
+            _config(lr=0.01),
+            key.fingerprint,
+            key.version,
+            progress_bar=False,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+    other = scinfl.Key.generate()
+    with pytest.raises(ValueError, match="trained under key fingerprint"):
+        run_local(
+            module,
+            sites,
+            _config(),
+            other.fingerprint,
+            other.version,
+            progress_bar=False,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        run_local(
+            module,
+            sites,
+            _config(),
+            key.fingerprint,
+            key.version,
+            progress_bar=False,
+            checkpoint_dir=tmp_path / "empty",
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="needs the checkpoint_dir"):
+        run_local(
+            module, sites, _config(), key.fingerprint, key.version, progress_bar=False, resume=True
+        )
+
+
+def test_round_with_too_few_sites_fails_and_leaves_the_last_model():
+    server = FederatedServer({"w": np.zeros(2)}, FederationConfig(max_rounds=3, min_available=2))
+    updates = [ClientUpdate(s, 10, {"w": np.ones(2) * i}) for i, s in enumerate("ab")]
+    server.aggregate(0, updates)
+    server.record_evaluation(0, {})
+    np.testing.assert_array_equal(server.parameters["w"], [0.5, 0.5])
+    with pytest.raises(RuntimeError, match="fewer than min_available=2.*resume=True"):
+        server.aggregate(1, updates[:1])
+    np.testing.assert_array_equal(server.parameters["w"], [0.5, 0.5])
+    assert set(server.history()["round"]) == {0}
+
+
+def test_model_checkpoint_and_resume(tmp_path, counts_adata, key):
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site")
+    model = scinfl.model.INFL(counts_adata, key=key, n_hidden=16, n_latent=4)
+    kwargs = {"max_rounds": 3, "batch_size": 32, "progress_bar": False, "checkpoint_dir": tmp_path}
+    full = model.train_federated(**kwargs)
+    expected = get_shared_parameters(model.module)
+    again = scinfl.model.INFL(counts_adata, key=key, n_hidden=16, n_latent=4)
+    history = again.train_federated(**kwargs, resume=True)  # already complete: nothing to redo
+    assert _without_time(history).equals(_without_time(full))
+    for name, value in get_shared_parameters(again.module).items():
+        np.testing.assert_array_equal(value, expected[name])
+    with pytest.raises(ValueError, match="min_available=9"):
+        model.train_federated(max_rounds=1, min_available=9, batch_size=32, progress_bar=False)
