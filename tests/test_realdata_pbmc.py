@@ -15,7 +15,9 @@ SEEDS = (0, 1, 2)
 def _ari(federated: bool, seed: int, key) -> tuple[float, float]:
     adata = scinfl.data.pbmc68k(seed=seed)
     scvi.settings.seed = seed
-    scinfl.model.INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="bulk_labels")
+    scinfl.model.INFL.setup_anndata(
+        adata, layer="counts", site_key="site", labels_key="bulk_labels"
+    )
     model = scinfl.model.INFL(adata, key=key)
     if federated:
         model.train_federated(max_rounds=ROUNDS, local_epochs=LOCAL_EPOCHS, progress_bar=False)
