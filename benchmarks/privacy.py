@@ -1,251 +1,684 @@
-"""Privacy audit and utility of the key modes on pbmc68k (one-sample uploads, section 4 of DESIGN.md).
+"""Privacy comparison table: every defence against every attack, with the utility of each defence.
 
-Attack table (attack x defence x key guess x metric)::
+Regenerates the tables of ``docs/privacy.md`` with :func:`scinfl.privacy.audit`.
 
-    OMP_NUM_THREADS=1 python benchmarks/privacy.py attacks --rounds 30 --victims 10 --dlg-iters 300 --adaptive
+Defences (``--defences``):
 
-Utility (ARI of Leiden on the latent space vs ``bulk_labels``, unsupervised federated training)::
+- ``plain``: FedAvg, no key (``key_mode=None``);
+- ``dp-<z>``: client-level DP-FedAvg on the plain model (``privacy="dp"``, noise multiplier
+  ``z``, clipping norm ``--dp-clip``; server-side clipping and noise, Flower's mechanism and
+  accountant): the server still sees every site's raw update;
+- ``pooled``: the INFL paper's keyed design (``key_mode="pooled"``);
+- ``feature`` / ``feature-inr``: scinfl's secret per-feature key modes, with the decoder's
+  per-feature heads and dispersions keyed too (``install_model``).
 
-    OMP_NUM_THREADS=1 python benchmarks/privacy.py utility --rounds 100 --seeds 0,1,2
+Data sets (``--datasets``):
 
-The server's view: the global parameters of round ``--rounds`` and, for every victim, the
-gradient of the victim's one-sample loss (deterministic forward: the worst case for the
-defender). Public data: the cells of ``site2`` (its mean log1p profile is the reference of the
-partial correlation). Victims: the first cells of ``site0``. Candidates for re-identification:
-the victim and 99 other cells of the data set.
+- ``cptac``: CPTAC UCEC proteomics (log2 TMT ratios with NaN, ``gene_likelihood="normal"``),
+  label ``Proteomics_Tumor_Normal`` (4 classes); 3 sites of consecutive TMT plexes (1-6, 7-12,
+  13-17: 3 sites rather than the 4 of ``benchmarks/proteomics.py`` so that a site keeps >= 32
+  training rows for the batch-of-32 uploads); features agreed by name on the training rows
+  (observed in >= 50% of every site's rows);
+- ``kang``: Kang et al. 2018 PBMC counts (``gene_likelihood="nb"``), ``--kang-cells`` cells drawn
+  at random and the ``--kang-genes`` genes of highest total count, label = the loader's
+  marker-derived ``cell_type`` (types with fewer than ``--kang-min-cells`` cells in the sample,
+  and unassigned cells, left out); 3 simulated sites (Dirichlet(1) label skew).
 
-Attacks: ``analytic`` (encoder first layer), ``decoder-inversion`` (decoder gradients only:
-latent from the decoder's first layer, then counts from the output-bias and dispersion
-gradients), ``decoder-bias`` (negated output-bias gradient), ``inverting-gradients`` (cosine
-gradient matching with Adam, iDLG labels) - each with no key (zeros), a wrong key and the correct
-key; ``spectral-alignment-k`` (``--adaptive``, no key: every cell of site0 uploads once, the
-server aligns the principal axes of what it recovered with those of the public data).
+Protocol: a stratified ``--holdout`` fraction of the rows is never trained on; half of it is the
+attacker's public data (reference profile, RMIA population and reference models), the other half
+the non-members of membership inference; all of it is the test set of the utility. Each
+defence is trained with the same seed, rows and sites; the audit then attacks uploads of
+training rows at the final global parameters (one-sample and batch-of-32 gradients,
+deterministic forward: the worst case for the defender) with no key, a wrong key from the same
+generator and the correct key (upper bound). Validation rows of ``train_federated`` are left out
+of the audit (neither members nor non-members). ``--spectral`` also runs
+:func:`scinfl.privacy.spectral_alignment_attack` (no key) on the feature modes: every training
+row of the largest site uploads once, the server aligns the principal axes of what it recovered
+with those of the public data.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/privacy.py --quick          # minutes: smoke test
+    OMP_NUM_THREADS=1 python benchmarks/privacy.py --spectral       # the docs' tables
+
+Writes ``<out>_audit.csv`` (tidy: dataset, defence, attack, key_guess, upload, metric, value,
+sd, chance, n), ``<out>_utility.csv``, ``<out>_spectral.csv`` and ``<out>.md`` (the tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
+from anndata import AnnData
+from sklearn.cluster import KMeans
+from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score
+from sklearn.model_selection import train_test_split
 
 import scinfl
+from scinfl.federated import SiteData, agree_features
+from scinfl.model import INFL
 from scinfl.privacy import (
-    analytic_attack,
     analytic_inversion,
-    attacker_module,
-    decoder_bias_attack,
-    decoder_inversion,
-    dlg,
-    infer_label,
+    audit,
     input_layer,
-    label_recovery,
-    make_tensors,
-    output_layer,
     partial_correlation,
     reidentification_rate,
     spectral_alignment_attack,
     top_k_overlap,
+    training_rows,
     upload_gradient,
 )
+from scinfl.privacy._utility import model_data
 
-MODES = {"plain": None, "pooled": "pooled", "feature": "feature", "feature-inr": "feature-inr"}
-GUESSES = ("none", "wrong", "correct")
+logger = logging.getLogger("privacy-benchmark")
+
+CPTAC_CLASSES = ["Tumor", "Adjacent_normal", "Enriched_normal", "Myometrium_normal"]
+CPTAC_SITES = {"plex 1-6": range(1, 7), "plex 7-12": range(7, 13), "plex 13-17": range(13, 18)}
+RECONSTRUCTION = ["analytic", "decoder-inversion", "inverting-gradients"]
+ATTACKS = [*RECONSTRUCTION, "loss", "rmia", "inference"]
 
 
-def _model(adata, mode, key, labels_key=None, seed=0):
-    adata = adata.copy()
-    scinfl.model.INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key=labels_key)
+@dataclass
+class Task:
+    """One data set of the benchmark: all rows, the held-out mask and the training settings."""
+
+    name: str
+    adata: AnnData  # every row, .obs["label"] and .obs["site"] categorical
+    holdout: np.ndarray  # rows never trained on
+    public: np.ndarray  # rows of the attacker's public data (a subset of holdout)
+    layer: str | None
+    model_kwargs: dict = field(default_factory=dict)
+    train_kwargs: dict = field(default_factory=dict)
+
+
+def _split(labels: pd.Series, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out rows (stratified by label) and the public half of them."""
+    idx = np.arange(len(labels))
+    _, held = train_test_split(
+        idx, test_size=holdout, stratify=labels.astype(str), random_state=seed
+    )
+    rng = np.random.default_rng([seed, 1])
+    public = rng.choice(held, len(held) // 2, replace=False)
+    mask = np.zeros(len(idx), dtype=bool)
+    mask[held] = True
+    public_mask = np.zeros(len(idx), dtype=bool)
+    public_mask[public] = True
+    return mask, public_mask
+
+
+@functools.lru_cache(maxsize=1)
+def _cptac() -> AnnData:
+    return scinfl.data.cptac_ucec()
+
+
+@functools.lru_cache(maxsize=1)
+def _kang(n_top_genes: int) -> AnnData:
+    return scinfl.data.kang2018(n_top_genes=n_top_genes)
+
+
+def cptac_task(args, seed: int) -> Task:
+    """CPTAC UCEC proteomics, tumour/normal label, 3 TMT-plex sites."""
+    adata = _cptac().copy()
+    obs = adata.obs
+    adata.obs = pd.DataFrame(index=obs.index)
+    adata.obs["label"] = pd.Categorical(
+        obs["Proteomics_Tumor_Normal"].astype(str), categories=CPTAC_CLASSES
+    )
+    site = [
+        next(name for name, plexes in CPTAC_SITES.items() if int(p) in plexes)
+        for p in obs["Proteomics_TMT_plex"]
+    ]
+    adata.obs["site"] = pd.Categorical(site, categories=list(CPTAC_SITES))
+    holdout, public = _split(adata.obs["label"], args.holdout, seed)
+    # features agreed by name on the training rows only (no pooled statistic)
+    features = agree_features(adata[~holdout].copy(), "site", max_missing=0.5)
+    adata = adata[:, features].copy()
+    logger.info("cptac: %d rows x %d proteins, %d held out", *adata.shape, holdout.sum())
+    return Task(
+        "cptac",
+        adata,
+        holdout,
+        public,
+        layer=None,
+        model_kwargs={
+            "gene_likelihood": "normal",
+            "n_hidden": 64,
+            "n_latent": 10,
+            "dropout_rate": 0.1,
+            "classification_ratio": 50.0,
+        },
+        train_kwargs={
+            "max_rounds": args.rounds,
+            "local_epochs": 2,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "balance_classes": True,
+            "min_cells_per_site": 2,
+        },
+    )
+
+
+def kang_task(args, seed: int) -> Task:
+    """Kang 2018 PBMC counts: a random subsample of cells, top genes, 3 simulated sites."""
+    full = _kang(args.kang_genes)
+    rng = np.random.default_rng([seed, 2])
+    rows = np.sort(rng.choice(full.n_obs, min(args.kang_cells, full.n_obs), replace=False))
+    adata = full[rows].copy()
+    # cell types with fewer than --kang-min-cells cells in the sample, and unassigned cells, out
+    cell_type = adata.obs["cell_type"].astype(str)
+    counts = cell_type.value_counts()
+    keep = cell_type.map(counts).ge(args.kang_min_cells) & cell_type.ne("unassigned")
+    adata = adata[keep.to_numpy()].copy()
+    adata.X = adata.layers["counts"].copy()
+    cell_type = adata.obs["cell_type"].astype(str)
+    adata.obs = pd.DataFrame(index=adata.obs_names)
+    adata.obs["label"] = pd.Categorical(cell_type)
+    scinfl.federated.partition(
+        adata, n_sites=3, method="dirichlet", label_key="label", alpha=1.0, seed=seed
+    )
+    adata.obs["site"] = adata.obs["site"].astype(str).astype("category")
+    holdout, public = _split(adata.obs["label"], args.holdout, seed)
+    logger.info("kang: %d cells x %d genes, %d held out", *adata.shape, holdout.sum())
+    return Task(
+        "kang",
+        adata,
+        holdout,
+        public,
+        layer="counts",
+        model_kwargs={"gene_likelihood": "nb", "n_hidden": 128, "n_latent": 10},
+        train_kwargs={
+            "max_rounds": args.rounds,
+            "local_epochs": 1,
+            "batch_size": 128,
+            "lr": 1e-3,
+            "balance_classes": True,
+        },
+    )
+
+
+def parse_defence(name: str) -> tuple[str | None, float | None]:
+    """``(key_mode, dp noise multiplier)`` of a defence name."""
+    if name == "plain":
+        return None, None
+    if name.startswith("dp-"):
+        return None, float(name[3:])
+    if name in ("pooled", "feature", "feature-inr"):
+        return name, None
+    raise ValueError(f"Unknown defence {name!r}.")
+
+
+def _setup(adata: AnnData, task: Task, classes: list[str]) -> None:
+    INFL.setup_anndata(
+        adata,
+        layer=task.layer,
+        site_key="site",
+        labels_key="label",
+        categories={"labels_key": classes},
+    )
+
+
+def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
+    """A federated model of ``defence`` on the task's training rows, and its training seconds."""
+    key_mode, noise = parse_defence(defence)
+    classes = list(task.adata.obs["label"].cat.categories)
+    data = task.adata[~task.holdout].copy()
+    _setup(data, task, classes)
+    scvi.settings.seed = seed
     torch.manual_seed(seed)
-    model = scinfl.model.INFL(adata, key=key, key_mode=MODES[mode])
-    if MODES[mode] and MODES[mode].startswith("feature"):
-        # KeyedVAE does not call install_model yet: key the decoder and dispersions here
+    key = scinfl.Key(np.random.default_rng([seed, 3]).bytes(32))
+    model = INFL(data, key=key, key_mode=key_mode, **task.model_kwargs)
+    if key_mode is not None and hasattr(model.module._key_mode, "install_model"):
+        # KeyedVAE keys only the encoder: key the decoder's per-feature heads and dispersions
         model.module._key_mode.install_model(model.module)
-    return model, adata
-
-
-def _score(rows, defence, attack, guess, recs, victims, logx, reference, found_labels, labels):
-    recs = np.stack(recs)
-    pc = [partial_correlation(r, logx[v], reference) for r, v in zip(recs, victims, strict=True)]
-    top = [top_k_overlap(r, logx[v], 50, reference) for r, v in zip(recs, victims, strict=True)]
-    rows.append(
-        {
-            "defence": defence,
-            "attack": attack,
-            "key_guess": guess,
-            "reidentification": reidentification_rate(recs, victims, logx, reference),
-            "partial_corr": float(np.mean(pc)),
-            "partial_corr_sd": float(np.std(pc)),
-            "top50_overlap": float(np.mean(top)),
-            "label_recovery": (
-                label_recovery(found_labels, labels[victims])
-                if found_labels is not None
-                else np.nan
-            ),
-            "n_victims": len(victims),
-        }
+    dp = {}
+    if noise is not None:
+        dp = {"privacy": "dp", "dp_noise_multiplier": noise, "dp_clipping_norm": args.dp_clip}
+    kwargs = dict(task.train_kwargs)
+    # a site needs at least one batch of training rows (the library's own split rule)
+    sizes = data.obs["site"].value_counts()
+    n_train = [n - SiteData.n_validation(n, args.validation_size) for n in sizes if n > 0]
+    kwargs["batch_size"] = min(kwargs["batch_size"], *n_train)
+    start = time.perf_counter()
+    model.train_federated(
+        validation_size=args.validation_size,
+        seed=seed,
+        progress_bar=False,
+        **kwargs,
+        **dp,
     )
+    return model, time.perf_counter() - start
 
 
-def attacks(args) -> pd.DataFrame:
-    adata = scinfl.data.pbmc68k()
-    counts = adata.layers["counts"].toarray()
-    logx = np.log1p(counts)
-    site = adata.obs["site"].astype(str).to_numpy()
-    public = logx[site == "site2"]
-    reference = public.mean(0)
-    site0 = np.flatnonzero(site == "site0")
-    victims = site0[: args.victims]
-    labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
-    attack_names = ["analytic", "decoder-inversion", "decoder-bias"]
-    if args.dlg_iters:
-        attack_names.append("inverting-gradients")
+def audit_view(task: Task, model: INFL, args) -> tuple[AnnData, np.ndarray, np.ndarray]:
+    """Rows the audit sees (all but the validation rows), its members and public masks."""
+    trained = training_rows(model, args.validation_size, args.seed)
+    train_rows = np.flatnonzero(~task.holdout)
+    keep = np.ones(task.adata.n_obs, dtype=bool)
+    keep[train_rows[~trained]] = False
+    view = task.adata[keep].copy()
+    return view, (~task.holdout)[keep], task.public[keep]
+
+
+def utility(task: Task, model: INFL, seed: int) -> dict:
+    """Utility of the federated model (correct key) on the held-out rows."""
+    test = task.adata[task.holdout].copy()
+    classes = list(task.adata.obs["label"].cat.categories)
+    y = test.obs["label"].astype(str).to_numpy()
+    pred = model.predict(test).astype(str)
+    pred = np.asarray(pred)
+    latent = model.get_latent_representation(test)
+    k = len(np.unique(y))
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(latent)
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "macro_f1": f1_score(y, pred, labels=classes, average="macro", zero_division=0),
+        "ari_kmeans": adjusted_rand_score(y, clusters),
+        "majority": float(pd.Series(y).value_counts(normalize=True).iloc[0]),
+        "n_test": len(y),
+    }
+
+
+def spectral(task: Task, model: INFL, view: AnnData, members, public, args) -> list[dict]:
+    """Spectral alignment attack (no key) on every one-sample upload of the largest site."""
+    module = model.module
+    name, layer = input_layer(module)
+    weight = getattr(layer, "projected_weight_name", None)
+    if weight is None:
+        return []
+    data = model_data(model, view)
+    log_var = bool(getattr(module, "log_variational", True))
+    sites = data.sites[members]
+    largest = np.bincount(sites).argmax()
+    victims = np.flatnonzero(members & (data.sites == largest))
+    if args.spectral_uploads:
+        rng = np.random.default_rng([args.seed, 4])
+        victims = np.sort(rng.choice(victims, min(args.spectral_uploads, len(victims)), False))
+    public_rows = np.flatnonzero(public)
+    public_x = data.encoder_input(public_rows, log_var)
+    reference = public_x.mean(0)
+    truths = data.encoder_input(victims, log_var)
+    projections = np.stack(
+        [
+            analytic_inversion(upload_gradient(module, data.tensors([v])), name, weight)
+            for v in victims
+        ]
+    )
+    all_x = data.encoder_input(np.arange(data.n_obs), log_var)
+    n_cands = min(100, data.n_obs)
+    k_top = max(1, min(50, module.n_input // 2))
     rows = []
-    for mode in args.modes.split(","):
-        key = scinfl.Key.generate()
-        model, _ = _model(adata, mode, key, labels_key="bulk_labels", seed=args.seed)
-        start = time.perf_counter()
-        model.train_federated(max_rounds=args.rounds, progress_bar=False, seed=args.seed)
-        logging.info(
-            "%s: trained %d rounds in %.0f s", mode, args.rounds, time.perf_counter() - start
+    for k in args.spectral_components:
+        if k >= min(len(victims), len(public_rows)):
+            continue
+        recs = spectral_alignment_attack(projections, public_x, n_components=k)
+        pc = partial_correlation(recs, truths, reference)
+        top = [top_k_overlap(r, t, k_top, reference) for r, t in zip(recs, truths, strict=True)]
+        reid = reidentification_rate(recs, victims, all_x, reference, n_cands, seed=args.seed)
+        # the best the attack could do: the public principal subspace applied to the truth
+        _, _, v = np.linalg.svd(public_x - reference, full_matrices=False)
+        oracle = reference + (truths - reference) @ v[:k].T @ v[:k]
+        rows.append(
+            {
+                "dataset": task.name,
+                "defence": model.module.key_mode_name,
+                "n_components": k,
+                "n_uploads": len(victims),
+                "n_public": len(public_rows),
+                "reidentification": reid,
+                "partial_corr": float(np.mean(pc)),
+                "partial_corr_sd": float(np.std(pc)),
+                "top_overlap": float(np.mean(top)),
+                "oracle_partial_corr": float(
+                    np.mean(partial_correlation(oracle, truths, reference))
+                ),
+                "oracle_reidentification": reidentification_rate(
+                    oracle, victims, all_x, reference, n_cands, seed=args.seed
+                ),
+            }
         )
-        module = model.module
-        guesses = GUESSES if MODES[mode] else ("none",)
-        attackers = {
-            g: attacker_module(module, key if g == "correct" else g, seed=7) for g in guesses
-        }
-        recs = {(a, g): [] for a in attack_names for g in guesses}
-        found_labels = []
-        for i, victim in enumerate(victims):
-            grads = upload_gradient(module, make_tensors(counts[victim], labels=[labels[victim]]))
-            found_labels.append(infer_label(grads, output_layer(module, "classifier")[0]))
-            for g, attacker in attackers.items():
-                recs[("analytic", g)].append(analytic_attack(attacker, grads))
-                recs[("decoder-inversion", g)].append(decoder_inversion(attacker, grads))
-                recs[("decoder-bias", g)].append(decoder_bias_attack(attacker, grads))
-                if args.dlg_iters:
-                    rec = dlg(attacker, grads, n_iter=args.dlg_iters, lr=0.1, seed=i)
-                    recs[("inverting-gradients", g)].append(rec.x[0])
-            logging.info("%s: victim %d/%d done", mode, i + 1, len(victims))
-        for (attack, g), rs in recs.items():
-            for guess in (g,) if MODES[mode] else GUESSES:  # unkeyed: every guess is the same
-                _score(
-                    rows, mode, attack, guess, rs, victims, logx, reference, found_labels, labels
-                )
-        if args.adaptive and MODES[mode] and MODES[mode].startswith("feature"):
-            # the server collects one-sample uploads of every cell of site0 over many rounds
-            name, layer = input_layer(module)
-            weight = getattr(layer, "projected_weight_name", "weight")
-            projections = np.stack(
-                [
-                    analytic_inversion(
-                        upload_gradient(module, make_tensors(counts[v], labels=[labels[v]])),
-                        name,
-                        weight,
-                    )
-                    for v in site0
-                ]
-            )
-            for k in (5, 10, 20):
-                recs_k = spectral_alignment_attack(projections, public, n_components=k)
-                _score(
-                    rows,
-                    mode,
-                    f"spectral-alignment-{k}",
-                    "none",
-                    list(recs_k),
-                    site0,
-                    logx,
-                    reference,
-                    None,
-                    labels,
-                )
-        logging.info("%s done", mode)
-    return pd.DataFrame(rows)
+        logger.info("%s %s spectral k=%d: %s", task.name, rows[-1]["defence"], k, rows[-1])
+    return rows
 
 
-def utility(args) -> pd.DataFrame:
-    import scanpy as sc
-    from sklearn.metrics import adjusted_rand_score
+# -- tables ----------------------------------------------------------------------------------
+def _fmt(value, pct=False) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{100 * value:.0f}%" if pct else f"{value:.2f}"
 
-    adata0 = scinfl.data.pbmc68k()
+
+def _guesses(table: pd.DataFrame, defence: str) -> list[str]:
+    keyed = parse_defence(defence)[0] is not None
+    return ["none", "wrong", "correct"] if keyed else ["none"]
+
+
+def reconstruction_table(audit_df: pd.DataFrame, uploads: list[str]) -> pd.DataFrame:
+    """Rows defence x key guess; cells "re-identification / partial correlation"."""
     rows = []
-    for mode in args.modes.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            model, adata = _model(adata0, mode, scinfl.Key.generate(), seed=seed)
-            start = time.perf_counter()
-            model.train_federated(max_rounds=args.rounds, progress_bar=False, seed=seed)
-            seconds = time.perf_counter() - start
-            adata.obsm["X_scinfl"] = model.get_latent()
-            if MODES[mode]:  # what a holder of the weights without the key gets
-                wrong = attacker_module(model.module, "wrong", seed=seed).eval()
-                with torch.no_grad():
-                    tensors = make_tensors(adata.layers["counts"].toarray())
-                    qz = wrong.inference(**wrong._get_inference_input(tensors))["qz"]
-                adata.obsm["X_wrong_key"] = qz.loc.numpy()
-
-            def ari(rep, resolution, adata=adata):
-                sc.pp.neighbors(adata, use_rep=rep, random_state=0)
-                sc.tl.leiden(
-                    adata,
-                    resolution=resolution,
-                    flavor="igraph",
-                    n_iterations=2,
-                    directed=False,
-                    random_state=0,
-                )
-                return adjusted_rand_score(adata.obs["bulk_labels"], adata.obs["leiden"])
-
-            for resolution in (0.5, 1.0):
-                rows.append(
-                    {
-                        "defence": mode,
-                        "seed": seed,
-                        "resolution": resolution,
-                        "ari": ari("X_scinfl", resolution),
-                        "ari_wrong_key": ari("X_wrong_key", resolution) if MODES[mode] else np.nan,
-                        "val_loss": float(
-                            model.federated_history_.groupby("round")["val_loss"].mean().min()
-                        ),
-                        "train_s": seconds,
-                    }
-                )
-            logging.info("%s seed %d: %s", mode, seed, rows[-2:])
+    attacks = [a for a in RECONSTRUCTION if a in set(audit_df["attack"])]
+    for defence in audit_df["defence"].unique():
+        d = audit_df[audit_df["defence"] == defence]
+        for guess in _guesses(d, defence):
+            row = {"defence": defence, "key": guess if parse_defence(defence)[0] else "n/a"}
+            for upload in uploads:
+                for attack in attacks:
+                    cell = d[(d.attack == attack) & (d.key_guess == guess) & (d.upload == upload)]
+                    values = cell.set_index("metric")["value"]
+                    col = f"{attack} ({upload})"
+                    if values.empty:
+                        row[col] = "–"
+                    else:
+                        row[col] = (
+                            f"{_fmt(values.get('reidentification'), pct=True)} / "
+                            f"{_fmt(values.get('partial_corr'))}"
+                        )
+            ig = d[
+                (d.attack == "inverting-gradients")
+                & (d.key_guess == guess)
+                & (d.upload == "one-sample")
+                & (d.metric == "label_recovery")
+            ]
+            row["label recovery (IG, 1)"] = _fmt(ig["value"].iloc[0], pct=True) if len(ig) else "–"
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def main() -> None:
+def model_table(audit_df: pd.DataFrame) -> pd.DataFrame:
+    """Membership, wrong-key inference and utility: rows defence x key guess."""
+    rows = []
+    for defence in audit_df["defence"].unique():
+        d = audit_df[audit_df["defence"] == defence]
+        for guess in _guesses(d, defence):
+            g = d[(d.key_guess == guess) & (d.upload == "global-model")]
+
+            def get(attack, metric, g=g):
+                v = g[(g.attack == attack) & (g.metric == metric)]["value"]
+                return float(v.iloc[0]) if len(v) else np.nan
+
+            acc = get("inference", "accuracy")
+            chance = g[(g.attack == "inference") & (g.metric == "accuracy")]["chance"]
+            rows.append(
+                {
+                    "defence": defence,
+                    "key": guess if parse_defence(defence)[0] else "n/a",
+                    "LOSS AUC": _fmt(get("loss", "auc")),
+                    "RMIA AUC": _fmt(get("rmia", "auc")),
+                    "RMIA TPR@1%": _fmt(get("rmia", "tpr@1%fpr")),
+                    "inference acc (chance)": (
+                        f"{_fmt(acc)} ({_fmt(float(chance.iloc[0]))})" if len(chance) else "–"
+                    ),
+                    "inference kNN acc": _fmt(get("inference", "knn_accuracy")),
+                    "inference ARI": _fmt(get("inference", "ari")),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+UTILITY_METRICS = ("accuracy", "macro_f1", "ari_kmeans")
+
+
+def utility_deltas(util: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: each defence's metrics minus plain FedAvg's on the same split (paired)."""
+    plain = util[util["defence"] == "plain"].set_index("seed")[list(UTILITY_METRICS)]
+    rows = []
+    for _, row in util.iterrows():
+        if row["seed"] in plain.index:
+            base = plain.loc[row["seed"]]
+            rows.append(
+                {"defence": row["defence"], "seed": row["seed"]}
+                | {m: row[m] - base[m] for m in UTILITY_METRICS}
+            )
+    return pd.DataFrame(rows, columns=["defence", "seed", *UTILITY_METRICS])
+
+
+def utility_table(util: pd.DataFrame) -> pd.DataFrame:
+    """Utility of each defence (correct key) on the held-out rows: mean ± sd over seeds, and
+    the paired difference to plain FedAvg."""
+    deltas = utility_deltas(util)
+    rows = []
+    for defence in util["defence"].unique():
+        u = util[util["defence"] == defence]
+        dd = deltas[deltas["defence"] == defence]
+        row = {"defence": defence, "seeds": len(u), "n_test": int(u["n_test"].median())}
+        for metric in UTILITY_METRICS:
+            sd = f" ± {u[metric].std(ddof=1):.3f}" if len(u) > 1 else ""
+            row[metric] = f"{u[metric].mean():.3f}{sd}"
+        for metric in ("accuracy", "ari_kmeans"):
+            if len(dd) and defence != "plain":
+                sd = f" ± {100 * dd[metric].std(ddof=1):.1f}" if len(dd) > 1 else ""
+                row[f"Δ{metric} vs plain"] = f"{100 * dd[metric].mean():+.1f}{sd} pt"
+            else:
+                row[f"Δ{metric} vs plain"] = "–"
+        eps = u["epsilon"].dropna()
+        row["epsilon (δ=1e-5)"] = f"{eps.mean():.3g}" if len(eps) else "–"
+        row["train s"] = f"{u['train_s'].mean():.0f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def checks(audit_df: pd.DataFrame, util: pd.DataFrame, spectral_df: pd.DataFrame) -> pd.DataFrame:
+    """DESIGN.md section 5 figures, per keyed defence: met or not (attacks without the key)."""
+    rows = []
+    deltas = utility_deltas(util)
+    for defence in audit_df["defence"].unique():
+        d = audit_df[audit_df["defence"] == defence]
+        no_key = d[d.key_guess.isin(["none", "wrong"])]
+        one = no_key[(no_key.upload == "one-sample") & no_key.attack.isin(RECONSTRUCTION)]
+        reid = one[one.metric == "reidentification"]["value"].max()
+        pc = one[one.metric == "partial_corr"]["value"].max()
+        if spectral_df is not None and len(spectral_df):
+            s = spectral_df[spectral_df["defence"] == defence]
+            if len(s):
+                reid = max(reid, s["reidentification"].max())
+                pc = max(pc, s["partial_corr"].max())
+        inf = no_key[(no_key.attack == "inference") & (no_key.metric == "accuracy")]
+        excess = (inf["value"] - inf["chance"]).max() if len(inf) else np.nan
+        auc = no_key[no_key.metric == "auc"]["value"].max()
+        dd = deltas[deltas["defence"] == defence]
+        dacc = float(dd["accuracy"].mean()) if len(dd) else np.nan
+        rows.append(
+            {
+                "defence": defence,
+                "max re-id (1-sample, no key)": f"{100 * reid:.0f}% {'✓' if reid <= 0.02 else '✗'}",
+                "max partial corr": f"{pc:.2f} {'✓' if pc <= 0.1 else '✗'}",
+                "wrong/no-key acc - chance": (
+                    f"{excess:+.2f} {'✓' if excess <= 0.05 else '✗'}" if pd.notna(excess) else "–"
+                ),
+                "max membership AUC": f"{auc:.2f} {'✓' if auc <= 0.55 else '✗'}",
+                "Δacc vs plain (mean)": (
+                    f"{100 * dacc:+.1f} pt {'✓' if dacc >= -0.01 else '✗'}"
+                    if pd.notna(dacc)
+                    else "–"
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def markdown(audit_df, util, spectral_df, args, seconds) -> str:
+    lines = [
+        "<!-- generated by benchmarks/privacy.py; do not edit by hand -->",
+        f"Command: `{args.command}`"
+        + (f" ({seconds / 60:.0f} min on 2 CPU cores)." if np.isfinite(seconds) else "."),
+        "",
+    ]
+    for dataset in audit_df["dataset"].unique():
+        a = audit_df[audit_df["dataset"] == dataset].drop(columns="dataset")
+        u = util[util["dataset"] == dataset]
+        s = spectral_df[spectral_df["dataset"] == dataset] if len(spectral_df) else spectral_df
+        uploads = [x for x in a["upload"].unique() if x != "global-model"]
+        n_victims = a[a.upload.isin(uploads)].groupby("upload")["n"].max().to_dict()
+        lines += [
+            f"### {dataset}: reconstruction",
+            "",
+            "Re-identification among 100 candidates (chance 1%) / partial correlation given the "
+            f"public mean profile (chance 0); uploads attacked: {n_victims}.",
+            "",
+            reconstruction_table(a, uploads).to_markdown(index=False),
+            "",
+            f"### {dataset}: membership inference and the model without the key",
+            "",
+            model_table(a).to_markdown(index=False),
+            "",
+            f"### {dataset}: utility (held-out rows, correct key)",
+            "",
+            utility_table(u).to_markdown(index=False),
+            "",
+        ]
+        if len(s):
+            lines += [
+                f"### {dataset}: spectral alignment attack (no key)",
+                "",
+                s.drop(columns="dataset").round(3).to_markdown(index=False),
+                "",
+            ]
+        lines += [
+            f"### {dataset}: DESIGN.md section 5 figures",
+            "",
+            checks(a, u, s).to_markdown(index=False),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("task", choices=["attacks", "utility"])
-    parser.add_argument("--modes", default="plain,pooled,feature")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--victims", type=int, default=10)
-    parser.add_argument("--dlg-iters", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--datasets", nargs="+", default=["cptac", "kang"])
     parser.add_argument(
-        "--adaptive", action="store_true", help="also run the spectral alignment attack"
+        "--defences",
+        nargs="+",
+        default=["plain", "dp-0.01", "dp-0.3", "pooled", "feature", "feature-inr"],
     )
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser.add_argument("--dp-clip", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--validation-size", type=float, default=0.1)
+    parser.add_argument("--holdout", type=float, default=0.25)
+    parser.add_argument("--kang-cells", type=int, default=3000)
+    parser.add_argument("--kang-genes", type=int, default=1000)
+    parser.add_argument("--kang-min-cells", type=int, default=30)
+    parser.add_argument("--upload-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--victims", type=int, default=5, help="uploads attacked per size")
+    parser.add_argument("--dlg-iters", type=int, default=100)
+    parser.add_argument("--references", type=int, default=4, help="RMIA reference models")
+    parser.add_argument("--spectral", action="store_true", help="run the spectral attack")
+    parser.add_argument("--spectral-components", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--spectral-uploads", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny settings")
+    parser.add_argument(
+        "--utility-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds (held-out splits) of the utility table; the audit uses --seed",
+    )
+    parser.add_argument("--out", default="benchmarks/results/privacy")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite <out>.md from the CSV files"
+    )
+    args = parser.parse_args(argv)
+    args.command = "python benchmarks/privacy.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    if args.quick:
+        args.rounds, args.victims, args.dlg_iters, args.references = 3, 2, 10, 2
+        args.kang_cells, args.kang_genes = 1000, 200
+        args.spectral_uploads, args.spectral_components = 100, [5]
+        args.utility_seeds = [args.seed]
+        if args.out == parser.get_default("out"):
+            args.out = "benchmarks/results/privacy_quick"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("scvi", "scinfl", "lightning", "flwr"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("scinfl.privacy").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    table = attacks(args) if args.task == "attacks" else utility(args)
-    if args.task == "utility":
-        columns = ["ari", "ari_wrong_key", "val_loss", "train_s"]
-        summary = table.groupby(["defence", "resolution"])[columns].agg(["mean", "std"])
-        print(summary.round(3).to_string())
-    else:
-        print(table.round(3).to_markdown(index=False))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        audit_df, util, spectral_df = (
+            pd.read_csv(f"{out}_{part}.csv") for part in ("audit", "utility", "spectral")
+        )
+        write(out, audit_df, util, spectral_df, args, np.nan)
+        return
+    makers = {"cptac": cptac_task, "kang": kang_task}
+    start = time.perf_counter()
+    audits, utils, spectra = [], [], []
+    for dataset in args.datasets:
+        task = makers[dataset](args, args.seed)
+        for defence in args.defences:
+            model, seconds = train(task, defence, args, args.seed)
+            logger.info("%s %s: trained in %.0f s", dataset, defence, seconds)
+            view, members, public = audit_view(task, model, args)
+            t0 = time.perf_counter()
+            table = audit(
+                model,
+                view,
+                attacks=ATTACKS,
+                upload_sizes=args.upload_sizes,
+                n_victims=args.victims,
+                members=members,
+                public=public,
+                dlg_iters=args.dlg_iters,
+                n_references=args.references,
+                defence=defence,
+                seed=args.seed,
+            )
+            logger.info("%s %s: audited in %.0f s", dataset, defence, time.perf_counter() - t0)
+            table.insert(0, "dataset", dataset)
+            audits.append(table)
+            utils.append(_utility_row(task, model, defence, args.seed, seconds, args))
+            if args.spectral and parse_defence(defence)[0] in ("feature", "feature-inr"):
+                spectra += spectral(task, model, view, members, public, args)
+            write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
+        # utility over more seeds: other held-out splits (and simulated sites), no audit
+        for seed in args.utility_seeds:
+            if seed == args.seed:
+                continue
+            other = makers[dataset](args, seed)
+            for defence in args.defences:
+                model, seconds = train(other, defence, args, seed)
+                utils.append(_utility_row(other, model, defence, seed, seconds, args))
+            write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
+    print(Path(f"{out}.md").read_text())
+
+
+def _utility_row(task, model, defence, seed, seconds, args) -> dict:
+    row = {
+        "dataset": task.name,
+        "defence": defence,
+        "seed": seed,
+        **utility(task, model, seed),
+        "epsilon": model.dp_epsilon_,
+        "train_s": seconds,
+    }
+    logger.info("%s %s seed %d: utility %s", task.name, defence, seed, row)
+    return row
+
+
+def write(out: Path, audit_df, util, spectral_df, args, start) -> None:
+    """CSV files and the markdown tables (rewritten after every defence)."""
+    audit_df.to_csv(f"{out}_audit.csv", index=False)
+    util.to_csv(f"{out}_utility.csv", index=False)
+    spectral_df.to_csv(f"{out}_spectral.csv", index=False)
+    seconds = time.perf_counter() - start if np.isfinite(start) else np.nan
+    text = markdown(audit_df.reset_index(drop=True), util, spectral_df, args, seconds)
+    Path(f"{out}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,10 @@ def test_training_rows_match_the_federated_split(plain_model):
     assert members.sum() == history.loc[history["round"] == 0, "n_train"].sum()
     # another split is another set of rows
     assert (training_rows(plain_model, validation_size=0.3, seed=1) != members).any()
+    # the model recorded the split it trained on (scvi-tools' train/validation_indices)
+    recorded = training_rows(plain_model)
+    np.testing.assert_array_equal(recorded, members)
+    assert set(plain_model.validation_indices) == set(np.flatnonzero(~members))
 
 
 def test_audit_returns_the_documented_table(plain_audit):

@@ -252,10 +252,12 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         codes = self._registered_codes(SITE_KEY)
         names = self.adata_manager.get_state_registry(SITE_KEY).categorical_mapping
         sites = []
+        self._site_rows = {}
         for code, name in enumerate(names):
             rows = np.flatnonzero(codes == code)
             if len(rows) == 0:
                 continue
+            self._site_rows[str(name)] = rows
             sites.append(
                 SiteData.from_arrays(
                     str(name),
@@ -408,7 +410,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(
                 f"min_available={min_available} but the federation has only {len(sites)} sites."
             )
-        return self._run(
+        history = self._run(
             sites,
             config,
             progress_bar,
@@ -416,6 +418,8 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
+        self._record_split(sites, self._site_rows)
+        return history
 
     def train_centralized(
         self,
@@ -461,7 +465,15 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             seed=config.seed,
         )
         validate_sites(["all"], {"all": site.n_train}, batch_size=batch_size, min_cells=2)
-        return self._run([site], config, progress_bar)
+        history = self._run([site], config, progress_bar)
+        self._record_split([site], {"all": np.arange(self.adata.n_obs)})
+        return history
+
+    def _record_split(self, sites: list[SiteData], rows: dict[str, np.ndarray]) -> None:
+        # scvi-tools' train_indices / validation_indices: the rows each site trained on and
+        # held out (the members of a membership-inference audit)
+        self.train_indices_ = np.sort(np.concatenate([rows[s.name][s.train_idx] for s in sites]))
+        self.validation_indices_ = np.sort(np.concatenate([rows[s.name][s.val_idx] for s in sites]))
 
     def _federation_config(self, seed: int | None, **kwargs) -> FederationConfig:
         self._require_key()

@@ -30,19 +30,23 @@ COLUMNS = ["defence", "attack", "key_guess", "upload", "metric", "value", "sd", 
 GLOBAL_MODEL = "global-model"
 
 
-def training_rows(model, validation_size: float = 0.1, seed: int | None = None) -> np.ndarray:
+def training_rows(
+    model, validation_size: float | None = None, seed: int | None = None
+) -> np.ndarray:
     """Rows of the model's AnnData that :meth:`~scinfl.model.INFL.train_federated` trained on.
 
-    Reproduces the per-site train/validation split of ``train_federated`` (the same
-    ``validation_size`` and ``seed`` must be given): the members of a membership inference
-    attack. The validation rows were never trained on, but did select the best round.
+    These are the members of a membership inference attack. The validation rows were never
+    trained on, but did select the best round. By default the split the model recorded when it
+    was trained (``model.train_indices``); with ``validation_size`` (and ``seed``), the split
+    ``train_federated`` draws for those values is reproduced instead.
 
     Parameters
     ----------
     model
         A model trained with :meth:`~scinfl.model.INFL.train_federated`.
     validation_size, seed
-        The values given to ``train_federated`` (default seed: ``scvi.settings.seed``).
+        Reproduce the split of ``train_federated(validation_size=..., seed=...)`` (default seed:
+        ``scvi.settings.seed``).
 
     Returns
     -------
@@ -50,10 +54,22 @@ def training_rows(model, validation_size: float = 0.1, seed: int | None = None) 
 
     Examples
     --------
+    >>> members = training_rows(model)  # doctest: +SKIP
     >>> members = training_rows(model, validation_size=0.1, seed=0)  # doctest: +SKIP
     """
+    n = model.adata.n_obs
+    if validation_size is None and seed is None:
+        if getattr(model, "train_indices_", None) is None:
+            raise ValueError(
+                "The model records no training split (not trained in this session): pass the "
+                "validation_size and seed given to train_federated, or members= to audit()."
+            )
+        mask = np.zeros(n, dtype=bool)
+        mask[np.asarray(model.train_indices_)] = True
+        return mask
     if model.adata_manager.registry["setup_args"].get("site_key") is None:
         raise ValueError("The model has no site_key: pass members= explicitly.")
+    validation_size = 0.1 if validation_size is None else validation_size
     seed = scvi.settings.seed if seed is None else seed
     seed = 0 if seed is None else int(seed)
     codes = model_data(model).sites
@@ -322,7 +338,7 @@ def audit(
     public=None,
     members=None,
     labels_key: str | None = None,
-    validation_size: float = 0.1,
+    validation_size: float | None = None,
     training_seed: int | None = None,
     dlg_iters: int = 200,
     dlg_lr: float = 0.1,
@@ -392,13 +408,15 @@ def audit(
         reference models' training data and RMIA's population. Default: a random half of the
         rows the model did not train on (the other half are the non-members).
     members
-        Rows (indices or mask) the model was trained on. Default: :func:`training_rows` with
-        ``validation_size`` and ``training_seed`` (only with the model's own AnnData).
+        Rows (indices or mask) the model was trained on. Default: :func:`training_rows` (the
+        split the model recorded, or the one ``validation_size`` and ``training_seed``
+        reproduce; only with the model's own AnnData).
     labels_key
         ``.obs`` column of labels for the ``"inference"`` utility when the model has no
         classifier.
     validation_size, training_seed
-        The split of ``train_federated`` (see :func:`training_rows`).
+        Reproduce the split of ``train_federated`` (see :func:`training_rows`); default: the
+        split the model recorded.
     dlg_iters, dlg_lr
         Iterations and learning rate of the gradient-matching attacks.
     n_membership
