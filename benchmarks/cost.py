@@ -74,8 +74,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1 on a machine shared with other jobs)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = [measure("pbmc68k", scinfl.data.pbmc68k(), args.rounds)]
     if not args.quick:
         big = scinfl.data.synthetic_counts(
