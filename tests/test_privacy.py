@@ -304,3 +304,19 @@ def test_feature_mode_trains_federated(counts_adata, key):
     history = model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
     assert np.isfinite(history["train_loss"]).all()
     assert model.get_latent().shape == (counts_adata.n_obs, 10)
+
+
+def test_infl_feature_mode_keys_the_decoder_and_survives_save_load(tmp_path, counts_adata):
+    import scinfl
+
+    key = Key(bytes(range(2, 34)))
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site")
+    model = scinfl.model.INFL(counts_adata, key=key, key_mode="feature", n_hidden=16, n_latent=4)
+    state = model.module.state_dict()
+    # no per-feature dispersion or plain per-feature decoder head is shared
+    assert not [n for n in state if n.endswith("px_r")]
+    assert type(model.module.decoder.px_scale_decoder[0]).__name__ != "Linear"
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    model.save(tmp_path / "model")
+    loaded = scinfl.model.INFL.load(tmp_path / "model", counts_adata, key=key)
+    np.testing.assert_allclose(loaded.get_latent(), model.get_latent(), atol=1e-5)

@@ -405,9 +405,8 @@ class _PerFeatureKeyMode:
 
         Notes
         -----
-        :class:`~scinfl.module.KeyedVAE` only calls :meth:`install` (on the encoder and the
-        classifier); until it also calls this method from its ``__init__``, call it right after
-        building the module (before training or loading parameters).
+        :class:`~scinfl.module.KeyedVAE` calls it from its ``__init__``; call it yourself only
+        for another VAE.
 
         Examples
         --------
@@ -431,8 +430,9 @@ class _PerFeatureKeyMode:
                     continue
                 if type(child) is nn.Linear and child.out_features == n_features:
                     setattr(parent, name, self._output_layer(child, key_encoder))
-        px_r = getattr(vae, "px_r", None)
-        if isinstance(px_r, nn.Parameter) and not parametrize.is_parametrized(vae, "px_r"):
+        # (reading a parametrized px_r would need the key: test for the parametrization first)
+        px_r = None if parametrize.is_parametrized(vae, "px_r") else getattr(vae, "px_r", None)
+        if isinstance(px_r, nn.Parameter):
             if px_r.shape[0] == n_features:
                 vector = self._vector(px_r, key_encoder).to(px_r.device, px_r.dtype)
                 parametrize.register_parametrization(vae, "px_r", vector, unsafe=True)

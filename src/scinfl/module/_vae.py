@@ -117,6 +117,10 @@ class KeyedVAE(VAE):
             mode.install(self.z_encoder, self.key_encoder)
             if self.classifier is not None:
                 mode.install(self.classifier, self.key_encoder)
+            if hasattr(mode, "install_model"):
+                # per-feature modes also key the decoder's per-feature heads and dispersions
+                # (built here, in __init__, so that save / load see the keyed architecture)
+                mode.install_model(self, self.key_encoder)
 
     # -- key -------------------------------------------------------------------------------
     @property
