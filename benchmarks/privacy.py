@@ -378,6 +378,8 @@ def reconstruction_table(audit_df: pd.DataFrame, uploads: list[str]) -> pd.DataF
             row = {"defence": defence, "key": guess if parse_defence(defence)[0] else "n/a"}
             for upload in uploads:
                 for attack in attacks:
+                    if not ((audit_df.attack == attack) & (audit_df.upload == upload)).any():
+                        continue  # not run on this upload size
                     cell = d[(d.attack == attack) & (d.key_guess == guess) & (d.upload == upload)]
                     values = cell.set_index("metric")["value"]
                     col = f"{attack} ({upload})"
@@ -495,7 +497,7 @@ def checks(audit_df: pd.DataFrame, util: pd.DataFrame, spectral_df: pd.DataFrame
         rows.append(
             {
                 "defence": defence,
-                "max re-id (1-sample, no key)": f"{100 * reid:.0f}% {'✓' if reid <= 0.02 else '✗'}",
+                "max re-id (1-sample, no key, incl. spectral)": f"{100 * reid:.0f}% {'✓' if reid <= 0.02 else '✗'}",
                 "max partial corr": f"{pc:.2f} {'✓' if pc <= 0.1 else '✗'}",
                 "wrong/no-key acc - chance": (
                     f"{excess:+.2f} {'✓' if excess <= 0.05 else '✗'}" if pd.notna(excess) else "–"
@@ -522,15 +524,15 @@ def markdown(audit_df, util, spectral_df, args, minutes: float) -> str:
         u = util[util["dataset"] == dataset]
         s = spectral_df[spectral_df["dataset"] == dataset] if len(spectral_df) else spectral_df
         uploads = [x for x in a["upload"].unique() if x != "global-model"]
-        n_scored = a[a.upload.isin(uploads)].groupby("upload")["n"].max()
-        n_scored = ", ".join(f"{n} rows of {u} uploads" for u, n in n_scored.items())
+        n_scored = a[a.upload.isin(uploads)].groupby("upload", sort=False)["n"].max()
+        n_scored = ", ".join(f"{n} ({u})" for u, n in n_scored.items())
         lines += [
             f"### {dataset}: reconstruction",
             "",
             "Re-identification among 100 candidates (chance 1%) / partial correlation given the "
-            f"public mean profile (chance 0); scored: {n_scored} (a batch upload's "
-            "reconstructions are matched to its rows first, best match); label recovery: "
-            "iDLG from the classifier's output-bias gradient.",
+            f"public mean profile (chance 0), mean over the reconstructions scored: {n_scored}; "
+            "a batch upload's reconstruction is scored against the row it matches best. Label "
+            "recovery: iDLG (the classifier's output-bias gradient) on one-sample uploads.",
             "",
             reconstruction_table(a, uploads).to_markdown(index=False),
             "",
