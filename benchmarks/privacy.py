@@ -9,8 +9,8 @@ Defences (``--defences``):
   ``z``, clipping norm ``--dp-clip``; server-side clipping and noise, Flower's mechanism and
   accountant): the server still sees every site's raw update;
 - ``pooled``: the INFL paper's keyed design (``key_mode="pooled"``);
-- ``feature`` / ``feature-inr``: scinfl's secret per-feature key modes, with the decoder's
-  per-feature heads and dispersions keyed too (``install_model``).
+- ``feature`` / ``feature-inr``: scinfl's secret per-feature key modes (encoder input layer,
+  decoder per-feature heads and dispersions keyed).
 
 Data sets (``--datasets``):
 
@@ -242,10 +242,8 @@ def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
     scvi.settings.seed = seed
     torch.manual_seed(seed)
     key = scinfl.Key(np.random.default_rng([seed, 3]).bytes(32))
+    # the per-feature modes key the decoder's per-feature heads and dispersions too (KeyedVAE)
     model = INFL(data, key=key, key_mode=key_mode, **task.model_kwargs)
-    if key_mode is not None and hasattr(model.module._key_mode, "install_model"):
-        # KeyedVAE keys only the encoder: key the decoder's per-feature heads and dispersions
-        model.module._key_mode.install_model(model.module)
     dp = {}
     if noise is not None:
         dp = {"privacy": "dp", "dp_noise_multiplier": noise, "dp_clipping_norm": args.dp_clip}
