@@ -249,12 +249,20 @@ def run_fold(
             # same model, same settings, same seed: the paper's row is this row's run
             rows.append({**done["INFL pooled (paper)"], "method": method})
             rows[-1]["note"] = "key_mode='pooled' (default): same run as the row above"
-        elif method in ("federated, no key", "INFL pooled (paper)", "INFL default"):
+        elif method in ("federated, no key", "INFL pooled (paper)", "INFL default", "DP-FedAvg"):
             key_mode = {
                 "federated, no key": None,
                 "INFL pooled (paper)": "pooled",
                 "INFL default": default_key_mode(),
+                "DP-FedAvg": None,
             }[method]
+            dp = {}
+            if method == "DP-FedAvg":
+                dp = {
+                    "privacy": "dp",
+                    "dp_noise_multiplier": s.dp_noise_multiplier,
+                    "dp_clipping_norm": s.dp_clipping_norm,
+                }
             fed = train.copy()
             _setup(fed, classes, "site")
             model = _model(fed, key_mode, key, s)
@@ -262,14 +270,16 @@ def run_fold(
                 max_rounds=s.rounds,
                 local_epochs=s.local_epochs,
                 min_cells_per_site=s.min_cells_per_site,
+                **dp,
                 **_train_kwargs(s, seed),
             )
-            record(
-                method,
-                _proba(model, test, classes),
-                time.perf_counter() - start,
-                f"key_mode={key_mode}",
-            )
+            note = f"key_mode={key_mode}"
+            if dp:
+                note = (
+                    f"z={s.dp_noise_multiplier}, C={s.dp_clipping_norm}, "
+                    f"epsilon={model.dp_epsilon_:.3g} at delta=1e-5"
+                )
+            record(method, _proba(model, test, classes), time.perf_counter() - start, note)
         elif method == "centralized":
             pooled = train.copy()
             _setup(pooled, classes, None)
@@ -296,26 +306,6 @@ def run_fold(
                     "seconds": time.perf_counter() - start,
                     "note": f"{len(per_site)} sites",
                 }
-            )
-        elif method == "DP-FedAvg":
-            fed = train.copy()
-            _setup(fed, classes, "site")
-            model = _model(fed, None, key, s)
-            model.train_federated(
-                max_rounds=s.rounds,
-                local_epochs=s.local_epochs,
-                min_cells_per_site=s.min_cells_per_site,
-                privacy="dp",
-                dp_noise_multiplier=s.dp_noise_multiplier,
-                dp_clipping_norm=s.dp_clipping_norm,
-                **_train_kwargs(s, seed),
-            )
-            record(
-                method,
-                _proba(model, test, classes),
-                time.perf_counter() - start,
-                f"z={s.dp_noise_multiplier}, C={s.dp_clipping_norm}, "
-                f"epsilon={model.dp_epsilon_:.3g} at delta=1e-5",
             )
         elif method == "logistic regression (pooled)":
             X_train = np.asarray(train.X, dtype=float)

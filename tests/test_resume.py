@@ -42,6 +42,13 @@ def _config(**kwargs):
     return FederationConfig(**{"max_rounds": 4, "batch_size": 16, "seed": 5, **kwargs})
 
 
+def _run(module, sites, config, key, **kwargs):
+    """run_local under ``key``'s identity, quietly."""
+    return run_local(
+        module, sites, config, key.fingerprint, key.version, progress_bar=False, **kwargs
+    )
+
+
 def _without_time(history):
     return history.drop(columns=[c for c in history if c.endswith("time_s")])
 
@@ -60,22 +67,14 @@ def _run_interrupted(monkeypatch, module, sites, config, key, checkpoint_dir, fa
 
     monkeypatch.setattr(_local_engine, "client_update", dying)
     with pytest.raises(_Interrupt):
-        run_local(
-            module,
-            sites,
-            config,
-            key.fingerprint,
-            key.version,
-            progress_bar=False,
-            checkpoint_dir=checkpoint_dir,
-        )
+        _run(module, sites, config, key, checkpoint_dir=checkpoint_dir)
     monkeypatch.setattr(_local_engine, "client_update", real)
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, key, monkeypatch):
     sites, config = _sites(), _config()
     module = _module(key)
-    reference = run_local(module, sites, config, key.fingerprint, key.version, progress_bar=False)
+    reference = _run(module, sites, config, key)
     expected = get_shared_parameters(module)
 
     _run_interrupted(monkeypatch, _module(key), sites, config, key, tmp_path / "ckpt", 2)
@@ -85,16 +84,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, key, monkeypatch):
     fresh = _module(key)
     for p in fresh.parameters():  # the resumed weights come from the checkpoint, not from here
         torch.nn.init.normal_(p)
-    resumed = run_local(
-        fresh,
-        sites,
-        config,
-        key.fingerprint,
-        key.version,
-        progress_bar=False,
-        checkpoint_dir=tmp_path / "ckpt",
-        resume=True,
-    )
+    resumed = _run(fresh, sites, config, key, checkpoint_dir=tmp_path / "ckpt", resume=True)
     got = get_shared_parameters(fresh)
     assert list(got) == list(expected)
     for name in expected:
@@ -105,15 +95,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, key, monkeypatch):
 
 def test_checkpoint_has_no_key_material(tmp_path, key):
     module = _module(key)
-    run_local(
-        module,
-        _sites(),
-        _config(max_rounds=1),
-        key.fingerprint,
-        key.version,
-        progress_bar=False,
-        checkpoint_dir=tmp_path,
-    )
+    _run(module, _sites(), _config(max_rounds=1), key, checkpoint_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint.json", "round-00001.npz"]
     blob = b"".join(p.read_bytes() for p in tmp_path.iterdir())
@@ -129,79 +111,25 @@ def test_checkpoint_has_no_key_material(tmp_path, key):
 def test_resume_extends_a_finished_run(tmp_path, key):
     sites = _sites()
     module = _module(key)
-    run_local(
-        module,
-        sites,
-        _config(max_rounds=2),
-        key.fingerprint,
-        key.version,
-        progress_bar=False,
-        checkpoint_dir=tmp_path,
-    )
+    _run(module, sites, _config(max_rounds=2), key, checkpoint_dir=tmp_path)
     # the default KL warm-up (max_rounds // 2) follows the run that started, not the new max
-    server = run_local(
-        module,
-        sites,
-        _config(max_rounds=3),
-        key.fingerprint,
-        key.version,
-        progress_bar=False,
-        checkpoint_dir=tmp_path,
-        resume=True,
-    )
+    server = _run(module, sites, _config(max_rounds=3), key, checkpoint_dir=tmp_path, resume=True)
     assert sorted(server.history()["round"].unique()) == [0, 1, 2]
     assert server.config.kl_warmup_rounds == 1
 
 
 def test_resume_refuses_other_settings_another_key_or_no_checkpoint(tmp_path, key):
     module, sites = _module(key), _sites()
-    run_local(
-        module,
-        sites,
-        _config(max_rounds=1),
-        key.fingerprint,
-        key.version,
-        progress_bar=False,
-        checkpoint_dir=tmp_path,
-    )
+    _run(module, sites, _config(max_rounds=1), key, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"settings differ.*lr \(0.001 -> 0.01\)"):
-        run_local(
-            module,
-            sites,
-            _config(lr=0.01),
-            key.fingerprint,
-            key.version,
-            progress_bar=False,
-            checkpoint_dir=tmp_path,
-            resume=True,
-        )
+        _run(module, sites, _config(lr=0.01), key, checkpoint_dir=tmp_path, resume=True)
     other = scinfl.Key.generate()
     with pytest.raises(ValueError, match="trained under key fingerprint"):
-        run_local(
-            module,
-            sites,
-            _config(),
-            other.fingerprint,
-            other.version,
-            progress_bar=False,
-            checkpoint_dir=tmp_path,
-            resume=True,
-        )
+        _run(module, sites, _config(), other, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        run_local(
-            module,
-            sites,
-            _config(),
-            key.fingerprint,
-            key.version,
-            progress_bar=False,
-            checkpoint_dir=tmp_path / "empty",
-            resume=True,
-        )
+        _run(module, sites, _config(), key, checkpoint_dir=tmp_path / "empty", resume=True)
     with pytest.raises(ValueError, match="needs the checkpoint_dir"):
-        run_local(
-            module, sites, _config(), key.fingerprint, key.version, progress_bar=False, resume=True
-        )
+        _run(module, sites, _config(), key, resume=True)
 
 
 def test_round_with_too_few_sites_fails_and_leaves_the_last_model():

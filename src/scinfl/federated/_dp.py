@@ -105,13 +105,11 @@ class DPFedAvg:
             result[name] = noisy.astype(current[name].dtype)
         self.releases.append(len(updates))
         logger.info(
-            "Round %d: %d updates clipped to %.3g, noise std %.3g; epsilon %.3g at delta %g.",
+            "Round %d: %d updates clipped to %.3g, noise std %.3g.",
             round_,
             len(updates),
             self.clipping_norm,
             std,
-            self.epsilon(),
-            self.delta,
         )
         return result
 
@@ -124,10 +122,12 @@ class DPFedAvg:
         if not self.releases:
             return 0.0
         _, accounting, RdpAccountant = _flower_dp()
+        # no amplification: the population only bounds the sample sizes
+        population = max(self.n_sites, *self.releases)
         accountant = RdpAccountant(
             accounting.PrivacyConfig(
                 target_delta=self.delta,
-                population_size=self.n_sites,
+                population_size=population,
                 neighboring_relation=accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
                 sampling_method=accounting.SamplingMethod.NO_AMPLIFICATION,
             )
@@ -137,7 +137,7 @@ class DPFedAvg:
                 accounting.GaussianPrivacyEvent(
                     noise_multiplier=self.noise_multiplier,
                     sample_size=sample_size,
-                    population_size=self.n_sites,
+                    population_size=population,
                 )
             )
         return float(accountant.get_epsilon(self.delta))

@@ -65,7 +65,7 @@ def run_local(
     >>> vae = KeyedVAE(n_input=8, key_mode=None)
     >>> sites = [SiteData.from_arrays(s, np.random.poisson(2, (40, 8))) for s in "ab"]
     >>> server = run_local(vae, sites, FederationConfig(max_rounds=2, batch_size=16), progress_bar=False)
-    >>> server.history()["round"].max()
+    >>> int(server.history()["round"].max())
     1
     """
     by_name = {site.name: site for site in sites}

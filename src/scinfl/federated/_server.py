@@ -197,6 +197,28 @@ class FederatedServer:
         that of the last completed round.
         """
         accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
+        if not accepted:
+            raise RuntimeError(
+                f"Round {round_}: no update was accepted (all sites failed, or all used another "
+                "key). Check that every site loaded the federation's key file."
+            )
+        if len(accepted) < self.config.min_available:
+            raise RuntimeError(
+                f"Round {round_}: {len(accepted)} update(s) accepted, fewer than "
+                f"min_available={self.config.min_available} (sites failed, did not answer in "
+                "time, or used another key). Bring the sites back (each with the federation's "
+                "key file) and continue with resume=True from the last checkpoint, or lower "
+                "min_available."
+            )
+        extra = {}
+        if self.dp is not None:
+            self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
+            extra["dp_epsilon"] = self.dp.epsilon()
+            logger.info(
+                "Round %d: epsilon %.3g at delta %g.", round_, extra["dp_epsilon"], self.dp.delta
+            )
+        else:
+            self.parameters = fedavg(accepted)
         kl_weight = self.config.kl_weight(round_)
         for update in updates:
             self.rows.append(
@@ -207,31 +229,9 @@ class FederatedServer:
                     "accepted": update in accepted,
                     "kl_weight": kl_weight,
                     **update.metrics,
+                    **extra,
                 }
             )
-        if not accepted:
-            raise RuntimeError(
-                f"Round {round_}: no update was accepted (all sites failed, or all used another "
-                "key). Check that every site loaded the federation's key file."
-            )
-        if len(accepted) < self.config.min_available:
-            self.rows = [r for r in self.rows if r["round"] != round_]
-            raise RuntimeError(
-                f"Round {round_}: {len(accepted)} update(s) accepted, fewer than "
-                f"min_available={self.config.min_available} (sites failed, did not answer in "
-                "time, or used another key). Bring the sites back (each with the federation's "
-                "key file) and continue with resume=True from the last checkpoint, or lower "
-                "min_available."
-            )
-        if self.dp is not None:
-            self.dp.n_sites = max(self.dp.n_sites, self.n_sites or 0, len(accepted))
-            self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
-            epsilon = self.dp.epsilon()
-            for row in self.rows:
-                if row["round"] == round_:
-                    row["dp_epsilon"] = epsilon
-        else:
-            self.parameters = fedavg(accepted)
         return self.parameters
 
     def record_evaluation(self, round_: int, site_metrics: dict[str, dict[str, float]]) -> bool:

@@ -245,22 +245,25 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             np.asarray(self.adata_manager.get_from_registry(registry_key)).ravel().astype(np.int64)
         )
 
+    def _site_rows(self) -> dict[str, np.ndarray]:
+        """Rows of each (non-empty) site, by site name, in the registry's site order."""
+        codes = self._registered_codes(SITE_KEY)
+        names = self.adata_manager.get_state_registry(SITE_KEY).categorical_mapping
+        rows = {str(name): np.flatnonzero(codes == code) for code, name in enumerate(names)}
+        return {name: r for name, r in rows.items() if len(r)}
+
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         batch = self._registered_codes(REGISTRY_KEYS.BATCH_KEY)
         labels = self._registered_codes(REGISTRY_KEYS.LABELS_KEY)
-        codes = self._registered_codes(SITE_KEY)
-        names = self.adata_manager.get_state_registry(SITE_KEY).categorical_mapping
+        mapping = self.adata_manager.get_state_registry(SITE_KEY).categorical_mapping
+        code_of = {str(name): code for code, name in enumerate(mapping)}
         sites = []
-        self._site_rows = {}
-        for code, name in enumerate(names):
-            rows = np.flatnonzero(codes == code)
-            if len(rows) == 0:
-                continue
-            self._site_rows[str(name)] = rows
+        for name, rows in self._site_rows().items():
+            code = code_of[name]
             sites.append(
                 SiteData.from_arrays(
-                    str(name),
+                    name,
                     X[rows],
                     batch=batch[rows],
                     labels=labels[rows],
@@ -418,7 +421,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             checkpoint_dir=checkpoint_dir,
             resume=resume,
         )
-        self._record_split(sites, self._site_rows)
+        self._record_split(sites, self._site_rows())
         return history
 
     def train_centralized(

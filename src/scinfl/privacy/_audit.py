@@ -72,12 +72,10 @@ def training_rows(
     validation_size = 0.1 if validation_size is None else validation_size
     seed = scvi.settings.seed if seed is None else seed
     seed = 0 if seed is None else int(seed)
-    codes = model_data(model).sites
-    names = [str(n) for n in model.adata_manager.get_state_registry("site").categorical_mapping]
-    mask = np.zeros(len(codes), dtype=bool)
+    rows = model._site_rows()
+    mask = np.zeros(n, dtype=bool)
     for site in model._site_data(validation_size, seed):
-        rows = np.flatnonzero(codes == names.index(site.name))
-        mask[rows[site.train_idx]] = True
+        mask[rows[site.name][site.train_idx]] = True
     return mask
 
 
