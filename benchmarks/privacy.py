@@ -91,7 +91,7 @@ logger = logging.getLogger("privacy-benchmark")
 CPTAC_CLASSES = ["Tumor", "Adjacent_normal", "Enriched_normal", "Myometrium_normal"]
 CPTAC_SITES = {"plex 1-6": range(1, 7), "plex 7-12": range(7, 13), "plex 13-17": range(13, 18)}
 RECONSTRUCTION = ["analytic", "decoder-inversion", "inverting-gradients"]
-ATTACKS = [*RECONSTRUCTION, "loss", "rmia", "inference"]
+ATTACKS = [*RECONSTRUCTION, "label-prevalence", "loss", "rmia", "inference"]
 
 
 @dataclass
@@ -395,6 +395,10 @@ def reconstruction_table(audit_df: pd.DataFrame, uploads: list[str]) -> pd.DataF
                 & (d.metric == "label_recovery")
             ]
             row["label recovery (IG, 1)"] = _fmt(ig["value"].iloc[0], pct=True) if len(ig) else "–"
+            matched = d[(d.attack == "label-prevalence") & (d.key_guess == guess)]
+            row["label recovery (prevalence-matched, 1)"] = (
+                _fmt(matched["value"].iloc[0], pct=True) if len(matched) else "–"
+            )
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -37,7 +37,7 @@ import torch
 from anndata import AnnData
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
 
 import scinfl
@@ -53,6 +53,9 @@ TASKS = {
 }
 PLEX_SITES = {"A (plex 1-4)": range(1, 5), "B (plex 5-8)": range(5, 9)}
 PLEX_SITES |= {"C (plex 9-12)": range(9, 13), "D (plex 13-17)": range(13, 18)}
+
+# seed of the split whose training folds are used to choose the settings (``--inner``)
+TUNING_SEED = 123
 
 METHODS = [
     "centralized",
@@ -337,21 +340,36 @@ def run(
     methods: list[str] | None = None,
     seed: int = 0,
     verbose: bool = True,
+    inner: int = 0,
 ) -> pd.DataFrame:
-    """Per-fold results of every method (one row per method and fold)."""
+    """Per-fold results of every method (one row per method and fold).
+
+    With ``inner > 0`` the test folds are never touched: the first ``inner`` folds of a
+    *different* stratified split (seed ``TUNING_SEED``) are taken, and each of their training
+    folds is split again, a stratified 25% held out as the evaluation rows. This is how the
+    settings are chosen.
+    """
     s = Settings() if settings is None else settings
     data = prepare(adata, task, split)
     y = data.obs["label"].cat.codes.to_numpy()
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    splits = list(splitter.split(np.zeros(len(y)), y))
+    if inner:
+        outer = RepeatedStratifiedKFold(n_splits=folds, n_repeats=1, random_state=TUNING_SEED)
+        splits = []
+        for train_idx, _ in list(outer.split(np.zeros(len(y)), y))[:inner]:
+            holdout = StratifiedShuffleSplit(n_splits=1, test_size=0.25, random_state=TUNING_SEED)
+            fit, evaluate = next(holdout.split(train_idx, y[train_idx]))
+            splits.append((train_idx[fit], train_idx[evaluate]))
     results = []
-    for i, (train_idx, test_idx) in enumerate(splitter.split(np.zeros(len(y)), y)):
+    for i, (train_idx, test_idx) in enumerate(splits):
         fold_rows = run_fold(data, train_idx, test_idx, s, seed=seed + i, methods=methods)
         for row in fold_rows:
             row.update(fold=i % folds, repeat=i // folds)
         results.extend(fold_rows)
         if verbose:
             acc = {r["method"]: round(r["accuracy"], 3) for r in fold_rows}
-            print(f"fold {i + 1}/{folds * repeats}: {acc}", flush=True)
+            print(f"fold {i + 1}/{len(splits)}: {acc}", flush=True)
     return pd.DataFrame(results)
 
 
@@ -388,6 +406,20 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
         "--methods", nargs="+", choices=METHODS, help="run only these rows (default: all)"
     )
     parser.add_argument("--csv", help="write the per-fold results to this file prefix")
+    parser.add_argument(
+        "--inner",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tuning mode: evaluate on held-out rows of N training folds of another split",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a setting, e.g. --set classification_ratio=500 rounds=40",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.folds, args.repeats, args.rounds = 2, 1, 5
@@ -396,6 +428,10 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     settings = Settings(rounds=args.rounds)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kind = type(getattr(settings, name))
+        settings = replace(settings, **{name: kind(value) if kind is not bool else value == "True"})
     adata = scinfl.data.cptac_ucec()
     tables = []
     for split in args.split:
@@ -409,6 +445,7 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
                 settings,
                 seed=args.seed,
                 methods=args.methods,
+                inner=args.inner,
             )
             if args.csv:
                 results.to_csv(f"{args.csv}_{split}_{task}.csv", index=False)

@@ -4,12 +4,15 @@ import torch
 
 from scinfl import Key
 from scinfl.federated import ClientConfig, SiteData, client_update, get_shared_parameters, site_seed
+from scinfl.key import MissingKeyError
 from scinfl.module import KeyedVAE
 from scinfl.privacy import (
     analytic_attack,
     analytic_inversion,
     attacker_module,
     candidate_set,
+    class_of_unit,
+    class_order_from_prevalence,
     decoder_bias_attack,
     decoder_inversion,
     dlg,
@@ -46,8 +49,6 @@ def _vae(mode, key=None, **kwargs):
     torch.manual_seed(0)
     vae = KeyedVAE(n_input=N_GENES, key_mode=mode, **kwargs)
     if mode is not None:
-        if mode == "feature":
-            vae._key_mode.install_model(vae)
         vae.set_key(key or Key(bytes(range(32))))
         # away from the identity modulation of a freshly keyed layer
         with torch.no_grad():
@@ -220,6 +221,64 @@ def test_idlg_label_inference(cells):
         for i in range(6)
     ]
     assert label_recovery(found, types[:6]) == 1.0
+
+
+def test_keyed_class_order_hides_the_idlg_label(cells):
+    """The key decides which output unit carries each class: iDLG finds the unit, and only
+    the correct key maps it to the class."""
+    x, _, _, types = cells
+    key = Key(bytes(range(32)))
+    order = key.permutation(4).tolist()
+    vae = _vae("pooled", key=key, n_labels=4, classify=True)
+    assert vae.class_order.tolist() == order
+    rows = [int(np.flatnonzero(types == c)[0]) for c in range(4)]  # one sample of each class
+    units = [
+        infer_label(upload_gradient(vae, make_tensors(x[i], labels=[types[i]])), "classifier.3")
+        for i in rows
+    ]
+    assert units == order  # the unit of class c is order[c]
+    recovered = {}
+    for guess in ("correct", "none", "wrong"):
+        attacker = attacker_module(vae, guess, seed=0)
+        found = [class_of_unit(attacker, u) for u in units]
+        guessed = attacker.class_order.tolist()
+        # the attacker reads class c exactly when its order agrees with the key's on c
+        expected = np.mean([guessed[c] == order[c] for c in range(4)])
+        recovered[guess] = label_recovery(found, list(range(4)))
+        assert recovered[guess] == expected
+    assert recovered["correct"] == 1.0
+    assert recovered["none"] < 1.0 and recovered["wrong"] < 1.0
+
+
+def test_class_order_is_found_from_many_uploads_and_public_prevalence(cells):
+    """The class order hides one upload's label, not the label frequencies over many."""
+    x, _, _, _ = cells
+    key = Key(bytes(range(32)))
+    vae = _vae("pooled", key=key, n_labels=4, classify=True)
+    rng = np.random.default_rng(1)
+    prevalence = np.array([0.1, 0.5, 0.3, 0.1]) + np.array([0, 0, 0, 0.05])
+    labels = rng.choice(4, 80, p=prevalence / prevalence.sum())
+    units = [
+        infer_label(upload_gradient(vae, make_tensors(x[i], labels=[labels[i]])), "classifier.3")
+        for i in range(80)
+    ]
+    public_counts = np.bincount(rng.choice(4, 200, p=prevalence / prevalence.sum()), minlength=4)
+    guess = class_order_from_prevalence(units, public_counts)
+    assert guess.tolist() == key.permutation(4).tolist()
+    with pytest.raises(ValueError, match="number of classes"):
+        class_order_from_prevalence([5], [1, 1])
+
+
+def test_class_order_needs_the_key_and_a_permutation():
+    vae = KeyedVAE(n_input=N_GENES, n_labels=3, classify=True, key_mode="pooled")
+    with pytest.raises(MissingKeyError, match="set_key"):
+        vae.classification_logits(torch.zeros(2, vae.n_latent))
+    with pytest.raises(ValueError, match="permutation"):
+        vae.set_class_order(torch.tensor([0, 0, 1]))
+    vae.set_key(Key(bytes(range(32))))
+    assert vae.classification_logits(torch.zeros(2, vae.n_latent)).shape == (2, 3)
+    vae.set_key(None)
+    assert vae.class_order is None
 
 
 def test_dlg_runs_and_improves_on_plain_model(cells):

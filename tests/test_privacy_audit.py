@@ -29,6 +29,7 @@ ALL_ATTACKS = [
     "decoder-inversion",
     "inverting-gradients",
     "dlg",
+    "label-prevalence",
     "loss",
     "rmia",
     "inference",
@@ -118,9 +119,6 @@ def _trained(mode, n_rounds=12, **train_kwargs):
     scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
     torch.manual_seed(0)
     model = scinfl.model.INFL(adata, key=FIXED_KEY, key_mode=mode, n_hidden=32)
-    if mode is not None and mode.startswith("feature"):
-        # KeyedVAE does not call install_model yet: key the decoder and dispersions here
-        model.module._key_mode.install_model(model.module)
     model.train_federated(
         max_rounds=n_rounds, batch_size=32, progress_bar=False, seed=0, **train_kwargs
     )
@@ -128,19 +126,26 @@ def _trained(mode, n_rounds=12, **train_kwargs):
 
 
 def test_wrong_key_utility_pooled_vs_feature_mode():
-    """DESIGN.md section 1: a wrong key of the pooled mode is almost the right key; the
+    """DESIGN.md section 1: a wrong key of the pooled mode is almost the right key for the
+    latent space; the keyed class order makes its classifier predict permuted labels. The
     feature mode's classifier is at chance without its key (its latent space still clusters)."""
-    pooled = wrong_key_utility(_trained("pooled")).set_index(["metric", "key_guess"])["value"]
+    pooled_model = _trained("pooled")
+    pooled = wrong_key_utility(pooled_model).set_index(["metric", "key_guess"])["value"]
     feature_table = wrong_key_utility(_trained("feature"))
     feature = feature_table.set_index(["metric", "key_guess"])["value"]
     chance = feature_table.set_index(["metric", "key_guess"])["chance"]
     for table in (pooled, feature):
         assert table["accuracy", "correct"] > 0.9
         assert table["agreement", "correct"] == 1.0
-    # pooled: the model works as well with a wrong key or none
-    assert pooled["accuracy", "wrong"] > pooled["accuracy", "correct"] - 0.05
-    assert pooled["accuracy", "none"] > pooled["accuracy", "correct"] - 0.05
-    assert pooled["agreement", "wrong"] > 0.95
+    # the wrong key (seed 0) and no key (identity) read the classes in another order than
+    # the correct key: the classifier is at or below chance with either
+    assert FIXED_KEY.permutation(3).tolist() == [1, 0, 2]
+    assert scinfl.Key(np.random.default_rng(0).bytes(32)).permutation(3).tolist() == [1, 2, 0]
+    for guess in ("wrong", "none"):
+        assert pooled["accuracy", guess] < chance["accuracy", guess] + 0.1
+        assert pooled["agreement", guess] < 0.5
+        # but the pooled latent space is the same with any key: what the key does not hide
+        assert pooled["knn_accuracy", guess] > pooled["knn_accuracy", "correct"] - 0.05
     # feature: predictions at chance level without the key
     for guess in ("wrong", "none"):
         assert feature["accuracy", guess] < chance["accuracy", guess] + 0.1
@@ -228,13 +233,14 @@ def test_audit_recovers_one_sample_uploads_of_a_plain_model(plain_audit):
         assert df[attack, "none", "one-sample", "reidentification"] == 1.0
         assert df[attack, "none", "one-sample", "partial_corr"] > 0.99
     assert df["inverting-gradients", "none", "one-sample", "label_recovery"] == 1.0
+    assert df["label-prevalence", "none", "one-sample", "label_recovery"] == 1.0
 
 
 def test_audit_keyed_model_runs_each_guess(counts):
     model = _trained("pooled", n_rounds=2, validation_size=0.3)
     df = audit(
         model,
-        attacks=["analytic", "inference"],
+        attacks=["analytic", "label-prevalence", "inference"],
         key_guesses=["none", "correct"],
         n_victims=2,
         validation_size=0.3,
@@ -243,7 +249,9 @@ def test_audit_keyed_model_runs_each_guess(counts):
     )
     assert set(df["defence"]) == {"paper"}
     assert set(df["key_guess"]) == {"none", "correct"}
-    assert set(df["attack"]) == {"analytic", "inference"}
+    assert set(df["attack"]) == {"analytic", "label-prevalence", "inference"}
+    labels = df[df["attack"] == "label-prevalence"].set_index("key_guess")["value"]
+    assert labels["correct"] == 1.0  # the key maps every output unit to its class
     with pytest.raises(ValueError):
         audit(model, attacks=["magic"])
     with pytest.raises(ValueError):

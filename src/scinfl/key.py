@@ -129,10 +129,40 @@ class Key:
         >>> Key.generate().coordinates(4, dim=3, purpose="demo").shape
         (4, 3)
         """
-        material = hmac.new(self._seed, b"scinfl/coords/" + purpose.encode(), hashlib.sha256)
-        entropy = int.from_bytes(material.digest(), "big")
-        rng = np.random.default_rng(np.random.SeedSequence(entropy))
-        return rng.uniform(-1.0, 1.0, size=(n, dim)).astype(np.float32)
+        return (
+            self._rng(b"scinfl/coords/" + purpose.encode())
+            .uniform(-1.0, 1.0, size=(n, dim))
+            .astype(np.float32)
+        )
+
+    def permutation(self, n: int, purpose: str = "classes") -> np.ndarray:
+        """A secret permutation of ``range(n)`` derived from the seed.
+
+        Independent of every coordinate set of the same key, and of permutations for other
+        ``purpose`` strings.
+
+        Parameters
+        ----------
+        n
+            Length of the permutation.
+        purpose
+            Domain-separation label.
+
+        Returns
+        -------
+        ``int64`` array holding each of ``0 .. n-1`` once.
+
+        Examples
+        --------
+        >>> sorted(Key.generate().permutation(4))
+        [0, 1, 2, 3]
+        """
+        return self._rng(b"scinfl/permutation/" + purpose.encode()).permutation(n).astype(np.int64)
+
+    def _rng(self, label: bytes) -> np.random.Generator:
+        """A generator seeded by HMAC-SHA256 of ``label`` under the seed (domain separation)."""
+        entropy = int.from_bytes(hmac.new(self._seed, label, hashlib.sha256).digest(), "big")
+        return np.random.default_rng(np.random.SeedSequence(entropy))
 
     def rotate(self) -> Key:
         """Return a fresh key with the next version number.

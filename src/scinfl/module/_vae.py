@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
-from scinfl.key import Key
+from scinfl.key import Key, MissingKeyError
 
 from ._key_modes import get_key_mode
 
@@ -108,6 +108,9 @@ class KeyedVAE(VAE):
                 nn.ReLU(),
                 nn.Linear(32, n_labels),
             )
+        # keyed models read their class logits through a secret permutation of the
+        # classifier's output units (set with the key): a non-persistent buffer, never shared
+        self.register_buffer("class_order", None, persistent=False)
         self.key_mode_name = key_mode
         self.key_encoder = None
         if key_mode is not None:
@@ -139,6 +142,27 @@ class KeyedVAE(VAE):
             return
         material = None if key is None else self._key_mode.key_material(key, self.n_input)
         self.key_encoder.set_coordinates(material)
+        order = None
+        if key is not None and self.classifier is not None:
+            order = torch.from_numpy(key.permutation(self.n_labels, purpose="classes"))
+        self.set_class_order(order)
+
+    def set_class_order(self, order: torch.Tensor | None) -> None:
+        """Set the output unit of the classifier that carries each class.
+
+        Class ``c``'s logit is output unit ``order[c]``. :meth:`set_key` sets it from the key,
+        so that the shared classifier weights do not say which unit means which class: the
+        label of a one-sample update can no longer be read off the sign of the output bias
+        gradient (iDLG) without the key, and a wrong key predicts permuted labels.
+        """
+        if order is not None:
+            order = torch.as_tensor(order, dtype=torch.long)
+            if sorted(order.tolist()) != list(range(self.n_labels)):
+                raise ValueError(
+                    f"class order must be a permutation of range({self.n_labels}), got "
+                    f"{order.tolist()}."
+                )
+        self.class_order = order
 
     def key_parameter_names(self) -> list[str]:
         """Names of the parameters that exist only because the model is keyed."""
@@ -207,8 +231,16 @@ class KeyedVAE(VAE):
         return -px.log_prob(x).sum(-1)
 
     def classification_logits(self, qz_mean: torch.Tensor) -> torch.Tensor:
-        """Class logits from the latent mean."""
-        return self.classifier(qz_mean)
+        """Class logits from the latent mean (through the keyed class order, if any)."""
+        logits = self.classifier(qz_mean)
+        if self.class_order is not None:
+            return logits[:, self.class_order]
+        if self.is_keyed:
+            raise MissingKeyError(
+                "This model is keyed but no key is set. Pass `key=` when creating or loading "
+                "the model, or call `model.set_key(scinfl.Key.load(path))`."
+            )
+        return logits
 
     def loss(
         self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0

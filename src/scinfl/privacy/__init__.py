@@ -8,7 +8,8 @@ that: an upload is turned into a gradient (:func:`upload_gradient`,
 :func:`decoder_bias_attack`), or by gradient matching (:func:`dlg`), each with the attacker's
 key guess (:func:`attacker_module`: no key, a wrong key, or the correct key as the upper
 bound). :func:`spectral_alignment_attack` needs no key: it undoes a secret linear feature map
-from many uploads and public data. Reconstructions are scored by :func:`partial_correlation`,
+from many uploads and public data; :func:`class_order_from_prevalence` finds the secret class
+order from the labels of many uploads and public label counts. Reconstructions are scored by :func:`partial_correlation`,
 :func:`reidentification_rate`, :func:`top_k_overlap` and :func:`label_recovery`.
 
 Membership inference on the released model: :func:`loss_attack` and :func:`rmia_attack` (with
@@ -18,12 +19,13 @@ reference models from :func:`train_reference_models`), scored by :func:`membersh
 :func:`scinfl.pl.privacy`).
 """
 
-from ._adaptive import spectral_alignment_attack
+from ._adaptive import class_order_from_prevalence, spectral_alignment_attack
 from ._attacks import (
     Reconstruction,
     analytic_attack,
     analytic_inversion,
     attacker_module,
+    class_of_unit,
     decoder_bias_attack,
     decoder_inversion,
     dlg,
@@ -69,6 +71,8 @@ __all__ = [
     "audit",
     "candidate_scores",
     "candidate_set",
+    "class_of_unit",
+    "class_order_from_prevalence",
     "client_loss",
     "decoder_bias_attack",
     "decoder_inversion",

@@ -68,3 +68,40 @@ def spectral_alignment_attack(
     # an orthogonal map keeps the scale of every axis; any other linear map is rescaled here
     scale = pub_scores.std(0) / np.maximum(y_scores.std(0), 1e-300)
     return pub_mean + (y_scores * signs * scale) @ v[:k]
+
+
+def class_order_from_prevalence(units, prevalence) -> np.ndarray:
+    """Guess a keyed model's secret class order from many uploads and public label counts.
+
+    The keyed class order (:meth:`~scinfl.module.KeyedVAE.set_class_order`) hides which output
+    unit carries which class, but not how often each unit is the label of an upload. A server
+    that reads the unit of many one-sample uploads (:func:`~scinfl.privacy.infer_label`) and
+    knows the class prevalence (public data, or the cohort's published description) matches
+    them by rank: the most frequent unit is the most prevalent class, and so on. Classes of
+    equal prevalence stay hidden; the rest of the order is found once enough uploads are seen.
+
+    Parameters
+    ----------
+    units
+        Output unit of each observed upload.
+    prevalence
+        Count or frequency of each class in the attacker's public data.
+
+    Returns
+    -------
+    The guessed order (``order[c]`` = unit of class ``c``), for
+    :meth:`~scinfl.module.KeyedVAE.set_class_order` or
+    :func:`~scinfl.privacy.class_of_unit`.
+
+    Examples
+    --------
+    >>> class_order_from_prevalence([2, 2, 2, 0, 0, 1], prevalence=[30, 50, 20]).tolist()
+    [0, 2, 1]
+    """
+    prevalence = np.asarray(prevalence, dtype=float)
+    counts = np.bincount(np.asarray(units, dtype=np.int64), minlength=len(prevalence))
+    if len(counts) != len(prevalence):
+        raise ValueError(f"Units must be below the number of classes ({len(prevalence)}).")
+    order = np.empty(len(prevalence), dtype=np.int64)
+    order[np.argsort(-prevalence, kind="stable")] = np.argsort(-counts, kind="stable")
+    return order

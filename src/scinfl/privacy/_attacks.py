@@ -31,7 +31,8 @@ def attacker_module(
     key. Without the key it can still build the keyed architecture and must put something in
     place of the secret material:
 
-    - ``"none"``: the key material replaced by zeros (every secret coordinate at the origin);
+    - ``"none"``: the key material replaced by zeros (every secret coordinate at the origin)
+      and, with a classifier, the identity class order;
     - ``"wrong"``: a key drawn from the same generator (:meth:`scinfl.Key.generate`);
     - a :class:`~scinfl.Key`: the correct key (the upper bound of every attack);
     - ``"correct"``: the key material ``module`` holds (the upper bound, without the
@@ -76,6 +77,9 @@ def attacker_module(
     elif key == "none":
         shape = mode.key_material(Key(b"\0" * 32), attacker.n_input).shape
         attacker.key_encoder.set_coordinates(torch.zeros(shape))
+        if getattr(attacker, "classifier", None) is not None:
+            # without the key, any class order is a guess; the identity is as good as any
+            attacker.set_class_order(torch.arange(attacker.n_labels))
     else:
         raise ValueError(f"key must be 'none', 'wrong', 'correct' or a scinfl.Key, got {key!r}.")
     return attacker
@@ -359,11 +363,36 @@ def decoder_bias_attack(attacker: nn.Module, gradients: Gradients) -> np.ndarray
     return -_lift_per_feature(attacker, gradients, path, "feature_bias", "bias", bias_of).numpy()
 
 
-def infer_label(gradients: Gradients, layer_name: str = "classifier.3") -> int:
-    """Label inference of iDLG: the class whose output bias has the most negative gradient.
+def class_of_unit(attacker: nn.Module, unit: int) -> int:
+    """The class an attacker reads from a classifier output unit, through its key guess.
 
-    With softmax cross-entropy, ``dL/db_c = p_c - [c = y]`` is negative only for the true class
-    of a one-sample upload.
+    A keyed model carries each class on a secret output unit
+    (:meth:`~scinfl.module.KeyedVAE.set_class_order`); the attacker can only map units to
+    classes through the order its own key guess gives.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from scinfl.module import KeyedVAE
+    >>> vae = KeyedVAE(n_input=10, n_labels=3, classify=True, key_mode=None)
+    >>> class_of_unit(vae, 2)
+    2
+    >>> vae.set_class_order(torch.tensor([2, 0, 1]))
+    >>> class_of_unit(vae, 2)
+    0
+    """
+    order = getattr(attacker, "class_order", None)
+    if order is None:
+        return int(unit)
+    return int((order == unit).nonzero()[0, 0])
+
+
+def infer_label(gradients: Gradients, layer_name: str = "classifier.3") -> int:
+    """Label inference of iDLG: the output unit whose bias has the most negative gradient.
+
+    With softmax cross-entropy, ``dL/db_u = p_u - [u = unit of y]`` is negative only for the
+    unit of the true class of a one-sample upload. On an unkeyed model the unit is the class;
+    on a keyed one, :func:`class_of_unit` maps it through the attacker's key guess.
 
     Examples
     --------
@@ -511,7 +540,8 @@ def dlg(
     fixed_labels = torch.zeros(n_samples, 1, dtype=torch.long)
     if classify:
         if isinstance(labels, str) and labels == "infer":
-            fixed_labels[:] = infer_label(gradients, output_layer(attacker, "classifier")[0])
+            unit = infer_label(gradients, output_layer(attacker, "classifier")[0])
+            fixed_labels[:] = class_of_unit(attacker, unit)
         elif isinstance(labels, str) and labels == "optimize":
             n_labels = output_layer(attacker, "classifier")[1].out_features
             label_logits = nn.Parameter(torch.randn(n_samples, n_labels, generator=gen) * 0.1)

@@ -11,7 +11,15 @@ import scvi
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ._attacks import analytic_attack, attacker_module, decoder_inversion, dlg
+from ._adaptive import class_order_from_prevalence
+from ._attacks import (
+    analytic_attack,
+    attacker_module,
+    decoder_inversion,
+    dlg,
+    infer_label,
+    output_layer,
+)
 from ._membership import loss_attack, rmia_attack, train_reference_models
 from ._metrics import candidate_scores, partial_correlation, reidentification_rate, top_k_overlap
 from ._upload import upload_gradient
@@ -21,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 RECONSTRUCTION_ATTACKS = ("analytic", "decoder-inversion", "inverting-gradients", "dlg")
 MEMBERSHIP_ATTACKS = ("loss", "rmia")
-ATTACKS = (*RECONSTRUCTION_ATTACKS, *MEMBERSHIP_ATTACKS, "inference")
+ATTACKS = (*RECONSTRUCTION_ATTACKS, "label-prevalence", *MEMBERSHIP_ATTACKS, "inference")
 #: what :func:`audit` runs by default: every attack but the L2 ``"dlg"`` (inverting gradients is
 #: the stronger gradient-matching attack, and each costs minutes on CPU)
 DEFAULT_ATTACKS = tuple(a for a in ATTACKS if a != "dlg")
@@ -253,6 +261,59 @@ def _reconstruction_rows(
     return rows
 
 
+def _label_prevalence_rows(
+    module,
+    attackers,
+    data: ModelData,
+    members: np.ndarray,
+    public_rows: np.ndarray,
+    n_victims: int,
+    kl_weight: float,
+    rng,
+) -> list[dict]:
+    """Label recovery of iDLG on one-sample uploads, the class order guessed by prevalence.
+
+    Without the key (guesses ``"none"`` and ``"wrong"``) the attacker ignores its key guess's
+    class order and matches the units of all uploads to the public label counts
+    (:func:`class_order_from_prevalence`); with ``"correct"`` it reads them through the key.
+    An unkeyed model needs no guess: its units are the classes.
+    """
+    n_labels = int(module.n_labels)
+    uploads = _draw_uploads(data, members, 1, n_victims, rng)
+    layer = output_layer(module, "classifier")[0]
+    units = [
+        infer_label(upload_gradient(module, data.tensors(rows), kl_weight=kl_weight), layer)
+        for rows in uploads
+    ]
+    truth = np.array([data.labels[rows[0]] for rows in uploads])
+    prevalence = np.bincount(data.labels[public_rows], minlength=n_labels)
+    by_prevalence = class_order_from_prevalence(units, prevalence)
+    rows = []
+    for guess, attacker in attackers.items():
+        if getattr(module, "class_order", None) is None:
+            order = np.arange(n_labels)
+        elif guess == "correct":
+            order = attacker.class_order.numpy()
+        else:
+            order = by_prevalence
+        found = np.array([int(np.flatnonzero(order == u)[0]) for u in units])
+        hits = (found == truth).astype(float)
+        rows.append(
+            {
+                "attack": "label-prevalence",
+                "key_guess": guess,
+                "upload": _upload_name(1),
+                "metric": "label_recovery",
+                "value": float(hits.mean()),
+                "sd": float(hits.std()),
+                # an attacker without gradients guesses the most prevalent public class
+                "chance": float(prevalence.max() / max(prevalence.sum(), 1)),
+                "n": len(hits),
+            }
+        )
+    return rows
+
+
 def _membership_rows(
     model,
     attackers,
@@ -289,6 +350,8 @@ def _membership_rows(
                 fresh = _fresh_module(model)
                 if getattr(fresh, "key_encoder", None) is not None:
                     fresh.key_encoder.set_coordinates(attacker.key_encoder.coordinates.clone())
+                    if getattr(fresh, "classifier", None) is not None:
+                        fresh.set_class_order(attacker.class_order)
                 return fresh
 
             references = train_reference_models(
@@ -369,6 +432,10 @@ def audit(
       ``label_recovery`` (DLG attacks, models with a classifier). Scores are in the encoder's
       input space (``log1p`` counts for count models); a batch upload's reconstructions are
       matched to its rows first (best match);
+    - ``"label-prevalence"``: iDLG's output unit of each one-sample upload, mapped to a
+      class through the order that matches the units' frequencies to the public label
+      counts (:func:`~scinfl.privacy.class_order_from_prevalence`; needs no key). Score:
+      ``label_recovery``, its ``chance`` the most prevalent public class;
     - on the global model: membership inference ``"loss"``
       (:func:`~scinfl.privacy.loss_attack`) and ``"rmia"``
       (:func:`~scinfl.privacy.rmia_attack`, reference models trained by the attacker on the
@@ -386,8 +453,8 @@ def audit(
     adata
         Data set up like the training data (default: the model's own).
     attacks
-        Subset of ``("analytic", "decoder-inversion", "inverting-gradients", "dlg", "loss",
-        "rmia", "inference")``; by default all but ``"dlg"``. The gradient-matching attacks
+        Subset of ``("analytic", "decoder-inversion", "inverting-gradients", "dlg",
+        "label-prevalence", "loss", "rmia", "inference")``; by default all but ``"dlg"``. The gradient-matching attacks
         take most of the time: on pbmc68k (765 genes) with 2 CPU cores, about 0.1 s per
         iteration, i.e. ``n_victims x len(key_guesses) x dlg_iters x 0.1`` seconds each (4
         minutes for a keyed model with the defaults, 1.5 for an unkeyed one).
@@ -514,6 +581,20 @@ def audit(
             seed,
             rng_uploads,
         )
+    if "label-prevalence" in attacks:
+        if getattr(module, "classifier", None) is not None:
+            rows += _label_prevalence_rows(
+                module,
+                attackers,
+                data,
+                member_mask,
+                public_rows,
+                n_victims,
+                kl_weight,
+                np.random.default_rng([seed, 3]),
+            )
+        else:
+            logger.info("label-prevalence skipped: the model has no classifier.")
     membership = [a for a in MEMBERSHIP_ATTACKS if a in attacks]
     if membership:
         if reference_epochs is None:
