@@ -240,8 +240,9 @@ def test_audit_keyed_model_runs_each_guess(counts):
     model = _trained("pooled", n_rounds=2, validation_size=0.3)
     df = audit(
         model,
-        attacks=["analytic", "label-prevalence", "inference"],
+        attacks=["analytic", "adaptive-key", "label-prevalence", "inference"],
         key_guesses=["none", "correct"],
+        dlg_iters=5,
         n_victims=2,
         validation_size=0.3,
         training_seed=0,
@@ -249,7 +250,9 @@ def test_audit_keyed_model_runs_each_guess(counts):
     )
     assert set(df["defence"]) == {"paper"}
     assert set(df["key_guess"]) == {"none", "correct"}
-    assert set(df["attack"]) == {"analytic", "label-prevalence", "inference"}
+    assert set(df["attack"]) == {"analytic", "adaptive-key", "label-prevalence", "inference"}
+    adaptive = df[df["attack"] == "adaptive-key"]
+    assert {"reidentification", "partial_corr", "label_recovery"} < set(adaptive["metric"])
     labels = df[df["attack"] == "label-prevalence"].set_index("key_guess")["value"]
     assert labels["correct"] == 1.0  # the key maps every output unit to its class
     with pytest.raises(ValueError):

@@ -521,6 +521,9 @@ class FeatureKeyEncoder(nn.Module):
     torch.Size([30, 128])
     """
 
+    #: the key material is continuous: an adaptive attacker can optimise it by gradient
+    differentiable = True
+
     def __init__(
         self,
         n_features: int,

@@ -37,6 +37,9 @@ class CoordinateKeyEncoder(nn.Module):
     torch.Size([16])
     """
 
+    #: the key material is continuous: an adaptive attacker can optimise it by gradient
+    differentiable = True
+
     def __init__(self, coord_dim: int = 2, key_dim: int = 16, n_hidden: int = 32) -> None:
         super().__init__()
         self.coord_dim = coord_dim

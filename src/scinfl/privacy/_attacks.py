@@ -414,15 +414,19 @@ class Reconstruction:
     labels
         Recovered labels (``None`` without a classifier).
     loss
-        Final gradient distance.
+        Best value of the objective (gradient distance, plus the prior term if any).
     history
-        Gradient distance every 50 iterations.
+        The objective every 50 iterations.
+    key_material
+        The key material the adaptive attacker ended with (``optimize_key=True``), else
+        ``None``.
     """
 
     x: np.ndarray
     labels: np.ndarray | None
     loss: float
     history: list[float] = field(default_factory=list)
+    key_material: np.ndarray | None = None
 
 
 def _distance(dummy, target, kind: str) -> torch.Tensor:
@@ -446,6 +450,9 @@ def dlg(
     reference: np.ndarray | None = None,
     parameter_names: list[str] | None = None,
     kl_weight: float = 1.0,
+    optimize_key: bool = False,
+    prior_weight: float = 0.0,
+    prior_scale: np.ndarray | None = None,
     seed: int = 0,
 ) -> Reconstruction:
     """Gradient inversion: optimise a dummy input so that its gradient matches the upload.
@@ -481,6 +488,16 @@ def dlg(
         e.g. the decoder's to audit it on its own.
     kl_weight
         KL weight of the attacked round.
+    optimize_key
+        The *adaptive* attacker: optimise the key material jointly with the dummy, starting
+        from the attacker's key guess (the pooled mode's secret coordinates, or the
+        ``feature-inr`` mode's per-feature coordinates; the ``feature`` mode's secret
+        permutations are discrete and cannot be optimised this way). The material found is in
+        :attr:`Reconstruction.key_material`; the attacker module keeps its own.
+    prior_weight, prior_scale
+        Public data as a prior: adds ``prior_weight * mean(((x - reference) / prior_scale)^2)``
+        (in ``log1p`` space for counts) to the matching loss; ``prior_scale`` is the public
+        standard deviation per feature (default 1).
     seed
         Seed of the dummy initialisation.
 
@@ -551,12 +568,41 @@ def dlg(
                 n_samples, 1
             )
 
+    key_encoder = getattr(attacker, "key_encoder", None)
+    saved_material = None
+    material = None
+    if optimize_key:
+        if key_encoder is None:
+            raise ValueError("optimize_key=True needs a keyed module.")
+        if not getattr(key_encoder, "differentiable", False):
+            raise ValueError(
+                f"The key material of {type(key_encoder).__name__} is discrete; optimize_key "
+                "works for the 'pooled' and 'feature-inr' key modes."
+            )
+        if key_encoder.coordinates is None:
+            raise ValueError("optimize_key=True starts from a key guess: see attacker_module().")
+        saved_material = key_encoder.coordinates
+        material = saved_material.detach().clone().requires_grad_(True)
+        # a leaf tensor in place of the buffer, so that the gradient reaches the coordinates
+        key_encoder._buffers["coordinates"] = material
+        variables.append(material)
+    prior = None
+    if prior_weight > 0:
+        if reference is None:
+            raise ValueError("prior_weight > 0 needs reference=, the public mean profile.")
+        scale = np.ones(p_in) if prior_scale is None else np.asarray(prior_scale)
+        prior = (
+            torch.as_tensor(np.asarray(reference), dtype=torch.float32),
+            torch.as_tensor(np.maximum(scale, 1e-6), dtype=torch.float32),
+        )
+
     optimizer = torch.optim.Adam(variables, lr=lr)
     milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     batch = torch.zeros(n_samples, 1, dtype=torch.long)
     best, best_v, history = np.inf, v.detach().clone(), []
     best_logits = None if label_logits is None else label_logits.detach().clone()
+    best_material = None if material is None else material.detach().clone()
 
     def encode(v_):
         return torch.expm1(F.softplus(v_)) if counts else v_
@@ -574,6 +620,9 @@ def dlg(
         )
         pairs = [(d, t) for d, t in zip(dummy, target, strict=True) if d is not None]
         dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
+        if prior is not None:
+            profile = F.softplus(v) if counts else v
+            dist = dist + prior_weight * ((profile - prior[0]) / prior[1]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         dist.backward()
         optimizer.step()
@@ -583,10 +632,14 @@ def dlg(
             best, best_v = value, v.detach().clone()
             if label_logits is not None:
                 best_logits = label_logits.detach().clone()
+            if material is not None:
+                best_material = material.detach().clone()
         if it % 50 == 0:
             history.append(value)
     for p in attacker.parameters():
         p.requires_grad_(True)
+    if saved_material is not None:
+        key_encoder._buffers["coordinates"] = saved_material
     with torch.no_grad():
         x = F.softplus(best_v) if counts else best_v
     if not classify:
@@ -595,4 +648,10 @@ def dlg(
         rec_labels = best_logits.argmax(-1).numpy()
     else:
         rec_labels = fixed_labels.view(-1).numpy()
-    return Reconstruction(x=x.double().numpy(), labels=rec_labels, loss=best, history=history)
+    return Reconstruction(
+        x=x.double().numpy(),
+        labels=rec_labels,
+        loss=best,
+        history=history,
+        key_material=None if best_material is None else best_material.numpy(),
+    )

@@ -27,15 +27,24 @@ from ._utility import ModelData, model_data, wrong_key_utility
 
 logger = logging.getLogger(__name__)
 
-RECONSTRUCTION_ATTACKS = ("analytic", "decoder-inversion", "inverting-gradients", "dlg")
+RECONSTRUCTION_ATTACKS = (
+    "analytic",
+    "decoder-inversion",
+    "inverting-gradients",
+    "dlg",
+    "adaptive-key",
+)
 MEMBERSHIP_ATTACKS = ("loss", "rmia")
 ATTACKS = (*RECONSTRUCTION_ATTACKS, "label-prevalence", *MEMBERSHIP_ATTACKS, "inference")
 #: what :func:`audit` runs by default: every attack but the L2 ``"dlg"`` (inverting gradients is
-#: the stronger gradient-matching attack, and each costs minutes on CPU)
-DEFAULT_ATTACKS = tuple(a for a in ATTACKS if a != "dlg")
+#: the stronger gradient-matching attack) and ``"adaptive-key"`` (each costs minutes on CPU)
+DEFAULT_ATTACKS = tuple(a for a in ATTACKS if a not in ("dlg", "adaptive-key"))
 KEY_GUESSES = ("none", "wrong", "correct")
 COLUMNS = ["defence", "attack", "key_guess", "upload", "metric", "value", "sd", "chance", "n"]
 GLOBAL_MODEL = "global-model"
+#: weight of the public-profile prior of the ``"adaptive-key"`` attacker (the gradient distance
+#: is at most 2; the prior is a mean squared z-score over features)
+ADAPTIVE_PRIOR_WEIGHT = 0.01
 
 
 def training_rows(
@@ -158,12 +167,32 @@ def _match(recs: np.ndarray, truths: np.ndarray, reference: np.ndarray) -> list[
     return list(zip(rec_idx.tolist(), row_idx.tolist(), strict=True))
 
 
-def _reconstruct(attack, attacker, grads, size, dlg_iters, dlg_lr, seed):
+def _reconstruct(attack, attacker, grads, size, dlg_iters, dlg_lr, seed, prior):
     """Reconstructions ``(k, p)`` and recovered labels (or ``None``)."""
     if attack == "analytic":
         return analytic_attack(attacker, grads)[None], None
     if attack == "decoder-inversion":
         return decoder_inversion(attacker, grads)[None], None
+    if attack == "adaptive-key":
+        # inverting gradients that also optimises the key material from the attacker's key
+        # guess, starting at the public mean with the public profile as a prior; labels are
+        # optimised too (without the key, the class order is unknown)
+        rec = dlg(
+            attacker,
+            grads,
+            n_samples=size,
+            labels="optimize",
+            distance="cosine",
+            n_iter=dlg_iters,
+            lr=dlg_lr,
+            init="mean",
+            reference=prior[0],
+            optimize_key=True,
+            prior_weight=ADAPTIVE_PRIOR_WEIGHT,
+            prior_scale=prior[1],
+            seed=seed,
+        )
+        return rec.x, rec.labels
     cosine = attack == "inverting-gradients"
     rec = dlg(
         attacker,
@@ -189,6 +218,7 @@ def _reconstruction_rows(
     n_candidates: int,
     top_k: int,
     reference: np.ndarray,
+    reference_sd: np.ndarray,
     dlg_iters: int,
     dlg_lr: float,
     kl_weight: float,
@@ -217,7 +247,14 @@ def _reconstruction_rows(
             for guess, attacker in attackers.items():
                 for attack in attacks:
                     recs, labels = _reconstruct(
-                        attack, attacker, grads, size, dlg_iters, dlg_lr, seed=i
+                        attack,
+                        attacker,
+                        grads,
+                        size,
+                        dlg_iters,
+                        dlg_lr,
+                        seed=i,
+                        prior=(reference, reference_sd),
                     )
                     for k, j in _match(recs, truths, reference):
                         label_hit = (
@@ -267,7 +304,7 @@ def _label_prevalence_rows(
     data: ModelData,
     members: np.ndarray,
     public_rows: np.ndarray,
-    n_victims: int,
+    n_uploads: int,
     kl_weight: float,
     rng,
 ) -> list[dict]:
@@ -279,7 +316,7 @@ def _label_prevalence_rows(
     An unkeyed model needs no guess: its units are the classes.
     """
     n_labels = int(module.n_labels)
-    uploads = _draw_uploads(data, members, 1, n_victims, rng)
+    uploads = _draw_uploads(data, members, 1, n_uploads, rng)
     layer = output_layer(module, "classifier")[0]
     units = [
         infer_label(upload_gradient(module, data.tensors(rows), kl_weight=kl_weight), layer)
@@ -403,6 +440,7 @@ def audit(
     training_seed: int | None = None,
     dlg_iters: int = 200,
     dlg_lr: float = 0.1,
+    n_label_uploads: int = 100,
     n_membership: int = 500,
     n_references: int = 4,
     reference_epochs: int | None = None,
@@ -426,16 +464,19 @@ def audit(
       ``"analytic"`` (:func:`~scinfl.privacy.analytic_attack`), ``"decoder-inversion"``
       (:func:`~scinfl.privacy.decoder_inversion`; NB likelihood with per-gene dispersion
       only), ``"inverting-gradients"`` (cosine gradient matching, iDLG labels) and ``"dlg"``
-      (L2 gradient matching, labels optimised), see :func:`~scinfl.privacy.dlg`. Scores:
+      (L2 gradient matching, labels optimised), see :func:`~scinfl.privacy.dlg`;
+      ``"adaptive-key"``: inverting gradients that also optimises the key material from the
+      key guess, labels optimised, from the public mean with the public profile as a prior
+      (``dlg(optimize_key=True)``; key modes with continuous key material only). Scores:
       ``reidentification`` among ``n_candidates`` rows (chance ``1 / n_candidates``),
       ``partial_corr`` given the public mean profile, ``top{k}_overlap``, and
       ``label_recovery`` (DLG attacks, models with a classifier). Scores are in the encoder's
       input space (``log1p`` counts for count models); a batch upload's reconstructions are
       matched to its rows first (best match);
-    - ``"label-prevalence"``: iDLG's output unit of each one-sample upload, mapped to a
-      class through the order that matches the units' frequencies to the public label
-      counts (:func:`~scinfl.privacy.class_order_from_prevalence`; needs no key). Score:
-      ``label_recovery``, its ``chance`` the most prevalent public class;
+    - ``"label-prevalence"``: iDLG's output unit of each of ``n_label_uploads`` one-sample
+      uploads, mapped to a class through the order that matches the units' frequencies to
+      the public label counts (:func:`~scinfl.privacy.class_order_from_prevalence`; needs
+      no key). Score: ``label_recovery``, its ``chance`` the most prevalent public class;
     - on the global model: membership inference ``"loss"``
       (:func:`~scinfl.privacy.loss_attack`) and ``"rmia"``
       (:func:`~scinfl.privacy.rmia_attack`, reference models trained by the attacker on the
@@ -454,7 +495,8 @@ def audit(
         Data set up like the training data (default: the model's own).
     attacks
         Subset of ``("analytic", "decoder-inversion", "inverting-gradients", "dlg",
-        "label-prevalence", "loss", "rmia", "inference")``; by default all but ``"dlg"``. The gradient-matching attacks
+        "adaptive-key", "label-prevalence", "loss", "rmia", "inference")``; by default all
+        but ``"dlg"`` and ``"adaptive-key"``. The gradient-matching attacks
         take most of the time: on pbmc68k (765 genes) with 2 CPU cores, about 0.1 s per
         iteration, i.e. ``n_victims x len(key_guesses) x dlg_iters x 0.1`` seconds each (4
         minutes for a keyed model with the defaults, 1.5 for an unkeyed one).
@@ -484,6 +526,9 @@ def audit(
         split the model recorded.
     dlg_iters, dlg_lr
         Iterations and learning rate of the gradient-matching attacks.
+    n_label_uploads
+        One-sample uploads the ``"label-prevalence"`` attacker observes (one gradient each,
+        cheap): the more it sees, the better its class-frequency estimate.
     n_membership
         Members and non-members (each) scored by membership inference, at most.
     n_references, reference_epochs, reference_lr, reference_batch_size
@@ -550,7 +595,8 @@ def audit(
     if len(public_rows) == 0:
         raise ValueError("No public rows: pass public= or hold out rows from training.")
     log_var = bool(getattr(module, "log_variational", True))
-    reference = data.encoder_input(public_rows, log_var).mean(0)
+    public_x = data.encoder_input(public_rows, log_var)
+    reference = public_x.mean(0)
 
     keyed = getattr(module, "key_encoder", None) is not None
     run_guesses = list(key_guesses) if keyed else ["none"]
@@ -563,6 +609,14 @@ def audit(
     ):
         logger.info("decoder-inversion skipped: it needs gene_likelihood='nb', dispersion='gene'.")
         reconstruction.remove("decoder-inversion")
+    if "adaptive-key" in reconstruction and not getattr(
+        getattr(module, "key_encoder", None), "differentiable", False
+    ):
+        logger.info(
+            "adaptive-key skipped: it needs a key mode with continuous key material "
+            "('pooled' or 'feature-inr')."
+        )
+        reconstruction.remove("adaptive-key")
     if reconstruction:
         rows += _reconstruction_rows(
             module,
@@ -575,6 +629,7 @@ def audit(
             n_candidates,
             top_k,
             reference,
+            public_x.std(0),
             dlg_iters,
             dlg_lr,
             kl_weight,
@@ -589,7 +644,7 @@ def audit(
                 data,
                 member_mask,
                 public_rows,
-                n_victims,
+                n_label_uploads,
                 kl_weight,
                 np.random.default_rng([seed, 3]),
             )
