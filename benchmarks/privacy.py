@@ -90,7 +90,7 @@ logger = logging.getLogger("privacy-benchmark")
 
 CPTAC_CLASSES = ["Tumor", "Adjacent_normal", "Enriched_normal", "Myometrium_normal"]
 CPTAC_SITES = {"plex 1-6": range(1, 7), "plex 7-12": range(7, 13), "plex 13-17": range(13, 18)}
-RECONSTRUCTION = ["analytic", "decoder-inversion", "inverting-gradients"]
+RECONSTRUCTION = ["analytic", "decoder-inversion", "inverting-gradients", "adaptive-key"]
 ATTACKS = [*RECONSTRUCTION, "label-prevalence", "loss", "rmia", "inference"]
 
 
