@@ -335,6 +335,22 @@ def run_fold(
     return rows
 
 
+def tuning_splits(y: np.ndarray, folds: int, inner: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, evaluate) rows for choosing settings: inside the training folds of another split.
+
+    The first ``inner`` folds of a stratified ``folds``-fold split with seed ``TUNING_SEED``;
+    a stratified 25% of each training fold is held out for evaluation, the fold's test rows
+    are left out altogether.
+    """
+    outer = RepeatedStratifiedKFold(n_splits=folds, n_repeats=1, random_state=TUNING_SEED)
+    splits = []
+    for train_idx, _ in list(outer.split(np.zeros(len(y)), y))[:inner]:
+        holdout = StratifiedShuffleSplit(n_splits=1, test_size=0.25, random_state=TUNING_SEED)
+        fit, evaluate = next(holdout.split(train_idx, y[train_idx]))
+        splits.append((train_idx[fit], train_idx[evaluate]))
+    return splits
+
+
 def run(
     adata: AnnData,
     task: str = "tumor",
@@ -360,12 +376,7 @@ def run(
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     splits = list(splitter.split(np.zeros(len(y)), y))
     if inner:
-        outer = RepeatedStratifiedKFold(n_splits=folds, n_repeats=1, random_state=TUNING_SEED)
-        splits = []
-        for train_idx, _ in list(outer.split(np.zeros(len(y)), y))[:inner]:
-            holdout = StratifiedShuffleSplit(n_splits=1, test_size=0.25, random_state=TUNING_SEED)
-            fit, evaluate = next(holdout.split(train_idx, y[train_idx]))
-            splits.append((train_idx[fit], train_idx[evaluate]))
+        splits = tuning_splits(y, folds, inner)
     results = []
     for i, (train_idx, test_idx) in enumerate(splits):
         fold_rows = run_fold(data, train_idx, test_idx, s, seed=seed + i, methods=methods)

@@ -205,6 +205,24 @@ def test_fold_batch_size_fits_every_site(task, split):
 
 
 @pytest.mark.realdata
+def test_tuning_splits_stay_inside_training_folds():
+    bench = _benchmark()
+    y = np.repeat([0, 1, 2, 3], [40, 25, 20, 8])
+    outer = list(
+        bench.RepeatedStratifiedKFold(
+            n_splits=5, n_repeats=1, random_state=bench.TUNING_SEED
+        ).split(np.zeros(len(y)), y)
+    )
+    splits = bench.tuning_splits(y, folds=5, inner=3)
+    assert len(splits) == 3
+    for (fit, evaluate), (train, test) in zip(splits, outer, strict=False):
+        assert not set(fit) & set(evaluate)
+        assert set(fit) | set(evaluate) == set(train)  # the outer test fold is never touched
+        assert not set(evaluate) & set(test)
+        assert len(evaluate) == pytest.approx(0.25 * len(train), abs=1)
+        assert set(y[evaluate]) == {0, 1, 2, 3}  # stratified
+
+
 def test_benchmark_protocol_on_subset():
     pytest.importorskip("cptac", reason="needs the data extra")
     import scinfl
