@@ -8,6 +8,9 @@ Defences (``--defences``):
 - ``dp-<z>``: client-level DP-FedAvg on the plain model (``privacy="dp"``, noise multiplier
   ``z``, clipping norm ``--dp-clip``; server-side clipping and noise, Flower's mechanism and
   accountant): the server still sees every site's raw update;
+- ``secagg``: the plain model with secure aggregation under the federation's key
+  (``privacy="secagg"``): the server sees only the sum of all sites' uploads of a round, so
+  every upload audited is that sum (``audit(aggregated_sites=<number of sites>)``);
 - ``pooled``: the INFL paper's keyed design (``key_mode="pooled"``);
 - ``feature`` / ``feature-inr``: scinfl's secret per-feature key modes (encoder input layer,
   decoder per-feature heads and dispersions keyed).
@@ -214,7 +217,7 @@ def kang_task(args, seed: int) -> Task:
 
 def parse_defence(name: str) -> tuple[str | None, float | None]:
     """``(key_mode, dp noise multiplier)`` of a defence name."""
-    if name == "plain":
+    if name in ("plain", "secagg"):
         return None, None
     if name.startswith("dp-"):
         return None, float(name[3:])
@@ -247,6 +250,8 @@ def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
     dp = {}
     if noise is not None:
         dp = {"privacy": "dp", "dp_noise_multiplier": noise, "dp_clipping_norm": args.dp_clip}
+    if defence == "secagg":
+        dp = {"privacy": "secagg"}
     kwargs = dict(task.train_kwargs)
     # a site needs at least one batch of training rows (the library's own split rule)
     sizes = data.obs["site"].value_counts()
@@ -656,6 +661,10 @@ def main(argv: list[str] | None = None) -> None:
             common = {
                 "members": members,
                 "public": public,
+                # under secure aggregation the server sees the sum of all sites' uploads
+                "aggregated_sites": (
+                    task.adata.obs["site"].nunique() if defence == "secagg" else 1
+                ),
                 "dlg_iters": args.dlg_iters,
                 "n_references": args.references,
                 "defence": defence,

@@ -70,8 +70,8 @@ def test_server_uses_dp_and_reports_epsilon_per_round():
     assert (history["dp_epsilon"] > 0).all()
     assert server.dp_epsilon() == history["dp_epsilon"].iloc[0]
     assert np.linalg.norm(server.parameters["w"]) < 5  # clipped to 1, plus noise of sd 0.5
-    with pytest.raises(ValueError, match="privacy must be None or 'dp'"):
-        FederationConfig(privacy="secagg")
+    with pytest.raises(ValueError, match="privacy must be None, 'dp' or 'secagg'"):
+        FederationConfig(privacy="rdp")
 
 
 def test_model_trains_with_dp_and_resumes_its_accounting(tmp_path, counts_adata, key):

@@ -275,6 +275,7 @@ def _run_dying(module, sites, config, key, after_messages, on_error=None):
     table = SimulationSites(
         copy.deepcopy(module),
         sites,
+        keys={site.name: key for site in sites},
         key_fingerprint=key.fingerprint,
         key_version=key.version,
         num_threads=torch.get_num_threads(),
@@ -304,6 +305,22 @@ def test_federation_goes_on_when_a_site_dies(module, sites, key, task_identity, 
     assert any("node unavailable" in r.message and dead_site in r.message for r in caplog.records)
     assert any("disconnected" in r.message for r in caplog.records)
     assert server.best_parameters is not None and server.next_round == 3
+
+
+def test_secure_aggregation_survives_a_dying_site(module, sites, key, task_identity, caplog):
+    """A site dying mid-round leaves the others' masks uncancelled: the round is asked again of
+    the survivors under fresh masks, and the federation ends where plain FedAvg does."""
+    settings = {"max_rounds": 3, "batch_size": 32, "seed": 3, "min_available": 2}
+    plain = _run_dying(module, sites, FederationConfig(**settings), key, after_messages=3)
+    with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        secure = _run_dying(
+            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=3
+        )
+    assert any("fresh masks (attempt 1)" in r.message for r in caplog.records)
+    _assert_same_parameters(secure.parameters, plain.parameters, atol=1e-5)
+    columns = ["round", "site", "n_train", "accepted"]
+    assert secure.history()[columns].equals(plain.history()[columns])
+    np.testing.assert_allclose(secure.history()["val_loss"], plain.history()["val_loss"], rtol=1e-4)
 
 
 def test_federation_stops_below_min_available(module, sites, key, task_identity):
@@ -500,6 +517,28 @@ def test_deployment_apps_match_local_engine(tmp_path, key, task_identity):
     _assert_same_parameters(parameters, expected)
     assert summary["best_round"] == server.best_round
     assert history["accepted"].all() and sorted(set(history["site"])) == names
+
+
+def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
+    """run-config privacy="secagg": the sites send masked updates, the model is the plain one."""
+    from scinfl.federated.flower.app import client_app, load_results, server_app
+
+    names, run_config, node_configs = _deployment_files(tmp_path, key, {"privacy": "secagg"})
+    grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
+    server_app(
+        grid,
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
+    replies = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert replies and all(
+        array.numpy().dtype == np.uint64
+        for reply in replies
+        for name, array in reply.content["parameters"].items()
+        if name.endswith("weight")
+    )
+    parameters, _, _ = load_results(tmp_path / "out")
+    expected, _ = _local_reference(tmp_path, names, {**run_config, "privacy": ""}, key)
+    _assert_same_parameters(parameters, expected, atol=1e-5)
 
 
 def test_deployment_site_with_another_key_is_refused_on_both_sides(tmp_path, key, task_identity):

@@ -261,6 +261,35 @@ def test_audit_keyed_model_runs_each_guess(counts):
         audit(model, key_guesses=["maybe"])
 
 
+def test_audit_of_secure_aggregation_attacks_the_sum_of_sites(plain_model):
+    """Under secure aggregation the server's upload is several sites' sum. The analytic attack
+    still separates one participant from a sum of two one-sample uploads (a hidden unit active
+    for one row only gives that row back): secure aggregation of a few tiny uploads is not
+    enough, and the audit must show it."""
+    from scinfl.privacy._audit import _draw_uploads
+    from scinfl.privacy._utility import model_data
+
+    data = model_data(plain_model)
+    members = training_rows(plain_model, validation_size=0.3, seed=0)
+    for rows in _draw_uploads(data, members, 2, 5, np.random.default_rng(0), aggregated_sites=2):
+        assert len(rows) == 4 and len(set(data.sites[rows])) == 2
+    summed = audit(
+        plain_model,
+        attacks=["analytic", "label-prevalence"],
+        key_guesses=["none"],
+        aggregated_sites=2,
+        n_victims=4,
+        validation_size=0.3,
+        training_seed=0,
+        defence="plain+secagg",
+    )
+    assert set(summed["attack"]) == {"analytic"}  # no single upload to read a label from
+    summed = summed.set_index(["attack", "metric"])["value"]
+    assert summed["analytic", "partial_corr"] > 0.9
+    with pytest.raises(ValueError, match="aggregated_sites=3"):
+        audit(plain_model, aggregated_sites=3, attacks=["analytic"], training_seed=0)
+
+
 # -- plot ---------------------------------------------------------------------------------------
 def test_pl_privacy_draws_one_panel_per_metric(plain_audit, tmp_path):
     import matplotlib.pyplot as plt

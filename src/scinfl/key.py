@@ -159,6 +159,20 @@ class Key:
         """
         return self._rng(b"scinfl/permutation/" + purpose.encode()).permutation(n).astype(np.int64)
 
+    def secret_for(self, purpose: str) -> bytes:
+        """32 secret bytes derived from the seed for ``purpose`` (e.g. masking seeds).
+
+        Independent of the seed itself and of every other purpose: revealing one does not
+        reveal the key.
+
+        Examples
+        --------
+        >>> key = Key.generate()
+        >>> key.secret_for("a") != key.secret_for("b")
+        True
+        """
+        return hmac.new(self._seed, b"scinfl/secret/" + purpose.encode(), hashlib.sha256).digest()
+
     def _rng(self, label: bytes) -> np.random.Generator:
         """A generator seeded by HMAC-SHA256 of ``label`` under the seed (domain separation)."""
         entropy = int.from_bytes(hmac.new(self._seed, label, hashlib.sha256).digest(), "big")

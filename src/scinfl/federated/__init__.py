@@ -12,6 +12,7 @@ from ._features import (
 from ._local_engine import run_local
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._partition import partition
+from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
 
@@ -21,6 +22,7 @@ __all__ = [
     "DPFedAvg",
     "FederatedServer",
     "FederationConfig",
+    "IncompleteRoundError",
     "Parameters",
     "SiteData",
     "accept_updates",
@@ -30,10 +32,13 @@ __all__ = [
     "client_update",
     "fedavg",
     "get_shared_parameters",
+    "mask_update",
     "observed_features",
     "partition",
+    "protect_update",
     "run_local",
     "set_shared_parameters",
     "site_feature_report",
     "site_seed",
+    "unmask_sum",
 ]

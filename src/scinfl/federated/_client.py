@@ -37,6 +37,10 @@ class ClientConfig:
         own training rows (class imbalance, decided locally).
     seed
         Federation seed; with the round and the site name it fixes all randomness.
+    secure_aggregation, participants, attempt
+        Mask the update for secure aggregation
+        (:func:`~scinfl.federated.mask_update`): the sites asked to train in this attempt of
+        the round, and the attempt (a round restarts without sites that dropped out).
 
     Examples
     --------
@@ -54,6 +58,9 @@ class ClientConfig:
     mu: float = 0.0
     balance_classes: bool = False
     seed: int = 0
+    secure_aggregation: bool = False
+    participants: list[str] = field(default_factory=list)
+    attempt: int = 0
 
 
 @dataclass

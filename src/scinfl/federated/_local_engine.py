@@ -10,8 +10,11 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from scinfl.key import Key
+
 from ._client import client_evaluate, client_update
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from ._secure_aggregation import protect_update
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
 
@@ -28,6 +31,7 @@ def run_local(
     progress_bar: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    key: Key | None = None,
 ) -> FederatedServer:
     """Run a federation in this process and leave the selected global model in ``module``.
 
@@ -53,6 +57,8 @@ def run_local(
         :meth:`FederatedServer.save_checkpoint`).
     resume
         Continue from the checkpoint in ``checkpoint_dir`` instead of starting afresh.
+    key
+        The federation's key, needed by ``config.privacy="secagg"`` (the sites' masks).
 
     Returns
     -------
@@ -81,19 +87,23 @@ def run_local(
     rounds = tqdm(server.rounds(), desc="federated rounds", disable=not progress_bar)
     for round_ in rounds:
         selected = server.sample_sites(list(by_name), round_)
-        client_config = server.config.client_config(round_)
+        client_config = server.config.client_config(round_, selected)
         updates = [
-            client_update(
-                module,
-                by_name[name],
-                server.parameters,
+            protect_update(
+                client_update(
+                    module,
+                    by_name[name],
+                    server.parameters,
+                    client_config,
+                    key_fingerprint,
+                    key_version,
+                ),
+                key,
                 client_config,
-                key_fingerprint,
-                key_version,
             )
             for name in selected
         ]
-        parameters = server.aggregate(round_, updates)
+        parameters = server.aggregate(round_, updates, selected)
         set_shared_parameters(module, parameters)
         evaluation = {name: client_evaluate(module, site) for name, site in by_name.items()}
         stop = server.record_evaluation(round_, evaluation)

@@ -21,6 +21,7 @@ from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate
 from ._dp import DPFedAvg
 from ._parameters import Parameters
+from ._secure_aggregation import unmask_sum
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class FederationConfig:
     an error, and can be resumed from its last checkpoint). ``privacy="dp"`` turns the
     aggregation into client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
     ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``.
+    ``privacy="secagg"``: the sites mask their updates with pairwise masks derived from the key,
+    and the server only learns their sum (:func:`~scinfl.federated.mask_update`).
 
     Examples
     --------
@@ -71,8 +74,8 @@ class FederationConfig:
             raise ValueError("mu (FedProx) must be >= 0.")
         if self.min_available < 1:
             raise ValueError("min_available must be >= 1.")
-        if self.privacy not in (None, "dp"):
-            raise ValueError(f"privacy must be None or 'dp', got {self.privacy!r}.")
+        if self.privacy not in (None, "dp", "secagg"):
+            raise ValueError(f"privacy must be None, 'dp' or 'secagg', got {self.privacy!r}.")
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True
@@ -81,8 +84,14 @@ class FederationConfig:
         """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
         return float(min(1.0, (round_ + 1) / self.kl_warmup_rounds))
 
-    def client_config(self, round_: int) -> ClientConfig:
-        """The instructions sent to every site in ``round_``."""
+    def client_config(
+        self, round_: int, participants: Sequence[str] = (), attempt: int = 0
+    ) -> ClientConfig:
+        """The instructions sent to every site in ``round_``.
+
+        Under ``privacy="secagg"`` the ``participants`` of this ``attempt`` mask their updates.
+        """
+        secure = self.privacy == "secagg"
         return ClientConfig(
             round=round_,
             local_epochs=self.local_epochs,
@@ -93,6 +102,9 @@ class FederationConfig:
             mu=self.mu,
             balance_classes=self.balance_classes,
             seed=self.seed,
+            secure_aggregation=secure,
+            participants=sorted(participants) if secure else [],
+            attempt=attempt if secure else 0,
         )
 
 
@@ -189,12 +201,19 @@ class FederatedServer:
         rng = np.random.default_rng([self.config.seed, round_])
         return sorted(rng.choice(sites, size=n, replace=False).tolist())
 
-    def aggregate(self, round_: int, updates: Sequence[ClientUpdate]) -> Parameters:
+    def aggregate(
+        self,
+        round_: int,
+        updates: Sequence[ClientUpdate],
+        participants: Sequence[str] | None = None,
+    ) -> Parameters:
         """Check the key identity of the updates, aggregate them, record their metrics.
 
-        FedAvg weighted by ``n_k``, or DP-FedAvg when ``config.privacy == "dp"``. Raises if
-        fewer than ``config.min_available`` updates are accepted; the global model then stays
-        that of the last completed round.
+        FedAvg weighted by ``n_k``, DP-FedAvg when ``config.privacy == "dp"``, or the sum of
+        masked updates when ``"secagg"`` (every one of ``participants`` must be accepted, or
+        :class:`~scinfl.federated.IncompleteRoundError` is raised and the round must be run
+        again without the missing sites). Raises if fewer than ``config.min_available`` updates
+        are accepted; the global model then stays that of the last completed round.
         """
         accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
         if not accepted:
@@ -211,7 +230,11 @@ class FederatedServer:
                 "min_available."
             )
         extra = {}
-        if self.dp is not None:
+        if self.config.privacy == "secagg":
+            if participants is None:
+                participants = [u.site for u in updates]
+            self.parameters = unmask_sum(accepted, self.parameters, participants)
+        elif self.dp is not None:
             self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
             extra["dp_epsilon"] = self.dp.epsilon()
             logger.info(

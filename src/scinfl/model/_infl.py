@@ -163,6 +163,8 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "fine-tune."
             )
         self.module.set_key(key)
+        # kept in memory for secure aggregation's masks; never saved (not an init parameter)
+        self._key = key
         self.key_fingerprint_ = key.fingerprint
         self.key_version_ = key.version
 
@@ -291,7 +293,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping_patience: int = 10,
         min_cells_per_site: int = 10,
         min_available: int = 1,
-        privacy: Literal["dp"] | None = None,
+        privacy: Literal["dp", "secagg"] | None = None,
         dp_noise_multiplier: float = 1.0,
         dp_clipping_norm: float = 1.0,
         dp_delta: float = 1e-5,
@@ -347,7 +349,11 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             ``dp_clipping_norm``, updates are averaged uniformly and Gaussian noise of standard
             deviation ``dp_noise_multiplier * dp_clipping_norm / n_sampled`` is added. The
             epsilon spent (at ``dp_delta``) is in the history's ``dp_epsilon`` column and in
-            ``model.dp_epsilon_``.
+            ``model.dp_epsilon_``. ``"secagg"``: secure aggregation with the federation's key
+            (:func:`~scinfl.federated.mask_update`): each site masks its update with pairwise
+            masks derived from the key, so the server learns only the sum of the updates, not
+            any one site's; the model is the same as without it (up to a fixed-point
+            resolution of 6e-8). Needs a key (any ``key_mode``, ``None`` included).
         dp_noise_multiplier, dp_clipping_norm, dp_delta
             DP settings (used with ``privacy="dp"``).
         checkpoint_dir
@@ -373,6 +379,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/")  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/", resume=True)  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, privacy="dp", dp_noise_multiplier=0.5)  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, privacy="secagg")  # doctest: +SKIP
         """
         if engine not in ("local", "flower"):
             raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
@@ -402,6 +409,11 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             dp_clipping_norm=dp_clipping_norm,
             dp_delta=dp_delta,
         )
+        if privacy == "secagg" and getattr(self, "_key", None) is None:
+            raise ValueError(
+                "privacy='secagg' derives the sites' masks from the federation's key: create "
+                "the model with key=scinfl.Key.generate() (or call model.set_key(key)) first."
+            )
         sites = self._site_data(validation_size, config.seed)
         validate_sites(
             [s.name for s in sites],
@@ -510,6 +522,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             progress_bar=progress_bar,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
+            key=getattr(self, "_key", None),
         )
         self.module.eval()
         self.is_trained_ = True

@@ -136,10 +136,33 @@ def _upload_name(size: int) -> str:
 
 
 def _draw_uploads(
-    data: ModelData, members: np.ndarray, size: int, n_uploads: int, rng
+    data: ModelData,
+    members: np.ndarray,
+    size: int,
+    n_uploads: int,
+    rng,
+    aggregated_sites: int = 1,
 ) -> list[np.ndarray]:
-    """Rows of each upload: distinct victims for one-sample uploads, one site's rows otherwise."""
+    """Rows of each upload: distinct victims for one-sample uploads, one site's rows otherwise.
+
+    With ``aggregated_sites > 1`` (secure aggregation) what the server sees is the sum of that
+    many sites' uploads: ``size`` rows from each of as many distinct sites.
+    """
     member_rows = np.flatnonzero(members)
+    if aggregated_sites > 1:
+        by_site = {s: member_rows[data.sites[member_rows] == s] for s in np.unique(data.sites)}
+        eligible = [rows for rows in by_site.values() if len(rows) >= size]
+        if len(eligible) < aggregated_sites:
+            raise ValueError(
+                f"aggregated_sites={aggregated_sites} needs as many sites with {size} training "
+                f"rows; {len(eligible)} have them."
+            )
+        uploads = []
+        for _ in range(n_uploads):
+            chosen = rng.choice(len(eligible), aggregated_sites, replace=False)
+            rows = [rng.choice(eligible[i], size, replace=False) for i in chosen]
+            uploads.append(np.sort(np.concatenate(rows)))
+        return uploads
     if size == 1:
         count = min(n_uploads, len(member_rows))
         return [np.array([r]) for r in rng.choice(member_rows, count, replace=False)]
@@ -224,6 +247,7 @@ def _reconstruction_rows(
     kl_weight: float,
     seed: int,
     rng,
+    aggregated_sites: int = 1,
 ) -> list[dict]:
     log_var = bool(getattr(module, "log_variational", True))
     p = module.n_input
@@ -232,7 +256,7 @@ def _reconstruction_rows(
     k_top = max(1, min(top_k, p // 2))
     rows = []
     for size in upload_sizes:
-        uploads = _draw_uploads(data, members, size, n_victims, rng)
+        uploads = _draw_uploads(data, members, size, n_victims, rng, aggregated_sites)
         victims = np.unique(np.concatenate(uploads))
         others = np.setdiff1d(np.arange(data.n_obs), victims)
         n_cands = min(n_candidates, data.n_obs)
@@ -250,7 +274,7 @@ def _reconstruction_rows(
                         attack,
                         attacker,
                         grads,
-                        size,
+                        len(upload),
                         dlg_iters,
                         dlg_lr,
                         seed=i,
@@ -430,6 +454,7 @@ def audit(
     attacks: Sequence[str] = DEFAULT_ATTACKS,
     key_guesses: Sequence[str] = KEY_GUESSES,
     upload_sizes: Sequence[int] = (1,),
+    aggregated_sites: int = 1,
     n_victims: int = 5,
     n_candidates: int = 100,
     top_k: int = 50,
@@ -505,6 +530,12 @@ def audit(
     upload_sizes
         Rows per audited upload (``1`` = the one-sample worst case; a batch upload takes its
         rows from one site).
+    aggregated_sites
+        Under secure aggregation (``train_federated(privacy="secagg")``) the server sees only
+        the sum of a round's uploads: with ``aggregated_sites=k`` each audited upload is that
+        of ``k`` sites together, ``upload_sizes`` rows from each (equal weights; the
+        reconstruction is scored against the participant it matches best). The
+        ``"label-prevalence"`` attack is skipped (it reads single uploads).
     n_victims
         Uploads attacked per upload size.
     n_candidates, top_k
@@ -635,8 +666,11 @@ def audit(
             kl_weight,
             seed,
             rng_uploads,
+            aggregated_sites,
         )
-    if "label-prevalence" in attacks:
+    if "label-prevalence" in attacks and aggregated_sites > 1:
+        logger.info("label-prevalence skipped: it reads single uploads, not aggregates.")
+    elif "label-prevalence" in attacks:
         if getattr(module, "classifier", None) is not None:
             rows += _label_prevalence_rows(
                 module,

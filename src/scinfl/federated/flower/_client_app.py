@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -12,7 +12,9 @@ from torch import nn
 
 from scinfl.federated._client import client_evaluate, client_update
 from scinfl.federated._parameters import get_shared_parameters
+from scinfl.federated._secure_aggregation import protect_update
 from scinfl.federated._site_data import SiteData
+from scinfl.key import Key
 
 from ._records import (
     CONFIG,
@@ -37,8 +39,8 @@ WANT_PARAMETERS = "want-parameters"
 class SiteRuntime:
     """What a ClientApp needs at one site: its module (key set), its data, its key identity.
 
-    The key itself lives in the module's non-persistent buffers; only its fingerprint and
-    version are ever put into a message.
+    The key lives in the module's non-persistent buffers (and in ``key``, for secure
+    aggregation); only its fingerprint and version are ever put into a message.
 
     Parameters
     ----------
@@ -48,6 +50,8 @@ class SiteRuntime:
         The site's data.
     key_fingerprint, key_version
         Public identity of the site's key, sent with every reply.
+    key
+        The key itself, for secure aggregation's masks (never sent).
 
     Examples
     --------
@@ -62,6 +66,7 @@ class SiteRuntime:
     site: SiteData
     key_fingerprint: str | None = None
     key_version: int | None = None
+    key: Key | None = field(default=None, repr=False)
 
 
 SiteResolver = Callable[[Context], SiteRuntime]
@@ -75,7 +80,8 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
 
     - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
-      the received :class:`~scinfl.federated.ClientConfig`; replies parameters and metrics;
+      the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
+      secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
     - ``evaluate``: :func:`~scinfl.federated.client_evaluate` of the received parameters.
 
     Parameters
@@ -120,14 +126,16 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
+        config = record_to_config(msg.content[CONFIG])
         update = client_update(
             runtime.module,
             runtime.site,
             record_to_parameters(msg.content[PARAMETERS]),
-            record_to_config(msg.content[CONFIG]),
+            config,
             key_fingerprint=runtime.key_fingerprint,
             key_version=runtime.key_version,
         )
+        update = protect_update(update, runtime.key, config)
         content = update_to_content(update)
         content[IDENTITY] = _identity(runtime, update.n)
         return Message(content, reply_to=msg)

@@ -77,7 +77,12 @@ def config_to_record(config: ClientConfig) -> ConfigRecord:
     """
     values = dataclasses.asdict(config)
     return ConfigRecord(
-        {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+        {
+            k: v.item() if isinstance(v, np.generic) else v
+            for k, v in values.items()
+            # an empty list has no element type to serialise; its default is empty anyway
+            if not (isinstance(v, list) and not v)
+        }
     )
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from scinfl.federated._aggregate import accept_updates
 from scinfl.federated._client import ClientUpdate
+from scinfl.federated._secure_aggregation import IncompleteRoundError
 from scinfl.federated._server import FederatedServer
 
 from ._client_app import WANT_PARAMETERS
@@ -241,7 +242,6 @@ def run_rounds(
     --------
     >>> server = run_rounds(grid, server, discover_sites(grid, 3))  # doctest: +SKIP
     """
-    config = server.config
     for site, (fingerprint, version) in sorted(directory.keys.items()):
         if (server.key_fingerprint is not None and fingerprint != server.key_fingerprint) or (
             server.key_version is not None and version != server.key_version
@@ -263,27 +263,7 @@ def run_rounds(
             logger.warning("Round %d: sites %s are disconnected and not asked.", round_, gone)
         available = [site for site in directory.sites if site not in gone]
         selected = server.sample_sites(available, round_)
-        config_record = config_to_record(config.client_config(round_))
-        messages = [
-            Message(
-                RecordDict(
-                    {PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_record}
-                ),
-                directory.nodes[site],
-                MessageType.TRAIN,
-                group_id=str(round_),
-            )
-            for site in selected
-        ]
-        updates = _collect(
-            grid.send_and_receive(messages, timeout=round_timeout),
-            directory,
-            server,
-            "train",
-            round_,
-            asked=selected,
-        )
-        server.aggregate(round_, updates)
+        _train_round(grid, server, directory, round_, selected, round_timeout)
         record = parameters_to_record(server.parameters)
         messages = [
             Message(
@@ -310,6 +290,64 @@ def run_rounds(
         if stop:
             break
     return server
+
+
+def _train_round(
+    grid: Grid,
+    server: FederatedServer,
+    directory: SiteDirectory,
+    round_: int,
+    selected: list[str],
+    round_timeout: float | None,
+) -> None:
+    """Train messages to the selected sites, then aggregation of their replies.
+
+    Under secure aggregation a site that does not answer (or is rejected) leaves the others'
+    masks uncancelled: the round is asked again of the sites that answered, under fresh masks
+    (their training is seeded, so they send the same update), until every participant's
+    update is in or fewer than ``min_available`` remain.
+    """
+    participants, attempt = list(selected), 0
+    while True:
+        config_record = config_to_record(server.config.client_config(round_, participants, attempt))
+        parameters = parameters_to_record(server.parameters)
+        messages = [
+            Message(
+                RecordDict({PARAMETERS: parameters, CONFIG: config_record}),
+                directory.nodes[site],
+                MessageType.TRAIN,
+                group_id=f"{round_}" if attempt == 0 else f"{round_}.{attempt}",
+            )
+            for site in participants
+        ]
+        updates = _collect(
+            grid.send_and_receive(messages, timeout=round_timeout),
+            directory,
+            server,
+            "train",
+            round_,
+            asked=participants,
+        )
+        try:
+            server.aggregate(round_, updates, participants)
+            return
+        except IncompleteRoundError as err:
+            participants = [site for site in participants if site not in err.missing]
+            if len(participants) < server.config.min_available or not participants:
+                raise RuntimeError(
+                    f"Round {round_}: secure aggregation needs every participant's update; "
+                    f"{err.missing} did not answer (or were rejected) and {len(participants)} "
+                    f"site(s) remain, fewer than min_available={server.config.min_available}."
+                ) from err
+            attempt += 1
+            logger.warning(
+                "Round %d: no update from %s; asking the %d others again under fresh masks "
+                "(attempt %d).",
+                round_,
+                err.missing,
+                len(participants),
+                attempt,
+            )
 
 
 def make_server_app(

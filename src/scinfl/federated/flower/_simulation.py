@@ -89,7 +89,7 @@ class SimulationSites:
         set_key = getattr(self.module, "set_key", None)
         if set_key is not None:
             set_key(key)
-        return SiteRuntime(self.module, site, key.fingerprint, key.version)
+        return SiteRuntime(self.module, site, key.fingerprint, key.version, key=key)
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

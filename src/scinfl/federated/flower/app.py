@@ -230,12 +230,18 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
     run_config = json.loads(run_config_json)
     data = load_site_data(data_path, site, run_config)
     module = build_module(run_config, n_input=data.X.shape[1])
-    fingerprint = version = None
-    if getattr(module, "is_keyed", False):
-        if not key_path:
-            raise ValueError(
-                f"Site {site!r}: the model is keyed but the node config has no `key-path`."
-            )
+    keyed = getattr(module, "is_keyed", False)
+    if keyed and not key_path:
+        raise ValueError(
+            f"Site {site!r}: the model is keyed but the node config has no `key-path`."
+        )
+    if str(run_config.get("privacy", "")) == "secagg" and not key_path:
+        raise ValueError(
+            f"Site {site!r}: privacy='secagg' masks the updates with the federation's key, but "
+            "the node config has no `key-path`."
+        )
+    key = fingerprint = version = None
+    if key_path:
         key = Key.load(key_path)
         expected = str(run_config.get("key-fingerprint", "")), int(run_config.get("key-version", 0))
         if (expected[0] and key.fingerprint != expected[0]) or (
@@ -248,9 +254,10 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
                 f"{expected[1] or '(any)'}). Point `key-path` in --node-config at the "
                 "federation's key file (after a rotation: the new one)."
             )
-        module.set_key(key)
         fingerprint, version = key.fingerprint, key.version
-    return SiteRuntime(module, data, fingerprint, version)
+        if keyed:
+            module.set_key(key)
+    return SiteRuntime(module, data, fingerprint, version, key=key)
 
 
 def resolve_deployed_site(context: Context) -> SiteRuntime:
