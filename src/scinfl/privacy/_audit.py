@@ -146,21 +146,24 @@ def _draw_uploads(
     """Rows of each upload: distinct victims for one-sample uploads, one site's rows otherwise.
 
     With ``aggregated_sites > 1`` (secure aggregation) what the server sees is the sum of that
-    many sites' uploads: ``size`` rows from each of as many distinct sites.
+    many sites' uploads: ``size`` rows from each of as many distinct sites (all its rows from a
+    site that has fewer).
     """
     member_rows = np.flatnonzero(members)
     if aggregated_sites > 1:
         by_site = {s: member_rows[data.sites[member_rows] == s] for s in np.unique(data.sites)}
-        eligible = [rows for rows in by_site.values() if len(rows) >= size]
+        eligible = [rows for rows in by_site.values() if len(rows)]
         if len(eligible) < aggregated_sites:
             raise ValueError(
-                f"aggregated_sites={aggregated_sites} needs as many sites with {size} training "
-                f"rows; {len(eligible)} have them."
+                f"aggregated_sites={aggregated_sites} needs as many sites with training rows; "
+                f"{len(eligible)} have them."
             )
         uploads = []
         for _ in range(n_uploads):
             chosen = rng.choice(len(eligible), aggregated_sites, replace=False)
-            rows = [rng.choice(eligible[i], size, replace=False) for i in chosen]
+            rows = [
+                rng.choice(eligible[i], min(size, len(eligible[i])), replace=False) for i in chosen
+            ]
             uploads.append(np.sort(np.concatenate(rows)))
         return uploads
     if size == 1:
@@ -533,7 +536,8 @@ def audit(
     aggregated_sites
         Under secure aggregation (``train_federated(privacy="secagg")``) the server sees only
         the sum of a round's uploads: with ``aggregated_sites=k`` each audited upload is that
-        of ``k`` sites together, ``upload_sizes`` rows from each (equal weights; the
+        of ``k`` sites together, ``upload_sizes`` rows from each (or all of a smaller site's
+        rows; equal weights per row; the
         reconstruction is scored against the participant it matches best). The
         ``"label-prevalence"`` attack is skipped (it reads single uploads).
     n_victims
