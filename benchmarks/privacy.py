@@ -531,15 +531,20 @@ def markdown(audit_df, util, spectral_df, args, minutes: float) -> str:
         u = util[util["dataset"] == dataset]
         s = spectral_df[spectral_df["dataset"] == dataset] if len(spectral_df) else spectral_df
         uploads = [x for x in a["upload"].unique() if x != "global-model"]
-        n_scored = a[a.upload.isin(uploads)].groupby("upload", sort=False)["n"].max()
+        scored = a[a.upload.isin(uploads) & (a.attack != "label-prevalence")]
+        n_scored = scored.groupby("upload", sort=False)["n"].max()
         n_scored = ", ".join(f"{n} ({u})" for u, n in n_scored.items())
         lines += [
             f"### {dataset}: reconstruction",
             "",
             "Re-identification among 100 candidates (chance 1%) / partial correlation given the "
             f"public mean profile (chance 0), mean over the reconstructions scored: {n_scored}; "
-            "a batch upload's reconstruction is scored against the row it matches best. Label "
-            "recovery: iDLG (the classifier's output-bias gradient) on one-sample uploads.",
+            "a batch upload's reconstruction is scored against the row it matches best, so "
+            "its re-identification chance is about batch size / 100, not 1%. Label recovery: "
+            "iDLG (the classifier's output-bias gradient) on one-sample uploads, the output unit "
+            "read through the key guess's class order (IG), or through the order that matches "
+            "the units' frequencies over 100 uploads to the public label counts "
+            "(prevalence-matched, no key).",
             "",
             reconstruction_table(a, uploads).to_markdown(index=False),
             "",
