@@ -299,7 +299,7 @@ def test_adaptive_attacker_optimises_the_key_with_the_input(cells):
     grads = upload_gradient(vae, make_tensors(x[0], labels=[1]))
     attacker = attacker_module(vae, "wrong", seed=0)
     start = attacker.key_encoder.coordinates.clone()
-    kwargs = {"labels": "optimize", "n_iter": 150, "lr": 0.05, "init": "mean", "reference": ref}
+    kwargs = {"labels": "optimize", "n_iter": 60, "lr": 0.05, "init": "mean", "reference": ref}
     fixed = dlg(attacker, grads, **kwargs)
     adaptive = dlg(attacker, grads, optimize_key=True, **kwargs)
     assert adaptive.loss < fixed.loss
