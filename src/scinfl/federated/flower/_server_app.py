@@ -264,23 +264,16 @@ def run_rounds(
         available = [site for site in directory.sites if site not in gone]
         selected = server.sample_sites(available, round_)
         _train_round(grid, server, directory, round_, selected, round_timeout)
-        record = parameters_to_record(server.parameters)
-        messages = [
-            Message(
-                RecordDict({PARAMETERS: record}),
-                directory.nodes[site],
-                MessageType.EVALUATE,
-                group_id=str(round_),
-            )
-            for site in available
-        ]
-        evaluations = _collect(
-            grid.send_and_receive(messages, timeout=round_timeout),
-            directory,
+        evaluations = _ask(
+            grid,
             server,
-            "evaluate",
+            directory,
+            available,
+            {PARAMETERS: parameters_to_record(server.parameters)},
+            MessageType.EVALUATE,
             round_,
-            asked=available,
+            str(round_),
+            round_timeout,
         )
         accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
         stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
@@ -290,6 +283,33 @@ def run_rounds(
         if stop:
             break
     return server
+
+
+def _ask(
+    grid: Grid,
+    server: FederatedServer,
+    directory: SiteDirectory,
+    sites: list[str],
+    records: dict,
+    message_type: str,
+    round_: int,
+    group_id: str,
+    round_timeout: float | None,
+) -> list[ClientUpdate]:
+    """One message with ``records`` to each of ``sites``; their replies as updates."""
+    messages = [
+        Message(RecordDict(dict(records)), directory.nodes[site], message_type, group_id=group_id)
+        for site in sites
+    ]
+    kind = "train" if message_type == MessageType.TRAIN else "evaluate"
+    return _collect(
+        grid.send_and_receive(messages, timeout=round_timeout),
+        directory,
+        server,
+        kind,
+        round_,
+        asked=sites,
+    )
 
 
 def _train_round(
@@ -309,24 +329,17 @@ def _train_round(
     """
     participants, attempt = list(selected), 0
     while True:
-        config_record = config_to_record(server.config.client_config(round_, participants, attempt))
-        parameters = parameters_to_record(server.parameters)
-        messages = [
-            Message(
-                RecordDict({PARAMETERS: parameters, CONFIG: config_record}),
-                directory.nodes[site],
-                MessageType.TRAIN,
-                group_id=f"{round_}" if attempt == 0 else f"{round_}.{attempt}",
-            )
-            for site in participants
-        ]
-        updates = _collect(
-            grid.send_and_receive(messages, timeout=round_timeout),
-            directory,
+        config = server.config.client_config(round_, participants, attempt)
+        updates = _ask(
+            grid,
             server,
-            "train",
+            directory,
+            participants,
+            {PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_to_record(config)},
+            MessageType.TRAIN,
             round_,
-            asked=participants,
+            f"{round_}" if attempt == 0 else f"{round_}.{attempt}",
+            round_timeout,
         )
         try:
             server.aggregate(round_, updates, participants)
