@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
     settings = Settings(rounds=args.rounds)
     for item in args.set:
         name, _, value = item.partition("=")
+        if not hasattr(settings, name):
+            parser.error(f"--set {item}: no setting {name!r}; choose from {list(asdict(settings))}")
         kind = type(getattr(settings, name))
         settings = replace(settings, **{name: kind(value) if kind is not bool else value == "True"})
     adata = scinfl.data.cptac_ucec()

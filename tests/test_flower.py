@@ -536,6 +536,10 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
         for name, array in reply.content["parameters"].items()
         if name.endswith("weight")
     )
+    secrets = [key._seed, key._seed.hex().encode(), key.secret_for("secure-aggregation")]
+    for message in grid.sent + grid.replies:
+        blob = pickle.dumps(message.content)
+        assert not any(secret in blob for secret in secrets)
     parameters, _, _ = load_results(tmp_path / "out")
     expected, _ = _local_reference(tmp_path, names, {**run_config, "privacy": ""}, key)
     _assert_same_parameters(parameters, expected, atol=1e-5)

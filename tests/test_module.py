@@ -48,6 +48,7 @@ def test_key_absent_from_state_dict_and_checkpoint(key):
     coords = vae.key_encoder.coordinates.clone()
     state = vae.state_dict()
     assert not [name for name in state if "coordinates" in name]
+    assert "class_order" not in state  # the key's class order stays with the key
     for tensor in state.values():
         if tensor.shape == coords.shape:
             assert not torch.allclose(tensor, coords)

@@ -99,11 +99,10 @@ def mask_update(
     if update.site not in participants:
         raise ValueError(f"Site {update.site!r} is not among the participants {participants}.")
     limit = 2.0**62 / len(participants)
-    encoded = {}
-    for name, value in update.parameters.items():
-        if not _is_masked(value):
-            encoded[name] = value
-            continue
+    encoded = dict(update.parameters)
+    masked = [name for name, value in update.parameters.items() if _is_masked(value)]
+    for name in masked:
+        value = update.parameters[name]
         fixed = np.rint(np.asarray(value, dtype=np.float64) * (update.n * _SCALE))
         if not np.isfinite(fixed).all() or np.abs(fixed).max(initial=0) >= limit:
             raise ValueError(
@@ -117,9 +116,8 @@ def mask_update(
             continue
         a, b = sorted((update.site, other))
         generator = _pair_generator(key, round_, attempt, participants, a, b)
-        for name, value in encoded.items():
-            if value.dtype != np.uint64 or not _is_masked(update.parameters[name]):
-                continue
+        for name in masked:
+            value = encoded[name]
             mask = generator.integers(0, 2**64, size=value.shape, dtype=np.uint64, endpoint=False)
             # uint64 arithmetic wraps: the masks cancel modulo 2^64 in the sum
             encoded[name] = value + mask if update.site == a else value - mask

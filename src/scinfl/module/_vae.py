@@ -154,6 +154,13 @@ class KeyedVAE(VAE):
         so that the shared classifier weights do not say which unit means which class: the
         label of a one-sample update can no longer be read off the sign of the output bias
         gradient (iDLG) without the key, and a wrong key predicts permuted labels.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=10, n_labels=3, classify=True, key_mode=None)
+        >>> vae.set_class_order(torch.tensor([2, 0, 1]))
+        >>> vae.class_order.tolist()
+        [2, 0, 1]
         """
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)

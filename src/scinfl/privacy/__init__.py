@@ -9,8 +9,9 @@ that: an upload is turned into a gradient (:func:`upload_gradient`,
 key guess (:func:`attacker_module`: no key, a wrong key, or the correct key as the upper
 bound). :func:`spectral_alignment_attack` needs no key: it undoes a secret linear feature map
 from many uploads and public data; :func:`class_order_from_prevalence` finds the secret class
-order from the labels of many uploads and public label counts. Reconstructions are scored by :func:`partial_correlation`,
-:func:`reidentification_rate`, :func:`top_k_overlap` and :func:`label_recovery`.
+order from the labels of many uploads and public label counts. Reconstructions are scored by
+:func:`partial_correlation`, :func:`reidentification_rate`, :func:`top_k_overlap` and
+:func:`label_recovery`.
 
 Membership inference on the released model: :func:`loss_attack` and :func:`rmia_attack` (with
 reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.

@@ -360,7 +360,7 @@ def _label_prevalence_rows(
             order = attacker.class_order.numpy()
         else:
             order = by_prevalence
-        found = np.array([int(np.flatnonzero(order == u)[0]) for u in units])
+        found = np.argsort(order)[units]  # the class each unit carries under ``order``
         hits = (found == truth).astype(float)
         rows.append(
             {

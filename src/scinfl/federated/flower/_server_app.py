@@ -346,7 +346,7 @@ def _train_round(
             return
         except IncompleteRoundError as err:
             participants = [site for site in participants if site not in err.missing]
-            if len(participants) < server.config.min_available or not participants:
+            if len(participants) < server.config.min_available:
                 raise RuntimeError(
                     f"Round {round_}: secure aggregation needs every participant's update; "
                     f"{err.missing} did not answer (or were rejected) and {len(participants)} "
