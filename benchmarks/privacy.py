@@ -79,6 +79,7 @@ from scinfl.model import INFL
 from scinfl.privacy import (
     analytic_inversion,
     audit,
+    framed_attackers,
     input_layer,
     partial_correlation,
     reidentification_rate,
@@ -216,7 +217,8 @@ def kang_task(args, seed: int) -> Task:
 
 
 def parse_defence(name: str) -> tuple[str | None, float | None]:
-    """``(key_mode, dp noise multiplier)`` of a defence name."""
+    """``(key_mode, dp noise multiplier)`` of a defence name (``+frames`` aside)."""
+    name = name.removesuffix("+frames")
     if name in ("plain", "secagg"):
         return None, None
     if name.startswith("dp-"):
@@ -224,6 +226,21 @@ def parse_defence(name: str) -> tuple[str | None, float | None]:
     if name in ("pooled", "feature", "feature-inr"):
         return name, None
     raise ValueError(f"Unknown defence {name!r}.")
+
+
+def framed(name: str) -> bool:
+    """Whether a defence trains under secret frames (``<defence>+frames``)."""
+    return name.endswith("+frames")
+
+
+def secure(name: str) -> bool:
+    """Whether a defence aggregates securely (``secagg``, ``secagg+frames``)."""
+    return name.removesuffix("+frames") == "secagg"
+
+
+def guessed(name: str) -> bool:
+    """Whether the attacker of a defence needs a key guess (a key mode or secret frames)."""
+    return parse_defence(name)[0] is not None or framed(name)
 
 
 def _setup(adata: AnnData, task: Task, classes: list[str]) -> None:
@@ -250,8 +267,10 @@ def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
     dp = {}
     if noise is not None:
         dp = {"privacy": "dp", "dp_noise_multiplier": noise, "dp_clipping_norm": args.dp_clip}
-    if defence == "secagg":
+    if secure(defence):
         dp = {"privacy": "secagg"}
+    if framed(defence):
+        dp["secret_frames"] = True
     kwargs = dict(task.train_kwargs)
     # a site needs at least one batch of training rows (the library's own split rule)
     sizes = data.obs["site"].value_counts()
@@ -297,11 +316,22 @@ def utility(task: Task, model: INFL, seed: int) -> dict:
     }
 
 
-def spectral(task: Task, model: INFL, view: AnnData, members, public, args) -> list[dict]:
-    """Spectral alignment attack (no key) on every one-sample upload of the largest site."""
+def spectral(
+    task: Task, model: INFL, defence: str, view: AnnData, members, public, args
+) -> list[dict]:
+    """Spectral alignment attack (no key) on every one-sample upload of the largest site.
+
+    Under secret frames every upload is taken in the frame of the released model (the
+    attacker's best case: a real run changes the frame every round).
+    """
     module = model.module
     name, layer = input_layer(module)
     weight = getattr(layer, "projected_weight_name", None)
+    seen = None
+    if model.secret_frame_ is not None:
+        weight = weight or "weight"
+        _, views = framed_attackers(module, model._key, model.secret_frame_, ["none"])
+        seen = views["none"]
     if weight is None:
         return []
     data = model_data(model, view)
@@ -318,7 +348,13 @@ def spectral(task: Task, model: INFL, view: AnnData, members, public, args) -> l
     truths = data.encoder_input(victims, log_var)
     projections = np.stack(
         [
-            analytic_inversion(upload_gradient(module, data.tensors([v])), name, weight)
+            analytic_inversion(
+                seen(upload_gradient(module, data.tensors([v])))
+                if seen
+                else upload_gradient(module, data.tensors([v])),
+                name,
+                weight,
+            )
             for v in victims
         ]
     )
@@ -339,7 +375,7 @@ def spectral(task: Task, model: INFL, view: AnnData, members, public, args) -> l
         rows.append(
             {
                 "dataset": task.name,
-                "defence": model.module.key_mode_name,
+                "defence": defence,
                 "n_components": k,
                 "n_uploads": len(victims),
                 "n_public": len(public_rows),
@@ -367,8 +403,7 @@ def _fmt(value, pct=False) -> str:
 
 
 def _guesses(table: pd.DataFrame, defence: str) -> list[str]:
-    keyed = parse_defence(defence)[0] is not None
-    return ["none", "wrong", "correct"] if keyed else ["none"]
+    return ["none", "wrong", "correct"] if guessed(defence) else ["none"]
 
 
 def reconstruction_table(audit_df: pd.DataFrame, uploads: list[str]) -> pd.DataFrame:
@@ -378,7 +413,7 @@ def reconstruction_table(audit_df: pd.DataFrame, uploads: list[str]) -> pd.DataF
     for defence in audit_df["defence"].unique():
         d = audit_df[audit_df["defence"] == defence]
         for guess in _guesses(d, defence):
-            row = {"defence": defence, "key": guess if parse_defence(defence)[0] else "n/a"}
+            row = {"defence": defence, "key": guess if guessed(defence) else "n/a"}
             for upload in uploads:
                 for attack in attacks:
                     if not ((audit_df.attack == attack) & (audit_df.upload == upload)).any():
@@ -425,7 +460,7 @@ def model_table(audit_df: pd.DataFrame) -> pd.DataFrame:
             rows.append(
                 {
                     "defence": defence,
-                    "key": guess if parse_defence(defence)[0] else "n/a",
+                    "key": guess if guessed(defence) else "n/a",
                     "LOSS AUC": _fmt(get("loss", "auc")),
                     "RMIA AUC": _fmt(get("rmia", "auc")),
                     "RMIA TPR@1%": _fmt(get("rmia", "tpr@1%fpr")),
@@ -667,9 +702,7 @@ def main(argv: list[str] | None = None) -> None:
                 "members": members,
                 "public": public,
                 # under secure aggregation the server sees the sum of all sites' uploads
-                "aggregated_sites": (
-                    task.adata.obs["site"].nunique() if defence == "secagg" else 1
-                ),
+                "aggregated_sites": (task.adata.obs["site"].nunique() if secure(defence) else 1),
                 "dlg_iters": args.dlg_iters,
                 "n_references": args.references,
                 "defence": defence,
@@ -692,8 +725,10 @@ def main(argv: list[str] | None = None) -> None:
             table.insert(0, "dataset", dataset)
             audits.append(table)
             utils.append(_utility_row(task, model, defence, args.seed, seconds, args))
-            if args.spectral and parse_defence(defence)[0] in ("feature", "feature-inr"):
-                spectra += spectral(task, model, view, members, public, args)
+            if args.spectral and (
+                framed(defence) or parse_defence(defence)[0] in ("feature", "feature-inr")
+            ):
+                spectra += spectral(task, model, defence, view, members, public, args)
             write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
         # utility over more seeds: other held-out splits (and simulated sites), no audit
         for seed in args.utility_seeds:

@@ -545,6 +545,39 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
     _assert_same_parameters(parameters, expected, atol=1e-5)
 
 
+def test_deployment_apps_under_secret_frames(tmp_path, key, task_identity):
+    """run-config secret-frames (with secagg): nothing the server sees is in plain coordinates."""
+    from scinfl.federated.flower.app import client_app, load_results, server_app
+    from scinfl.key import MissingKeyError
+
+    extra = {"secret-frames": True, "privacy": "secagg"}
+    names, run_config, node_configs = _deployment_files(tmp_path, key, extra)
+    grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
+    server_app(
+        grid,
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
+    with pytest.raises(MissingKeyError, match="key="):
+        load_results(tmp_path / "out")
+    parameters, _, summary = load_results(tmp_path / "out", key=key)
+    assert summary["secret_frame"] == summary["best_round"] + 1
+    expected, _ = _local_reference(
+        tmp_path, names, {**run_config, "privacy": "", "secret-frames": False}, key
+    )
+    _assert_same_parameters(parameters, expected, atol=1e-4)
+    # the initial parameters, every global model sent and the result on disk are in frames
+    name = "z_encoder.encoder.fc_layers.Layer 0.0.weight"
+    seen = [
+        m.content["parameters"][name].numpy()
+        for m in grid.sent + grid.replies
+        if "parameters" in m.content and m.content["parameters"][name].numpy().dtype == np.float32
+    ]
+    seen.append(np.load(tmp_path / "out" / "global_parameters.npz")[name])
+    assert len(seen) > 4
+    for array in seen:
+        assert abs(np.corrcoef(array.ravel(), expected[name].ravel())[0, 1]) < 0.2
+
+
 def test_deployment_site_with_another_key_is_refused_on_both_sides(tmp_path, key, task_identity):
     from scinfl.federated.flower.app import client_app, server_app
 

@@ -12,6 +12,7 @@ from ._features import (
 from ._local_engine import run_local
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._partition import partition
+from ._secret_frames import SecretFrames, frames_for, hide_update, open_parameters
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
@@ -24,6 +25,7 @@ __all__ = [
     "FederationConfig",
     "IncompleteRoundError",
     "Parameters",
+    "SecretFrames",
     "SiteData",
     "accept_updates",
     "agree_features",
@@ -31,9 +33,12 @@ __all__ = [
     "client_evaluate",
     "client_update",
     "fedavg",
+    "frames_for",
     "get_shared_parameters",
+    "hide_update",
     "mask_update",
     "observed_features",
+    "open_parameters",
     "partition",
     "protect_update",
     "run_local",

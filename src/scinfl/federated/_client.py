@@ -41,6 +41,10 @@ class ClientConfig:
         Mask the update for secure aggregation
         (:func:`~scinfl.federated.mask_update`): the sites asked to train in this attempt of
         the round, and the attempt (a round restarts without sites that dropped out).
+    secret_frames
+        The parameters travel in secret frames drawn from the key
+        (:class:`~scinfl.federated.SecretFrames`): the global model received in round ``r`` is in
+        frame ``r``, the update goes back in frame ``r + 1``.
 
     Examples
     --------
@@ -61,6 +65,7 @@ class ClientConfig:
     secure_aggregation: bool = False
     participants: list[str] = field(default_factory=list)
     attempt: int = 0
+    secret_frames: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from scinfl.key import Key
 
 from ._client import client_evaluate, client_update
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from ._secret_frames import frames_for, open_parameters
 from ._secure_aggregation import protect_update
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
@@ -58,7 +59,8 @@ def run_local(
     resume
         Continue from the checkpoint in ``checkpoint_dir`` instead of starting afresh.
     key
-        The federation's key, needed by ``config.privacy="secagg"`` (the sites' masks).
+        The federation's key, needed by ``config.privacy="secagg"`` (the sites' masks) and
+        ``config.secret_frames``.
 
     Returns
     -------
@@ -75,8 +77,10 @@ def run_local(
     1
     """
     by_name = {site.name: site for site in sites}
+    initial = initial_parameters or get_shared_parameters(module)
+    frames = frames_for(key) if config.secret_frames else None
     server = start_server(
-        initial_parameters or get_shared_parameters(module),
+        frames.encode(initial, 0) if frames else initial,
         config,
         key_fingerprint,
         key_version,
@@ -93,7 +97,7 @@ def run_local(
                 client_update(
                     module,
                     by_name[name],
-                    server.parameters,
+                    open_parameters(server.parameters, key, client_config),
                     client_config,
                     key_fingerprint,
                     key_version,
@@ -104,7 +108,9 @@ def run_local(
             for name in selected
         ]
         parameters = server.aggregate(round_, updates, selected)
-        set_shared_parameters(module, parameters)
+        set_shared_parameters(
+            module, frames.decode(parameters, round_ + 1) if frames else parameters
+        )
         evaluation = {name: client_evaluate(module, site) for name, site in by_name.items()}
         stop = server.record_evaluation(round_, evaluation)
         val = [m["val_loss"] for m in evaluation.values() if m["n_val"] > 0]
@@ -112,7 +118,8 @@ def run_local(
             rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
         if stop:
             break
-    set_shared_parameters(module, server.best_parameters)
+    best = server.best_parameters
+    set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)
     return server
 
 

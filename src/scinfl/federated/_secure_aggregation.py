@@ -30,6 +30,7 @@ from scinfl.key import Key
 
 from ._client import ClientConfig, ClientUpdate
 from ._parameters import Parameters
+from ._secret_frames import hide_update
 
 #: fractional bits of the fixed-point encoding (resolution 6e-8 of ``n_k w``)
 FIXED_POINT_BITS = 24
@@ -193,7 +194,10 @@ def unmask_sum(
 
 
 def protect_update(update: ClientUpdate, key: Key | None, config: ClientConfig) -> ClientUpdate:
-    """What a site sends for ``update``: masked when the round asks for secure aggregation.
+    """What a site sends for ``update``: in the next secret frame and/or masked, as the round asks.
+
+    Under ``config.secret_frames`` the parameters are mapped to the frame of the next round
+    (:func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``.
 
     Examples
     --------
@@ -202,6 +206,7 @@ def protect_update(update: ClientUpdate, key: Key | None, config: ClientConfig) 
     >>> protect_update(update, None, ClientConfig(round=0)) is update
     True
     """
+    update = hide_update(update, key, config)
     if not config.secure_aggregation:
         return update
     if key is None:

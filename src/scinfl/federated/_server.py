@@ -36,6 +36,9 @@ class FederationConfig:
     ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``.
     ``privacy="secagg"``: the sites mask their updates with pairwise masks derived from the key,
     and the server only learns their sum (:func:`~scinfl.federated.mask_update`).
+    ``secret_frames``: the parameters travel and are averaged in secret frames drawn from the
+    key, new every round (:class:`~scinfl.federated.SecretFrames`); the server holds the model
+    in frame ``next_round``. It combines with ``"secagg"``, not with ``"dp"``.
 
     Examples
     --------
@@ -61,6 +64,7 @@ class FederationConfig:
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    secret_frames: bool = False
     kl_warmup_default: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,12 @@ class FederationConfig:
             raise ValueError("min_available must be >= 1.")
         if self.privacy not in (None, "dp", "secagg"):
             raise ValueError(f"privacy must be None, 'dp' or 'secagg', got {self.privacy!r}.")
+        if self.secret_frames and self.privacy == "dp":
+            raise ValueError(
+                "privacy='dp' clips and noises each site's update on the server, but under "
+                "secret_frames the server cannot form an update (each round's parameters are in "
+                "another secret frame). Use one or the other: secret_frames=False for DP-FedAvg."
+            )
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True
@@ -105,6 +115,7 @@ class FederationConfig:
             secure_aggregation=secure,
             participants=sorted(participants) if secure else [],
             attempt=attempt if secure else 0,
+            secret_frames=self.secret_frames,
         )
 
 
@@ -123,6 +134,7 @@ _TRAJECTORY_FIELDS = (
     "privacy",
     "dp_noise_multiplier",
     "dp_clipping_norm",
+    "secret_frames",
 )
 _CHECKPOINT_FORMAT = "scinfl-federation-checkpoint"
 
@@ -184,6 +196,16 @@ class FederatedServer:
                 delta=self.config.dp_delta,
                 seed=self.config.seed,
             )
+
+    @property
+    def best_frame(self) -> int | None:
+        """Secret frame of :attr:`best_parameters` (``None`` without ``secret_frames``).
+
+        The global model after round ``r`` is in frame ``r + 1``, the initial one in frame 0.
+        """
+        if not self.config.secret_frames:
+            return None
+        return 0 if self.best_round is None else self.best_round + 1
 
     def rounds(self) -> range:
         """The rounds still to run: those after the last completed one, none once stopped early."""

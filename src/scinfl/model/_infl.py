@@ -150,7 +150,10 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 f"Expected a scinfl.Key, got {type(key).__name__}; load one with scinfl.Key.load(path)."
             )
         if not self.module.is_keyed:
-            logger.warning("This model has key_mode=None; the key is not used.")
+            logger.info(
+                "This model has key_mode=None: the key serves only secret_frames and "
+                "privacy='secagg'."
+            )
         if (
             self.key_fingerprint_ is not None
             and key.fingerprint != self.key_fingerprint_
@@ -297,6 +300,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         dp_noise_multiplier: float = 1.0,
         dp_clipping_norm: float = 1.0,
         dp_delta: float = 1e-5,
+        secret_frames: bool = False,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         seed: int | None = None,
@@ -356,6 +360,14 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             resolution of 6e-8). Needs a key (any ``key_mode``, ``None`` included).
         dp_noise_multiplier, dp_clipping_norm, dp_delta
             DP settings (used with ``privacy="dp"``).
+        secret_frames
+            The server holds and averages the model only in secret frames drawn from the key,
+            a new one every round (:class:`~scinfl.federated.SecretFrames`): every parameter
+            tensor travels as ``A^T W B`` with secret invertible ``A``, ``B``. FedAvg commutes
+            with these maps, so the model is the same as without them (up to float rounding),
+            but no upload and no global model the server sees is in the coordinates the model
+            computes with. Needs a key (any ``key_mode``, ``None`` included); combines with
+            ``privacy="secagg"``, not with ``"dp"``.
         checkpoint_dir
             Write the server's state (global and selected weights, round, history, DP
             accounting; never the key or data) there after every completed round.
@@ -380,6 +392,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/", resume=True)  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, privacy="dp", dp_noise_multiplier=0.5)  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, privacy="secagg")  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, secret_frames=True)  # doctest: +SKIP
         """
         if engine not in ("local", "flower"):
             raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
@@ -408,7 +421,14 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             dp_noise_multiplier=dp_noise_multiplier,
             dp_clipping_norm=dp_clipping_norm,
             dp_delta=dp_delta,
+            secret_frames=secret_frames,
         )
+        if secret_frames and getattr(self, "_key", None) is None:
+            raise ValueError(
+                "secret_frames=True draws the parameters' frames from the federation's key: "
+                "create the model with key=scinfl.Key.generate() (or call model.set_key(key)) "
+                "first."
+            )
         if privacy == "secagg" and getattr(self, "_key", None) is None:
             raise ValueError(
                 "privacy='secagg' derives the sites' masks from the federation's key: create "
@@ -530,6 +550,8 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         history.attrs["best_round"] = server.best_round
         self.federated_history_ = history
         self.dp_epsilon_ = server.dp_epsilon()
+        # the frame the server holds the selected model in (secret_frames), for the audit
+        self.secret_frame_ = server.best_frame
         return history
 
     # -- outputs -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ._attacks import (
     output_layer,
 )
 from ._audit import audit, training_rows
+from ._framed import framed_attackers
 from ._membership import (
     MembershipResult,
     ReferenceModels,
@@ -78,6 +79,7 @@ __all__ = [
     "decoder_bias_attack",
     "decoder_inversion",
     "dlg",
+    "framed_attackers",
     "gradient_from_update",
     "infer_label",
     "input_layer",

@@ -20,6 +20,7 @@ from ._attacks import (
     infer_label,
     output_layer,
 )
+from ._framed import framed_attackers
 from ._membership import loss_attack, rmia_attack, train_reference_models
 from ._metrics import candidate_scores, partial_correlation, reidentification_rate, top_k_overlap
 from ._upload import upload_gradient
@@ -124,10 +125,12 @@ def _fresh_module(model) -> nn.Module:
     return fresh
 
 
-def _defence_name(model) -> str:
+def _defence_name(model, framed: bool = False) -> str:
     name = getattr(model.module, "key_mode_name", None) or "plain"
     if getattr(model, "dp_epsilon_", None) is not None:
         name = f"{name}+dp"
+    if framed:
+        name = f"{name}+frames"
     return name
 
 
@@ -251,7 +254,9 @@ def _reconstruction_rows(
     seed: int,
     rng,
     aggregated_sites: int = 1,
+    views=None,
 ) -> list[dict]:
+    views = views or {}
     log_var = bool(getattr(module, "log_variational", True))
     p = module.n_input
     n_labels = int(getattr(module, "n_labels", 0) or 0)
@@ -272,11 +277,12 @@ def _reconstruction_rows(
             grads = upload_gradient(module, data.tensors(upload), kl_weight=kl_weight)
             truths = pool_x[[position[int(r)] for r in upload]]
             for guess, attacker in attackers.items():
+                seen = views[guess](grads) if guess in views else grads
                 for attack in attacks:
                     recs, labels = _reconstruct(
                         attack,
                         attacker,
-                        grads,
+                        seen,
                         len(upload),
                         dlg_iters,
                         dlg_lr,
@@ -334,32 +340,39 @@ def _label_prevalence_rows(
     n_uploads: int,
     kl_weight: float,
     rng,
+    views=None,
 ) -> list[dict]:
     """Label recovery of iDLG on one-sample uploads, the class order guessed by prevalence.
 
     Without the key (guesses ``"none"`` and ``"wrong"``) the attacker ignores its key guess's
     class order and matches the units of all uploads to the public label counts
     (:func:`class_order_from_prevalence`); with ``"correct"`` it reads them through the key.
-    An unkeyed model needs no guess: its units are the classes.
+    An unkeyed model needs no guess: its units are the classes. Under secret frames
+    (``views``) each guess reads the units from its own view of the uploads.
     """
+    views = views or {}
     n_labels = int(module.n_labels)
     uploads = _draw_uploads(data, members, 1, n_uploads, rng)
     layer = output_layer(module, "classifier")[0]
-    units = [
-        infer_label(upload_gradient(module, data.tensors(rows), kl_weight=kl_weight), layer)
-        for rows in uploads
+    gradients = [
+        upload_gradient(module, data.tensors(rows), kl_weight=kl_weight) for rows in uploads
     ]
     truth = np.array([data.labels[rows[0]] for rows in uploads])
     prevalence = np.bincount(data.labels[public_rows], minlength=n_labels)
-    by_prevalence = class_order_from_prevalence(units, prevalence)
     rows = []
     for guess, attacker in attackers.items():
-        if getattr(module, "class_order", None) is None:
+        view = views.get(guess)
+        units = [infer_label(view(g) if view else g, layer) for g in gradients]
+        if guess == "correct":
+            order = (
+                np.arange(n_labels)
+                if getattr(module, "class_order", None) is None
+                else attacker.class_order.numpy()
+            )
+        elif getattr(module, "class_order", None) is None and view is None:
             order = np.arange(n_labels)
-        elif guess == "correct":
-            order = attacker.class_order.numpy()
         else:
-            order = by_prevalence
+            order = class_order_from_prevalence(units, prevalence)
         found = np.argsort(order)[units]  # the class each unit carries under ``order``
         hits = (found == truth).astype(float)
         rows.append(
@@ -477,6 +490,7 @@ def audit(
     fpr: float = 0.01,
     kl_weight: float = 1.0,
     defence: str | None = None,
+    secret_frame: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Audit a trained model against the attacks of the threat model, with every key guess.
@@ -575,7 +589,15 @@ def audit(
         KL weight of the audited round and of the membership losses.
     defence
         Name of the defence in the table (default: the key mode, ``"plain"`` without a key,
-        with ``"+dp"`` for a model trained with differential privacy).
+        with ``"+dp"`` for a model trained with differential privacy and ``"+frames"`` for
+        one trained under secret frames).
+    secret_frame
+        Audit the model as trained under ``secret_frames``: the server holds the global
+        parameters in this secret frame and each upload in the same one (the attacker's best
+        case), and every key guess decodes both with its own frames
+        (:func:`~scinfl.privacy.framed_attackers`). Default: the frame of the model's selected
+        round when it was trained with ``secret_frames=True`` (``model.secret_frame_``), else
+        none.
     seed
         Seed of the audit (victims, wrong key, splits, attacks).
 
@@ -634,8 +656,21 @@ def audit(
     reference = public_x.mean(0)
 
     keyed = getattr(module, "key_encoder", None) is not None
-    run_guesses = list(key_guesses) if keyed else ["none"]
-    attackers = {g: attacker_module(module, g, seed=seed) for g in run_guesses}
+    if secret_frame is None:
+        secret_frame = getattr(model, "secret_frame_", None)
+    framed = secret_frame is not None
+    run_guesses = list(key_guesses) if keyed or framed else ["none"]
+    views = None
+    if framed:
+        key = getattr(model, "_key", None)
+        if key is None:
+            raise ValueError(
+                "Auditing secret frames needs the model's scinfl.Key: create or load the model "
+                "with key=."
+            )
+        attackers, views = framed_attackers(module, key, int(secret_frame), run_guesses, seed)
+    else:
+        attackers = {g: attacker_module(module, g, seed=seed) for g in run_guesses}
     rows: list[dict] = []
     reconstruction = [a for a in RECONSTRUCTION_ATTACKS if a in attacks]
     if "decoder-inversion" in reconstruction and (
@@ -671,6 +706,7 @@ def audit(
             seed,
             rng_uploads,
             aggregated_sites,
+            views,
         )
     if "label-prevalence" in attacks and aggregated_sites > 1:
         logger.info("label-prevalence skipped: it reads single uploads, not aggregates.")
@@ -685,6 +721,7 @@ def audit(
                 n_label_uploads,
                 kl_weight,
                 np.random.default_rng([seed, 3]),
+                views,
             )
         else:
             logger.info("label-prevalence skipped: the model has no classifier.")
@@ -719,7 +756,7 @@ def audit(
         has_labels = data.label_names is not None or labels_key is not None
         if has_labels:
             utility = wrong_key_utility(
-                model, adata, labels=labels_key, guesses=run_guesses, seed=seed
+                model, adata, labels=labels_key, guesses=run_guesses, seed=seed, attackers=attackers
             )
             for record in utility.to_dict("records"):
                 rows.append(
@@ -733,8 +770,8 @@ def audit(
                 )
         else:
             logger.info("Inference utility skipped: the model has no labels; pass labels_key=.")
-    if not keyed:
+    if not (keyed or framed):
         rows = [{**row, "key_guess": guess} for row in rows for guess in key_guesses]
     table = pd.DataFrame(rows, columns=COLUMNS[1:])
-    table.insert(0, "defence", defence or _defence_name(model))
+    table.insert(0, "defence", defence or _defence_name(model, framed))
     return table

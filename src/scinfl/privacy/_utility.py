@@ -136,6 +136,7 @@ def wrong_key_utility(
     n_neighbors: int = 15,
     batch_size: int = 1024,
     seed: int = 0,
+    attackers: Mapping[str, nn.Module] | None = None,
 ) -> pd.DataFrame:
     """Utility of a trained model run with the correct key, a wrong key, and no key.
 
@@ -179,6 +180,10 @@ def wrong_key_utility(
         Rows per forward pass.
     seed
         Seed of the wrong key, the folds and k-means.
+    attackers
+        The attacker's module for some guesses (e.g. from
+        :func:`~scinfl.privacy.framed_attackers`); the others come from
+        :func:`~scinfl.privacy.attacker_module`.
 
     Returns
     -------
@@ -240,7 +245,10 @@ def wrong_key_utility(
         )
     rows = []
     for guess in guesses:
-        attacker = attacker_module(module, guess, seed=seed)
+        if attackers is not None and guess in attackers:
+            attacker = attackers[guess]
+        else:
+            attacker = attacker_module(module, guess, seed=seed)
         latent, predictions = _latent_and_predictions(attacker, tensors, batch_size)
         if predictions is not None and names is not None:
             predicted = names[predictions]

@@ -12,6 +12,7 @@ from torch import nn
 
 from scinfl.federated._client import client_evaluate, client_update
 from scinfl.federated._parameters import get_shared_parameters
+from scinfl.federated._secret_frames import frames_for, open_parameters
 from scinfl.federated._secure_aggregation import protect_update
 from scinfl.federated._site_data import SiteData
 from scinfl.key import Key
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: ``query`` instruction entry asking a site for its (initial) shared parameters
 WANT_PARAMETERS = "want-parameters"
+#: ``query`` instruction entry: send the initial parameters in secret frame 0
+IN_SECRET_FRAME = "in-secret-frame"
 
 
 @dataclass
@@ -78,11 +81,13 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     The app answers three message types, each with the node's public identity (site name,
     ``n_k``, key fingerprint and version) in a ``ConfigRecord`` named ``"identity"``:
 
-    - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``);
+    - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``,
+      in secret frame 0 when asked for ``in-secret-frame``);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
       the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
       secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
-    - ``evaluate``: :func:`~scinfl.federated.client_evaluate` of the received parameters.
+    - ``evaluate``: :func:`~scinfl.federated.client_evaluate` of the received parameters
+      (decoded from their secret frame when the message's config says so).
 
     Parameters
     ----------
@@ -119,8 +124,12 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
         content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
-        if CONFIG in msg.content and msg.content[CONFIG].get(WANT_PARAMETERS, False):
-            content[PARAMETERS] = parameters_to_record(get_shared_parameters(runtime.module))
+        asked = msg.content[CONFIG] if CONFIG in msg.content else {}
+        if asked.get(WANT_PARAMETERS, False):
+            parameters = get_shared_parameters(runtime.module)
+            if asked.get(IN_SECRET_FRAME, False):
+                parameters = frames_for(runtime.key).encode(parameters, 0)
+            content[PARAMETERS] = parameters_to_record(parameters)
         return Message(content, reply_to=msg)
 
     @app.train()
@@ -130,7 +139,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         update = client_update(
             runtime.module,
             runtime.site,
-            record_to_parameters(msg.content[PARAMETERS]),
+            open_parameters(record_to_parameters(msg.content[PARAMETERS]), runtime.key, config),
             config,
             key_fingerprint=runtime.key_fingerprint,
             key_version=runtime.key_version,
@@ -143,9 +152,11 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
-        metrics = client_evaluate(
-            runtime.module, runtime.site, record_to_parameters(msg.content[PARAMETERS])
-        )
+        parameters = record_to_parameters(msg.content[PARAMETERS])
+        if CONFIG in msg.content:
+            config = record_to_config(msg.content[CONFIG])
+            parameters = open_parameters(parameters, runtime.key, config)
+        metrics = client_evaluate(runtime.module, runtime.site, parameters)
         content = RecordDict(
             {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
         )

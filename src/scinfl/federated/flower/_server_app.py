@@ -21,7 +21,7 @@ from scinfl.federated._client import ClientUpdate
 from scinfl.federated._secure_aggregation import IncompleteRoundError
 from scinfl.federated._server import FederatedServer
 
-from ._client_app import WANT_PARAMETERS
+from ._client_app import IN_SECRET_FRAME, WANT_PARAMETERS
 from ._records import (
     CONFIG,
     PARAMETERS,
@@ -134,10 +134,16 @@ def discover_sites(
     return directory
 
 
-def request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | None = None) -> dict:
+def request_parameters(
+    grid: Grid,
+    directory: SiteDirectory,
+    timeout: float | None = None,
+    in_secret_frame: bool = False,
+) -> dict:
     """Ask the first site (by name) for its shared parameters, to start the federation from.
 
-    The parameters of a freshly built module: random initial weights, no data, no key.
+    The parameters of a freshly built module: random initial weights, no data, no key; in
+    secret frame 0 with ``in_secret_frame`` (:class:`~scinfl.federated.SecretFrames`).
 
     Examples
     --------
@@ -145,7 +151,9 @@ def request_parameters(grid: Grid, directory: SiteDirectory, timeout: float | No
     """
     site = directory.sites[0]
     message = Message(
-        RecordDict({CONFIG: ConfigRecord({WANT_PARAMETERS: True})}),
+        RecordDict(
+            {CONFIG: ConfigRecord({WANT_PARAMETERS: True, IN_SECRET_FRAME: in_secret_frame})}
+        ),
         directory.nodes[site],
         MessageType.QUERY,
         group_id="initial-parameters",
@@ -264,12 +272,15 @@ def run_rounds(
         available = [site for site in directory.sites if site not in gone]
         selected = server.sample_sites(available, round_)
         _train_round(grid, server, directory, round_, selected, round_timeout)
+        # the parameters after round r are in secret frame r + 1 (when frames are on): the
+        # config of round r + 1 tells the sites which
+        evaluate_config = config_to_record(server.config.client_config(round_ + 1))
         evaluations = _ask(
             grid,
             server,
             directory,
             available,
-            {PARAMETERS: parameters_to_record(server.parameters)},
+            {PARAMETERS: parameters_to_record(server.parameters), CONFIG: evaluate_config},
             MessageType.EVALUATE,
             round_,
             str(round_),
@@ -419,7 +430,9 @@ def make_server_app(
                 ", ".join(f"{s} (node {directory.nodes[s]})" for s in directory.sites),
             )
             if not server.parameters:
-                server.parameters = request_parameters(grid, directory, round_timeout)
+                server.parameters = request_parameters(
+                    grid, directory, round_timeout, in_secret_frame=server.config.secret_frames
+                )
             run_rounds(
                 grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar
             )

@@ -17,6 +17,7 @@ from torch import nn
 
 from scinfl.federated._local_engine import start_server
 from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from scinfl.federated._secret_frames import frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
 from scinfl.key import Key
@@ -203,8 +204,18 @@ def run_flower_simulation(
         key_version=key_version,
         num_threads=torch.get_num_threads(),
     )
+    initial = initial_parameters or get_shared_parameters(module)
+    frames = None
+    if config.secret_frames:
+        if not isinstance(key, Key):
+            raise ValueError(
+                "secret_frames=True: the coordinator needs the federation's key (one Key, the "
+                "same at every site) to put the initial model in frame 0 and read the result."
+            )
+        frames = frames_for(key)
+        initial = frames.encode(initial, 0)
     server = start_server(
-        initial_parameters or get_shared_parameters(module),
+        initial,
         config,
         key_fingerprint,
         key_version,
@@ -235,5 +246,6 @@ def run_flower_simulation(
         raise failures[0]
     if server.best_parameters is None:
         raise RuntimeError("The Flower simulation ended before its first round; see the log above.")
-    set_shared_parameters(module, server.best_parameters)
+    best = server.best_parameters
+    set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)
     return server

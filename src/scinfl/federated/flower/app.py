@@ -35,9 +35,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from scinfl.federated._local_engine import start_server
+from scinfl.federated._secret_frames import frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
-from scinfl.key import Key, KeyMismatchError
+from scinfl.key import Key, KeyMismatchError, MissingKeyError
 from scinfl.module import KeyedVAE
 
 from ._client_app import SiteRuntime, make_client_app
@@ -69,6 +70,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "dp-noise-multiplier": 1.0,
     "dp-clipping-norm": 1.0,
     "dp-delta": 1e-5,
+    "secret-frames": False,
     "round-timeout": 0.0,
     "discovery-timeout": 600.0,
     # data and model (every site builds the same architecture)
@@ -130,6 +132,7 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
         dp_noise_multiplier=float(s["dp-noise-multiplier"]),
         dp_clipping_norm=float(s["dp-clipping-norm"]),
         dp_delta=float(s["dp-delta"]),
+        secret_frames=bool(s["secret-frames"]),
     )
 
 
@@ -240,6 +243,11 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
             f"Site {site!r}: privacy='secagg' masks the updates with the federation's key, but "
             "the node config has no `key-path`."
         )
+    if run_config.get("secret-frames", False) and not key_path:
+        raise ValueError(
+            f"Site {site!r}: secret-frames draws the parameters' frames from the federation's "
+            "key, but the node config has no `key-path`."
+        )
     key = fingerprint = version = None
     if key_path:
         key = Key.load(key_path)
@@ -282,6 +290,9 @@ def resolve_deployed_site(context: Context) -> SiteRuntime:
 def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
     """Write ``history.csv``, ``global_parameters.npz`` (selected round) and ``summary.json``.
 
+    Under ``secret-frames`` the parameters are written as the server holds them, in a secret
+    frame (``summary["secret_frame"]``): only :func:`load_results` with the key reads them.
+
     Examples
     --------
     >>> import numpy as np, tempfile
@@ -302,13 +313,24 @@ def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
         "dp_epsilon": server.dp_epsilon(),
         "sites": sorted(pd.unique(server.history()["site"]).tolist()) if server.rows else [],
         "parameter_order": list(server.best_parameters),
+        "secret_frame": server.best_frame,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out
 
 
-def load_results(output_dir: str | Path) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict]:
+def load_results(
+    output_dir: str | Path, key: Key | None = None
+) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict]:
     """Read what :func:`save_results` wrote: parameters (in model order), history, summary.
+
+    Parameters
+    ----------
+    output_dir
+        The run's ``output-dir``.
+    key
+        The federation's key: needed when the run used ``secret-frames`` (the parameters are
+        decoded from their secret frame).
 
     Examples
     --------
@@ -318,6 +340,19 @@ def load_results(output_dir: str | Path) -> tuple[dict[str, np.ndarray], pd.Data
     summary = json.loads((out / "summary.json").read_text())
     with np.load(out / "global_parameters.npz") as npz:
         parameters = {name: npz[name] for name in summary["parameter_order"]}
+    frame = summary.get("secret_frame")
+    if frame is not None:
+        if key is None:
+            raise MissingKeyError(
+                f"The parameters in {out} are in a secret frame of the federation's key "
+                "(secret-frames): pass key=scinfl.Key.load(path) to load_results."
+            )
+        if summary.get("key_fingerprint") not in (None, key.fingerprint):
+            raise KeyMismatchError(
+                f"The parameters in {out} were trained under key {summary['key_fingerprint']}, "
+                f"not {key.fingerprint}: pass the federation's key to load_results."
+            )
+        parameters = frames_for(key).decode(parameters, int(frame))
     return parameters, pd.read_csv(out / "history.csv"), summary
 
 
@@ -361,7 +396,9 @@ def _server_main(grid: Grid, context: Context) -> None:
             server.key_version,
         )
     if not server.parameters:
-        server.parameters = request_parameters(grid, directory, round_timeout)
+        server.parameters = request_parameters(
+            grid, directory, round_timeout, in_secret_frame=server.config.secret_frames
+        )
     run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
     out = save_results(server, s["output-dir"])
     logger.info("Best round %s; results written to %s.", server.best_round, out.resolve())

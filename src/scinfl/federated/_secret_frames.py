@@ -1,0 +1,304 @@
+"""Secret frames: the server holds and averages the model in a key-derived frame, new every round.
+
+FedAvg is linear, so it commutes with any invertible linear map of the parameters: if every
+site sends ``w_k T`` instead of ``w_k``, the server's weighted mean is ``(sum_k n_k w_k / n) T``,
+which the sites map back with ``T^-1``. The sites of a federation share a secret (the
+:class:`~scinfl.Key`), so they can all draw the same ``T`` from it, and the server never sees a
+parameter in the coordinates the model computes with.
+
+Every axis of every floating-point tensor gets its own invertible map (a *frame*): a weight
+``W`` of shape ``(out, in)`` travels as ``A^T W B``. A frame is not orthogonal (its singular
+values spread over a factor of up to 16 per dense block), so it does not preserve the angles
+that spectral alignment with public data relies on, and it mixes every coordinate of the axis
+with every other (three layers of secret permutations and dense blocks of 64 for long axes,
+one dense map for axes of at most 256 entries). The frame changes every round: the global
+model of round ``r`` is in frame ``r`` (the initial one in frame 0), the sites decode it, train
+in plain coordinates (no cost in the training loop) and upload in frame ``r + 1``. Nothing the
+server collects over rounds is in a common frame.
+
+What the server still learns: each site's ``n_k`` and metrics, and what is invariant under
+invertible maps of each axis (e.g. the rank of an update: how many rows it mixes). What it can
+no longer do: anything but averaging. Updates ``w_k - w_global`` are not defined across frames,
+so server-side clipping and noise (DP-FedAvg) or server momentum do not combine with frames.
+
+Arithmetic is in float64; the float32 parameters lose at most the frame's condition number
+times float32 resolution (about 1e-5 relative) per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+
+from scinfl.key import Key
+
+from ._client import ClientConfig, ClientUpdate
+from ._parameters import Parameters
+
+#: axes up to this length get one dense map; longer ones three block layers
+DENSE_MAX = 256
+#: block size of the layered maps of long axes
+BLOCK = 64
+_LAYERS = 3
+#: singular values of each dense map (block) lie in [1/s, s]
+_DENSE_SPREAD = 4.0
+_BLOCK_SPREAD = 2.0
+_MODES = ("forward", "inverse", "transpose", "inverse_transpose")
+
+
+def _haar(rng: np.random.Generator, n: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+class _Layer:
+    """``M = P B``: a permutation ``P`` (``x P = x[perm]``) then block-diagonal ``B``."""
+
+    def __init__(self, n: int, rng: np.random.Generator, block: int, spread: float, permute: bool):
+        self.perm = rng.permutation(n) if permute else None
+        self.inv_perm = np.argsort(self.perm) if permute else None
+        n_blocks = max(1, n // block)
+        edges = [i * block for i in range(n_blocks)] + [n]
+        self.bounds = list(zip(edges[:-1], edges[1:], strict=True))
+        self.blocks: list[np.ndarray] = []
+        self.inverses: list[np.ndarray] = []
+        for start, stop in self.bounds:
+            size = stop - start
+            scale = np.exp(rng.uniform(-np.log(spread), np.log(spread), size))
+            left, right = _haar(rng, size), _haar(rng, size)
+            self.blocks.append((left * scale) @ right)
+            self.inverses.append((right.T / scale) @ left.T)
+
+    def _blocks(self, x: np.ndarray, matrices) -> np.ndarray:
+        out = np.empty_like(x)
+        for (start, stop), m in zip(self.bounds, matrices, strict=True):
+            out[..., start:stop] = x[..., start:stop] @ m
+        return out
+
+    def apply(self, x: np.ndarray, mode: str) -> np.ndarray:
+        if mode == "forward":  # x P B
+            x = x if self.perm is None else x[..., self.perm]
+            return self._blocks(x, self.blocks)
+        if mode == "inverse_transpose":  # x P B^-T
+            x = x if self.perm is None else x[..., self.perm]
+            return self._blocks(x, [m.T for m in self.inverses])
+        matrices = self.inverses if mode == "inverse" else [m.T for m in self.blocks]
+        x = self._blocks(x, matrices)  # x B^-1 P^T or x B^T P^T
+        return x if self.inv_perm is None else x[..., self.inv_perm]
+
+
+class AxisFrame:
+    """One secret invertible map ``T`` of an axis of length ``n`` (row-vector convention).
+
+    Parameters
+    ----------
+    n
+        Length of the axis.
+    rng
+        Generator the map is drawn from.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> frame = AxisFrame(5, np.random.default_rng(0))
+    >>> x = np.arange(5.0)
+    >>> np.allclose(frame.apply(frame.apply(x, "forward"), "inverse"), x)
+    True
+    """
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        if n <= DENSE_MAX:
+            self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, permute=False)]
+        else:
+            self.layers = [
+                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, permute=True) for _ in range(_LAYERS)
+            ]
+
+    def apply(self, x: np.ndarray, mode: str = "forward") -> np.ndarray:
+        """``x T``, ``x T^-1``, ``x T^T`` or ``x T^-T`` along the last axis of ``x``."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+        # T = M_1 ... M_L: forward and inverse-transpose apply M_1 first, the others M_L first
+        layers = self.layers if mode in ("forward", "inverse_transpose") else self.layers[::-1]
+        for layer in layers:
+            x = layer.apply(x, mode)
+        return x
+
+
+class SecretFrames:
+    """The frames of one federation: invertible maps of every parameter axis, per round.
+
+    Parameters
+    ----------
+    key
+        The federation's key (every site draws the same frames from it).
+    cache_frames
+        How many recent frames to keep the maps of (a site needs two per round).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl import Key
+    >>> frames = SecretFrames(Key.generate())
+    >>> params = {"w": np.ones((3, 4), np.float32)}
+    >>> hidden = frames.encode(params, frame=1)
+    >>> np.allclose(frames.decode(hidden, frame=1)["w"], 1.0, atol=1e-5)
+    True
+    """
+
+    def __init__(self, key: Key, cache_frames: int = 3) -> None:
+        self._secret = key.secret_for("secret-frames")
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache_frames = cache_frames
+
+    def axis_frame(self, frame: int, name: str, axis: int, n: int) -> AxisFrame:
+        """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``."""
+        maps = self._cache.get(frame)
+        if maps is None:
+            maps = self._cache[frame] = {}
+            while len(self._cache) > self._cache_frames:
+                self._cache.popitem(last=False)
+        found = maps.get((name, axis, n))
+        if found is None:
+            label = "\x1f".join(["scinfl/frame", str(frame), name, str(axis), str(n)])
+            digest = hmac.new(self._secret, label.encode(), hashlib.sha256).digest()
+            rng = np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest, "big")))
+            found = maps[(name, axis, n)] = AxisFrame(n, rng)
+        return found
+
+    def _map(self, tensors: Mapping, frame: int, mode: str) -> dict:
+        out = {}
+        for name, value in tensors.items():
+            array = np.asarray(value)
+            if not np.issubdtype(array.dtype, np.floating):
+                out[name] = array.copy()
+                continue
+            x = array.astype(np.float64).reshape(array.shape or (1,))
+            for axis in range(x.ndim):
+                moved = np.moveaxis(x, axis, -1)
+                mapped = self.axis_frame(frame, name, axis, x.shape[axis]).apply(moved, mode)
+                x = np.moveaxis(mapped, -1, axis)
+            out[name] = x.reshape(array.shape).astype(array.dtype)
+        return out
+
+    def encode(self, parameters: Mapping[str, np.ndarray], frame: int) -> Parameters:
+        """Parameters as the server sees them in ``frame`` (integer tensors unchanged).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> hidden = SecretFrames(Key.generate()).encode({"b": np.ones(3, np.float32)}, 0)
+        >>> bool(np.allclose(hidden["b"], 1.0))
+        False
+        """
+        return self._map(parameters, frame, "forward")
+
+    def decode(self, parameters: Mapping[str, np.ndarray], frame: int) -> Parameters:
+        """The plain parameters of ones in ``frame`` (the inverse of :meth:`encode`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> frames = SecretFrames(Key.generate())
+        >>> back = frames.decode(frames.encode({"b": np.ones(3)}, 2), 2)["b"]
+        >>> bool(np.allclose(back, 1.0))
+        True
+        """
+        return self._map(parameters, frame, "inverse")
+
+    def encode_gradient(self, gradients: Mapping, frame: int) -> dict:
+        """Gradients with respect to the parameters in ``frame`` (what an upload shows the server).
+
+        ``S = W T`` along each axis, so ``dL/dS = dL/dW T^-T``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> SecretFrames(Key.generate()).encode_gradient({"b": np.ones(3)}, 0)["b"].shape
+        (3,)
+        """
+        return self._map(gradients, frame, "inverse_transpose")
+
+    def decode_gradient(self, gradients: Mapping, frame: int) -> dict:
+        """Plain-coordinate gradients of ones in ``frame`` (the inverse of :meth:`encode_gradient`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> frames = SecretFrames(Key.generate())
+        >>> g = frames.decode_gradient(frames.encode_gradient({"b": np.ones(3)}, 0), 0)["b"]
+        >>> bool(np.allclose(g, 1.0))
+        True
+        """
+        return self._map(gradients, frame, "transpose")
+
+
+_FRAMES: OrderedDict[bytes, SecretFrames] = OrderedDict()
+
+
+def frames_for(key: Key | None, what: str = "secret_frames") -> SecretFrames:
+    """The :class:`SecretFrames` of ``key`` (shared, so that sites of one process reuse the maps).
+
+    Examples
+    --------
+    >>> from scinfl import Key
+    >>> key = Key.generate()
+    >>> frames_for(key) is frames_for(key)
+    True
+    """
+    if key is None:
+        raise ValueError(
+            f"{what}=True draws the frames from the federation's key, but this site holds no "
+            "key object. Pass key= (the same at every site)."
+        )
+    secret = key.secret_for("secret-frames")
+    found = _FRAMES.get(secret)
+    if found is None:
+        found = _FRAMES[secret] = SecretFrames(key)
+        while len(_FRAMES) > 4:
+            _FRAMES.popitem(last=False)
+    return found
+
+
+def open_parameters(
+    parameters: Mapping[str, np.ndarray], key: Key | None, config: ClientConfig
+) -> Parameters:
+    """The plain parameters of what the server sent in ``config.round``.
+
+    Under ``config.secret_frames`` the global model of round ``r`` is in frame ``r``; otherwise
+    the parameters are returned as they are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> params = {"w": np.zeros(2)}
+    >>> open_parameters(params, None, ClientConfig(round=0)) is params
+    True
+    """
+    if not config.secret_frames:
+        return parameters
+    return frames_for(key).decode(parameters, config.round)
+
+
+def hide_update(update: ClientUpdate, key: Key | None, config: ClientConfig) -> ClientUpdate:
+    """``update`` in the frame of the next round, under ``config.secret_frames``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> update = ClientUpdate("a", 1, {"w": np.zeros(1)})
+    >>> hide_update(update, None, ClientConfig(round=0)) is update
+    True
+    """
+    if not config.secret_frames:
+        return update
+    return replace(update, parameters=frames_for(key).encode(update.parameters, config.round + 1))

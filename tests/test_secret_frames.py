@@ -1,0 +1,197 @@
+"""Secret frames: the server averages the model in key-derived coordinates, new every round."""
+
+import numpy as np
+import pytest
+import torch
+
+import scinfl
+from scinfl.federated import (
+    ClientConfig,
+    ClientUpdate,
+    FederationConfig,
+    SecretFrames,
+    SiteData,
+    fedavg,
+    get_shared_parameters,
+    hide_update,
+    open_parameters,
+    run_local,
+)
+from scinfl.federated._secret_frames import AxisFrame
+from scinfl.module import KeyedVAE
+from scinfl.privacy import analytic_attack, framed_attackers, partial_correlation, upload_gradient
+
+KEY = scinfl.Key(bytes(range(32)))
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_axis_frame_modes_are_the_matrix_and_its_inverse_and_transposes(n):
+    frame = AxisFrame(n, np.random.default_rng(n))
+    t = frame.apply(np.eye(n), "forward")
+    x = np.random.default_rng(0).normal(size=(3, n))
+    inverse = np.linalg.inv(t)
+    for mode, matrix in (
+        ("forward", t),
+        ("inverse", inverse),
+        ("transpose", t.T),
+        ("inverse_transpose", inverse.T),
+    ):
+        np.testing.assert_allclose(frame.apply(x, mode), x @ matrix, atol=1e-9, err_msg=mode)
+    singular = np.linalg.svd(t, compute_uv=False)
+    assert singular[-1] > 0 and singular[0] / singular[-1] < 100
+    if n > 1:
+        # not orthogonal: angles (and so principal axes) are not preserved
+        assert not np.allclose(t @ t.T, np.eye(n), atol=0.1)
+        # every coordinate of the long axis depends on every input coordinate
+        assert n < 256 or (np.abs(t) > 0).mean() > 0.99
+
+
+def _updates(seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        ClientUpdate(
+            site,
+            n,
+            {
+                "w": rng.normal(size=(40, 300)).astype(np.float32),
+                "b": rng.normal(size=40).astype(np.float32),
+                "count": np.array([3]),
+            },
+        )
+        for site, n in (("a", 10), ("b", 30), ("c", 7))
+    ]
+
+
+def test_fedavg_commutes_with_the_frames_and_only_the_key_reads_it():
+    frames = SecretFrames(KEY)
+    updates = _updates()
+    config = ClientConfig(round=4, secret_frames=True)
+    hidden = [hide_update(u, KEY, config) for u in updates]
+    assert all(h.n == u.n and h.site == u.site for h, u in zip(hidden, updates, strict=True))
+    aggregate = fedavg(hidden)
+    plain = fedavg(updates)
+    # the server's aggregate is in frame 5; the sites read it as the plain FedAvg
+    opened = open_parameters(aggregate, KEY, ClientConfig(round=5, secret_frames=True))
+    for name in plain:
+        np.testing.assert_allclose(opened[name], plain[name], atol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(aggregate["count"], plain["count"])
+    # what the server holds is unrelated to the plain values, in every frame and for every key
+    for other in (
+        open_parameters(aggregate, KEY, ClientConfig(round=4, secret_frames=True)),
+        SecretFrames(scinfl.Key(bytes(32))).decode(aggregate, 5),
+        aggregate,
+    ):
+        r = np.corrcoef(other["w"].ravel(), plain["w"].ravel())[0, 1]
+        assert abs(r) < 0.05
+    # frames differ between rounds and between parameters of the same shape
+    assert not np.allclose(
+        frames.encode({"w": plain["w"]}, 1)["w"], frames.encode({"w": plain["w"]}, 2)["w"]
+    )
+    assert not np.allclose(
+        frames.encode({"v": plain["w"]}, 1)["v"], frames.encode({"w": plain["w"]}, 1)["w"]
+    )
+    # a site without the key object cannot take part
+    with pytest.raises(ValueError, match="Pass key="):
+        hide_update(updates[0], None, config)
+
+
+def _sites(n_vars=30):
+    rng = np.random.default_rng(0)
+    return [SiteData.from_arrays(s, rng.poisson(2, (60, n_vars))) for s in "abc"]
+
+
+def _run(privacy=None, secret_frames=False, rounds=3):
+    torch.manual_seed(0)
+    vae = KeyedVAE(n_input=30, key_mode=None, n_hidden=16)
+    config = FederationConfig(
+        max_rounds=rounds, batch_size=16, privacy=privacy, secret_frames=secret_frames
+    )
+    server = run_local(vae, _sites(), config, progress_bar=False, key=KEY)
+    return get_shared_parameters(vae), server
+
+
+def test_local_engine_under_frames_trains_the_plain_model():
+    plain, plain_server = _run()
+    for privacy in (None, "secagg"):
+        framed, server = _run(privacy=privacy, secret_frames=True)
+        for name in plain:
+            np.testing.assert_allclose(framed[name], plain[name], atol=1e-4, err_msg=name)
+        assert server.best_round == plain_server.best_round
+        assert server.best_frame == server.best_round + 1
+        # the server never held the model in its own coordinates
+        held = server.best_parameters["z_encoder.encoder.fc_layers.Layer 0.0.weight"]
+        truth = plain["z_encoder.encoder.fc_layers.Layer 0.0.weight"]
+        assert abs(np.corrcoef(held.ravel(), truth.ravel())[0, 1]) < 0.2
+    with pytest.raises(ValueError, match="secret_frames=False for DP-FedAvg"):
+        FederationConfig(privacy="dp", secret_frames=True)
+
+
+def test_frames_defeat_the_analytic_attack_without_the_key():
+    torch.manual_seed(0)
+    vae = KeyedVAE(n_input=300, key_mode=None, n_hidden=16)
+    vae.eval()
+    attackers, views = framed_attackers(vae, KEY, 7, ["none", "wrong", "correct"], seed=1)
+    reference = np.full(300, np.log1p(3.0))
+    found = {guess: [] for guess in attackers}
+    for _ in range(4):
+        x = torch.distributions.Poisson(torch.full((1, 300), 3.0)).sample()
+        tensors = {"X": x, "batch": torch.zeros(1, 1), "labels": torch.zeros(1, 1)}
+        grads = upload_gradient(vae, tensors)
+        for guess, attacker in attackers.items():
+            rec = analytic_attack(attacker, views[guess](grads))[None]
+            found[guess].append(partial_correlation(rec, torch.log1p(x).numpy(), reference)[0])
+    assert min(found["correct"]) > 0.99  # the attack works: the frames are all that stops it
+    for guess in ("none", "wrong"):
+        assert max(np.abs(found[guess])) < 0.25 and abs(np.mean(found[guess])) < 0.1, found
+
+
+def test_train_federated_with_frames(tmp_path):
+    adata = scinfl.data.synthetic_counts(n_obs=240, n_vars=40, n_labels=3, n_sites=3, seed=2)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    kwargs = {"max_rounds": 3, "batch_size": 32, "seed": 0, "progress_bar": False}
+    models = {}
+    for frames in (False, True):
+        torch.manual_seed(0)
+        models[frames] = scinfl.model.INFL(adata, key=KEY, n_hidden=16, n_latent=4)
+        models[frames].train_federated(secret_frames=frames, **kwargs)
+    np.testing.assert_allclose(models[True].get_latent(), models[False].get_latent(), atol=1e-4)
+    assert models[True].secret_frame_ == models[True].federated_history_.attrs["best_round"] + 1
+    assert models[False].secret_frame_ is None
+    # saved models are plain (the site holds the key); loading needs the key as before
+    models[True].save(tmp_path / "m")
+    loaded = scinfl.model.INFL.load(tmp_path / "m", adata, key=KEY)
+    np.testing.assert_allclose(loaded.get_latent(), models[True].get_latent(), atol=1e-6)
+    unkeyed = scinfl.model.INFL(adata, key_mode=None, n_hidden=16)
+    with pytest.raises(ValueError, match="key=scinfl.Key.generate"):
+        unkeyed.train_federated(secret_frames=True, **kwargs)
+    with pytest.raises(ValueError, match="secret_frames=False"):
+        models[True].train_federated(secret_frames=True, privacy="dp", **kwargs)
+
+
+def test_resumed_run_under_frames_equals_the_uninterrupted_one(tmp_path):
+    def run(rounds, **kwargs):
+        torch.manual_seed(0)
+        vae = KeyedVAE(n_input=30, key_mode=None, n_hidden=16)
+        config = FederationConfig(
+            max_rounds=rounds, batch_size=16, kl_warmup_rounds=2, secret_frames=True
+        )
+        server = run_local(vae, _sites(), config, progress_bar=False, key=KEY, **kwargs)
+        return get_shared_parameters(vae), server
+
+    straight, _ = run(4)
+    run(2, checkpoint_dir=tmp_path)
+    resumed, server = run(4, checkpoint_dir=tmp_path, resume=True)
+    assert server.next_round == 4
+    for name in straight:
+        np.testing.assert_allclose(resumed[name], straight[name], atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="secret_frames"):
+        torch.manual_seed(0)
+        run_local(
+            KeyedVAE(n_input=30, key_mode=None, n_hidden=16),
+            _sites(),
+            FederationConfig(max_rounds=5, batch_size=16, kl_warmup_rounds=2),
+            progress_bar=False,
+            key=KEY,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
