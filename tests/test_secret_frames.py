@@ -12,12 +12,14 @@ from scinfl.federated import (
     SecretFrames,
     SiteData,
     fedavg,
+    frame_id,
     get_shared_parameters,
     hide_update,
     open_parameters,
+    protect_update,
     run_local,
 )
-from scinfl.federated._secret_frames import AxisFrame
+from scinfl.federated._secret_frames import INITIAL_FRAME, AxisFrame
 from scinfl.module import KeyedVAE
 from scinfl.privacy import analytic_attack, framed_attackers, partial_correlation, upload_gradient
 
@@ -65,34 +67,44 @@ def _updates(seed=0):
 def test_fedavg_commutes_with_the_frames_and_only_the_key_reads_it():
     frames = SecretFrames(KEY)
     updates = _updates()
-    config = ClientConfig(round=4, secret_frames=True)
-    hidden = [hide_update(u, KEY, config) for u in updates]
+    config = ClientConfig(round=4, secret_frames=True, frame="f4")
+    frame = "f5"
+    hidden = [hide_update(u, KEY, frame) for u in updates]
     assert all(h.n == u.n and h.site == u.site for h, u in zip(hidden, updates, strict=True))
     aggregate = fedavg(hidden)
     plain = fedavg(updates)
-    # the server's aggregate is in frame 5; the sites read it as the plain FedAvg
-    opened = open_parameters(aggregate, KEY, ClientConfig(round=5, secret_frames=True))
+    # the sites read the server's aggregate as the plain FedAvg
+    opened = open_parameters(aggregate, KEY, ClientConfig(round=5, secret_frames=True, frame=frame))
     for name in plain:
         np.testing.assert_allclose(opened[name], plain[name], atol=1e-4, err_msg=name)
     np.testing.assert_array_equal(aggregate["count"], plain["count"])
-    # what the server holds is unrelated to the plain values, in every frame and for every key
+    # what the server holds is unrelated to the plain values, in another frame or key too
     for other in (
-        open_parameters(aggregate, KEY, ClientConfig(round=4, secret_frames=True)),
-        SecretFrames(scinfl.Key(bytes(32))).decode(aggregate, 5),
+        open_parameters(aggregate, KEY, config),
+        SecretFrames(scinfl.Key(bytes(32))).decode(aggregate, frame),
         aggregate,
     ):
         r = np.corrcoef(other["w"].ravel(), plain["w"].ravel())[0, 1]
         assert abs(r) < 0.05
-    # frames differ between rounds and between parameters of the same shape
-    assert not np.allclose(
-        frames.encode({"w": plain["w"]}, 1)["w"], frames.encode({"w": plain["w"]}, 2)["w"]
-    )
-    assert not np.allclose(
-        frames.encode({"v": plain["w"]}, 1)["v"], frames.encode({"w": plain["w"]}, 1)["w"]
-    )
+    # frames differ between frames and between parameters of the same shape
+    w = {"w": plain["w"]}
+    assert not np.allclose(frames.encode(w, "a")["w"], frames.encode(w, "b")["w"])
+    assert not np.allclose(frames.encode({"v": plain["w"]}, "a")["v"], frames.encode(w, "a")["w"])
     # a site without the key object cannot take part
     with pytest.raises(ValueError, match="Pass key="):
-        hide_update(updates[0], None, config)
+        protect_update(updates[0], None, config, received=plain)
+
+
+def test_a_frame_holds_one_upload_per_site_whatever_the_server_sends():
+    received = fedavg(_updates())
+    config = ClientConfig(round=2, secret_frames=True, frame="x")
+    name = frame_id(received, config)
+    assert name == frame_id({k: v.copy() for k, v in received.items()}, config)
+    # other parameters, or other instructions (the frame of the sent model aside): a new frame
+    changed = {**received, "b": received["b"] + 1e-6}
+    assert frame_id(changed, config) != name
+    assert frame_id(received, ClientConfig(round=2, secret_frames=True, frame="x", lr=2e-3)) != name
+    assert frame_id(received, ClientConfig(round=2, secret_frames=True, frame="y")) == name
 
 
 def _sites(n_vars=30):
@@ -117,7 +129,7 @@ def test_local_engine_under_frames_trains_the_plain_model():
         for name in plain:
             np.testing.assert_allclose(framed[name], plain[name], atol=1e-4, err_msg=name)
         assert server.best_round == plain_server.best_round
-        assert server.best_frame == server.best_round + 1
+        assert server.best_frame not in (None, INITIAL_FRAME)
         # the server never held the model in its own coordinates
         held = server.best_parameters["z_encoder.encoder.fc_layers.Layer 0.0.weight"]
         truth = plain["z_encoder.encoder.fc_layers.Layer 0.0.weight"]
@@ -155,7 +167,7 @@ def test_train_federated_with_frames(tmp_path):
         models[frames] = scinfl.model.INFL(adata, key=KEY, n_hidden=16, n_latent=4)
         models[frames].train_federated(secret_frames=frames, **kwargs)
     np.testing.assert_allclose(models[True].get_latent(), models[False].get_latent(), atol=1e-4)
-    assert models[True].secret_frame_ == models[True].federated_history_.attrs["best_round"] + 1
+    assert isinstance(models[True].secret_frame_, str)
     assert models[False].secret_frame_ is None
     # saved models are plain (the site holds the key); loading needs the key as before
     models[True].save(tmp_path / "m")

@@ -12,7 +12,13 @@ from ._features import (
 from ._local_engine import run_local
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._partition import partition
-from ._secret_frames import SecretFrames, frames_for, hide_update, open_parameters
+from ._secret_frames import (
+    SecretFrames,
+    frame_id,
+    frames_for,
+    hide_update,
+    open_parameters,
+)
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
@@ -33,6 +39,7 @@ __all__ = [
     "client_evaluate",
     "client_update",
     "fedavg",
+    "frame_id",
     "frames_for",
     "get_shared_parameters",
     "hide_update",

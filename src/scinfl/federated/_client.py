@@ -41,10 +41,11 @@ class ClientConfig:
         Mask the update for secure aggregation
         (:func:`~scinfl.federated.mask_update`): the sites asked to train in this attempt of
         the round, and the attempt (a round restarts without sites that dropped out).
-    secret_frames
+    secret_frames, frame
         The parameters travel in secret frames drawn from the key
-        (:class:`~scinfl.federated.SecretFrames`): the global model received in round ``r`` is in
-        frame ``r``, the update goes back in frame ``r + 1``.
+        (:class:`~scinfl.federated.SecretFrames`): the global model sent with these
+        instructions is in ``frame``, the update goes back in the frame
+        :func:`~scinfl.federated.frame_id` names.
 
     Examples
     --------
@@ -66,6 +67,7 @@ class ClientConfig:
     participants: list[str] = field(default_factory=list)
     attempt: int = 0
     secret_frames: bool = False
+    frame: str = ""
 
 
 @dataclass

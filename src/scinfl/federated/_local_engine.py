@@ -14,7 +14,7 @@ from scinfl.key import Key
 
 from ._client import client_evaluate, client_update
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from ._secret_frames import frames_for, open_parameters
+from ._secret_frames import INITIAL_FRAME, frames_for, open_parameters
 from ._secure_aggregation import protect_update
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
@@ -80,7 +80,7 @@ def run_local(
     initial = initial_parameters or get_shared_parameters(module)
     frames = frames_for(key) if config.secret_frames else None
     server = start_server(
-        frames.encode(initial, 0) if frames else initial,
+        frames.encode(initial, INITIAL_FRAME) if frames else initial,
         config,
         key_fingerprint,
         key_version,
@@ -91,7 +91,7 @@ def run_local(
     rounds = tqdm(server.rounds(), desc="federated rounds", disable=not progress_bar)
     for round_ in rounds:
         selected = server.sample_sites(list(by_name), round_)
-        client_config = server.config.client_config(round_, selected)
+        client_config = server.client_config(round_, selected)
         updates = [
             protect_update(
                 client_update(
@@ -104,12 +104,13 @@ def run_local(
                 ),
                 key,
                 client_config,
+                received=server.parameters,
             )
             for name in selected
         ]
-        parameters = server.aggregate(round_, updates, selected)
+        parameters = server.aggregate(round_, updates, selected, sent=client_config)
         set_shared_parameters(
-            module, frames.decode(parameters, round_ + 1) if frames else parameters
+            module, frames.decode(parameters, server.frame) if frames else parameters
         )
         evaluation = {name: client_evaluate(module, site) for name, site in by_name.items()}
         stop = server.record_evaluation(round_, evaluation)

@@ -12,9 +12,14 @@ values spread over a factor of up to 16 per dense block), so it does not preserv
 that spectral alignment with public data relies on, and it mixes every coordinate of the axis
 with every other (three layers of secret permutations and dense blocks of 64 for long axes,
 one dense map for axes of at most 256 entries). The frame changes every round: the global
-model of round ``r`` is in frame ``r`` (the initial one in frame 0), the sites decode it, train
-in plain coordinates (no cost in the training loop) and upload in frame ``r + 1``. Nothing the
-server collects over rounds is in a common frame.
+model is in some frame, the sites decode it, train in plain coordinates (no cost in the
+training loop) and upload in the frame named by what they received: a hash of the global
+parameters and of the round's instructions (:func:`frame_id`). The server can compute that name
+(it is no secret: the maps need the key) and tells the sites the frame of each model it sends.
+So the frame changes every round, and a frame never holds more than one upload per site,
+whatever the server does: replaying a model and instructions gets the same upload back
+(training is seeded), changing anything gets a new frame. Nothing the server collects over
+rounds or runs is in a common frame; the initial model is in the frame :data:`INITIAL_FRAME`.
 
 What the server still learns: each site's ``n_k`` and metrics, and what is invariant under
 invertible maps of each axis (e.g. the rank of an update: how many rows it mixes). What it can
@@ -27,11 +32,12 @@ times float32 resolution (about 1e-5 relative) per round.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 
@@ -49,6 +55,8 @@ _LAYERS = 3
 _DENSE_SPREAD = 4.0
 _BLOCK_SPREAD = 2.0
 _MODES = ("forward", "inverse", "transpose", "inverse_transpose")
+#: frame of the initial global model
+INITIAL_FRAME = "initial"
 
 
 def _haar(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -153,11 +161,12 @@ class SecretFrames:
 
     def __init__(self, key: Key, cache_frames: int = 3) -> None:
         self._secret = key.secret_for("secret-frames")
-        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache: OrderedDict[str, dict] = OrderedDict()
         self._cache_frames = cache_frames
 
-    def axis_frame(self, frame: int, name: str, axis: int, n: int) -> AxisFrame:
+    def axis_frame(self, frame: str | int, name: str, axis: int, n: int) -> AxisFrame:
         """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``."""
+        frame = str(frame)
         maps = self._cache.get(frame)
         if maps is None:
             maps = self._cache[frame] = {}
@@ -165,13 +174,13 @@ class SecretFrames:
                 self._cache.popitem(last=False)
         found = maps.get((name, axis, n))
         if found is None:
-            label = "\x1f".join(["scinfl/frame", str(frame), name, str(axis), str(n)])
+            label = "\x1f".join(["scinfl/frame", frame, name, str(axis), str(n)])
             digest = hmac.new(self._secret, label.encode(), hashlib.sha256).digest()
             rng = np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest, "big")))
             found = maps[(name, axis, n)] = AxisFrame(n, rng)
         return found
 
-    def _map(self, tensors: Mapping, frame: int, mode: str) -> dict:
+    def _map(self, tensors: Mapping, frame: str | int, mode: str) -> dict:
         out = {}
         for name, value in tensors.items():
             array = np.asarray(value)
@@ -186,7 +195,7 @@ class SecretFrames:
             out[name] = x.reshape(array.shape).astype(array.dtype)
         return out
 
-    def encode(self, parameters: Mapping[str, np.ndarray], frame: int) -> Parameters:
+    def encode(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> Parameters:
         """Parameters as the server sees them in ``frame`` (integer tensors unchanged).
 
         Examples
@@ -199,7 +208,7 @@ class SecretFrames:
         """
         return self._map(parameters, frame, "forward")
 
-    def decode(self, parameters: Mapping[str, np.ndarray], frame: int) -> Parameters:
+    def decode(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> Parameters:
         """The plain parameters of ones in ``frame`` (the inverse of :meth:`encode`).
 
         Examples
@@ -213,7 +222,7 @@ class SecretFrames:
         """
         return self._map(parameters, frame, "inverse")
 
-    def encode_gradient(self, gradients: Mapping, frame: int) -> dict:
+    def encode_gradient(self, gradients: Mapping, frame: str | int) -> dict:
         """Gradients with respect to the parameters in ``frame`` (what an upload shows the server).
 
         ``S = W T`` along each axis, so ``dL/dS = dL/dW T^-T``.
@@ -227,7 +236,7 @@ class SecretFrames:
         """
         return self._map(gradients, frame, "inverse_transpose")
 
-    def decode_gradient(self, gradients: Mapping, frame: int) -> dict:
+    def decode_gradient(self, gradients: Mapping, frame: str | int) -> dict:
         """Plain-coordinate gradients of ones in ``frame`` (the inverse of :meth:`encode_gradient`).
 
         Examples
@@ -269,13 +278,36 @@ def frames_for(key: Key | None, what: str = "secret_frames") -> SecretFrames:
     return found
 
 
+def frame_id(parameters: Mapping[str, np.ndarray], config: ClientConfig) -> str:
+    """Name of the frame a site uploads in, after training from ``parameters`` under ``config``.
+
+    A hash of the parameters as received (names, dtypes, shapes, bytes) and of every
+    instruction but the frame itself; the server computes it from what it sent.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = frame_id({"w": np.zeros(2)}, ClientConfig(round=0))
+    >>> a == frame_id({"w": np.zeros(2)}, ClientConfig(round=1))
+    False
+    """
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        array = np.ascontiguousarray(parameters[name])
+        digest.update(f"{name}\x1f{array.dtype.str}\x1f{array.shape}\x1f".encode())
+        digest.update(array.tobytes())
+    instructions = {k: v for k, v in dataclasses.asdict(config).items() if k != "frame"}
+    digest.update(json.dumps(instructions, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
 def open_parameters(
     parameters: Mapping[str, np.ndarray], key: Key | None, config: ClientConfig
 ) -> Parameters:
-    """The plain parameters of what the server sent in ``config.round``.
+    """The plain parameters of what the server sent with ``config``.
 
-    Under ``config.secret_frames`` the global model of round ``r`` is in frame ``r``; otherwise
-    the parameters are returned as they are.
+    Under ``config.secret_frames`` they are in the frame ``config.frame``; otherwise they are
+    returned as they are.
 
     Examples
     --------
@@ -286,19 +318,19 @@ def open_parameters(
     """
     if not config.secret_frames:
         return parameters
-    return frames_for(key).decode(parameters, config.round)
+    return frames_for(key).decode(parameters, config.frame)
 
 
-def hide_update(update: ClientUpdate, key: Key | None, config: ClientConfig) -> ClientUpdate:
-    """``update`` in the frame of the next round, under ``config.secret_frames``.
+def hide_update(update: ClientUpdate, key: Key | None, frame: str) -> ClientUpdate:
+    """``update`` with its parameters in ``frame`` (see :func:`frame_id`).
 
     Examples
     --------
     >>> import numpy as np
-    >>> update = ClientUpdate("a", 1, {"w": np.zeros(1)})
-    >>> hide_update(update, None, ClientConfig(round=0)) is update
-    True
+    >>> from scinfl import Key
+    >>> update = ClientUpdate("a", 1, {"w": np.ones(3)})
+    >>> hidden = hide_update(update, Key.generate(), "some-frame")
+    >>> hidden.n, bool(np.allclose(hidden.parameters["w"], 1.0))
+    (1, False)
     """
-    if not config.secret_frames:
-        return update
-    return replace(update, parameters=frames_for(key).encode(update.parameters, config.round + 1))
+    return dataclasses.replace(update, parameters=frames_for(key).encode(update.parameters, frame))

@@ -30,7 +30,7 @@ from scinfl.key import Key
 
 from ._client import ClientConfig, ClientUpdate
 from ._parameters import Parameters
-from ._secret_frames import hide_update
+from ._secret_frames import frame_id, hide_update
 
 #: fractional bits of the fixed-point encoding (resolution 6e-8 of ``n_k w``)
 FIXED_POINT_BITS = 24
@@ -193,11 +193,17 @@ def unmask_sum(
     return result
 
 
-def protect_update(update: ClientUpdate, key: Key | None, config: ClientConfig) -> ClientUpdate:
-    """What a site sends for ``update``: in the next secret frame and/or masked, as the round asks.
+def protect_update(
+    update: ClientUpdate,
+    key: Key | None,
+    config: ClientConfig,
+    received: Parameters | None = None,
+) -> ClientUpdate:
+    """What a site sends for ``update``: in its secret frame and/or masked, as the round asks.
 
-    Under ``config.secret_frames`` the parameters are mapped to the frame of the next round
-    (:func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``.
+    Under ``config.secret_frames`` the parameters are mapped to the frame named by the
+    parameters ``received`` (as sent) and ``config`` (:func:`~scinfl.federated.frame_id`,
+    :func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``.
 
     Examples
     --------
@@ -206,7 +212,10 @@ def protect_update(update: ClientUpdate, key: Key | None, config: ClientConfig) 
     >>> protect_update(update, None, ClientConfig(round=0)) is update
     True
     """
-    update = hide_update(update, key, config)
+    if config.secret_frames:
+        if received is None:
+            raise ValueError("Under secret_frames, protect_update needs the parameters received.")
+        update = hide_update(update, key, frame_id(received, config))
     if not config.secure_aggregation:
         return update
     if key is None:

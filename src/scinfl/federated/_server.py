@@ -21,6 +21,7 @@ from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate
 from ._dp import DPFedAvg
 from ._parameters import Parameters
+from ._secret_frames import INITIAL_FRAME, frame_id
 from ._secure_aggregation import unmask_sum
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class FederationConfig:
     ``privacy="secagg"``: the sites mask their updates with pairwise masks derived from the key,
     and the server only learns their sum (:func:`~scinfl.federated.mask_update`).
     ``secret_frames``: the parameters travel and are averaged in secret frames drawn from the
-    key, new every round (:class:`~scinfl.federated.SecretFrames`); the server holds the model
-    in frame ``next_round``. It combines with ``"secagg"``, not with ``"dp"``.
+    key, new every round (:class:`~scinfl.federated.SecretFrames`; the server tracks the name
+    of the frame of the model it holds). It combines with ``"secagg"``, not with ``"dp"``.
 
     Examples
     --------
@@ -95,11 +96,12 @@ class FederationConfig:
         return float(min(1.0, (round_ + 1) / self.kl_warmup_rounds))
 
     def client_config(
-        self, round_: int, participants: Sequence[str] = (), attempt: int = 0
+        self, round_: int, participants: Sequence[str] = (), attempt: int = 0, frame: str = ""
     ) -> ClientConfig:
         """The instructions sent to every site in ``round_``.
 
-        Under ``privacy="secagg"`` the ``participants`` of this ``attempt`` mask their updates.
+        Under ``privacy="secagg"`` the ``participants`` of this ``attempt`` mask their updates;
+        under ``secret_frames`` the parameters sent along are in ``frame``.
         """
         secure = self.privacy == "secagg"
         return ClientConfig(
@@ -116,6 +118,7 @@ class FederationConfig:
             participants=sorted(participants) if secure else [],
             attempt=attempt if secure else 0,
             secret_frames=self.secret_frames,
+            frame=frame if self.secret_frames else "",
         )
 
 
@@ -186,6 +189,8 @@ class FederatedServer:
     best_val_loss: float = np.inf
     rounds_without_improvement: int = 0
     dp: DPFedAvg | None = None
+    frame: str = INITIAL_FRAME
+    best_frame: str | None = None
 
     def __post_init__(self) -> None:
         if self.config.privacy == "dp" and self.dp is None:
@@ -197,15 +202,14 @@ class FederatedServer:
                 seed=self.config.seed,
             )
 
-    @property
-    def best_frame(self) -> int | None:
-        """Secret frame of :attr:`best_parameters` (``None`` without ``secret_frames``).
+    def _frame_or_none(self) -> str | None:
+        return self.frame if self.config.secret_frames else None
 
-        The global model after round ``r`` is in frame ``r + 1``, the initial one in frame 0.
-        """
-        if not self.config.secret_frames:
-            return None
-        return 0 if self.best_round is None else self.best_round + 1
+    def client_config(
+        self, round_: int, participants: Sequence[str] = (), attempt: int = 0
+    ) -> ClientConfig:
+        """The instructions that go with :attr:`parameters` in ``round_`` (their frame included)."""
+        return self.config.client_config(round_, participants, attempt, frame=self.frame)
 
     def rounds(self) -> range:
         """The rounds still to run: those after the last completed one, none once stopped early."""
@@ -228,6 +232,7 @@ class FederatedServer:
         round_: int,
         updates: Sequence[ClientUpdate],
         participants: Sequence[str] | None = None,
+        sent: ClientConfig | None = None,
     ) -> Parameters:
         """Check the key identity of the updates, aggregate them, record their metrics.
 
@@ -236,6 +241,9 @@ class FederatedServer:
         :class:`~scinfl.federated.IncompleteRoundError` is raised and the round must be run
         again without the missing sites). Raises if fewer than ``config.min_available`` updates
         are accepted; the global model then stays that of the last completed round.
+
+        Under ``secret_frames`` the updates are in the frame named by the parameters and the
+        instructions ``sent`` (:func:`~scinfl.federated.frame_id`), which becomes :attr:`frame`.
         """
         accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
         if not accepted:
@@ -252,6 +260,10 @@ class FederatedServer:
                 "min_available."
             )
         extra = {}
+        if self.config.secret_frames:
+            if sent is None:
+                raise ValueError("Under secret_frames, aggregate() needs the instructions sent.")
+            frame = frame_id(self.parameters, sent)
         if self.config.privacy == "secagg":
             if participants is None:
                 participants = [u.site for u in updates]
@@ -264,6 +276,8 @@ class FederatedServer:
             )
         else:
             self.parameters = fedavg(accepted)
+        if self.config.secret_frames:
+            self.frame = frame
         kl_weight = self.config.kl_weight(round_)
         for update in updates:
             self.rows.append(
@@ -297,6 +311,7 @@ class FederatedServer:
         stop = False
         if not evaluated:
             self.best_parameters, self.best_round = self.parameters, round_
+            self.best_frame = self._frame_or_none()
         else:
             weights = np.array([m["n_val"] for m in evaluated.values()])
             val_loss = float(
@@ -305,6 +320,7 @@ class FederatedServer:
             if val_loss < self.best_val_loss:
                 self.best_val_loss = val_loss
                 self.best_parameters = self.parameters
+                self.best_frame = self._frame_or_none()
                 self.best_round = round_
                 self.rounds_without_improvement = 0
             else:
@@ -338,7 +354,8 @@ class FederatedServer:
         """Write the server state after the last completed round to ``directory``.
 
         ``round-NNNNN.npz`` holds the global and the selected parameters, ``checkpoint.json``
-        the round, settings, selection state, DP accounting and history; the JSON is replaced
+        the round, settings, selection state, DP accounting, the names of the parameters'
+        secret frames (no secret: the maps need the key) and history; the JSON is replaced
         atomically last, so an interrupted write leaves the previous checkpoint intact. Only
         what the server holds is written: no key, no data.
 
@@ -375,6 +392,8 @@ class FederatedServer:
             "key_version": self.key_version,
             "config": dataclasses.asdict(self.config),
             "dp_releases": None if self.dp is None else list(self.dp.releases),
+            "frame": self.frame,
+            "best_frame": self.best_frame,
             "rows": self.rows,
         }
         tmp = directory / ".checkpoint.json.tmp"
@@ -464,6 +483,8 @@ class FederatedServer:
             best_round=state["best_round"],
             best_val_loss=np.inf if state["best_val_loss"] is None else state["best_val_loss"],
             rounds_without_improvement=int(state["rounds_without_improvement"]),
+            frame=state.get("frame", INITIAL_FRAME),
+            best_frame=state.get("best_frame"),
         )
         if server.dp is not None:
             server.dp.releases = list(state["dp_releases"] or [])

@@ -490,7 +490,7 @@ def audit(
     fpr: float = 0.01,
     kl_weight: float = 1.0,
     defence: str | None = None,
-    secret_frame: int | None = None,
+    secret_frame: str | int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Audit a trained model against the attacks of the threat model, with every key guess.
@@ -668,7 +668,7 @@ def audit(
                 "Auditing secret frames needs the model's scinfl.Key: create or load the model "
                 "with key=."
             )
-        attackers, views = framed_attackers(module, key, int(secret_frame), run_guesses, seed)
+        attackers, views = framed_attackers(module, key, secret_frame, run_guesses, seed)
     else:
         attackers = {g: attacker_module(module, g, seed=seed) for g in run_guesses}
     rows: list[dict] = []

@@ -29,7 +29,7 @@ def _as_torch(arrays: dict) -> Gradients:
 def framed_attackers(
     module: nn.Module,
     key: Key,
-    frame: int,
+    frame: str | int,
     guesses: Sequence[str],
     seed: int | None = None,
 ) -> tuple[dict[str, nn.Module], dict[str, GradientView]]:
@@ -37,9 +37,9 @@ def framed_attackers(
 
     The server holds the global parameters in secret frame ``frame``
     (:class:`~scinfl.federated.SecretFrames`) and an upload's gradient with respect to them.
-    This is the attacker's best case: the global model and the upload in the *same* frame
-    (in a real run an upload is in the frame after the global model's, and the frame changes
-    every round). Each key guess decodes both with its own frames: ``"none"`` takes them as
+    This is the attacker's best case: the global model and every upload in the *same* frame
+    (in a real run an upload is in another frame than the global model it started from, and a
+    frame holds at most one upload per site, see :func:`~scinfl.federated.frame_id`). Each key guess decodes both with its own frames: ``"none"`` takes them as
     they are, ``"wrong"`` decodes with a key from the same generator (the one
     :func:`~scinfl.privacy.attacker_module` draws from ``seed``), ``"correct"`` with the key
     (the upper bound, the plain model). Key modes get the same guess

@@ -12,7 +12,7 @@ from torch import nn
 
 from scinfl.federated._client import client_evaluate, client_update
 from scinfl.federated._parameters import get_shared_parameters
-from scinfl.federated._secret_frames import frames_for, open_parameters
+from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for, open_parameters
 from scinfl.federated._secure_aggregation import protect_update
 from scinfl.federated._site_data import SiteData
 from scinfl.key import Key
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: ``query`` instruction entry asking a site for its (initial) shared parameters
 WANT_PARAMETERS = "want-parameters"
-#: ``query`` instruction entry: send the initial parameters in secret frame 0
+#: ``query`` instruction entry: send the initial parameters in the initial secret frame
 IN_SECRET_FRAME = "in-secret-frame"
 
 
@@ -82,7 +82,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     ``n_k``, key fingerprint and version) in a ``ConfigRecord`` named ``"identity"``:
 
     - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``,
-      in secret frame 0 when asked for ``in-secret-frame``);
+      in the initial secret frame when asked for ``in-secret-frame``);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
       the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
       secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
@@ -128,7 +128,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         if asked.get(WANT_PARAMETERS, False):
             parameters = get_shared_parameters(runtime.module)
             if asked.get(IN_SECRET_FRAME, False):
-                parameters = frames_for(runtime.key).encode(parameters, 0)
+                parameters = frames_for(runtime.key).encode(parameters, INITIAL_FRAME)
             content[PARAMETERS] = parameters_to_record(parameters)
         return Message(content, reply_to=msg)
 
@@ -136,15 +136,16 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
         config = record_to_config(msg.content[CONFIG])
+        received = record_to_parameters(msg.content[PARAMETERS])
         update = client_update(
             runtime.module,
             runtime.site,
-            open_parameters(record_to_parameters(msg.content[PARAMETERS]), runtime.key, config),
+            open_parameters(received, runtime.key, config),
             config,
             key_fingerprint=runtime.key_fingerprint,
             key_version=runtime.key_version,
         )
-        update = protect_update(update, runtime.key, config)
+        update = protect_update(update, runtime.key, config, received)
         content = update_to_content(update)
         content[IDENTITY] = _identity(runtime, update.n)
         return Message(content, reply_to=msg)

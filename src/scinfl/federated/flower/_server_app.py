@@ -143,7 +143,7 @@ def request_parameters(
     """Ask the first site (by name) for its shared parameters, to start the federation from.
 
     The parameters of a freshly built module: random initial weights, no data, no key; in
-    secret frame 0 with ``in_secret_frame`` (:class:`~scinfl.federated.SecretFrames`).
+    the initial secret frame with ``in_secret_frame`` (:class:`~scinfl.federated.SecretFrames`).
 
     Examples
     --------
@@ -272,9 +272,8 @@ def run_rounds(
         available = [site for site in directory.sites if site not in gone]
         selected = server.sample_sites(available, round_)
         _train_round(grid, server, directory, round_, selected, round_timeout)
-        # the parameters after round r are in secret frame r + 1 (when frames are on): the
-        # config of round r + 1 tells the sites which
-        evaluate_config = config_to_record(server.config.client_config(round_ + 1))
+        # the instructions name the secret frame of the parameters (when frames are on)
+        evaluate_config = config_to_record(server.client_config(round_ + 1))
         evaluations = _ask(
             grid,
             server,
@@ -340,7 +339,7 @@ def _train_round(
     """
     participants, attempt = list(selected), 0
     while True:
-        config = server.config.client_config(round_, participants, attempt)
+        config = server.client_config(round_, participants, attempt)
         updates = _ask(
             grid,
             server,
@@ -353,7 +352,7 @@ def _train_round(
             round_timeout,
         )
         try:
-            server.aggregate(round_, updates, participants)
+            server.aggregate(round_, updates, participants, sent=config)
             return
         except IncompleteRoundError as err:
             participants = [site for site in participants if site not in err.missing]

@@ -17,7 +17,7 @@ from torch import nn
 
 from scinfl.federated._local_engine import start_server
 from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from scinfl.federated._secret_frames import frames_for
+from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
 from scinfl.key import Key
@@ -213,7 +213,7 @@ def run_flower_simulation(
                 "same at every site) to put the initial model in frame 0 and read the result."
             )
         frames = frames_for(key)
-        initial = frames.encode(initial, 0)
+        initial = frames.encode(initial, INITIAL_FRAME)
     server = start_server(
         initial,
         config,

@@ -352,7 +352,7 @@ def load_results(
                 f"The parameters in {out} were trained under key {summary['key_fingerprint']}, "
                 f"not {key.fingerprint}: pass the federation's key to load_results."
             )
-        parameters = frames_for(key).decode(parameters, int(frame))
+        parameters = frames_for(key).decode(parameters, str(frame))
     return parameters, pd.read_csv(out / "history.csv"), summary
 
 
