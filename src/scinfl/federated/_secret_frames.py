@@ -59,44 +59,67 @@ _MODES = ("forward", "inverse", "transpose", "inverse_transpose")
 INITIAL_FRAME = "initial"
 
 
-def _haar(rng: np.random.Generator, n: int) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((n, n)))
-    return q * np.sign(np.diag(r))
+def _haar(rng: np.random.Generator, count: int, n: int) -> np.ndarray:
+    """``count`` Haar-random orthogonal ``n x n`` matrices."""
+    q, r = np.linalg.qr(rng.standard_normal((count, n, n)))
+    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+
+
+def _dense_blocks(rng: np.random.Generator, count: int, n: int, spread: float, two_sided: bool):
+    """``count`` maps ``Q1 diag(s) [Q2]`` (singular values in ``[1/spread, spread]``), inverses.
+
+    One-sided blocks (``Q1 diag(s)``) serve the layered maps of long axes, where the next
+    layer's permutation and rotation mix the scaled coordinates again; they halve the cost.
+    """
+    scale = np.exp(rng.uniform(-np.log(spread), np.log(spread), (count, 1, n)))
+    left = _haar(rng, count, n)
+    if not two_sided:
+        return left * scale, left.transpose(0, 2, 1) / scale.transpose(0, 2, 1)
+    right = _haar(rng, count, n)
+    blocks = (left * scale) @ right
+    inverses = (right.transpose(0, 2, 1) / scale) @ left.transpose(0, 2, 1)
+    return blocks, inverses
 
 
 class _Layer:
-    """``M = P B``: a permutation ``P`` (``x P = x[perm]``) then block-diagonal ``B``."""
+    """``M = P B``: a permutation ``P`` (``x P = x[perm]``), then block-diagonal ``B``.
+
+    The first ``count`` blocks have ``block`` entries; the last one takes the rest of the axis
+    (between ``block`` and ``2 block - 1`` entries).
+    """
 
     def __init__(self, n: int, rng: np.random.Generator, block: int, spread: float, permute: bool):
         self.perm = rng.permutation(n) if permute else None
         self.inv_perm = np.argsort(self.perm) if permute else None
-        n_blocks = max(1, n // block)
-        edges = [i * block for i in range(n_blocks)] + [n]
-        self.bounds = list(zip(edges[:-1], edges[1:], strict=True))
-        self.blocks: list[np.ndarray] = []
-        self.inverses: list[np.ndarray] = []
-        for start, stop in self.bounds:
-            size = stop - start
-            scale = np.exp(rng.uniform(-np.log(spread), np.log(spread), size))
-            left, right = _haar(rng, size), _haar(rng, size)
-            self.blocks.append((left * scale) @ right)
-            self.inverses.append((right.T / scale) @ left.T)
+        self.block = block
+        self.count = max(1, n // block) - 1
+        self.body = self.count * block
+        two_sided = not permute
+        self.blocks, self.inverses = _dense_blocks(rng, self.count, block, spread, two_sided)
+        tail, tail_inverse = _dense_blocks(rng, 1, n - self.body, spread, two_sided)
+        self.tail, self.tail_inverse = tail[0], tail_inverse[0]
 
-    def _blocks(self, x: np.ndarray, matrices) -> np.ndarray:
+    def _blocks(self, x: np.ndarray, blocks: np.ndarray, tail: np.ndarray) -> np.ndarray:
         out = np.empty_like(x)
-        for (start, stop), m in zip(self.bounds, matrices, strict=True):
-            out[..., start:stop] = x[..., start:stop] @ m
+        if self.count:
+            lead = x.shape[:-1]
+            body = x[..., : self.body].reshape(-1, self.count, self.block).transpose(1, 0, 2)
+            mixed = np.matmul(body, blocks).transpose(1, 0, 2)
+            out[..., : self.body] = mixed.reshape(*lead, self.body)
+        out[..., self.body :] = x[..., self.body :] @ tail
         return out
 
     def apply(self, x: np.ndarray, mode: str) -> np.ndarray:
         if mode == "forward":  # x P B
             x = x if self.perm is None else x[..., self.perm]
-            return self._blocks(x, self.blocks)
+            return self._blocks(x, self.blocks, self.tail)
         if mode == "inverse_transpose":  # x P B^-T
             x = x if self.perm is None else x[..., self.perm]
-            return self._blocks(x, [m.T for m in self.inverses])
-        matrices = self.inverses if mode == "inverse" else [m.T for m in self.blocks]
-        x = self._blocks(x, matrices)  # x B^-1 P^T or x B^T P^T
+            return self._blocks(x, self.inverses.transpose(0, 2, 1), self.tail_inverse.T)
+        if mode == "inverse":  # x B^-1 P^T
+            x = self._blocks(x, self.inverses, self.tail_inverse)
+        else:  # x B^T P^T
+            x = self._blocks(x, self.blocks.transpose(0, 2, 1), self.tail.T)
         return x if self.inv_perm is None else x[..., self.inv_perm]
 
 
