@@ -346,52 +346,67 @@ def spectral(
     public_x = data.encoder_input(public_rows, log_var)
     reference = public_x.mean(0)
     truths = data.encoder_input(victims, log_var)
+    gradients = [upload_gradient(module, data.tensors([v])) for v in victims]
     projections = np.stack(
-        [
-            analytic_inversion(
-                seen(upload_gradient(module, data.tensors([v])))
-                if seen
-                else upload_gradient(module, data.tensors([v])),
-                name,
-                weight,
-            )
-            for v in victims
-        ]
+        [analytic_inversion(seen(g) if seen else g, name, weight) for g in gradients]
     )
+    # under secret frames a frame holds at most one upload per site (frame_id): the protocol's
+    # case, each group of n_sites uploads in a frame of its own, next to the one-frame case
+    groups = [(len(victims), [projections])]
+    if seen is not None:
+        n_sites = int(task.adata.obs["site"].nunique())
+        chunks = []
+        for start in range(0, len(victims), n_sites):
+            frame = f"audit-spectral-{start}"
+            _, views = framed_attackers(module, model._key, frame, ["none"])
+            chunk = gradients[start : start + n_sites]
+            chunks.append(
+                np.stack([analytic_inversion(views["none"](g), name, weight) for g in chunk])
+            )
+        groups.append((n_sites, chunks))
     all_x = data.encoder_input(np.arange(data.n_obs), log_var)
     n_cands = min(100, data.n_obs)
     k_top = max(1, min(50, module.n_input // 2))
+    _, _, v = np.linalg.svd(public_x - reference, full_matrices=False)
     rows = []
-    for k in args.spectral_components:
-        if k >= min(len(victims), len(public_rows)):
-            continue
-        recs = spectral_alignment_attack(projections, public_x, n_components=k)
-        pc = partial_correlation(recs, truths, reference)
-        top = [top_k_overlap(r, t, k_top, reference) for r, t in zip(recs, truths, strict=True)]
-        reid = reidentification_rate(recs, victims, all_x, reference, n_cands, seed=args.seed)
-        # the best the attack could do: the public principal subspace applied to the truth
-        _, _, v = np.linalg.svd(public_x - reference, full_matrices=False)
-        oracle = reference + (truths - reference) @ v[:k].T @ v[:k]
-        rows.append(
-            {
-                "dataset": task.name,
-                "defence": defence,
-                "n_components": k,
-                "n_uploads": len(victims),
-                "n_public": len(public_rows),
-                "reidentification": reid,
-                "partial_corr": float(np.mean(pc)),
-                "partial_corr_sd": float(np.std(pc)),
-                "top_overlap": float(np.mean(top)),
-                "oracle_partial_corr": float(
-                    np.mean(partial_correlation(oracle, truths, reference))
-                ),
-                "oracle_reidentification": reidentification_rate(
-                    oracle, victims, all_x, reference, n_cands, seed=args.seed
-                ),
-            }
-        )
-        logger.info("%s %s spectral k=%d: %s", task.name, rows[-1]["defence"], k, rows[-1])
+    for per_frame, chunks in groups:
+        for k in args.spectral_components:
+            if k >= min(len(victims), len(public_rows)):
+                continue
+            recs = np.concatenate(
+                [
+                    spectral_alignment_attack(c, public_x, n_components=min(k, len(c) - 1))
+                    if len(c) > 1
+                    else np.broadcast_to(reference, c.shape[:1] + reference.shape)
+                    for c in chunks
+                ]
+            )
+            pc = partial_correlation(recs, truths, reference)
+            top = [top_k_overlap(r, t, k_top, reference) for r, t in zip(recs, truths, strict=True)]
+            reid = reidentification_rate(recs, victims, all_x, reference, n_cands, seed=args.seed)
+            # the best the attack could do: the public principal subspace applied to the truth
+            oracle = reference + (truths - reference) @ v[:k].T @ v[:k]
+            rows.append(
+                {
+                    "dataset": task.name,
+                    "defence": defence,
+                    "n_components": k,
+                    "n_uploads": len(victims),
+                    "uploads_per_frame": per_frame,
+                    "n_public": len(public_rows),
+                    "reidentification": reid,
+                    "partial_corr": float(np.mean(pc)),
+                    "partial_corr_sd": float(np.std(pc)),
+                    "top_overlap": float(np.mean(top)),
+                    "oracle_partial_corr": float(
+                        np.mean(partial_correlation(oracle, truths, reference))
+                    ),
+                    "oracle_reidentification": reidentification_rate(
+                        oracle, victims, all_x, reference, n_cands, seed=args.seed
+                    ),
+                }
+            )
+            logger.info("%s %s spectral k=%d: %s", task.name, defence, k, rows[-1])
     return rows
 
 
@@ -528,6 +543,10 @@ def checks(audit_df: pd.DataFrame, util: pd.DataFrame, spectral_df: pd.DataFrame
         pc = one[one.metric == "partial_corr"]["value"].max()
         if spectral_df is not None and len(spectral_df):
             s = spectral_df[spectral_df["defence"] == defence]
+            if len(s) and "uploads_per_frame" in s and s["uploads_per_frame"].notna().any():
+                # secret frames: the protocol's case (a frame holds one upload per site); the
+                # one-frame case (the attacker's best) is in the spectral table
+                s = s[s["uploads_per_frame"] == s["uploads_per_frame"].min()]
             if len(s):
                 reid = max(reid, s["reidentification"].max())
                 pc = max(pc, s["partial_corr"].max())
@@ -643,6 +662,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spectral", action="store_true", help="run the spectral attack")
     parser.add_argument("--spectral-components", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--spectral-uploads", type=int, default=500)
+    parser.add_argument(
+        "--spectral-only",
+        action="store_true",
+        help="train each defence and run the spectral attack only (no audit, no utility)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny settings")
     parser.add_argument(
@@ -697,6 +721,10 @@ def main(argv: list[str] | None = None) -> None:
             model, seconds = train(task, defence, args, args.seed)
             logger.info("%s %s: trained in %.0f s", dataset, defence, seconds)
             view, members, public = audit_view(task, model, args)
+            if args.spectral_only:
+                spectra += spectral(task, model, defence, view, members, public, args)
+                pd.DataFrame(spectra).to_csv(f"{out}_spectral.csv", index=False)
+                continue
             t0 = time.perf_counter()
             common = {
                 "members": members,
@@ -731,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
                 spectra += spectral(task, model, defence, view, members, public, args)
             write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
         # utility over more seeds: other held-out splits (and simulated sites), no audit
-        for seed in args.utility_seeds:
+        for seed in [] if args.spectral_only else args.utility_seeds:
             if seed == args.seed:
                 continue
             other = makers[dataset](args, seed)
@@ -739,6 +767,9 @@ def main(argv: list[str] | None = None) -> None:
                 model, seconds = train(other, defence, args, seed)
                 utils.append(_utility_row(other, model, defence, seed, seconds, args))
             write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
+    if args.spectral_only:
+        print(pd.DataFrame(spectra).to_string())
+        return
     print(Path(f"{out}.md").read_text())
 
 

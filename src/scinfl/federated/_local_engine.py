@@ -14,7 +14,7 @@ from scinfl.key import Key
 
 from ._client import client_evaluate, client_update
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from ._secret_frames import INITIAL_FRAME, frames_for, open_parameters
+from ._secret_frames import INITIAL_FRAME, frames_for
 from ._secure_aggregation import protect_update
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
@@ -89,6 +89,8 @@ def run_local(
         resume=resume,
     )
     rounds = tqdm(server.rounds(), desc="federated rounds", disable=not progress_bar)
+    # every site receives the same global model: decode it from its frame once per round
+    opened = frames.decode(server.parameters, server.frame) if frames else server.parameters
     for round_ in rounds:
         selected = server.sample_sites(list(by_name), round_)
         client_config = server.client_config(round_, selected)
@@ -97,7 +99,7 @@ def run_local(
                 client_update(
                     module,
                     by_name[name],
-                    open_parameters(server.parameters, key, client_config),
+                    opened,
                     client_config,
                     key_fingerprint,
                     key_version,
@@ -109,9 +111,8 @@ def run_local(
             for name in selected
         ]
         parameters = server.aggregate(round_, updates, selected, sent=client_config)
-        set_shared_parameters(
-            module, frames.decode(parameters, server.frame) if frames else parameters
-        )
+        opened = frames.decode(parameters, server.frame) if frames else parameters
+        set_shared_parameters(module, opened)
         evaluation = {name: client_evaluate(module, site) for name, site in by_name.items()}
         stop = server.record_evaluation(round_, evaluation)
         val = [m["val_loss"] for m in evaluation.values() if m["n_val"] > 0]
