@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -83,7 +84,9 @@ def config() -> FederationConfig:
 
 def _local(module, sites, config, key):
     local = copy.deepcopy(module)
-    server = run_local(local, sites, config, key.fingerprint, key.version, progress_bar=False)
+    server = run_local(
+        local, sites, config, key.fingerprint, key.version, progress_bar=False, key=key
+    )
     return get_shared_parameters(local), server
 
 
@@ -408,6 +411,9 @@ def test_no_key_material_in_messages(module, sites, config, key, task_identity):
 
 @pytest.mark.slow
 def test_simulation_matches_local_engine(module, sites, config, key):
+    # under secret frames, so that the simulation's own frame code (initial model in the
+    # initial frame, result decoded) runs too; the apps without frames are tested above
+    config = dataclasses.replace(config, secret_frames=True)
     expected, local_server = _local(module, sites, config, key)
     simulated = copy.deepcopy(module)
     start = time.perf_counter()
