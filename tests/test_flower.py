@@ -484,6 +484,7 @@ def _local_reference(tmp_path, names, run_config, key):
         key.fingerprint,
         key.version,
         progress_bar=False,
+        key=key,
     )
     return get_shared_parameters(module), server
 
