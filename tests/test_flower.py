@@ -581,6 +581,10 @@ def test_deployment_apps_under_secret_frames(tmp_path, key, task_identity):
     ]
     seen.append(np.load(tmp_path / "out" / "global_parameters.npz")[name])
     assert len(seen) > 4
+    secrets = [key._seed, key._seed.hex().encode(), key.secret_for("secret-frames")]
+    blobs = [pickle.dumps(m.content) for m in grid.sent + grid.replies]
+    blobs += [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not any(secret in blob for secret in secrets for blob in blobs)
     for array in seen:
         assert abs(np.corrcoef(array.ravel(), expected[name].ravel())[0, 1]) < 0.2
 

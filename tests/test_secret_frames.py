@@ -207,3 +207,19 @@ def test_resumed_run_under_frames_equals_the_uninterrupted_one(tmp_path):
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+def test_audit_of_a_framed_model_runs_every_guess():
+    from scinfl.privacy import audit
+
+    adata = scinfl.data.synthetic_counts(n_obs=200, n_vars=300, n_sites=3, seed=1)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    torch.manual_seed(0)
+    model = scinfl.model.INFL(adata, key=KEY, key_mode=None, n_hidden=16)
+    model.train_federated(
+        max_rounds=2, batch_size=32, seed=0, progress_bar=False, secret_frames=True
+    )
+    table = audit(model, attacks=["analytic", "inference"], n_victims=3, training_seed=0)
+    assert set(table["defence"]) == {"plain+frames"}
+    pc = table[table.metric == "partial_corr"].set_index("key_guess")["value"]
+    assert pc["correct"] > 0.99 and abs(pc["none"]) < 0.2 and abs(pc["wrong"]) < 0.2

@@ -423,15 +423,10 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             dp_delta=dp_delta,
             secret_frames=secret_frames,
         )
-        if secret_frames and getattr(self, "_key", None) is None:
+        if (secret_frames or privacy == "secagg") and getattr(self, "_key", None) is None:
+            what = "secret_frames=True" if secret_frames else "privacy='secagg'"
             raise ValueError(
-                "secret_frames=True draws the parameters' frames from the federation's key: "
-                "create the model with key=scinfl.Key.generate() (or call model.set_key(key)) "
-                "first."
-            )
-        if privacy == "secagg" and getattr(self, "_key", None) is None:
-            raise ValueError(
-                "privacy='secagg' derives the sites' masks from the federation's key: create "
+                f"{what} derives its secrets (frames, masks) from the federation's key: create "
                 "the model with key=scinfl.Key.generate() (or call model.set_key(key)) first."
             )
         sites = self._site_data(validation_size, config.seed)

@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 KeyGuess = Literal["none", "wrong", "correct"] | Key
 
 
+def wrong_key(seed: int | None = None) -> Key:
+    """The attacker's wrong key: one from the same generator, from ``seed`` when given."""
+    return Key.generate() if seed is None else Key(np.random.default_rng(seed).bytes(32))
+
+
 def attacker_module(
     module: nn.Module, key: KeyGuess = "none", seed: int | None = None
 ) -> nn.Module:
@@ -69,8 +74,7 @@ def attacker_module(
     if isinstance(key, Key):
         attacker.set_key(key)
     elif key == "wrong":
-        guess = Key.generate() if seed is None else Key(np.random.default_rng(seed).bytes(32))
-        attacker.set_key(guess)
+        attacker.set_key(wrong_key(seed))
     elif key == "correct":
         if not attacker.has_key:
             raise ValueError("key='correct' needs a module with its key set.")

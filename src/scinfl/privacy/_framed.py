@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -12,7 +11,7 @@ from scinfl.federated._parameters import get_shared_parameters, set_shared_param
 from scinfl.federated._secret_frames import SecretFrames
 from scinfl.key import Key
 
-from ._attacks import attacker_module
+from ._attacks import attacker_module, wrong_key
 from ._upload import Gradients
 
 GradientView = Callable[[Gradients], Gradients]
@@ -74,6 +73,15 @@ def framed_attackers(
     """
     true_frames = SecretFrames(key)
     hidden = true_frames.encode(get_shared_parameters(module), frame)
+    # every guess views the same upload: map it to the server's frame once, not once per guess
+    last: list = [None, None]
+
+    def server_view(gradients: Gradients) -> dict:
+        if last[0] is not gradients:
+            plain = {name: g.detach().cpu().numpy() for name, g in gradients.items()}
+            last[:] = [gradients, true_frames.encode_gradient(plain, frame)]
+        return last[1]
+
     attackers: dict[str, nn.Module] = {}
     views: dict[str, GradientView] = {}
     for guess in guesses:
@@ -82,8 +90,7 @@ def framed_attackers(
             attackers[guess], views[guess] = attacker, _identity
             continue
         if guess == "wrong":
-            wrong = Key.generate() if seed is None else Key(np.random.default_rng(seed).bytes(32))
-            guess_frames = SecretFrames(wrong)
+            guess_frames = SecretFrames(wrong_key(seed))
         elif guess == "none":
             guess_frames = None
         else:
@@ -94,8 +101,7 @@ def framed_attackers(
             set_shared_parameters(attacker, guess_frames.decode(hidden, frame))
 
         def view(gradients: Gradients, guess_frames=guess_frames) -> Gradients:
-            plain = {name: g.detach().cpu().numpy() for name, g in gradients.items()}
-            seen = true_frames.encode_gradient(plain, frame)
+            seen = server_view(gradients)
             if guess_frames is not None:
                 seen = guess_frames.decode_gradient(seen, frame)
             return _as_torch(seen)

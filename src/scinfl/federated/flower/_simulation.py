@@ -210,7 +210,7 @@ def run_flower_simulation(
         if not isinstance(key, Key):
             raise ValueError(
                 "secret_frames=True: the coordinator needs the federation's key (one Key, the "
-                "same at every site) to put the initial model in frame 0 and read the result."
+                "same at every site) to put the initial model in its frame and read the result."
             )
         frames = frames_for(key)
         initial = frames.encode(initial, INITIAL_FRAME)
