@@ -208,7 +208,15 @@ class FederatedServer:
     def client_config(
         self, round_: int, participants: Sequence[str] = (), attempt: int = 0
     ) -> ClientConfig:
-        """The instructions that go with :attr:`parameters` in ``round_`` (their frame included)."""
+        """The instructions that go with :attr:`parameters` in ``round_`` (their frame included).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(secret_frames=True))
+        >>> server.client_config(0).frame
+        'initial'
+        """
         return self.config.client_config(round_, participants, attempt, frame=self.frame)
 
     def rounds(self) -> range:
