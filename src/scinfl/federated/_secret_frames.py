@@ -10,8 +10,9 @@ Every axis of every floating-point tensor gets its own invertible map (a *frame*
 ``W`` of shape ``(out, in)`` travels as ``A^T W B``. A frame is not orthogonal (its singular
 values spread over a factor of up to 16 per dense block), so it does not preserve the angles
 that spectral alignment with public data relies on, and it mixes every coordinate of the axis
-with every other (three layers of secret permutations and dense blocks of 64 for long axes,
-one dense map for axes of at most 256 entries). The frame changes every round: the global
+with every other (for long axes, layers of secret permutations and dense blocks of 32, one
+more layer than full mixing needs and at least three: four for 1,025 to 32,768 entries; one
+dense map for axes of at most 256 entries). The frame changes every round: the global
 model is in some frame, the sites decode it, train in plain coordinates (no cost in the
 training loop) and upload in the frame named by what they received: a hash of the global
 parameters and of the round's instructions (:func:`frame_id`). The server can compute that name
@@ -36,21 +37,22 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from scinfl.key import Key
 
 from ._client import ClientConfig, ClientUpdate
 from ._parameters import Parameters
 
-#: axes up to this length get one dense map; longer ones three block layers
+#: axes up to this length get one dense map; longer ones layers of blocks
 DENSE_MAX = 256
 #: block size of the layered maps of long axes
-BLOCK = 64
-_LAYERS = 3
+BLOCK = 32
 #: singular values of each dense map (block) lie in [1/s, s]
 _DENSE_SPREAD = 4.0
 _BLOCK_SPREAD = 2.0
@@ -59,10 +61,24 @@ _MODES = ("forward", "inverse", "transpose", "inverse_transpose")
 INITIAL_FRAME = "initial"
 
 
-def _haar(rng: np.random.Generator, count: int, n: int) -> np.ndarray:
-    """``count`` Haar-random orthogonal ``n x n`` matrices."""
-    q, r = np.linalg.qr(rng.standard_normal((count, n, n)))
-    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+def _layers_for(n: int) -> int:
+    """Block layers that mix every coordinate of an axis of length ``n`` with every other.
+
+    After ``L`` layers of secret permutations and blocks of ``BLOCK`` an output coordinate
+    depends on up to ``BLOCK^L`` inputs; one layer more than ``BLOCK^L >= n`` needs makes the
+    map dense in practice (and never fewer than 3).
+    """
+    return max(3, math.ceil(math.log(n) / math.log(BLOCK)) + 1)
+
+
+def _haar(rng: np.random.Generator, count: int, n: int) -> torch.Tensor:
+    """``count`` Haar-random orthogonal ``n x n`` matrices (float64).
+
+    The Gaussian draws come from numpy's generator (the same on every platform); the QR
+    decomposition runs in torch, whose batched LAPACK calls are about twice as fast here.
+    """
+    q, r = torch.linalg.qr(torch.from_numpy(rng.standard_normal((count, n, n))))
+    return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
 
 
 def _dense_blocks(rng: np.random.Generator, count: int, n: int, spread: float, two_sided: bool):
@@ -71,13 +87,13 @@ def _dense_blocks(rng: np.random.Generator, count: int, n: int, spread: float, t
     One-sided blocks (``Q1 diag(s)``) serve the layered maps of long axes, where the next
     layer's permutation and rotation mix the scaled coordinates again; they halve the cost.
     """
-    scale = np.exp(rng.uniform(-np.log(spread), np.log(spread), (count, 1, n)))
+    scale = torch.from_numpy(np.exp(rng.uniform(-np.log(spread), np.log(spread), (count, 1, n))))
     left = _haar(rng, count, n)
     if not two_sided:
-        return left * scale, left.transpose(0, 2, 1) / scale.transpose(0, 2, 1)
+        return left * scale, left.transpose(1, 2) / scale.transpose(1, 2)
     right = _haar(rng, count, n)
     blocks = (left * scale) @ right
-    inverses = (right.transpose(0, 2, 1) / scale) @ left.transpose(0, 2, 1)
+    inverses = (right.transpose(1, 2) / scale) @ left.transpose(1, 2)
     return blocks, inverses
 
 
@@ -89,8 +105,9 @@ class _Layer:
     """
 
     def __init__(self, n: int, rng: np.random.Generator, block: int, spread: float, permute: bool):
-        self.perm = rng.permutation(n) if permute else None
-        self.inv_perm = np.argsort(self.perm) if permute else None
+        perm = rng.permutation(n) if permute else None
+        self.perm = None if perm is None else torch.from_numpy(perm)
+        self.inv_perm = None if perm is None else torch.from_numpy(np.argsort(perm))
         self.block = block
         self.count = max(1, n // block) - 1
         self.body = self.count * block
@@ -99,28 +116,28 @@ class _Layer:
         tail, tail_inverse = _dense_blocks(rng, 1, n - self.body, spread, two_sided)
         self.tail, self.tail_inverse = tail[0], tail_inverse[0]
 
-    def _blocks(self, x: np.ndarray, blocks: np.ndarray, tail: np.ndarray) -> np.ndarray:
-        out = np.empty_like(x)
+    def _blocks(self, x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """``blocks`` (and ``tail``) times the row blocks of ``x`` (axis first: ``(n, m)``)."""
+        out = torch.empty_like(x)
         if self.count:
-            lead = x.shape[:-1]
-            body = x[..., : self.body].reshape(-1, self.count, self.block).transpose(1, 0, 2)
-            mixed = np.matmul(body, blocks).transpose(1, 0, 2)
-            out[..., : self.body] = mixed.reshape(*lead, self.body)
-        out[..., self.body :] = x[..., self.body :] @ tail
+            body = x[: self.body].view(self.count, self.block, -1)
+            torch.bmm(blocks, body, out=out[: self.body].view(self.count, self.block, -1))
+        torch.mm(tail, x[self.body :], out=out[self.body :])
         return out
 
-    def apply(self, x: np.ndarray, mode: str) -> np.ndarray:
+    def apply(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """``mode`` of ``M`` on the rows of ``x`` (axis first): ``(x^T M)^T = M^T x``, etc."""
         if mode == "forward":  # x P B
-            x = x if self.perm is None else x[..., self.perm]
-            return self._blocks(x, self.blocks, self.tail)
+            x = x if self.perm is None else x.index_select(0, self.perm)
+            return self._blocks(x, self.blocks.transpose(1, 2), self.tail.T)
         if mode == "inverse_transpose":  # x P B^-T
-            x = x if self.perm is None else x[..., self.perm]
-            return self._blocks(x, self.inverses.transpose(0, 2, 1), self.tail_inverse.T)
+            x = x if self.perm is None else x.index_select(0, self.perm)
+            return self._blocks(x, self.inverses, self.tail_inverse)
         if mode == "inverse":  # x B^-1 P^T
-            x = self._blocks(x, self.inverses, self.tail_inverse)
+            x = self._blocks(x, self.inverses.transpose(1, 2), self.tail_inverse.T)
         else:  # x B^T P^T
-            x = self._blocks(x, self.blocks.transpose(0, 2, 1), self.tail.T)
-        return x if self.inv_perm is None else x[..., self.inv_perm]
+            x = self._blocks(x, self.blocks, self.tail)
+        return x if self.inv_perm is None else x.index_select(0, self.inv_perm)
 
 
 class AxisFrame:
@@ -147,18 +164,27 @@ class AxisFrame:
             self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, permute=False)]
         else:
             self.layers = [
-                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, permute=True) for _ in range(_LAYERS)
+                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, permute=True) for _ in range(_layers_for(n))
             ]
 
-    def apply(self, x: np.ndarray, mode: str = "forward") -> np.ndarray:
-        """``x T``, ``x T^-1``, ``x T^T`` or ``x T^-T`` along the last axis of ``x``."""
+    def apply(self, x: np.ndarray | torch.Tensor, mode: str = "forward") -> np.ndarray | torch.Tensor:
+        """``x T``, ``x T^-1``, ``x T^T`` or ``x T^-T`` along the last axis of ``x``.
+
+        Float64 arithmetic; a numpy array in gives a numpy array out, a tensor a tensor.
+        """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+        tensor = torch.as_tensor(x, dtype=torch.float64)
+        shape = tensor.shape
+        # the layers work on the axis as rows of a contiguous (n, rest) matrix: permutations
+        # then gather whole rows, and blocks are one batched product without transposes
+        columns = tensor.reshape(-1, shape[-1]).T.contiguous()
         # T = M_1 ... M_L: forward and inverse-transpose apply M_1 first, the others M_L first
         layers = self.layers if mode in ("forward", "inverse_transpose") else self.layers[::-1]
         for layer in layers:
-            x = layer.apply(x, mode)
-        return x
+            columns = layer.apply(columns, mode)
+        out = columns.T.reshape(shape)
+        return out if isinstance(x, torch.Tensor) else out.numpy()
 
 
 class SecretFrames:
@@ -210,12 +236,12 @@ class SecretFrames:
             if not np.issubdtype(array.dtype, np.floating):
                 out[name] = array.copy()
                 continue
-            x = array.astype(np.float64).reshape(array.shape or (1,))
+            x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
             for axis in range(x.ndim):
-                moved = np.moveaxis(x, axis, -1)
+                moved = x.movedim(axis, -1)
                 mapped = self.axis_frame(frame, name, axis, x.shape[axis]).apply(moved, mode)
-                x = np.moveaxis(mapped, -1, axis)
-            out[name] = x.reshape(array.shape).astype(array.dtype)
+                x = mapped.movedim(-1, axis)
+            out[name] = x.numpy().reshape(array.shape).astype(array.dtype)
         return out
 
     def encode(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> Parameters:
