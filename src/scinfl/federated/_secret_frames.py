@@ -167,7 +167,9 @@ class AxisFrame:
                 _Layer(n, rng, BLOCK, _BLOCK_SPREAD, permute=True) for _ in range(_layers_for(n))
             ]
 
-    def apply(self, x: np.ndarray | torch.Tensor, mode: str = "forward") -> np.ndarray | torch.Tensor:
+    def apply(
+        self, x: np.ndarray | torch.Tensor, mode: str = "forward"
+    ) -> np.ndarray | torch.Tensor:
         """``x T``, ``x T^-1``, ``x T^T`` or ``x T^-T`` along the last axis of ``x``.
 
         Float64 arithmetic; a numpy array in gives a numpy array out, a tensor a tensor.
