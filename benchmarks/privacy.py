@@ -96,6 +96,9 @@ CPTAC_CLASSES = ["Tumor", "Adjacent_normal", "Enriched_normal", "Myometrium_norm
 CPTAC_SITES = {"plex 1-6": range(1, 7), "plex 7-12": range(7, 13), "plex 13-17": range(13, 18)}
 RECONSTRUCTION = ["analytic", "decoder-inversion", "inverting-gradients", "adaptive-key"]
 ATTACKS = [*RECONSTRUCTION, "label-prevalence", "loss", "rmia", "inference"]
+#: the attacks that cost milliseconds per upload (``--analytic-victims`` of them)
+ANALYTIC = ["analytic", "decoder-inversion"]
+MEMBERSHIP = ["loss", "rmia"]
 
 
 @dataclass
@@ -287,9 +290,15 @@ def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
     return model, time.perf_counter() - start
 
 
-def audit_view(task: Task, model: INFL, args) -> tuple[AnnData, np.ndarray, np.ndarray]:
-    """Rows the audit sees (all but the validation rows), its members and public masks."""
-    trained = training_rows(model, args.validation_size, args.seed)
+def audit_view(
+    task: Task, model: INFL, args, seed: int | None = None
+) -> tuple[AnnData, np.ndarray, np.ndarray]:
+    """Rows the audit sees (all but the validation rows), its members and public masks.
+
+    ``seed``: the training seed of ``model`` (default ``args.seed``), which drew its validation
+    rows.
+    """
+    trained = training_rows(model, args.validation_size, args.seed if seed is None else seed)
     train_rows = np.flatnonzero(~task.holdout)
     keep = np.ones(task.adata.n_obs, dtype=bool)
     keep[train_rows[~trained]] = False
@@ -488,8 +497,15 @@ def model_table(audit_df: pd.DataFrame) -> pd.DataFrame:
             g = d[(d.key_guess == guess) & (d.upload == "global-model")]
 
             def get(attack, metric, g=g):
+                # membership may be measured on the models of several seeds: their mean
                 v = g[(g.attack == attack) & (g.metric == metric)]["value"]
-                return float(v.iloc[0]) if len(v) else np.nan
+                return float(v.mean()) if len(v) else np.nan
+
+            def auc(attack, g=g):
+                v = g[(g.attack == attack) & (g.metric == "auc")]["value"]
+                if len(v) < 2:
+                    return _fmt(get(attack, "auc"))
+                return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} ({len(v)})"
 
             acc = get("inference", "accuracy")
             chance = g[(g.attack == "inference") & (g.metric == "accuracy")]["chance"]
@@ -497,8 +513,8 @@ def model_table(audit_df: pd.DataFrame) -> pd.DataFrame:
                 {
                     "defence": defence,
                     "key": guess if guessed(defence) else "n/a",
-                    "LOSS AUC": _fmt(get("loss", "auc")),
-                    "RMIA AUC": _fmt(get("rmia", "auc")),
+                    "LOSS AUC": auc("loss"),
+                    "RMIA AUC": auc("rmia"),
                     "RMIA TPR@1%": _fmt(get("rmia", "tpr@1%fpr")),
                     "inference acc (chance)": (
                         f"{_fmt(acc)} ({_fmt(float(chance.iloc[0]))})" if len(chance) else "–"
@@ -574,7 +590,8 @@ def checks(audit_df: pd.DataFrame, util: pd.DataFrame, spectral_df: pd.DataFrame
         inf = no_key[(no_key.attack == "inference") & (no_key.metric == "accuracy")]
         excess = (inf["value"] - inf["chance"]).max() if len(inf) else np.nan
         # an AUC below 0.5 is as informative as its mirror: an attacker flips its decision
-        aucs = no_key[no_key.metric == "auc"]["value"]
+        # (after the mean over seeds: a direction that changes from model to model is chance)
+        aucs = no_key[no_key.metric == "auc"].groupby(["attack", "key_guess"])["value"].mean()
         auc = float(np.maximum(aucs, 1 - aucs).max()) if len(aucs) else np.nan
         dd = deltas[deltas["defence"] == defence]
         dacc = float(dd["accuracy"].mean()) if len(dd) else np.nan
@@ -609,8 +626,8 @@ def markdown(audit_df, util, spectral_df, args, minutes: float) -> str:
         s = spectral_df[spectral_df["dataset"] == dataset] if len(spectral_df) else spectral_df
         uploads = [x for x in a["upload"].unique() if x != "global-model"]
         scored = a[a.upload.isin(uploads) & (a.attack != "label-prevalence")]
-        n_scored = scored.groupby("upload", sort=False)["n"].max()
-        n_scored = ", ".join(f"{n} ({u})" for u, n in n_scored.items())
+        n_scored = scored.groupby(["upload", "attack"], sort=False)["n"].max()
+        n_scored = ", ".join(f"{n} ({a}, {u})" for (u, a), n in n_scored.items())
         lines += [
             f"### {dataset}: reconstruction",
             "",
@@ -626,6 +643,8 @@ def markdown(audit_df, util, spectral_df, args, minutes: float) -> str:
             reconstruction_table(a, uploads).to_markdown(index=False),
             "",
             f"### {dataset}: membership inference and the model without the key",
+            "",
+            "AUCs over several models (`--membership-seeds`): mean ± sd (number of models).",
             "",
             model_table(a).to_markdown(index=False),
             "",
@@ -670,6 +689,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kang-genes", type=int, default=1000)
     parser.add_argument("--kang-min-cells", type=int, default=30)
     parser.add_argument("--victims", type=int, default=4, help="one-sample uploads attacked")
+    parser.add_argument(
+        "--analytic-victims",
+        type=int,
+        help="one-sample uploads attacked by the analytic attacks (default: --victims)",
+    )
+    parser.add_argument(
+        "--membership-seeds",
+        action="store_true",
+        help="also run LOSS and RMIA on the model of every utility seed (mean AUC over seeds)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=32, help="rows of a batch upload (0: none)"
     )
@@ -761,7 +790,18 @@ def main(argv: list[str] | None = None) -> None:
             }
             # one-sample uploads (the worst case) with every attack; batch uploads apart, with
             # their own number of uploads and attacks (gradient matching on 32 rows is costly)
-            table = audit(model, view, attacks=ATTACKS, n_victims=args.victims, **common)
+            analytic_victims = args.analytic_victims or args.victims
+            if analytic_victims == args.victims:
+                table = audit(model, view, attacks=ATTACKS, n_victims=args.victims, **common)
+            else:
+                slow = [a for a in ATTACKS if a not in ANALYTIC]
+                table = pd.concat(
+                    [
+                        audit(model, view, attacks=ANALYTIC, n_victims=analytic_victims, **common),
+                        audit(model, view, attacks=slow, n_victims=args.victims, **common),
+                    ],
+                    ignore_index=True,
+                )
             if args.batch_size:
                 batch = audit(
                     model,
@@ -774,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
                 table = pd.concat([table, batch], ignore_index=True)
             logger.info("%s %s: audited in %.0f s", dataset, defence, time.perf_counter() - t0)
             table.insert(0, "dataset", dataset)
+            table["seed"] = args.seed
             audits.append(table)
             utils.append(_utility_row(task, model, defence, args.seed, seconds, args))
             if args.spectral and (
@@ -789,6 +830,21 @@ def main(argv: list[str] | None = None) -> None:
             for defence in args.defences:
                 model, seconds = train(other, defence, args, seed)
                 utils.append(_utility_row(other, model, defence, seed, seconds, args))
+                if args.membership_seeds:
+                    view, members, public = audit_view(other, model, args, seed)
+                    table = audit(
+                        model,
+                        view,
+                        attacks=MEMBERSHIP,
+                        members=members,
+                        public=public,
+                        n_references=args.references,
+                        defence=defence,
+                        seed=seed,
+                    )
+                    table.insert(0, "dataset", dataset)
+                    table["seed"] = seed
+                    audits.append(table)
             write(out, pd.concat(audits), pd.DataFrame(utils), pd.DataFrame(spectra), args, start)
     if args.spectral_only:
         print(pd.DataFrame(spectra).to_string())

@@ -342,11 +342,11 @@ def frame_id(parameters: Mapping[str, np.ndarray], config: ClientConfig) -> str:
     >>> a == frame_id({"w": np.zeros(2)}, ClientConfig(round=1))
     False
     """
-    digest = hashlib.sha256()
+    digest = hashlib.blake2b(digest_size=16)  # twice as fast as sha256 on wide models
     for name in sorted(parameters):
         array = np.ascontiguousarray(parameters[name])
         digest.update(f"{name}\x1f{array.dtype.str}\x1f{array.shape}\x1f".encode())
-        digest.update(array.tobytes())
+        digest.update(array)  # the buffer, not a copy
     instructions = {k: v for k, v in dataclasses.asdict(config).items() if k != "frame"}
     digest.update(json.dumps(instructions, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
