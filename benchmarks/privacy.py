@@ -272,8 +272,8 @@ def train(task: Task, defence: str, args, seed: int) -> tuple[INFL, float]:
         dp = {"privacy": "dp", "dp_noise_multiplier": noise, "dp_clipping_norm": args.dp_clip}
     if secure(defence):
         dp = {"privacy": "secagg"}
-    if framed(defence):
-        dp["secret_frames"] = True
+    # every model holds a key (the attacker's guesses need one): frames only where named
+    dp["secret_frames"] = framed(defence)
     kwargs = dict(task.train_kwargs)
     # a site needs at least one batch of training rows (the library's own split rule)
     sizes = data.obs["site"].value_counts()

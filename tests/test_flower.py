@@ -346,7 +346,7 @@ def test_deployment_app_resumes_from_its_checkpoint(tmp_path, key, task_identity
         )
         server_app(grid, context)
     assert not any(m.metadata.message_type == "query" for m in grid.sent[3:])
-    parameters, history, summary = load_results(tmp_path / "out")
+    parameters, history, summary = load_results(tmp_path / "out", key=key)
     expected, server = _local_reference(tmp_path, names, run_config, key)
     _assert_same_parameters(parameters, expected)
     assert summary["best_round"] == server.best_round
@@ -519,7 +519,7 @@ def test_deployment_apps_match_local_engine(tmp_path, key, task_identity):
         grid,
         Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
     )
-    parameters, history, summary = load_results(tmp_path / "out")
+    parameters, history, summary = load_results(tmp_path / "out", key=key)
     expected, server = _local_reference(tmp_path, names, run_config, key)
     _assert_same_parameters(parameters, expected)
     assert summary["best_round"] == server.best_round
@@ -547,7 +547,7 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
     for message in grid.sent + grid.replies:
         blob = pickle.dumps(message.content)
         assert not any(secret in blob for secret in secrets)
-    parameters, _, _ = load_results(tmp_path / "out")
+    parameters, _, _ = load_results(tmp_path / "out", key=key)
     expected, _ = _local_reference(tmp_path, names, {**run_config, "privacy": ""}, key)
     _assert_same_parameters(parameters, expected, atol=1e-5)
 
@@ -619,7 +619,7 @@ def test_deployment_adopts_first_site_key_when_unpinned(tmp_path, key, task_iden
             grid,
             Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
         )
-    _, history, summary = load_results(tmp_path / "out")
+    _, history, summary = load_results(tmp_path / "out", key=key)
     assert summary["key_fingerprint"] == key.fingerprint
     assert any("adopting the key of site" in r.message for r in caplog.records)
     assert history.set_index("site")["accepted"].to_dict() == {
@@ -739,7 +739,7 @@ def test_deployment_survives_a_killed_site(tmp_path, key):
             log.close()
     assert run.returncode == 0, output[-4000:]
     assert killed_after_round == 0, f"killed after round {killed_after_round}"
-    _, history, summary = load_results(tmp_path / "out")
+    _, history, summary = load_results(tmp_path / "out", key=key)
     assert summary["key_fingerprint"] == key.fingerprint
     # round 0: the same computation as the local engine, in other processes (equal up to float
     # rounding: the ClientApp processes may use another torch thread count)

@@ -119,6 +119,8 @@ def _trained(mode, n_rounds=12, **train_kwargs):
     scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
     torch.manual_seed(0)
     model = scinfl.model.INFL(adata, key=FIXED_KEY, key_mode=mode, n_hidden=32)
+    # the key mode itself, without the secret frames a key turns on (test_secret_frames.py)
+    train_kwargs.setdefault("secret_frames", False)
     model.train_federated(
         max_rounds=n_rounds, batch_size=32, progress_bar=False, seed=0, **train_kwargs
     )

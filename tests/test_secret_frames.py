@@ -180,6 +180,36 @@ def test_train_federated_with_frames(tmp_path):
         models[True].train_federated(secret_frames=True, privacy="dp", **kwargs)
 
 
+def test_frames_are_the_default_with_a_key():
+    from scinfl.federated.flower.app import federation_config, secret_frames_on
+
+    adata = scinfl.data.synthetic_counts(n_obs=240, n_vars=40, n_labels=3, n_sites=3, seed=2)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    kwargs = {"max_rounds": 2, "batch_size": 32, "seed": 0, "progress_bar": False}
+    keyed = scinfl.model.INFL(adata, key=KEY, n_hidden=16, n_latent=4)
+    keyed.train_federated(**kwargs)
+    assert isinstance(keyed.secret_frame_, str)
+    # a key for secure aggregation only (unkeyed model) turns them on too
+    secured = scinfl.model.INFL(adata, key_mode=None, key=KEY, n_hidden=16, n_latent=4)
+    secured.train_federated(**kwargs)
+    assert isinstance(secured.secret_frame_, str)
+    # no key, or DP (server-side clipping needs a common frame): off, without an error
+    unkeyed = scinfl.model.INFL(adata, key_mode=None, n_hidden=16, n_latent=4)
+    unkeyed.train_federated(**kwargs)
+    assert unkeyed.secret_frame_ is None
+    keyed.train_federated(privacy="dp", dp_noise_multiplier=0.1, **kwargs)
+    assert keyed.secret_frame_ is None
+    # the deployment's run config: "auto" by default, or an explicit switch
+    assert federation_config({}).secret_frames
+    assert not federation_config({"key-mode": "none"}).secret_frames
+    assert federation_config({"key-mode": "none", "privacy": "secagg"}).secret_frames
+    assert not secret_frames_on({"privacy": "dp"})
+    assert not secret_frames_on({"secret-frames": False})
+    assert secret_frames_on({"key-mode": "none", "secret-frames": "true"})
+    with pytest.raises(ValueError, match="true, false or"):
+        secret_frames_on({"secret-frames": "yes"})
+
+
 def test_resumed_run_under_frames_equals_the_uninterrupted_one(tmp_path):
     def run(rounds, **kwargs):
         torch.manual_seed(0)

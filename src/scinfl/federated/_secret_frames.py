@@ -235,8 +235,8 @@ class SecretFrames:
         out = {}
         for name, value in tensors.items():
             array = np.asarray(value)
-            if not np.issubdtype(array.dtype, np.floating):
-                out[name] = array.copy()
+            if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+                out[name] = array.copy()  # integers (counters) and empty tensors: nothing to hide
                 continue
             x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
             for axis in range(x.ndim):

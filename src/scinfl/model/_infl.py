@@ -300,7 +300,7 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         dp_noise_multiplier: float = 1.0,
         dp_clipping_norm: float = 1.0,
         dp_delta: float = 1e-5,
-        secret_frames: bool = False,
+        secret_frames: bool | None = None,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         seed: int | None = None,
@@ -366,8 +366,13 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             tensor travels as ``A^T W B`` with secret invertible ``A``, ``B``. FedAvg commutes
             with these maps, so the model is the same as without them (up to float rounding),
             but no upload and no global model the server sees is in the coordinates the model
-            computes with. Needs a key (any ``key_mode``, ``None`` included); combines with
-            ``privacy="secagg"``, not with ``"dp"``.
+            computes with (``docs/privacy.md``: without them, a site's upload gives its rows
+            back to the server, whatever the key mode). Default (``None``): on whenever the
+            model holds a key (any ``key_mode``, ``None`` included), except with
+            ``privacy="dp"``, which needs updates in a common frame. They cost time on wide
+            models (about 1.2x on 1,000 genes, 4.5x on 9,367 proteins with few rows per site;
+            ``benchmarks/results/secret_frames_cost.md``): pass ``False`` to simulate without
+            them when no one else sees the parameters. ``True`` without a key is an error.
         checkpoint_dir
             Write the server's state (global and selected weights, round, history, DP
             accounting; never the key or data) there after every completed round.
@@ -392,10 +397,12 @@ class INFL(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train_federated(max_rounds=30, checkpoint_dir="ckpt/", resume=True)  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, privacy="dp", dp_noise_multiplier=0.5)  # doctest: +SKIP
         >>> model.train_federated(max_rounds=30, privacy="secagg")  # doctest: +SKIP
-        >>> model.train_federated(max_rounds=30, secret_frames=True)  # doctest: +SKIP
+        >>> model.train_federated(max_rounds=30, secret_frames=False)  # doctest: +SKIP
         """
         if engine not in ("local", "flower"):
             raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+        if secret_frames is None:
+            secret_frames = getattr(self, "_key", None) is not None and privacy != "dp"
         if strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {strategy!r}.")
         if self.adata_manager.registry["setup_args"].get("site_key") is None:

@@ -70,7 +70,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "dp-noise-multiplier": 1.0,
     "dp-clipping-norm": 1.0,
     "dp-delta": 1e-5,
-    "secret-frames": False,
+    # "auto": on whenever the sites hold a key (keyed model or secure aggregation), but with DP
+    "secret-frames": "auto",
     "round-timeout": 0.0,
     "discovery-timeout": 600.0,
     # data and model (every site builds the same architecture)
@@ -132,8 +133,44 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
         dp_noise_multiplier=float(s["dp-noise-multiplier"]),
         dp_clipping_norm=float(s["dp-clipping-norm"]),
         dp_delta=float(s["dp-delta"]),
-        secret_frames=bool(s["secret-frames"]),
+        secret_frames=secret_frames_on(s),
     )
+
+
+def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
+    """Whether a run's parameters travel in secret frames (the ``secret-frames`` entry).
+
+    ``true`` or ``false``, or ``"auto"`` (the default): on whenever the sites hold the
+    federation's key (a keyed ``key-mode``, or ``privacy = "secagg"``), except with
+    ``privacy = "dp"``, whose server-side clipping needs updates in a common frame.
+
+    Examples
+    --------
+    >>> secret_frames_on({})  # the default model is keyed
+    True
+    >>> secret_frames_on({"key-mode": "none"}), secret_frames_on({"privacy": "dp"})
+    (False, False)
+    """
+    s = _settings(run_config)
+    value = s["secret-frames"]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            keyed = _key_mode(s) is not None
+            privacy = str(s["privacy"])
+            return (keyed or privacy == "secagg") and privacy != "dp"
+        if text not in ("true", "false"):
+            raise ValueError(
+                f'run-config secret-frames must be true, false or "auto", got {value!r}.'
+            )
+        return text == "true"
+    return bool(value)
+
+
+def _key_mode(run_config: Mapping[str, Any]) -> str | None:
+    """The run's ``key-mode`` (``None`` for an unkeyed model: ``""`` or ``"none"``)."""
+    value = str(_settings(run_config)["key-mode"])
+    return None if value.lower() in ("", "none") else value
 
 
 def build_module(run_config: Mapping[str, Any], n_input: int) -> torch.nn.Module:
@@ -146,7 +183,7 @@ def build_module(run_config: Mapping[str, Any], n_input: int) -> torch.nn.Module
     """
     s = _settings(run_config)
     labels, batches = _categories(s["labels"]), _categories(s["batches"])
-    key_mode = None if str(s["key-mode"]).lower() in ("", "none") else str(s["key-mode"])
+    key_mode = _key_mode(s)
     torch.manual_seed(int(s["seed"]))
     return KeyedVAE(
         n_input=n_input,
@@ -243,7 +280,7 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
             f"Site {site!r}: privacy='secagg' masks the updates with the federation's key, but "
             "the node config has no `key-path`."
         )
-    if run_config.get("secret-frames", False) and not key_path:
+    if secret_frames_on(run_config) and not key_path:
         raise ValueError(
             f"Site {site!r}: secret-frames draws the parameters' frames from the federation's "
             "key, but the node config has no `key-path`."
