@@ -253,3 +253,26 @@ def test_audit_of_a_framed_model_runs_every_guess():
     assert set(table["defence"]) == {"plain+frames"}
     pc = table[table.metric == "partial_corr"].set_index("key_guess")["value"]
     assert pc["correct"] > 0.99 and abs(pc["none"]) < 0.2 and abs(pc["wrong"]) < 0.2
+
+
+def test_the_default_keyed_model_defeats_the_analytic_attack():
+    """INFL(adata, key=...) trained with the defaults (the paper's pooled key, secret frames on):
+    without the key the analytic attack recovers nothing; the same model without frames gives
+    every one-sample upload back (DESIGN.md section 1)."""
+    from scinfl.privacy import audit
+
+    adata = scinfl.data.synthetic_counts(n_obs=200, n_vars=300, n_sites=3, seed=1)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    pc = {}
+    for frames in (None, False):
+        torch.manual_seed(0)
+        model = scinfl.model.INFL(adata, key=KEY, n_hidden=16)
+        model.train_federated(
+            max_rounds=2, batch_size=32, seed=0, progress_bar=False, secret_frames=frames
+        )
+        table = audit(model, attacks=["analytic"], n_victims=4, training_seed=0)
+        pc[frames] = table[table.metric == "partial_corr"].set_index("key_guess")["value"]
+        assert set(table["defence"]) == {"pooled+frames" if frames is None else "pooled"}
+    assert pc[None]["correct"] > 0.99
+    assert abs(pc[None]["none"]) < 0.2 and abs(pc[None]["wrong"]) < 0.2
+    assert (pc[False] > 0.9).all()
