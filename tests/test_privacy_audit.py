@@ -162,7 +162,21 @@ def test_wrong_key_utility_on_a_module(counts):
         vae, _tensors(counts, range(60)), guesses=["correct", "none"], metrics=["accuracy", "ari"]
     )
     assert list(table.columns) == ["key_guess", "metric", "value", "chance"]
-    assert len(table) == 4
+    # two guesses x two metrics, and the model-free reference of the latent-space metric
+    assert len(table) == 5
+    reference = table[table.key_guess == "no model"]
+    assert reference["metric"].tolist() == ["ari"]
+    # the synthetic labels are plain in the counts: principal components alone find them
+    assert reference["value"].iloc[0] > 0.5
+    assert len(
+        wrong_key_utility(
+            vae,
+            _tensors(counts, range(60)),
+            guesses=["correct", "none"],
+            metrics=["accuracy", "ari"],
+            reference=False,
+        )
+    ) == 4
     with pytest.raises(ValueError):
         wrong_key_utility(vae, _tensors(counts, range(60)), metrics=["auc"])
 
@@ -216,9 +230,13 @@ def test_audit_returns_the_documented_table(plain_audit):
     assert set(df["defence"]) == {"plain"}
     assert set(df["attack"]) == set(ALL_ATTACKS)
     assert set(df["upload"]) == {"one-sample", "batch-4", "global-model"}
-    # an unkeyed model: one attacker, its rows repeated for every key guess
-    counts = df.groupby("key_guess").size()
+    # an unkeyed model: one attacker, its rows repeated for every key guess; the inference
+    # utility's model-free reference once
+    counts = df[df["key_guess"] != "no model"].groupby("key_guess").size()
     assert set(counts.index) == {"none", "wrong", "correct"} and counts.nunique() == 1
+    reference = df[df["key_guess"] == "no model"]
+    assert set(reference["attack"]) == {"inference"}
+    assert sorted(reference["metric"]) == ["ari", "knn_accuracy"]
     fractions = df[df["metric"] != "partial_corr"]
     assert fractions["value"].between(-1, 1).all()
     rates = df[df["metric"].isin(["reidentification", "auc", "label_recovery", "accuracy"])]
@@ -251,7 +269,7 @@ def test_audit_keyed_model_runs_each_guess(counts):
         defence="paper",
     )
     assert set(df["defence"]) == {"paper"}
-    assert set(df["key_guess"]) == {"none", "correct"}
+    assert set(df["key_guess"]) == {"none", "correct", "no model"}
     assert set(df["attack"]) == {"analytic", "adaptive-key", "label-prevalence", "inference"}
     adaptive = df[df["attack"] == "adaptive-key"]
     assert {"reidentification", "partial_corr", "label_recovery"} < set(adaptive["metric"])

@@ -24,7 +24,7 @@ from ._framed import framed_attackers
 from ._membership import loss_attack, rmia_attack, train_reference_models
 from ._metrics import candidate_scores, partial_correlation, reidentification_rate, top_k_overlap
 from ._upload import upload_gradient
-from ._utility import ModelData, model_data, wrong_key_utility
+from ._utility import NO_MODEL, ModelData, model_data, wrong_key_utility
 
 logger = logging.getLogger(__name__)
 
@@ -524,7 +524,8 @@ def audit(
       (:func:`~scinfl.privacy.rmia_attack`, reference models trained by the attacker on the
       public rows, with its key guess): ``auc`` and the TPR at ``fpr``;
       ``"inference"``: utility of the model run with the key guess
-      (:func:`~scinfl.privacy.wrong_key_utility`).
+      (:func:`~scinfl.privacy.wrong_key_utility`), with its model-free reference (key guess
+      ``"no model"``: kNN accuracy and ARI on principal components of the input).
 
     For an unkeyed model every key guess is the same attacker: it is run once and its rows are
     repeated for each guess.
@@ -771,7 +772,12 @@ def audit(
         else:
             logger.info("Inference utility skipped: the model has no labels; pass labels_key=.")
     if not (keyed or framed):
-        rows = [{**row, "key_guess": guess} for row in rows for guess in key_guesses]
+        # one attacker for every guess; the model-free reference rows stay as they are
+        rows = [
+            {**row, "key_guess": guess}
+            for row in rows
+            for guess in ([row["key_guess"]] if row["key_guess"] == NO_MODEL else key_guesses)
+        ]
     table = pd.DataFrame(rows, columns=COLUMNS[1:])
     table.insert(0, "defence", defence or _defence_name(model, framed))
     return table

@@ -13,6 +13,7 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -24,6 +25,8 @@ from ._upload import make_tensors
 logger = logging.getLogger(__name__)
 
 UTILITY_METRICS = ("accuracy", "agreement", "knn_accuracy", "ari")
+#: key guess of the model-free reference rows of :func:`wrong_key_utility`
+NO_MODEL = "no model"
 
 
 @dataclass
@@ -137,6 +140,7 @@ def wrong_key_utility(
     batch_size: int = 1024,
     seed: int = 0,
     attackers: Mapping[str, nn.Module] | None = None,
+    reference: bool = True,
 ) -> pd.DataFrame:
     """Utility of a trained model run with the correct key, a wrong key, and no key.
 
@@ -156,7 +160,12 @@ def wrong_key_utility(
       against the labels; chance is 0.
 
     Note that ``knn_accuracy`` and ``ari`` can stay high with a wrong key even when the
-    classifier fails: any smooth encoder keeps some neighbourhoods of the input.
+    classifier fails: any smooth encoder keeps some neighbourhoods of the input. So with
+    ``reference=True`` they are also computed without any model (key guess ``"no model"``), on
+    the principal components of the rows' encoder input (``log1p`` counts, or values with NaN
+    as 0) as many as the latent space has dimensions: what the attacker gets from the same rows
+    and labels without the model. A latent space below that reference gives the attacker
+    nothing its own data does not.
 
     Parameters
     ----------
@@ -184,6 +193,8 @@ def wrong_key_utility(
         The attacker's module for some guesses (e.g. from
         :func:`~scinfl.privacy.framed_attackers`); the others come from
         :func:`~scinfl.privacy.attacker_module`.
+    reference
+        Add the model-free ``"no model"`` rows of ``knn_accuracy`` and ``ari`` (if requested).
 
     Returns
     -------
@@ -196,9 +207,9 @@ def wrong_key_utility(
     >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
     >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
     >>> _ = model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
-    >>> df = wrong_key_utility(model, metrics=["accuracy"])
-    >>> df["key_guess"].tolist()
-    ['correct', 'wrong', 'none']
+    >>> df = wrong_key_utility(model, metrics=["accuracy", "knn_accuracy"])
+    >>> df["key_guess"].unique().tolist()
+    ['correct', 'wrong', 'none', 'no model']
     """
     unknown = set(metrics) - set(UTILITY_METRICS)
     if unknown:
@@ -269,4 +280,19 @@ def wrong_key_utility(
                 continue
             rows.append({"key_guess": guess, "metric": metric, "value": value, "chance": chance})
         logger.info("Utility with key guess %r computed.", guess)
+    if reference and {"knn_accuracy", "ari"} & set(metrics):
+        x = tensors[REGISTRY_KEYS.X_KEY].cpu().double().numpy()
+        x = np.log1p(x) if getattr(module, "log_variational", True) else np.nan_to_num(x, nan=0.0)
+        n_components = min(int(module.n_latent), *x.shape)
+        embedded = PCA(n_components, random_state=seed).fit_transform(x)
+        for metric in ("knn_accuracy", "ari"):
+            if metric not in metrics:
+                continue
+            if metric == "knn_accuracy":
+                value, chance = _knn_accuracy(embedded, y, n_neighbors, seed), majority
+            else:
+                k = len(label_counts)
+                clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(embedded)
+                value, chance = float(adjusted_rand_score(y, clusters)), 0.0
+            rows.append({"key_guess": NO_MODEL, "metric": metric, "value": value, "chance": chance})
     return pd.DataFrame(rows, columns=["key_guess", "metric", "value", "chance"])
