@@ -177,6 +177,10 @@ class AxisFrame:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
         tensor = torch.as_tensor(x, dtype=torch.float64)
+        if len(self.layers) == 1 and self.layers[0].perm is None:
+            # one dense map (short axes, most of a model's): one product, no reshaping
+            out = tensor @ self._dense_matrix(mode)
+            return out if isinstance(x, torch.Tensor) else out.numpy()
         shape = tensor.shape
         # the layers work on the axis as rows of a contiguous (n, rest) matrix: permutations
         # then gather whole rows, and blocks are one batched product without transposes
@@ -187,6 +191,20 @@ class AxisFrame:
             columns = layer.apply(columns, mode)
         out = columns.T.reshape(shape)
         return out if isinstance(x, torch.Tensor) else out.numpy()
+
+    def _dense_matrix(self, mode: str) -> torch.Tensor:
+        """``T``, ``T^-1``, ``T^T`` or ``T^-T`` of a one-layer dense map (``x -> x M``)."""
+        layer = self.layers[0]
+        return {
+            "forward": layer.tail,
+            "inverse": layer.tail_inverse,
+            "transpose": layer.tail.T,
+            "inverse_transpose": layer.tail_inverse.T,
+        }[mode]
+
+    def apply_along(self, x: torch.Tensor, axis: int, mode: str) -> torch.Tensor:
+        """:meth:`apply` along axis ``axis`` of a float64 tensor."""
+        return self.apply(x.movedim(axis, -1), mode).movedim(-1, axis)
 
 
 class SecretFrames:
@@ -240,9 +258,7 @@ class SecretFrames:
                 continue
             x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
             for axis in range(x.ndim):
-                moved = x.movedim(axis, -1)
-                mapped = self.axis_frame(frame, name, axis, x.shape[axis]).apply(moved, mode)
-                x = mapped.movedim(-1, axis)
+                x = self.axis_frame(frame, name, axis, x.shape[axis]).apply_along(x, axis, mode)
             out[name] = x.numpy().reshape(array.shape).astype(array.dtype)
         return out
 
