@@ -168,15 +168,18 @@ def test_wrong_key_utility_on_a_module(counts):
     assert reference["metric"].tolist() == ["ari"]
     # the synthetic labels are plain in the counts: principal components alone find them
     assert reference["value"].iloc[0] > 0.5
-    assert len(
-        wrong_key_utility(
-            vae,
-            _tensors(counts, range(60)),
-            guesses=["correct", "none"],
-            metrics=["accuracy", "ari"],
-            reference=False,
+    assert (
+        len(
+            wrong_key_utility(
+                vae,
+                _tensors(counts, range(60)),
+                guesses=["correct", "none"],
+                metrics=["accuracy", "ari"],
+                reference=False,
+            )
         )
-    ) == 4
+        == 4
+    )
     with pytest.raises(ValueError):
         wrong_key_utility(vae, _tensors(counts, range(60)), metrics=["auc"])
 
