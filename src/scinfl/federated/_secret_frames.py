@@ -126,18 +126,22 @@ class _Layer:
         return out
 
     def apply(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        """``mode`` of ``M`` on the rows of ``x`` (axis first): ``(x^T M)^T = M^T x``, etc."""
+        """``mode`` of ``M`` on the rows of ``x`` (axis first): ``(x^T M)^T = M^T x``, etc.
+
+        For the permuted layers of long axes; a one-layer dense map applies as one product
+        (:meth:`AxisFrame.apply`).
+        """
         if mode == "forward":  # x P B
-            x = x if self.perm is None else x.index_select(0, self.perm)
-            return self._blocks(x, self.blocks.transpose(1, 2), self.tail.T)
+            return self._blocks(
+                x.index_select(0, self.perm), self.blocks.transpose(1, 2), self.tail.T
+            )
         if mode == "inverse_transpose":  # x P B^-T
-            x = x if self.perm is None else x.index_select(0, self.perm)
-            return self._blocks(x, self.inverses, self.tail_inverse)
+            return self._blocks(x.index_select(0, self.perm), self.inverses, self.tail_inverse)
         if mode == "inverse":  # x B^-1 P^T
             x = self._blocks(x, self.inverses.transpose(1, 2), self.tail_inverse.T)
         else:  # x B^T P^T
             x = self._blocks(x, self.blocks, self.tail)
-        return x if self.inv_perm is None else x.index_select(0, self.inv_perm)
+        return x.index_select(0, self.inv_perm)
 
 
 class AxisFrame:
@@ -160,7 +164,8 @@ class AxisFrame:
     """
 
     def __init__(self, n: int, rng: np.random.Generator) -> None:
-        if n <= DENSE_MAX:
+        self.dense = n <= DENSE_MAX
+        if self.dense:
             self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, permute=False)]
         else:
             self.layers = [
@@ -177,7 +182,7 @@ class AxisFrame:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
         tensor = torch.as_tensor(x, dtype=torch.float64)
-        if len(self.layers) == 1 and self.layers[0].perm is None:
+        if self.dense:
             # one dense map (short axes, most of a model's): one product, no reshaping
             out = tensor @ self._dense_matrix(mode)
             return out if isinstance(x, torch.Tensor) else out.numpy()

@@ -25,6 +25,8 @@ from ._upload import make_tensors
 logger = logging.getLogger(__name__)
 
 UTILITY_METRICS = ("accuracy", "agreement", "knn_accuracy", "ari")
+#: metrics of the latent space (scored for each key guess and for the model-free reference)
+LATENT_METRICS = ("knn_accuracy", "ari")
 #: key guess of the model-free reference rows of :func:`wrong_key_utility`
 NO_MODEL = "no model"
 
@@ -128,6 +130,15 @@ def _knn_accuracy(latent: np.ndarray, labels: np.ndarray, n_neighbors: int, seed
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(labels) - len(labels) // n_splits))
     cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return float(cross_val_score(knn, latent, labels, cv=cv).mean())
+
+
+def _latent_score(metric: str, latent: np.ndarray, y: np.ndarray, n_neighbors: int, seed: int):
+    """``knn_accuracy`` or ``ari`` (k-means with one cluster per label) of an embedding."""
+    if metric == "knn_accuracy":
+        return _knn_accuracy(latent, y, n_neighbors, seed)
+    k = len(np.unique(y))
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(latent)
+    return float(adjusted_rand_score(y, clusters))
 
 
 def wrong_key_utility(
@@ -248,6 +259,7 @@ def wrong_key_utility(
     y = np.asarray(y)
     _, label_counts = np.unique(y, return_counts=True)
     majority = float(label_counts.max() / label_counts.sum())
+    latent_chance = {"knn_accuracy": majority, "ari": 0.0}
 
     reference_predictions = None
     if "agreement" in metrics and getattr(module, "classifier", None) is not None:
@@ -270,29 +282,28 @@ def wrong_key_utility(
                 value, chance = float(np.mean(predicted == y)), majority
             elif metric == "agreement" and predictions is not None:
                 value, chance = float(np.mean(predictions == reference_predictions)), np.nan
-            elif metric == "knn_accuracy":
-                value, chance = _knn_accuracy(latent, y, n_neighbors, seed), majority
-            elif metric == "ari":
-                k = len(label_counts)
-                clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(latent)
-                value, chance = float(adjusted_rand_score(y, clusters)), 0.0
+            elif metric in LATENT_METRICS:
+                value, chance = (
+                    _latent_score(metric, latent, y, n_neighbors, seed),
+                    latent_chance[metric],
+                )
             else:
                 continue
             rows.append({"key_guess": guess, "metric": metric, "value": value, "chance": chance})
         logger.info("Utility with key guess %r computed.", guess)
-    if reference and {"knn_accuracy", "ari"} & set(metrics):
+    if reference and set(LATENT_METRICS) & set(metrics):
         x = tensors[REGISTRY_KEYS.X_KEY].cpu().double().numpy()
         x = np.log1p(x) if getattr(module, "log_variational", True) else np.nan_to_num(x, nan=0.0)
         n_components = min(int(module.n_latent), *x.shape)
         embedded = PCA(n_components, random_state=seed).fit_transform(x)
-        for metric in ("knn_accuracy", "ari"):
-            if metric not in metrics:
-                continue
-            if metric == "knn_accuracy":
-                value, chance = _knn_accuracy(embedded, y, n_neighbors, seed), majority
-            else:
-                k = len(label_counts)
-                clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(embedded)
-                value, chance = float(adjusted_rand_score(y, clusters)), 0.0
-            rows.append({"key_guess": NO_MODEL, "metric": metric, "value": value, "chance": chance})
+        for metric in (m for m in LATENT_METRICS if m in metrics):
+            value = _latent_score(metric, embedded, y, n_neighbors, seed)
+            rows.append(
+                {
+                    "key_guess": NO_MODEL,
+                    "metric": metric,
+                    "value": value,
+                    "chance": latent_chance[metric],
+                }
+            )
     return pd.DataFrame(rows, columns=["key_guess", "metric", "value", "chance"])
