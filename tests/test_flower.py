@@ -51,6 +51,8 @@ from scinfl.federated.flower import (
 )
 from scinfl.module import KeyedVAE
 
+from ._equality import assert_same_weights
+
 N_VARS = 30
 
 
@@ -93,7 +95,7 @@ def _local(module, sites, config, key):
 def _assert_same_parameters(a, b, atol=0.0):
     assert list(a) == list(b)
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=name)
+        assert_same_weights(a[name], b[name], atol=atol, err_msg=name)
 
 
 def _assert_same_history(a, b, rtol=1e-6):
@@ -232,7 +234,7 @@ def _run_loopback(module, sites, config, key, keys=None, parameters=None):
 def test_apps_match_local_engine(module, sites, config, key, task_identity):
     expected, local_server = _local(module, sites, config, key)
     server, _ = _run_loopback(module, sites, config, key, keys={s.name: key for s in sites})
-    # same client_update on the same inputs, FedAvg over the same (sorted) sites: bitwise equal
+    # same client_update on the same inputs, FedAvg over the same (sorted) sites
     _assert_same_parameters(server.best_parameters, expected)
     assert server.best_round == local_server.best_round
     _assert_same_history(server.history(), local_server.history())
@@ -372,7 +374,7 @@ def test_update_under_another_key_is_dropped(module, sites, config, key, task_id
 def _broken(site: SiteData) -> SiteData:
     # one feature too many: the site introduces itself, then every train/evaluate step fails
     X = np.ones((site.X.shape[0], N_VARS + 1), dtype=np.float32)
-    return SiteData(site.name, X, site.batch, site.labels, site.train_idx, site.val_idx)
+    return SiteData(site.name, {**site.fields, "X": X}, site.train_idx, site.val_idx)
 
 
 def test_failing_site_is_dropped(module, sites, config, key, task_identity, caplog):
@@ -453,11 +455,14 @@ def _deployment_files(tmp_path, key, run_config_extra=None):
         "min-sites": 3,
         "batch-size": 32,
         "seed": 3,
-        "n-hidden": 32,
-        "n-latent": 5,
         "validation-size": 0.2,
-        "labels-key": "label",
-        "labels": ",".join(sorted(adata.obs["label"].unique())),
+        "setup-args": json.dumps(
+            {
+                "labels_key": "label",
+                "categories": {"labels_key": sorted(adata.obs["label"].unique())},
+            }
+        ),
+        "init-params": json.dumps({"n_hidden": 32, "n_latent": 5}),
         "key-fingerprint": key.fingerprint,
         "key-version": key.version,
         "output-dir": str(tmp_path / "out"),
@@ -472,11 +477,11 @@ def _deployment_files(tmp_path, key, run_config_extra=None):
 
 
 def _local_reference(tmp_path, names, run_config, key):
-    from scinfl.federated.flower.app import build_module, federation_config, load_site_data
+    from scinfl.federated.flower.app import federation_config, load_site
 
-    sites = [load_site_data(tmp_path / f"{name}.h5ad", name, run_config) for name in names]
-    module = build_module(run_config, n_input=N_VARS)
-    module.set_key(key)
+    loaded = [load_site(tmp_path / f"{name}.h5ad", name, run_config, key=key) for name in names]
+    sites = [site for _, site in loaded]
+    module = loaded[0][0].module
     server = run_local(
         module,
         sites,
@@ -501,8 +506,10 @@ def test_deployed_site_is_loaded_from_node_config(tmp_path, key):
     assert (runtime.key_fingerprint, runtime.key_version) == (key.fingerprint, key.version)
     assert runtime.module.classifier is not None and runtime.module.has_key
     assert set(np.unique(runtime.site.labels)) <= {0, 1, 2}
-    bad = {**run_config, "labels": "type0,type1"}
-    with pytest.raises(ValueError, match="agreed categories"):
+    setup = json.loads(run_config["setup-args"])
+    setup["categories"]["labels_key"] = ["type0", "type1"]
+    bad = {**run_config, "setup-args": json.dumps(setup)}
+    with pytest.raises(ValueError, match="not in the agreed list"):
         resolve_deployed_site(
             Context(
                 run_id=1, node_id=7, node_config=node_configs[0], state=RecordDict(), run_config=bad

@@ -1,3 +1,4 @@
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +10,8 @@ import scinfl
 from scinfl import Key, KeyMismatchError, MissingKeyError
 from scinfl.federated import client_update, get_shared_parameters
 from scinfl.model import INFL
+
+from ._equality import assert_same_weights
 
 FAST = {"max_rounds": 2, "batch_size": 32, "progress_bar": False}
 
@@ -52,7 +55,7 @@ def test_training_is_deterministic_for_a_seed(counts_adata, key):
         model = _model(counts_adata.copy(), key)
         model.train_federated(**FAST)
         latents.append(model.get_latent())
-    np.testing.assert_array_equal(latents[0], latents[1])
+    assert_same_weights(latents[0], latents[1])
 
 
 def test_fedprox_and_fraction_run(counts_adata, key):
@@ -165,16 +168,71 @@ def test_counts_validation(counts_adata, key, corrupt, message):
 
 def test_tiny_site_is_refused_with_fix(counts_adata, key):
     counts_adata.obs["site"] = counts_adata.obs["site"].cat.add_categories("tiny")
-    counts_adata.obs.iloc[:3, counts_adata.obs.columns.get_loc("site")] = "tiny"
+    counts_adata.obs.iloc[:1, counts_adata.obs.columns.get_loc("site")] = "tiny"
     model = _model(counts_adata, key)
-    with pytest.raises(ValueError, match="'tiny' has 3 .* Merge it"):
+    with pytest.raises(ValueError, match="'tiny' has 1 rows; .* Merge it"):
         model.train_federated(**FAST)
 
 
-def test_site_smaller_than_batch_is_refused(counts_adata, key):
+def test_site_smaller_than_batch_trains_in_one_minibatch(counts_adata, key, caplog):
     model = _model(counts_adata, key)
-    with pytest.raises(ValueError, match="fewer than batch_size=512.*batch_size="):
-        model.train_federated(max_rounds=1, batch_size=512, progress_bar=False)
+    with caplog.at_level("INFO"):
+        history = model.train_federated(max_rounds=1, batch_size=512, progress_bar=False)
+    assert "fewer training rows than batch_size=512" in caplog.text
+    assert (history["n_train"] > 0).all()
+
+
+def _small_cohort(n_per_site=6, n_sites=3, n_vars=40, seed=0):
+    """Continuous bulk data as users have it: raw log2 intensities, NaN, tiny sites."""
+    rng = np.random.default_rng(seed)
+    n = n_per_site * n_sites
+    labels = np.array(["tumor", "normal"] * (n // 2))
+    x = rng.normal(0, 1, (n, n_vars))
+    x[labels == "tumor", :10] += 2.0
+    x = 3 * x + 25
+    x[rng.random(x.shape) < 0.1] = np.nan
+    obs = pd.DataFrame(
+        {"site": np.repeat([f"plex{i}" for i in range(n_sites)], n_per_site), "type": labels},
+        index=[f"s{i}" for i in range(n)],
+    )
+    var = pd.DataFrame(index=[f"P{j}" for j in range(n_vars)])
+    return anndata.AnnData(x.astype(np.float32), obs=obs, var=var)
+
+
+def test_three_sites_of_six_samples_train_at_the_defaults(key):
+    adata = _small_cohort()
+    INFL.setup_anndata(adata, site_key="site", labels_key="type")
+    model = INFL(adata, key=key, gene_likelihood="normal")
+    history = model.train_federated(max_rounds=2, progress_bar=False)
+    assert set(history["site"]) == {"plex0", "plex1", "plex2"}
+    assert np.isfinite(history["train_loss"]).all()
+
+
+def test_new_samples_need_no_site_column_and_are_aligned_by_name(key):
+    adata = _small_cohort()
+    INFL.setup_anndata(adata, site_key="site", labels_key="type")
+    model = INFL(adata, key=key, gene_likelihood="normal", n_hidden=16)
+    model.train_federated(max_rounds=2, progress_bar=False)
+    expected = model.predict(adata[:4])
+    latent = model.get_latent(adata[:4])
+    new = adata[:4].copy()
+    del new.obs["site"], new.obs["type"]
+    new = new[:, new.var_names[::-1]].copy()  # another order
+    new.obs_names = [f"new{i}" for i in range(4)]
+    new.var["extra"] = 1
+    np.testing.assert_array_equal(model.predict(new), expected)
+    np.testing.assert_allclose(model.get_latent(new), latent, rtol=1e-5, atol=1e-6)
+    assert "site" not in new.obs and list(new.var_names) == list(adata.var_names[::-1])
+    fewer = new[:, new.var_names[2:]].copy()  # normal likelihood: absent features are missing
+    assert model.get_latent(fewer).shape == (4, 10)
+
+
+def test_new_samples_missing_features_under_counts_are_refused(counts_adata, key):
+    model = _model(counts_adata, key)
+    model.train_federated(**FAST)
+    new = counts_adata[:5, 3:].copy()
+    with pytest.raises(ValueError, match="lack 3 of the model's 30 features"):
+        model.get_latent(new)
 
 
 def test_no_site_key(counts_adata, key):

@@ -29,22 +29,60 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FederationConfig:
-    """Settings of a federated run (the server's side of ``train_federated``).
+    """Every setting of a federated run.
 
-    ``min_available`` is the fewest accepted updates a round needs (fewer: the run stops with
-    an error, and can be resumed from its last checkpoint). ``privacy="dp"`` turns the
-    aggregation into client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
-    ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``.
-    ``privacy="secagg"``: the sites mask their updates with pairwise masks derived from the key,
-    and the server only learns their sum (:func:`~scinfl.federated.mask_update`).
-    ``secret_frames``: the parameters travel and are averaged in secret frames drawn from the
-    key, new every round (:class:`~scinfl.federated.SecretFrames`; the server tracks the name
-    of the frame of the model it holds). It combines with ``"secagg"``, not with ``"dp"``.
+    The one source of the models' ``train_federated`` settings and of a Flower deployment's
+    run configuration (:data:`~scinfl.federated.flower.app.DEFAULT_RUN_CONFIG` is derived
+    from these fields).
+
+    Parameters
+    ----------
+    max_rounds
+        Communication rounds.
+    local_epochs
+        Passes over a site's training rows per round.
+    fraction, min_sites
+        Fraction of the sites sampled each round, and the fewest sampled.
+    batch_size, lr, weight_decay
+        Local optimisation (Adam, a fresh optimiser each round). A site with fewer training
+        rows than ``batch_size`` trains on all its rows in one minibatch.
+    strategy, mu
+        ``"fedavg"``, or ``"fedprox"``: each site adds ``mu/2 ||w - w_global||^2`` to its
+        loss (``mu`` is used with ``"fedprox"`` only).
+    balance_classes
+        Weight each site's classification loss by the inverse frequency of its own labels.
+    kl_warmup_rounds
+        Rounds of linear KL warm-up, driven by the global round (default: half of
+        ``max_rounds``).
+    validation_size
+        Fraction of each site's rows held out for validation and model selection.
+    min_cells_per_site
+        Smallest site accepted.
+    early_stopping, early_stopping_patience
+        Stop when the validation loss has not improved for that many rounds.
+    seed
+        Seed of the federation: splits, sampling and every site's randomness.
+    min_available
+        Fewest accepted updates a round needs (fewer: the run stops with an error, and can be
+        resumed from its last checkpoint).
+    privacy
+        ``None``; ``"dp"``: client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
+        ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``;
+        ``"secagg"``: the sites mask their updates with pairwise masks derived from the key,
+        and the server learns only their sum (:func:`~scinfl.federated.mask_update`).
+    dp_noise_multiplier, dp_clipping_norm, dp_delta
+        DP settings (with ``privacy="dp"``).
+    secret_frames
+        The parameters travel and are averaged in secret frames drawn from the key, new every
+        round (:class:`~scinfl.federated.SecretFrames`). ``None`` (the default) decides by
+        :meth:`for_key`: on whenever the sites hold a key, except with ``privacy="dp"``.
 
     Examples
     --------
     >>> FederationConfig(max_rounds=10).kl_weight(0)
     0.2
+    >>> FederationConfig().for_key(True).secret_frames
+    True
     """
 
     max_rounds: int = 50
@@ -54,9 +92,12 @@ class FederationConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-6
-    mu: float = 0.0
+    strategy: str = "fedavg"
+    mu: float = 0.01
     balance_classes: bool = False
     kl_warmup_rounds: int | None = None
+    validation_size: float = 0.1
+    min_cells_per_site: int = 4
     early_stopping: bool = False
     early_stopping_patience: int = 10
     seed: int = 0
@@ -65,7 +106,7 @@ class FederationConfig:
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
-    secret_frames: bool = False
+    secret_frames: bool | None = None
     kl_warmup_default: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,8 +116,12 @@ class FederationConfig:
             raise ValueError("local_epochs must be >= 1.")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {self.strategy!r}.")
         if self.mu < 0:
             raise ValueError("mu (FedProx) must be >= 0.")
+        if not 0 <= self.validation_size < 1:
+            raise ValueError(f"validation_size must be in [0, 1), got {self.validation_size}.")
         if self.min_available < 1:
             raise ValueError("min_available must be >= 1.")
         if self.privacy not in (None, "dp", "secagg"):
@@ -90,6 +135,35 @@ class FederationConfig:
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True
+
+    @property
+    def proximal_weight(self) -> float:
+        """The FedProx weight the sites use: ``mu`` with ``"fedprox"``, 0 with ``"fedavg"``."""
+        return self.mu if self.strategy == "fedprox" else 0.0
+
+    def for_key(self, has_key: bool) -> FederationConfig:
+        """These settings with ``secret_frames`` decided: the one place that rule lives.
+
+        Left at ``None``, frames are on whenever the sites hold the federation's key (any key
+        mode), except with ``privacy="dp"``, whose server-side clipping needs updates in a
+        common frame. Frames or secure aggregation without a key are refused.
+
+        Examples
+        --------
+        >>> FederationConfig(privacy="dp").for_key(True).secret_frames
+        False
+        """
+        frames = self.secret_frames
+        if frames is None:
+            frames = has_key and self.privacy != "dp"
+        if (frames or self.privacy == "secagg") and not has_key:
+            what = "secret_frames=True" if frames else "privacy='secagg'"
+            raise ValueError(
+                f"{what} derives its secrets (frames, masks) from the federation's key: create "
+                "the model with key=scinfl.Key.generate() (or call model.set_key(key)) first."
+            )
+        warmup = None if self.kl_warmup_default else self.kl_warmup_rounds
+        return dataclasses.replace(self, secret_frames=frames, kl_warmup_rounds=warmup)
 
     def kl_weight(self, round_: int) -> float:
         """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
@@ -111,13 +185,13 @@ class FederationConfig:
             lr=self.lr,
             weight_decay=self.weight_decay,
             kl_weight=self.kl_weight(round_),
-            mu=self.mu,
+            mu=self.proximal_weight,
             balance_classes=self.balance_classes,
             seed=self.seed,
             secure_aggregation=secure,
             participants=sorted(participants) if secure else [],
             attempt=attempt if secure else 0,
-            secret_frames=self.secret_frames,
+            secret_frames=bool(self.secret_frames),
             frame=frame if self.secret_frames else "",
         )
 
@@ -130,9 +204,11 @@ _TRAJECTORY_FIELDS = (
     "batch_size",
     "lr",
     "weight_decay",
+    "strategy",
     "mu",
     "balance_classes",
     "kl_warmup_rounds",
+    "validation_size",
     "seed",
     "privacy",
     "dp_noise_multiplier",

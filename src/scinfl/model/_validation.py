@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 16384
 
@@ -137,27 +140,33 @@ def apply_agreed_categories(
 
 
 def validate_sites(
-    site_names: Sequence[str],
     site_sizes: Mapping[str, int],
+    train_sizes: Mapping[str, int],
     batch_size: int,
     min_cells: int,
 ) -> None:
-    """Check that every site can form at least one minibatch.
+    """Check that every site can train; say so when a site is smaller than a minibatch.
+
+    A site needs ``min_cells`` rows (at least 2) and one training row; a site with fewer
+    training rows than ``batch_size`` trains on all of them in one minibatch (logged).
 
     Examples
     --------
-    >>> validate_sites(["a"], {"a": 200}, batch_size=128, min_cells=10)
+    >>> validate_sites({"a": 6}, {"a": 5}, batch_size=128, min_cells=2)
     """
-    for site in site_names:
-        n = site_sizes[site]
-        if n < max(min_cells, 2):
+    for site, n in site_sizes.items():
+        if n < max(min_cells, 2) or train_sizes[site] < 1:
             raise ValueError(
-                f"Site {site!r} has {n} cells/samples; a site needs at least {max(min_cells, 2)} "
-                "to train and validate. Merge it into another site or drop it."
+                f"Site {site!r} has {n} rows; a site needs at least {max(min_cells, 2)} "
+                "(min_cells_per_site) so that its update is not one sample's gradient and it keeps "
+                "a training row after validation. Merge it into another site, drop it, or lower "
+                "min_cells_per_site (2 at the least)."
             )
-        if n < batch_size:
-            raise ValueError(
-                f"Site {site!r} has {n} cells/samples, fewer than batch_size={batch_size}. "
-                f"Pass a smaller batch size (e.g. train_federated(batch_size={max(2, n // 2)})) "
-                "or merge the site into another one."
-            )
+    small = {site: n for site, n in train_sizes.items() if n < batch_size}
+    if small:
+        logger.info(
+            "Sites %s have fewer training rows than batch_size=%d: each trains on all its rows "
+            "in one minibatch.",
+            ", ".join(f"{site!r} ({n})" for site, n in small.items()),
+            batch_size,
+        )

@@ -20,9 +20,10 @@ made under another key are dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
-import zlib
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -39,56 +40,60 @@ from scinfl.federated._secret_frames import frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
-from scinfl.module import KeyedVAE
 
 from ._client_app import SiteRuntime, make_client_app
 from ._server_app import discover_sites, request_parameters, run_rounds
 
 logger = logging.getLogger(__name__)
 
-#: Run configuration of the app, with its defaults (TOML types; ``""``/``0`` mean "not set").
-DEFAULT_RUN_CONFIG: dict[str, Any] = {
-    # federation (server)
-    "num-rounds": 10,
-    "local-epochs": 1,
-    "fraction": 1.0,
-    "min-sites": 2,
-    "batch-size": 128,
-    "lr": 1e-3,
-    "weight-decay": 1e-6,
-    "mu": 0.0,
-    "kl-warmup-rounds": 0,
-    "early-stopping": False,
-    "early-stopping-patience": 10,
-    "seed": 0,
+#: Entries of the run configuration that are no field of FederationConfig: where the key
+#: and the results are, and how long the server waits.
+_DEPLOYMENT_ENTRIES: dict[str, Any] = {
     "key-fingerprint": "",
     "key-version": 0,
     "output-dir": "scinfl-flower-output",
     "resume": False,
-    "min-available": 1,
-    "privacy": "",
-    "dp-noise-multiplier": 1.0,
-    "dp-clipping-norm": 1.0,
-    "dp-delta": 1e-5,
-    # "auto": on whenever the sites hold a key (keyed model or secure aggregation), but with DP
-    "secret-frames": "auto",
     "round-timeout": 0.0,
     "discovery-timeout": 600.0,
-    # data and model (every site builds the same architecture)
-    "layer": "",
-    "labels-key": "",
-    "labels": "",
-    "batch-key": "",
-    "batches": "",
-    "gene-likelihood": "nb",
-    "key-mode": "pooled",
-    "key-strength": 1.0,
-    "n-hidden": 128,
-    "n-latent": 10,
-    "n-layers": 1,
-    "dropout-rate": 0.1,
-    "classification-ratio": 50.0,
-    "validation-size": 0.1,
+}
+#: Every site builds the same model: its class, its ``setup_anndata`` arguments and its init
+#: parameters (JSON), the model's own ``registry["setup_args"]`` and ``init_params_``.
+_MODEL_ENTRIES: dict[str, Any] = {
+    "model": "scinfl.model.INFL",
+    "setup-args": "{}",
+    "init-params": "{}",
+}
+
+
+def _run_config_entry(name: str) -> str:
+    """The run-config entry of a FederationConfig field (``num-rounds``: Flower's own name)."""
+    return "num-rounds" if name == "max_rounds" else name.replace("_", "-")
+
+
+def _federation_entries() -> dict[str, Any]:
+    entries = {}
+    for f in dataclasses.fields(FederationConfig):
+        if not f.init:
+            continue
+        default = f.default
+        # TOML has no null: "" (privacy), 0 (warm-up) and "auto" (secret frames) stand for None
+        if f.name == "secret_frames":
+            default = "auto"
+        elif default is None:
+            default = 0 if f.name == "kl_warmup_rounds" else ""
+        entries[_run_config_entry(f.name)] = default
+    entries["min-sites"] = 2
+    return entries
+
+
+#: Run configuration of the app, with its defaults (TOML types): every field of
+#: :class:`~scinfl.federated.FederationConfig` (``num-rounds`` for ``max_rounds``;
+#: ``batch-size``; ``privacy``; ...), the deployment's own entries, and the model every site
+#: builds (``model``, ``setup-args``, ``init-params``).
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    **_federation_entries(),
+    **_DEPLOYMENT_ENTRIES,
+    **_MODEL_ENTRIES,
 }
 
 
@@ -102,12 +107,12 @@ def _settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _categories(value: str) -> list[str]:
-    return [c.strip() for c in str(value).split(",") if c.strip()]
-
-
 def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
     """Build the :class:`~scinfl.federated.FederationConfig` of a run configuration.
+
+    Each field is read from its entry (``batch_size`` from ``batch-size``), with the field's
+    own type; ``secret-frames = "auto"`` is decided as :meth:`FederationConfig.for_key`
+    decides it for the model's key mode.
 
     Examples
     --------
@@ -115,40 +120,31 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
     3
     """
     s = _settings(run_config)
-    return FederationConfig(
-        max_rounds=int(s["num-rounds"]),
-        local_epochs=int(s["local-epochs"]),
-        fraction=float(s["fraction"]),
-        min_sites=int(s["min-sites"]),
-        batch_size=int(s["batch-size"]),
-        lr=float(s["lr"]),
-        weight_decay=float(s["weight-decay"]),
-        mu=float(s["mu"]),
-        kl_warmup_rounds=int(s["kl-warmup-rounds"]) or None,
-        early_stopping=bool(s["early-stopping"]),
-        early_stopping_patience=int(s["early-stopping-patience"]),
-        seed=int(s["seed"]),
-        min_available=int(s["min-available"]),
-        privacy=str(s["privacy"]) or None,
-        dp_noise_multiplier=float(s["dp-noise-multiplier"]),
-        dp_clipping_norm=float(s["dp-clipping-norm"]),
-        dp_delta=float(s["dp-delta"]),
-        secret_frames=secret_frames_on(s),
-    )
+    values = {}
+    for f in dataclasses.fields(FederationConfig):
+        if not f.init or f.name == "secret_frames":
+            continue
+        value = s[_run_config_entry(f.name)]
+        default = f.default
+        if default is None:
+            values[f.name] = value or None
+        else:
+            values[f.name] = type(default)(value)
+    return FederationConfig(**values, secret_frames=secret_frames_on(s))
 
 
 def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
     """Whether a run's parameters travel in secret frames (the ``secret-frames`` entry).
 
     ``true`` or ``false``, or ``"auto"`` (the default): on whenever the sites hold the
-    federation's key (a keyed ``key-mode``, or ``privacy = "secagg"``), except with
-    ``privacy = "dp"``, whose server-side clipping needs updates in a common frame.
+    federation's key (a keyed ``key_mode`` in ``init-params``, or ``privacy = "secagg"``),
+    except with ``privacy = "dp"`` (:meth:`FederationConfig.for_key`).
 
     Examples
     --------
     >>> secret_frames_on({})  # the default model is keyed
     True
-    >>> secret_frames_on({"key-mode": "none"}), secret_frames_on({"privacy": "dp"})
+    >>> secret_frames_on({"init-params": '{"key_mode": null}'}), secret_frames_on({"privacy": "dp"})
     (False, False)
     """
     s = _settings(run_config)
@@ -156,9 +152,9 @@ def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
     if isinstance(value, str):
         text = value.strip().lower()
         if text == "auto":
-            keyed = _key_mode(s) is not None
-            privacy = str(s["privacy"])
-            return (keyed or privacy == "secagg") and privacy != "dp"
+            privacy = str(s["privacy"]) or None
+            has_key = _init_params(s).get("key_mode", "pooled") is not None or privacy == "secagg"
+            return bool(FederationConfig(privacy=privacy).for_key(has_key).secret_frames)
         if text not in ("true", "false"):
             raise ValueError(
                 f'run-config secret-frames must be true, false or "auto", got {value!r}.'
@@ -167,124 +163,144 @@ def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
     return bool(value)
 
 
-def _key_mode(run_config: Mapping[str, Any]) -> str | None:
-    """The run's ``key-mode`` (``None`` for an unkeyed model: ``""`` or ``"none"``)."""
-    value = str(_settings(run_config)["key-mode"])
-    return None if value.lower() in ("", "none") else value
+def _json_entry(s: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = s[name]
+    if isinstance(value, Mapping):
+        return dict(value)
+    try:
+        parsed = json.loads(str(value) or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run-config {name} must be a JSON object, got {value!r}: {err}") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"run-config {name} must be a JSON object, got {value!r}.")
+    return parsed
 
 
-def build_module(run_config: Mapping[str, Any], n_input: int) -> torch.nn.Module:
-    """Build the keyed module every site builds from the run configuration (seeded init).
+def _init_params(s: Mapping[str, Any]) -> dict[str, Any]:
+    return _json_entry(s, "init-params")
+
+
+def model_class(run_config: Mapping[str, Any]) -> type:
+    """The model class every site builds (run-config ``model``: ``package.module.Class``).
 
     Examples
     --------
-    >>> build_module({"key-mode": "none", "n-hidden": 16}, n_input=8).n_input
-    8
+    >>> model_class({}).__name__
+    'INFL'
     """
-    s = _settings(run_config)
-    labels, batches = _categories(s["labels"]), _categories(s["batches"])
-    key_mode = _key_mode(s)
-    torch.manual_seed(int(s["seed"]))
-    return KeyedVAE(
-        n_input=n_input,
-        n_batch=len(batches),
-        n_labels=len(labels),
-        gene_likelihood=str(s["gene-likelihood"]),
-        key_mode=key_mode,
-        key_strength=float(s["key-strength"]),
-        classify=bool(s["labels-key"]) and len(labels) > 0,
-        classification_ratio=float(s["classification-ratio"]),
-        n_hidden=int(s["n-hidden"]),
-        n_latent=int(s["n-latent"]),
-        n_layers=int(s["n-layers"]),
-        dropout_rate=float(s["dropout-rate"]),
-    )
-
-
-def _codes(values, categories: list[str], what: str, path: Path) -> np.ndarray:
-    values = np.asarray(values).astype(str)
-    lookup = {c: i for i, c in enumerate(categories)}
-    unknown = sorted(set(values) - set(lookup))
-    if unknown:
+    path = str(_settings(run_config)["model"])
+    module_name, _, name = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(
-            f"{path}: {what} {unknown[:5]} are not among the agreed categories {categories}; agree "
-            "on the full category list in the run config before training."
-        )
-    return np.array([lookup[v] for v in values], dtype=np.int64)
+            f"run-config model = {path!r} is not an importable model class; every site needs "
+            "the package that defines it installed."
+        ) from err
 
 
-def load_site_data(path: str | Path, site: str, run_config: Mapping[str, Any]) -> SiteData:
-    """Read one site's data file (``.h5ad``, or ``.npz`` with ``X``, ``batch``, ``labels``).
+def model_run_config(model, **entries: Any) -> dict[str, Any]:
+    """The run-config entries that make every site build ``model``'s architecture.
 
-    Labels and batches are coded with the categories agreed in the run configuration
-    (``labels`` / ``batches``, comma-separated), never with categories of the local data.
+    The model's ``setup_anndata`` arguments (with the categories of its registered
+    categorical fields agreed, so codes mean the same at every site) and its init
+    parameters, as JSON, plus the key's public identity; ``entries`` are added as they are.
 
     Examples
     --------
-    >>> import numpy as np, os, tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "a.npz")
-    >>> np.savez(path, X=np.ones((20, 5), dtype=np.float32))
-    >>> load_site_data(path, "a", {"validation-size": 0.2}).n_val
-    4
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=8, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    >>> model = scinfl.model.INFL(adata, key_mode=None, n_hidden=16)
+    >>> config = model_run_config(model, **{"num-rounds": 5})
+    >>> json.loads(config["setup-args"])["categories"]
+    {'labels_key': ['type0', 'type1', 'type2']}
+    """
+    setup = dict(model.adata_manager.registry["setup_args"])
+    setup.pop("site_key", None)  # a deployed site is one site
+    categories = dict(setup.get("categories") or {})
+    for argument, registry_key in (("labels_key", "labels"), ("batch_key", "batch")):
+        if setup.get(argument) is not None and argument not in categories:
+            mapping = model.adata_manager.get_state_registry(registry_key).categorical_mapping
+            categories[argument] = [str(c) for c in mapping]
+    setup["categories"] = categories or None
+    init = {**model.init_params_.get("non_kwargs", {}), **model.init_params_.get("kwargs", {})}
+    init.pop("key", None)
+    init = {**init.pop("module_kwargs", {}), **init}
+    cls = type(model)
+    return {
+        "model": f"{cls.__module__}.{cls.__qualname__}",
+        "setup-args": json.dumps(setup),
+        "init-params": json.dumps(init),
+        "key-fingerprint": model.key_fingerprint_ or "",
+        "key-version": model.key_version_ or 0,
+        **entries,
+    }
+
+
+def load_site(
+    path: str | Path, site: str, run_config: Mapping[str, Any], key: Key | None = None
+) -> tuple[Any, SiteData]:
+    """Build a deployed site's model and data from its ``.h5ad`` file and the run config.
+
+    The site sets its data up with the run's ``setup-args`` (its categories agreed in
+    ``categories``: values outside them are refused), builds the run's ``model`` with
+    ``init-params`` from the run's seed, and takes its data from the model's registry, split
+    as every engine splits it (:meth:`~scinfl.federated.SiteData.from_registry`).
+
+    Examples
+    --------
+    >>> import scinfl, tempfile, os
+    >>> adata = scinfl.data.synthetic_counts(n_obs=30, n_vars=8, n_sites=1)
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.h5ad")
+    >>> adata.write_h5ad(path)
+    >>> model, site = load_site(path, "a", {"init-params": '{"key_mode": null}'})
+    >>> site.n_train + site.n_val, model.module.n_input
+    (30, 8)
     """
     s = _settings(run_config)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path} (node-config `data-path`).")
-    labels_cats, batch_cats = _categories(s["labels"]), _categories(s["batches"])
-    if path.suffix == ".npz":
-        with np.load(path) as npz:
-            X = npz["X"]
-            batch = npz["batch"] if "batch" in npz else None
-            labels = npz["labels"] if "labels" in npz else None
-    else:
-        import anndata
+    import anndata
 
-        adata = anndata.read_h5ad(path)
-        X = adata.layers[s["layer"]] if s["layer"] else adata.X
-        batch = (
-            _codes(adata.obs[s["batch-key"]], batch_cats, "batches", path)
-            if s["batch-key"]
-            else None
-        )
-        labels = (
-            _codes(adata.obs[s["labels-key"]], labels_cats, "labels", path)
-            if s["labels-key"]
-            else None
-        )
-    seed = int(
-        np.random.SeedSequence([int(s["seed"]), zlib.crc32(site.encode())]).generate_state(1)[0]
+    adata = anndata.read_h5ad(path)
+    cls = model_class(s)
+    setup = _json_entry(s, "setup-args")
+    for argument in ("labels_key", "batch_key"):
+        if setup.get(argument) and argument not in (setup.get("categories") or {}):
+            raise ValueError(
+                f"run-config setup-args sets {argument} but no agreed categories for it: add "
+                f'"categories": {{"{argument}": [...]}} (model_run_config does) so that codes '
+                "mean the same at every site."
+            )
+    try:
+        cls.setup_anndata(adata, **setup)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    torch.manual_seed(int(s["seed"]))
+    model = cls(adata, key=key, **_init_params(s))
+    config = federation_config(s)
+    data = SiteData.from_registry(
+        model.adata_manager, site, None, config.validation_size, config.seed
     )
-    return SiteData.from_arrays(
-        site,
-        X,
-        batch=batch,
-        labels=labels,
-        validation_size=float(s["validation-size"]),
-        seed=seed,
-    )
+    return model, data
 
 
 @lru_cache(maxsize=4)
 def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str) -> SiteRuntime:
     run_config = json.loads(run_config_json)
-    data = load_site_data(data_path, site, run_config)
-    module = build_module(run_config, n_input=data.X.shape[1])
-    keyed = getattr(module, "is_keyed", False)
-    if keyed and not key_path:
-        raise ValueError(
-            f"Site {site!r}: the model is keyed but the node config has no `key-path`."
-        )
-    if str(run_config.get("privacy", "")) == "secagg" and not key_path:
-        raise ValueError(
-            f"Site {site!r}: privacy='secagg' masks the updates with the federation's key, but "
-            "the node config has no `key-path`."
-        )
-    if secret_frames_on(run_config) and not key_path:
-        raise ValueError(
-            f"Site {site!r}: secret-frames draws the parameters' frames from the federation's "
-            "key, but the node config has no `key-path`."
-        )
+    needs = {
+        "the model is keyed": _init_params(run_config).get("key_mode", "pooled") is not None,
+        "privacy='secagg' masks the updates with it": run_config.get("privacy") == "secagg",
+        "secret-frames draws the parameters' frames from it": secret_frames_on(run_config),
+    }
+    for why, needed in needs.items():
+        if needed and not key_path:
+            raise ValueError(
+                f"Site {site!r}: {why}, but the node config has no `key-path` to the "
+                "federation's key file."
+            )
     key = fingerprint = version = None
     if key_path:
         key = Key.load(key_path)
@@ -300,9 +316,8 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
                 "federation's key file (after a rotation: the new one)."
             )
         fingerprint, version = key.fingerprint, key.version
-        if keyed:
-            module.set_key(key)
-    return SiteRuntime(module, data, fingerprint, version, key=key)
+    model, data = load_site(data_path, site, run_config, key=key)
+    return SiteRuntime(model.module, data, fingerprint, version, key=key)
 
 
 def resolve_deployed_site(context: Context) -> SiteRuntime:
@@ -434,7 +449,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         )
     if not server.parameters:
         server.parameters = request_parameters(
-            grid, directory, round_timeout, in_secret_frame=server.config.secret_frames
+            grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)
         )
     run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
     out = save_results(server, s["output-dir"])

@@ -1,0 +1,254 @@
+"""Federated and centralized training for any scvi-tools model class with a keyed module."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scvi
+import torch
+
+from scinfl.federated import FederationConfig, SiteData, run_local
+from scinfl.model._validation import validate_sites
+
+logger = logging.getLogger(__name__)
+
+#: Setup argument that names the ``.obs`` column of sites. The site partitions training; it is
+#: not registered as a model input, so new samples need no site column.
+SITE_KEY = "site_key"
+
+_SETTINGS = {f.name for f in dataclasses.fields(FederationConfig) if f.init}
+
+
+class FederatedTrainingMixin:
+    """``train_federated`` and ``train_centralized`` for a model class with a keyed module.
+
+    The model class registers its fields with an ``AnnDataManager`` as scvi-tools models do,
+    plus a ``site_key`` setup argument; every registered field reaches each site's data
+    (:meth:`~scinfl.federated.SiteData.from_registry`), so a model that registers a
+    covariate, an ``.obsm`` array or a MuData modality trains federated with it and nothing
+    else to write. The module must follow scvi-tools' ``BaseModuleClass`` contract (``forward``
+    returning a ``LossOutput``). Used with :class:`KeyedModelMixin`.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=120, n_vars=12, n_sites=3)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+    >>> history = model.train_federated(max_rounds=2, progress_bar=False)
+    >>> sorted(history["site"].unique())
+    ['site0', 'site1', 'site2']
+    """
+
+    def _site_rows(self) -> dict[str, np.ndarray]:
+        """Row positions of each non-empty site, by name (in the column's category order)."""
+        column = self.adata_manager.registry["setup_args"].get(SITE_KEY)
+        if column is None:
+            raise ValueError(
+                f"No site_key was registered: pass site_key= to {type(self).__name__}.setup_anndata, "
+                "or simulate sites with scinfl.federated.partition(adata, n_sites=3) first."
+            )
+        if column not in self.adata.obs:
+            raise ValueError(
+                f"adata.obs has no column {column!r} (the site_key given at setup): training "
+                "needs each row's site."
+            )
+        sites = pd.Categorical(self.adata.obs[column])
+        if sites.isna().any():
+            raise ValueError(f"adata.obs[{column!r}] has missing values: give every row a site.")
+        codes = sites.codes
+        rows = {str(name): np.flatnonzero(codes == i) for i, name in enumerate(sites.categories)}
+        return {name: r for name, r in rows.items() if len(r)}
+
+    def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
+        """Every site's data from the registry, split by ``seed`` and each site's name."""
+        return [
+            SiteData.from_registry(self.adata_manager, name, rows, validation_size, seed)
+            for name, rows in self._site_rows().items()
+        ]
+
+    def _federation_config(self, seed: int | None = None, **settings) -> FederationConfig:
+        unknown = sorted(set(settings) - _SETTINGS)
+        if unknown:
+            raise TypeError(
+                f"Unknown training settings {unknown}; the settings are the fields of "
+                f"scinfl.federated.FederationConfig: {sorted(_SETTINGS)}."
+            )
+        self._require_key()
+        seed = scvi.settings.seed if seed is None else seed
+        config = FederationConfig(seed=0 if seed is None else int(seed), **settings)
+        return config.for_key(self.has_key)
+
+    def train_federated(
+        self,
+        max_rounds: int = 50,
+        local_epochs: int = 1,
+        engine: Literal["local", "flower"] = "local",
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        progress_bar: bool = True,
+        **settings,
+    ) -> pd.DataFrame:
+        """Train across the sites of ``.obs[site_key]``; each site sees only its own rows.
+
+        Every round a fraction of sites trains ``local_epochs`` from the global weights, sends
+        back its shared parameters and ``n_k`` (never the key), and the server averages them
+        (FedAvg weighted by ``n_k``, or FedProx). The KL weight follows the global round. The
+        global model with the lowest validation loss (each site's held-out rows) is kept.
+        With a key, the parameters travel in secret frames by default.
+
+        Parameters
+        ----------
+        max_rounds
+            Number of communication rounds.
+        local_epochs
+            Local epochs per round.
+        engine
+            ``"local"``: all sites in this process, in turn. ``"flower"``: the same federation
+            through Flower's simulation engine (one virtual node per site; needs the
+            ``flower`` extra); it gives the same global weights as ``"local"``.
+        checkpoint_dir
+            Write the server's state (global and selected weights, round, history, DP
+            accounting; never the key or data) there after every completed round.
+        resume
+            Continue the interrupted run saved in ``checkpoint_dir`` from its last completed
+            round, with the same settings (``max_rounds`` may grow); the result equals that of
+            an uninterrupted run.
+        progress_bar
+            Show a progress bar over rounds.
+        **settings
+            Any field of :class:`~scinfl.federated.FederationConfig`: ``batch_size``, ``lr``,
+            ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
+            ``balance_classes``, ``validation_size``, ``min_cells_per_site``,
+            ``early_stopping``/``early_stopping_patience``, ``min_available``, ``seed``
+            (default: ``scvi.settings.seed``), ``privacy`` (``"dp"``, ``"secagg"``) and its
+            ``dp_*`` settings, ``secret_frames``.
+
+        Returns
+        -------
+        History: one row per round and site (``n_train``, training and validation losses,
+        accuracies with labels, time). Also stored in ``model.federated_history_``.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=120, n_vars=12, n_sites=3)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+        >>> history = model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
+        >>> int(history["round"].max())
+        1
+        >>> _ = model.train_federated(max_rounds=1, strategy="fedprox", mu=0.1, progress_bar=False)
+        """
+        if engine not in ("local", "flower"):
+            raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+        config = self._federation_config(
+            max_rounds=max_rounds, local_epochs=local_epochs, **settings
+        )
+        sites = self._site_data(config.validation_size, config.seed)
+        validate_sites(
+            {s.name: s.n_train + s.n_val for s in sites},
+            {s.name: s.n_train for s in sites},
+            batch_size=config.batch_size,
+            min_cells=config.min_cells_per_site,
+        )
+        if config.min_available > len(sites):
+            raise ValueError(
+                f"min_available={config.min_available} but the federation has only "
+                f"{len(sites)} sites."
+            )
+        history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume)
+        self._record_split(sites, self._site_rows())
+        return history
+
+    def train_centralized(
+        self,
+        max_epochs: int = 50,
+        progress_bar: bool = True,
+        **settings,
+    ) -> pd.DataFrame:
+        """Train the same model on all rows pooled, as one site: the centralized reference.
+
+        Same optimiser, minibatching, KL schedule and model selection as
+        :meth:`train_federated`, so the two differ only in where the data sit. (scvi-tools'
+        ``train`` also works on these models and uses Lightning.)
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs over all rows.
+        progress_bar
+            Show a progress bar over epochs.
+        **settings
+            Fields of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
+            ``kl_warmup_rounds`` for the warm-up epochs, ``validation_size``, ...).
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=120, n_vars=12, n_sites=3)
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+        >>> history = model.train_centralized(max_epochs=2, progress_bar=False)
+        >>> history["site"].unique().tolist()
+        ['all']
+        """
+        settings.setdefault("secret_frames", False)  # nothing travels
+        config = self._federation_config(max_rounds=max_epochs, **settings)
+        site = SiteData.from_registry(
+            self.adata_manager, "all", None, config.validation_size, config.seed
+        )
+        validate_sites({"all": site.n_train + site.n_val}, {"all": site.n_train}, 0, 2)
+        history = self._run([site], config, progress_bar)
+        self._record_split([site], {"all": np.arange(self.adata.n_obs)})
+        return history
+
+    def _record_split(self, sites: list[SiteData], rows: dict[str, np.ndarray]) -> None:
+        # scvi-tools' train_indices / validation_indices: the rows each site trained on and
+        # held out (the members of a membership-inference audit)
+        self.train_indices_ = np.sort(np.concatenate([rows[s.name][s.train_idx] for s in sites]))
+        self.validation_indices_ = np.sort(np.concatenate([rows[s.name][s.val_idx] for s in sites]))
+
+    def _run(
+        self,
+        sites: list[SiteData],
+        config: FederationConfig,
+        progress_bar: bool,
+        engine: str = "local",
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> pd.DataFrame:
+        torch.manual_seed(config.seed)
+        runner = run_local
+        if engine == "flower":
+            try:
+                from scinfl.federated.flower import run_flower_simulation as runner
+            except ImportError as err:
+                raise ImportError(
+                    "engine='flower' needs Flower: install the extra with `pip install 'scinfl[flower]'`."
+                ) from err
+        server = runner(
+            self.module,
+            sites,
+            config,
+            key_fingerprint=self.key_fingerprint_,
+            key_version=self.key_version_,
+            progress_bar=progress_bar,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            key=self._key,
+        )
+        self.module.eval()
+        self.is_trained_ = True
+        history = server.history()
+        history.attrs["best_round"] = server.best_round
+        self.federated_history_ = history
+        self.dp_epsilon_ = server.dp_epsilon()
+        # the frame the server holds the selected model in (secret frames), for the audit
+        self.secret_frame_ = server.best_frame
+        return history

@@ -1,0 +1,159 @@
+"""The secret key of a model: installed at run time, checked, never saved."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from anndata import AnnData
+
+from scinfl.key import Key, KeyMismatchError, MissingKeyError
+
+logger = logging.getLogger(__name__)
+
+MISSING_KEY_MESSAGE = (
+    "This model is keyed but has no key. Pass `key=` when creating or loading it, or call "
+    "`model.set_key(scinfl.Key.load(path))`."
+)
+
+
+class KeyedModelMixin:
+    """Key handling for an scvi-tools model class whose module has keyed layers.
+
+    The module must offer ``set_key(key)``, ``has_key`` and ``is_keyed`` (as
+    :class:`~scinfl.module.KeyedVAE` does). The key is kept in memory only: it is no init
+    parameter (so :meth:`save` never writes it) and lives in non-persistent buffers (so no
+    ``state_dict`` or upload holds it). A model class calls :meth:`_init_key` at the end of
+    its ``__init__``, after ``self.init_params_`` is set.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=10, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    >>> model = scinfl.model.INFL(adata)
+    >>> model.has_key
+    False
+    >>> model.set_key(scinfl.Key.generate())
+    >>> model.has_key
+    True
+    """
+
+    key_fingerprint_: str | None = None
+    key_version_: int | None = None
+    _key: Key | None = None
+
+    def _init_key(self, key: Key | None) -> None:
+        """Drop the key from the saved init parameters, then install it (or say it is missing)."""
+        self.init_params_["non_kwargs"].pop("key", None)
+        if key is not None:
+            self.set_key(key)
+        elif self.module.is_keyed:
+            logger.info(
+                "%s created without a key; call `model.set_key(key)` before training.",
+                type(self).__name__,
+            )
+
+    @property
+    def has_key(self) -> bool:
+        """Whether the federation's key is installed in this model."""
+        return self._key is not None
+
+    def set_key(self, key: Key, allow_mismatch: bool = False) -> None:
+        """Install the federation's key (kept in memory only, never saved or shared).
+
+        Parameters
+        ----------
+        key
+            The key.
+        allow_mismatch
+            Accept a key other than the one this model was trained with (key rotation: then
+            fine-tune with ``train_federated``). Otherwise a different key is refused.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=8, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> model.set_key(scinfl.Key.generate())
+        Traceback (most recent call last):
+        ...
+        scinfl.key.KeyMismatchError: This model was trained with key ...
+        >>> model.set_key(scinfl.Key.generate(), allow_mismatch=True)
+        """
+        if not isinstance(key, Key):
+            raise TypeError(
+                f"Expected a scinfl.Key, got {type(key).__name__}; load one with scinfl.Key.load(path)."
+            )
+        if not self.module.is_keyed:
+            logger.info(
+                "This model has key_mode=None: the key serves only secret frames and "
+                "privacy='secagg'."
+            )
+        if (
+            self.key_fingerprint_ is not None
+            and key.fingerprint != self.key_fingerprint_
+            and not allow_mismatch
+        ):
+            raise KeyMismatchError(
+                f"This model was trained with key {self.key_fingerprint_} (version "
+                f"{self.key_version_}); the key given is {key.fingerprint} (version {key.version}). "
+                "Load the federation's key file, or pass allow_mismatch=True to rotate keys and "
+                "fine-tune."
+            )
+        self.module.set_key(key)
+        self._key = key
+        self.key_fingerprint_ = key.fingerprint
+        self.key_version_ = key.version
+
+    def _require_key(self) -> None:
+        if self.module.is_keyed and not self.module.has_key:
+            raise MissingKeyError(MISSING_KEY_MESSAGE)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        key: Key | None = None,
+        **kwargs,
+    ):
+        """Load a saved model; a keyed model needs the key it was trained with.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by ``save``.
+        adata
+            AnnData set up like the training data.
+        key
+            The federation's key (saved models never contain it).
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Examples
+        --------
+        >>> import scinfl, tempfile
+        >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=8, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> key = scinfl.Key.generate()
+        >>> scinfl.model.INFL(adata, key=key).save(path := tempfile.mkdtemp(), overwrite=True)
+        >>> scinfl.model.INFL.load(path, adata, key=key).has_key
+        True
+        """
+        model = super().load(str(dir_path), adata=adata, **kwargs)
+        if model.module.is_keyed:
+            if key is None:
+                raise MissingKeyError(
+                    f"The model in {dir_path} is keyed (key {model.key_fingerprint_}); pass "
+                    "key=scinfl.Key.load(path) with the federation's key to load it."
+                )
+            if model.key_fingerprint_ is not None and key.fingerprint != model.key_fingerprint_:
+                raise KeyMismatchError(
+                    f"The model in {dir_path} was trained with key {model.key_fingerprint_}; the key "
+                    f"given is {key.fingerprint}. Use the federation's key file."
+                )
+        if key is not None:
+            model.set_key(key)
+        return model

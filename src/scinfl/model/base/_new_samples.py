@@ -1,0 +1,111 @@
+"""New samples as users bring them: no site column, features in another order or more of them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+
+logger = logging.getLogger(__name__)
+
+#: Setup arguments of ``.obs`` columns that only training needs: new samples may lack them.
+_TRAINING_ONLY = ("labels_key",)
+
+
+class NewSamplesMixin:
+    """Accept new samples (inference on an AnnData the model was not set up with).
+
+    - The site column is never needed: it partitions training and is no input.
+    - Labels are not needed for inference: a missing labels column is filled with the first
+      category on the model's own copy (predictions do not depend on it).
+    - Features are matched by name: a superset or a reordering of the model's features is
+      aligned (with an info line). Features the data lack are an error for count likelihoods;
+      for ``gene_likelihood="normal"`` they become missing values (NaN), which the model masks.
+
+    The user's AnnData is never modified: an aligned copy is made when one is needed.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=10, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+    >>> _ = model.train_federated(max_rounds=1, progress_bar=False)
+    >>> new = adata[:5, ::-1].copy()
+    >>> del new.obs["site"], new.obs["label"]
+    >>> model.get_latent(new).shape
+    (5, 10)
+    """
+
+    def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if isinstance(adata, AnnData) and self.adata_manager is not None:
+            # scvi-tools' own lookup (get_anndata_manager) already transfers the setup, which
+            # fails on other features: look up this model's managers by the AnnData's id here
+            uuid = adata.uns.get("_scvi_uuid")
+            managers = self._per_instance_manager_store.get(self.id, {})
+            manager = managers.get(uuid) if uuid else None
+            # a copy or view of the training data carries its scvi-tools id, but not its rows:
+            # treat anything that is not the registered object itself as new samples
+            if manager is None or manager.adata is not adata:
+                adata = self._aligned_new_samples(adata)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _aligned_new_samples(self, adata: AnnData) -> AnnData:
+        """A copy of ``adata`` with the model's features and the columns inference reads."""
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+        names = pd.Index(np.asarray(state.get("column_names", [])).astype(str))
+        setup = self.adata_manager.registry["setup_args"]
+        if len(names) == 0 or adata.var_names.equals(names):
+            adata = adata.copy()
+        else:
+            adata = self._match_features(adata, names, setup.get("layer"))
+        for key in ("_scvi_uuid", "_scvi_manager_uuid"):
+            adata.uns.pop(key, None)
+        for arg, registry_key in ((arg, REGISTRY_KEYS.LABELS_KEY) for arg in _TRAINING_ONLY):
+            column = setup.get(arg)
+            if column is not None and column not in adata.obs:
+                mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
+                adata.obs[column] = pd.Categorical([mapping[0]] * adata.n_obs, categories=mapping)
+        return adata
+
+    def _match_features(self, adata: AnnData, names: pd.Index, layer: str | None) -> AnnData:
+        present = names.isin(adata.var_names)
+        if present.all():
+            logger.info(
+                "Aligned the %d features of the new data to the model's %d by name.",
+                adata.n_vars,
+                len(names),
+            )
+            return adata[:, names].copy()
+        missing = names[~present]
+        if getattr(self.module, "gene_likelihood", None) != "normal":
+            raise ValueError(
+                f"The new data lack {len(missing)} of the model's {len(names)} features "
+                f"(e.g. {list(missing[:5])}); a count likelihood cannot treat them as missing. "
+                "Give the data every feature the model was trained on (matched by var_names)."
+            )
+        logger.info(
+            "%d of the model's %d features are absent from the new data: they are treated as "
+            "missing values.",
+            len(missing),
+            len(names),
+        )
+        return _with_missing_features(adata, names, layer)
+
+
+def _with_missing_features(adata: AnnData, names: pd.Index, layer: str | None) -> AnnData:
+    """A copy of ``adata`` with exactly the features ``names``, absent ones all NaN."""
+    source = adata.X if layer is None else adata.layers[layer]
+    if sparse.issparse(source):
+        source = source.toarray()
+    values = np.full((adata.n_obs, len(names)), np.nan, dtype=np.float32)
+    where = adata.var_names.get_indexer(names)
+    values[:, where >= 0] = np.asarray(source)[:, where[where >= 0]]
+    out = AnnData(values, obs=adata.obs.copy(), var=pd.DataFrame(index=names))
+    if layer is not None:
+        out.layers[layer] = values
+    return out
