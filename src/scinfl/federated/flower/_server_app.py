@@ -430,7 +430,10 @@ def make_server_app(
             )
             if not server.parameters:
                 server.parameters = request_parameters(
-                    grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)
+                    grid,
+                    directory,
+                    round_timeout,
+                    in_secret_frame=bool(server.config.secret_frames),
                 )
             run_rounds(
                 grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar
