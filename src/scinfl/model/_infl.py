@@ -99,6 +99,12 @@ class INFL(
             self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where
         )
         labels_key = self.adata_manager.registry["setup_args"].get("labels_key")
+        # covariates a model class registers (scvi-tools' CONT_COVS / CAT_COVS fields) reach
+        # the decoder, as in scvi-tools' SCVI
+        covariates = {"n_continuous_cov": self.summary_stats.get("n_extra_continuous_covs", 0)}
+        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+            covariates["n_cats_per_cov"] = state.n_cats_per_key
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_batch=self.summary_stats.n_batch,
@@ -112,7 +118,7 @@ class INFL(
             n_latent=n_latent,
             n_layers=n_layers,
             dropout_rate=dropout_rate,
-            **module_kwargs,
+            **{**covariates, **module_kwargs},
         )
         self.federated_history_: pd.DataFrame | None = None
         self.dp_epsilon_: float | None = None
