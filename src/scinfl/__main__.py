@@ -73,13 +73,15 @@ def quickstart(
         elapsed = time.perf_counter() - start
         scinfl.tl.embed(data, model)
         scinfl.tl.cluster(data)
-        data.obs["scinfl_prediction"] = model.predict()
+        scinfl.tl.predict(data, model)
         scores = {
             "ARI (Leiden vs bulk_labels)": adjusted_rand_score(
                 data.obs["bulk_labels"], data.obs["scinfl_leiden"]
             ),
             "accuracy (classifier)": float(
-                np.mean(data.obs["scinfl_prediction"] == data.obs["bulk_labels"])
+                np.mean(
+                    data.obs["scinfl_prediction"].to_numpy() == data.obs["bulk_labels"].to_numpy()
+                )
             ),
             "best round": history.attrs["best_round"],
             "seconds per round": elapsed / rounds,
