@@ -10,6 +10,7 @@ def test_quickstart_writes_outputs_without_key_material(tmp_path, capsys):
     assert main(["quickstart", "--rounds", "2", "--no-central", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ARI" in printed and "federated" in printed
+    assert "accuracy (classifier, held-out cells)" in printed
     adata = ad.read_h5ad(out / "pbmc68k_scinfl.h5ad")
     assert adata.obsm["X_scinfl"].shape == (700, 10)
     assert "scinfl_leiden" in adata.obs and "scinfl_prediction" in adata.obs
