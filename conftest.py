@@ -1,9 +1,16 @@
-"""Shared by the test suite and the docstring examples run from ``src``."""
+"""Settings shared by the tests (``tests/``) and the docstring examples collected under ``src/``."""
 
 import logging
+import os
+
+# one thread: the tests and examples use tiny data, where more threads only compete for cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import scvi
+import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,5 @@
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import pytest
 import scvi
-import torch
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,8 +1,13 @@
-"""scinfl: federated omics models with a secret key embedded in the architecture (INFL)."""
+"""scinfl: federated omics models with a secret key embedded in the architecture (INFL).
 
+:mod:`scinfl.privacy` (the privacy audit) is imported on first use (``scinfl.privacy``), not by
+``import scinfl``.
+"""
+
+from importlib import import_module
 from importlib.metadata import version
 
-from . import data, federated, model, module, pl, privacy, tl
+from . import data, federated, model, module, pl, tl
 from .key import Key, KeyFileError, KeyMismatchError, MissingKeyError
 
 __all__ = [
@@ -20,3 +25,16 @@ __all__ = [
 ]
 
 __version__ = version("scinfl")
+
+_LAZY_SUBMODULES = ("privacy",)
+
+
+def __getattr__(name: str):
+    # PEP 562: import the lazy submodules on first attribute access
+    if name in _LAZY_SUBMODULES:
+        return import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

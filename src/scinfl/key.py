@@ -154,7 +154,7 @@ class Key:
 
         Examples
         --------
-        >>> sorted(Key.generate().permutation(4))
+        >>> sorted(Key.generate().permutation(4).tolist())
         [0, 1, 2, 3]
         """
         return self._rng(b"scinfl/permutation/" + purpose.encode()).permutation(n).astype(np.int64)

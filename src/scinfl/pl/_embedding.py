@@ -26,7 +26,8 @@ def umap(
     color
         Column(s) to colour by.
     basis
-        ``.obsm`` key of the 2-D coordinates.
+        ``.obsm`` key of the 2-D coordinates (``f"X_umap_{neighbors_key}"`` of
+        :func:`scinfl.tl.cluster`).
     show
         Show the figure.
     save
@@ -40,7 +41,16 @@ def umap(
 
     Examples
     --------
-    >>> scinfl.pl.umap(adata, color=["scinfl_leiden", "bulk_labels"], save="umap.png")  # doctest: +SKIP
+    >>> import matplotlib.pyplot as plt
+    >>> import numpy as np
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20)
+    >>> adata.obsm["X_scinfl"] = np.log1p(adata.X.toarray())  # or scinfl.tl.embed(adata, model)
+    >>> scinfl.tl.cluster(adata, n_neighbors=5)
+    >>> fig = scinfl.pl.umap(adata, color=["scinfl_leiden", "label"])  # save="umap.png" writes it
+    >>> len(fig.axes)
+    2
+    >>> plt.close(fig)
     """
     if basis not in adata.obsm:
         raise ValueError(f"adata.obsm[{basis!r}] not found; run scinfl.tl.cluster(adata) first.")

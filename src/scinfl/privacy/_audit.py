@@ -72,8 +72,16 @@ def training_rows(
 
     Examples
     --------
-    >>> members = training_rows(model)  # doctest: +SKIP
-    >>> members = training_rows(model, validation_size=0.1, seed=0)  # doctest: +SKIP
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+    >>> _ = model.train_federated(max_rounds=1, batch_size=16, progress_bar=False, seed=0)
+    >>> members = training_rows(model)
+    >>> int(members.sum()) == len(model.train_indices_)
+    True
+    >>> bool((training_rows(model, validation_size=0.1, seed=0) == members).all())
+    True
     """
     n = model.adata.n_obs
     if validation_size is None and seed is None:

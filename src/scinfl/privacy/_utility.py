@@ -75,7 +75,13 @@ def model_data(model, adata=None) -> ModelData:
 
     Examples
     --------
-    >>> data = model_data(model)  # doctest: +SKIP
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+    >>> data = model_data(model)
+    >>> data.n_obs, data.label_names.tolist()
+    (60, ['type0', 'type1', 'type2'])
     """
     adata = model._validate_anndata(adata)
     manager = model.get_anndata_manager(adata, required=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import scanpy as sc
 from anndata import AnnData
 
-UNS_KEY = "scinfl"
-
 
 def cluster(
     adata: AnnData,
@@ -14,13 +12,12 @@ def cluster(
     resolution: float = 1.0,
     n_neighbors: int = 15,
     key_added: str = "scinfl_leiden",
+    neighbors_key: str = "scinfl",
     umap: bool = True,
     random_state: int = 0,
-) -> AnnData:
+    copy: bool = False,
+) -> AnnData | None:
     """Neighbour graph, Leiden clusters and UMAP on ``adata.obsm[use_rep]``.
-
-    Writes ``adata.obs[key_added]``, the graph under ``adata.obsp["scinfl_*"]``, the UMAP in
-    ``adata.obsm["X_umap_scinfl"]`` and the parameters in ``adata.uns["scinfl"]``.
 
     Parameters
     ----------
@@ -33,40 +30,69 @@ def cluster(
     n_neighbors
         Neighbours of the kNN graph.
     key_added
-        ``.obs`` column for the clusters.
+        ``.obs`` column for the clusters, and ``.uns`` key of the parameters.
+    neighbors_key
+        Name of the kNN graph: :func:`scanpy.pp.neighbors` writes its settings in
+        ``.uns[neighbors_key]`` and the graph in ``.obsp[f"{neighbors_key}_distances"]`` and
+        ``.obsp[f"{neighbors_key}_connectivities"]``; the UMAP goes to
+        ``.obsm[f"X_umap_{neighbors_key}"]``.
     umap
-        Also compute a UMAP.
+        Also compute a UMAP of the graph (any ``.obsm["X_umap"]`` and ``.uns["umap"]`` of
+        your own are left as they were).
     random_state
-        Seed of Leiden and UMAP.
+        Seed of the graph, Leiden and UMAP.
+    copy
+        Return a copy of ``adata`` holding the results instead of writing into ``adata``.
 
     Returns
     -------
-    ``adata`` (modified in place).
+    ``None``, or with ``copy=True`` a new AnnData. Sets
+
+    ``.obs[key_added]``
+        Cluster of each cell (categorical).
+    ``.uns[key_added]["params"]``
+        The parameters of the call (with ``umap_key`` when ``umap=True``).
+    ``.uns[neighbors_key]``, ``.obsp[f"{neighbors_key}_distances"]``, ``.obsp[f"{neighbors_key}_connectivities"]``
+        The kNN graph.
+    ``.obsm[f"X_umap_{neighbors_key}"]``
+        The UMAP coordinates (with ``umap=True``).
 
     Examples
     --------
-    >>> scinfl.tl.cluster(adata)  # doctest: +SKIP
-    >>> adata.obs["scinfl_leiden"].nunique()  # doctest: +SKIP
-    9
+    >>> import numpy as np
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20)
+    >>> adata.obsm["X_scinfl"] = np.log1p(adata.X.toarray())  # or scinfl.tl.embed(adata, model)
+    >>> scinfl.tl.cluster(adata, n_neighbors=5)
+    >>> adata.obs["scinfl_leiden"].dtype.name, adata.obsm["X_umap_scinfl"].shape
+    ('category', (60, 2))
+    >>> adata.uns["scinfl_leiden"]["params"]["neighbors_key"]
+    'scinfl'
+    >>> fine = scinfl.tl.cluster(adata, resolution=2.0, key_added="fine", umap=False, copy=True)
+    >>> "fine" in fine.obs, "fine" in adata.obs
+    (True, False)
     """
     if use_rep not in adata.obsm:
         raise ValueError(
             f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
         )
+    if copy:
+        adata = adata.copy()
     sc.pp.neighbors(
         adata,
         use_rep=use_rep,
         n_neighbors=n_neighbors,
-        key_added=UNS_KEY,
+        key_added=neighbors_key,
         random_state=random_state,
     )
+    n_iterations = 2
     sc.tl.leiden(
         adata,
         resolution=resolution,
         key_added=key_added,
-        neighbors_key=UNS_KEY,
+        neighbors_key=neighbors_key,
         flavor="igraph",
-        n_iterations=2,
+        n_iterations=n_iterations,
         directed=False,
         random_state=random_state,
     )
@@ -74,18 +100,22 @@ def cluster(
         "use_rep": use_rep,
         "n_neighbors": n_neighbors,
         "resolution": resolution,
-        "leiden_key": key_added,
         "random_state": random_state,
+        "n_iterations": n_iterations,
+        "neighbors_key": neighbors_key,
     }
     if umap:
-        umap_key = f"X_umap_{UNS_KEY}"
-        # scanpy writes X_umap; keep the user's own UMAP intact by moving ours under its own key
-        previous = adata.obsm.get("X_umap")
-        sc.tl.umap(adata, neighbors_key=UNS_KEY, random_state=random_state)
+        umap_key = f"X_umap_{neighbors_key}"
+        # scanpy writes .obsm["X_umap"] and .uns["umap"]: move ours under its own key and put
+        # back the user's own
+        previous = {"obsm": adata.obsm.get("X_umap"), "uns": adata.uns.get("umap")}
+        sc.tl.umap(adata, neighbors_key=neighbors_key, random_state=random_state)
         adata.obsm[umap_key] = adata.obsm.pop("X_umap")
-        if previous is not None:
-            adata.obsm["X_umap"] = previous
+        del adata.uns["umap"]
+        if previous["obsm"] is not None:
+            adata.obsm["X_umap"] = previous["obsm"]
+        if previous["uns"] is not None:
+            adata.uns["umap"] = previous["uns"]
         params["umap_key"] = umap_key
-    adata.uns.setdefault(UNS_KEY, {})
-    adata.uns[UNS_KEY]["cluster"] = params
-    return adata
+    adata.uns[key_added] = {"params": params}
+    return adata if copy else None

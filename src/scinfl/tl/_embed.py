@@ -5,7 +5,7 @@ from __future__ import annotations
 from anndata import AnnData
 
 
-def embed(adata: AnnData, model, key_added: str = "X_scinfl") -> AnnData:
+def embed(adata: AnnData, model, key_added: str = "X_scinfl", copy: bool = False) -> AnnData | None:
     """Store the model's latent means in ``adata.obsm[key_added]``.
 
     Parameters
@@ -16,16 +16,27 @@ def embed(adata: AnnData, model, key_added: str = "X_scinfl") -> AnnData:
         A trained :class:`~scinfl.model.INFL` with its key set.
     key_added
         ``.obsm`` key.
+    copy
+        Return a copy of ``adata`` holding the result instead of writing into ``adata``.
 
     Returns
     -------
-    ``adata`` (modified in place).
+    ``None``, or with ``copy=True`` a new AnnData. Sets ``.obsm[key_added]`` (cells x latent
+    dimensions).
 
     Examples
     --------
-    >>> scinfl.tl.embed(adata, model)  # doctest: +SKIP
-    >>> adata.obsm["X_scinfl"].shape  # doctest: +SKIP
-    (700, 10)
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_latent=4)
+    >>> _ = model.train_federated(max_rounds=1, batch_size=16, progress_bar=False, seed=0)
+    >>> scinfl.tl.embed(adata, model)
+    >>> adata.obsm["X_scinfl"].shape
+    (60, 4)
     """
-    adata.obsm[key_added] = model.get_latent(adata)
-    return adata
+    latent = model.get_latent(adata)
+    if copy:
+        adata = adata.copy()
+    adata.obsm[key_added] = latent
+    return adata if copy else None

@@ -11,7 +11,8 @@ def predict(
     model,
     key_added: str = "scinfl_prediction",
     proba_key: str = "scinfl_proba",
-) -> AnnData:
+    copy: bool = False,
+) -> AnnData | None:
     """Store predicted labels in ``.obs[key_added]`` and class probabilities in ``.obsm[proba_key]``.
 
     Parameters
@@ -24,19 +25,32 @@ def predict(
         ``.obs`` column for the predicted label (categorical, in the model's label order).
     proba_key
         ``.obsm`` key for the probabilities (a DataFrame, one column per label).
+    copy
+        Return a copy of ``adata`` holding the result instead of writing into ``adata``.
 
     Returns
     -------
-    ``adata`` (modified in place).
+    ``None``, or with ``copy=True`` a new AnnData. Sets ``.obs[key_added]`` and
+    ``.obsm[proba_key]``.
 
     Examples
     --------
-    >>> scinfl.tl.predict(adata, model)  # doctest: +SKIP
-    >>> adata.obsm["scinfl_proba"].columns.tolist()  # doctest: +SKIP
-    ['CNV_high', 'CNV_low', 'MSI-H', 'POLE']
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+    >>> _ = model.train_federated(max_rounds=1, batch_size=16, progress_bar=False, seed=0)
+    >>> scinfl.tl.predict(adata, model)
+    >>> sorted(adata.obsm["scinfl_proba"].columns)
+    ['type0', 'type1', 'type2']
+    >>> result = scinfl.tl.predict(adata, model, key_added="pred", copy=True)
+    >>> "pred" in result.obs, "pred" in adata.obs
+    (True, False)
     """
     proba = model.predict(adata, soft=True)
     proba.index = adata.obs_names
+    if copy:
+        adata = adata.copy()
     adata.obsm[proba_key] = proba
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))
-    return adata
+    return adata if copy else None

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+import scinfl
+
+
+@pytest.fixture
+def embedded(counts_adata):
+    counts_adata.obsm["X_scinfl"] = np.log1p(counts_adata.X.toarray())
+    return counts_adata
+
+
+def _keys(adata) -> dict:
+    return {a: set(getattr(adata, a).keys()) for a in ("obs", "obsm", "obsp", "uns")}
+
+
+def test_cluster_writes_under_its_keys_and_keeps_the_users(embedded):
+    own_umap = np.arange(2.0 * embedded.n_obs).reshape(-1, 2)
+    embedded.obsm["X_umap"] = own_umap
+    embedded.uns["umap"] = {"params": {"mine": True}}
+    result = scinfl.tl.cluster(embedded, n_neighbors=5, key_added="clusters", neighbors_key="g")
+    assert result is None
+    assert embedded.obs["clusters"].dtype == "category"
+    params = embedded.uns["clusters"]["params"]
+    assert params["neighbors_key"] == "g" and params["umap_key"] == "X_umap_g"
+    assert params["n_neighbors"] == 5 and params["use_rep"] == "X_scinfl"
+    assert {"g_connectivities", "g_distances"} <= set(embedded.obsp)
+    assert "clusters" not in embedded.uns["g"]  # the graph's dict holds only scanpy's own
+    assert embedded.obsm["X_umap_g"].shape == (embedded.n_obs, 2)
+    np.testing.assert_array_equal(embedded.obsm["X_umap"], own_umap)
+    assert embedded.uns["umap"] == {"params": {"mine": True}}
+
+
+def test_cluster_copy_leaves_the_input_untouched(embedded):
+    before = _keys(embedded)
+    result = scinfl.tl.cluster(embedded, n_neighbors=5, umap=False, copy=True)
+    assert _keys(embedded) == before
+    assert "scinfl_leiden" in result.obs and "scinfl_connectivities" in result.obsp
+    assert "umap_key" not in result.uns["scinfl_leiden"]["params"]
+    assert "X_umap_scinfl" not in result.obsm
+
+
+def test_embed_and_predict_copy(counts_adata, key):
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site", labels_key="label")
+    model = scinfl.model.INFL(counts_adata, key=key, n_latent=4)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    before = _keys(counts_adata)
+    embedded = scinfl.tl.embed(counts_adata, model, copy=True)
+    predicted = scinfl.tl.predict(counts_adata, model, copy=True)
+    assert _keys(counts_adata) == before
+    assert embedded.obsm["X_scinfl"].shape == (counts_adata.n_obs, 4)
+    assert predicted.obsm["scinfl_proba"].shape == (counts_adata.n_obs, 3)
+    assert scinfl.tl.embed(counts_adata, model, key_added="X_z") is None
+    assert scinfl.tl.predict(counts_adata, model, key_added="pred") is None
+    np.testing.assert_allclose(counts_adata.obsm["X_z"], embedded.obsm["X_scinfl"])
+    assert counts_adata.obs["pred"].tolist() == predicted.obs["scinfl_prediction"].tolist()
