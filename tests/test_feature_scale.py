@@ -155,3 +155,22 @@ def test_moments_of_sites_add_up():
         np.testing.assert_allclose(got, want, rtol=1e-12)
     with pytest.raises(ValueError, match="one shape"):
         scale_from_moments(np.ones(3), np.ones(4), np.ones(4))
+
+
+def test_normal_variance_unit_by_default_or_learned():
+    x = torch.as_tensor(_data(n=16, p=4))
+    unit = _vae(4)
+    unit.set_feature_scale(np.zeros(4), np.array([1.0, 2.0, 3.0, 4.0]))
+    unit.eval()
+    px = unit(_tensors(x))[1]["px"]
+    # unit standard deviation of every standardised feature: its own scale on the data's scale
+    torch.testing.assert_close(px.scale, unit.feature_scale.expand(16, 4))
+    torch.manual_seed(0)
+    learned = KeyedVAE(
+        n_input=4, gene_likelihood="normal", key_mode=None, normal_variance="feature"
+    )
+    learned.eval()
+    expected = torch.nn.functional.softplus(learned.px_r) + 1e-3
+    torch.testing.assert_close(learned(_tensors(x))[1]["px"].scale, expected.expand(16, 4))
+    with pytest.raises(ValueError, match="normal_variance"):
+        KeyedVAE(n_input=4, gene_likelihood="normal", normal_variance="gene")
