@@ -272,20 +272,22 @@ def main() -> None:
         runs = [(v, False, False) for v in args.variants]
         runs += [(v, True, False) for v in args.affine]
         runs += [(v, False, True) for v in args.federated]
+        title = (
+            f"## {dataset} ({data.n_obs} x {data.n_vars}, {data.obs['truth'].nunique()} classes)"
+        )
+        done = list(sections)
         for seed in args.seeds:
             for variant, affine, federated in runs:
                 row = {"seed": seed, **infl_row(data, variant, affine, federated, seed)}
                 rows.append(row)
-                print(pd.DataFrame([row]).to_string(header=False))
-        table = pd.DataFrame(rows)
-        for column in ("ARI (res 1)", "ARI (true k)"):
-            table[column] = table[column].astype(float).round(3)
-        sections.append(
-            f"## {dataset} ({data.n_obs} x {data.n_vars}, {data.obs['truth'].nunique()} classes)"
-            f"\n\n{markdown(table)}\n"
-        )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# Continuous data: Leiden ARI\n\n" + "\n".join(sections))
+                print(pd.DataFrame([row]).to_string(header=False), flush=True)
+                # rewritten after every run, so that an interrupted run keeps its rows
+                table = pd.DataFrame(rows)
+                for column in ("ARI (res 1)", "ARI (true k)"):
+                    table[column] = table[column].astype(float).round(3)
+                sections = [*done, f"{title}\n\n{markdown(table)}\n"]
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text("# Continuous data: Leiden ARI\n\n" + "\n".join(sections))
     print(f"wrote {args.out}")
 
 
