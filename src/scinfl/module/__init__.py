@@ -12,6 +12,7 @@ from ._feature_key import (
     InrFeatureKeyMode,
     SecretBasis,
 )
+from ._feature_scale import feature_moments, scale_from_moments
 from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
@@ -34,6 +35,8 @@ __all__ = [
     "PooledKeyMode",
     "PooledKeyedLinear",
     "SecretBasis",
+    "feature_moments",
     "get_key_mode",
     "keyify",
+    "scale_from_moments",
 ]
