@@ -6,11 +6,18 @@ import os
 # one thread: the tests and examples use tiny data, where more threads only compete for cores
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util
+
 import pytest
 import scvi
 import torch
 
 torch.set_num_threads(1)
+
+# the Flower engine's examples need the optional `flower` extra
+collect_ignore_glob = (
+    [] if importlib.util.find_spec("flwr") else ["src/scinfl/federated/flower/*.py"]
+)
 
 
 @pytest.fixture(autouse=True)

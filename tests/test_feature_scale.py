@@ -60,13 +60,31 @@ def test_identity_by_default():
         counts.set_feature_scale(np.zeros(12), np.ones(12))
 
 
-def test_state_dict_without_scale_loads_as_identity():
+def test_state_dict_without_scale_keeps_the_modules_own():
     old = {k: v for k, v in _vae(12).state_dict().items() if not k.startswith("feature_")}
+    fresh = _vae(12)
+    fresh.load_state_dict(old)  # a model saved before feature scaling: the identity
+    assert torch.equal(fresh.feature_loc, torch.zeros(12))
+    assert torch.equal(fresh.feature_scale, torch.ones(12))
     vae = _vae(12)
     vae.set_feature_scale(np.full(12, 3.0), np.full(12, 2.0))
-    vae.load_state_dict(old)
-    assert torch.equal(vae.feature_loc, torch.zeros(12))
-    assert torch.equal(vae.feature_scale, torch.ones(12))
+    vae.load_state_dict(old)  # the shared parameters never carry it: a site keeps its own
+    assert torch.equal(vae.feature_loc, torch.full((12,), 3.0))
+
+
+def test_feature_scale_never_travels():
+    from scinfl.federated import get_shared_parameters, set_shared_parameters
+
+    vae = _vae(6)
+    vae.set_feature_scale(np.full(6, 25.0), np.full(6, 3.0))
+    shared = get_shared_parameters(vae)
+    assert not any(name.startswith("feature_") for name in shared)
+    other = _vae(6)
+    other.set_feature_scale(np.full(6, 25.0), np.full(6, 3.0))
+    set_shared_parameters(other, shared)
+    assert torch.equal(other.feature_scale, torch.full((6,), 3.0))
+    with pytest.raises(ValueError, match="missing"):
+        set_shared_parameters(other, {k: v for k, v in shared.items() if k != "px_r"})
 
 
 def test_bad_feature_scale_is_refused():

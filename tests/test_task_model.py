@@ -95,7 +95,9 @@ def test_local_simulation_and_deployment_give_the_same_model(key, tmp_path, monk
     )
     assert json.loads(run_config["setup-args"])["covariate_key"] == "age"
     grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
     server_app(grid, context)
     deployed, _, _ = load_results(tmp_path / "out", key=key)
     for name, value in deployed.items():

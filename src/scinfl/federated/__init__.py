@@ -10,7 +10,12 @@ from ._features import (
     site_feature_report,
 )
 from ._local_engine import run_local
-from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from ._parameters import (
+    Parameters,
+    get_shared_parameters,
+    set_shared_parameters,
+    site_state_names,
+)
 from ._partition import partition
 from ._secret_frames import (
     SecretFrames,
@@ -51,6 +56,7 @@ __all__ = [
     "run_local",
     "set_shared_parameters",
     "site_feature_report",
+    "site_state_names",
     "site_seed",
     "unmask_sum",
 ]

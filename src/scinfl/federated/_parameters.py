@@ -16,10 +16,23 @@ Parameters = dict[str, np.ndarray]
 _FORBIDDEN_SUBSTRINGS = ("coordinates", "key_seed")
 
 
+def site_state_names(module: nn.Module) -> tuple[str, ...]:
+    """``state_dict`` entries every site sets itself and never shares (``site_state_names``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> site_state_names(torch.nn.Linear(2, 3))
+    ()
+    """
+    return tuple(getattr(module, "site_state_names", ()))
+
+
 def get_shared_parameters(module: nn.Module) -> Parameters:
     """Copy of everything a site shares: the module's ``state_dict`` as numpy arrays.
 
-    Key material is held in non-persistent buffers and is therefore never part of it.
+    Key material is held in non-persistent buffers and is therefore never part of it; state
+    each site sets itself (:func:`site_state_names`, e.g. the feature scale) is left out.
 
     Examples
     --------
@@ -32,7 +45,8 @@ def get_shared_parameters(module: nn.Module) -> Parameters:
     leaked = [name for name in state if any(s in name for s in _FORBIDDEN_SUBSTRINGS)]
     if leaked:
         raise RuntimeError(f"Refusing to share key material: {leaked}.")
-    return {name: t.detach().cpu().numpy().copy() for name, t in state.items()}
+    own = set(site_state_names(module))
+    return {name: t.detach().cpu().numpy().copy() for name, t in state.items() if name not in own}
 
 
 def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray]) -> None:
@@ -45,7 +59,8 @@ def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray
     >>> set_shared_parameters(layer, get_shared_parameters(torch.nn.Linear(2, 3)))
     """
     state = {name: torch.as_tensor(np.asarray(value)) for name, value in parameters.items()}
-    expected = module.state_dict()
+    own = set(site_state_names(module))
+    expected = {k: v for k, v in module.state_dict().items() if k not in own}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -61,4 +76,5 @@ def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray
                 f"{tuple(expected[name].shape)} in the model: sites disagree on the feature space "
                 "or on the categories. Agree on the feature names and categories before training."
             )
-    module.load_state_dict(state, strict=True)
+    # the site's own state is absent by design (the module keeps its values); all else strict
+    module.load_state_dict(state, strict=not own)

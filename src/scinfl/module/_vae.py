@@ -112,8 +112,9 @@ class KeyedVAE(VAE):
         if gene_likelihood == "normal" and self.dispersion != "gene":
             raise ValueError("gene_likelihood='normal' supports dispersion='gene' only.")
         if gene_likelihood == "normal":
-            # per-feature standardisation (identity until set): persistent, so it is saved and
-            # travels with the parameters; every site sets the same values, so FedAvg keeps them
+            # per-feature standardisation (identity until set): persistent, so it is saved with
+            # the model; every site sets the same values itself, and they never travel
+            # (site_state_names)
             self.register_buffer("feature_loc", torch.zeros(n_input))
             self.register_buffer("feature_scale", torch.ones(n_input))
         # the library-size encoder is unused with the observed library size; dropping it keeps
@@ -254,12 +255,20 @@ class KeyedVAE(VAE):
         self.feature_loc.copy_(values["loc"])
         self.feature_scale.copy_(values["scale"].clamp_min(MIN_FEATURE_SCALE))
 
+    @property
+    def site_state_names(self) -> tuple[str, ...]:
+        """State every site sets itself, identically, and never uploads: the feature scale.
+
+        :func:`~scinfl.federated.get_shared_parameters` leaves these entries out, so no
+        aggregation (DP noise included) touches them; they are saved with the model.
+        """
+        return ("feature_loc", "feature_scale") if self.gene_likelihood == "normal" else ()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # models saved before feature scaling existed load with the identity they were trained
-        # with
-        if self.gene_likelihood == "normal":
-            state_dict.setdefault(prefix + "feature_loc", torch.zeros_like(self.feature_loc))
-            state_dict.setdefault(prefix + "feature_scale", torch.ones_like(self.feature_scale))
+        # the shared parameters (and models saved before feature scaling existed) hold no
+        # feature scale: keep the one this module has (the identity until set)
+        for name in self.site_state_names:
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- inference / generative / loss -------------------------------------------------------

@@ -280,6 +280,14 @@ def load_site(
         raise ValueError(f"{path}: {err}") from err
     torch.manual_seed(int(s["seed"]))
     model = cls(adata, key=key, **_init_params(s))
+    if getattr(model.module, "site_state_names", ()):
+        # the in-process engines standardise continuous features over all sites' sums; a
+        # deployment has no step that adds up the sites' sums yet
+        logger.warning(
+            "Site %r: continuous features are not standardised across sites in a deployment; "
+            "give every site data on one scale (e.g. z-scores per feature).",
+            site,
+        )
     config = federation_config(s)
     data = SiteData.from_registry(
         model.adata_manager, site, None, config.validation_size, config.seed

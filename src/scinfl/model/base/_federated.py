@@ -14,6 +14,7 @@ import torch
 
 from scinfl.federated import FederationConfig, SiteData, run_local
 from scinfl.model._validation import validate_sites
+from scinfl.module import feature_moments, scale_from_moments
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class FederatedTrainingMixin:
                 f"min_available={config.min_available} but the federation has only "
                 f"{len(sites)} sites."
             )
+        self._fit_feature_scale(sites)
         history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume)
         self._record_split(sites, self._site_rows())
         return history
@@ -204,9 +206,29 @@ class FederatedTrainingMixin:
             self.adata_manager, "all", None, config.validation_size, config.seed
         )
         validate_sites({"all": site.n_train + site.n_val}, {"all": site.n_train}, 0, 2)
+        self._fit_feature_scale([site])
         history = self._run([site], config, progress_bar)
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
         return history
+
+    def _fit_feature_scale(self, sites: list[SiteData]) -> None:
+        """Standardise continuous features with their location and scale over all sites.
+
+        Each site's missing-aware count, sum and sum of squares per feature (of its training
+        rows) add up to those of the pooled rows; only these sums are combined, never rows.
+        Every engine in this process plays all sites, so the sum is formed here; the module
+        keeps the result as state each site holds and never uploads.
+        """
+        if not hasattr(self.module, "set_feature_scale") or not self.module.site_state_names:
+            return
+        moments = [feature_moments(site.X[site.train_idx]) for site in sites]
+        count, total, squares = (np.sum(parts, axis=0) for parts in zip(*moments, strict=True))
+        self.module.set_feature_scale(*scale_from_moments(count, total, squares))
+        logger.info(
+            "Standardised %d features with their location and scale over %d sites.",
+            len(count),
+            len(sites),
+        )
 
     def _record_split(self, sites: list[SiteData], rows: dict[str, np.ndarray]) -> None:
         # scvi-tools' train_indices / validation_indices: the rows each site trained on and
