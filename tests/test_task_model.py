@@ -15,6 +15,7 @@ from scinfl.federated import get_shared_parameters
 from scinfl.model import INFL
 
 from ._equality import assert_same_weights
+from ._loopback import LoopbackGrid
 
 
 class CovariateINFL(INFL):
@@ -69,7 +70,6 @@ def test_local_simulation_and_deployment_give_the_same_model(key, tmp_path, monk
         model_run_config,
         server_app,
     )
-    from tests.test_flower import LoopbackGrid  # noqa: TID252 - the tests' in-process grid
 
     adata = _adata()
     local = _model(adata.copy(), key)
