@@ -171,6 +171,7 @@ class FederatedTrainingMixin:
     def train_centralized(
         self,
         max_epochs: int = 50,
+        kl_warmup_epochs: int | None = None,
         progress_bar: bool = True,
         **settings,
     ) -> pd.DataFrame:
@@ -184,11 +185,13 @@ class FederatedTrainingMixin:
         ----------
         max_epochs
             Epochs over all rows.
+        kl_warmup_epochs
+            Epochs of linear KL warm-up (default: half of ``max_epochs``).
         progress_bar
             Show a progress bar over epochs.
         **settings
             Fields of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
-            ``kl_warmup_rounds`` for the warm-up epochs, ``validation_size``, ...).
+            ``validation_size``, ...).
 
         Examples
         --------
@@ -201,7 +204,9 @@ class FederatedTrainingMixin:
         ['all']
         """
         settings.setdefault("secret_frames", False)  # nothing travels
-        config = self._federation_config(max_rounds=max_epochs, **settings)
+        config = self._federation_config(
+            max_rounds=max_epochs, kl_warmup_rounds=kl_warmup_epochs, **settings
+        )
         site = SiteData.from_registry(
             self.adata_manager, "all", None, config.validation_size, config.seed
         )
