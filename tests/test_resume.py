@@ -12,7 +12,7 @@ from scinfl.federated import (
     FederatedServer,
     FederationConfig,
     SiteData,
-    _local_engine,
+    _site_runtime,
     get_shared_parameters,
     run_local,
 )
@@ -60,17 +60,17 @@ class _Interrupt(Exception):
 
 
 def _run_interrupted(monkeypatch, module, sites, config, key, checkpoint_dir, fail_round):
-    real = _local_engine.client_update
+    real = _site_runtime.client_update
 
-    def dying(module, site, parameters, client_config, *args):
+    def dying(module, site, parameters, client_config, **kwargs):
         if client_config.round == fail_round:
             raise _Interrupt("the machine went down")
-        return real(module, site, parameters, client_config, *args)
+        return real(module, site, parameters, client_config, **kwargs)
 
-    monkeypatch.setattr(_local_engine, "client_update", dying)
+    monkeypatch.setattr(_site_runtime, "client_update", dying)
     with pytest.raises(_Interrupt):
         _run(module, sites, config, key, checkpoint_dir=checkpoint_dir)
-    monkeypatch.setattr(_local_engine, "client_update", real)
+    monkeypatch.setattr(_site_runtime, "client_update", real)
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, key, monkeypatch):

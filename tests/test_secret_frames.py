@@ -1,5 +1,7 @@
 """Secret frames: the server averages the model in key-derived coordinates, new every round."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -201,11 +203,12 @@ def test_frames_are_the_default_with_a_key():
     assert keyed.secret_frame_ is None
     # the deployment's run config: "auto" by default, or an explicit switch
     assert federation_config({}).secret_frames
-    assert not federation_config({"key-mode": "none"}).secret_frames
-    assert federation_config({"key-mode": "none", "privacy": "secagg"}).secret_frames
+    unkeyed_model = {"init-params": json.dumps({"key_mode": None})}
+    assert not federation_config(unkeyed_model).secret_frames
+    assert federation_config({**unkeyed_model, "privacy": "secagg"}).secret_frames
     assert not secret_frames_on({"privacy": "dp"})
     assert not secret_frames_on({"secret-frames": False})
-    assert secret_frames_on({"key-mode": "none", "secret-frames": "true"})
+    assert secret_frames_on({**unkeyed_model, "secret-frames": "true"})
     with pytest.raises(ValueError, match="true, false or"):
         secret_frames_on({"secret-frames": "yes"})
 

@@ -9,7 +9,7 @@ from ._features import (
     observed_features,
     site_feature_report,
 )
-from ._local_engine import run_local
+from ._local_engine import InProcessTransport, run_local
 from ._parameters import (
     Parameters,
     get_shared_parameters,
@@ -17,6 +17,7 @@ from ._parameters import (
     site_state_names,
 )
 from ._partition import partition
+from ._round_loop import Transport, run_rounds, train_round
 from ._secret_frames import (
     SecretFrames,
     frame_id,
@@ -27,6 +28,7 @@ from ._secret_frames import (
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
+from ._site_runtime import SiteRuntime, site_evaluate, site_parameters, site_train
 
 __all__ = [
     "ClientConfig",
@@ -34,10 +36,13 @@ __all__ = [
     "DPFedAvg",
     "FederatedServer",
     "FederationConfig",
+    "InProcessTransport",
     "IncompleteRoundError",
     "Parameters",
     "SecretFrames",
     "SiteData",
+    "SiteRuntime",
+    "Transport",
     "accept_updates",
     "agree_features",
     "agree_features_from_reports",
@@ -54,9 +59,14 @@ __all__ = [
     "partition",
     "protect_update",
     "run_local",
+    "run_rounds",
     "set_shared_parameters",
+    "site_evaluate",
     "site_feature_report",
+    "site_parameters",
     "site_state_names",
+    "site_train",
+    "train_round",
     "site_seed",
     "unmask_sum",
 ]

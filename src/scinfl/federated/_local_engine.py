@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 
 from scinfl.key import Key
 
-from ._client import client_evaluate, client_update
+from ._client import ClientConfig, ClientUpdate
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from ._secret_frames import INITIAL_FRAME, frames_for
-from ._secure_aggregation import protect_update
+from ._round_loop import run_rounds
+from ._secret_frames import INITIAL_FRAME, SecretFrames, frames_for
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
+from ._site_runtime import SiteRuntime, site_evaluate, site_train
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,10 @@ def run_local(
     >>> int(server.history()["round"].max())
     1
     """
-    by_name = {site.name: site for site in sites}
+    runtimes = {
+        site.name: SiteRuntime(module, site, key_fingerprint, key_version, key=key)
+        for site in sites
+    }
     initial = initial_parameters or get_shared_parameters(module)
     frames = frames_for(key) if config.secret_frames else None
     server = start_server(
@@ -84,45 +86,73 @@ def run_local(
         config,
         key_fingerprint,
         key_version,
-        n_sites=len(by_name),
+        n_sites=len(runtimes),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
-    rounds = tqdm(server.rounds(), desc="federated rounds", disable=not progress_bar)
-    # every site receives the same global model: decode it from its frame once per round
-    opened = frames.decode(server.parameters, server.frame) if frames else server.parameters
-    for round_ in rounds:
-        selected = server.sample_sites(list(by_name), round_)
-        client_config = server.client_config(round_, selected)
-        updates = [
-            protect_update(
-                client_update(
-                    module,
-                    by_name[name],
-                    opened,
-                    client_config,
-                    key_fingerprint,
-                    key_version,
-                ),
-                key,
-                client_config,
-                received=server.parameters,
-            )
-            for name in selected
-        ]
-        parameters = server.aggregate(round_, updates, selected, sent=client_config)
-        opened = frames.decode(parameters, server.frame) if frames else parameters
-        set_shared_parameters(module, opened)
-        evaluation = {name: client_evaluate(module, site) for name, site in by_name.items()}
-        stop = server.record_evaluation(round_, evaluation)
-        val = [m["val_loss"] for m in evaluation.values() if m["n_val"] > 0]
-        if val:
-            rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
-        if stop:
-            break
+    run_rounds(InProcessTransport(runtimes, frames), server, progress_bar=progress_bar)
     best = server.best_parameters
     set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)
     return server
+
+
+class InProcessTransport:
+    """The sites of this process as a :class:`~scinfl.federated.Transport`.
+
+    One module can play every site in turn (it is reset to the global parameters before each
+    local update, so nothing passes between sites except through the server). Every site
+    receives the same global model, so it is decoded from its secret frame once per frame.
+
+    Parameters
+    ----------
+    runtimes
+        Each site's runtime, by name.
+    frames
+        The federation's secret frames, when the parameters travel in them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
+    >>> InProcessTransport({"a": SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site)}).available(0)
+    ['a']
+    """
+
+    def __init__(self, runtimes: Mapping[str, SiteRuntime], frames: SecretFrames | None = None):
+        self.runtimes = dict(runtimes)
+        self.frames = frames
+        self._opened: tuple[str, Parameters] | None = None
+
+    def available(self, round_: int) -> list[str]:
+        """Every site: none of them can be away."""
+        return sorted(self.runtimes)
+
+    def _open(self, parameters: Parameters, config: ClientConfig) -> Parameters:
+        if self.frames is None:
+            return parameters
+        if self._opened is None or self._opened[0] != config.frame:
+            self._opened = (config.frame, self.frames.decode(parameters, config.frame))
+        return self._opened[1]
+
+    def train(
+        self,
+        round_: int,
+        sites: list[str],
+        parameters: Parameters,
+        config: ClientConfig,
+        attempt: int = 0,
+    ) -> list[ClientUpdate]:
+        """Each site's update, in turn."""
+        opened = self._open(parameters, config)
+        return [site_train(self.runtimes[s], parameters, config, opened) for s in sorted(sites)]
+
+    def evaluate(
+        self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
+    ) -> list[ClientUpdate]:
+        """Each site's validation metrics of the global model."""
+        opened = self._open(parameters, config)
+        return [site_evaluate(self.runtimes[s], parameters, config, opened) for s in sorted(sites)]
 
 
 def start_server(

@@ -22,7 +22,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "(flwr[simulation]==1.41.*)."
     ) from err
 
-from ._client_app import SiteRuntime, make_client_app
+from scinfl.federated._site_runtime import SiteRuntime
+
+from ._client_app import make_client_app
 from ._records import (
     config_to_record,
     content_to_update,
@@ -32,15 +34,17 @@ from ._records import (
     update_to_content,
 )
 from ._server_app import (
+    GridTransport,
     SiteDirectory,
     discover_sites,
     make_server_app,
     request_parameters,
-    run_rounds,
+    run_flower_rounds,
 )
 from ._simulation import SimulationSites, run_flower_simulation
 
 __all__ = [
+    "GridTransport",
     "SimulationSites",
     "SiteDirectory",
     "SiteRuntime",
@@ -54,6 +58,6 @@ __all__ = [
     "record_to_parameters",
     "request_parameters",
     "run_flower_simulation",
-    "run_rounds",
+    "run_flower_rounds",
     "update_to_content",
 ]

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
 
-from scinfl.federated._client import client_evaluate, client_update
-from scinfl.federated._parameters import get_shared_parameters
-from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for, open_parameters
-from scinfl.federated._secure_aggregation import protect_update
-from scinfl.federated._site_data import SiteData
-from scinfl.key import Key
+from scinfl.federated._site_runtime import (
+    SiteRuntime,
+    site_evaluate,
+    site_parameters,
+    site_train,
+)
 
 from ._records import (
     CONFIG,
@@ -36,40 +34,6 @@ logger = logging.getLogger(__name__)
 WANT_PARAMETERS = "want-parameters"
 #: ``query`` instruction entry: send the initial parameters in the initial secret frame
 IN_SECRET_FRAME = "in-secret-frame"
-
-
-@dataclass
-class SiteRuntime:
-    """What a ClientApp needs at one site: its module (key set), its data, its key identity.
-
-    The key lives in the module's non-persistent buffers (and in ``key``, for secure
-    aggregation); only its fingerprint and version are ever put into a message.
-
-    Parameters
-    ----------
-    module
-        The site's module with the federation's key set.
-    site
-        The site's data.
-    key_fingerprint, key_version
-        Public identity of the site's key, sent with every reply.
-    key
-        The key itself, for secure aggregation's masks (never sent).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from scinfl.module import KeyedVAE
-    >>> runtime = SiteRuntime(KeyedVAE(n_input=4, key_mode=None), SiteData.from_arrays("a", np.ones((10, 4))))
-    >>> runtime.site.name
-    'a'
-    """
-
-    module: nn.Module
-    site: SiteData
-    key_fingerprint: str | None = None
-    key_version: int | None = None
-    key: Key | None = field(default=None, repr=False)
 
 
 SiteResolver = Callable[[Context], SiteRuntime]
@@ -126,9 +90,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
         asked = msg.content[CONFIG] if CONFIG in msg.content else {}
         if asked.get(WANT_PARAMETERS, False):
-            parameters = get_shared_parameters(runtime.module)
-            if asked.get(IN_SECRET_FRAME, False):
-                parameters = frames_for(runtime.key).encode(parameters, INITIAL_FRAME)
+            parameters = site_parameters(runtime, bool(asked.get(IN_SECRET_FRAME, False)))
             content[PARAMETERS] = parameters_to_record(parameters)
         return Message(content, reply_to=msg)
 
@@ -136,16 +98,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
         config = record_to_config(msg.content[CONFIG])
-        received = record_to_parameters(msg.content[PARAMETERS])
-        update = client_update(
-            runtime.module,
-            runtime.site,
-            open_parameters(received, runtime.key, config),
-            config,
-            key_fingerprint=runtime.key_fingerprint,
-            key_version=runtime.key_version,
-        )
-        update = protect_update(update, runtime.key, config, received)
+        update = site_train(runtime, record_to_parameters(msg.content[PARAMETERS]), config)
         content = update_to_content(update)
         content[IDENTITY] = _identity(runtime, update.n)
         return Message(content, reply_to=msg)
@@ -153,11 +106,9 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         runtime = resolve(context)
-        parameters = record_to_parameters(msg.content[PARAMETERS])
-        if CONFIG in msg.content:
-            config = record_to_config(msg.content[CONFIG])
-            parameters = open_parameters(parameters, runtime.key, config)
-        metrics = client_evaluate(runtime.module, runtime.site, parameters)
+        config = record_to_config(msg.content[CONFIG]) if CONFIG in msg.content else None
+        received = record_to_parameters(msg.content[PARAMETERS])
+        metrics = site_evaluate(runtime, received, config).metrics
         content = RecordDict(
             {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
         )

@@ -1,4 +1,4 @@
-"""The Flower ``ServerApp``: the round loop of :func:`~scinfl.federated.run_local` over a Grid.
+"""The Flower ``ServerApp``: the one round loop (:func:`~scinfl.federated.run_rounds`) over a Grid.
 
 Sampling, FedAvg, the key-identity check and model selection are those of
 :class:`~scinfl.federated.FederatedServer`; this module only moves messages.
@@ -11,14 +11,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
-from scinfl.federated._aggregate import accept_updates
-from scinfl.federated._client import ClientUpdate
-from scinfl.federated._secure_aggregation import IncompleteRoundError
+from scinfl.federated._client import ClientConfig, ClientUpdate
+from scinfl.federated._parameters import Parameters
+from scinfl.federated._round_loop import run_rounds
 from scinfl.federated._server import FederatedServer
 
 from ._client_app import IN_SECRET_FRAME, WANT_PARAMETERS
@@ -213,21 +211,83 @@ def _collect(
     return sorted(updates, key=lambda u: u.site)
 
 
-def run_rounds(
+class GridTransport:
+    """The sites behind a Flower Grid as a :class:`~scinfl.federated.Transport`.
+
+    Each step is one message per site (``train`` or ``evaluate``) with the global parameters
+    and the round's instructions; the replies are decoded, those of another node than the
+    addressed one dropped, and a site that fails or does not answer within ``round_timeout``
+    is left out of the step (logged).
+
+    Examples
+    --------
+    >>> transport = GridTransport(grid, discover_sites(grid, 3), server)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        directory: SiteDirectory,
+        server: FederatedServer,
+        round_timeout: float | None = None,
+    ) -> None:
+        self.grid, self.directory, self.server = grid, directory, server
+        self.round_timeout = round_timeout
+
+    def available(self, round_: int) -> list[str]:
+        """The sites whose node is still connected."""
+        connected = set(self.grid.get_node_ids())
+        gone = [s for s in self.directory.sites if self.directory.nodes[s] not in connected]
+        if gone:
+            logger.warning("Round %d: sites %s are disconnected and not asked.", round_, gone)
+        return [site for site in self.directory.sites if site not in gone]
+
+    def train(
+        self,
+        round_: int,
+        sites: list[str],
+        parameters: Parameters,
+        config: ClientConfig,
+        attempt: int = 0,
+    ) -> list[ClientUpdate]:
+        """A ``train`` message to each site; their updates."""
+        group = f"{round_}" if attempt == 0 else f"{round_}.{attempt}"
+        return self._ask(sites, parameters, config, MessageType.TRAIN, round_, group)
+
+    def evaluate(
+        self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
+    ) -> list[ClientUpdate]:
+        """An ``evaluate`` message to each site; their metrics."""
+        return self._ask(sites, parameters, config, MessageType.EVALUATE, round_, str(round_))
+
+    def _ask(self, sites, parameters, config, message_type, round_, group_id):
+        records = {PARAMETERS: parameters_to_record(parameters), CONFIG: config_to_record(config)}
+        messages = [
+            Message(
+                RecordDict(dict(records)),
+                self.directory.nodes[site],
+                message_type,
+                group_id=group_id,
+            )
+            for site in sites
+        ]
+        kind = "train" if message_type == MessageType.TRAIN else "evaluate"
+        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout)
+        return _collect(replies, self.directory, self.server, kind, round_, asked=sites)
+
+
+def run_flower_rounds(
     grid: Grid,
     server: FederatedServer,
     directory: SiteDirectory,
     round_timeout: float | None = None,
     progress_bar: bool = True,
 ) -> FederatedServer:
-    """Run the rounds of :func:`~scinfl.federated.run_local` with the sites behind a Grid.
+    """Run the rounds of :func:`~scinfl.federated.run_rounds` with the sites behind a Grid.
 
-    Each round: :meth:`~scinfl.federated.FederatedServer.sample_sites`, a ``train`` message to
-    each sampled site, :meth:`~scinfl.federated.FederatedServer.aggregate` of the replies
-    (sorted by site, which drops updates under another key), an ``evaluate`` message with the
-    new global parameters to every site, and
-    :meth:`~scinfl.federated.FederatedServer.record_evaluation`. Evaluations under another
-    key are dropped too.
+    The same loop as :func:`~scinfl.federated.run_local`, over a :class:`GridTransport`; a
+    site whose key identity differs from the federation's is warned about first (its updates
+    will be rejected).
 
     Parameters
     ----------
@@ -248,7 +308,7 @@ def run_rounds(
 
     Examples
     --------
-    >>> server = run_rounds(grid, server, discover_sites(grid, 3))  # doctest: +SKIP
+    >>> server = run_flower_rounds(grid, server, discover_sites(grid, 3))  # doctest: +SKIP
     """
     for site, (fingerprint, version) in sorted(directory.keys.items()):
         if (server.key_fingerprint is not None and fingerprint != server.key_fingerprint) or (
@@ -263,114 +323,8 @@ def run_rounds(
                 server.key_fingerprint,
                 server.key_version,
             )
-    rounds = tqdm(server.rounds(), desc="federated rounds (flower)", disable=not progress_bar)
-    for round_ in rounds:
-        connected = set(grid.get_node_ids())
-        gone = [site for site in directory.sites if directory.nodes[site] not in connected]
-        if gone:
-            logger.warning("Round %d: sites %s are disconnected and not asked.", round_, gone)
-        available = [site for site in directory.sites if site not in gone]
-        selected = server.sample_sites(available, round_)
-        _train_round(grid, server, directory, round_, selected, round_timeout)
-        # the instructions name the secret frame of the parameters (when frames are on)
-        evaluate_config = config_to_record(server.client_config(round_ + 1))
-        evaluations = _ask(
-            grid,
-            server,
-            directory,
-            available,
-            {PARAMETERS: parameters_to_record(server.parameters), CONFIG: evaluate_config},
-            MessageType.EVALUATE,
-            round_,
-            str(round_),
-            round_timeout,
-        )
-        accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
-        stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
-        val = [u.metrics["val_loss"] for u in accepted if u.metrics.get("n_val", 0) > 0]
-        if val:
-            rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
-        if stop:
-            break
-    return server
-
-
-def _ask(
-    grid: Grid,
-    server: FederatedServer,
-    directory: SiteDirectory,
-    sites: list[str],
-    records: dict,
-    message_type: str,
-    round_: int,
-    group_id: str,
-    round_timeout: float | None,
-) -> list[ClientUpdate]:
-    """One message with ``records`` to each of ``sites``; their replies as updates."""
-    messages = [
-        Message(RecordDict(dict(records)), directory.nodes[site], message_type, group_id=group_id)
-        for site in sites
-    ]
-    kind = "train" if message_type == MessageType.TRAIN else "evaluate"
-    return _collect(
-        grid.send_and_receive(messages, timeout=round_timeout),
-        directory,
-        server,
-        kind,
-        round_,
-        asked=sites,
-    )
-
-
-def _train_round(
-    grid: Grid,
-    server: FederatedServer,
-    directory: SiteDirectory,
-    round_: int,
-    selected: list[str],
-    round_timeout: float | None,
-) -> None:
-    """Train messages to the selected sites, then aggregation of their replies.
-
-    Under secure aggregation a site that does not answer (or is rejected) leaves the others'
-    masks uncancelled: the round is asked again of the sites that answered, under fresh masks
-    (their training is seeded, so they send the same update), until every participant's
-    update is in or fewer than ``min_available`` remain.
-    """
-    participants, attempt = list(selected), 0
-    while True:
-        config = server.client_config(round_, participants, attempt)
-        updates = _ask(
-            grid,
-            server,
-            directory,
-            participants,
-            {PARAMETERS: parameters_to_record(server.parameters), CONFIG: config_to_record(config)},
-            MessageType.TRAIN,
-            round_,
-            f"{round_}" if attempt == 0 else f"{round_}.{attempt}",
-            round_timeout,
-        )
-        try:
-            server.aggregate(round_, updates, participants, sent=config)
-            return
-        except IncompleteRoundError as err:
-            participants = [site for site in participants if site not in err.missing]
-            if len(participants) < server.config.min_available:
-                raise RuntimeError(
-                    f"Round {round_}: secure aggregation needs every participant's update; "
-                    f"{err.missing} did not answer (or were rejected) and {len(participants)} "
-                    f"site(s) remain, fewer than min_available={server.config.min_available}."
-                ) from err
-            attempt += 1
-            logger.warning(
-                "Round %d: no update from %s; asking the %d others again under fresh masks "
-                "(attempt %d).",
-                round_,
-                err.missing,
-                len(participants),
-                attempt,
-            )
+    transport = GridTransport(grid, directory, server, round_timeout)
+    return run_rounds(transport, server, progress_bar, desc="federated rounds (flower)")
 
 
 def make_server_app(
@@ -435,7 +389,7 @@ def make_server_app(
                     round_timeout,
                     in_secret_frame=bool(server.config.secret_frames),
                 )
-            run_rounds(
+            run_flower_rounds(
                 grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar
             )
         except BaseException as error:

@@ -20,9 +20,10 @@ from scinfl.federated._parameters import Parameters, get_shared_parameters, set_
 from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
+from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key
 
-from ._client_app import SiteRuntime, make_client_app
+from ._client_app import make_client_app
 from ._server_app import make_server_app
 
 logger = logging.getLogger(__name__)

@@ -39,10 +39,11 @@ from scinfl.federated._local_engine import start_server
 from scinfl.federated._secret_frames import frames_for
 from scinfl.federated._server import FederatedServer, FederationConfig
 from scinfl.federated._site_data import SiteData
+from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
 
-from ._client_app import SiteRuntime, make_client_app
-from ._server_app import discover_sites, request_parameters, run_rounds
+from ._client_app import make_client_app
+from ._server_app import discover_sites, request_parameters, run_flower_rounds
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +460,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         server.parameters = request_parameters(
             grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)
         )
-    run_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
+    run_flower_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
     out = save_results(server, s["output-dir"])
     logger.info("Best round %s; results written to %s.", server.best_round, out.resolve())
 

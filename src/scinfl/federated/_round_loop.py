@@ -1,0 +1,133 @@
+"""The one round loop of every engine: sample, train, aggregate, evaluate, select.
+
+What carries the messages is a :class:`Transport`: the sites in this process
+(:func:`~scinfl.federated.run_local`) or behind a Flower Grid (the ``ServerApp``). The loop,
+and so the arithmetic of a federation, is the same for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._aggregate import accept_updates
+from ._client import ClientConfig, ClientUpdate
+from ._parameters import Parameters
+from ._secure_aggregation import IncompleteRoundError
+from ._server import FederatedServer
+
+logger = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """How the server reaches the sites in one engine.
+
+    ``train`` and ``evaluate`` send the global ``parameters`` (as the server holds them) and the
+    round's instructions to each of ``sites`` and return their replies as updates, sorted by
+    site; a site that fails or does not answer is left out (and logged) where the transport
+    can go on without it.
+    """
+
+    def available(self, round_: int) -> list[str]:
+        """The sites that can be asked in this round, sorted."""
+
+    def train(
+        self,
+        round_: int,
+        sites: list[str],
+        parameters: Parameters,
+        config: ClientConfig,
+        attempt: int,
+    ) -> list[ClientUpdate]:
+        """Each site's update from ``parameters`` under ``config``."""
+
+    def evaluate(
+        self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
+    ) -> list[ClientUpdate]:
+        """Each site's validation metrics of ``parameters`` (updates without parameters)."""
+
+
+def run_rounds(
+    transport: Transport,
+    server: FederatedServer,
+    progress_bar: bool = True,
+    desc: str = "federated rounds",
+) -> FederatedServer:
+    """Run a federation's remaining rounds over ``transport``.
+
+    Each round: :meth:`~scinfl.federated.FederatedServer.sample_sites` among the available
+    sites, a train step (:func:`train_round`), an evaluate step of the new global model at
+    every available site (updates under another key are dropped), and
+    :meth:`~scinfl.federated.FederatedServer.record_evaluation`, which selects the model and
+    decides early stopping.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.federated import FederationConfig, SiteData, run_local
+    >>> from scinfl.module import KeyedVAE
+    >>> sites = [SiteData.from_arrays(s, np.random.poisson(2, (40, 8))) for s in "ab"]
+    >>> server = run_local(KeyedVAE(n_input=8, key_mode=None), sites, FederationConfig(max_rounds=2), progress_bar=False)
+    >>> server.next_round  # run_local runs this loop over the sites in this process
+    2
+    """
+    rounds = tqdm(server.rounds(), desc=desc, disable=not progress_bar)
+    for round_ in rounds:
+        available = transport.available(round_)
+        selected = server.sample_sites(available, round_)
+        train_round(transport, server, round_, selected)
+        # the instructions name the secret frame of the parameters (when frames are on)
+        evaluations = transport.evaluate(
+            round_, available, server.parameters, server.client_config(round_ + 1)
+        )
+        accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
+        stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
+        val = [u.metrics["val_loss"] for u in accepted if u.metrics.get("n_val", 0) > 0]
+        if val:
+            rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
+        if stop:
+            break
+    return server
+
+
+def train_round(
+    transport: Transport, server: FederatedServer, round_: int, selected: list[str]
+) -> None:
+    """The train step of a round, then the aggregation of its updates.
+
+    Under secure aggregation a site that does not answer (or is rejected) leaves the others'
+    masks uncancelled: the round is asked again of the sites that answered, under fresh masks
+    (their training is seeded, so they send the same update), until every participant's
+    update is in or fewer than ``min_available`` remain.
+
+    Examples
+    --------
+    >>> train_round(transport, server, 0, ["a", "b"])  # doctest: +SKIP
+    """
+    participants, attempt = list(selected), 0
+    while True:
+        config = server.client_config(round_, participants, attempt)
+        updates = transport.train(round_, participants, server.parameters, config, attempt)
+        try:
+            server.aggregate(round_, updates, participants, sent=config)
+            return
+        except IncompleteRoundError as err:
+            participants = [site for site in participants if site not in err.missing]
+            if len(participants) < server.config.min_available:
+                raise RuntimeError(
+                    f"Round {round_}: secure aggregation needs every participant's update; "
+                    f"{err.missing} did not answer (or were rejected) and {len(participants)} "
+                    f"site(s) remain, fewer than min_available={server.config.min_available}."
+                ) from err
+            attempt += 1
+            logger.warning(
+                "Round %d: no update from %s; asking the %d others again under fresh masks "
+                "(attempt %d).",
+                round_,
+                err.missing,
+                len(participants),
+                attempt,
+            )
