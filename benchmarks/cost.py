@@ -2,7 +2,7 @@
 
 Reports ratios (never asserts timings):
 
-- keyed / unkeyed wall time of the same federated training (DESIGN.md: <= 1.10x), without
+- keyed / unkeyed wall time of the same federated training (docs/targets.md: <= 1.10x), without
   secret frames (their cost: ``benchmarks/secret_frames_cost.py``);
 - share of key parameters in the model (<= 5%);
 - scvi-tools SCVI epoch time / scinfl federated epoch time, same layer sizes, same data (>= 3x).

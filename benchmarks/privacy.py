@@ -580,7 +580,7 @@ def utility_table(util: pd.DataFrame) -> pd.DataFrame:
 
 
 def checks(audit_df: pd.DataFrame, util: pd.DataFrame, spectral_df: pd.DataFrame) -> pd.DataFrame:
-    """DESIGN.md section 5 figures, per keyed defence: met or not (attacks without the key)."""
+    """targets (docs/targets.md), per keyed defence: met or not (attacks without the key)."""
     rows = []
     deltas = utility_deltas(util)
     for defence in audit_df["defence"].unique():
@@ -685,7 +685,7 @@ def markdown(audit_df, util, spectral_df, args, minutes: float) -> str:
                 "",
             ]
         lines += [
-            f"### {dataset}: DESIGN.md section 5 figures",
+            f"### {dataset}: targets (docs/targets.md)",
             "",
             checks(a, u, s).to_markdown(index=False),
             "",

@@ -128,7 +128,7 @@ def _trained(mode, n_rounds=12, **train_kwargs):
 
 
 def test_wrong_key_utility_pooled_vs_feature_mode():
-    """DESIGN.md section 1: a wrong key of the pooled mode is almost the right key for the
+    """docs/privacy.md: a wrong key of the pooled mode is almost the right key for the
     latent space; the keyed class order makes its classifier predict permuted labels. The
     feature mode's classifier is at chance without its key (its latent space still clusters)."""
     pooled_model = _trained("pooled")

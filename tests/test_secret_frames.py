@@ -261,7 +261,7 @@ def test_audit_of_a_framed_model_runs_every_guess():
 def test_the_default_keyed_model_defeats_the_analytic_attack():
     """INFL(adata, key=...) trained with the defaults (the paper's pooled key, secret frames on):
     without the key the analytic attack recovers nothing; the same model without frames gives
-    every one-sample upload back (DESIGN.md section 1)."""
+    every one-sample upload back (docs/privacy.md)."""
     from scinfl.privacy import audit
 
     adata = scinfl.data.synthetic_counts(n_obs=200, n_vars=300, n_sites=3, seed=1)

@@ -14,7 +14,7 @@ the sites that answered, under fresh masks (``attempt``). Revealing a dropped si
 instead, as SecAgg's unmasking step does, would expose that site's update if it arrived late.
 
 Flower 1.41 offers SecAgg+ only in its legacy API, which does not compose with Message-API
-apps; this is scinfl's own, and it trusts what the threat model trusts (DESIGN.md section 4):
+apps; this is scinfl's own, and it trusts what the threat model trusts (docs/targets.md):
 sites of one federation trust each other, a colluding site is a leaked key.
 """
 

@@ -1,5 +1,6 @@
-"""User-facing models."""
+"""User-facing models, and the base classes (:mod:`scinfl.model.base`) they are built from."""
 
+from . import base
 from ._infl import INFL
 
-__all__ = ["INFL"]
+__all__ = ["INFL", "base"]
