@@ -51,7 +51,7 @@ always_document_param_types = False
 # -- MyST / notebooks -----------------------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # notebooks are stored without outputs and never run at build time
+nb_execution_mode = "off"  # notebooks are stored with the outputs of a full run
 nb_merge_streams = True
 
 # -- HTML ------------------------------------------------------------------------------------

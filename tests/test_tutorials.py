@@ -22,11 +22,16 @@ def _outputs_text(nb) -> str:
     return "\n".join(chunks)
 
 
-def test_quickstart_is_stored_without_outputs():
+def test_quickstart_is_stored_with_the_outputs_of_a_full_run():
+    """The docs render the notebook as stored: every cell ran, in order, without an error."""
     nb = nbformat.read(QUICKSTART, as_version=4)
     code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert code_cells
-    assert all(not cell.outputs and cell.execution_count is None for cell in code_cells)
+    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
+    outputs = [output for cell in code_cells for output in cell.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # loss curve, UMAP
+    assert "30 rounds" in _outputs_text(nb)  # the full run, not the test suite's short one
 
 
 @pytest.mark.slow

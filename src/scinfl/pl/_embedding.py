@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import scanpy as sc
 from anndata import AnnData
 
@@ -55,10 +56,33 @@ def umap(
     if basis not in adata.obsm:
         raise ValueError(f"adata.obsm[{basis!r}] not found; run scinfl.tl.cluster(adata) first.")
     colors = [color] if isinstance(color, str) else list(color)
-    sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
-    fig = plt.gcf()
+    axes = sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
+    axes = list(np.atleast_1d(axes))
+    fig = axes[0].figure
+    name = basis.removeprefix("X_").split("_")[0].upper()
+    for ax in axes:
+        ax.set_xlabel(f"{name}1")
+        ax.set_ylabel(f"{name}2")
+    _make_room_for_legends(fig, axes)
     if save is not None:
         fig.savefig(save, dpi=120, bbox_inches="tight")
     if show:
         plt.show()
     return fig
+
+
+def _make_room_for_legends(fig, axes) -> None:
+    """Space the panels so that no legend beside a panel runs into the next one.
+
+    scanpy puts each legend in the panel's right margin with a fixed gap between panels; long
+    category names then overlap the next panel. (``tight_layout`` does not apply to scanpy's
+    grid of panels.) ``savefig(bbox_inches="tight")`` keeps the last legend in the image.
+    """
+    legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+    if len(axes) < 2 or not legends:
+        return
+    renderer = fig.canvas.get_renderer()
+    widest = max(legend.get_window_extent(renderer).width for legend in legends)
+    panel = axes[0].get_window_extent(renderer).width
+    grid = axes[0].get_subplotspec().get_gridspec()
+    grid.update(wspace=widest / panel + 0.3)
