@@ -355,7 +355,7 @@ def test_decoder_attacks_fail_against_feature_mode_without_key(cells):
 
 
 def test_secret_basis_is_orthogonal_and_keyed_layers_keep_the_function(key):
-    from scinfl.module import BasisInputLinear, BasisOutputLinear, SecretBasis
+    from scinfl.module.experimental import BasisInputLinear, BasisOutputLinear, SecretBasis
 
     basis = SecretBasis(20)
     basis.set_coordinates(torch.from_numpy(key.coordinates(basis.size, dim=6, purpose="feature")))
