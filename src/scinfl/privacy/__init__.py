@@ -18,7 +18,9 @@ Membership inference on the released model: :func:`loss_attack` and :func:`rmia_
 reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.
 :func:`wrong_key_utility` measures what the model is worth with a wrong key or none, and
 :func:`audit` runs everything on a trained model into one tidy table (drawn by
-:func:`scinfl.pl.privacy`).
+:func:`scinfl.pl.privacy`): a loop over attack objects (:class:`ReconstructionAttack`,
+:class:`LabelPrevalenceAttack`, :class:`MembershipAttack`, :class:`InferenceAttack`, or any
+:class:`Attack`) with one :class:`AuditConfig`.
 """
 
 from ._adaptive import class_order_from_prevalence, spectral_alignment_attack
@@ -39,7 +41,17 @@ from ._attacks import (
     input_layer,
     output_layer,
 )
-from ._audit import audit, training_rows
+from ._audit import (
+    Attack,
+    AuditConfig,
+    AuditData,
+    InferenceAttack,
+    LabelPrevalenceAttack,
+    MembershipAttack,
+    ReconstructionAttack,
+    audit,
+    training_rows,
+)
 from ._framed import framed_attackers
 from ._membership import (
     MembershipResult,
@@ -69,9 +81,16 @@ from ._upload import (
 from ._utility import wrong_key_utility
 
 __all__ = [
+    "Attack",
+    "AuditConfig",
+    "AuditData",
     "DummyBatch",
+    "InferenceAttack",
+    "LabelPrevalenceAttack",
+    "MembershipAttack",
     "MembershipResult",
     "Reconstruction",
+    "ReconstructionAttack",
     "ReferenceModels",
     "analytic_attack",
     "analytic_inversion",
