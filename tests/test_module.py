@@ -1,11 +1,22 @@
 import io
+import logging
 
 import pytest
 import torch
 from scvi import REGISTRY_KEYS
 
+import scinfl.module
 from scinfl import Key, MissingKeyError
-from scinfl.module import CoordinateKeyEncoder, KeyedVAE, PooledKeyedLinear, keyify
+from scinfl.key import MISSING_KEY_MESSAGE
+from scinfl.module import (
+    KEY_MODES,
+    CoordinateKeyEncoder,
+    KeyedVAE,
+    KeyMode,
+    ModelKeyMode,
+    PooledKeyedLinear,
+    keyify,
+)
 
 
 def _tensors(n=8, p=20, n_labels=3):
@@ -61,6 +72,27 @@ def test_forward_without_key_raises():
     vae = KeyedVAE(n_input=20)
     with pytest.raises(MissingKeyError, match="set_key"):
         vae(_tensors())
+    classifier = KeyedVAE(n_input=20, n_labels=3, classify=True)
+    with pytest.raises(MissingKeyError) as raised:
+        classifier.classification_logits(torch.zeros(2, classifier.n_latent))
+    assert str(raised.value) == MISSING_KEY_MESSAGE  # one message for every missing key
+
+
+def test_superseded_key_modes_are_experimental_and_say_so(caplog):
+    from scinfl.module import experimental
+
+    public = set(scinfl.module.__all__)
+    assert not public & set(experimental.__all__)
+    assert {"feature", "feature-inr"} < set(KEY_MODES)
+    for name in ("pooled", "feature", "feature-inr"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scinfl.module"):
+            vae = KeyedVAE(n_input=20, key_mode=name)
+        assert isinstance(vae._key_mode, KeyMode)
+        superseded = name != "pooled"
+        # only the per-feature modes key the decoder too, and they are superseded
+        assert isinstance(vae._key_mode, ModelKeyMode) == superseded
+        assert ("superseded" in caplog.text) == superseded
 
 
 def test_normal_likelihood_masks_missing_values(key):

@@ -2,6 +2,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,9 @@ import torch
 import scinfl
 from scinfl.module import KeyedVAE
 from scinfl.privacy import (
+    Attack,
+    AuditConfig,
+    ReconstructionAttack,
     audit,
     client_loss,
     loss_attack,
@@ -282,6 +287,41 @@ def test_audit_keyed_model_runs_each_guess(counts):
         audit(model, attacks=["magic"])
     with pytest.raises(ValueError):
         audit(model, key_guesses=["maybe"])
+
+
+def test_audit_is_a_loop_over_attack_objects_with_one_config(plain_model):
+    """Names and attack objects give the same table; keyword settings override the config."""
+    config = AuditConfig(n_victims=2, validation_size=0.3, training_seed=0, seed=1)
+    by_name = audit(plain_model, attacks=["loss", "analytic"], config=config, n_membership=20)
+    by_object = audit(
+        plain_model,
+        attacks=[ReconstructionAttack(["analytic"]), "loss"],
+        config=replace(config, n_membership=20),
+    )
+    # the named attacks run first, by family: the object's reconstruction rows come second
+    key = ["attack", "key_guess", "metric"]
+    pd.testing.assert_frame_equal(
+        by_name.sort_values(key).reset_index(drop=True),
+        by_object.sort_values(key).reset_index(drop=True),
+    )
+    assert by_name.loc[by_name["attack"] == "loss", "n"].iloc[0] == 40
+
+    class Constant:
+        name = "constant"
+
+        def run(self, model, data, config):
+            return [
+                {"attack": self.name, "key_guess": g, "metric": "m", "value": config.seed}
+                for g in data.attackers
+            ]
+
+    assert isinstance(Constant(), Attack)
+    table = audit(plain_model, attacks=[Constant()], config=config)
+    assert table["value"].tolist() == [1, 1, 1]  # repeated for each guess (unkeyed model)
+    with pytest.raises(TypeError, match="n_victim"):
+        audit(plain_model, attacks=["analytic"], n_victim=2)
+    with pytest.raises(ValueError, match="reconstruction"):
+        ReconstructionAttack(["loss"])
 
 
 def test_audit_of_secure_aggregation_attacks_the_sum_of_sites(plain_model):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Key", "KeyFileError", "KeyMismatchError", "MissingKeyError"]
+__all__ = ["MISSING_KEY_MESSAGE", "Key", "KeyFileError", "KeyMismatchError", "MissingKeyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,12 @@ _FORMAT = "scinfl-key"
 _FORMAT_VERSION = 1
 _SEED_BYTES = 32  # 256 bits of entropy, drawn from the OS through `secrets`
 _FINGERPRINT_LABEL = b"scinfl/key-fingerprint/v1"
+
+#: What :class:`MissingKeyError` says wherever a keyed model is used without its key.
+MISSING_KEY_MESSAGE = (
+    "This model is keyed but has no key. Pass `key=` when creating or loading it, or call "
+    "`model.set_key(scinfl.Key.load(path))`."
+)
 
 
 class KeyFileError(ValueError):

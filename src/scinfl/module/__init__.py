@@ -1,40 +1,25 @@
-"""Torch modules: keyed INR layers, key encoders and the keyed VAE."""
+"""Torch modules: keyed INR layers, key encoders and the keyed VAE.
 
-from ._feature_key import (
-    BasisInputLinear,
-    BasisOutputLinear,
-    BasisVector,
-    FeatureInputLinear,
-    FeatureKeyEncoder,
-    FeatureKeyMode,
-    FeatureOutputLinear,
-    FeatureVector,
-    InrFeatureKeyMode,
-    SecretBasis,
-)
+The superseded per-feature key modes (``key_mode="feature"``, ``"feature-inr"``) and their
+layers are in :mod:`scinfl.module.experimental`.
+"""
+
+from . import experimental  # noqa: F401 (registers the superseded key modes in KEY_MODES)
 from ._feature_scale import feature_moments, scale_from_moments
 from ._key_encoder import CoordinateKeyEncoder
-from ._key_modes import KEY_MODES, PooledKeyMode, get_key_mode
+from ._key_modes import KEY_MODES, KeyMode, ModelKeyMode, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
 from ._vae import KeyedVAE
 
 __all__ = [
     "KEY_MODES",
-    "BasisInputLinear",
-    "BasisOutputLinear",
-    "BasisVector",
     "CoordinateKeyEncoder",
-    "FeatureInputLinear",
-    "FeatureKeyEncoder",
-    "FeatureKeyMode",
-    "FeatureOutputLinear",
-    "FeatureVector",
-    "InrFeatureKeyMode",
+    "KeyMode",
     "KeyedVAE",
+    "ModelKeyMode",
     "PooledKeyMode",
     "PooledKeyedLinear",
-    "SecretBasis",
     "feature_moments",
     "get_key_mode",
     "keyify",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scinfl.key import MissingKeyError
+from scinfl.key import MISSING_KEY_MESSAGE, MissingKeyError
 
 
 class CoordinateKeyEncoder(nn.Module):
@@ -98,8 +98,5 @@ class CoordinateKeyEncoder(nn.Module):
 
     def _compute(self) -> torch.Tensor:
         if self.coordinates is None:
-            raise MissingKeyError(
-                "This model is keyed but no key is set. Pass `key=` when creating or loading the "
-                "model, or call `model.set_key(scinfl.Key.load(path))`."
-            )
+            raise MissingKeyError(MISSING_KEY_MESSAGE)
         return self.encode_points(self.coordinates).mean(dim=0)

@@ -2,22 +2,70 @@
 
 A key mode owns two decisions, so that a new keyed design drops in without touching the VAE:
 which secret material it derives from a :class:`~scinfl.Key` (``key_material``) and how it
-rewires a module to depend on that material (``build_key_encoder`` and ``install``).
+rewires a module to depend on that material (``build_key_encoder`` and ``install``). Its
+interface is the protocol :class:`KeyMode`; a mode that also keys parts of the model that
+``install`` does not reach follows :class:`ModelKeyMode`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from scinfl.key import Key
 
-from ._feature_key import FeatureKeyMode, InrFeatureKeyMode
 from ._key_encoder import CoordinateKeyEncoder
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
+
+
+@runtime_checkable
+class KeyMode(Protocol):
+    """What :class:`~scinfl.module.KeyedVAE` asks of a key mode (``key_mode=`` of the model).
+
+    A key mode is built as ``mode_cls(key_strength=...)`` and registered in :data:`KEY_MODES`
+    under its ``name``.
+
+    Examples
+    --------
+    >>> isinstance(PooledKeyMode(), KeyMode)
+    True
+    """
+
+    #: the name ``key_mode=`` selects it by
+    name: ClassVar[str]
+
+    def build_key_encoder(self, n_input: int) -> nn.Module:
+        """The module that holds the key material (``set_coordinates``, ``has_key``)."""
+        ...
+
+    def key_material(self, key: Key, n_input: int) -> torch.Tensor:
+        """The secret material derived from ``key``, for the key encoder."""
+        ...
+
+    def install(self, module: nn.Module, key_encoder: nn.Module) -> None:
+        """Make ``module`` (the encoder, the classifier) depend on the key encoder."""
+        ...
+
+
+@runtime_checkable
+class ModelKeyMode(KeyMode, Protocol):
+    """A key mode that also keys the model outside the modules :meth:`~KeyMode.install` gets.
+
+    :class:`~scinfl.module.KeyedVAE` calls ``install_model(vae, key_encoder)`` after
+    ``install``, in its ``__init__`` (so that save and load see the keyed architecture).
+
+    Examples
+    --------
+    >>> isinstance(PooledKeyMode(), ModelKeyMode)
+    False
+    """
+
+    def install_model(self, vae: nn.Module, key_encoder: nn.Module | None = None) -> nn.Module:
+        """Key the rest of ``vae`` (idempotent); returns ``vae``."""
+        ...
 
 
 class PooledKeyMode:
@@ -70,15 +118,13 @@ class PooledKeyMode:
         )
 
 
-#: Registered key modes by name; ``key_mode=`` of the model picks one.
-KEY_MODES: dict[str, type] = {
-    PooledKeyMode.name: PooledKeyMode,
-    FeatureKeyMode.name: FeatureKeyMode,
-    InrFeatureKeyMode.name: InrFeatureKeyMode,
-}
+#: Registered key modes by name; ``key_mode=`` of the model picks one. The superseded
+#: per-feature modes (``"feature"``, ``"feature-inr"``) are registered by
+#: :mod:`scinfl.module.experimental`.
+KEY_MODES: dict[str, type[KeyMode]] = {PooledKeyMode.name: PooledKeyMode}
 
 
-def get_key_mode(name: str, **kwargs) -> PooledKeyMode | FeatureKeyMode | InrFeatureKeyMode:
+def get_key_mode(name: str, **kwargs) -> KeyMode:
     """Instantiate the key mode registered under ``name``.
 
     Examples

@@ -14,9 +14,9 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
-from scinfl.key import Key, MissingKeyError
+from scinfl.key import MISSING_KEY_MESSAGE, Key, MissingKeyError
 
-from ._key_modes import get_key_mode
+from ._key_modes import ModelKeyMode, get_key_mode
 
 Likelihood = Literal["nb", "zinb", "normal"]
 NormalVariance = Literal["unit", "feature"]
@@ -146,7 +146,7 @@ class KeyedVAE(VAE):
             mode.install(self.z_encoder, self.key_encoder)
             if self.classifier is not None:
                 mode.install(self.classifier, self.key_encoder)
-            if hasattr(mode, "install_model"):
+            if isinstance(mode, ModelKeyMode):
                 # per-feature modes also key the decoder's per-feature heads and dispersions
                 # (built here, in __init__, so that save / load see the keyed architecture)
                 mode.install_model(self, self.key_encoder)
@@ -344,10 +344,7 @@ class KeyedVAE(VAE):
         if self.class_order is not None:
             return logits[:, self.class_order]
         if self.is_keyed:
-            raise MissingKeyError(
-                "This model is keyed but no key is set. Pass `key=` when creating or loading "
-                "the model, or call `model.set_key(scinfl.Key.load(path))`."
-            )
+            raise MissingKeyError(MISSING_KEY_MESSAGE)
         return logits
 
     def loss(

@@ -5,7 +5,8 @@ parameter, each site's upload and the key generator, but not the key. Attacks he
 that: an upload is turned into a gradient (:func:`upload_gradient`,
 :func:`gradient_from_update`), then inverted analytically through the encoder's first layer
 (:func:`analytic_attack`) or through the decoder alone (:func:`decoder_inversion`,
-:func:`decoder_bias_attack`), or by gradient matching (:func:`dlg`), each with the attacker's
+:func:`decoder_bias_attack`), or by gradient matching (:func:`dlg`: :func:`dlg_init`,
+:func:`dlg_optimize`, :func:`dlg_labels`), each with the attacker's
 key guess (:func:`attacker_module`: no key, a wrong key, or the correct key as the upper
 bound). :func:`spectral_alignment_attack` needs no key: it undoes a secret linear feature map
 from many uploads and public data; :func:`class_order_from_prevalence` finds the secret class
@@ -17,11 +18,14 @@ Membership inference on the released model: :func:`loss_attack` and :func:`rmia_
 reference models from :func:`train_reference_models`), scored by :func:`membership_metrics`.
 :func:`wrong_key_utility` measures what the model is worth with a wrong key or none, and
 :func:`audit` runs everything on a trained model into one tidy table (drawn by
-:func:`scinfl.pl.privacy`).
+:func:`scinfl.pl.privacy`): a loop over attack objects (:class:`ReconstructionAttack`,
+:class:`LabelPrevalenceAttack`, :class:`MembershipAttack`, :class:`InferenceAttack`, or any
+:class:`Attack`) with one :class:`AuditConfig`.
 """
 
 from ._adaptive import class_order_from_prevalence, spectral_alignment_attack
 from ._attacks import (
+    DummyBatch,
     Reconstruction,
     analytic_attack,
     analytic_inversion,
@@ -30,11 +34,24 @@ from ._attacks import (
     decoder_bias_attack,
     decoder_inversion,
     dlg,
+    dlg_init,
+    dlg_labels,
+    dlg_optimize,
     infer_label,
     input_layer,
     output_layer,
 )
-from ._audit import audit, training_rows
+from ._audit import (
+    Attack,
+    AuditConfig,
+    AuditData,
+    InferenceAttack,
+    LabelPrevalenceAttack,
+    MembershipAttack,
+    ReconstructionAttack,
+    audit,
+    training_rows,
+)
 from ._framed import framed_attackers
 from ._membership import (
     MembershipResult,
@@ -64,8 +81,16 @@ from ._upload import (
 from ._utility import wrong_key_utility
 
 __all__ = [
+    "Attack",
+    "AuditConfig",
+    "AuditData",
+    "DummyBatch",
+    "InferenceAttack",
+    "LabelPrevalenceAttack",
+    "MembershipAttack",
     "MembershipResult",
     "Reconstruction",
+    "ReconstructionAttack",
     "ReferenceModels",
     "analytic_attack",
     "analytic_inversion",
@@ -79,6 +104,9 @@ __all__ = [
     "decoder_bias_attack",
     "decoder_inversion",
     "dlg",
+    "dlg_init",
+    "dlg_labels",
+    "dlg_optimize",
     "framed_attackers",
     "gradient_from_update",
     "infer_label",

@@ -442,6 +442,284 @@ def _distance(dummy, target, kind: str) -> torch.Tensor:
     return sum((d - t).pow(2).sum() for d, t in zip(dummy, target, strict=True))
 
 
+@dataclass
+class DummyBatch:
+    """The rows and labels a gradient-matching attacker optimises (see :func:`dlg_init`).
+
+    Attributes
+    ----------
+    x
+        The dummy rows in the space they are optimised in: ``v`` with
+        ``log1p(counts) = softplus(v)`` for count models (so that counts stay non-negative),
+        the values themselves otherwise; ``(n, n_input)``.
+    labels
+        Fixed labels ``(n, 1)``: inferred (iDLG), given, or zeros (optimised or no classifier).
+    label_logits
+        Soft labels optimised with the rows (``labels="optimize"``), else ``None``.
+    counts
+        Whether the model reads counts.
+    classify
+        Whether the model has a classifier.
+
+    Examples
+    --------
+    >>> dummy = DummyBatch(x=nn.Parameter(torch.zeros(1, 3)), labels=torch.zeros(1, 1))
+    >>> dummy.profile().tolist()  # log1p counts: softplus(0) = log(2)
+    [[0.6931471824645996, 0.6931471824645996, 0.6931471824645996]]
+    """
+
+    x: nn.Parameter
+    labels: torch.Tensor
+    label_logits: nn.Parameter | None = None
+    counts: bool = True
+    classify: bool = False
+
+    def profile(self) -> torch.Tensor:
+        """The rows as the encoder reads them: ``log1p`` counts, or the values."""
+        return F.softplus(self.x) if self.counts else self.x
+
+    def inputs(self) -> torch.Tensor:
+        """The rows as the model's data: counts, or the values."""
+        return torch.expm1(F.softplus(self.x)) if self.counts else self.x
+
+
+def dlg_init(
+    attacker: nn.Module,
+    gradients: Gradients,
+    n_samples: int = 1,
+    labels: Literal["infer", "optimize"] | int | np.ndarray = "infer",
+    init: Literal["random", "mean"] | np.ndarray = "random",
+    reference: np.ndarray | None = None,
+    seed: int = 0,
+) -> DummyBatch:
+    """Set up gradient inversion: the dummy rows and their labels (first step of :func:`dlg`).
+
+    Parameters
+    ----------
+    attacker
+        The adversary's module (:func:`attacker_module`).
+    gradients
+        The upload; with ``labels="infer"`` its classifier output bias gives the label (iDLG:
+        :func:`infer_label`, mapped to a class by :func:`class_of_unit`).
+    n_samples, labels, init, reference, seed
+        As for :func:`dlg`.
+
+    Returns
+    -------
+    :class:`DummyBatch`.
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> from scinfl.privacy import make_tensors, upload_gradient
+    >>> vae = KeyedVAE(n_input=10, n_labels=3, classify=True, key_mode=None)
+    >>> grads = upload_gradient(vae, make_tensors(np.arange(10.0), labels=np.array([2])))
+    >>> dummy = dlg_init(vae, grads)
+    >>> tuple(dummy.x.shape), dummy.labels.view(-1).tolist()
+    ((1, 10), [2])
+    """
+    p_in = attacker.n_input
+    counts = getattr(attacker, "gene_likelihood", "nb") != "normal"
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(init, str) and init == "mean":
+        if reference is None:
+            raise ValueError("init='mean' needs reference=, the public mean profile.")
+        start = (
+            torch.as_tensor(np.asarray(reference), dtype=torch.float32)
+            .expand(n_samples, p_in)
+            .clone()
+        )
+    elif isinstance(init, str):
+        start = torch.rand(n_samples, p_in, generator=gen) * (1.0 if counts else 2.0)
+        if not counts:
+            start = start - 1.0
+    else:
+        start = (
+            torch.as_tensor(np.asarray(init), dtype=torch.float32).reshape(n_samples, p_in).clone()
+        )
+    if counts:  # inverse softplus of the log1p profile
+        start = torch.where(start > 20, start, torch.log(torch.expm1(start.clamp_min(1e-4))))
+
+    classify = getattr(attacker, "classifier", None) is not None
+    label_logits = None
+    fixed_labels = torch.zeros(n_samples, 1, dtype=torch.long)
+    if classify:
+        if isinstance(labels, str) and labels == "infer":
+            unit = infer_label(gradients, output_layer(attacker, "classifier")[0])
+            fixed_labels[:] = class_of_unit(attacker, unit)
+        elif isinstance(labels, str) and labels == "optimize":
+            n_labels = output_layer(attacker, "classifier")[1].out_features
+            label_logits = nn.Parameter(torch.randn(n_samples, n_labels, generator=gen) * 0.1)
+        else:
+            fixed_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(
+                n_samples, 1
+            )
+    return DummyBatch(
+        x=nn.Parameter(start),
+        labels=fixed_labels,
+        label_logits=label_logits,
+        counts=counts,
+        classify=classify,
+    )
+
+
+def dlg_optimize(
+    attacker: nn.Module,
+    gradients: Gradients,
+    dummy: DummyBatch,
+    distance: Literal["cosine", "l2"] = "cosine",
+    n_iter: int = 500,
+    lr: float = 0.1,
+    reference: np.ndarray | None = None,
+    parameter_names: list[str] | None = None,
+    kl_weight: float = 1.0,
+    optimize_key: bool = False,
+    prior_weight: float = 0.0,
+    prior_scale: np.ndarray | None = None,
+) -> tuple[float, list[float], np.ndarray | None]:
+    """Gradient matching: optimise ``dummy`` so that its gradient matches the upload.
+
+    The second step of :func:`dlg`. Adam on the dummy rows (and soft labels, and with
+    ``optimize_key`` the key material), decayed 10x at 3/8, 5/8 and 7/8 of the run; the
+    dummy ends at the iterate of lowest objective. The attacker module keeps its parameters
+    and key material.
+
+    Parameters
+    ----------
+    attacker
+        The adversary's module (:func:`attacker_module`).
+    gradients
+        The upload.
+    dummy
+        From :func:`dlg_init`; updated in place.
+    distance, n_iter, lr, reference, parameter_names, kl_weight, optimize_key, prior_weight, prior_scale
+        As for :func:`dlg`.
+
+    Returns
+    -------
+    The lowest objective, the objective every 50 iterations, and the key material at the
+    lowest objective (``optimize_key=True``, else ``None``).
+
+    Examples
+    --------
+    >>> from scinfl.module import KeyedVAE
+    >>> from scinfl.privacy import make_tensors, upload_gradient
+    >>> vae = KeyedVAE(n_input=10, key_mode=None)
+    >>> grads = upload_gradient(vae, make_tensors(np.arange(10.0)))
+    >>> dummy = dlg_init(vae, grads)
+    >>> loss, history, _ = dlg_optimize(vae, grads, dummy, n_iter=20)
+    >>> len(history), loss <= history[0]
+    (1, True)
+    """
+    attacker.eval()
+    names = parameter_names or [
+        n
+        for n in shared_parameter_names(attacker)
+        if n in gradients and float(gradients[n].abs().sum()) > 0
+    ]
+    for p in attacker.parameters():
+        p.requires_grad_(False)
+    params = dict(attacker.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    target = [gradients[n].to(params[n].dtype) for n in names]
+    v, label_logits = dummy.x, dummy.label_logits
+    variables = [v] if label_logits is None else [v, label_logits]
+
+    key_encoder = getattr(attacker, "key_encoder", None)
+    saved_material = None
+    material = None
+    if optimize_key:
+        if key_encoder is None:
+            raise ValueError("optimize_key=True needs a keyed module.")
+        if not getattr(key_encoder, "differentiable", False):
+            raise ValueError(
+                f"The key material of {type(key_encoder).__name__} is discrete; optimize_key "
+                "works for the 'pooled' and 'feature-inr' key modes."
+            )
+        if key_encoder.coordinates is None:
+            raise ValueError("optimize_key=True starts from a key guess: see attacker_module().")
+        saved_material = key_encoder.coordinates
+        material = saved_material.detach().clone().requires_grad_(True)
+        # a leaf tensor in place of the buffer, so that the gradient reaches the coordinates
+        key_encoder._buffers["coordinates"] = material
+        variables.append(material)
+    prior = None
+    if prior_weight > 0:
+        if reference is None:
+            raise ValueError("prior_weight > 0 needs reference=, the public mean profile.")
+        scale = np.ones(attacker.n_input) if prior_scale is None else np.asarray(prior_scale)
+        prior = (
+            torch.as_tensor(np.asarray(reference), dtype=torch.float32),
+            torch.as_tensor(np.maximum(scale, 1e-6), dtype=torch.float32),
+        )
+
+    optimizer = torch.optim.Adam(variables, lr=lr)
+    milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    batch = torch.zeros(v.shape[0], 1, dtype=torch.long)
+    best, best_v, history = np.inf, v.detach().clone(), []
+    best_logits = None if label_logits is None else label_logits.detach().clone()
+    best_material = None if material is None else material.detach().clone()
+    for it in range(n_iter):
+        tensors = {
+            REGISTRY_KEYS.X_KEY: dummy.inputs(),
+            REGISTRY_KEYS.BATCH_KEY: batch,
+            REGISTRY_KEYS.LABELS_KEY: dummy.labels,
+        }
+        soft = None if label_logits is None else torch.softmax(label_logits, -1)
+        loss = client_loss(attacker, tensors, kl_weight=kl_weight, soft_labels=soft)
+        grads = torch.autograd.grad(
+            loss, [params[n] for n in names], create_graph=True, allow_unused=True
+        )
+        pairs = [(d, t) for d, t in zip(grads, target, strict=True) if d is not None]
+        dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
+        if prior is not None:
+            dist = dist + prior_weight * ((dummy.profile() - prior[0]) / prior[1]).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        dist.backward()
+        optimizer.step()
+        scheduler.step()
+        value = float(dist.detach())
+        if np.isfinite(value) and value < best:
+            best, best_v = value, v.detach().clone()
+            if label_logits is not None:
+                best_logits = label_logits.detach().clone()
+            if material is not None:
+                best_material = material.detach().clone()
+        if it % 50 == 0:
+            history.append(value)
+    for p in attacker.parameters():
+        p.requires_grad_(True)
+    if saved_material is not None:
+        key_encoder._buffers["coordinates"] = saved_material
+    with torch.no_grad():  # the dummy ends at its best iterate
+        v.copy_(best_v)
+        if label_logits is not None:
+            label_logits.copy_(best_logits)
+    return best, history, None if best_material is None else best_material.numpy()
+
+
+def dlg_labels(dummy: DummyBatch) -> np.ndarray | None:
+    """Label recovery of gradient inversion (last step of :func:`dlg`).
+
+    The most likely class of each row's optimised soft labels (``labels="optimize"``), else
+    the fixed labels (inferred by iDLG or given); ``None`` for a model without a classifier.
+
+    Examples
+    --------
+    >>> logits = nn.Parameter(torch.tensor([[0.1, 2.0, -1.0]]))
+    >>> dummy = DummyBatch(torch.zeros(1, 4), torch.zeros(1, 1), logits, classify=True)
+    >>> dlg_labels(dummy).tolist()
+    [1]
+    """
+    if not dummy.classify:
+        return None
+    if dummy.label_logits is not None:
+        return dummy.label_logits.detach().argmax(-1).numpy()
+    return dummy.labels.view(-1).numpy()
+
+
 def dlg(
     attacker: nn.Module,
     gradients: Gradients,
@@ -466,6 +744,9 @@ def dlg(
     Labels are inferred from the classifier's output bias (*iDLG*, Zhao et al. 2020), optimised
     jointly as soft labels (DLG), or given. The dummy is parametrised in ``log1p`` space
     (``x = expm1(softplus(v))`` for counts), so reconstructions are non-negative.
+
+    Three steps, each a function of its own: :func:`dlg_init` (the dummy rows and labels),
+    :func:`dlg_optimize` (gradient matching) and :func:`dlg_labels` (label recovery).
 
     Parameters
     ----------
@@ -519,143 +800,25 @@ def dlg(
     >>> rec.x.shape
     (1, 10)
     """
-    attacker.eval()
-    names = parameter_names or [
-        n
-        for n in shared_parameter_names(attacker)
-        if n in gradients and float(gradients[n].abs().sum()) > 0
-    ]
-    for p in attacker.parameters():
-        p.requires_grad_(False)
-    params = dict(attacker.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
-    target = [gradients[n].to(params[n].dtype) for n in names]
-    p_in = attacker.n_input
-    counts = getattr(attacker, "gene_likelihood", "nb") != "normal"
-
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(init, str) and init == "mean":
-        if reference is None:
-            raise ValueError("init='mean' needs reference=, the public mean profile.")
-        start = (
-            torch.as_tensor(np.asarray(reference), dtype=torch.float32)
-            .expand(n_samples, p_in)
-            .clone()
-        )
-    elif isinstance(init, str):
-        start = torch.rand(n_samples, p_in, generator=gen) * (1.0 if counts else 2.0)
-        if not counts:
-            start = start - 1.0
-    else:
-        start = (
-            torch.as_tensor(np.asarray(init), dtype=torch.float32).reshape(n_samples, p_in).clone()
-        )
-    if counts:  # inverse softplus of the log1p profile
-        start = torch.where(start > 20, start, torch.log(torch.expm1(start.clamp_min(1e-4))))
-    v = nn.Parameter(start)
-    variables = [v]
-
-    classify = getattr(attacker, "classifier", None) is not None
-    label_logits = None
-    fixed_labels = torch.zeros(n_samples, 1, dtype=torch.long)
-    if classify:
-        if isinstance(labels, str) and labels == "infer":
-            unit = infer_label(gradients, output_layer(attacker, "classifier")[0])
-            fixed_labels[:] = class_of_unit(attacker, unit)
-        elif isinstance(labels, str) and labels == "optimize":
-            n_labels = output_layer(attacker, "classifier")[1].out_features
-            label_logits = nn.Parameter(torch.randn(n_samples, n_labels, generator=gen) * 0.1)
-            variables.append(label_logits)
-        else:
-            fixed_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(
-                n_samples, 1
-            )
-
-    key_encoder = getattr(attacker, "key_encoder", None)
-    saved_material = None
-    material = None
-    if optimize_key:
-        if key_encoder is None:
-            raise ValueError("optimize_key=True needs a keyed module.")
-        if not getattr(key_encoder, "differentiable", False):
-            raise ValueError(
-                f"The key material of {type(key_encoder).__name__} is discrete; optimize_key "
-                "works for the 'pooled' and 'feature-inr' key modes."
-            )
-        if key_encoder.coordinates is None:
-            raise ValueError("optimize_key=True starts from a key guess: see attacker_module().")
-        saved_material = key_encoder.coordinates
-        material = saved_material.detach().clone().requires_grad_(True)
-        # a leaf tensor in place of the buffer, so that the gradient reaches the coordinates
-        key_encoder._buffers["coordinates"] = material
-        variables.append(material)
-    prior = None
-    if prior_weight > 0:
-        if reference is None:
-            raise ValueError("prior_weight > 0 needs reference=, the public mean profile.")
-        scale = np.ones(p_in) if prior_scale is None else np.asarray(prior_scale)
-        prior = (
-            torch.as_tensor(np.asarray(reference), dtype=torch.float32),
-            torch.as_tensor(np.maximum(scale, 1e-6), dtype=torch.float32),
-        )
-
-    optimizer = torch.optim.Adam(variables, lr=lr)
-    milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    batch = torch.zeros(n_samples, 1, dtype=torch.long)
-    best, best_v, history = np.inf, v.detach().clone(), []
-    best_logits = None if label_logits is None else label_logits.detach().clone()
-    best_material = None if material is None else material.detach().clone()
-
-    def encode(v_):
-        return torch.expm1(F.softplus(v_)) if counts else v_
-
-    for it in range(n_iter):
-        tensors = {
-            REGISTRY_KEYS.X_KEY: encode(v),
-            REGISTRY_KEYS.BATCH_KEY: batch,
-            REGISTRY_KEYS.LABELS_KEY: fixed_labels,
-        }
-        soft = None if label_logits is None else torch.softmax(label_logits, -1)
-        loss = client_loss(attacker, tensors, kl_weight=kl_weight, soft_labels=soft)
-        dummy = torch.autograd.grad(
-            loss, [params[n] for n in names], create_graph=True, allow_unused=True
-        )
-        pairs = [(d, t) for d, t in zip(dummy, target, strict=True) if d is not None]
-        dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
-        if prior is not None:
-            profile = F.softplus(v) if counts else v
-            dist = dist + prior_weight * ((profile - prior[0]) / prior[1]).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        dist.backward()
-        optimizer.step()
-        scheduler.step()
-        value = float(dist.detach())
-        if np.isfinite(value) and value < best:
-            best, best_v = value, v.detach().clone()
-            if label_logits is not None:
-                best_logits = label_logits.detach().clone()
-            if material is not None:
-                best_material = material.detach().clone()
-        if it % 50 == 0:
-            history.append(value)
-    for p in attacker.parameters():
-        p.requires_grad_(True)
-    if saved_material is not None:
-        key_encoder._buffers["coordinates"] = saved_material
-    with torch.no_grad():
-        x = F.softplus(best_v) if counts else best_v
-    if not classify:
-        rec_labels = None
-    elif best_logits is not None:
-        rec_labels = best_logits.argmax(-1).numpy()
-    else:
-        rec_labels = fixed_labels.view(-1).numpy()
+    dummy = dlg_init(attacker, gradients, n_samples, labels, init, reference, seed)
+    loss, history, key_material = dlg_optimize(
+        attacker,
+        gradients,
+        dummy,
+        distance=distance,
+        n_iter=n_iter,
+        lr=lr,
+        reference=reference,
+        parameter_names=parameter_names,
+        kl_weight=kl_weight,
+        optimize_key=optimize_key,
+        prior_weight=prior_weight,
+        prior_scale=prior_scale,
+    )
     return Reconstruction(
-        x=x.double().numpy(),
-        labels=rec_labels,
-        loss=best,
+        x=dummy.profile().detach().double().numpy(),
+        labels=dlg_labels(dummy),
+        loss=loss,
         history=history,
-        key_material=None if best_material is None else best_material.numpy(),
+        key_material=key_material,
     )

@@ -40,7 +40,8 @@ class ModelData:
     X
         ``(n, p)`` matrix (dense or CSR) of the registered layer.
     batch, labels, sites
-        Integer codes of the registered batch, labels and sites (zeros when not registered).
+        Integer codes of the registered batch and labels (zeros when not registered) and of the
+        ``site_key`` column given at setup (zeros without one).
     label_names
         Category names of the label codes (``None`` without ``labels_key``).
     """
@@ -80,8 +81,8 @@ def model_data(model, adata=None) -> ModelData:
     >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
     >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
     >>> data = model_data(model)
-    >>> data.n_obs, data.label_names.tolist()
-    (60, ['type0', 'type1', 'type2'])
+    >>> data.n_obs, data.label_names.tolist(), sorted(set(data.sites.tolist()))
+    (60, ['type0', 'type1', 'type2'], [0, 1])
     """
     adata = model._validate_anndata(adata)
     manager = model.get_anndata_manager(adata, required=True)
@@ -96,6 +97,12 @@ def model_data(model, adata=None) -> ModelData:
     if manager.registry["setup_args"].get("labels_key") is not None:
         mapping = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         label_names = np.asarray(mapping)
+    # the site partitions training only and is no registered field: read the setup's column
+    site_key = manager.registry["setup_args"].get("site_key")
+    if site_key is not None and site_key in adata.obs:
+        sites = pd.Categorical(adata.obs[site_key]).codes.astype(np.int64)
+    else:
+        sites = np.zeros(adata.n_obs, dtype=np.int64)
     x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
     if sparse.issparse(x):
         x = sparse.csr_matrix(x)

@@ -26,6 +26,7 @@ The secret material is a non-persistent buffer (never in a ``state_dict``, save 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,12 +37,18 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from scinfl.key import Key, MissingKeyError
+from scinfl.key import MISSING_KEY_MESSAGE, Key, MissingKeyError
 
-_MISSING_KEY = (
-    "This model is keyed but no key is set. Pass `key=` when creating or loading the "
-    "model, or call `model.set_key(scinfl.Key.load(path))`."
-)
+logger = logging.getLogger(__name__)
+
+
+def _log_superseded(name: str) -> None:
+    logger.warning(
+        "key_mode=%r is superseded and kept for research (scinfl.module.experimental): secret "
+        "frames with the default key_mode='pooled' protect uploads without its utility cost; "
+        "see docs/privacy.md.",
+        name,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -149,7 +156,7 @@ class SecretBasis(nn.Module):
 
     def _check(self) -> None:
         if self.perm is None:
-            raise MissingKeyError(_MISSING_KEY)
+            raise MissingKeyError(MISSING_KEY_MESSAGE)
 
     def pad(self, v: torch.Tensor) -> torch.Tensor:
         """Zero-pad the last dimension from ``n_features`` to ``size``."""
@@ -411,7 +418,7 @@ class _PerFeatureKeyMode:
         Examples
         --------
         >>> from scinfl.module import KeyedVAE
-        >>> vae = KeyedVAE(n_input=20, key_mode="feature")
+        >>> vae = KeyedVAE(n_input=20, key_mode="feature")  # logs that the mode is superseded
         >>> _ = vae._key_mode.install_model(vae)
         >>> [n for n in vae.state_dict() if n.endswith("px_r")]
         []
@@ -471,6 +478,7 @@ class FeatureKeyMode(_PerFeatureKeyMode):
     name: ClassVar[str] = "feature"
 
     def __init__(self, key_strength: float = 1.0, n_rounds: int = 3) -> None:
+        _log_superseded(self.name)
         self.key_strength = key_strength
         self.n_rounds = n_rounds
 
@@ -592,7 +600,7 @@ class FeatureKeyEncoder(nn.Module):
 
     def _compute(self) -> torch.Tensor:
         if self.coordinates is None:
-            raise MissingKeyError(_MISSING_KEY)
+            raise MissingKeyError(MISSING_KEY_MESSAGE)
         return self.embed(self.coordinates)
 
 
@@ -805,6 +813,7 @@ class InrFeatureKeyMode(_PerFeatureKeyMode):
         n_hidden: int = 128,
         omega: float = 3.0,
     ) -> None:
+        _log_superseded(self.name)
         self.key_strength = key_strength
         self.coord_dim = coord_dim
         self.embed_dim = embed_dim
