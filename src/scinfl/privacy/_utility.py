@@ -106,11 +106,6 @@ def model_data(model, adata=None) -> ModelData:
     x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
     if sparse.issparse(x):
         x = sparse.csr_matrix(x)
-    # the site only partitions training (no registered field): its codes come from the column
-    site_key = manager.registry["setup_args"].get("site_key")
-    sites = np.zeros(adata.n_obs, dtype=np.int64)
-    if site_key is not None and site_key in adata.obs:
-        sites = pd.Categorical(adata.obs[site_key]).codes.astype(np.int64)
     return ModelData(
         X=x,
         batch=codes(REGISTRY_KEYS.BATCH_KEY),

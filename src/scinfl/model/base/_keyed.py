@@ -7,14 +7,9 @@ import os
 
 from anndata import AnnData
 
-from scinfl.key import Key, KeyMismatchError, MissingKeyError
+from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
 
 logger = logging.getLogger(__name__)
-
-MISSING_KEY_MESSAGE = (
-    "This model is keyed but has no key. Pass `key=` when creating or loading it, or call "
-    "`model.set_key(scinfl.Key.load(path))`."
-)
 
 
 class KeyedModelMixin:
