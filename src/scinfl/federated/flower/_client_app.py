@@ -72,6 +72,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     Examples
     --------
     >>> import numpy as np
+    >>> from scinfl.federated import SiteData
     >>> from scinfl.module import KeyedVAE
     >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
     >>> app = make_client_app(lambda context: SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site))
