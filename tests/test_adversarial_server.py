@@ -31,6 +31,7 @@ from scinfl.federated import (
     frames_for,
     get_shared_parameters,
     parameters_digest,
+    run_local,
 )
 from scinfl.federated._secret_frames import INITIAL_FRAME
 from scinfl.federated.flower import (
@@ -231,8 +232,7 @@ def test_frame_names_the_server_chooses():
     assert frame_id(aggregate, server.config(1, "random")) != frame_id(
         aggregate, server.config(1, frame)
     )
-    # and now c's round 1 is fixed: not its own upload frame for round 2 out of order, and the
-    # honest round-1 model in another frame is refused
+    # and now c's round 1 has its model: the honest round-1 model in another frame is refused
     _refused(server.train("c", aggregate, server.config(1, frame)), "one global model")
     server.assert_nothing_leaked()
 
@@ -380,3 +380,16 @@ def test_resume_with_the_sites_state_kept_equals_the_uninterrupted_run(tmp_path)
     assert resumed.next_round == 3 and resumed.frame == straight.frame
     for name in straight.parameters:
         assert_same_weights(resumed.parameters[name], straight.parameters[name], err_msg=name)
+
+
+def test_sites_not_sampled_still_evaluate_and_train_later():
+    """fraction < 1: a site that sat a round out cannot know the new frame, and still takes part."""
+    module = _module()
+    server = run_local(module, _sites(), _settings(fraction=0.4), progress_bar=False, key=KEY)
+    history = server.history()
+    assert server.next_round == 3
+    # every site scored every round's model; two of three trained in each round
+    assert (history.groupby("round")["site"].nunique() == len(NAMES)).all()
+    assert (history.groupby("round")["accepted"].sum() == 2).all()
+    # site a sat rounds 0 and 1 out and trained in round 2, from a frame it never computed
+    assert history.loc[history["site"] == "a", "accepted"].tolist() == [False, False, True]
