@@ -160,6 +160,7 @@ def _run_loopback(module, sites, config, key, keys=None, parameters=None):
         key_fingerprint=key.fingerprint,
         key_version=key.version,
         num_threads=torch.get_num_threads(),
+        config=config,
     )
     server = FederatedServer(
         get_shared_parameters(module) if parameters is None else parameters,
@@ -227,6 +228,7 @@ def _run_dying(module, sites, config, key, after_messages, on_error=None):
         key_fingerprint=key.fingerprint,
         key_version=key.version,
         num_threads=torch.get_num_threads(),
+        config=config,
     )
     server = FederatedServer(
         get_shared_parameters(module), config, key.fingerprint, key.version, n_sites=len(sites)

@@ -24,11 +24,20 @@ from ._secret_frames import (
     frames_for,
     hide_update,
     open_parameters,
+    parameters_digest,
 )
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
-from ._site_runtime import SiteRuntime, site_evaluate, site_parameters, site_train
+from ._site_runtime import (
+    RefusedMessageError,
+    SiteProtocol,
+    SiteRuntime,
+    SiteState,
+    site_evaluate,
+    site_parameters,
+    site_train,
+)
 
 __all__ = [
     "ClientConfig",
@@ -39,9 +48,12 @@ __all__ = [
     "InProcessTransport",
     "IncompleteRoundError",
     "Parameters",
+    "RefusedMessageError",
     "SecretFrames",
     "SiteData",
+    "SiteProtocol",
     "SiteRuntime",
+    "SiteState",
     "Transport",
     "accept_updates",
     "agree_features",
@@ -56,6 +68,7 @@ __all__ = [
     "mask_update",
     "observed_features",
     "open_parameters",
+    "parameters_digest",
     "partition",
     "protect_update",
     "run_local",

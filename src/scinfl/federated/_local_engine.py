@@ -16,7 +16,7 @@ from ._round_loop import run_rounds
 from ._secret_frames import INITIAL_FRAME, SecretFrames, frames_for
 from ._server import FederatedServer, FederationConfig
 from ._site_data import SiteData
-from ._site_runtime import SiteRuntime, site_evaluate, site_train
+from ._site_runtime import SiteProtocol, SiteRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,20 @@ def run_local(
     >>> int(server.history()["round"].max())
     1
     """
+    initial = initial_parameters or get_shared_parameters(module)
     runtimes = {
-        site.name: SiteRuntime(module, site, key_fingerprint, key_version, key=key)
+        site.name: SiteRuntime(
+            module,
+            site,
+            key_fingerprint,
+            key_version,
+            key=key,
+            secret_frames=bool(config.secret_frames),
+            federation=config,
+            initial=initial,
+        )
         for site in sites
     }
-    initial = initial_parameters or get_shared_parameters(module)
     frames = frames_for(key) if config.secret_frames else None
     server = start_server(
         frames.encode(initial, INITIAL_FRAME) if frames else initial,
@@ -102,6 +111,8 @@ class InProcessTransport:
     One module can play every site in turn (it is reset to the global parameters before each
     local update, so nothing passes between sites except through the server). Every site
     receives the same global model, so it is decoded from its secret frame once per frame.
+    Each site answers through its own :class:`~scinfl.federated.SiteProtocol`, whose state
+    lives as long as the transport (one run; a resumed run starts with new sites' states).
 
     Parameters
     ----------
@@ -121,6 +132,7 @@ class InProcessTransport:
 
     def __init__(self, runtimes: Mapping[str, SiteRuntime], frames: SecretFrames | None = None):
         self.runtimes = dict(runtimes)
+        self.protocols = {name: SiteProtocol(runtime) for name, runtime in self.runtimes.items()}
         self.frames = frames
         self._opened: tuple[str, Parameters] | None = None
 
@@ -145,14 +157,14 @@ class InProcessTransport:
     ) -> list[ClientUpdate]:
         """Each site's update, in turn."""
         opened = self._open(parameters, config)
-        return [site_train(self.runtimes[s], parameters, config, opened) for s in sorted(sites)]
+        return [self.protocols[s].train(parameters, config, opened) for s in sorted(sites)]
 
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
         """Each site's validation metrics of the global model."""
         opened = self._open(parameters, config)
-        return [site_evaluate(self.runtimes[s], parameters, config, opened) for s in sorted(sites)]
+        return [self.protocols[s].evaluate(parameters, config, opened) for s in sorted(sites)]
 
 
 def start_server(

@@ -15,7 +15,7 @@ more layer than full mixing needs and at least three: four for 1,025 to 32,768 e
 dense map for axes of at most 256 entries). The frame changes every round: the global
 model is in some frame, the sites decode it, train in plain coordinates (no cost in the
 training loop) and upload in the frame named by what they received: a hash of the global
-parameters and of the round's instructions (:func:`frame_id`). The server can compute that name
+parameters and of the round's instructions, the frame they came in included (:func:`frame_id`). The server can compute that name
 (it is no secret: the maps need the key) and tells the sites the frame of each model it sends.
 So the frame changes every round, and a frame never holds more than one upload per site,
 whatever the server does: replaying a model and instructions gets the same upload back
@@ -354,7 +354,10 @@ def frame_id(parameters: Mapping[str, np.ndarray], config: ClientConfig) -> str:
     """Name of the frame a site uploads in, after training from ``parameters`` under ``config``.
 
     A hash of the parameters as received (names, dtypes, shapes, bytes) and of every
-    instruction but the frame itself; the server computes it from what it sent.
+    instruction, the frame they were sent in (``config.frame``) included; the server computes
+    it from what it sent. With the decode frame bound into the name, the same tensors sent as
+    if in another frame give an upload in another frame, and no upload can go to the frame
+    its start was named in (that would need a fixed point of the hash).
 
     Examples
     --------
@@ -362,15 +365,36 @@ def frame_id(parameters: Mapping[str, np.ndarray], config: ClientConfig) -> str:
     >>> a = frame_id({"w": np.zeros(2)}, ClientConfig(round=0))
     >>> a == frame_id({"w": np.zeros(2)}, ClientConfig(round=1))
     False
+    >>> a == frame_id({"w": np.zeros(2)}, ClientConfig(round=0, frame="other"))
+    False
     """
+    digest = _parameters_hash(parameters)
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def _parameters_hash(parameters: Mapping[str, np.ndarray]):
+    """A running hash of parameters (names, dtypes, shapes, bytes), in name order."""
     digest = hashlib.blake2b(digest_size=16)  # twice as fast as sha256 on wide models
     for name in sorted(parameters):
         array = np.ascontiguousarray(parameters[name])
         digest.update(f"{name}\x1f{array.dtype.str}\x1f{array.shape}\x1f".encode())
         digest.update(array)  # the buffer, not a copy
-    instructions = {k: v for k, v in dataclasses.asdict(config).items() if k != "frame"}
-    digest.update(json.dumps(instructions, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:32]
+    return digest
+
+
+def parameters_digest(parameters: Mapping[str, np.ndarray]) -> str:
+    """A short hash of parameters (names, dtypes, shapes, bytes): which model a message carried.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> parameters_digest({"w": np.zeros(2)}) == parameters_digest({"w": np.zeros(2)})
+    True
+    >>> parameters_digest({"w": np.zeros(2)}) == parameters_digest({"w": np.ones(2)})
+    False
+    """
+    return _parameters_hash(parameters).hexdigest()[:32]
 
 
 def open_parameters(

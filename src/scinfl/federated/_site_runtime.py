@@ -1,12 +1,20 @@
 """One site's side of a round, whatever carries the messages: train, evaluate, initial weights.
 
 The Flower ``ClientApp`` and the in-process transport of :func:`~scinfl.federated.run_local`
-both answer the server with these functions, so the two engines compute the same thing.
+both answer the server through a :class:`SiteProtocol`, so the two engines compute the same
+thing and refuse the same messages. The protocol keeps each site's state between messages
+(:class:`SiteState`): which round's model it holds, in which secret frame, and where its last
+upload went. A server without the key chooses every message a site receives; the site answers
+only the messages the honest protocol sends (see :class:`SiteProtocol`), so it is no
+decryption oracle.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -14,9 +22,20 @@ from scinfl.key import Key
 
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update
 from ._parameters import Parameters, get_shared_parameters
-from ._secret_frames import INITIAL_FRAME, frames_for, open_parameters
+from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import protect_update
+from ._server import FederationConfig
 from ._site_data import SiteData
+
+
+class RefusedMessageError(ValueError):
+    """A site refused a server message that the honest protocol does not send.
+
+    Examples
+    --------
+    >>> issubclass(RefusedMessageError, ValueError)
+    True
+    """
 
 
 @dataclass
@@ -36,6 +55,16 @@ class SiteRuntime:
         Public identity of the site's key, sent with every reply.
     key
         The key itself (never sent).
+    secret_frames
+        Whether the parameters travel in secret frames: the site's own setting (its
+        federation settings, or the ``secret-frames`` entry of its run configuration), never a
+        message's.
+    federation
+        The federation's settings as the site holds them: the instructions of every round are
+        checked against them (:class:`SiteProtocol`).
+    initial
+        The shared parameters the site was built with (default: the module's now), the only
+        parameters it ever sends in a reply to a ``query``.
 
     Examples
     --------
@@ -51,6 +80,20 @@ class SiteRuntime:
     key_fingerprint: str | None = None
     key_version: int | None = None
     key: Key | None = field(default=None, repr=False)
+    secret_frames: bool = False
+    federation: FederationConfig | None = None
+    initial: Parameters | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.initial is None:
+            self.initial = get_shared_parameters(self.module)
+        if self.federation is not None and bool(self.federation.secret_frames) != bool(
+            self.secret_frames
+        ):
+            raise ValueError(
+                f"Site {self.site.name!r}: secret_frames={self.secret_frames} but its federation "
+                f"settings say secret_frames={self.federation.secret_frames}."
+            )
 
 
 def site_train(
@@ -124,7 +167,10 @@ def site_evaluate(
 
 
 def site_parameters(runtime: SiteRuntime, in_secret_frame: bool = False) -> Parameters:
-    """The site's freshly built shared parameters, to start a federation from.
+    """The shared parameters the site was built with (``runtime.initial``), to start from.
+
+    Never what the module holds now: after a train or evaluate step that is a model decoded
+    from a secret frame.
 
     Examples
     --------
@@ -134,7 +180,249 @@ def site_parameters(runtime: SiteRuntime, in_secret_frame: bool = False) -> Para
     >>> "px_r" in site_parameters(runtime)
     True
     """
-    parameters = get_shared_parameters(runtime.module)
+    parameters = {name: value.copy() for name, value in runtime.initial.items()}
     if in_secret_frame:
         parameters = frames_for(runtime.key).encode(parameters, INITIAL_FRAME)
     return parameters
+
+
+@dataclass
+class SiteState:
+    """What a site remembers between messages (small: it travels in Flower's ``context.state``).
+
+    Parameters
+    ----------
+    round
+        Round of the latest global model the site accepted (``-1``: none yet).
+    frame, digest
+        That model's secret frame and the hash of its tensors as sent
+        (:func:`~scinfl.federated.parameters_digest`): a round has one global model.
+    trained_round, attempt
+        Round (``-1``: none) and secure-aggregation attempt of the site's last train step.
+    upload_frame
+        The secret frame of its last upload: the frame of the next round's global model.
+
+    Examples
+    --------
+    >>> SiteState.from_mapping(SiteState(round=2).to_dict()).round
+    2
+    """
+
+    round: int = -1
+    frame: str = ""
+    digest: str = ""
+    trained_round: int = -1
+    attempt: int = -1
+    upload_frame: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SiteState:
+        """The state stored by :meth:`to_dict`."""
+        return cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
+
+
+class SiteProtocol:
+    """One site's side of the protocol: answers only the messages the honest server sends.
+
+    The server (without the key) chooses every message; the site decides from its own
+    settings (:attr:`SiteRuntime.federation`, :attr:`SiteRuntime.secret_frames`) and its state
+    (:class:`SiteState`) whether a message fits, and refuses any other with a
+    :class:`RefusedMessageError` naming what it refused:
+
+    - **Instructions** must be those the site computes for the message's round from its own
+      settings (:meth:`FederationConfig.client_config`): ``local_epochs``, ``lr``, ``eps``,
+      ``batch_size``, ``weight_decay``, ``mu``, ``kl_weight``, ``seed``, secure aggregation
+      and secret frames on or off. Only the round, the frame and, under secure aggregation,
+      the participants (the site among them) and the attempt come from the server. Rounds
+      lie in ``[0, max_rounds)`` for training, ``[0, max_rounds]`` for evaluation (the model
+      after the last round is evaluated as the next round's).
+    - **Rounds only go forward, each with one global model**: a model for a round before the
+      site's latest is refused (replay); a second one for the same round must be the same
+      tensors in the same frame.
+    - **Frames** (under secret frames): round 0's model is in the initial frame and no other
+      round's is. A site that trained in the previous round decodes only the frame its
+      upload went to (every participant's upload goes to the same frame: the aggregate's).
+      A site that did not (not sampled, new, or after a restart) cannot know the frame of the
+      new global model and accepts the one named, but never its own last upload frame, and
+      at most one model per round, rounds going forward: at most ``max_rounds + 1`` models
+      ever. Evaluating returns a loss only, and any site may evaluate the new global model.
+    - **Uploads**: one per round (under secure aggregation: one per attempt, attempts going
+      up), in the frame named by the model, its frame and the instructions
+      (:func:`~scinfl.federated.frame_id`): never two uploads of one site in one frame.
+    - **Parameters** are never returned after a model was received: a ``query`` for the
+      initial parameters is answered (with the parameters the site was built with, in the
+      initial frame when the site's frames are on) only before, and only if its
+      ``in_secret_frame`` agrees with the site's setting.
+
+    Parameters
+    ----------
+    runtime
+        The site.
+    state
+        Its state (a new site's by default); updated in place as messages are answered.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.module import KeyedVAE
+    >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
+    >>> federation = FederationConfig(max_rounds=2, batch_size=8)
+    >>> protocol = SiteProtocol(SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site, federation=federation))
+    >>> initial = protocol.parameters()
+    >>> protocol.train(initial, federation.client_config(0)).n
+    9
+    >>> protocol.parameters()
+    Traceback (most recent call last):
+    ...
+    scinfl.federated._site_runtime.RefusedMessageError: Site 'a' refused a query for parameters: it has received a model already (round 0), and a site sends parameters only before.
+    """
+
+    def __init__(self, runtime: SiteRuntime, state: SiteState | None = None) -> None:
+        self.runtime = runtime
+        self.state = SiteState() if state is None else state
+
+    def _refuse(self, what: str, why: str) -> RefusedMessageError:
+        return RefusedMessageError(f"Site {self.runtime.site.name!r} refused {what}: {why}.")
+
+    def parameters(self, in_secret_frame: bool = False) -> Parameters:
+        """The site's initial parameters, for a ``query`` (see :func:`site_parameters`)."""
+        what = "a query for parameters"
+        if self.state.round >= 0:
+            raise self._refuse(
+                what,
+                f"it has received a model already (round {self.state.round}), and a site sends "
+                "parameters only before",
+            )
+        if bool(in_secret_frame) != bool(self.runtime.secret_frames):
+            raise self._refuse(
+                what,
+                f"in_secret_frame={bool(in_secret_frame)}, but the site's own settings have "
+                f"secret frames {'on' if self.runtime.secret_frames else 'off'}",
+            )
+        return site_parameters(self.runtime, bool(in_secret_frame))
+
+    def train(
+        self, received: Parameters, config: ClientConfig, opened: Parameters | None = None
+    ) -> ClientUpdate:
+        """:func:`site_train`, if the message fits; the state then records the upload."""
+        digest = self._check(received, config, "a train message", train=True)
+        state = self.state
+        if state.trained_round == config.round and not (
+            config.secure_aggregation and config.attempt > state.attempt
+        ):
+            raise self._refuse(
+                "a train message",
+                f"it trained in round {config.round} already (attempt {state.attempt}): one "
+                "upload per round (under secure aggregation, per attempt, attempts going up)",
+            )
+        update = site_train(self.runtime, received, config, opened)
+        self._accept(config, digest)
+        state.trained_round, state.attempt = config.round, config.attempt
+        state.upload_frame = frame_id(received, config) if self.runtime.secret_frames else ""
+        return update
+
+    def evaluate(
+        self, received: Parameters, config: ClientConfig | None, opened: Parameters | None = None
+    ) -> ClientUpdate:
+        """:func:`site_evaluate` (metrics only), if the message fits."""
+        if config is None:
+            raise self._refuse(
+                "an evaluate message", "it carries no instructions (round and frame)"
+            )
+        digest = self._check(received, config, "an evaluate message", train=False)
+        update = site_evaluate(self.runtime, received, config, opened)
+        self._accept(config, digest)
+        return update
+
+    def _accept(self, config: ClientConfig, digest: str) -> None:
+        self.state.round, self.state.frame, self.state.digest = config.round, config.frame, digest
+
+    def _check(self, received: Parameters, config: ClientConfig, what: str, train: bool) -> str:
+        """Refuse a model message that does not fit; the digest of its model otherwise."""
+        self._check_instructions(config, what, train)
+        state, round_, frame = self.state, config.round, config.frame
+        digest = parameters_digest(received)
+        if round_ < state.round:
+            raise self._refuse(
+                what,
+                f"round {round_} is over for this site (it holds round {state.round}'s model): "
+                "rounds only go forward",
+            )
+        if round_ == state.round:
+            if frame != state.frame or digest != state.digest:
+                raise self._refuse(
+                    what,
+                    f"it was sent round {round_}'s global model already (in frame "
+                    f"{state.frame!r}); a round has one global model",
+                )
+            return digest
+        if not self.runtime.secret_frames:
+            return digest
+        if (round_ == 0) != (frame == INITIAL_FRAME):
+            raise self._refuse(
+                what,
+                f"round {round_}'s model named frame {frame!r}: the initial frame "
+                f"{INITIAL_FRAME!r} is round 0's and no other round's",
+            )
+        if state.trained_round >= 0 and state.trained_round == round_ - 1:
+            if frame != state.upload_frame:
+                raise self._refuse(
+                    what,
+                    f"it trained in round {round_ - 1}, so round {round_}'s model is in the "
+                    f"frame of its upload ({state.upload_frame!r}), not {frame!r}",
+                )
+        elif frame == state.upload_frame:
+            raise self._refuse(
+                what,
+                f"frame {frame!r} holds its round {state.trained_round} upload, and only round "
+                f"{state.trained_round + 1}'s model is decoded from it",
+            )
+        return digest
+
+    def _check_instructions(self, config: ClientConfig, what: str, train: bool) -> None:
+        federation = self.runtime.federation
+        if federation is None:
+            raise self._refuse(
+                what,
+                "it holds no federation settings to check the instructions against (give its "
+                "SiteRuntime federation=)",
+            )
+        if bool(config.secret_frames) != bool(self.runtime.secret_frames):
+            raise self._refuse(
+                what,
+                f"secret_frames={config.secret_frames}, but the site's own settings have secret "
+                f"frames {'on' if self.runtime.secret_frames else 'off'}",
+            )
+        last = federation.max_rounds - 1 if train else federation.max_rounds
+        if not 0 <= config.round <= last:
+            raise self._refuse(what, f"round {config.round} is outside [0, {last}]")
+        if (train and config.secure_aggregation) and (
+            self.runtime.site.name not in config.participants
+            or len(set(config.participants)) != len(config.participants)
+        ):
+            raise self._refuse(
+                what, f"the participants {config.participants} do not name the site once"
+            )
+        expected = federation.client_config(
+            config.round,
+            config.participants if train else (),
+            config.attempt if train else 0,
+            frame=config.frame,
+        )
+        if train and expected.secure_aggregation and config.attempt < 0:
+            raise self._refuse(what, f"attempt {config.attempt} is negative")
+        differences = [
+            f"{f.name}={getattr(config, f.name)!r} (expected {getattr(expected, f.name)!r})"
+            for f in dataclasses.fields(ClientConfig)
+            if getattr(config, f.name) != getattr(expected, f.name)
+        ]
+        if differences:
+            raise self._refuse(
+                what,
+                "its instructions differ from those the site's federation settings give for "
+                f"round {config.round}: " + ", ".join(differences),
+            )

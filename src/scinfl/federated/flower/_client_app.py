@@ -8,12 +8,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from scinfl.federated._site_runtime import (
-    SiteRuntime,
-    site_evaluate,
-    site_parameters,
-    site_train,
-)
+from scinfl.federated._site_runtime import SiteProtocol, SiteRuntime, SiteState
 
 from ._records import (
     CONFIG,
@@ -34,6 +29,8 @@ logger = logging.getLogger(__name__)
 WANT_PARAMETERS = "want-parameters"
 #: ``query`` instruction entry: send the initial parameters in the initial secret frame
 IN_SECRET_FRAME = "in-secret-frame"
+#: name of the ``ConfigRecord`` in ``context.state`` that holds the site's protocol state
+PROTOCOL_STATE = "scinfl-site-protocol"
 
 
 SiteResolver = Callable[[Context], SiteRuntime]
@@ -45,13 +42,21 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     The app answers three message types, each with the node's public identity (site name,
     ``n_k``, key fingerprint and version) in a ``ConfigRecord`` named ``"identity"``:
 
-    - ``query``: identity only (plus the shared parameters when asked for ``want-parameters``,
-      in the initial secret frame when asked for ``in-secret-frame``);
+    - ``query``: identity only (plus the initial shared parameters when asked for
+      ``want-parameters``, before the site has received any model; in the initial secret
+      frame, when the site's own settings have frames on and the ``in-secret-frame`` flag
+      agrees);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
       the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
       secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
     - ``evaluate``: :func:`~scinfl.federated.client_evaluate` of the received parameters
-      (decoded from their secret frame when the message's config says so).
+      (decoded from their secret frame); replies metrics only.
+
+    Every message goes through the site's :class:`~scinfl.federated.SiteProtocol`, whose
+    state is kept in ``context.state`` (a ``ConfigRecord`` named ``"scinfl-site-protocol"``),
+    which Flower keeps per node and run across messages. A message the protocol refuses
+    raises :class:`~scinfl.federated.RefusedMessageError`, which Flower sends back as an error
+    reply; the state changes only when a message is answered.
 
     Parameters
     ----------
@@ -67,6 +72,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     Examples
     --------
     >>> import numpy as np
+    >>> from scinfl.federated import SiteData
     >>> from scinfl.module import KeyedVAE
     >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
     >>> app = make_client_app(lambda context: SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site))
@@ -84,31 +90,43 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
             **{"n-train": runtime.site.n_train, "n-val": runtime.site.n_val},
         )
 
+    def _protocol(context: Context) -> SiteProtocol:
+        stored = context.state[PROTOCOL_STATE] if PROTOCOL_STATE in context.state else None
+        state = SiteState() if stored is None else SiteState.from_mapping(stored)
+        return SiteProtocol(resolve(context), state)
+
+    def _keep(protocol: SiteProtocol, context: Context) -> None:
+        context.state[PROTOCOL_STATE] = ConfigRecord(protocol.state.to_dict())
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        runtime = resolve(context)
+        protocol = _protocol(context)
+        runtime = protocol.runtime
         content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
         asked = msg.content[CONFIG] if CONFIG in msg.content else {}
         if asked.get(WANT_PARAMETERS, False):
-            parameters = site_parameters(runtime, bool(asked.get(IN_SECRET_FRAME, False)))
+            parameters = protocol.parameters(bool(asked.get(IN_SECRET_FRAME, False)))
             content[PARAMETERS] = parameters_to_record(parameters)
         return Message(content, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        runtime = resolve(context)
+        protocol = _protocol(context)
         config = record_to_config(msg.content[CONFIG])
-        update = site_train(runtime, record_to_parameters(msg.content[PARAMETERS]), config)
+        update = protocol.train(record_to_parameters(msg.content[PARAMETERS]), config)
+        _keep(protocol, context)
         content = update_to_content(update)
-        content[IDENTITY] = _identity(runtime, update.n)
+        content[IDENTITY] = _identity(protocol.runtime, update.n)
         return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        runtime = resolve(context)
+        protocol = _protocol(context)
+        runtime = protocol.runtime
         config = record_to_config(msg.content[CONFIG]) if CONFIG in msg.content else None
         received = record_to_parameters(msg.content[PARAMETERS])
-        metrics = site_evaluate(runtime, received, config).metrics
+        metrics = protocol.evaluate(received, config).metrics
+        _keep(protocol, context)
         content = RecordDict(
             {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
         )

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class SimulationSites:
         Key identity the sites report when ``keys`` is ``None``.
     num_threads
         Torch threads in a worker (the caller's, so results match the local engine).
+    config
+        The federation's settings, which every site checks the server's instructions
+        against (:class:`~scinfl.federated.SiteProtocol`); without them a site trains
+        nothing.
 
     Examples
     --------
@@ -66,8 +70,13 @@ class SimulationSites:
     key_fingerprint: str | None = None
     key_version: int | None = None
     num_threads: int = 1
+    config: FederationConfig | None = None
+    initial: Parameters = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # what a site sends to a query: the template as built, never the shared module as a
+        # node of this process left it (a model decoded from a frame, or another site's)
+        self.initial = get_shared_parameters(self.module)
         self.sites = sorted(self.sites, key=lambda s: s.name)
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
@@ -85,13 +94,20 @@ class SimulationSites:
             index = getattr(site, name)
             if not index.flags.writeable:
                 setattr(site, name, index.copy())
+        settings = {
+            "secret_frames": bool(self.config is not None and self.config.secret_frames),
+            "federation": self.config,
+            "initial": self.initial,
+        }
         if self.keys is None:
-            return SiteRuntime(self.module, site, self.key_fingerprint, self.key_version)
+            return SiteRuntime(
+                self.module, site, self.key_fingerprint, self.key_version, **settings
+            )
         key = self.keys[site.name]
         set_key = getattr(self.module, "set_key", None)
         if set_key is not None:
             set_key(key)
-        return SiteRuntime(self.module, site, key.fingerprint, key.version, key=key)
+        return SiteRuntime(self.module, site, key.fingerprint, key.version, key=key, **settings)
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -204,6 +220,7 @@ def run_flower_simulation(
         key_fingerprint=key_fingerprint,
         key_version=key_version,
         num_threads=torch.get_num_threads(),
+        config=config,
     )
     initial = initial_parameters or get_shared_parameters(module)
     frames = None

@@ -326,7 +326,16 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
             )
         fingerprint, version = key.fingerprint, key.version
     model, data = load_site(data_path, site, run_config, key=key)
-    return SiteRuntime(model.module, data, fingerprint, version, key=key)
+    # the site's own settings decide frames and every instruction, never a message
+    return SiteRuntime(
+        model.module,
+        data,
+        fingerprint,
+        version,
+        key=key,
+        secret_frames=secret_frames_on(run_config),
+        federation=federation_config(run_config),
+    )
 
 
 def resolve_deployed_site(context: Context) -> SiteRuntime:
