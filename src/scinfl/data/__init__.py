@@ -7,4 +7,11 @@ from ._pbmc68k import pbmc68k
 from ._synthetic import synthetic_counts
 from ._synthetic_spatial import synthetic_spatial
 
-__all__ = ["cptac_ucec", "cscc_spatial", "kang2018", "pbmc68k", "synthetic_counts", "synthetic_spatial"]
+__all__ = [
+    "cptac_ucec",
+    "cscc_spatial",
+    "kang2018",
+    "pbmc68k",
+    "synthetic_counts",
+    "synthetic_spatial",
+]

@@ -11,7 +11,9 @@ from anndata import AnnData
 
 #: squidpy's graph builder of each coordinate type
 _BUILDERS = {"generic": "spatial_neighbors_knn", "grid": "spatial_neighbors_grid"}
-_INSTALL_HINT = "squidpy is needed for spatial graphs: install it with `pip install scinfl[spatial]`."
+_INSTALL_HINT = (
+    "squidpy is needed for spatial graphs: install it with `pip install scinfl[spatial]`."
+)
 
 
 def _squidpy():
@@ -32,7 +34,9 @@ def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series
     if library_key not in adata.obs:
         raise KeyError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
     libraries = adata.obs[library_key].astype(str)
-    n_sites = pd.DataFrame({"site": sites, "library": libraries}).groupby("library")["site"].nunique()
+    n_sites = (
+        pd.DataFrame({"site": sites, "library": libraries}).groupby("library")["site"].nunique()
+    )
     split = sorted(n_sites.index[n_sites > 1])
     if split:
         raise ValueError(
