@@ -165,6 +165,13 @@ def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """A pipe table (without the optional ``tabulate`` dependency of ``to_markdown``)."""
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in table.values]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["synthetic", "cscc"])
@@ -181,9 +188,7 @@ def main() -> None:
         "# Spatial domains across sites\n\n"
         f"`python benchmarks/spatial.py --rounds {args.rounds} --seed {args.seed}` "
         f"(data: {', '.join(args.data)}; {args.rounds} rounds / epochs, one seed: a small "
-        "run). See the module docstring for the data, rows and scores.\n\n"
-        + table.to_markdown(index=False, floatfmt=".3f")
-        + "\n"
+        "run). See the module docstring for the data, rows and scores.\n\n" + markdown(table) + "\n"
     )
     args.out.write_text(text)
     logging.info("\n%s", text)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,17 @@ def _squidpy():
         return importlib.import_module("squidpy")
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """Hide a logger's info lines (squidpy logs one per graph it builds, here one per section)."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series:
@@ -150,7 +163,8 @@ def spatial_neighbors(
         rows = np.flatnonzero((groups == name).to_numpy())
         part = AnnData(obs=pd.DataFrame(index=adata.obs_names[rows]))
         part.obsm["spatial"] = coords[rows].astype(np.float64)
-        build(part, spatial_key="spatial", n_neighs=n_neighs)
+        with _quiet(logging.getLogger("spatialdata._logging")):
+            build(part, spatial_key="spatial", n_neighs=n_neighs)
         params = part.uns["spatial_neighbors"]["params"]
         for kind in blocks:
             blocks[kind].append(sp.csr_matrix(part.obsp[f"spatial_{kind}"]))
