@@ -79,8 +79,8 @@ def spatial(
         values = values.astype("category")
     if isinstance(values.dtype, pd.CategoricalDtype) and "palette" not in kwargs:
         # the same colour for a category in every panel
-        colours = sc.pl.palettes.default_20 if len(values.cat.categories) <= 20 else None
-        colours = colours or sc.pl.palettes.default_102
+        many = len(values.cat.categories) > 20
+        colours = sc.pl.palettes.default_102 if many else sc.pl.palettes.default_20
         kwargs["palette"] = dict(zip(values.cat.categories, colours, strict=False))
     if library_key is None:
         sections = pd.Series("all", index=adata.obs_names)

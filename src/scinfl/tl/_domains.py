@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
@@ -133,8 +134,8 @@ def domains(
     if method == "gmm":
         mixture = GaussianMixture(n_components=n_domains, random_state=random_state)
         labels = mixture.fit_predict(features)
-        adata.obs[key_added] = np.char.add("D", labels.astype(str))
-        adata.obs[key_added] = adata.obs[key_added].astype("category")
+        names = [f"D{k}" for k in range(n_domains)]
+        adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=names)
     else:
         sc.pp.neighbors(
             adata,
