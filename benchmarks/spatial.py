@@ -126,7 +126,7 @@ def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
     for how in ("federated", "centralized", "federated-nokey"):
         start = time.time()
         model = train(adata, layer, likelihood, how, rounds, seed)
-        rep = f"X_{how}"
+        rep = f"latent_{how}"  # not X_{how}: tl.domains writes its features there
         scinfl.tl.embed(adata, model, key_added=rep)
         logging.info("%s %s trained in %.0f s", name, how, time.time() - start)
         scinfl.tl.domains(adata, use_rep=rep, n_layers=N_LAYERS, n_domains=k, key_added=how)
