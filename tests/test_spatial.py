@@ -152,11 +152,12 @@ def test_domains_leiden_and_copy():
         ({"use_rep": "missing"}, "embed"),
         ({"n_layers": -1}, "n_layers"),
         ({"method": "kmeans"}, "method"),
+        ({"use_rep": "X_domain", "key_added": "domain"}, "another key_added"),
     ],
 )
 def test_domains_errors(kwargs, match):
     adata = _line(6)
-    adata.obsm["X_scinfl"] = np.zeros((6, 2))
+    adata.obsm["X_scinfl"] = adata.obsm["X_domain"] = np.zeros((6, 2))
     with pytest.raises(ValueError, match=match):
         scinfl.tl.domains(adata, **kwargs)
 

@@ -95,6 +95,13 @@ def domains(
     ``.uns[key_added]["params"]``
         The parameters of the call.
 
+    Raises
+    ------
+    ValueError
+        If the spatial graph (with ``n_layers > 0``) or the latent is missing, ``n_layers`` is
+        negative, ``method`` is unknown, or ``use_rep`` is ``f"X_{key_added}"`` (the features
+        would overwrite the latent).
+
     Examples
     --------
     >>> import scinfl
@@ -115,6 +122,11 @@ def domains(
     if n_layers > 0 and graph_key not in adata.obsp:
         raise ValueError(
             f"adata.obsp[{graph_key!r}] not found; run scinfl.pp.spatial_neighbors(adata) first."
+        )
+    if model is None and use_rep == f"X_{key_added}":
+        raise ValueError(
+            f"use_rep={use_rep!r} is where the features of key_added={key_added!r} are written; "
+            "pick another key_added."
         )
     if model is not None:
         latent = np.asarray(model.get_latent(adata), dtype=np.float64)
