@@ -7,7 +7,7 @@
 from importlib import import_module
 from importlib.metadata import version
 
-from . import data, federated, model, module, pl, tl
+from . import data, federated, model, module, pl, pp, tl
 from .key import Key, KeyFileError, KeyMismatchError, MissingKeyError
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "model",
     "module",
     "pl",
+    "pp",
     "privacy",
     "tl",
 ]

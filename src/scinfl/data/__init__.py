@@ -1,8 +1,17 @@
 """Data loaders (real data shipped by registry packages) and synthetic generators."""
 
 from ._cptac import cptac_ucec
+from ._cscc import cscc_spatial
 from ._kang import kang2018
 from ._pbmc68k import pbmc68k
 from ._synthetic import synthetic_counts
+from ._synthetic_spatial import synthetic_spatial
 
-__all__ = ["cptac_ucec", "kang2018", "pbmc68k", "synthetic_counts"]
+__all__ = [
+    "cptac_ucec",
+    "cscc_spatial",
+    "kang2018",
+    "pbmc68k",
+    "synthetic_counts",
+    "synthetic_spatial",
+]

@@ -1,0 +1,117 @@
+"""Spots on the tissue coordinates, one panel per section."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+
+from ._embedding import _make_room_for_legends
+
+
+def spatial(
+    adata: AnnData,
+    color: str = "scinfl_domain",
+    library_key: str | None = "site",
+    spatial_key: str = "spatial",
+    ncols: int = 3,
+    panel_size: float = 4.0,
+    legend_loc: str = "right margin",
+    show: bool = False,
+    save: str | None = None,
+    **kwargs,
+):
+    """Spots on their tissue coordinates coloured by an ``.obs`` column, one panel per section.
+
+    Each section is drawn on its own coordinates (:func:`scanpy.pl.embedding` with
+    ``basis=spatial_key``), with the same colour for a category in every panel; the panels are
+    spaced so that no legend runs into the next panel, and a saved figure holds every legend.
+
+    Parameters
+    ----------
+    adata
+        AnnData with coordinates in ``.obsm[spatial_key]``.
+    color
+        ``.obs`` column to colour by (e.g. :func:`scinfl.tl.domains`' ``"scinfl_domain"``).
+    library_key
+        ``.obs`` column naming the section of each spot (one panel each); ``None`` for one
+        panel.
+    spatial_key
+        ``.obsm`` key of the coordinates.
+    ncols
+        Panels per row.
+    panel_size
+        Width and height of a panel, in inches.
+    legend_loc
+        Where each panel's legend sits: ``"right margin"`` (beside the panel), a
+        :meth:`matplotlib.axes.Axes.legend` location inside it (``"best"``), or ``"none"``.
+    show
+        Show the figure.
+    save
+        Write the figure to this path (png, pdf, ...).
+    **kwargs
+        Passed to :func:`scanpy.pl.embedding` (``size``, ``palette``, ...).
+
+    Returns
+    -------
+    The matplotlib figure.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_spatial(n_sections=2, n_side=8, n_vars=20)
+    >>> fig = scinfl.pl.spatial(adata, color="domain", library_key="section")  # save=... writes
+    >>> [ax.get_title() for ax in fig.axes]
+    ['section0', 'section1']
+    >>> plt.close(fig)
+    """
+    if spatial_key not in adata.obsm:
+        raise ValueError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
+    if color not in adata.obs:
+        raise ValueError(f"adata.obs[{color!r}] not found.")
+    values = adata.obs[color]
+    if not isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
+        values
+    ):
+        values = values.astype("category")
+    if isinstance(values.dtype, pd.CategoricalDtype) and "palette" not in kwargs:
+        # the same colour for a category in every panel
+        many = len(values.cat.categories) > 20
+        colours = sc.pl.palettes.default_102 if many else sc.pl.palettes.default_20
+        kwargs["palette"] = dict(zip(values.cat.categories, colours, strict=False))
+    if library_key is None:
+        sections = pd.Series("all", index=adata.obs_names)
+    elif library_key in adata.obs:
+        sections = adata.obs[library_key].astype(str)
+    else:
+        raise ValueError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
+    names = list(pd.unique(sections))
+    ncols = min(ncols, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows), squeeze=False
+    )
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        mask = (sections == name).to_numpy()
+        part = AnnData(obs=pd.DataFrame({color: values[mask]}, index=adata.obs_names[mask]))
+        part.obsm[spatial_key] = coords[mask]
+        sc.pl.embedding(
+            part, basis=spatial_key, color=color, ax=ax, show=False, legend_loc=legend_loc, **kwargs
+        )
+        ax.set_title(name if library_key is not None else color)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()  # image convention: row 0 at the top
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    for ax in axes.ravel()[len(names) :]:
+        ax.remove()
+    _make_room_for_legends(fig, list(axes.ravel()[: len(names)]))
+    if save is not None:
+        fig.savefig(save, dpi=120, bbox_inches="tight")
+    if show:
+        plt.show()
+    return fig

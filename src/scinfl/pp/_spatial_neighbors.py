@@ -1,0 +1,191 @@
+"""Spatial neighbour graphs built per site and per section (squidpy), never across sites."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+#: squidpy's graph builder of each coordinate type
+_BUILDERS = {"generic": "spatial_neighbors_knn", "grid": "spatial_neighbors_grid"}
+_INSTALL_HINT = (
+    "squidpy is needed for spatial graphs: install it with `pip install scinfl[spatial]`."
+)
+
+
+def _squidpy():
+    """Import squidpy, or say what to install."""
+    try:
+        return importlib.import_module("squidpy")
+    except ImportError as error:
+        raise ImportError(_INSTALL_HINT) from error
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """Hide a logger's info lines (squidpy logs one per graph it builds, here one per section)."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series:
+    """One label per spot naming its (site, section) block; checks that sections stay in a site."""
+    if site_key not in adata.obs:
+        raise KeyError(f"adata.obs[{site_key!r}] (the site of each spot) not found.")
+    sites = adata.obs[site_key].astype(str)
+    if library_key is None:
+        return sites
+    if library_key not in adata.obs:
+        raise KeyError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
+    libraries = adata.obs[library_key].astype(str)
+    n_sites = (
+        pd.DataFrame({"site": sites, "library": libraries}).groupby("library")["site"].nunique()
+    )
+    split = sorted(n_sites.index[n_sites > 1])
+    if split:
+        raise ValueError(
+            f"Sections {split} of adata.obs[{library_key!r}] lie in more than one site of "
+            f"adata.obs[{site_key!r}]; a section belongs to one site (name sections per site)."
+        )
+    return sites + "/" + libraries
+
+
+def spatial_neighbors(
+    adata: AnnData,
+    site_key: str = "site",
+    library_key: str | None = None,
+    spatial_key: str = "spatial",
+    coord_type: str = "generic",
+    n_neighs: int = 6,
+    key_added: str = "spatial",
+    copy: bool = False,
+) -> AnnData | None:
+    """Spatial neighbour graph of each site and section (squidpy's ``gr.spatial_neighbors_*``).
+
+    The graph of each (site, section) is computed on its own spots and the blocks are put
+    together, so no edge joins two sites or two sections: what is aggregated over the graph
+    (:func:`scinfl.tl.domains`) stays within a site, as federated data do.
+
+    Parameters
+    ----------
+    adata
+        AnnData with spot coordinates in ``.obsm[spatial_key]`` (spots x 2).
+    site_key
+        ``.obs`` column naming the site of each spot.
+    library_key
+        ``.obs`` column naming the section (library) of each spot, or ``None`` when each site
+        holds one section. A section must lie in one site.
+    spatial_key
+        ``.obsm`` key of the coordinates.
+    coord_type
+        ``"generic"`` (the ``n_neighs`` nearest spots, :func:`squidpy.gr.spatial_neighbors_knn`)
+        or ``"grid"`` (a regular array such as ST or Visium: neighbours at the grid spacing
+        only, :func:`squidpy.gr.spatial_neighbors_grid`), as squidpy's ``coord_type``.
+    n_neighs
+        Neighbours per spot.
+    key_added
+        Name of the graph: ``.obsp[f"{key_added}_connectivities"]``,
+        ``.obsp[f"{key_added}_distances"]`` and ``.uns[f"{key_added}_neighbors"]``, where
+        squidpy writes them.
+    copy
+        Return a copy of ``adata`` holding the graph instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or with ``copy=True`` a new AnnData. Sets
+
+    ``.obsp[f"{key_added}_connectivities"]``, ``.obsp[f"{key_added}_distances"]``
+        Spots x spots CSR matrices, block-diagonal over (site, section).
+    ``.uns[f"{key_added}_neighbors"]``
+        The keys of both matrices and ``params`` (squidpy's, with ``site_key`` and
+        ``library_key``).
+
+    Raises
+    ------
+    KeyError
+        If the coordinates, the site column or the section column are missing.
+    ValueError
+        If the coordinates are not spots x 2 finite numbers, a section has no more spots than
+        ``n_neighs``, a section lies in more than one site, or ``coord_type`` is unknown.
+    ImportError
+        If squidpy is not installed (the message says what to install).
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_spatial(n_sections=2, n_side=8, n_vars=20)
+    >>> scinfl.pp.spatial_neighbors(adata, site_key="site", coord_type="grid", n_neighs=4)
+    >>> graph = adata.obsp["spatial_connectivities"]
+    >>> graph.shape, int(graph.sum(axis=1).max())
+    ((128, 128), 4)
+    >>> sites = adata.obs["site"].cat.codes.to_numpy()
+    >>> rows, cols = graph.nonzero()
+    >>> bool((sites[rows] == sites[cols]).all())
+    True
+    """
+    if spatial_key not in adata.obsm:
+        raise KeyError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape != (adata.n_obs, 2):
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must be spots x 2 coordinates; got shape {coords.shape}."
+        )
+    if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
+        raise ValueError(f"adata.obsm[{spatial_key!r}] must hold finite numbers.")
+    groups = _groups(adata, site_key, library_key)
+    sizes = groups.value_counts()
+    small = sorted(sizes.index[sizes <= n_neighs])
+    if small:
+        raise ValueError(
+            f"Sections {small} have no more spots ({sizes[small].min()} or fewer) than the "
+            f"n_neighs={n_neighs} neighbours asked; ask fewer neighbours or drop them."
+        )
+    if coord_type not in _BUILDERS:
+        raise ValueError(f"`coord_type` must be one of {sorted(_BUILDERS)}; got {coord_type!r}.")
+    build = getattr(_squidpy().gr, _BUILDERS[coord_type])
+    if copy:
+        adata = adata.copy()
+
+    n_obs = adata.n_obs
+    blocks = {"connectivities": [], "distances": []}
+    order = []
+    params = None
+    for name in sizes.index.sort_values():
+        rows = np.flatnonzero((groups == name).to_numpy())
+        part = AnnData(obs=pd.DataFrame(index=adata.obs_names[rows]))
+        part.obsm["spatial"] = coords[rows].astype(np.float64)
+        with _quiet(logging.getLogger("spatialdata._logging")):
+            build(part, spatial_key="spatial", n_neighs=n_neighs)
+        params = part.uns["spatial_neighbors"]["params"]
+        for kind in blocks:
+            blocks[kind].append(sp.csr_matrix(part.obsp[f"spatial_{kind}"]))
+        order.append(rows)
+
+    # the blocks in block order, then moved back to the spots' own order
+    order = np.concatenate(order)
+    back = np.empty(n_obs, dtype=np.int64)
+    back[order] = np.arange(n_obs)
+    for kind, parts in blocks.items():
+        graph = sp.block_diag(parts, format="csr")[back][:, back]
+        graph.sort_indices()
+        adata.obsp[f"{key_added}_{kind}"] = graph.tocsr()
+    adata.uns[f"{key_added}_neighbors"] = {
+        "connectivities_key": f"{key_added}_connectivities",
+        "distances_key": f"{key_added}_distances",
+        "params": {
+            **dict(params),
+            "site_key": site_key,
+            "library_key": library_key,
+            "spatial_key": spatial_key,
+        },
+    }
+    return adata if copy else None
