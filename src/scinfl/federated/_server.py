@@ -97,7 +97,7 @@ class FederationConfig:
     balance_classes: bool = False
     kl_warmup_rounds: int | None = None
     validation_size: float = 0.1
-    min_cells_per_site: int = 4
+    min_cells_per_site: int = 2
     early_stopping: bool = False
     early_stopping_patience: int = 10
     seed: int = 0
