@@ -131,10 +131,16 @@ class Settings:
         }
 
     def centralized_epochs(self) -> dict:
-        """``max_epochs`` of the centralized rows: as many as rounds x local epochs."""
-        if self.only is not None and not {"rounds", "local_epochs"} & set(self.only):
+        """``max_epochs`` of the centralized rows: as many as rounds x local epochs.
+
+        A value not given is the library's default of ``train_federated``.
+        """
+        given = self.epochs()
+        if not given:
             return {}
-        return {"max_epochs": self.rounds * self.local_epochs}
+        defaults = inspect.signature(INFL.train_federated).parameters
+        rounds = given.get("max_rounds", defaults["max_rounds"].default)
+        return {"max_epochs": rounds * given.get("local_epochs", defaults["local_epochs"].default)}
 
 
 def default_key_mode() -> str | None:

@@ -171,6 +171,25 @@ def test_benchmark_metrics_and_sites():
     ]
 
 
+def test_benchmark_defaults_pass_only_the_given_settings():
+    bench = _benchmark()
+    tuned = bench.Settings()
+    assert tuned.given(bench.MODEL_SETTINGS)["classification_ratio"] == 2000.0
+    assert tuned.epochs() == {"max_rounds": 20, "local_epochs": 2}
+    assert tuned.centralized_epochs() == {"max_epochs": 40}
+    defaults = bench.Settings(only=())
+    assert defaults.given(bench.MODEL_SETTINGS + bench.TRAIN_SETTINGS) == {}
+    assert defaults.epochs() == {} and defaults.centralized_epochs() == {}
+    one = bench.Settings(
+        classification_ratio=50.0, rounds=5, only=("classification_ratio", "rounds")
+    )
+    assert one.given(bench.MODEL_SETTINGS) == {"classification_ratio": 50.0}
+    assert one.epochs() == {"max_rounds": 5}
+    assert one.centralized_epochs() == {"max_epochs": 5}  # x the library's 1 local epoch
+    x = np.array([[0.0, np.nan, -1.5]])
+    np.testing.assert_array_equal(bench.TRANSFORMS["raw-scale"](x), [[25.0, np.nan, 20.5]])
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("split", ["plex", "country"])
 @pytest.mark.parametrize("task", ["tumor", "subtype"])
