@@ -148,7 +148,7 @@ class INFL(
         features keeps their balance: one unit of weight per reconstructed feature, and
         scANVI's 50 for panels of fewer than 50 features. Measured at the library's defaults
         (docs/proteomics.md, "Defaults for bulk data"): on CPTAC proteomics (9,000 and 1,700
-        proteins) a weight of 50 is 5-12 points below one near the number of features on
+        proteins) a weight of 50 is 3-13 points below one near the number of features on
         held-out samples, and on pbmc68k counts (765 genes) 765 does as well as 50.
 
         Parameters
