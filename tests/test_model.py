@@ -137,6 +137,16 @@ def test_normal_likelihood_with_missing_values(key):
     assert np.isfinite(model.get_latent()).all()
 
 
+@pytest.mark.parametrize(("n_vars", "expected"), [(30, 50.0), (50, 50.0), (400, 400.0)])
+def test_default_classification_weight_grows_with_the_features(n_vars, expected, key):
+    adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=n_vars, n_sites=2)
+    INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="label")
+    assert INFL(adata, key=key, n_hidden=8).module.classification_ratio == expected
+    explicit = INFL(adata, key=key, n_hidden=8, classification_ratio=7.0)
+    assert explicit.module.classification_ratio == 7.0
+    assert explicit.init_params_["non_kwargs"]["classification_ratio"] == 7.0
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_missing_layer(counts_adata):
     with pytest.raises(ValueError, match="not found in adata.layers.*available"):
