@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pytest
 
@@ -48,6 +49,8 @@ from scinfl.federated.flower import (
     run_flower_simulation,
     update_to_content,
 )
+from scinfl.federated.flower.app import model_run_config
+from scinfl.model import INFL
 from scinfl.module import KeyedVAE
 
 from ._equality import assert_same_weights
@@ -707,3 +710,50 @@ def test_deployment_survives_a_killed_site(tmp_path, key):
         f"site {victim!r} failed its train step" in server_log
     ), server_log[-4000:]
     assert all(p.poll() is not None for p in processes.values())
+
+
+def _raw_scale_files(tmp_path, key, privacy=""):
+    """Log intensities on a raw scale (about 25 +- 3) with missing values, one file per site."""
+    adata = scinfl.data.synthetic_counts(n_obs=180, n_vars=N_VARS, n_sites=3, seed=4)
+    values = 3 * np.log1p(adata.X.toarray()) + 25
+    values[np.random.default_rng(0).random(values.shape) < 0.1] = np.nan
+    adata = anndata.AnnData(values.astype(np.float32), obs=adata.obs[["site", "label"]].copy())
+    names = sorted(adata.obs["site"].unique())
+    for name in names:
+        adata[adata.obs["site"] == name].copy().write_h5ad(tmp_path / f"{name}.h5ad")
+    INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    torch.manual_seed(3)  # a deployed site builds its model from the run's seed
+    model = INFL(adata, key=key, gene_likelihood="normal", n_hidden=16, n_latent=4)
+    settings = {"num-rounds": 2, "batch-size": 32, "seed": 3, "min-sites": 3, "privacy": privacy}
+    run_config = model_run_config(model, **settings, **{"output-dir": str(tmp_path / "out")})
+    key_path = key.save(tmp_path / "site.key", overwrite=True)
+    nodes = [
+        {"data-path": str(tmp_path / f"{n}.h5ad"), "key-path": str(key_path), "site": n}
+        for n in names
+    ]
+    return model, run_config, nodes
+
+
+@pytest.mark.parametrize("privacy", ["", "secagg"])
+def test_deployment_agrees_on_the_feature_scale_of_continuous_data(
+    tmp_path, key, task_identity, privacy
+):
+    """Deployed sites standardise with the scale of all sites' rows, as the local engine does."""
+    from scinfl.federated.flower.app import client_app, load_results, server_app
+
+    model, run_config, nodes = _raw_scale_files(tmp_path, key, privacy)
+    grid = LoopbackGrid(client_app, node_configs=nodes, run_config=run_config)
+    server_app(
+        grid,
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
+    deployed, _, _ = load_results(tmp_path / "out", key=key)
+    model.train_federated(max_rounds=2, batch_size=32, seed=3, privacy=privacy or None)
+    assert float(model.module.feature_loc.min()) > 20  # the raw scale, not the identity
+    for name, value in get_shared_parameters(model.module).items():
+        assert_same_weights(deployed[name], value, atol=1e-5 if privacy else 0.0, err_msg=name)
+    # the moments and the scale are asked once, before any model: a replay is refused
+    moment_queries = [m for m in grid.sent if m.metadata.group_id == "moments"]
+    assert len(moment_queries) == 3
+    (replay,) = grid.send_and_receive([moment_queries[0]])
+    assert replay.has_error() and "received a model already" in replay.error.reason

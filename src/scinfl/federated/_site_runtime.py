@@ -12,18 +12,19 @@ decryption oracle.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from scinfl.key import Key
+from scinfl.module import feature_moments
 
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update
-from ._parameters import Parameters, get_shared_parameters
+from ._parameters import Parameters, get_shared_parameters, site_state_names
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
-from ._secure_aggregation import protect_update
+from ._secure_aggregation import mask_update, protect_update
 from ._server import FederationConfig
 from ._site_data import SiteData
 
@@ -186,6 +187,11 @@ def site_parameters(runtime: SiteRuntime, in_secret_frame: bool = False) -> Para
     return parameters
 
 
+#: Round label of the feature-moments step of secure aggregation (before round 0: its masks
+#: are never those of a training round).
+MOMENTS_ROUND = -1
+
+
 @dataclass
 class SiteState:
     """What a site remembers between messages (small: it travels in Flower's ``context.state``).
@@ -201,6 +207,9 @@ class SiteState:
         Round (``-1``: none) and secure-aggregation attempt of the site's last train step.
     upload_frame
         The secret frame of its last upload: the frame of the next round's global model.
+    feature_scale
+        Whether the federation's feature scale was set (before any model: see
+        :meth:`SiteProtocol.set_feature_scale`).
 
     Examples
     --------
@@ -214,6 +223,7 @@ class SiteState:
     trained_round: int = -1
     attempt: int = -1
     upload_frame: str = ""
+    feature_scale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
@@ -222,7 +232,13 @@ class SiteState:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SiteState:
         """The state stored by :meth:`to_dict`."""
-        return cls(**{f.name: type(f.default)(values[f.name]) for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: type(f.default)(values[f.name])
+                for f in dataclasses.fields(cls)
+                if f.name in values
+            }
+        )
 
 
 class SiteProtocol:
@@ -257,6 +273,9 @@ class SiteProtocol:
       initial parameters is answered (with the parameters the site was built with, in the
       initial frame when the site's frames are on) only before, and only if its
       ``in_secret_frame`` agrees with the site's setting.
+    - **Feature moments and the feature scale** (continuous data) are answered and installed
+      only before a model was received: sums per row of the training rows, masked when the
+      site's settings have secure aggregation on.
 
     Parameters
     ----------
@@ -304,6 +323,46 @@ class SiteProtocol:
                 f"secret frames {'on' if self.runtime.secret_frames else 'off'}",
             )
         return site_parameters(self.runtime, bool(in_secret_frame))
+
+    def moments(self, participants: Sequence[str] = ()) -> ClientUpdate:
+        """The site's feature moments, for the federation's feature scale (``query``).
+
+        Per-feature missing-aware count, sum and sum of squares of the training rows, each
+        divided by their number ``n_k`` (so that FedAvg of the replies gives the pooled sums
+        over the pooled number of rows), masked for secure aggregation when the site's
+        settings have it on (``participants``: the sites whose masks cancel, this one among
+        them). Answered only before any model was received and only for a model with a
+        feature scale (:func:`~scinfl.federated.site_state_names`).
+        """
+        what = "a query for feature moments"
+        runtime = self.runtime
+        if self.state.round >= 0:
+            raise self._refuse(what, "it has received a model already")
+        if not site_state_names(runtime.module):
+            raise self._refuse(what, "its model has no feature scale")
+        site = runtime.site
+        count, total, squares = feature_moments(site.X[site.train_idx])
+        n = max(site.n_train, 1)
+        update = ClientUpdate(
+            site=site.name,
+            n=n,
+            parameters={"count": count / n, "sum": total / n, "sumsq": squares / n},
+            key_fingerprint=runtime.key_fingerprint,
+            key_version=runtime.key_version,
+        )
+        federation = runtime.federation
+        if federation is not None and federation.privacy == "secagg":
+            if site.name not in participants:
+                raise self._refuse(what, f"the participants {list(participants)} omit it")
+            update = mask_update(update, runtime.key, MOMENTS_ROUND, participants)
+        return update
+
+    def set_feature_scale(self, loc, scale) -> None:
+        """Install the federation's feature scale (``query``), before any model only."""
+        if self.state.round >= 0:
+            raise self._refuse("a feature scale", "it has received a model already")
+        self.runtime.module.set_feature_scale(loc, scale)
+        self.state.feature_scale = True
 
     def train(
         self, received: Parameters, config: ClientConfig, opened: Parameters | None = None

@@ -40,6 +40,7 @@ from ._server_app import (
     make_server_app,
     request_parameters,
     run_flower_rounds,
+    share_feature_scale,
 )
 from ._simulation import SimulationSites, run_flower_simulation
 
@@ -58,6 +59,7 @@ __all__ = [
     "record_to_parameters",
     "request_parameters",
     "run_flower_simulation",
+    "share_feature_scale",
     "run_flower_rounds",
     "update_to_content",
 ]

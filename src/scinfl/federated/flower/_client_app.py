@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 WANT_PARAMETERS = "want-parameters"
 #: ``query`` instruction entry: send the initial parameters in the initial secret frame
 IN_SECRET_FRAME = "in-secret-frame"
+#: ``query`` instruction entry asking a site for its feature moments (with ``participants``)
+WANT_MOMENTS = "want-moments"
+#: ``query`` instruction entry: the sites whose secure-aggregation masks cancel
+PARTICIPANTS = "participants"
+#: ``query`` record carrying the federation's feature scale (arrays ``loc``, ``scale``), and the
+#: name under which a site keeps it in ``context.state``
+FEATURE_SCALE = "feature-scale"
 #: name of the ``ConfigRecord`` in ``context.state`` that holds the site's protocol state
 PROTOCOL_STATE = "scinfl-site-protocol"
 
@@ -93,7 +100,11 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     def _protocol(context: Context) -> SiteProtocol:
         stored = context.state[PROTOCOL_STATE] if PROTOCOL_STATE in context.state else None
         state = SiteState() if stored is None else SiteState.from_mapping(stored)
-        return SiteProtocol(resolve(context), state)
+        runtime = resolve(context)
+        if FEATURE_SCALE in context.state:  # each message may run in a fresh process
+            scale = record_to_parameters(context.state[FEATURE_SCALE])
+            runtime.module.set_feature_scale(scale["loc"], scale["scale"])
+        return SiteProtocol(runtime, state)
 
     def _keep(protocol: SiteProtocol, context: Context) -> None:
         context.state[PROTOCOL_STATE] = ConfigRecord(protocol.state.to_dict())
@@ -107,6 +118,14 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         if asked.get(WANT_PARAMETERS, False):
             parameters = protocol.parameters(bool(asked.get(IN_SECRET_FRAME, False)))
             content[PARAMETERS] = parameters_to_record(parameters)
+        if asked.get(WANT_MOMENTS, False):
+            update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
+            content[PARAMETERS] = parameters_to_record(update.parameters)
+        if FEATURE_SCALE in msg.content:
+            scale = record_to_parameters(msg.content[FEATURE_SCALE])
+            protocol.set_feature_scale(scale["loc"], scale["scale"])
+            context.state[FEATURE_SCALE] = parameters_to_record(scale)
+            _keep(protocol, context)
         return Message(content, reply_to=msg)
 
     @app.train()

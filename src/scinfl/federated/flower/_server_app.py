@@ -11,15 +11,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from scinfl.federated._aggregate import fedavg
 from scinfl.federated._client import ClientConfig, ClientUpdate
 from scinfl.federated._parameters import Parameters
 from scinfl.federated._round_loop import run_rounds
+from scinfl.federated._secure_aggregation import unmask_sum
 from scinfl.federated._server import FederatedServer
+from scinfl.module import scale_from_moments
 
-from ._client_app import IN_SECRET_FRAME, WANT_PARAMETERS
+from ._client_app import (
+    FEATURE_SCALE,
+    IN_SECRET_FRAME,
+    PARTICIPANTS,
+    WANT_MOMENTS,
+    WANT_PARAMETERS,
+)
 from ._records import (
     CONFIG,
     PARAMETERS,
@@ -162,6 +172,70 @@ def request_parameters(
         raise RuntimeError(f"Site {site!r} did not send initial parameters: {reason}.")
     logger.info("Initial global parameters taken from site %r.", site)
     return record_to_parameters(replies[0].content[PARAMETERS])
+
+
+def share_feature_scale(
+    grid: Grid,
+    directory: SiteDirectory,
+    secure: bool = False,
+    timeout: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Agree on the feature scale of continuous data: moments from every site, scale to every site.
+
+    Each site sends its per-feature count, sum and sum of squares per row (masked under
+    secure aggregation, so that the server learns only their sum); their FedAvg is the pooled
+    rows' moments per row, from which the location and scale follow
+    (:func:`~scinfl.module.scale_from_moments`); every site then installs them. Before any
+    model: a site answers neither once it has received one.
+
+    Returns
+    -------
+    ``(loc, scale)``, as every site installed them.
+
+    Examples
+    --------
+    >>> loc, scale = share_feature_scale(grid, discover_sites(grid, 3))  # doctest: +SKIP
+    """
+    sites = directory.sites
+    asked = ConfigRecord({WANT_MOMENTS: True, PARTICIPANTS: sites})
+    messages = [
+        Message(
+            RecordDict({CONFIG: asked}), directory.nodes[s], MessageType.QUERY, group_id="moments"
+        )
+        for s in sites
+    ]
+    updates = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        error = reply_error(reply)
+        if error is not None:
+            raise RuntimeError(f"A site did not send its feature moments: {error}")
+        update = content_to_update(reply.content)
+        if directory.nodes.get(update.site) != reply.metadata.src_node_id:
+            raise RuntimeError(f"Node {reply.metadata.src_node_id} claimed site {update.site!r}.")
+        updates.append(update)
+    updates.sort(key=lambda u: u.site)
+    if secure:
+        template = {name: np.zeros(0) for name in ("count", "sum", "sumsq")}
+        moments = unmask_sum(updates, template, sites)
+    else:
+        moments = fedavg(updates)
+    loc, scale = scale_from_moments(moments["count"], moments["sum"], moments["sumsq"])
+    record = parameters_to_record({"loc": loc, "scale": scale})
+    messages = [
+        Message(
+            RecordDict({FEATURE_SCALE: record}),
+            directory.nodes[s],
+            MessageType.QUERY,
+            group_id="scale",
+        )
+        for s in sites
+    ]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        error = reply_error(reply)
+        if error is not None:
+            raise RuntimeError(f"A site did not install the feature scale: {error}")
+    logger.info("Feature scale of %d features agreed by %d sites.", len(loc), len(sites))
+    return loc, scale
 
 
 def _collect(

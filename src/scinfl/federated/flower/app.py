@@ -43,7 +43,12 @@ from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
 
 from ._client_app import make_client_app
-from ._server_app import discover_sites, request_parameters, run_flower_rounds
+from ._server_app import (
+    discover_sites,
+    request_parameters,
+    run_flower_rounds,
+    share_feature_scale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -281,14 +286,6 @@ def load_site(
         raise ValueError(f"{path}: {err}") from err
     torch.manual_seed(int(s["seed"]))
     model = cls(adata, key=key, **_init_params(s))
-    if getattr(model.module, "site_state_names", ()):
-        # the in-process engines standardise continuous features over all sites' sums; a
-        # deployment has no step that adds up the sites' sums yet
-        logger.warning(
-            "Site %r: continuous features are not standardised across sites in a deployment; "
-            "give every site data on one scale (e.g. z-scores per feature).",
-            site,
-        )
     config = federation_config(s)
     data = SiteData.from_registry(
         model.adata_manager, site, None, config.validation_size, config.seed
@@ -465,6 +462,9 @@ def _server_main(grid: Grid, context: Context) -> None:
             server.key_fingerprint,
             server.key_version,
         )
+    if _init_params(s).get("gene_likelihood") == "normal":
+        # continuous features: every site standardises with the scale of all sites' rows
+        share_feature_scale(grid, directory, server.config.privacy == "secagg", round_timeout)
     if not server.parameters:
         server.parameters = request_parameters(
             grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)
