@@ -216,6 +216,28 @@ class FederatedTrainingMixin:
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
         return history
 
+    def train(self, *args, **kwargs):
+        """scvi-tools' Lightning training on all rows, after fitting the feature scale.
+
+        The same as :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (all its
+        arguments), but continuous features are first standardised over all rows, as
+        :meth:`train_centralized` and :meth:`train_federated` do.
+
+        Examples
+        --------
+        >>> import numpy as np, scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=8, n_sites=2)
+        >>> adata.X = 3 * np.log1p(adata.X.toarray()) + 25
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> model = scinfl.model.INFL(adata, key_mode=None, gene_likelihood="normal")
+        >>> model.train(max_epochs=1, enable_progress_bar=False)
+        >>> bool(model.module.feature_loc.min() > 20)
+        True
+        """
+        self._require_key()
+        self._fit_feature_scale([SiteData.from_registry(self.adata_manager, "all", None, 0.0)])
+        return super().train(*args, **kwargs)
+
     def _fit_feature_scale(self, sites: list[SiteData]) -> None:
         """Standardise continuous features with their location and scale over all sites.
 
