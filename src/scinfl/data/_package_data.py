@@ -41,3 +41,17 @@ def installed_data_dir(package: str, data_dir: str, files: Sequence[str]) -> Pat
         if all((candidate / name).is_file() for name in files):
             return candidate
     return None
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package``, or ``None`` when it is not installed.
+
+    Examples
+    --------
+    >>> installed_version("no-such-package") is None
+    True
+    """
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

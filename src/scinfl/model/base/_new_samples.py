@@ -12,8 +12,9 @@ from scvi import REGISTRY_KEYS
 
 logger = logging.getLogger(__name__)
 
-#: Setup arguments of ``.obs`` columns that only training needs: new samples may lack them.
-_TRAINING_ONLY = ("labels_key",)
+#: Setup arguments of ``.obs`` columns that only training needs (new samples may lack them),
+#: with their registry keys.
+_TRAINING_ONLY = {"labels_key": REGISTRY_KEYS.LABELS_KEY}
 
 
 class NewSamplesMixin:
@@ -65,7 +66,7 @@ class NewSamplesMixin:
             adata = self._match_features(adata, names, setup.get("layer"))
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):
             adata.uns.pop(key, None)
-        for arg, registry_key in ((arg, REGISTRY_KEYS.LABELS_KEY) for arg in _TRAINING_ONLY):
+        for arg, registry_key in _TRAINING_ONLY.items():
             column = setup.get(arg)
             if column is not None and column not in adata.obs:
                 mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
