@@ -393,3 +393,23 @@ def test_sites_not_sampled_still_evaluate_and_train_later():
     assert (history.groupby("round")["accepted"].sum() == 2).all()
     # site a sat rounds 0 and 1 out and trained in round 2, from a frame it never computed
     assert history.loc[history["site"] == "a", "accepted"].tolist() == [False, False, True]
+
+
+def test_feature_moments_are_sent_once_and_never_unmasked_under_secure_aggregation(key):
+    """A server asking the moments under several participant lists could solve for each site's."""
+    from scinfl.federated import FederationConfig, SiteData, SiteProtocol, SiteRuntime
+    from scinfl.federated._site_runtime import RefusedMessageError
+
+    x = np.random.default_rng(0).normal(25, 3, (20, 6)).astype(np.float32)
+    module = KeyedVAE(n_input=6, gene_likelihood="normal", key_mode=None)
+    federation = FederationConfig(max_rounds=2, privacy="secagg", secret_frames=True)
+    runtime = SiteRuntime(
+        module, SiteData.from_arrays("a", x), key=key, federation=federation, secret_frames=True
+    )
+    protocol = SiteProtocol(runtime)
+    with pytest.raises(RefusedMessageError, match="two or more participants"):
+        protocol.moments(["a"])  # alone, its mask would be none
+    masked = protocol.moments(["a", "b"])
+    assert all(value.dtype == np.uint64 for value in masked.parameters.values())
+    with pytest.raises(RefusedMessageError, match="sent its moments already"):
+        protocol.moments(["a", "c"])

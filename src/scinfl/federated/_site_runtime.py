@@ -207,6 +207,8 @@ class SiteState:
         Round (``-1``: none) and secure-aggregation attempt of the site's last train step.
     upload_frame
         The secret frame of its last upload: the frame of the next round's global model.
+    moments_sent
+        Whether the site has sent its feature moments (once: see :meth:`SiteProtocol.moments`).
     feature_scale
         Whether the federation's feature scale was set (before any model: see
         :meth:`SiteProtocol.set_feature_scale`).
@@ -223,6 +225,7 @@ class SiteState:
     trained_round: int = -1
     attempt: int = -1
     upload_frame: str = ""
+    moments_sent: bool = False
     feature_scale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,13 +334,17 @@ class SiteProtocol:
         divided by their number ``n_k`` (so that FedAvg of the replies gives the pooled sums
         over the pooled number of rows), masked for secure aggregation when the site's
         settings have it on (``participants``: the sites whose masks cancel, this one among
-        them). Answered only before any model was received and only for a model with a
-        feature scale (:func:`~scinfl.federated.site_state_names`).
+        them). Answered once, only before any model was received and only for a model with a
+        feature scale (:func:`~scinfl.federated.site_state_names`): answers under several
+        participant lists would let the server solve for each site's moments, and a list of
+        one site would leave them unmasked.
         """
         what = "a query for feature moments"
         runtime = self.runtime
         if self.state.round >= 0:
             raise self._refuse(what, "it has received a model already")
+        if self.state.moments_sent:
+            raise self._refuse(what, "it has sent its moments already")
         if not site_state_names(runtime.module):
             raise self._refuse(what, "its model has no feature scale")
         site = runtime.site
@@ -352,9 +359,14 @@ class SiteProtocol:
         )
         federation = runtime.federation
         if federation is not None and federation.privacy == "secagg":
-            if site.name not in participants:
-                raise self._refuse(what, f"the participants {list(participants)} omit it")
+            if site.name not in participants or len(set(participants)) < 2:
+                raise self._refuse(
+                    what,
+                    f"secure aggregation needs it among two or more participants, got "
+                    f"{list(participants)}",
+                )
             update = mask_update(update, runtime.key, MOMENTS_ROUND, participants)
+        self.state.moments_sent = True
         return update
 
     def set_feature_scale(self, loc, scale) -> None:

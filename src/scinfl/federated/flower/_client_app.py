@@ -121,6 +121,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         if asked.get(WANT_MOMENTS, False):
             update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
             content[PARAMETERS] = parameters_to_record(update.parameters)
+            _keep(protocol, context)
         if FEATURE_SCALE in msg.content:
             scale = record_to_parameters(msg.content[FEATURE_SCALE])
             protocol.set_feature_scale(scale["loc"], scale["scale"])
