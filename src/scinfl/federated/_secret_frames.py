@@ -71,40 +71,85 @@ def _layers_for(n: int) -> int:
     return max(3, math.ceil(math.log(n) / math.log(BLOCK)) + 1)
 
 
-def _haar(rng: np.random.Generator, count: int, n: int) -> torch.Tensor:
-    """``count`` Haar-random orthogonal ``n x n`` matrices (float64).
+class _Orthogonal:
+    """Haar-random orthogonal matrices: drawn when asked for, computed together.
 
-    The Gaussian draws come from numpy's generator (the same on every platform); the QR
-    decomposition runs in torch, whose batched LAPACK calls are about twice as fast here.
+    The Gaussian draws come from numpy's generators (the same on every platform) in the order
+    they are asked for; :meth:`compute` then runs one batched QR decomposition per matrix size
+    for every map of a frame (torch's batched LAPACK calls; hundreds of small calls would cost
+    more than the arithmetic).
     """
-    q, r = torch.linalg.qr(torch.from_numpy(rng.standard_normal((count, n, n))))
-    return q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
+
+    def __init__(self) -> None:
+        self._draws: list[np.ndarray] = []
+        self._results: list[torch.Tensor] = []
+
+    def draw(self, rng: np.random.Generator, count: int, n: int) -> int:
+        """Draw ``count`` matrices of size ``n``; returns the ticket of their result."""
+        self._draws.append(rng.standard_normal((count, n, n)))
+        return len(self._draws) - 1
+
+    def compute(self) -> None:
+        """The orthogonal factors of every draw so far."""
+        results: list[torch.Tensor | None] = [None] * len(self._draws)
+        sizes = sorted({draw.shape[1] for draw in self._draws})
+        for n in sizes:
+            tickets = [i for i, draw in enumerate(self._draws) if draw.shape[1] == n]
+            q, r = torch.linalg.qr(
+                torch.from_numpy(np.concatenate([self._draws[i] for i in tickets]))
+            )
+            q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2)).unsqueeze(1)
+            counts = [len(self._draws[i]) for i in tickets]
+            for i, part in zip(tickets, q.split(counts), strict=True):
+                results[i] = part
+        self._results = results
+
+    def __getitem__(self, ticket: int) -> torch.Tensor:
+        return self._results[ticket]
 
 
-def _dense_blocks(rng: np.random.Generator, count: int, n: int, spread: float, two_sided: bool):
+class _DenseBlocks:
     """``count`` maps ``Q1 diag(s) [Q2]`` (singular values in ``[1/spread, spread]``), inverses.
 
     One-sided blocks (``Q1 diag(s)``) serve the layered maps of long axes, where the next
     layer's permutation and rotation mix the scaled coordinates again; they halve the cost.
     """
-    scale = torch.from_numpy(np.exp(rng.uniform(-np.log(spread), np.log(spread), (count, 1, n))))
-    left = _haar(rng, count, n)
-    if not two_sided:
-        return left * scale, left.transpose(1, 2) / scale.transpose(1, 2)
-    right = _haar(rng, count, n)
-    blocks = (left * scale) @ right
-    inverses = (right.transpose(1, 2) / scale) @ left.transpose(1, 2)
-    return blocks, inverses
+
+    def __init__(self, rng, count: int, n: int, spread: float, two_sided: bool, orthogonal):
+        self.scale = torch.from_numpy(
+            np.exp(rng.uniform(-np.log(spread), np.log(spread), (count, 1, n)))
+        )
+        self.left = orthogonal.draw(rng, count, n)
+        self.right = orthogonal.draw(rng, count, n) if two_sided else None
+
+    def compute(self, orthogonal: _Orthogonal) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps and their inverses, once ``orthogonal`` is computed."""
+        left, scale = orthogonal[self.left], self.scale
+        if self.right is None:
+            return left * scale, left.transpose(1, 2) / scale.transpose(1, 2)
+        right = orthogonal[self.right]
+        blocks = (left * scale) @ right
+        inverses = (right.transpose(1, 2) / scale) @ left.transpose(1, 2)
+        return blocks, inverses
 
 
 class _Layer:
     """``M = P B``: a permutation ``P`` (``x P = x[perm]``), then block-diagonal ``B``.
 
     The first ``count`` blocks have ``block`` entries; the last one takes the rest of the axis
-    (between ``block`` and ``2 block - 1`` entries).
+    (between ``block`` and ``2 block - 1`` entries). The random draws happen here; the maps
+    exist after :meth:`compute`.
     """
 
-    def __init__(self, n: int, rng: np.random.Generator, block: int, spread: float, permute: bool):
+    def __init__(
+        self,
+        n: int,
+        rng: np.random.Generator,
+        block: int,
+        spread: float,
+        permute: bool,
+        orthogonal: _Orthogonal,
+    ):
         perm = rng.permutation(n) if permute else None
         self.perm = None if perm is None else torch.from_numpy(perm)
         self.inv_perm = None if perm is None else torch.from_numpy(np.argsort(perm))
@@ -112,9 +157,15 @@ class _Layer:
         self.count = max(1, n // block) - 1
         self.body = self.count * block
         two_sided = not permute
-        self.blocks, self.inverses = _dense_blocks(rng, self.count, block, spread, two_sided)
-        tail, tail_inverse = _dense_blocks(rng, 1, n - self.body, spread, two_sided)
+        self._body = _DenseBlocks(rng, self.count, block, spread, two_sided, orthogonal)
+        self._tail = _DenseBlocks(rng, 1, n - self.body, spread, two_sided, orthogonal)
+
+    def compute(self, orthogonal: _Orthogonal) -> None:
+        """The block maps, from the computed orthogonal factors."""
+        self.blocks, self.inverses = self._body.compute(orthogonal)
+        tail, tail_inverse = self._tail.compute(orthogonal)
         self.tail, self.tail_inverse = tail[0], tail_inverse[0]
+        del self._body, self._tail
 
     def _blocks(self, x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         """``blocks`` (and ``tail``) times the row blocks of ``x`` (axis first: ``(n, m)``)."""
@@ -163,14 +214,27 @@ class AxisFrame:
     True
     """
 
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
+    def __init__(
+        self, n: int, rng: np.random.Generator, orthogonal: _Orthogonal | None = None
+    ) -> None:
         self.dense = n <= DENSE_MAX
+        own = orthogonal is None
+        orthogonal = _Orthogonal() if own else orthogonal
         if self.dense:
-            self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, permute=False)]
+            self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, False, orthogonal)]
         else:
             self.layers = [
-                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, permute=True) for _ in range(_layers_for(n))
+                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, True, orthogonal)
+                for _ in range(_layers_for(n))
             ]
+        if own:
+            orthogonal.compute()
+            self.compute(orthogonal)
+
+    def compute(self, orthogonal: _Orthogonal) -> None:
+        """Finish the maps drawn with a shared ``orthogonal`` (after its :meth:`compute`)."""
+        for layer in self.layers:
+            layer.compute(orthogonal)
 
     def apply(
         self, x: np.ndarray | torch.Tensor, mode: str = "forward"
@@ -240,30 +304,59 @@ class SecretFrames:
 
     def axis_frame(self, frame: str | int, name: str, axis: int, n: int) -> AxisFrame:
         """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``."""
+        return self._maps(frame, [(name, axis, n)])[(name, axis, n)]
+
+    def _maps(self, frame: str | int, axes: list[tuple[str, int, int]]) -> dict:
+        """The maps of ``frame``, those of ``axes`` (name, axis, length) drawn if missing.
+
+        Each map has its own generator (seeded from the key, the frame and the axis), so a map
+        does not depend on which others are drawn with it; their QR decompositions run
+        together.
+        """
         frame = str(frame)
         maps = self._cache.get(frame)
         if maps is None:
             maps = self._cache[frame] = {}
             while len(self._cache) > self._cache_frames:
                 self._cache.popitem(last=False)
-        found = maps.get((name, axis, n))
-        if found is None:
-            label = "\x1f".join(["scinfl/frame", frame, name, str(axis), str(n)])
-            digest = hmac.new(self._secret, label.encode(), hashlib.sha256).digest()
-            rng = np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest, "big")))
-            found = maps[(name, axis, n)] = AxisFrame(n, rng)
-        return found
+        missing = [axis for axis in dict.fromkeys(axes) if axis not in maps]
+        orthogonal = _Orthogonal()
+        drawn = {axis: AxisFrame(axis[2], self._rng(frame, *axis), orthogonal) for axis in missing}
+        if drawn:
+            orthogonal.compute()
+            for found in drawn.values():
+                found.compute(orthogonal)
+            maps.update(drawn)
+        return maps
+
+    def _rng(self, frame: str, name: str, axis: int, n: int) -> np.random.Generator:
+        label = "\x1f".join(["scinfl/frame", frame, name, str(axis), str(n)])
+        digest = hmac.new(self._secret, label.encode(), hashlib.sha256).digest()
+        return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest, "big")))
 
     def _map(self, tensors: Mapping, frame: str | int, mode: str) -> dict:
+        arrays = {name: np.asarray(value) for name, value in tensors.items()}
+        hidden = {
+            name: array
+            for name, array in arrays.items()
+            if np.issubdtype(array.dtype, np.floating) and array.size > 0
+        }
+        maps = self._maps(
+            frame,
+            [
+                (name, axis, n)
+                for name, array in hidden.items()
+                for axis, n in enumerate(array.shape or (1,))
+            ],
+        )
         out = {}
-        for name, value in tensors.items():
-            array = np.asarray(value)
-            if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        for name, array in arrays.items():
+            if name not in hidden:
                 out[name] = array.copy()  # integers (counters) and empty tensors: nothing to hide
                 continue
             x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
             for axis in range(x.ndim):
-                x = self.axis_frame(frame, name, axis, x.shape[axis]).apply_along(x, axis, mode)
+                x = maps[(name, axis, x.shape[axis])].apply_along(x, axis, mode)
             out[name] = x.numpy().reshape(array.shape).astype(array.dtype)
         return out
 

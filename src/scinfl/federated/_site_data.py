@@ -14,6 +14,8 @@ from scvi import REGISTRY_KEYS
 from scvi.data._utils import registry_key_to_default_dtype
 from sklearn.model_selection import train_test_split
 
+from scinfl.module import NONZERO_KEY
+
 #: Field arrays: ``(n, ...)`` rows of one registered field (dense, or CSR for a matrix).
 FieldArray = np.ndarray | sparse.csr_matrix
 
@@ -283,8 +285,16 @@ class SiteData:
             if key in self._dense:
                 out[key] = self._dense[key].index_select(0, rows_t)
             else:
+                chosen = value[rows]
                 out[key] = torch.empty(len(rows), value.shape[1], dtype=torch.float32)
-                value[rows].toarray(out=out[key].numpy())
+                chosen.toarray(out=out[key].numpy())
+                if key == REGISTRY_KEYS.X_KEY:
+                    # where the counts are non-zero: the likelihood spends its costly terms there
+                    # only, and finding them in the dense minibatch would cost more than this
+                    starts = np.repeat(
+                        np.arange(len(rows)) * value.shape[1], np.diff(chosen.indptr)
+                    )
+                    out[NONZERO_KEY] = torch.from_numpy(starts + chosen.indices)
         return out
 
     def minibatches(

@@ -10,10 +10,12 @@ from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, KeyMode, ModelKeyMode, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
+from ._likelihood import NONZERO_KEY, nb_log_likelihood
 from ._vae import KeyedVAE
 
 __all__ = [
     "KEY_MODES",
+    "NONZERO_KEY",
     "CoordinateKeyEncoder",
     "KeyMode",
     "KeyedVAE",
@@ -23,5 +25,6 @@ __all__ = [
     "feature_moments",
     "get_key_mode",
     "keyify",
+    "nb_log_likelihood",
     "scale_from_moments",
 ]

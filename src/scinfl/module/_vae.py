@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from scinfl.key import MISSING_KEY_MESSAGE, Key, MissingKeyError
 
 from ._key_modes import ModelKeyMode, get_key_mode
+from ._likelihood import NONZERO_KEY, nb_log_likelihood
 
 Likelihood = Literal["nb", "zinb", "normal"]
 NormalVariance = Literal["unit", "feature"]
@@ -325,8 +326,13 @@ class KeyedVAE(VAE):
             MODULE_KEYS.PZ_KEY: Normal(torch.zeros_like(z), torch.ones_like(z)),
         }
 
-    def reconstruction_loss(self, x: torch.Tensor, px) -> torch.Tensor:
+    def reconstruction_loss(
+        self, x: torch.Tensor, px, nonzero: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Negative log-likelihood per observation; NaN entries of ``x`` are masked out.
+
+        ``nonzero``: the flat positions of the non-zero counts, when the minibatch carries them
+        (see :func:`~scinfl.module.nb_log_likelihood`).
 
         For ``normal``, the likelihood of the standardised values (``px``'s log-density plus
         the log feature scale, its Jacobian), the same whatever scale the data come in.
@@ -336,6 +342,8 @@ class KeyedVAE(VAE):
             log_prob = px.log_prob(torch.where(observed, x, self.feature_loc.expand_as(x)))
             log_prob = log_prob + torch.log(self.feature_scale)
             return -(log_prob * observed).sum(-1)
+        if self.gene_likelihood == "nb":
+            return -nb_log_likelihood(x, px.mu, px.theta, nonzero=nonzero)
         return -px.log_prob(x).sum(-1)
 
     def classification_logits(self, qz_mean: torch.Tensor) -> torch.Tensor:
@@ -354,7 +362,9 @@ class KeyedVAE(VAE):
         x = tensors[REGISTRY_KEYS.X_KEY]
         qz = inference_outputs[MODULE_KEYS.QZ_KEY]
         kl_z = kl_divergence(qz, generative_outputs[MODULE_KEYS.PZ_KEY]).sum(dim=-1)
-        reconst = self.reconstruction_loss(x, generative_outputs[MODULE_KEYS.PX_KEY])
+        reconst = self.reconstruction_loss(
+            x, generative_outputs[MODULE_KEYS.PX_KEY], tensors.get(NONZERO_KEY)
+        )
         loss = torch.mean(reconst + kl_weight * kl_z)
         extra = {}
         if self.classifier is not None:

@@ -1,0 +1,84 @@
+"""Negative binomial log-likelihood that spends its log-gamma terms on the non-zero counts only."""
+
+from __future__ import annotations
+
+import torch
+
+#: minibatch key of the flat positions of a sparse count matrix's stored entries
+NONZERO_KEY = "X_nonzero"
+
+
+def nb_log_likelihood(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    eps: float = 1e-8,
+    nonzero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Log-likelihood of counts under NB(mean ``mu``, inverse dispersion ``theta``), per row.
+
+    The same value as scvi-tools' :func:`~scvi.distributions.NegativeBinomial.log_prob`
+    summed over features,
+
+    .. math::
+        \theta \log\frac{\theta}{\theta + \mu} + x \log\frac{\mu}{\theta + \mu}
+        + \log\Gamma(x + \theta) - \log\Gamma(\theta) - \log\Gamma(x + 1),
+
+    computed so that only the first term runs over every entry: the others vanish where
+    ``x == 0`` (``log Gamma(theta) - log Gamma(theta) = log Gamma(1) = 0``), and single-cell
+    counts are mostly zeros. The log-gamma functions and their derivatives (digamma) are the
+    most expensive steps of a training step on dense counts (40% of it on 2,000 genes), so a
+    step costs about what its matrix products cost. Where ``theta`` is one value per feature
+    broadcast over rows (scvi-tools' ``dispersion="gene"``), the dense term is a matrix-vector
+    product.
+
+    Parameters
+    ----------
+    x
+        Counts, shape ``(n, n_features)``.
+    mu
+        Means, same shape.
+    theta
+        Inverse dispersions, broadcastable to ``x`` (a per-feature vector, or a full matrix).
+    eps
+        Added inside the logarithms, as scvi-tools does.
+    nonzero
+        Flat (row-major) positions of the non-zero entries of ``x``, when the caller has them
+        (a sparse minibatch does); found here otherwise.
+
+    Returns
+    -------
+    The log-likelihood of each row, shape ``(n,)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from scvi.distributions import NegativeBinomial
+    >>> x = torch.poisson(torch.full((4, 6), 0.5))
+    >>> mu, theta = torch.rand(4, 6) + 0.1, torch.rand(6) + 0.5
+    >>> reference = NegativeBinomial(mu=mu, theta=theta).log_prob(x).sum(-1)
+    >>> torch.allclose(nb_log_likelihood(x, mu, theta), reference, atol=1e-5)
+    True
+    """
+    theta = theta.expand_as(x)
+    log_theta_mu = torch.log(theta + mu + eps)
+    flat = torch.nonzero(x.reshape(-1)).squeeze(1) if nonzero is None else nonzero
+    rows = torch.div(flat, x.shape[1], rounding_mode="floor")
+    counts = x.reshape(-1).index_select(0, flat)
+    if theta.stride(0) == 0:
+        # one value per feature: the terms in theta alone are per feature, gathered per entry
+        row = theta[0]
+        dense = (row * torch.log(row + eps)).sum() - log_theta_mu @ row
+        cols = flat - rows * x.shape[1]
+        th, lgamma_th = row.index_select(0, cols), torch.lgamma(row).index_select(0, cols)
+    else:
+        dense = (theta * (torch.log(theta + eps) - log_theta_mu)).sum(-1)
+        th = theta.reshape(-1).index_select(0, flat)
+        lgamma_th = torch.lgamma(th)
+    log_ratio = torch.log(mu.reshape(-1).index_select(0, flat) + eps) - log_theta_mu.reshape(
+        -1
+    ).index_select(0, flat)
+    on_nonzero = (
+        counts * log_ratio + torch.lgamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
+    )
+    return dense.index_add(0, rows, on_nonzero)
