@@ -61,11 +61,13 @@ def nb_log_likelihood(
     True
     """
     theta = theta.expand_as(x)
-    log_theta_mu = torch.log(theta + mu + eps)
+    per_feature = theta.stride(0) == 0
+    # (theta + eps) first: a per-feature vector, so one pass over the matrix
+    log_theta_mu = torch.log(mu + (theta[:1] + eps if per_feature else theta + eps))
     flat = torch.nonzero(x.reshape(-1)).squeeze(1) if nonzero is None else nonzero
     rows = torch.div(flat, x.shape[1], rounding_mode="floor")
     counts = x.reshape(-1).index_select(0, flat)
-    if theta.stride(0) == 0:
+    if per_feature:
         # one value per feature: the terms in theta alone are per feature, gathered per entry
         row = theta[0]
         dense = (row * torch.log(row + eps)).sum() - log_theta_mu @ row

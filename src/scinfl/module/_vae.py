@@ -26,6 +26,13 @@ NormalVariance = Literal["unit", "feature"]
 MIN_FEATURE_SCALE = 1e-6
 
 
+class _Unused(nn.Module):
+    """Stands for a head of scvi-tools' decoder that the likelihood never reads."""
+
+    def forward(self, *args) -> None:
+        return None
+
+
 class KeyedVAE(VAE):
     """scvi-tools' VAE with keyed encoder layers, a masked Gaussian likelihood, a classifier.
 
@@ -118,9 +125,16 @@ class KeyedVAE(VAE):
             # (site_state_names)
             self.register_buffer("feature_loc", torch.zeros(n_input))
             self.register_buffer("feature_scale", torch.ones(n_input))
-        # the library-size encoder is unused with the observed library size; dropping it keeps
-        # untrained per-feature weights out of every upload
+        # the library-size encoder is unused with the observed library size, the dropout head
+        # with any likelihood but the zero-inflated one, the per-cell dispersion head with any
+        # other dispersion: dropping them keeps untrained per-feature weights out of every
+        # upload (three of the model's four feature-sized matrices with the NB) and the dropout
+        # head's product out of every forward pass
         self.l_encoder = None
+        if gene_likelihood != "zinb":
+            self.decoder.px_dropout_decoder = _Unused()
+        if self.dispersion != "gene-cell":
+            self.decoder.px_r_decoder = _Unused()
         self.normal_variance = normal_variance
         self.classify = classify and n_labels > 0
         self.classification_ratio = classification_ratio

@@ -1,0 +1,455 @@
+"""Seconds per federated epoch against scvi-tools' SCVI, where the time goes, and peak memory.
+
+Every row runs in its own process (so that its peak resident memory is its own), and within a
+row every method runs in the same process, one after the other, on the same data:
+
+- ``INFL defaults``: ``train_federated`` at the library defaults (key, secret frames), local
+  engine, one local epoch per round (a round is then one federated epoch over all sites);
+- ``no frames``: the same with ``secret_frames=False``; ``no key``: ``key_mode=None`` (no key,
+  so no frames either);
+- ``SCVI``: scvi-tools' SCVI with the same layer sizes (128 hidden, 10 latent, one layer),
+  likelihood, batch size (128) and training fraction (0.9), ``model.train``.
+
+Seconds per epoch exclude set-up on both sides: for INFL the round loop (train, aggregate,
+validate, select) divided by its rounds, for SCVI the time between epoch starts (training and
+validation) measured by a Lightning callback; the first epoch is a warm-up on both sides and is
+not counted. Both wall and CPU seconds are recorded; CPU seconds of a one-thread process are
+the work done, so ratios of them hold on a machine that other jobs share. The breakdown of the
+defaults run splits its round loop into training steps, validation, parameter copies, secret
+frames (drawing the maps and applying them), hashing (frame names and message checks),
+aggregation and the rest (exclusive times).
+
+Rows: pbmc68k (700 x 765 counts, 3 sites), Kang (13,999 x 2,000 counts, 3 sites), CPTAC
+proteomics (normal likelihood, 4 sites by TMT plex; SCVI sees missing values as 0), and a
+synthetic 1,000,000 x 2,000 sparse count matrix over 10 sites (``--big``). ``--scaling`` adds
+time per epoch (defaults) against cells, features and sites; ``--flower`` the start-up and
+per-round overhead of Flower's simulation engine against the local engine.
+
+Usage::
+
+    uv run python benchmarks/speed.py                    # the three real rows
+    uv run python benchmarks/speed.py --big --scaling --flower --plot
+
+Writes ``benchmarks/results/speed.md``, ``speed.csv`` (and ``speed.png`` with ``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from lightning.pytorch.callbacks import Callback
+from scipy import sparse
+
+import scinfl
+
+RESULTS = Path(__file__).parent / "results"
+N_HIDDEN, N_LATENT, BATCH_SIZE = 128, 10, 128
+
+
+# -- data ----------------------------------------------------------------------------------
+def synthetic_sparse(n_obs: int, n_vars: int, n_sites: int, seed: int = 0) -> AnnData:
+    """Sparse NB counts of 10 cell types over ``n_sites`` sites, built in chunks (never dense).
+
+    About 10% of entries are non-zero (a 10x data set on 2,000 variable genes holds 10-25%).
+    """
+    rng = np.random.default_rng(seed)
+    n_types = 10
+    base = rng.gamma(0.6, 0.12, n_vars)
+    programme = np.exp(rng.normal(0.0, 1.0, (n_types, n_vars)))
+    types = rng.integers(0, n_types, n_obs)
+    chunks = []
+    for start in range(0, n_obs, 50_000):
+        rows = types[start : start + 50_000]
+        library = rng.lognormal(0.0, 0.4, len(rows))[:, None]
+        mean = base * programme[rows] * library
+        counts = rng.poisson(rng.gamma(4.0, mean / 4.0)).astype(np.float32)
+        chunks.append(sparse.csr_matrix(counts))
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical([f"type{t}" for t in types]),
+            "site": pd.Categorical([f"site{s}" for s in rng.integers(0, n_sites, n_obs)]),
+        },
+        index=[f"cell{i}" for i in range(n_obs)],
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)])
+    return AnnData(sparse.vstack(chunks, format="csr"), obs=obs, var=var)
+
+
+def load_row(name: str) -> tuple[AnnData, dict]:
+    """The data of a row and its setup arguments."""
+    if name == "pbmc68k":
+        adata = scinfl.data.pbmc68k(n_sites=3)
+        return adata, {"layer": "counts", "site_key": "site"}
+    if name == "kang":
+        adata = scinfl.data.kang2018(n_top_genes=2000)
+        scinfl.federated.partition(adata, n_sites=3, seed=0)
+        return adata, {"layer": "counts", "site_key": "site"}
+    if name == "cptac":
+        adata = scinfl.data.cptac_ucec()
+        from proteomics import plex_site  # the proteomics benchmark's sites by TMT plex
+
+        adata.obs["site"] = pd.Categorical(adata.obs["Proteomics_TMT_plex"].map(plex_site))
+        return adata, {"site_key": "site"}
+    if name.startswith("synthetic"):
+        n_obs, n_vars, n_sites = (int(x) for x in name.split(":")[1:])
+        return synthetic_sparse(n_obs, n_vars, n_sites), {"site_key": "site"}
+    raise ValueError(f"Unknown row {name!r}.")
+
+
+# -- timers --------------------------------------------------------------------------------
+class Breakdown:
+    """Exclusive seconds per category of functions wrapped while a run lasts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[list[float]] = []
+
+    def wrap(self, owner, attribute: str, category: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            self._stack.append([time.perf_counter(), 0.0])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                start, inner = self._stack.pop()
+                elapsed = time.perf_counter() - start
+                self.seconds[category] += elapsed - inner
+                if self._stack:
+                    self._stack[-1][1] += elapsed
+
+        setattr(owner, attribute, timed)
+        self._restore.append((owner, attribute, original))
+
+    @contextmanager
+    def instrumented(self):
+        from scinfl.federated import _client, _local_engine, _secret_frames, _server
+        from scinfl.federated import _site_runtime as runtime
+
+        self._restore = []
+        self.wrap(_local_engine, "run_rounds", "round loop, other")
+        self.wrap(runtime, "client_update", "training steps")
+        self.wrap(runtime, "client_evaluate", "validation")
+        self.wrap(_client, "set_shared_parameters", "parameter copies")
+        self.wrap(_client, "get_shared_parameters", "parameter copies")
+        self.wrap(_secret_frames.SecretFrames, "_map", "secret frames: apply")
+        self.wrap(_secret_frames.SecretFrames, "_maps", "secret frames: draw")
+        self.wrap(_secret_frames, "_parameters_hash", "hashing")
+        self.wrap(_server.FederatedServer, "aggregate", "aggregation")
+        try:
+            yield self
+        finally:
+            for owner, attribute, original in reversed(self._restore):
+                setattr(owner, attribute, original)
+
+
+@contextmanager
+def clocks():
+    """Wall and CPU seconds of the block: ``{"wall": ..., "cpu": ...}`` once it ends."""
+    out = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield out
+    out["wall"], out["cpu"] = time.perf_counter() - wall, time.process_time() - cpu
+
+
+# -- methods -------------------------------------------------------------------------------
+def likelihood_of(adata: AnnData, setup: dict) -> str:
+    """Counts (a layer, or a sparse X) get the negative binomial, the rest the normal."""
+    return "nb" if "layer" in setup or sparse.issparse(adata.X) else "normal"
+
+
+def infl_epoch(adata, setup, rounds, breakdown=None, key_mode="pooled", **settings) -> dict:
+    """Seconds per federated epoch (round loop / rounds), after one warm-up round."""
+    likelihood = likelihood_of(adata, setup)
+    adata = adata.copy() if adata.n_obs < 200_000 else adata
+    scinfl.model.INFL.setup_anndata(adata, **setup)
+    torch.manual_seed(0)
+    model = scinfl.model.INFL(
+        adata,
+        key=None if key_mode is None else scinfl.Key(bytes(range(32))),
+        key_mode=key_mode,
+        gene_likelihood=likelihood,
+        n_hidden=N_HIDDEN,
+        n_latent=N_LATENT,
+    )
+    settings = {"local_epochs": 1, "batch_size": BATCH_SIZE, "progress_bar": False, **settings}
+    model.train_federated(max_rounds=1, **settings)  # warm-up (allocator, frames cache, ...)
+    from scinfl.federated import _local_engine
+
+    loop = {}
+    original = _local_engine.run_rounds
+
+    def timed(*args, **kw):
+        with clocks() as measured:
+            server = original(*args, **kw)
+        loop.update(measured)
+        return server
+
+    _local_engine.run_rounds = timed
+    try:
+        if breakdown is not None:
+            with breakdown.instrumented():
+                model.train_federated(max_rounds=rounds, **settings)
+        else:
+            model.train_federated(max_rounds=rounds, **settings)
+    finally:
+        _local_engine.run_rounds = original
+    return {"wall": loop["wall"] / rounds, "cpu": loop["cpu"] / rounds}
+
+
+class EpochClock(Callback):
+    """Lightning callback: wall and CPU time at every training epoch's start and at the end."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float]] = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def on_train_end(self, trainer, module) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
+    """Seconds per SCVI epoch (epoch starts apart), the first epoch a warm-up."""
+    import scvi
+
+    adata = adata.copy() if adata.n_obs < 200_000 else adata
+    layer = setup.get("layer")
+    if likelihood == "normal":  # SCVI takes no missing values
+        adata.X = np.nan_to_num(np.asarray(adata.X))
+    scvi.model.SCVI.setup_anndata(adata, layer=layer)
+    scvi.settings.seed = 0
+    model = scvi.model.SCVI(
+        adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=1, gene_likelihood=likelihood
+    )
+    clock = EpochClock()
+    model.train(
+        max_epochs=epochs + 1,
+        train_size=0.9,
+        batch_size=BATCH_SIZE,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        callbacks=[clock],
+        check_val_every_n_epoch=1,
+    )
+    marks = np.array(clock.marks[1:])  # from the second epoch's start to the end
+    return {"wall": np.diff(marks[:, 0]).mean(), "cpu": np.diff(marks[:, 1]).mean()}
+
+
+def run_row(name: str, rounds: int) -> dict:
+    """Every method on one row; its own process, so ``peak_rss_gb`` is the row's."""
+    adata, setup = load_row(name)
+    likelihood = likelihood_of(adata, setup)
+    breakdown = Breakdown()
+    out = {"row": name, "cells": adata.n_obs, "features": adata.n_vars}
+    out["sites"] = adata.obs[setup["site_key"]].nunique()
+    out["defaults"] = infl_epoch(adata, setup, rounds, breakdown)
+    out["breakdown"] = dict(breakdown.seconds)
+    out["no frames"] = infl_epoch(adata, setup, rounds, secret_frames=False)
+    out["no key"] = infl_epoch(adata, setup, rounds, key_mode=None)
+    out["SCVI"] = scvi_epoch(adata, setup, rounds, likelihood)
+    out["rounds"] = rounds
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def run_scaling(name: str, rounds: int) -> dict:
+    """INFL at the defaults only (for the scaling curves)."""
+    adata, setup = load_row(name)
+    epoch = infl_epoch(adata, setup, rounds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {
+        "row": name,
+        "cells": adata.n_obs,
+        "features": adata.n_vars,
+        "sites": adata.obs["site"].nunique(),
+        "defaults": epoch,
+        "peak_rss_gb": peak,
+    }
+
+
+def run_flower(name: str, rounds: int) -> dict:
+    """Flower simulation against the local engine: start-up and per-round seconds.
+
+    Two runs per engine (1 and ``1 + rounds`` rounds, wall time of ``train_federated``): the
+    difference over ``rounds`` is the per-round time, the rest of the short run the start-up.
+    """
+    adata, setup = load_row(name)
+    scinfl.model.INFL.setup_anndata(adata, **setup)
+    out = {"row": name}
+    for engine in ("local", "flower"):
+        seconds = []
+        for n_rounds in (1, 1 + rounds):
+            torch.manual_seed(0)
+            model = scinfl.model.INFL(adata, key=scinfl.Key(bytes(range(32))))
+            with clocks() as measured:
+                model.train_federated(max_rounds=n_rounds, engine=engine, progress_bar=False)
+            seconds.append(measured["wall"])
+        per_round = (seconds[1] - seconds[0]) / rounds
+        out[engine] = {"start-up": seconds[0] - per_round, "per round": per_round}
+    return out
+
+
+# -- driver --------------------------------------------------------------------------------
+def in_subprocess(kind: str, name: str, rounds: int, threads: int) -> dict:
+    """Run one measurement in a fresh process (its own peak memory, no shared caches)."""
+    command = [sys.executable, __file__, "--one", kind, name, "--rounds", str(rounds)]
+    command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """One line per row: seconds per epoch (CPU, wall) and the ratios of the issue."""
+    lines = []
+    for r in rows:
+        cpu = {m: r[m]["cpu"] for m in ("defaults", "no frames", "no key", "SCVI")}
+        lines.append(
+            {
+                "data": f"{r['row']} ({r['cells']:,} x {r['features']:,}, {r['sites']} sites)",
+                "INFL defaults s/epoch (CPU; wall)": f"{cpu['defaults']:.3g}; {r['defaults']['wall']:.3g}",
+                "no frames": f"{cpu['no frames']:.3g}",
+                "no key": f"{cpu['no key']:.3g}",
+                "SCVI s/epoch (CPU; wall)": f"{cpu['SCVI']:.3g}; {r['SCVI']['wall']:.3g}",
+                "SCVI / INFL defaults (>= 3)": round(cpu["SCVI"] / cpu["defaults"], 2),
+                "frames / no frames (<= 1.2)": round(cpu["defaults"] / cpu["no frames"], 2),
+                "keyed / unkeyed (<= 1.10)": round(cpu["no frames"] / cpu["no key"], 2),
+                "peak memory GB": round(r["peak_rss_gb"], 2),
+            }
+        )
+    return pd.DataFrame(lines)
+
+
+def breakdown_table(rows: list[dict]) -> pd.DataFrame:
+    """Share of the defaults' round loop per category (wall, exclusive)."""
+    shares = {}
+    for r in rows:
+        total = sum(r["breakdown"].values())
+        shares[r["row"]] = {k: f"{v / total:.0%}" for k, v in sorted(r["breakdown"].items())}
+    return pd.DataFrame(shares).fillna("0%")
+
+
+def plot(rows: list[dict], scaling: list[dict], path: Path) -> None:
+    """Seconds per epoch by method and row; scaling curves when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + bool(scaling) * 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    methods = ("defaults", "no frames", "no key", "SCVI")
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [r[method]["cpu"] for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, values, width, label=method)
+    ax.set_xticks(np.arange(len(rows)) + 0.3, [r["row"] for r in rows], rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("CPU seconds per epoch")
+    ax.legend(frameon=False, fontsize=8)
+    for ax, axis in zip(axes[0, 1:], ("cells", "features", "sites"), strict=False):
+        curve = sorted((r for r in scaling if r["curve"] == axis), key=lambda r: r[axis])
+        ax.plot([r[axis] for r in curve], [r["defaults"]["cpu"] for r in curve], "o-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(axis)
+        ax.set_title(f"INFL defaults: epoch vs {axis}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+SCALING = {
+    "cells": [f"synthetic:{n}:2000:10" for n in (10_000, 100_000, 1_000_000)],
+    "features": [f"synthetic:20000:{g}:10" for g in (1_000, 5_000, 20_000)],
+    "sites": [f"synthetic:100000:2000:{s}" for s in (2, 5, 10, 20)],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=["pbmc68k", "kang", "cptac"])
+    parser.add_argument("--big", action="store_true", help="add the 1M x 2k, 10-site row")
+    parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--flower", action="store_true")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "ROW"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        torch.set_num_threads(args.threads)
+        sys.path.insert(0, str(Path(__file__).parent))
+        kind, name = args.one
+        run = {"row": run_row, "scaling": run_scaling, "flower": run_flower}[kind]
+        print(json.dumps(run(name, args.rounds), default=float))
+        return
+    rows_names = args.rows + (["synthetic:1000000:2000:10"] * args.big)
+    rows = [in_subprocess("row", name, args.rounds, args.threads) for name in rows_names]
+    scaling = []
+    if args.scaling:
+        for axis, names in SCALING.items():
+            for name in names:
+                result = in_subprocess("scaling", name, 1 if "1000000" in name else 2, args.threads)
+                scaling.append({**result, "curve": axis})
+    RESULTS.mkdir(exist_ok=True)
+    report = [
+        "# Speed: a federated epoch against scvi-tools' SCVI\n",
+        f"`python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`; torch threads: "
+        f"{args.threads}; {args.rounds} timed epochs per method after one warm-up; CPU "
+        "seconds (the work, robust to other load) and wall seconds.\n",
+        table(rows).to_markdown(index=False),
+        "\n## Where the time of a federated epoch goes (INFL defaults, exclusive wall time)\n",
+        breakdown_table(rows).to_markdown(),
+    ]
+    if scaling:
+        frame = pd.DataFrame(
+            [
+                {
+                    "curve": r["curve"],
+                    "cells": r["cells"],
+                    "features": r["features"],
+                    "sites": r["sites"],
+                    "CPU s/epoch": round(r["defaults"]["cpu"], 3),
+                    "wall s/epoch": round(r["defaults"]["wall"], 3),
+                    "peak memory GB": round(r["peak_rss_gb"], 2),
+                }
+                for r in scaling
+            ]
+        )
+        report += ["\n## Scaling (INFL defaults)\n", frame.to_markdown(index=False)]
+    if args.flower:
+        flower = in_subprocess("flower", "pbmc68k", 2, args.threads)
+        lines = pd.DataFrame(
+            {e: {k: round(v, 2) for k, v in flower[e].items()} for e in ("local", "flower")}
+        ).T
+        report += ["\n## Flower simulation against the local engine (pbmc68k, wall s)\n"]
+        report += [lines.to_markdown()]
+    (RESULTS / "speed.md").write_text("\n".join(report) + "\n")
+    pd.DataFrame(rows + scaling).to_csv(RESULTS / "speed.csv", index=False)
+    if args.plot:
+        plot(rows, scaling, RESULTS / "speed.png")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
