@@ -308,3 +308,32 @@ def test_flower_engine_gives_the_local_weights(counts_adata, key):
     for name, value in results[0].items():
         # same client code, same order of aggregation: only float32 kernel order could differ
         np.testing.assert_allclose(results[1][name], value, atol=1e-5, err_msg=name)
+
+
+def test_accelerator_chooses_where_sites_train(key):
+    from scinfl.model.base._federated import training_device
+
+    adata = scinfl.data.synthetic_counts(n_obs=90, n_vars=10, n_sites=3, seed=5)
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key=key, n_hidden=8)
+    model.train_federated(max_rounds=1, accelerator="cpu", progress_bar=False)
+    assert model.device.type == "cpu"
+    with pytest.raises(ValueError, match="engine='local'"):
+        model.train_federated(max_rounds=1, engine="flower", accelerator="gpu")
+    assert training_device("auto", engine="flower").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sites_train_on_a_gpu_as_on_cpu(key):
+    adata = scinfl.data.synthetic_counts(n_obs=300, n_vars=30, n_labels=3, n_sites=3, seed=6)
+    INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="label")
+    losses = {}
+    for accelerator in ("cpu", "gpu"):
+        torch.manual_seed(0)
+        model = INFL(adata, key=key, n_hidden=16)
+        history = model.train_federated(max_rounds=3, accelerator=accelerator, progress_bar=False)
+        assert model.device.type == ("cpu" if accelerator == "cpu" else "cuda")
+        assert model.get_latent().shape == (300, 10)
+        losses[accelerator] = history.groupby("round")["val_loss"].mean().iloc[-1]
+    # the same arithmetic in other kernels: the same fit, not bitwise the same weights
+    assert losses["gpu"] == pytest.approx(losses["cpu"], rel=0.05)

@@ -186,7 +186,9 @@ def client_update(
     anchors = [p.detach().clone() for p in params] if config.mu > 0 else None
     if getattr(module, "classifier", None) is not None:
         module.class_weights = (
-            site.class_weights(module.n_labels) if config.balance_classes else None
+            site.class_weights(module.n_labels).to(params[0].device)
+            if config.balance_classes
+            else None
         )
     totals = _new_totals()
     for _ in range(config.local_epochs):
@@ -240,7 +242,8 @@ def client_evaluate(
     # the reconstruction term samples z ~ q(z|x): draw it from a fixed seed, so that every
     # round is scored with the same noise (selection compares models, not draws) and a site
     # scores the same in any process, whatever its random state (local engine == Flower)
-    with torch.random.fork_rng(devices=[]):
+    device = next(module.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         for batch in site.minibatches("val", batch_size):
             _, _, loss_output = module(batch, loss_kwargs={"kl_weight": 1.0})

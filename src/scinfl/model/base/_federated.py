@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scvi
 import torch
+from scvi.model._utils import parse_device_args
 
 from scinfl.federated import FederationConfig, SiteData, run_local
 from scinfl.model._validation import validate_sites
@@ -93,6 +94,8 @@ class FederatedTrainingMixin:
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         progress_bar: bool = True,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
         **settings,
     ) -> pd.DataFrame:
         """Train across the sites of ``.obs[site_key]``; each site sees only its own rows.
@@ -122,6 +125,11 @@ class FederatedTrainingMixin:
             an uninterrupted run.
         progress_bar
             Show a progress bar over rounds.
+        accelerator, devices
+            Where the sites train, as in scvi-tools' ``train``: ``"auto"`` takes a GPU when
+            there is one, ``"cpu"``, ``"gpu"``; ``devices`` picks one device (an index, or
+            ``"auto"``). The local engine plays every site on that device (the data stay in host
+            memory and travel a minibatch at a time); the Flower engine trains on CPU.
         **settings
             Any field of :class:`~scinfl.federated.FederationConfig`: ``batch_size``, ``lr``,
             ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
@@ -164,7 +172,8 @@ class FederatedTrainingMixin:
                 f"{len(sites)} sites."
             )
         self._fit_feature_scale(sites)
-        history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume)
+        device = training_device(accelerator, devices, engine)
+        history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume, device)
         self._record_split(sites, self._site_rows())
         return history
 
@@ -173,6 +182,8 @@ class FederatedTrainingMixin:
         max_epochs: int = 50,
         kl_warmup_epochs: int | None = None,
         progress_bar: bool = True,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
         **settings,
     ) -> pd.DataFrame:
         """Train the same model on all rows pooled, as one site: the centralized reference.
@@ -189,6 +200,8 @@ class FederatedTrainingMixin:
             Epochs of linear KL warm-up (default: half of ``max_epochs``).
         progress_bar
             Show a progress bar over epochs.
+        accelerator, devices
+            Where to train, as in :meth:`train_federated`.
         **settings
             Fields of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
             ``validation_size``, ...).
@@ -212,7 +225,8 @@ class FederatedTrainingMixin:
         )
         validate_sites({"all": site.n_train + site.n_val}, {"all": site.n_train}, 0, 2)
         self._fit_feature_scale([site])
-        history = self._run([site], config, progress_bar)
+        device = training_device(accelerator, devices)
+        history = self._run([site], config, progress_bar, device=device)
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
         return history
 
@@ -271,7 +285,10 @@ class FederatedTrainingMixin:
         engine: str = "local",
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
+        device: torch.device | None = None,
     ) -> pd.DataFrame:
+        if device is not None:
+            self.module.to(device)
         torch.manual_seed(config.seed)
         runner = run_local
         if engine == "flower":
@@ -301,3 +318,26 @@ class FederatedTrainingMixin:
         # the frame the server holds the selected model in (secret frames), for the audit
         self.secret_frame_ = server.best_frame
         return history
+
+
+def training_device(
+    accelerator: str = "auto", devices: int | str = "auto", engine: str = "local"
+) -> torch.device:
+    """The torch device of ``accelerator`` and ``devices`` (scvi-tools' rules), for one process.
+
+    Examples
+    --------
+    >>> training_device("cpu")
+    device(type='cpu')
+    """
+    if engine == "flower":
+        if accelerator not in ("auto", "cpu"):
+            raise ValueError(
+                f"engine='flower' trains its virtual sites on CPU; accelerator={accelerator!r} "
+                "works with engine='local' (all sites in this process, on that device)."
+            )
+        return torch.device("cpu")
+    _, _, device = parse_device_args(
+        accelerator, devices, return_device="torch", validate_single_device=True
+    )
+    return device
