@@ -13,7 +13,7 @@ row every method runs in the same process, one after the other, on the same data
 Seconds per epoch exclude set-up on both sides: for INFL the round loop (train, aggregate,
 validate, select) divided by its rounds, for SCVI the time between epoch starts (training and
 validation) measured by a Lightning callback; the first epoch is a warm-up on both sides and is
-not counted. Both wall and CPU seconds are recorded; CPU seconds of a one-thread process are
+not counted (from 200,000 cells on there is no warm-up epoch). Both wall and CPU seconds are recorded; CPU seconds of a one-thread process are
 the work done, so ratios of them hold on a machine that other jobs share. The breakdown of the
 defaults run splits its round loop into training steps, validation, parameter copies, secret
 frames (drawing the maps and applying them), hashing (frame names and message checks),
@@ -30,7 +30,9 @@ Usage::
     uv run python benchmarks/speed.py                    # the three real rows
     uv run python benchmarks/speed.py --big --scaling --flower --plot
 
-Writes ``benchmarks/results/speed.md``, ``speed.csv`` (and ``speed.png`` with ``--plot``).
+Each measurement is kept in ``benchmarks/results/speed/`` (with the machine's load around it),
+and ``benchmarks/results/speed.md`` and ``speed.csv`` (and ``speed.png`` with ``--plot``) are
+written from every kept measurement: ``--rows`` with no name rewrites the page from them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -58,6 +61,8 @@ import scinfl
 
 RESULTS = Path(__file__).parent / "results"
 N_HIDDEN, N_LATENT, BATCH_SIZE = 128, 10, 128
+#: from this many cells on, no warm-up epoch (it would cost minutes and change nothing)
+BIG = 200_000
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ def likelihood_of(adata: AnnData, setup: dict) -> str:
 def infl_epoch(adata, setup, rounds, breakdown=None, key_mode="pooled", **settings) -> dict:
     """Seconds per federated epoch (round loop / rounds), after one warm-up round."""
     likelihood = likelihood_of(adata, setup)
-    adata = adata.copy() if adata.n_obs < 200_000 else adata
+    adata = adata.copy() if adata.n_obs < BIG else adata
     scinfl.model.INFL.setup_anndata(adata, **setup)
     torch.manual_seed(0)
     model = scinfl.model.INFL(
@@ -187,7 +192,8 @@ def infl_epoch(adata, setup, rounds, breakdown=None, key_mode="pooled", **settin
         n_latent=N_LATENT,
     )
     settings = {"local_epochs": 1, "batch_size": BATCH_SIZE, "progress_bar": False, **settings}
-    model.train_federated(max_rounds=1, **settings)  # warm-up (allocator, frames cache, ...)
+    if adata.n_obs < BIG:
+        model.train_federated(max_rounds=1, **settings)  # warm-up (allocator, frames cache)
     from scinfl.federated import _local_engine
 
     loop = {}
@@ -228,7 +234,7 @@ def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
     """Seconds per SCVI epoch (epoch starts apart), the first epoch a warm-up."""
     import scvi
 
-    adata = adata.copy() if adata.n_obs < 200_000 else adata
+    adata = adata.copy() if adata.n_obs < BIG else adata
     layer = setup.get("layer")
     if likelihood == "normal":  # SCVI takes no missing values
         adata.X = np.nan_to_num(np.asarray(adata.X))
@@ -238,8 +244,9 @@ def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
         adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=1, gene_likelihood=likelihood
     )
     clock = EpochClock()
+    warm_up = int(adata.n_obs < BIG)
     model.train(
-        max_epochs=epochs + 1,
+        max_epochs=epochs + warm_up,
         train_size=0.9,
         batch_size=BATCH_SIZE,
         accelerator="cpu",
@@ -247,7 +254,7 @@ def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
         callbacks=[clock],
         check_val_every_n_epoch=1,
     )
-    marks = np.array(clock.marks[1:])  # from the second epoch's start to the end
+    marks = np.array(clock.marks[warm_up:])
     return {"wall": np.diff(marks[:, 0]).mean(), "cpu": np.diff(marks[:, 1]).mean()}
 
 
@@ -376,6 +383,7 @@ def plot(rows: list[dict], scaling: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+BIG_ROW = "synthetic:1000000:2000:10"
 SCALING = {
     "cells": [f"synthetic:{n}:2000:10" for n in (10_000, 100_000, 1_000_000)],
     "features": [f"synthetic:20000:{g}:10" for g in (1_000, 5_000, 20_000)],
@@ -383,41 +391,60 @@ SCALING = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=["pbmc68k", "kang", "cptac"])
-    parser.add_argument("--big", action="store_true", help="add the 1M x 2k, 10-site row")
-    parser.add_argument("--scaling", action="store_true")
-    parser.add_argument("--flower", action="store_true")
-    parser.add_argument("--plot", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--one", nargs=2, metavar=("KIND", "ROW"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.one:
-        warnings.filterwarnings("ignore")
-        logging.disable(logging.WARNING)
-        torch.set_num_threads(args.threads)
-        sys.path.insert(0, str(Path(__file__).parent))
-        kind, name = args.one
-        run = {"row": run_row, "scaling": run_scaling, "flower": run_flower}[kind]
-        print(json.dumps(run(name, args.rounds), default=float))
-        return
-    rows_names = args.rows + (["synthetic:1000000:2000:10"] * args.big)
-    rows = [in_subprocess("row", name, args.rounds, args.threads) for name in rows_names]
-    scaling = []
-    if args.scaling:
-        for axis, names in SCALING.items():
-            for name in names:
-                result = in_subprocess("scaling", name, 1 if "1000000" in name else 2, args.threads)
-                scaling.append({**result, "curve": axis})
-    RESULTS.mkdir(exist_ok=True)
-    report = [
+def saved_path(kind: str, name: str) -> Path:
+    """Where one measurement's JSON is kept (``results/speed/``)."""
+    return RESULTS / "speed" / f"{kind}-{name.replace(':', '-')}.json"
+
+
+def measure(kind: str, name: str, rounds: int, threads: int) -> dict:
+    """One measurement in its own process, saved with the machine's load around it."""
+    load = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = in_subprocess(kind, name, rounds, threads)
+    result |= {"kind": kind, "threads": threads, "started": started}
+    result["load average (start, end)"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+    path = saved_path(kind, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def saved(kind: str) -> list[dict]:
+    """Every saved measurement of ``kind``, in a fixed order (real rows, then synthetic)."""
+    found = [json.loads(p.read_text()) for p in sorted((RESULTS / "speed").glob(f"{kind}-*.json"))]
+    order = ["pbmc68k", "kang", "cptac"]
+    return sorted(
+        found,
+        key=lambda r: (
+            order.index(r["row"]) if r["row"] in order else 9,
+            r["cells"] if "cells" in r else 0,
+        ),
+    )
+
+
+def report() -> str:
+    """The results page, from every saved measurement (each row ran in its own process)."""
+    rows, scaling, flower = saved("row"), saved("scaling"), saved("flower")
+    lines = [
         "# Speed: a federated epoch against scvi-tools' SCVI\n",
-        f"`python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}`; torch threads: "
-        f"{args.threads}; {args.rounds} timed epochs per method after one warm-up; CPU "
-        "seconds (the work, robust to other load) and wall seconds.\n",
+        "Each row ran in its own process (`benchmarks/speed.py`; see its docstring), every "
+        "method of a row in the same process, one after the other, on the same data: the "
+        "ratios are within a row. CPU seconds of a one-thread process are the work done; wall "
+        "seconds depend on what else the machine ran (its load average is listed).\n",
         table(rows).to_markdown(index=False),
+        "\n",
+        pd.DataFrame(
+            [
+                {
+                    "row": r["row"],
+                    "measured": r["started"],
+                    "torch threads": r["threads"],
+                    "timed epochs": r["rounds"],
+                    "load average (start, end)": r["load average (start, end)"],
+                }
+                for r in rows
+            ]
+        ).to_markdown(index=False),
         "\n## Where the time of a federated epoch goes (INFL defaults, exclusive wall time)\n",
         breakdown_table(rows).to_markdown(),
     ]
@@ -436,19 +463,51 @@ def main(argv: list[str] | None = None) -> None:
                 for r in scaling
             ]
         )
-        report += ["\n## Scaling (INFL defaults)\n", frame.to_markdown(index=False)]
-    if args.flower:
-        flower = in_subprocess("flower", "pbmc68k", 2, args.threads)
-        lines = pd.DataFrame(
-            {e: {k: round(v, 2) for k, v in flower[e].items()} for e in ("local", "flower")}
+        lines += ["\n## Scaling (INFL defaults)\n", frame.to_markdown(index=False)]
+    for r in flower:
+        seconds = pd.DataFrame(
+            {e: {k: round(v, 2) for k, v in r[e].items()} for e in ("local", "flower")}
         ).T
-        report += ["\n## Flower simulation against the local engine (pbmc68k, wall s)\n"]
-        report += [lines.to_markdown()]
-    (RESULTS / "speed.md").write_text("\n".join(report) + "\n")
-    pd.DataFrame(rows + scaling).to_csv(RESULTS / "speed.csv", index=False)
+        lines += [f"\n## Flower simulation against the local engine ({r['row']}, wall s)\n"]
+        lines += [seconds.to_markdown()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=["pbmc68k", "kang", "cptac"])
+    parser.add_argument("--big", action="store_true", help="add the 1M x 2k, 10-site row")
+    parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--flower", action="store_true")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "ROW"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        torch.set_num_threads(args.threads)
+        sys.path.insert(0, str(Path(__file__).parent))
+        kind, name = args.one
+        run = {"row": run_row, "scaling": run_scaling, "flower": run_flower}[kind]
+        print(json.dumps(run(name, args.rounds), default=float))
+        return
+    for name in args.rows + ([BIG_ROW] * args.big):
+        measure("row", name, 1 if name.startswith("synthetic") else args.rounds, args.threads)
+    if args.scaling:
+        for axis, names in SCALING.items():
+            for name in names:
+                result = measure("scaling", name, 1 if name == BIG_ROW else 2, args.threads)
+                saved_path("scaling", name).write_text(json.dumps(result | {"curve": axis}))
+    if args.flower:
+        measure("flower", "pbmc68k", 2, args.threads)
+    text = report()
+    (RESULTS / "speed.md").write_text(text)
+    pd.json_normalize(saved("row") + saved("scaling")).to_csv(RESULTS / "speed.csv", index=False)
     if args.plot:
-        plot(rows, scaling, RESULTS / "speed.png")
-    print("\n".join(report))
+        plot(saved("row"), saved("scaling"), RESULTS / "speed.png")
+    print(text)
 
 
 if __name__ == "__main__":
