@@ -266,8 +266,9 @@ def test_secure_aggregation_survives_a_dying_site(module, sites, key, task_ident
     settings = {"max_rounds": 3, "batch_size": 32, "seed": 3, "min_available": 2}
     plain = _run_dying(module, sites, FederationConfig(**settings), key, after_messages=3)
     with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        # two more messages before round 0: the public key asked, the list of keys sent
         secure = _run_dying(
-            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=3
+            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=5
         )
     assert any("fresh masks (attempt 1)" in r.message for r in caplog.records)
     _assert_same_parameters(secure.parameters, plain.parameters, atol=1e-5)
