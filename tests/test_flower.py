@@ -361,10 +361,12 @@ def test_no_key_material_in_messages(module, sites, config, key, task_identity):
 
 
 @pytest.mark.slow
-def test_simulation_matches_local_engine(module, sites, config, key):
+@pytest.mark.parametrize("privacy", [None, "secagg"])
+def test_simulation_matches_local_engine(module, sites, config, key, privacy):
     # under secret frames, so that the simulation's own frame code (initial model in the
-    # initial frame, result decoded) runs too; the apps without frames are tested above
-    config = dataclasses.replace(config, secret_frames=True)
+    # initial frame, result decoded) runs too; the apps without frames are tested above.
+    # Under secagg the sites agree on pairwise keys in Flower's per-node state first.
+    config = dataclasses.replace(config, secret_frames=True, privacy=privacy)
     expected, local_server = _local(module, sites, config, key)
     simulated = copy.deepcopy(module)
     start = time.perf_counter()
@@ -387,7 +389,7 @@ def test_simulation_matches_local_engine(module, sites, config, key):
     _assert_same_parameters(get_shared_parameters(simulated), expected, atol=1e-5)
     assert server.best_round == local_server.best_round
     _assert_same_history(server.history(), local_server.history())
-    print(f"flower simulation, 2 rounds x 3 sites: {elapsed:.1f} s")
+    print(f"flower simulation, 2 rounds x 3 sites, privacy={privacy}: {elapsed:.1f} s")
 
 
 # -- deployment apps (scinfl.federated.flower.app) -----------------------------------------
