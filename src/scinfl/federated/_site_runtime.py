@@ -430,7 +430,9 @@ class SiteProtocol:
             raise self._refuse(what, str(err).rstrip(".")) from err
         name = self.runtime.site.name
         if keys.get(name) != public_key_of(self.state.private_key):
-            raise self._refuse(what, f"it does not hold site {name!r}'s own public key")
+            raise self._refuse(
+                what, f"the list does not carry its own public key ({name!r}) as sent"
+            )
         installed = json.dumps(keys, sort_keys=True)
         if self.state.peer_keys and self.state.peer_keys != installed:
             raise self._refuse(
