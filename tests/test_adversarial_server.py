@@ -33,7 +33,13 @@ from scinfl.federated import (
     parameters_digest,
     run_local,
 )
+from scinfl.federated._key_agreement import (
+    KeyAdvertisement,
+    advertise_key,
+    generate_private_key,
+)
 from scinfl.federated._secret_frames import INITIAL_FRAME
+from scinfl.federated._site_runtime import SiteState
 from scinfl.federated.flower import (
     SimulationSites,
     config_to_record,
@@ -43,8 +49,19 @@ from scinfl.federated.flower import (
     parameters_to_record,
     record_to_parameters,
 )
-from scinfl.federated.flower._client_app import IN_SECRET_FRAME, WANT_PARAMETERS
-from scinfl.federated.flower._records import CONFIG, PARAMETERS
+from scinfl.federated.flower._client_app import (
+    IN_SECRET_FRAME,
+    PROTOCOL_STATE,
+    PUBLIC_KEYS,
+    WANT_PARAMETERS,
+    WANT_PUBLIC_KEY,
+)
+from scinfl.federated.flower._records import (
+    CONFIG,
+    PARAMETERS,
+    advertisements_to_record,
+    record_to_advertisements,
+)
 from scinfl.module import KeyedVAE
 
 from ._equality import assert_same_weights
@@ -168,6 +185,25 @@ class Adversary:
         aggregate, new_frame = fedavg(updates), frame_id(parameters, config)
         self.secrets.append(self.frames.decode(aggregate, new_frame))
         return aggregate, new_frame, updates
+
+    def advertisement(self, site: str) -> Message:
+        return self.query(site, **{WANT_PUBLIC_KEY: True})
+
+    def relay(self, site: str, advertisements) -> Message:
+        content = RecordDict({PUBLIC_KEYS: advertisements_to_record(advertisements)})
+        return self.send(site, "query", content)
+
+    def agree_keys(self, sites=NAMES) -> list[KeyAdvertisement]:
+        """The honest key agreement: every site's public key, relayed to every site."""
+        ads = [ad for s in sites for ad in record_to_advertisements(self._content(s))]
+        replies = [self.relay(s, ads) for s in sites]
+        assert not any(r.has_error() for r in replies), [r.error.reason for r in replies]
+        return ads
+
+    def _content(self, site: str):
+        reply = self.advertisement(site)
+        assert not reply.has_error(), reply.error.reason
+        return reply.content[PUBLIC_KEYS]
 
     def initial_model(self):
         reply = self.query("a", **{WANT_PARAMETERS: True, IN_SECRET_FRAME: True})
@@ -332,6 +368,7 @@ def test_replayed_and_reordered_messages():
 
 def test_secure_aggregation_attempts_go_up():
     server = Adversary(_settings(privacy="secagg"))
+    server.agree_keys()
     x0 = server.initial_model()
     config = server.config(0, INITIAL_FRAME)
     assert not server.train("a", x0, config).has_error()
@@ -409,7 +446,45 @@ def test_feature_moments_are_sent_once_and_never_unmasked_under_secure_aggregati
     protocol = SiteProtocol(runtime)
     with pytest.raises(RefusedMessageError, match="two or more participants"):
         protocol.moments(["a"])  # alone, its mask would be none
+    with pytest.raises(RefusedMessageError, match="has not installed"):
+        protocol.moments(["a", "b"])  # no key agreement yet: no masks
+    peer = advertise_key(generate_private_key(), "b", key)
+    protocol.install_peer_keys([protocol.advertise_key(), peer])
     masked = protocol.moments(["a", "b"])
     assert all(value.dtype == np.uint64 for value in masked.parameters.values())
     with pytest.raises(RefusedMessageError, match="sent its moments already"):
         protocol.moments(["a", "c"])
+
+
+def test_key_agreement_messages_that_do_not_fit_are_refused():
+    """Keys the server swaps, drops or adds, a second list, a participant without a key."""
+    _refused(Adversary(_settings()).advertisement("a"), "secure aggregation off")
+    server = Adversary(_settings(privacy="secagg"))
+    _refused(server.relay("a", []), "advertised no public key")
+    ads = [record_to_advertisements(server._content(s))[0] for s in NAMES]
+    # asked again, a site advertises the same key (one key pair per run)
+    assert record_to_advertisements(server._content("a"))[0] == ads[0]
+    # a server without the key substitutes b's public key with one of its own: the tag fails
+    own = advertise_key(generate_private_key(), "b", scinfl.Key.generate())
+    _refused(server.relay("a", [ads[0], own, ads[2]]), "tag")
+    # b's key and tag relayed as c's
+    _refused(server.relay("a", [ads[0], ads[1], dataclasses.replace(ads[1], site="c")]), "tag")
+    _refused(server.relay("a", [ads[0], ads[1], ads[1]]), "twice")
+    _refused(server.relay("a", ads[1:]), "own public key")
+    # the honest list, twice (a resend), then another list: refused
+    assert not server.relay("a", ads).has_error()
+    assert not server.relay("a", ads).has_error()
+    _refused(server.relay("a", ads[:2]), "other public keys")
+    extra = advertise_key(generate_private_key(), "d", KEY)  # only a key holder could
+    _refused(server.relay("a", [*ads, extra]), "other public keys")
+    # a participant list naming a site whose key a did not install
+    x0 = server.initial_model()
+    config = server.settings.client_config(0, [*NAMES, "d"], frame=INITIAL_FRAME)
+    _refused(server.train("a", x0, config), "has not installed", "'d'")
+    assert not server.train("a", x0, server.config(0, INITIAL_FRAME)).has_error()
+    # no reply carries the site's private key
+    private = SiteState.from_mapping(server.contexts["a"].state[PROTOCOL_STATE]).private_key
+    assert len(private) == 64
+    for reply in server.replies:
+        assert reply.has_error() or private not in repr(reply.content)
+    server.assert_nothing_leaked()

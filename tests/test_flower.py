@@ -266,8 +266,9 @@ def test_secure_aggregation_survives_a_dying_site(module, sites, key, task_ident
     settings = {"max_rounds": 3, "batch_size": 32, "seed": 3, "min_available": 2}
     plain = _run_dying(module, sites, FederationConfig(**settings), key, after_messages=3)
     with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        # two more messages before round 0: the public key asked, the list of keys sent
         secure = _run_dying(
-            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=3
+            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=5
         )
     assert any("fresh masks (attempt 1)" in r.message for r in caplog.records)
     _assert_same_parameters(secure.parameters, plain.parameters, atol=1e-5)
@@ -360,10 +361,12 @@ def test_no_key_material_in_messages(module, sites, config, key, task_identity):
 
 
 @pytest.mark.slow
-def test_simulation_matches_local_engine(module, sites, config, key):
+@pytest.mark.parametrize("privacy", [None, "secagg"])
+def test_simulation_matches_local_engine(module, sites, config, key, privacy):
     # under secret frames, so that the simulation's own frame code (initial model in the
-    # initial frame, result decoded) runs too; the apps without frames are tested above
-    config = dataclasses.replace(config, secret_frames=True)
+    # initial frame, result decoded) runs too; the apps without frames are tested above.
+    # Under secagg the sites agree on pairwise keys in Flower's per-node state first.
+    config = dataclasses.replace(config, secret_frames=True, privacy=privacy)
     expected, local_server = _local(module, sites, config, key)
     simulated = copy.deepcopy(module)
     start = time.perf_counter()
@@ -386,7 +389,7 @@ def test_simulation_matches_local_engine(module, sites, config, key):
     _assert_same_parameters(get_shared_parameters(simulated), expected, atol=1e-5)
     assert server.best_round == local_server.best_round
     _assert_same_history(server.history(), local_server.history())
-    print(f"flower simulation, 2 rounds x 3 sites: {elapsed:.1f} s")
+    print(f"flower simulation, 2 rounds x 3 sites, privacy={privacy}: {elapsed:.1f} s")
 
 
 # -- deployment apps (scinfl.federated.flower.app) -----------------------------------------

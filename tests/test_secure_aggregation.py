@@ -1,4 +1,4 @@
-"""Secure aggregation with the federation's key: masks cancel in the sum, and only there."""
+"""Secure aggregation with pairwise key agreement: masks cancel in the sum, and only there."""
 
 import numpy as np
 import pytest
@@ -11,13 +11,28 @@ from scinfl.federated import (
     FederationConfig,
     IncompleteRoundError,
     fedavg,
+    generate_private_key,
     mask_update,
+    pair_secrets,
     protect_update,
+    public_key_of,
     unmask_sum,
 )
 
 KEY = scinfl.Key(bytes(range(32)))
 SITES = ["a", "b", "c"]
+PRIVATE = {site: generate_private_key() for site in SITES}
+PUBLIC = {site: public_key_of(private) for site, private in PRIVATE.items()}
+
+
+def _secrets(site, participants=SITES, private=PRIVATE):
+    """What ``site`` derives from the key agreement with the other ``participants``."""
+    return pair_secrets(private[site], site, PUBLIC, participants)
+
+
+def _mask(update, round_=0, participants=SITES, attempt=0, private=PRIVATE):
+    secrets = _secrets(update.site, participants, private)
+    return mask_update(update, secrets, round_, participants, attempt)
 
 
 def _updates(seed=0):
@@ -38,7 +53,7 @@ def _updates(seed=0):
 
 def test_masked_sum_is_fedavg():
     updates = _updates()
-    masked = [mask_update(u, KEY, round_=4, participants=SITES) for u in updates]
+    masked = [_mask(u, round_=4) for u in updates]
     result = unmask_sum(masked, updates[0].parameters, SITES)
     expected = fedavg(updates)
     for name in expected:
@@ -48,7 +63,7 @@ def test_masked_sum_is_fedavg():
 
 def test_a_masked_update_alone_says_nothing():
     update = _updates()[0]
-    masked = mask_update(update, KEY, round_=0, participants=SITES).parameters["w"]
+    masked = _mask(update).parameters["w"]
     assert masked.dtype == np.uint64
     # uniform on [0, 2^64): no trace of the (small, centred) parameters it hides
     u = masked.astype(np.float64).ravel() / 2.0**64
@@ -56,24 +71,24 @@ def test_a_masked_update_alone_says_nothing():
     assert abs(np.corrcoef(u, update.parameters["w"].ravel())[0, 1]) < 0.1
     # fresh masks for another round, attempt or participant list
     for kwargs in ({"round_": 1}, {"round_": 0, "attempt": 1}):
-        other = mask_update(update, KEY, participants=SITES, **kwargs).parameters["w"]
+        other = _mask(update, **kwargs).parameters["w"]
         assert not np.array_equal(other, masked)
     # integer counters are not masked
-    assert mask_update(update, KEY, 0, SITES).parameters["steps"][0] == 7
+    assert _mask(update).parameters["steps"][0] == 7
 
 
-def test_masks_need_the_same_key_and_every_participant():
+def test_masks_need_the_agreed_keys_and_every_participant():
     updates = _updates()
-    masked = [mask_update(u, KEY, 0, SITES) for u in updates]
+    masked = [_mask(u) for u in updates]
     with pytest.raises(IncompleteRoundError, match="missing: \\['b'\\]") as err:
         unmask_sum([masked[0], masked[2]], updates[0].parameters, SITES)
     assert err.value.missing == ["b"]
-    # a site masking under another key breaks the sum: the server gets noise, not the model
-    wrong = mask_update(updates[1], scinfl.Key.generate(), 0, SITES)
+    # a site masking with another private key breaks the sum: the server gets noise
+    wrong = _mask(updates[1], private={**PRIVATE, "b": generate_private_key()})
     noise = unmask_sum([masked[0], wrong, masked[2]], updates[0].parameters, SITES)
     assert np.abs(noise["w"] - fedavg(updates)["w"]).mean() > 1e3
     # the round asked again of the two others, under fresh masks
-    again = [mask_update(u, KEY, 0, ["a", "c"], attempt=1) for u in (updates[0], updates[2])]
+    again = [_mask(u, 0, ["a", "c"], attempt=1) for u in (updates[0], updates[2])]
     np.testing.assert_allclose(
         unmask_sum(again, updates[0].parameters, ["a", "c"])["w"],
         fedavg([updates[0], updates[2]])["w"],
@@ -84,12 +99,14 @@ def test_masks_need_the_same_key_and_every_participant():
 def test_mask_update_errors_name_the_fix():
     update = _updates()[0]
     with pytest.raises(ValueError, match="not among the participants"):
-        mask_update(update, KEY, 0, ["b", "c"])
+        mask_update(update, _secrets("b"), 0, ["b", "c"])
+    with pytest.raises(ValueError, match="run the key agreement"):
+        mask_update(update, _secrets("a", ["a", "b"]), 0, SITES)
     update.parameters["w"][0, 0] = np.nan
     with pytest.raises(ValueError, match="lower the learning rate"):
-        mask_update(update, KEY, 0, SITES)
+        _mask(update)
     secure = ClientConfig(round=0, secure_aggregation=True, participants=SITES)
-    with pytest.raises(ValueError, match="key="):
+    with pytest.raises(ValueError, match="secrets="):
         protect_update(_updates()[0], None, secure)
     with pytest.raises(ValueError, match="'secagg'"):
         FederationConfig(privacy="secure")

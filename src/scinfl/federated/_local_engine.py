@@ -140,6 +140,12 @@ class InProcessTransport:
         """Every site: none of them can be away."""
         return sorted(self.runtimes)
 
+    def agree_keys(self, sites: list[str]) -> None:
+        """Each site's public key advertised, and the list installed at every site."""
+        advertisements = [self.protocols[s].advertise_key() for s in sorted(sites)]
+        for site in sorted(sites):
+            self.protocols[site].install_peer_keys(advertisements)
+
     def _open(self, parameters: Parameters, config: ClientConfig) -> Parameters:
         if self.frames is None:
             return parameters

@@ -49,6 +49,14 @@ class Transport(Protocol):
     ) -> list[ClientUpdate]:
         """Each site's validation metrics of ``parameters`` (updates without parameters)."""
 
+    def agree_keys(self, sites: list[str]) -> None:
+        """Secure aggregation's key agreement: relay each site's public key to every site.
+
+        Each of ``sites`` advertises its public key (tagged with the federation's key) and
+        installs the list of all of them (:meth:`~scinfl.federated.SiteProtocol.advertise_key`,
+        :meth:`~scinfl.federated.SiteProtocol.install_peer_keys`).
+        """
+
 
 def run_rounds(
     transport: Transport,
@@ -58,7 +66,9 @@ def run_rounds(
 ) -> FederatedServer:
     """Run a federation's remaining rounds over ``transport``.
 
-    Each round: :meth:`~scinfl.federated.FederatedServer.sample_sites` among the available
+    Under secure aggregation the sites first agree on pairwise keys
+    (:meth:`Transport.agree_keys`). Each round:
+    :meth:`~scinfl.federated.FederatedServer.sample_sites` among the available
     sites, a train step (:func:`train_round`), an evaluate step of the new global model at
     every available site (updates under another key are dropped), and
     :meth:`~scinfl.federated.FederatedServer.record_evaluation`, which selects the model and
@@ -75,6 +85,9 @@ def run_rounds(
     2
     """
     rounds = tqdm(server.rounds(), desc=desc, disable=not progress_bar)
+    if server.config.privacy == "secagg":
+        # before the first masked upload: every site that may be asked shares masks with all
+        transport.agree_keys(transport.available(server.next_round))
     for round_ in rounds:
         available = transport.available(round_)
         selected = server.sample_sites(available, round_)

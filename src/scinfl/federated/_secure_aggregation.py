@@ -1,30 +1,39 @@
-"""Secure aggregation with the federation's key: pairwise masks that cancel in the sum.
+"""Secure aggregation: pairwise masks from pairwise key agreement, cancelling in the sum.
 
-The sites of a federation already share a secret (the :class:`~scinfl.Key`), so they can hide
-their individual updates from the server the way SecAgg does (Bonawitz et al. 2017) without
-its key agreement: every pair of participants ``(a, b)`` derives the same pseudo-random mask
-from the key, the round and the participant list; ``a`` adds it, ``b`` subtracts it. Updates
-are encoded in fixed point (``n_k w_k 2^FIXED_POINT_BITS`` as 64-bit integers) and masked
-modulo ``2^64``, so that each masked update is uniformly distributed on its own, and the masks
-cancel exactly in the sum of all participants' updates. The server learns the FedAvg aggregate
-and nothing else about the parameters (it still sees each site's ``n_k`` and metrics).
+The sites hide their individual updates from the server the way SecAgg does (Bonawitz et al.
+2017): every pair of participants ``(a, b)`` holds a secret only the two of them know
+(X25519 key agreement, :mod:`~scinfl.federated._key_agreement`), from which both derive the
+same pseudo-random mask for the round, the attempt and the participant list; ``a`` adds it,
+``b`` subtracts it. Updates are encoded in fixed point (``n_k w_k 2^FIXED_POINT_BITS`` as
+64-bit integers) and masked modulo ``2^64``, so that each masked update is uniformly
+distributed on its own, and the masks cancel exactly in the sum of all participants' updates.
+The server, even with ``t`` colluding sites, learns the sum of the other participants' updates
+and nothing else about their parameters (it still sees each site's ``n_k`` and metrics). The
+masks are ChaCha20 key streams (``cryptography``), keyed by an HMAC of the pair's secret.
 
 A site that drops out leaves its partners' masks uncancelled: the round is then run again with
 the sites that answered, under fresh masks (``attempt``). Revealing a dropped site's masks
 instead, as SecAgg's unmasking step does, would expose that site's update if it arrived late.
 
-Flower 1.41 offers SecAgg+ only in its legacy API, which does not compose with Message-API
-apps; this is scinfl's own, and it trusts what the threat model trusts (docs/targets.md):
-sites of one federation trust each other, a colluding site is a leaked key.
+Flower 1.41's SecAgg+ (``SecAggPlusWorkflow`` and ``secaggplus_mod``) is not used: the
+workflow drives Flower's legacy strategy loop (``LegacyContext``, ``FitIns``), not scinfl's
+round loop with its key identity, secret frames, per-site protocol state and feature-moments
+step; it adds four message stages to every round (its Shamir shares of each site's secrets
+let the server recover dropped sites' masks, where scinfl reruns the round); it quantizes with
+stochastic rounding into a clipping range; and its masks come from ``pseudo_rand_gen``, which
+folds the pair's key into a 32-bit ``RandomState`` seed. scinfl agrees on one key pair per
+site and run instead (:mod:`~scinfl.federated._key_agreement`), with the primitives SecAgg+
+uses (the ``cryptography`` package's Diffie-Hellman and HKDF).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from scinfl.key import Key
 
@@ -48,12 +57,20 @@ class IncompleteRoundError(RuntimeError):
         self.missing = list(missing)
 
 
-def _pair_generator(
-    key: Key, round_: int, attempt: int, participants: Sequence[str], a: str, b: str
-) -> np.random.Generator:
-    label = "\x1f".join(["scinfl/secagg", str(round_), str(attempt), *participants, "|", a, b])
-    digest = hmac.new(key.secret_for("secure-aggregation"), label.encode(), hashlib.sha256)
-    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest.digest(), "big")))
+def _pair_mask(
+    secret: bytes,
+    round_: int,
+    attempt: int,
+    participants: Sequence[str],
+    name: str,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """The mask of one parameter for one pair: a ChaCha20 key stream under the pair's secret."""
+    label = "\x1f".join(["scinfl/secagg", str(round_), str(attempt), *participants, "|", name])
+    stream_key = hmac.new(secret, label.encode(), hashlib.sha256).digest()
+    size = int(np.prod(shape, dtype=np.int64))
+    stream = Cipher(algorithms.ChaCha20(stream_key, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").reshape(shape)
 
 
 def _is_masked(value: np.ndarray) -> bool:
@@ -62,7 +79,7 @@ def _is_masked(value: np.ndarray) -> bool:
 
 def mask_update(
     update: ClientUpdate,
-    key: Key,
+    secrets: Mapping[str, bytes],
     round_: int,
     participants: Sequence[str],
     attempt: int = 0,
@@ -70,15 +87,16 @@ def mask_update(
     """The update a site sends under secure aggregation: ``n_k w_k`` in fixed point, masked.
 
     Floating-point parameters become ``uint64`` arrays; integer ones (counters) are sent as
-    they are. Every participant must mask with the same key, round, attempt and participant
-    list, which the server announces (:class:`~scinfl.federated.ClientConfig`).
+    they are. Every participant must mask with the same round, attempt and participant list,
+    which the server announces (:class:`~scinfl.federated.ClientConfig`).
 
     Parameters
     ----------
     update
         The site's plain update (:func:`~scinfl.federated.client_update`).
-    key
-        The federation's key.
+    secrets
+        The secret the site shares with each other participant, by name
+        (:func:`~scinfl.federated.pair_secrets`).
     round_, attempt
         Global round, and how many times it was restarted without a dropped site.
     participants
@@ -91,14 +109,19 @@ def mask_update(
     Examples
     --------
     >>> import numpy as np
-    >>> from scinfl import Key
     >>> update = ClientUpdate("a", 10, {"w": np.array([0.5], np.float32)})
-    >>> mask_update(update, Key.generate(), round_=0, participants=["a", "b"]).parameters["w"].dtype
+    >>> mask_update(update, {"b": bytes(32)}, round_=0, participants=["a", "b"]).parameters["w"].dtype
     dtype('uint64')
     """
     participants = sorted(participants)
     if update.site not in participants:
         raise ValueError(f"Site {update.site!r} is not among the participants {participants}.")
+    unknown = [other for other in participants if other != update.site and other not in secrets]
+    if unknown:
+        raise ValueError(
+            f"Site {update.site!r} shares no secret with {unknown}: run the key agreement "
+            "(advertise and install every participant's public key) before masking."
+        )
     limit = 2.0**62 / len(participants)
     encoded = dict(update.parameters)
     masked = [name for name, value in update.parameters.items() if _is_masked(value)]
@@ -115,13 +138,12 @@ def mask_update(
     for other in participants:
         if other == update.site:
             continue
-        a, b = sorted((update.site, other))
-        generator = _pair_generator(key, round_, attempt, participants, a, b)
+        adds = update.site < other  # the pair's first site adds the mask, the second subtracts
         for name in masked:
             value = encoded[name]
-            mask = generator.integers(0, 2**64, size=value.shape, dtype=np.uint64, endpoint=False)
+            mask = _pair_mask(secrets[other], round_, attempt, participants, name, value.shape)
             # uint64 arithmetic wraps: the masks cancel modulo 2^64 in the sum
-            encoded[name] = value + mask if update.site == a else value - mask
+            encoded[name] = value + mask if adds else value - mask
     return ClientUpdate(
         site=update.site,
         n=update.n,
@@ -159,10 +181,9 @@ def unmask_sum(
     Examples
     --------
     >>> import numpy as np
-    >>> from scinfl import Key
-    >>> key = Key.generate()
     >>> ups = [ClientUpdate(s, n, {"w": np.array([v], np.float32)}) for s, n, v in (("a", 1, 1.0), ("b", 3, 3.0))]
-    >>> masked = [mask_update(u, key, 0, ["a", "b"]) for u in ups]
+    >>> secrets = {"a": {"b": bytes(32)}, "b": {"a": bytes(32)}}
+    >>> masked = [mask_update(u, secrets[u.site], 0, ["a", "b"]) for u in ups]
     >>> unmask_sum(masked, {"w": np.zeros(1, np.float32)}, ["a", "b"])["w"]
     array([2.5], dtype=float32)
     """
@@ -198,12 +219,14 @@ def protect_update(
     key: Key | None,
     config: ClientConfig,
     received: Parameters | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> ClientUpdate:
     """What a site sends for ``update``: in its secret frame and/or masked, as the round asks.
 
     Under ``config.secret_frames`` the parameters are mapped to the frame named by the
     parameters ``received`` (as sent) and ``config`` (:func:`~scinfl.federated.frame_id`,
-    :func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``.
+    :func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``
+    with the ``secrets`` the site shares with the other participants.
 
     Examples
     --------
@@ -218,10 +241,10 @@ def protect_update(
         update = hide_update(update, key, frame_id(received, config))
     if not config.secure_aggregation:
         return update
-    if key is None:
+    if secrets is None:
         raise ValueError(
             f"Site {update.site!r} was asked to mask its update (privacy='secagg') but holds no "
-            "key object: secure aggregation derives its masks from the federation's Key. Pass "
-            "key= (the same at every site)."
+            "pairwise secrets: secure aggregation masks with the secrets of the key agreement "
+            "(SiteProtocol.advertise_key, then install_peer_keys). Pass secrets=."
         )
-    return mask_update(update, key, config.round, config.participants, config.attempt)
+    return mask_update(update, secrets, config.round, config.participants, config.attempt)

@@ -68,8 +68,9 @@ class FederationConfig:
     privacy
         ``None``; ``"dp"``: client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
         ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``;
-        ``"secagg"``: the sites mask their updates with pairwise masks derived from the key,
-        and the server learns only their sum (:func:`~scinfl.federated.mask_update`).
+        ``"secagg"``: the sites mask their updates with pairwise masks from pairwise key
+        agreement (public keys tagged with the key), and the server learns only their sum
+        (:func:`~scinfl.federated.mask_update`).
     dp_noise_multiplier, dp_clipping_norm, dp_delta
         DP settings (with ``privacy="dp"``).
     secret_frames

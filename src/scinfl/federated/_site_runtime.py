@@ -12,6 +12,7 @@ decryption oracle.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,14 @@ from scinfl.key import Key
 from scinfl.module import feature_moments
 
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update
+from ._key_agreement import (
+    KeyAdvertisement,
+    advertise_key,
+    generate_private_key,
+    pair_secrets,
+    public_key_of,
+    verify_advertisements,
+)
 from ._parameters import Parameters, get_shared_parameters, site_state_names
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import mask_update, protect_update
@@ -102,6 +111,7 @@ def site_train(
     received: Parameters,
     config: ClientConfig,
     opened: Parameters | None = None,
+    secrets: Mapping[str, bytes] | None = None,
 ) -> ClientUpdate:
     """Train from what the server sent; the update as it goes back (framed, masked).
 
@@ -116,6 +126,9 @@ def site_train(
     opened
         ``received`` already decoded from its frame (a caller playing several sites decodes
         once per round).
+    secrets
+        Under secure aggregation, the secret the site shares with each other participant
+        (:func:`~scinfl.federated.pair_secrets`).
 
     Examples
     --------
@@ -135,7 +148,7 @@ def site_train(
         key_fingerprint=runtime.key_fingerprint,
         key_version=runtime.key_version,
     )
-    return protect_update(update, runtime.key, config, received)
+    return protect_update(update, runtime.key, config, received, secrets)
 
 
 def site_evaluate(
@@ -212,6 +225,12 @@ class SiteState:
     feature_scale
         Whether the federation's feature scale was set (before any model: see
         :meth:`SiteProtocol.set_feature_scale`).
+    private_key
+        The site's X25519 private key for secure aggregation in this run (hex; drawn by
+        :meth:`SiteProtocol.advertise_key`, never sent).
+    peer_keys
+        Every site's public key as the site installed them (JSON object by site name;
+        :meth:`SiteProtocol.install_peer_keys`).
 
     Examples
     --------
@@ -227,6 +246,8 @@ class SiteState:
     upload_frame: str = ""
     moments_sent: bool = False
     feature_scale: bool = False
+    private_key: str = field(default="", repr=False)
+    peer_keys: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
@@ -279,6 +300,11 @@ class SiteProtocol:
     - **Feature moments and the feature scale** (continuous data) are answered and installed
       only before a model was received: sums per row of the training rows, masked when the
       site's settings have secure aggregation on.
+    - **Public keys** (secure aggregation): the site advertises one key pair per run
+      (:meth:`advertise_key`) and installs the peers' public keys once
+      (:meth:`install_peer_keys`): every tag checked against the federation's key, its own
+      key among them unchanged; a second, different list is refused, and so is a participant
+      list naming a site whose key it did not install.
 
     Parameters
     ----------
@@ -365,9 +391,67 @@ class SiteProtocol:
                     f"secure aggregation needs it among two or more participants, got "
                     f"{list(participants)}",
                 )
-            update = mask_update(update, runtime.key, MOMENTS_ROUND, participants)
+            secrets = self._secrets(participants, what)
+            update = mask_update(update, secrets, MOMENTS_ROUND, participants)
         self.state.moments_sent = True
         return update
+
+    def _secure(self) -> bool:
+        federation = self.runtime.federation
+        return federation is not None and federation.privacy == "secagg"
+
+    def advertise_key(self) -> KeyAdvertisement:
+        """The site's public key for this run, tagged with the federation's key (``query``).
+
+        The key pair is drawn at the first advertisement and kept in the state for the run;
+        asked again, the site advertises the same key.
+        """
+        if not self._secure() or self.runtime.key is None:
+            raise self._refuse(
+                "a query for its public key",
+                "its own settings have secure aggregation off (or it holds no key)",
+            )
+        if not self.state.private_key:
+            self.state.private_key = generate_private_key()
+        return advertise_key(self.state.private_key, self.runtime.site.name, self.runtime.key)
+
+    def install_peer_keys(self, advertisements: Sequence[KeyAdvertisement]) -> None:
+        """Install every site's public key (``query``), once their tags are checked.
+
+        The site's own advertisement must be among them, unchanged; a second list is accepted
+        only if it holds the same keys (a server resending the honest list).
+        """
+        what = "a list of public keys"
+        if not self._secure() or not self.state.private_key:
+            raise self._refuse(what, "it has advertised no public key in this run")
+        try:
+            keys = verify_advertisements(advertisements, self.runtime.key)
+        except ValueError as err:
+            raise self._refuse(what, str(err).rstrip(".")) from err
+        name = self.runtime.site.name
+        if keys.get(name) != public_key_of(self.state.private_key):
+            raise self._refuse(
+                what, f"the list does not carry its own public key ({name!r}) as sent"
+            )
+        installed = json.dumps(keys, sort_keys=True)
+        if self.state.peer_keys and self.state.peer_keys != installed:
+            raise self._refuse(
+                what,
+                "it installed other public keys in this run already; a run has one key per site",
+            )
+        self.state.peer_keys = installed
+
+    def _secrets(self, participants: Sequence[str], what: str) -> dict[str, bytes]:
+        """The secrets shared with the other ``participants``; refused for an unknown site."""
+        peers = json.loads(self.state.peer_keys) if self.state.peer_keys else {}
+        unknown = sorted(set(participants) - set(peers))
+        if unknown:
+            raise self._refuse(
+                what,
+                f"the participants name sites whose public keys it has not installed: "
+                f"{unknown} (secure aggregation needs the key agreement first)",
+            )
+        return pair_secrets(self.state.private_key, self.runtime.site.name, peers, participants)
 
     def set_feature_scale(self, loc, scale) -> None:
         """Install the federation's feature scale (``query``), before any model only."""
@@ -390,7 +474,9 @@ class SiteProtocol:
                 f"it trained in round {config.round} already (attempt {state.attempt}): one "
                 "upload per round (under secure aggregation, per attempt, attempts going up)",
             )
-        update = site_train(self.runtime, received, config, opened)
+        secure = config.secure_aggregation
+        secrets = self._secrets(config.participants, "a train message") if secure else None
+        update = site_train(self.runtime, received, config, opened, secrets)
         self._accept(config, digest)
         state.trained_round, state.attempt = config.round, config.attempt
         state.upload_frame = frame_id(received, config) if self.runtime.secret_frames else ""

@@ -36,6 +36,7 @@ from ._records import (
 from ._server_app import (
     GridTransport,
     SiteDirectory,
+    agree_public_keys,
     discover_sites,
     make_server_app,
     request_parameters,
@@ -49,6 +50,7 @@ __all__ = [
     "SimulationSites",
     "SiteDirectory",
     "SiteRuntime",
+    "agree_public_keys",
     "config_to_record",
     "content_to_update",
     "discover_sites",

@@ -15,9 +15,11 @@ from ._records import (
     IDENTITY,
     METRICS,
     PARAMETERS,
+    advertisements_to_record,
     identity_record,
     metrics_record,
     parameters_to_record,
+    record_to_advertisements,
     record_to_config,
     record_to_parameters,
     update_to_content,
@@ -36,6 +38,10 @@ PARTICIPANTS = "participants"
 #: ``query`` record carrying the federation's feature scale (arrays ``loc``, ``scale``), and the
 #: name under which a site keeps it in ``context.state``
 FEATURE_SCALE = "feature-scale"
+#: ``query`` instruction entry asking a site for its public key (secure aggregation)
+WANT_PUBLIC_KEY = "want-public-key"
+#: ``query`` reply record with a site's public key; ``query`` record relaying every site's
+PUBLIC_KEYS = "public-keys"
 #: name of the ``ConfigRecord`` in ``context.state`` that holds the site's protocol state
 PROTOCOL_STATE = "scinfl-site-protocol"
 
@@ -52,7 +58,8 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     - ``query``: identity only (plus the initial shared parameters when asked for
       ``want-parameters``, before the site has received any model; in the initial secret
       frame, when the site's own settings have frames on and the ``in-secret-frame`` flag
-      agrees);
+      agrees); under secure aggregation, its public key (``want-public-key``, reply record
+      ``"public-keys"``), or the installation of every site's (a ``"public-keys"`` record);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
       the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
       secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
@@ -118,6 +125,12 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         if asked.get(WANT_PARAMETERS, False):
             parameters = protocol.parameters(bool(asked.get(IN_SECRET_FRAME, False)))
             content[PARAMETERS] = parameters_to_record(parameters)
+        if asked.get(WANT_PUBLIC_KEY, False):
+            content[PUBLIC_KEYS] = advertisements_to_record([protocol.advertise_key()])
+            _keep(protocol, context)
+        if PUBLIC_KEYS in msg.content:
+            protocol.install_peer_keys(record_to_advertisements(msg.content[PUBLIC_KEYS]))
+            _keep(protocol, context)
         if asked.get(WANT_MOMENTS, False):
             update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
             content[PARAMETERS] = parameters_to_record(update.parameters)

@@ -8,12 +8,13 @@ and the key's *fingerprint and version*. There is no encoder for a :class:`~scin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from scinfl.federated._client import ClientConfig, ClientUpdate
+from scinfl.federated._key_agreement import KeyAdvertisement
 from scinfl.federated._parameters import Parameters
 
 PARAMETERS = "parameters"
@@ -123,6 +124,32 @@ def identity_record(
     if key_version is not None:
         record["key-version"] = int(key_version)
     return record
+
+
+def advertisements_to_record(advertisements: Sequence[KeyAdvertisement]) -> ConfigRecord:
+    """Public keys and their tags (secure aggregation's key agreement) as a ``ConfigRecord``.
+
+    Examples
+    --------
+    >>> ad = KeyAdvertisement("a", "00" * 32, "11" * 32)
+    >>> record_to_advertisements(advertisements_to_record([ad])) == [ad]
+    True
+    """
+    return ConfigRecord(
+        {
+            "sites": [ad.site for ad in advertisements],
+            "public-keys": [ad.public_key for ad in advertisements],
+            "tags": [ad.tag for ad in advertisements],
+        }
+    )
+
+
+def record_to_advertisements(record: ConfigRecord) -> list[KeyAdvertisement]:
+    """The advertisements of :func:`advertisements_to_record`."""
+    columns = [list(record[name]) for name in ("sites", "public-keys", "tags")]
+    if len({len(column) for column in columns}) != 1:
+        raise ValueError("A public-key record needs as many keys and tags as sites.")
+    return [KeyAdvertisement(str(s), str(k), str(t)) for s, k, t in zip(*columns, strict=True)]
 
 
 def metrics_record(metrics: Mapping[str, float]) -> MetricRecord:

@@ -27,15 +27,19 @@ from ._client_app import (
     FEATURE_SCALE,
     IN_SECRET_FRAME,
     PARTICIPANTS,
+    PUBLIC_KEYS,
     WANT_MOMENTS,
     WANT_PARAMETERS,
+    WANT_PUBLIC_KEY,
 )
 from ._records import (
     CONFIG,
     PARAMETERS,
+    advertisements_to_record,
     config_to_record,
     content_to_update,
     parameters_to_record,
+    record_to_advertisements,
     record_to_parameters,
     reply_error,
 )
@@ -172,6 +176,49 @@ def request_parameters(
         raise RuntimeError(f"Site {site!r} did not send initial parameters: {reason}.")
     logger.info("Initial global parameters taken from site %r.", site)
     return record_to_parameters(replies[0].content[PARAMETERS])
+
+
+def _query_all(grid, directory, sites, content, group_id, what, timeout):
+    """One ``query`` to each of ``sites``; their replies, refusing errors and impostors."""
+    messages = [
+        Message(RecordDict(dict(content)), directory.nodes[s], MessageType.QUERY, group_id=group_id)
+        for s in sites
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for reply in replies:
+        error = reply_error(reply)
+        if error is not None:
+            raise RuntimeError(f"A site did not {what}: {error}")
+    if len(replies) != len(sites):
+        raise RuntimeError(f"{len(sites) - len(replies)} site(s) did not {what} in time.")
+    return replies
+
+
+def agree_public_keys(
+    grid: Grid, directory: SiteDirectory, sites: Sequence[str], timeout: float | None = None
+) -> None:
+    """Secure aggregation's key agreement: each site's public key, relayed to every site.
+
+    Each site sends its public key for the run with a tag under the federation's key (which
+    the server cannot forge: it cannot substitute keys); the server sends the list to every
+    site, which checks the tags and derives a secret with each peer
+    (:meth:`~scinfl.federated.SiteProtocol.install_peer_keys`).
+
+    Examples
+    --------
+    >>> agree_public_keys(grid, directory, directory.sites)  # doctest: +SKIP
+    """
+    sites = sorted(sites)
+    asked = {CONFIG: ConfigRecord({WANT_PUBLIC_KEY: True})}
+    advertisements = []
+    for reply in _query_all(grid, directory, sites, asked, "keys", "send its public key", timeout):
+        (ad,) = record_to_advertisements(reply.content[PUBLIC_KEYS])
+        if directory.nodes.get(ad.site) != reply.metadata.src_node_id:
+            raise RuntimeError(f"Node {reply.metadata.src_node_id} claimed site {ad.site!r}.")
+        advertisements.append(ad)
+    relayed = {PUBLIC_KEYS: advertisements_to_record(sorted(advertisements, key=lambda a: a.site))}
+    _query_all(grid, directory, sites, relayed, "peer-keys", "install the public keys", timeout)
+    logger.info("Public keys of %d sites relayed for secure aggregation.", len(sites))
 
 
 def share_feature_scale(
@@ -333,6 +380,10 @@ class GridTransport:
     ) -> list[ClientUpdate]:
         """An ``evaluate`` message to each site; their metrics."""
         return self._ask(sites, parameters, config, MessageType.EVALUATE, round_, str(round_))
+
+    def agree_keys(self, sites: list[str]) -> None:
+        """:func:`agree_public_keys` among ``sites``."""
+        agree_public_keys(self.grid, self.directory, sites, self.round_timeout)
 
     def _ask(self, sites, parameters, config, message_type, round_, group_id):
         records = {PARAMETERS: parameters_to_record(parameters), CONFIG: config_to_record(config)}

@@ -44,6 +44,7 @@ from scinfl.key import Key, KeyMismatchError, MissingKeyError
 
 from ._client_app import make_client_app
 from ._server_app import (
+    agree_public_keys,
     discover_sites,
     request_parameters,
     run_flower_rounds,
@@ -462,9 +463,12 @@ def _server_main(grid: Grid, context: Context) -> None:
             server.key_fingerprint,
             server.key_version,
         )
+    secure = server.config.privacy == "secagg"
     if _init_params(s).get("gene_likelihood") == "normal":
+        if secure:  # the moments are masked: pairwise keys first (run_rounds resends the same)
+            agree_public_keys(grid, directory, directory.sites, round_timeout)
         # continuous features: every site standardises with the scale of all sites' rows
-        share_feature_scale(grid, directory, server.config.privacy == "secagg", round_timeout)
+        share_feature_scale(grid, directory, secure, round_timeout)
     if not server.parameters:
         server.parameters = request_parameters(
             grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)

@@ -1,0 +1,148 @@
+"""Secure aggregation against the server plus a colluding site (issue #13, part 4).
+
+Four sites agree on pairwise keys through the in-process engine, then train one round under
+secure aggregation. The coalition is the server (every masked upload, every public key it
+relayed) and site ``d`` (the federation's key, its own private key, its own plain update). What
+it can compute from that view leaves each honest site's upload masked, while the sum of the
+honest sites' updates comes out: what the game in docs/privacy.md allows, and no more.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import scinfl
+from scinfl.federated import (
+    FederationConfig,
+    InProcessTransport,
+    SiteData,
+    SiteRuntime,
+    advertise_key,
+    fedavg,
+    generate_private_key,
+    get_shared_parameters,
+    mask_update,
+    pair_secrets,
+    public_key_of,
+    unmask_sum,
+    verify_advertisements,
+)
+from scinfl.federated._secure_aggregation import FIXED_POINT_BITS, _pair_mask
+from scinfl.module import KeyedVAE
+
+KEY = scinfl.Key.generate()
+NAMES = ["a", "b", "c", "d"]
+HONEST, COLLUDER = ["a", "b", "c"], "d"
+
+
+def _transport(privacy):
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    module = KeyedVAE(n_input=10, n_hidden=8, n_latent=3, key_mode=None)
+    federation = FederationConfig(max_rounds=2, batch_size=16, privacy=privacy, secret_frames=False)
+    runtimes = {
+        name: SiteRuntime(
+            module,
+            SiteData.from_arrays(name, rng.poisson(2, (30 + 10 * i, 10)), seed=i),
+            key=KEY,
+            federation=federation,
+        )
+        for i, name in enumerate(NAMES)
+    }
+    return InProcessTransport(runtimes), federation, get_shared_parameters(module)
+
+
+@pytest.fixture(scope="module")
+def round_():
+    """One round, plain and masked (the same seeded training): the coalition's view."""
+    plain, federation, initial = _transport(None)
+    updates = plain.train(0, NAMES, initial, federation.client_config(0))
+    secure, federation, initial = _transport("secagg")
+    secure.agree_keys(NAMES)
+    masked = secure.train(0, NAMES, initial, federation.client_config(0, NAMES))
+    state = secure.protocols[COLLUDER].state
+    return {u.site: u for u in updates}, {u.site: u for u in masked}, state
+
+
+def _floats(update):
+    return {name: value for name, value in update.parameters.items() if value.dtype == np.uint64}
+
+
+def _strip_colluder_masks(upload, state):
+    """What the coalition makes of an honest upload: the masks it shares with ``d`` removed."""
+    peers = json.loads(state.peer_keys)
+    secret = pair_secrets(state.private_key, COLLUDER, peers, NAMES)[upload.site]
+    stripped = {}
+    for name, value in _floats(upload).items():
+        mask = _pair_mask(secret, 0, 0, NAMES, name, value.shape)
+        # the pair's first site (by name) added the mask: an honest site sorts before "d"
+        stripped[name] = value - mask
+    return stripped
+
+
+def _decode(values, n):
+    return {
+        name: value.view(np.int64).astype(np.float64) / (2.0**FIXED_POINT_BITS * n)
+        for name, value in values.items()
+    }
+
+
+def test_the_aggregate_is_fedavg_of_the_plain_updates(round_):
+    plain, masked, _ = round_
+    template = plain["a"].parameters
+    result = unmask_sum(list(masked.values()), template, NAMES)
+    expected = fedavg(list(plain.values()))
+    for name in expected:
+        np.testing.assert_allclose(result[name], expected[name], atol=1e-6, err_msg=name)
+
+
+def test_server_and_one_site_leave_each_honest_upload_masked(round_):
+    plain, masked, state = round_
+    for site in HONEST:
+        seen = _decode(_strip_colluder_masks(masked[site], state), plain[site].n)
+        for name, value in seen.items():
+            truth = plain[site].parameters[name].astype(np.float64)
+            # the masks of the honest pairs remain: uniform noise on 2^64, not the update
+            assert np.abs(value - truth).mean() > 1e3, (site, name)
+            if value.size > 20:
+                assert abs(np.corrcoef(value.ravel(), truth.ravel())[0, 1]) < 0.5, (site, name)
+
+
+def test_server_and_one_site_learn_the_sum_of_the_honest_updates(round_):
+    """What the game allows: the honest sites' masks cancel among them, their sum comes out."""
+    plain, masked, state = round_
+    stripped = [_strip_colluder_masks(masked[site], state) for site in HONEST]
+    total_n = sum(plain[site].n for site in HONEST)
+    summed = {name: sum(s[name] for s in stripped) for name in stripped[0]}
+    honest = fedavg([plain[site] for site in HONEST])
+    for name, value in _decode(summed, total_n).items():
+        np.testing.assert_allclose(value, honest[name], atol=1e-6, err_msg=name)
+
+
+def test_residual_a_key_holder_relaying_forged_keys_unmasks_a_site():
+    """Documented residual (docs/privacy.md): a server colluding with a key holder forges tags.
+
+    It relays to site ``a`` public keys of its own for ``b`` and ``c``; ``a`` cannot tell them
+    from the real ones (the tag uses the shared key), so the coalition unmasks ``a``'s upload.
+    Pinning the peers' long-term public keys out of band would close this; scinfl does not.
+    """
+    private = {site: generate_private_key() for site in NAMES}
+    forged = {site: generate_private_key() for site in ("b", "c")}
+    relayed = [advertise_key(private["a"], "a", KEY), advertise_key(private["d"], "d", KEY)]
+    relayed += [advertise_key(forged[site], site, KEY) for site in forged]
+    peers = verify_advertisements(relayed, KEY)  # a accepts: every tag is right
+    update = scinfl.federated.ClientUpdate("a", 5, {"w": np.linspace(-1, 1, 50, dtype=np.float32)})
+    upload = mask_update(update, pair_secrets(private["a"], "a", peers, NAMES), 0, NAMES)
+    # the coalition holds d's private key and the forged ones: every mask of a's
+    masks = {
+        other: pair_secrets(secret, other, {"a": public_key_of(private["a"])}, ["a", other])["a"]
+        for other, secret in {**forged, "d": private["d"]}.items()
+    }
+    value = upload.parameters["w"]
+    for other in sorted(masks):
+        value = value - _pair_mask(masks[other], 0, 0, NAMES, "w", value.shape)
+    np.testing.assert_allclose(_decode({"w": value}, 5)["w"], update.parameters["w"], atol=1e-6)
