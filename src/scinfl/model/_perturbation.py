@@ -246,8 +246,7 @@ class PerturbationINFL(RNASeqMixin, INFL):
 
     @torch.inference_mode()
     def _decode(self, adata, rows, latent, condition_code, sample, seed) -> np.ndarray:
-        """Decode latent codes under one condition: proportions, or counts drawn at each
-        cell's own library size."""
+        """Decode latent codes under one condition (proportions, or counts drawn)."""
         self.module.eval()
         loader = self._make_data_loader(adata=adata, indices=rows, shuffle=False)
         out, start = [], 0
@@ -290,7 +289,7 @@ def _wanted_types(types, is_source, cell_type_key, source, cell_types) -> list[s
 
 
 def _latent_shift(latent, types, conditions, held_out, source, target) -> np.ndarray:
-    """scGen's shift: mean over the other types of (mean target latent - mean source latent)."""
+    """The shift of scGen: mean over the other types of (mean target latent - mean source latent)."""
     shifts = []
     for name in sorted(set(types) - {held_out}):
         mine = types == name
