@@ -45,7 +45,7 @@ def synthetic_perturbation(
     >>> adata.obs["condition"].cat.categories.tolist()
     ['ctrl', 'stim']
     >>> int(adata.var["response"].sum())
-    8
+    5
     """
     if n_vars < 4 * n_cell_types:
         raise ValueError(f"n_vars must be at least 4 * n_cell_types = {4 * n_cell_types}.")
