@@ -18,7 +18,7 @@ def predict_perturbation(
     cell_type_key: str = "cell_type",
     cell_types: Sequence[str] | None = None,
     method: str = "decoder",
-    sample: bool = True,
+    output: str = "log_change",
     library_size: float = 1e4,
     seed: int = 0,
     key_added: str = "scinfl_perturbation",
@@ -28,7 +28,7 @@ def predict_perturbation(
     One predicted cell per source cell of the chosen cell types
     (:meth:`~scinfl.model.PerturbationINFL.predict_perturbation`), named
     ``"<source cell>-predicted"``, with the source cell's ``.obs`` and the condition column set
-    to ``target``: ready to concatenate with the observed cells and to normalise like them.
+    to ``target``: ready to concatenate with the observed cells, normalised like them.
 
     Parameters
     ----------
@@ -45,19 +45,22 @@ def predict_perturbation(
     method
         ``"decoder"``, ``"latent"`` or ``"both"``, see
         :meth:`~scinfl.model.PerturbationINFL.predict_perturbation`.
-    sample
-        ``X`` holds counts drawn at each source cell's library size (default), or, with
-        ``False``, the expected expression scaled to ``library_size``.
+    output
+        What ``X`` holds: ``"log_change"`` (default), log-normalised values
+        (``log1p(library_size * x / total)`` of the source cell plus the model's predicted
+        change), comparable with ``sc.pp.normalize_total(target_sum=library_size)`` and
+        ``sc.pp.log1p`` of observed cells; ``"expected"``, the decoded expression scaled to
+        ``library_size``; ``"counts"``, counts drawn at each source cell's library size (CSR).
     library_size
-        Scale of the expected expression when ``sample=False``.
+        Counts per cell that the normalised values refer to.
     seed
-        Seed of the draws.
+        Seed of the draws (``"counts"``).
     key_added
         ``.uns`` key of the parameters (``.uns[key_added]["params"]``).
 
     Returns
     -------
-    Predicted cells x the model's genes, counts in ``X`` (CSR) with ``sample=True``.
+    Predicted cells x the model's genes.
 
     Examples
     --------
@@ -79,8 +82,8 @@ def predict_perturbation(
         cell_type_key=cell_type_key,
         cell_types=cell_types,
         method=method,
+        output=output,
         library_size=library_size,
-        sample=sample,
         seed=seed,
     )
     obs = adata.obs.loc[expression.index].copy()
@@ -90,7 +93,9 @@ def predict_perturbation(
     )
     obs.index = [f"{name}-predicted" for name in expression.index]
     x = expression.to_numpy(dtype=np.float32)
-    result = AnnData(X=sparse.csr_matrix(x) if sample else x, obs=obs, var=adata.var[[]].copy())
+    result = AnnData(
+        X=sparse.csr_matrix(x) if output == "counts" else x, obs=obs, var=adata.var[[]].copy()
+    )
     result.uns[key_added] = {
         "params": {
             "source": source,
@@ -99,7 +104,7 @@ def predict_perturbation(
             "cell_type_key": cell_type_key,
             "cell_types": sorted(obs[cell_type_key].astype(str).unique()),
             "method": method,
-            "sample": sample,
+            "output": output,
             "library_size": library_size,
             "seed": seed,
         }
