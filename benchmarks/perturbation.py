@@ -236,7 +236,8 @@ def fmt(values: pd.Series) -> str:
 
 
 def write_table(csv: Path, command: str) -> None:
-    table = pd.read_csv(csv)
+    # two processes on one file may both run a split: keep its first result
+    table = pd.read_csv(csv).drop_duplicates(["method", "held_out", "seed"])
     order = list(dict.fromkeys(table["method"]))
     held_outs = list(dict.fromkeys(table["held_out"]))
     lines = [
