@@ -67,6 +67,10 @@ class PerturbationINFL(RNASeqMixin, INFL):
     24
     """
 
+    def __init__(self, adata: AnnData, **kwargs) -> None:
+        super().__init__(adata, **kwargs)
+        self._model_summary_string = "Perturbation" + self._model_summary_string
+
     # -- setup -------------------------------------------------------------------------------
     @classmethod
     def setup_anndata(

@@ -86,7 +86,8 @@ def predict_perturbation(
         library_size=library_size,
         seed=seed,
     )
-    obs = adata.obs.loc[expression.index].copy()
+    obs = adata.obs.loc[expression.index]
+    obs = obs.loc[:, ~obs.columns.str.startswith("_scvi")].copy()  # scvi-tools' bookkeeping
     condition_key = model.condition_key
     obs[condition_key] = pd.Categorical(
         [target] * len(obs), categories=adata.obs[condition_key].astype("category").cat.categories
