@@ -187,4 +187,6 @@ def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a, b)[0, 1])
+    """Pearson correlation; NaN (no warning) when either side is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.corrcoef(a, b)[0, 1])
