@@ -247,7 +247,7 @@ def test_tutorial_is_stored_with_the_outputs_of_a_full_run():
     outputs = [output for cell in code_cells for output in cell.outputs]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
     text = _notebook_text(nb)
-    assert "13999 cells x 2000 genes" in text and "trained 15 rounds" in text  # the full run
+    assert "13999 cells x 1000 genes" in text and "trained 10 rounds" in text  # the full run
     link = NOTEBOOK.parents[2] / "tutorials" / NOTEBOOK.name
     assert link.is_symlink() and link.resolve() == NOTEBOOK
 

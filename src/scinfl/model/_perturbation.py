@@ -197,7 +197,8 @@ class PerturbationINFL(RNASeqMixin, INFL):
         cells), each type weighted equally.
 
         ``output="log_change"`` (the default) returns the observed source cell,
-        log-normalised (``log1p(library_size * x / total)``), plus the change the model
+        log-normalised over the model's genes (``log1p(library_size * x / total)``, the total
+        over those genes: compare it with observed cells normalised the same way), plus the change the model
         predicts for that cell (the log-normalised decoded target minus the decoded source):
         the model supplies the response, the cell keeps its own state, and the decoder's
         reconstruction error cancels. On Kang 2018 (``benchmarks/results/perturbation.md``)
