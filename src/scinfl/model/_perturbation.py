@@ -42,9 +42,9 @@ class PerturbationINFL(RNASeqMixin, INFL):
     under the target condition (``method="decoder"``, the default), optionally after adding
     scGen's latent shift, the mean target-minus-source latent difference of the other cell
     types (``"latent"`` alone, or ``"both"``). The default was chosen on Kang 2018 PBMC
-    (``benchmarks/results/perturbation.md``, docs/perturbation.md): the decoder learns a
-    response that depends on the cell's state, where a single latent shift is the same for
-    every cell type.
+    (``benchmarks/results/perturbation.md``, docs/perturbation.md: delta Pearson 0.72 for the
+    decoder, 0.71 for both, 0.60 for the shift alone): the decoder learns a response that
+    depends on the cell's state, where a single latent shift is the same for every cell type.
 
     Parameters
     ----------
@@ -202,8 +202,8 @@ class PerturbationINFL(RNASeqMixin, INFL):
         predicts for that cell (the log-normalised decoded target minus the decoded source):
         the model supplies the response, the cell keeps its own state, and the decoder's
         reconstruction error cancels. On Kang 2018 (``benchmarks/results/perturbation.md``)
-        this doubles the agreement of the predicted change with the observed one compared
-        with the decoded cells (``"expected"``, ``"counts"``).
+        this agrees better with the observed change and means than the decoded cells
+        (``"expected"``, ``"counts"``): delta Pearson 0.72 against 0.63 on average.
 
         Parameters
         ----------
