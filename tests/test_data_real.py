@@ -172,6 +172,18 @@ def test_kang(kang):
 
 
 @pytest.mark.realdata
+def test_kang_cell_types_do_not_move_with_stimulation(kang):
+    # the two conditions are halves of one PBMC pool: IFN-beta must not move monocytes between
+    # types (the marker rule on all genes gave CD14 Mono 2,555 / 2,230, FCGR3A Mono 388 / 596)
+    counts = pd.crosstab(kang.obs["cell_type"], kang.obs["condition"])
+    assert counts.loc["CD14 Mono"].tolist() == [2470, 2321]
+    assert counts.loc["FCGR3A Mono"].tolist() == [459, 527]
+    ratio = counts["stim"] / counts["ctrl"]
+    for name in ["CD14 Mono", "FCGR3A Mono"]:
+        assert 0.85 <= ratio[name] <= 1.3, (name, ratio[name])
+
+
+@pytest.mark.realdata
 def test_kang_n_top_genes(kang):
     small = kang2018(n_top_genes=500)
     assert small.shape == (13999, 500)

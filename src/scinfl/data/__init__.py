@@ -5,6 +5,7 @@ from ._cscc import cscc_spatial
 from ._kang import kang2018
 from ._pbmc68k import pbmc68k
 from ._synthetic import synthetic_counts
+from ._synthetic_perturbation import synthetic_perturbation
 from ._synthetic_spatial import synthetic_spatial
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "kang2018",
     "pbmc68k",
     "synthetic_counts",
+    "synthetic_perturbation",
     "synthetic_spatial",
 ]

@@ -55,6 +55,7 @@ _N_HVG = 2000
 _N_PCS = 30
 _N_NEIGHBORS = 15
 _OWN_WEIGHT = 0.5
+_RESPONSE_THRESHOLD = 0.25
 
 
 def _installed_data_dir() -> Path | None:
@@ -133,20 +134,35 @@ def _pca_scores(x: sp.csr_matrix, n_comps: int) -> np.ndarray:
     return (u * s).astype(np.float64)
 
 
-def _annotate_cell_types(lognorm: sp.csr_matrix, var_names: pd.Index) -> pd.DataFrame:
-    """Marker-set scores per cell (see :func:`kang2018` for the rule)."""
+def _response_genes(lognorm: sp.csr_matrix, conditions: np.ndarray) -> np.ndarray:
+    """Genes that respond to the stimulation (interferon-stimulated genes first).
+
+    Those whose mean log-normalised expression differs between conditions by more than
+    ``_RESPONSE_THRESHOLD``.
+    """
+    means = [np.asarray(lognorm[conditions == c].mean(axis=0)).ravel() for c in _FILES]
+    return np.abs(means[1] - means[0]) > _RESPONSE_THRESHOLD
+
+
+def _neighbour_graph(lognorm: sp.csr_matrix, conditions: np.ndarray) -> sp.csr_matrix:
+    """Each cell's 15 nearest neighbours (row-normalised), found on genes that do not respond."""
     variances = np.asarray(lognorm.multiply(lognorm).mean(axis=0)).ravel()
     variances -= np.asarray(lognorm.mean(axis=0)).ravel() ** 2
+    variances[_response_genes(lognorm, conditions)] = -np.inf
     n_hvg = min(_N_HVG, lognorm.shape[1])
     hvg = np.sort(np.argsort(-variances, kind="stable")[:n_hvg])
-    pcs = _pca_scores(lognorm[:, hvg], _N_PCS)
+    x = lognorm[:, hvg].toarray()
+    for condition in _FILES:
+        mine = conditions == condition
+        x[mine] -= x[mine].mean(axis=0)
+    pcs = _pca_scores(sp.csr_matrix(x), _N_PCS)
 
     n_neighbors = min(_N_NEIGHBORS, lognorm.shape[0])
     neighbors = (
         NearestNeighbors(n_neighbors=n_neighbors).fit(pcs).kneighbors(pcs, return_distance=False)
     )
     n_cells = lognorm.shape[0]
-    knn = sp.csr_matrix(
+    return sp.csr_matrix(
         (
             np.full(neighbors.size, 1.0 / n_neighbors),
             neighbors.ravel(),
@@ -155,8 +171,27 @@ def _annotate_cell_types(lognorm: sp.csr_matrix, var_names: pd.Index) -> pd.Data
         shape=(n_cells, n_cells),
     )
 
+
+def _marker_expression(own: np.ndarray, conditions: np.ndarray) -> np.ndarray:
+    """Marker values rescaled within each condition to the marker's mean over all cells."""
+    pooled = own.mean(axis=0)
+    scaled = own.copy()
+    for condition in _FILES:
+        mine = conditions == condition
+        mean = own[mine].mean(axis=0)
+        scaled[mine] *= np.where(mean > 0, pooled / np.maximum(mean, 1e-12), 1.0)
+    return scaled
+
+
+def _annotate_cell_types(
+    lognorm: sp.csr_matrix, var_names: pd.Index, conditions: np.ndarray
+) -> pd.DataFrame:
+    """Marker-set scores per cell (see :func:`kang2018` for the rule)."""
+    knn = _neighbour_graph(lognorm, conditions)
     genes = sorted({gene for markers in _MARKERS.values() for gene in markers if gene in var_names})
-    own = lognorm[:, var_names.get_indexer(genes)].toarray().astype(np.float64)
+    own = _marker_expression(
+        lognorm[:, var_names.get_indexer(genes)].toarray().astype(np.float64), conditions
+    )
     expression = pd.DataFrame(_OWN_WEIGHT * own + (1.0 - _OWN_WEIGHT) * (knn @ own), columns=genes)
     scores = {}
     for cell_type, markers in _MARKERS.items():
@@ -197,20 +232,36 @@ def kang2018(path: str | Path | None = None, n_top_genes: int | None = None) -> 
     - ``.uns["scinfl_source"]``: source package, version and files.
 
     ``cell_type`` rule, computed per cell on all genes (before any
-    ``n_top_genes`` selection):
+    ``n_top_genes`` selection), built so that IFN-beta does not move cells
+    between types:
 
     1. log-normalise: ``log1p(10,000 * counts / total counts of the cell)``;
-    2. find each cell's 15 nearest neighbours (itself included, Euclidean) in
-       the first 30 principal components of the 2,000 genes with the highest
-       variance of the log-normalised values;
-    3. for every marker gene take ``0.5 * own value + 0.5 * mean over the 15
+    2. set aside the genes that respond to the stimulation: those whose mean
+       log-normalised value differs between ``stim`` and ``ctrl`` cells by
+       more than 0.25 (327 genes, the interferon-stimulated genes first);
+    3. find each cell's 15 nearest neighbours (itself included, Euclidean) in
+       the first 30 principal components of the 2,000 remaining genes with the
+       highest variance, each gene centred within each condition (the
+       condition's mean shift removed);
+    4. rescale each marker gene within each condition so that its mean over
+       the condition's cells equals its mean over all cells: the two conditions
+       are halves of the same PBMC pool, so a marker's mean differs between
+       them through the stimulation (CD14 and S100A8 fall three- to four-fold
+       in stimulated monocytes), not through the cells;
+    5. for every marker gene take ``0.5 * own value + 0.5 * mean over the 15
        neighbours`` (light smoothing against dropouts and ambient RNA);
-    4. score each type by the mean of its markers and assign the type with the
+    6. score each type by the mean of its markers and assign the type with the
        highest score (``"unassigned"`` if every score is 0). Marker sets:
        CD14 Mono (CD14, LYZ, S100A8, S100A9), FCGR3A Mono (FCGR3A, CDKN1C,
        RHOC), CD4 T (CD3D, CD3E, IL7R), CD8 T (CD8A, CD8B, CD3D), NK (GNLY,
        NKG7), B (MS4A1, CD79A), DC (FCER1A), pDC (LILRA4, IL3RA),
        Megakaryocyte (PPBP, PF4).
+
+    Cells per type (ctrl / stim): CD14 Mono 2,470 / 2,321, FCGR3A Mono
+    459 / 527, CD4 T 2,163 / 2,698, CD8 T 208 / 316, NK 524 / 662,
+    B 598 / 769, DC 32 / 32, pDC 18 / 30, Megakaryocyte 76 / 96. Without
+    steps 2-4 (neighbours on all genes, markers as measured) the stimulation
+    moved about 200 cells from CD14 to FCGR3A Mono (388 / 596).
 
     The rule is deterministic. It is coarse: cytotoxic CD8 T cells partly
     score as NK, and conventional DCs (few FCER1A counts) are under-called,
@@ -275,7 +326,8 @@ def kang2018(path: str | Path | None = None, n_top_genes: int | None = None) -> 
     counts.sort_indices()
     adata.X = counts
 
-    scores = _annotate_cell_types(_log_normalize(counts), adata.var_names)
+    conditions = adata.obs["condition"].astype(str).to_numpy()
+    scores = _annotate_cell_types(_log_normalize(counts), adata.var_names, conditions)
     scores.index = adata.obs_names
     best = scores.to_numpy().argmax(axis=1)
     labels = np.asarray(scores.columns)[best].astype(object)

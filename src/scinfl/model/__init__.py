@@ -2,5 +2,6 @@
 
 from . import base
 from ._infl import INFL
+from ._perturbation import PerturbationINFL
 
-__all__ = ["INFL", "base"]
+__all__ = ["INFL", "PerturbationINFL", "base"]

@@ -1,7 +1,8 @@
 """Plots."""
 
 from ._embedding import umap
+from ._perturbation import perturbation
 from ._privacy import privacy
 from ._spatial import spatial
 
-__all__ = ["privacy", "spatial", "umap"]
+__all__ = ["perturbation", "privacy", "spatial", "umap"]

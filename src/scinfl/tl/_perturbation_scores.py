@@ -1,0 +1,192 @@
+"""Scores of a predicted perturbation response against the observed one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+from scipy import sparse
+from sklearn.decomposition import PCA
+from sklearn.metrics import pairwise_distances
+
+
+def response_genes(
+    adata: AnnData, condition_key: str, source: str, target: str, n_genes: int = 100
+) -> list[str]:
+    """The genes that respond most to a perturbation: scanpy's Wilcoxon ranking of target vs source.
+
+    Parameters
+    ----------
+    adata
+        Log-normalised cells of one cell type (the observed data, the same for every method).
+    condition_key
+        ``.obs`` column of the condition.
+    source, target
+        Reference and perturbed levels.
+    n_genes
+        Number of genes (ranked by the absolute Wilcoxon score, up and down together).
+
+    Returns
+    -------
+    Gene names, strongest response first.
+
+    Examples
+    --------
+    >>> import scanpy as sc, scinfl
+    >>> adata = scinfl.data.synthetic_perturbation(n_obs=200, n_vars=40)
+    >>> sc.pp.normalize_total(adata, target_sum=1e4)
+    >>> sc.pp.log1p(adata)
+    >>> genes = response_genes(adata, "condition", "ctrl", "stim", n_genes=5)
+    >>> set(genes) <= set(adata.var_names[adata.var["response"]]) | set(adata.var_names[-5:])
+    True
+    """
+    _check_levels(adata, condition_key, (source, target))
+    result = sc.tl.rank_genes_groups(
+        adata,
+        condition_key,
+        groups=[target],
+        reference=source,
+        method="wilcoxon",
+        n_genes=adata.n_vars,
+        copy=True,
+    ).uns["rank_genes_groups"]
+    scores = pd.Series(
+        np.asarray(result["scores"][target], dtype=float),
+        index=np.asarray(result["names"][target], dtype=str),
+    )
+    return scores.abs().sort_values(ascending=False, kind="stable").index[:n_genes].tolist()
+
+
+def perturbation_scores(
+    predicted: AnnData,
+    observed: AnnData,
+    control: AnnData,
+    genes: Sequence[str],
+    n_top: Sequence[int] = (20, 100),
+    n_cells: int = 500,
+    seed: int = 0,
+) -> pd.Series:
+    """Agreement of predicted and observed perturbed cells, on means, changes and distributions.
+
+    All three inputs are log-normalised cells of one cell type with the same genes. Scores:
+
+    - ``r2_mean_all``, ``pearson_mean_all``: coefficient of determination and Pearson
+      correlation of the predicted and observed mean expression over all genes;
+      ``r2_mean_top{n}``, ``pearson_mean_top{n}`` on the ``n`` strongest response genes;
+    - ``delta_pearson_top{n}``: Pearson correlation of the predicted and observed change
+      from the control mean (the direction of the response) on the top ``n`` genes;
+    - ``e_distance``: energy distance between predicted and observed cells in the first 30
+      principal components of the observed (control and perturbed) cells; 0 for the same
+      distribution.
+
+    Parameters
+    ----------
+    predicted
+        Predicted perturbed cells.
+    observed
+        Observed perturbed cells.
+    control
+        Observed control cells (the source of the prediction).
+    genes
+        Response genes, strongest first (:func:`response_genes` on the observed data).
+    n_top
+        Numbers of top genes to score on.
+    n_cells
+        Cells drawn from each set for the energy distance.
+    seed
+        Seed of that draw.
+
+    Returns
+    -------
+    One score per name.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> control = anndata.AnnData(rng.normal(size=(50, 30)))
+    >>> observed = anndata.AnnData(rng.normal(size=(60, 30)) + np.linspace(0, 3, 30))
+    >>> genes = list(observed.var_names[::-1][:20])
+    >>> s = perturbation_scores(observed, observed, control, genes, n_top=(10,))
+    >>> round(float(s["delta_pearson_top10"]), 6), round(float(s["e_distance"]), 6)
+    (1.0, 0.0)
+    """
+    names = observed.var_names
+    if not (predicted.var_names.equals(names) and control.var_names.equals(names)):
+        raise ValueError("predicted, observed and control must have the same genes, in order.")
+    means = {k: _mean(a) for k, a in (("p", predicted), ("o", observed), ("c", control))}
+    scores = {
+        "r2_mean_all": _r2(means["o"], means["p"]),
+        "pearson_mean_all": _pearson(means["o"], means["p"]),
+    }
+    for n in n_top:
+        top = names.get_indexer(list(genes)[:n])
+        if (top < 0).any():
+            raise ValueError(f"Genes not in the data: {list(np.asarray(genes)[:n][top < 0])[:5]}.")
+        scores[f"r2_mean_top{n}"] = _r2(means["o"][top], means["p"][top])
+        scores[f"pearson_mean_top{n}"] = _pearson(means["o"][top], means["p"][top])
+        scores[f"delta_pearson_top{n}"] = _pearson(
+            means["o"][top] - means["c"][top], means["p"][top] - means["c"][top]
+        )
+    scores["e_distance"] = e_distance(predicted, observed, control, n_cells=n_cells, seed=seed)
+    return pd.Series(scores)
+
+
+def e_distance(
+    predicted: AnnData, observed: AnnData, control: AnnData, n_cells: int = 500, seed: int = 0
+) -> float:
+    """Energy distance of predicted and observed cells in the principal components of the data.
+
+    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Euclidean), in the first 30 principal components
+    of the observed control and perturbed cells, on at most ``n_cells`` cells of each set.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = (anndata.AnnData(rng.normal(size=(80, 10)) + s) for s in (0, 2))
+    >>> e_distance(a, b, a) > e_distance(a, a, b)
+    True
+    """
+    rng = np.random.default_rng(seed)
+    x = {k: _draw(_dense(a.X), n_cells, rng) for k, a in (("p", predicted), ("o", observed))}
+    fit = np.vstack([_dense(observed.X), _dense(control.X)])
+    pca = PCA(n_components=min(30, *fit.shape), random_state=0).fit(fit)
+    p, o = pca.transform(x["p"]), pca.transform(x["o"])
+    between = pairwise_distances(p, o).mean()
+    return float(2 * between - pairwise_distances(p).mean() - pairwise_distances(o).mean())
+
+
+def _check_levels(adata: AnnData, key: str, levels: Sequence[str]) -> None:
+    if key not in adata.obs:
+        raise ValueError(f"{key!r} is not a column of adata.obs.")
+    found = sorted(pd.unique(adata.obs[key].astype(str)))
+    missing = [level for level in levels if level not in found]
+    if missing:
+        raise ValueError(f"adata.obs[{key!r}] has no {missing} cells; levels found: {found}.")
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+
+
+def _mean(adata: AnnData) -> np.ndarray:
+    return np.asarray(adata.X.mean(axis=0), dtype=np.float64).ravel()
+
+
+def _draw(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
+
+
+def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
+    total = ((observed - observed.mean()) ** 2).sum()
+    return float(1.0 - ((observed - predicted) ** 2).sum() / total)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN (no warning) when either side is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.corrcoef(a, b)[0, 1])

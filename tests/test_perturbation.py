@@ -1,0 +1,277 @@
+"""Perturbation response: PerturbationINFL, tl.predict_perturbation, the scores, the plot."""
+
+from pathlib import Path
+
+import anndata
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from scvi import REGISTRY_KEYS
+
+import scinfl
+from scinfl.model import PerturbationINFL
+
+HELD_OUT = "type0"
+
+
+def _data(seed=1):
+    return scinfl.data.synthetic_perturbation(n_obs=600, n_vars=40, seed=seed)
+
+
+def _without_held_out_stim(adata):
+    held_out = (adata.obs["cell_type"] == HELD_OUT) & (adata.obs["condition"] == "stim")
+    return adata[~held_out.to_numpy()].copy()
+
+
+def _model(adata, key, **kwargs):
+    PerturbationINFL.setup_anndata(adata, condition_key="condition", site_key="site")
+    torch.manual_seed(0)
+    return PerturbationINFL(adata, key=key, n_hidden=32, n_latent=6, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A model trained federated without the held-out type's stimulated cells."""
+    scinfl_key = scinfl.Key.generate()
+    full = _data()
+    train = _without_held_out_stim(full)
+    model = _model(train, scinfl_key)
+    model.train_federated(max_rounds=60, batch_size=64, seed=0, progress_bar=False)
+    return full, train, model
+
+
+def _log_normalized(adata):
+    adata = adata.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def test_the_condition_reaches_the_decoder_and_every_site(key):
+    model = _model(_data(), key)
+    first = model.module.decoder.px_decoder.fc_layers[0][0]
+    assert first.in_features == 6 + 2  # the latent and the one-hot condition
+    assert model.conditions == ["ctrl", "stim"]
+    sites = model._site_data(0.1, seed=0)
+    assert len(sites) == 3
+    assert all(REGISTRY_KEYS.CAT_COVS_KEY in site.fields for site in sites)
+    batch = next(sites[0].minibatches(batch_size=8))
+    assert batch[REGISTRY_KEYS.CAT_COVS_KEY].shape == (8, 1)
+
+
+def test_the_predicted_change_follows_the_held_out_response(trained):
+    full, train, model = trained
+    observed = _log_normalized(full)
+    mine = observed.obs["cell_type"] == HELD_OUT
+    control = observed[mine & (observed.obs["condition"] == "ctrl")]
+    stim = observed[mine & (observed.obs["condition"] == "stim")]
+    genes = scinfl.tl.response_genes(observed[mine].copy(), "condition", "ctrl", "stim", 20)
+    predicted = scinfl.tl.predict_perturbation(train, model, cell_types=[HELD_OUT])
+    assert predicted.var_names.equals(control.var_names)
+    scores = scinfl.tl.perturbation_scores(predicted, stim, control, genes, n_top=(20,))
+    # the model transfers the response learnt on the other types: change and level
+    assert scores["delta_pearson_top20"] > 0.75
+    assert scores["r2_mean_top20"] > 0.5
+    unchanged = control.copy()  # predicting no response at all
+    none = scinfl.tl.perturbation_scores(unchanged, stim, control, genes, n_top=(20,))
+    assert scores["e_distance"] < none["e_distance"]
+    assert scores["r2_mean_top20"] > none["r2_mean_top20"] + 0.2
+
+
+@pytest.mark.parametrize("method", ["decoder", "latent", "both"])
+def test_outputs(trained, method):
+    _, train, model = trained
+    n_source = int(
+        ((train.obs["cell_type"] == HELD_OUT) & (train.obs["condition"] == "ctrl")).sum()
+    )
+    kwargs = {"cell_types": [HELD_OUT], "method": method}
+    expected = model.predict_perturbation(train, output="expected", library_size=10.0, **kwargs)
+    assert expected.shape == (n_source, train.n_vars)
+    np.testing.assert_allclose(expected.sum(axis=1), 10.0, rtol=1e-4)
+    counts = model.predict_perturbation(train, output="counts", seed=3, **kwargs)
+    assert (counts.to_numpy() >= 0).all()
+    np.testing.assert_array_equal(counts.to_numpy(), np.round(counts.to_numpy()))
+    again = model.predict_perturbation(train, output="counts", seed=3, **kwargs)
+    np.testing.assert_array_equal(counts.to_numpy(), again.to_numpy())
+    change = model.predict_perturbation(train, **kwargs)
+    assert np.isfinite(change.to_numpy()).all()
+    assert list(change.index) == list(expected.index)
+
+
+def test_the_decoder_changes_the_response_genes(trained):
+    full, train, model = trained
+    kwargs = {"cell_types": [HELD_OUT], "output": "expected"}
+    stim = model.predict_perturbation(train, **kwargs).mean(axis=0)
+    ctrl = model.predict_perturbation(train, target="ctrl", **kwargs).mean(axis=0)
+    response = full.var["response"].to_numpy()
+    fold = np.log(stim / ctrl).to_numpy()
+    assert fold[response].min() > 0.5  # up-regulated
+    assert np.median(np.abs(fold[~response])) < 0.5 * fold[response].min()
+
+
+def test_get_normalized_expression(trained):
+    _, train, model = trained
+    values = model.get_normalized_expression(library_size=1.0)
+    assert values.shape == train.shape
+    np.testing.assert_allclose(values.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_tl_writes_a_new_anndata_with_its_parameters(trained):
+    _, train, model = trained
+    result = scinfl.tl.predict_perturbation(
+        train, model, cell_types=[HELD_OUT], output="counts", key_added="pred"
+    )
+    assert result.obs_names[0].endswith("-predicted")
+    assert set(result.obs["condition"]) == {"stim"}
+    assert set(result.obs["cell_type"]) == {HELD_OUT}
+    params = result.uns["pred"]["params"]
+    assert params["source"] == "ctrl" and params["target"] == "stim"
+    assert params["output"] == "counts" and params["cell_types"] == [HELD_OUT]
+    assert result.X.format == "csr"
+    assert "pred" not in train.uns  # the input is left alone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"source": "control"}, r"source='control'.*'condition'.*\['ctrl', 'stim'\]"),
+        ({"target": "IFN"}, r"target='IFN'.*'condition'.*\['ctrl', 'stim'\]"),
+        ({"cell_types": ["T cell"]}, r"\['T cell'\].*'cell_type'.*\['type0', 'type1'"),
+        ({"cell_type_key": "celltype"}, r"cell_type_key='celltype'"),
+        ({"method": "mean"}, "method must be"),
+        ({"output": "log"}, "output must be"),
+    ],
+)
+def test_bad_input_names_the_column_and_the_levels(trained, kwargs, match):
+    _, train, model = trained
+    with pytest.raises(ValueError, match=match):
+        model.predict_perturbation(train, **kwargs)
+
+
+def test_a_cell_type_absent_from_a_site(trained):
+    _, train, model = trained
+    site = train[(train.obs["site"] == "site0") & (train.obs["cell_type"] != HELD_OUT)].copy()
+    with pytest.raises(ValueError, match=r"No 'ctrl' cells of cell type\(s\) \['type0'\]"):
+        model.predict_perturbation(site, cell_types=[HELD_OUT])
+
+
+def test_the_shift_needs_another_type_in_both_conditions(trained):
+    _, train, model = trained
+    only = train[train.obs["cell_type"] == HELD_OUT].copy()
+    with pytest.raises(ValueError, match="No cell type other than 'type0'"):
+        model.predict_perturbation(only, method="latent")
+    assert model.predict_perturbation(only).shape[0] == only.n_obs  # the decoder needs none
+
+
+def test_one_condition_level_is_refused():
+    adata = _data()
+    adata = adata[adata.obs["condition"] == "ctrl"].copy()
+    with pytest.raises(ValueError, match=r"adata.obs\['condition'\] has one condition level"):
+        PerturbationINFL.setup_anndata(adata, condition_key="condition")
+
+
+def test_agreed_condition_categories():
+    adata = _data()
+    PerturbationINFL.setup_anndata(
+        adata, condition_key="condition", categories={"condition_key": ["ctrl", "stim", "IFNg"]}
+    )
+    assert adata.obs["condition"].cat.categories.tolist() == ["ctrl", "stim", "IFNg"]
+    with pytest.raises(ValueError, match="categories= takes"):
+        PerturbationINFL.setup_anndata(
+            adata, condition_key="condition", categories={"labels_key": ["a"]}
+        )
+
+
+def test_scores_of_a_perfect_and_of_a_null_prediction():
+    rng = np.random.default_rng(0)
+    control = anndata.AnnData(rng.normal(size=(80, 50)))
+    observed = anndata.AnnData(rng.normal(size=(90, 50)) + np.linspace(0, 4, 50))
+    genes = list(observed.var_names[::-1])
+    perfect = scinfl.tl.perturbation_scores(observed, observed, control, genes, n_top=(20,))
+    assert perfect["r2_mean_all"] == pytest.approx(1.0)
+    assert perfect["delta_pearson_top20"] == pytest.approx(1.0)
+    assert perfect["e_distance"] == pytest.approx(0.0, abs=1e-6)
+    null = scinfl.tl.perturbation_scores(control, observed, control, genes, n_top=(20,))
+    assert null["r2_mean_all"] < 0.5
+    assert null["e_distance"] > 1.0
+    with pytest.raises(ValueError, match="same genes"):
+        scinfl.tl.perturbation_scores(observed[:, :10], observed, control, genes)
+
+
+def test_response_genes_refuses_missing_levels():
+    adata = _log_normalized(_data())
+    with pytest.raises(ValueError, match=r"no \['IFN'\] cells; levels found: \['ctrl', 'stim'\]"):
+        scinfl.tl.response_genes(adata, "condition", "ctrl", "IFN")
+
+
+def test_plot(trained, tmp_path):
+    full, train, model = trained
+    observed = _log_normalized(full)
+    mine = observed.obs["cell_type"] == HELD_OUT
+    control = observed[mine & (observed.obs["condition"] == "ctrl")]
+    stim = observed[mine & (observed.obs["condition"] == "stim")]
+    predicted = scinfl.tl.predict_perturbation(train, model, cell_types=[HELD_OUT])
+    genes = list(full.var_names[full.var["response"]])
+    fig = scinfl.pl.perturbation(
+        predicted, stim, control, genes, n_labels=3, save=tmp_path / "p.png"
+    )
+    assert len(fig.axes) == 2
+    assert len(fig.axes[0].texts) == 3
+    assert (tmp_path / "p.png").stat().st_size > 0
+    plt.close(fig)
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "perturbation.ipynb"
+
+
+def _notebook_text(nb) -> str:
+    chunks = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            assert output.get("output_type") != "error"
+            if output.get("output_type") == "stream":
+                chunks.append(output.get("text", ""))
+            elif "data" in output:
+                chunks.append(output["data"].get("text/plain", ""))
+    return "\n".join(chunks)
+
+
+def test_tutorial_is_stored_with_the_outputs_of_a_full_run():
+    """The docs render the notebook as stored: every cell ran, in order, without an error."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
+    outputs = [output for cell in code_cells for output in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
+    text = _notebook_text(nb)
+    assert "13999 cells x 1000 genes" in text and "trained 10 rounds" in text  # the full run
+    link = NOTEBOOK.parents[2] / "tutorials" / NOTEBOOK.name
+    assert link.is_symlink() and link.resolve() == NOTEBOOK
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_tutorial_runs(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
+    if "python3" not in kernelspec.KernelSpecManager().find_kernel_specs():
+        pytest.skip("no 'python3' Jupyter kernel (install ipykernel)")
+    # a quick run: 2 rounds on 2,000 cells and 300 genes
+    for name, value in (("ROUNDS", "2"), ("CELLS", "2000"), ("GENES", "300")):
+        monkeypatch.setenv(f"SCINFL_TUTORIAL_{name}", value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = _notebook_text(nb)
+    assert "2000 cells x 300 genes" in text and "trained 2 rounds" in text
+    assert "'output': 'log_change'" in text
+    assert "delta_pearson_top100" in text
