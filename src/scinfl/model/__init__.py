@@ -2,5 +2,6 @@
 
 from . import base
 from ._infl import INFL
+from ._multiomics import MultiOmicsINFL
 
-__all__ = ["INFL", "base"]
+__all__ = ["INFL", "MultiOmicsINFL", "base"]

@@ -10,6 +10,7 @@ from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, KeyMode, ModelKeyMode, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
+from ._multimodal_vae import MultiModalKeyedVAE, observed_rows
 from ._vae import KeyedVAE
 
 __all__ = [
@@ -18,10 +19,12 @@ __all__ = [
     "KeyMode",
     "KeyedVAE",
     "ModelKeyMode",
+    "MultiModalKeyedVAE",
     "PooledKeyMode",
     "PooledKeyedLinear",
     "feature_moments",
     "get_key_mode",
     "keyify",
+    "observed_rows",
     "scale_from_moments",
 ]
