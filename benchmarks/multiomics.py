@@ -4,9 +4,9 @@ Protocol (docs/multiomics.md):
 
 - data: CPTAC UCEC tumours with proteomics, transcriptomics and a ``Genomics_subtype`` (101;
   4 subtypes), sites by TMT plex (the 4 blocks of ``benchmarks/proteomics.py``); proteins
-  observed in >= 50% of the samples of every site, then the 2,000 most variable proteins and
+  observed in >= 50% of the samples of every site, then the 1,000 most variable proteins and
   genes (pooled variance: the same inputs for every method). Synthetic CITE-seq-like RNA +
-  protein counts (``scinfl.data.synthetic_multiome``, 600 cells, 6 types, 3 sites) where each
+  protein counts (``scinfl.data.synthetic_multiome``, 400 cells, 6 types, 3 sites) where each
   modality alone tells part of the type.
 - variants: ``full`` (every site every modality) and ``mosaic`` (the first site without its
   second modality, the second without its first, the others both).
@@ -48,7 +48,7 @@ from scinfl.model import INFL, MultiOmicsINFL
 logger = logging.getLogger("multiomics")
 RESULTS = Path(__file__).parent / "results" / "multiomics.md"
 PLEX_BLOCKS = {"A": range(1, 5), "B": range(5, 9), "C": range(9, 13), "D": range(13, 18)}
-N_FEATURES = 2000
+N_FEATURES = 1000
 K_NEIGHBOURS = 5
 
 
@@ -64,7 +64,7 @@ def _top_variable(adata: AnnData, n: int) -> AnnData:
 
 
 def load_cptac() -> tuple[MuData, str, list[str]]:
-    """Tumours with both omics and a subtype; sites by TMT plex; 2,000 features per omics."""
+    """Tumours with both omics and a subtype; sites by TMT plex; 1,000 features per omics."""
     mdata = scinfl.data.cptac_ucec(omics=("proteomics", "transcriptomics"))
     obs = mdata.obs
     both = mdata.obs_names[
@@ -88,8 +88,8 @@ def load_cptac() -> tuple[MuData, str, list[str]]:
 
 
 def load_synthetic(seed: int = 0) -> tuple[MuData, str, list[str]]:
-    """CITE-seq-like counts, 600 cells, 6 cell types, 3 sites."""
-    mdata = scinfl.data.synthetic_multiome(n_obs=600, n_sites=3, seed=seed)
+    """CITE-seq-like counts, 400 cells, 6 cell types, 3 sites."""
+    mdata = scinfl.data.synthetic_multiome(n_obs=400, n_sites=3, seed=seed)
     mdata.obs["truth"] = mdata.obs["cell_type"]
     return mdata, "truth", ["rna", "prot"]
 
@@ -191,14 +191,19 @@ def _wnn(mdata, modalities, seed, k):
     mu.pp.neighbors(data, n_multineighbors=min(200, data.n_obs - 1), random_state=seed)
     labels = None
     for resolution in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0):
-        sc.tl.leiden(data, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        sc.tl.leiden(
+            data,
+            resolution=resolution,
+            random_state=seed,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+        )
         labels = data.obs["leiden"].cat.codes.to_numpy()
         if len(np.unique(labels)) >= k:
             break
     distances = data.obsp["distances"].tocsr()
-    neighbours = np.stack(
-        [row.indices[np.argsort(row.data)][:K_NEIGHBOURS] for row in distances]
-    )
+    neighbours = np.stack([row.indices[np.argsort(row.data)][:K_NEIGHBOURS] for row in distances])
     return labels, neighbours
 
 
@@ -208,10 +213,13 @@ def _totalvi(mdata, seed):
     scvi.settings.seed = seed
     data = mdata.copy()
     scvi.model.TOTALVI.setup_mudata(
-        data, rna_layer=None, protein_layer=None, modalities={"rna_layer": "rna", "protein_layer": "prot"}
+        data,
+        rna_layer=None,
+        protein_layer=None,
+        modalities={"rna_layer": "rna", "protein_layer": "prot"},
     )
     model = scvi.model.TOTALVI(data)
-    model.train(max_epochs=100, enable_progress_bar=False)
+    model.train(max_epochs=50, enable_progress_bar=False)
     return model.get_latent_representation()
 
 
@@ -227,7 +235,17 @@ def run_dataset(name, loader, seeds, rounds, peers):
     paired = ~mos.obs["site"].isin(sites[:2]).to_numpy()
 
     def record(variant, method, scores, seconds, note=""):
-        rows.append({"data": name, "variant": variant, "method": method, "seed": seed, **scores, "time_s": seconds, "note": note})
+        rows.append(
+            {
+                "data": name,
+                "variant": variant,
+                "method": method,
+                "seed": seed,
+                **scores,
+                "time_s": seconds,
+                "note": note,
+            }
+        )
         logger.info("%s %s %s seed %d: %s", name, variant, method, seed, scores)
 
     for seed in seeds:
@@ -243,32 +261,81 @@ def run_dataset(name, loader, seeds, rounds, peers):
             if label.startswith("MultiOmicsINFL"):
                 for m in modalities:
                     z_one = model.get_latent(modalities=[m])
-                    shifts.append({"data": name, "modality": m, "seed": seed, "shift": latent_shift(z, z_one), **{f"{k_} ({m} only)": v for k_, v in score_latent(z_one, y, seed).items()}})
+                    shifts.append(
+                        {
+                            "data": name,
+                            "modality": m,
+                            "seed": seed,
+                            "shift": latent_shift(z, z_one),
+                            **{
+                                f"{k_} ({m} only)": v
+                                for k_, v in score_latent(z_one, y, seed).items()
+                            },
+                        }
+                    )
                 # the full-data model given the mosaic's inputs
                 z_mos = _mosaic_inputs(model, mdata, modalities, sites)
-                record("mosaic", "full-data model, mosaic inputs", score_latent(z_mos, y, seed), np.nan)
+                record(
+                    "mosaic", "full-data model, mosaic inputs", score_latent(z_mos, y, seed), np.nan
+                )
             if not label.startswith("MultiOmicsINFL"):
                 continue
             start = time.perf_counter()
             model = _multiomics(mos.copy(), modalities, key_mode, seed, rounds, central)
             z = model.get_latent()
             both = score_latent(z[paired], y_mos[paired], seed)
-            record("mosaic", label, score_latent(z, y_mos, seed), time.perf_counter() - start, f"samples with both: ARI {both['ARI']:.3f}")
+            record(
+                "mosaic",
+                label,
+                score_latent(z, y_mos, seed),
+                time.perf_counter() - start,
+                f"samples with both: ARI {both['ARI']:.3f}",
+            )
         for m in modalities:
             start = time.perf_counter()
-            record("full", f"single-modality INFL ({m})", score_latent(_single(mdata, m, seed, rounds), y, seed), time.perf_counter() - start)
+            record(
+                "full",
+                f"single-modality INFL ({m})",
+                score_latent(_single(mdata, m, seed, rounds), y, seed),
+                time.perf_counter() - start,
+            )
         for m in modalities[::-1][:1]:
             start = time.perf_counter()
-            record("full", f"PCA of {m} (centralized)", score_latent(_pca(mdata.mod[m], seed), y, seed), time.perf_counter() - start)
+            record(
+                "full",
+                f"PCA of {m} (centralized)",
+                score_latent(_pca(mdata.mod[m], seed), y, seed),
+                time.perf_counter() - start,
+            )
         if peers and seed == seeds[0]:  # MOFA+ takes minutes a run here: once
             start = time.perf_counter()
-            record("full", "MOFA+ (centralized, 15 factors)", score_latent(_mofa(mdata, modalities, seed), y, seed), time.perf_counter() - start)
+            record(
+                "full",
+                "MOFA+ (centralized, 15 factors)",
+                score_latent(_mofa(mdata, modalities, seed), y, seed),
+                time.perf_counter() - start,
+            )
             start = time.perf_counter()
             labels, neighbours = _wnn(mdata, modalities, seed, k)
-            record("full", "muon WNN + Leiden (centralized)", {"ARI": adjusted_rand_score(y, labels), "NMI": normalized_mutual_info_score(y, labels), "kNN acc": knn_accuracy(neighbours, y)}, time.perf_counter() - start, f"{len(np.unique(labels))} clusters")
+            record(
+                "full",
+                "muon WNN + Leiden (centralized)",
+                {
+                    "ARI": adjusted_rand_score(y, labels),
+                    "NMI": normalized_mutual_info_score(y, labels),
+                    "kNN acc": knn_accuracy(neighbours, y),
+                },
+                time.perf_counter() - start,
+                f"{len(np.unique(labels))} clusters",
+            )
             if "prot" in modalities:
                 start = time.perf_counter()
-                record("full", "totalVI (centralized)", score_latent(_totalvi(mdata, seed), y, seed), time.perf_counter() - start)
+                record(
+                    "full",
+                    "totalVI (centralized)",
+                    score_latent(_totalvi(mdata, seed), y, seed),
+                    time.perf_counter() - start,
+                )
     return rows, shifts
 
 
@@ -285,12 +352,20 @@ def table(rows: pd.DataFrame) -> str:
     metrics = ["ARI", "NMI", "kNN acc"]
     grouped = rows.groupby(["data", "variant", "method"], sort=False)
     out = grouped[metrics].agg(["mean", "std"])
-    lines = ["| data | variant | method | ARI | NMI | kNN acc | time (s) | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | variant | method | ARI | NMI | kNN acc | time (s) | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (data, variant, method), r in out.iterrows():
-        cells = [f"{r[(m, 'mean')]:.3f} ± {0 if np.isnan(r[(m, 'std')]) else r[(m, 'std')]:.3f}" for m in metrics]
+        cells = [
+            f"{r[(m, 'mean')]:.3f} ± {0 if np.isnan(r[(m, 'std')]) else r[(m, 'std')]:.3f}"
+            for m in metrics
+        ]
         g = grouped.get_group((data, variant, method))
         note = "; ".join(sorted(set(g["note"]) - {""}))
-        lines.append(f"| {data} | {variant} | {method} | {' | '.join(cells)} | {g['time_s'].mean():.1f} | {note} |")
+        lines.append(
+            f"| {data} | {variant} | {method} | {' | '.join(cells)} | {g['time_s'].mean():.1f} | {note} |"
+        )
     return "\n".join(lines)
 
 
@@ -312,7 +387,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
-    loaders = {"CPTAC UCEC": (load_cptac, 100), "synthetic RNA+protein": (load_synthetic, 40)}
+    loaders = {"CPTAC UCEC": (load_cptac, 60), "synthetic RNA+protein": (load_synthetic, 30)}
     chosen = {n: v for n, v in loaders.items() if n.split()[0].lower() in args.data}
     rows, shifts = [], []
     for name, (loader, rounds) in chosen.items():
@@ -322,12 +397,26 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     for name in chosen:
         stem = name.split()[0].lower()
-        pd.DataFrame([r for r in rows if r["data"] == name]).to_csv(RESULTS.with_name(f"multiomics_{stem}.csv"), index=False)
-        pd.DataFrame([r for r in shifts if r["data"] == name]).to_csv(RESULTS.with_name(f"multiomics_{stem}_shift.csv"), index=False)
+        pd.DataFrame([r for r in rows if r["data"] == name]).to_csv(
+            RESULTS.with_name(f"multiomics_{stem}.csv"), index=False
+        )
+        pd.DataFrame([r for r in shifts if r["data"] == name]).to_csv(
+            RESULTS.with_name(f"multiomics_{stem}_shift.csv"), index=False
+        )
     # the table holds every data set run so far (one process per data set can run at once)
-    rows = pd.concat([pd.read_csv(p).fillna({"note": ""}) for p in sorted(RESULTS.parent.glob("multiomics_*.csv")) if not p.stem.endswith("_shift")])
-    shifts = pd.concat([pd.read_csv(p) for p in sorted(RESULTS.parent.glob("multiomics_*_shift.csv"))])
-    shift_table = shifts.groupby(["data", "modality"]).mean(numeric_only=True).drop(columns="seed").round(3)
+    rows = pd.concat(
+        [
+            pd.read_csv(p).fillna({"note": ""})
+            for p in sorted(RESULTS.parent.glob("multiomics_*.csv"))
+            if not p.stem.endswith("_shift")
+        ]
+    )
+    shifts = pd.concat(
+        [pd.read_csv(p) for p in sorted(RESULTS.parent.glob("multiomics_*_shift.csv"))]
+    )
+    shift_table = (
+        shifts.groupby(["data", "modality"]).mean(numeric_only=True).drop(columns="seed").round(3)
+    )
     text = (
         "# Multi-omics clustering across sites (benchmarks/multiomics.py)\n\n"
         f"Seeds {seeds} (MOFA+: the first only); rounds (epochs for centralized): "
@@ -337,9 +426,7 @@ def main() -> None:
         + table(rows)
         + "\n\nLatent of the federated model from one modality against all (shift: median "
         "distance relative to the median distance between samples; scores of the "
-        "one-modality latent):\n\n"
-        + _markdown(shift_table.reset_index())
-        + "\n"
+        "one-modality latent):\n\n" + _markdown(shift_table.reset_index()) + "\n"
     )
     RESULTS.write_text(text)
     logger.info("wrote %s", RESULTS)

@@ -71,7 +71,9 @@ def synthetic_multiome(
     fore = np.zeros((n_obs, n_proteins))
     for parity in (0, 1):
         cells = types % 2 == parity
-        fore[np.ix_(cells, markers[parity])] = rng.lognormal(np.log(150.0), 0.4, len(markers[parity]))
+        fore[np.ix_(cells, markers[parity])] = rng.lognormal(
+            np.log(150.0), 0.4, len(markers[parity])
+        )
     prot_rate = (background + fore) * rng.lognormal(0.0, 0.2, (n_obs, 1))
     prot = rng.poisson(rng.gamma(10.0, prot_rate / 10.0)).astype(np.float32)
     obs_names = [f"cell{i}" for i in range(n_obs)]

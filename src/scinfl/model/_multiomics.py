@@ -280,7 +280,9 @@ class MultiOmicsINFL(
 
 
 def _default_likelihood(matrix) -> str:
-    values = matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else matrix
+    values = (
+        matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else matrix
+    )
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     counts = values.size > 0 and (values >= 0).all() and np.allclose(values, np.round(values))

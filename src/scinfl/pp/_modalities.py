@@ -35,9 +35,7 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
     """
     missing = [name for name in modalities if name not in mdata.mod]
     if missing:
-        raise ValueError(
-            f"MuData has no modality {missing}; its modalities are {list(mdata.mod)}."
-        )
+        raise ValueError(f"MuData has no modality {missing}; its modalities are {list(mdata.mod)}.")
     if len(modalities) < 2:
         return
     names = [set(mdata.mod[name].obs_names) for name in modalities]

@@ -83,7 +83,9 @@ def cluster(
     if copy:
         adata = adata.copy()
     if isinstance(adata, MuData):
-        _cluster_mudata(adata, use_rep, resolution, n_neighbors, key_added, neighbors_key, umap, random_state)
+        _cluster_mudata(
+            adata, use_rep, resolution, n_neighbors, key_added, neighbors_key, umap, random_state
+        )
         return adata if copy else None
     sc.pp.neighbors(
         adata,
