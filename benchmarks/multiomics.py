@@ -307,7 +307,7 @@ def run_dataset(name, loader, seeds, rounds, peers):
                 score_latent(_pca(mdata.mod[m], seed), y, seed),
                 time.perf_counter() - start,
             )
-        if peers and seed == seeds[0]:  # MOFA+ takes minutes a run here: once
+        if peers and seed == 0:  # MOFA+ takes minutes a run here: once
             start = time.perf_counter()
             record(
                 "full",
@@ -380,13 +380,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 rounds")
     parser.add_argument("--data", nargs="+", default=["cptac", "synthetic"])
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("scvi", "scinfl", "lightning", "mofapy2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [0] if args.quick else args.seeds
     loaders = {"CPTAC UCEC": (load_cptac, 60), "synthetic RNA+protein": (load_synthetic, 30)}
     chosen = {n: v for n, v in loaders.items() if n.split()[0].lower() in args.data}
     rows, shifts = [], []
@@ -396,30 +397,30 @@ def main() -> None:
         shifts += s
     RESULTS.parent.mkdir(exist_ok=True)
     for name in chosen:
-        stem = name.split()[0].lower()
+        stem = name.split()[0].lower() + "_seeds" + "-".join(map(str, seeds))
         pd.DataFrame([r for r in rows if r["data"] == name]).to_csv(
             RESULTS.with_name(f"multiomics_{stem}.csv"), index=False
         )
         pd.DataFrame([r for r in shifts if r["data"] == name]).to_csv(
-            RESULTS.with_name(f"multiomics_{stem}_shift.csv"), index=False
+            RESULTS.with_name(f"multiomics_shift_{stem}.csv"), index=False
         )
-    # the table holds every data set run so far (one process per data set can run at once)
+    # the table holds every data set and seed run so far (one process each can run at once)
     rows = pd.concat(
         [
             pd.read_csv(p).fillna({"note": ""})
             for p in sorted(RESULTS.parent.glob("multiomics_*.csv"))
-            if not p.stem.endswith("_shift")
+            if not p.stem.startswith("multiomics_shift_")
         ]
     )
     shifts = pd.concat(
-        [pd.read_csv(p) for p in sorted(RESULTS.parent.glob("multiomics_*_shift.csv"))]
+        [pd.read_csv(p) for p in sorted(RESULTS.parent.glob("multiomics_shift_*.csv"))]
     )
     shift_table = (
         shifts.groupby(["data", "modality"]).mean(numeric_only=True).drop(columns="seed").round(3)
     )
     text = (
         "# Multi-omics clustering across sites (benchmarks/multiomics.py)\n\n"
-        f"Seeds {seeds} (MOFA+: the first only); rounds (epochs for centralized): "
+        f"Seeds {sorted(rows['seed'].unique().tolist())} (MOFA+: seed 0 only); rounds (epochs for centralized): "
         + ", ".join(f"{n}: {20 if args.quick else r}" for n, (_, r) in loaders.items())
         + "; every other setting at the library's defaults (key, secret frames, product of "
         "experts); 1 CPU thread per process.\n\n"

@@ -300,7 +300,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
             n = float(observed_rows(site.fields[key][site.train_idx]).sum())
             if n == site.n_train:
                 continue
-            prefixes = (f"encoders.{name}.", f"decoders.{name}.", f"heads.{name}.", f"px_r.{name}")
+            prefixes = (f"encoders.{name}.", f"decoders.{name}.", f"heads.{name}.")
             for parameter in self.state_dict():
                 if parameter.startswith(prefixes) or parameter == f"px_r.{name}":
                     counts[parameter] = n
