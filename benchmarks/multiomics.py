@@ -224,7 +224,7 @@ def _totalvi(mdata, seed):
 
 
 # -- the run ---------------------------------------------------------------------------------
-def run_dataset(name, loader, seeds, rounds, peers):
+def run_dataset(name, loader, seeds, rounds, peers, stem):
     rows, shifts = [], []
     mdata, truth, modalities = loader()
     y = mdata.obs[truth].cat.codes.to_numpy()
@@ -247,6 +247,11 @@ def run_dataset(name, loader, seeds, rounds, peers):
             }
         )
         logger.info("%s %s %s seed %d: %s", name, variant, method, seed, scores)
+        # written as they come: a run cut short still leaves its rows
+        pd.DataFrame(rows).to_csv(RESULTS.with_name(f"multiomics_{stem}.csv"), index=False)
+        if shifts:
+            path = RESULTS.with_name(f"multiomics_shift_{stem}.csv")
+            pd.DataFrame(shifts).to_csv(path, index=False)
 
     for seed in seeds:
         for label, key_mode, central in (
@@ -369,6 +374,10 @@ def table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+ROUNDS = {"CPTAC UCEC": 60, "synthetic RNA+protein": 30}
+LOADERS = {"CPTAC UCEC": load_cptac, "synthetic RNA+protein": load_synthetic}
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
@@ -381,6 +390,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["cptac", "synthetic"])
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--table", action="store_true", help="only write the table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("scvi", "scinfl", "lightning", "mofapy2"):
@@ -388,22 +398,20 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     seeds = [0] if args.quick else args.seeds
-    loaders = {"CPTAC UCEC": (load_cptac, 60), "synthetic RNA+protein": (load_synthetic, 30)}
+    if args.table:
+        write_table()
+        return
+    loaders = {name: (LOADERS[name], rounds) for name, rounds in ROUNDS.items()}
     chosen = {n: v for n, v in loaders.items() if n.split()[0].lower() in args.data}
     rows, shifts = [], []
     for name, (loader, rounds) in chosen.items():
-        r, s = run_dataset(name, loader, seeds, 20 if args.quick else rounds, not args.no_peers)
-        rows += r
-        shifts += s
-    RESULTS.parent.mkdir(exist_ok=True)
-    for name in chosen:
         stem = name.split()[0].lower() + "_seeds" + "-".join(map(str, seeds))
-        pd.DataFrame([r for r in rows if r["data"] == name]).to_csv(
-            RESULTS.with_name(f"multiomics_{stem}.csv"), index=False
-        )
-        pd.DataFrame([r for r in shifts if r["data"] == name]).to_csv(
-            RESULTS.with_name(f"multiomics_shift_{stem}.csv"), index=False
-        )
+        run_dataset(name, loader, seeds, 20 if args.quick else rounds, not args.no_peers, stem)
+    write_table(seeds if args.quick else None)
+
+
+def write_table(quick_seeds=None) -> None:
+    """``results/multiomics.md`` from the rows of every data set and seed written so far."""
     # the table holds every data set and seed run so far (one process each can run at once)
     rows = pd.concat(
         [
@@ -421,7 +429,7 @@ def main() -> None:
     text = (
         "# Multi-omics clustering across sites (benchmarks/multiomics.py)\n\n"
         f"Seeds {sorted(rows['seed'].unique().tolist())} (MOFA+: seed 0 only); rounds (epochs for centralized): "
-        + ", ".join(f"{n}: {20 if args.quick else r}" for n, (_, r) in loaders.items())
+        + ", ".join(f"{n}: {20 if quick_seeds else r}" for n, r in ROUNDS.items())
         + "; every other setting at the library's defaults (key, secret frames, product of "
         "experts); 1 CPU thread per process.\n\n"
         + table(rows)
