@@ -403,7 +403,6 @@ def main() -> None:
         return
     loaders = {name: (LOADERS[name], rounds) for name, rounds in ROUNDS.items()}
     chosen = {n: v for n, v in loaders.items() if n.split()[0].lower() in args.data}
-    rows, shifts = [], []
     for name, (loader, rounds) in chosen.items():
         stem = name.split()[0].lower() + "_seeds" + "-".join(map(str, seeds))
         run_dataset(name, loader, seeds, 20 if args.quick else rounds, not args.no_peers, stem)
