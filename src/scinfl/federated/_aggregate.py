@@ -50,7 +50,11 @@ def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:
     """Average the sites' parameters weighted by their number of training samples ``n_k``.
 
     ``w = sum_k n_k w_k / sum_k n_k``. Integer tensors (counters) are taken from the first
-    update. FedProx changes the client objective only, so it aggregates the same way.
+    update. FedProx changes the client objective only, so it aggregates the same way. A
+    parameter for which an update gives its own count (:attr:`ClientUpdate.counts`: a
+    modality the site's rows lack, in a mosaic) is weighted by that count instead, so that
+    sites that did not train it do not pull it back; if no update trained it, it is the plain
+    mean (all updates then hold the global value).
 
     Examples
     --------
@@ -60,6 +64,9 @@ def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:
     >>> b = ClientUpdate("b", 3, {"w": np.array([4.0])})
     >>> fedavg([a, b])["w"]
     array([3.])
+    >>> b.counts = {"w": 0.0}  # site b holds no rows of the modality w belongs to
+    >>> fedavg([a, b])["w"]
+    array([0.])
     """
     if not updates:
         raise ValueError("No updates to aggregate: every site failed or was rejected this round.")
@@ -67,16 +74,18 @@ def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:
     for update in updates[1:]:
         if list(update.parameters) != names:
             raise ValueError(f"Site {update.site!r} sent parameters of another architecture.")
-    weights = np.array([u.n for u in updates], dtype=np.float64)
-    if (weights <= 0).any():
+    if any(u.n <= 0 for u in updates):
         raise ValueError("Every update must report a positive number of training samples.")
-    weights /= weights.sum()
     result: Parameters = {}
     for name in names:
         first = updates[0].parameters[name]
         if not np.issubdtype(first.dtype, np.floating):
             result[name] = first.copy()
             continue
+        weights = np.array([u.counts.get(name, u.n) for u in updates], dtype=np.float64)
+        if weights.sum() <= 0:
+            weights = np.ones(len(updates))
+        weights /= weights.sum()
         acc = np.zeros(first.shape, dtype=np.float64)
         for w, update in zip(weights, updates, strict=True):
             acc += w * update.parameters[name]

@@ -74,6 +74,10 @@ class ClientConfig:
 class ClientUpdate:
     """What a site sends to the server: shared parameters, ``n_k``, metrics, key fingerprint.
 
+    ``counts`` gives, for the parameters that learned from fewer than ``n`` training rows, how
+    many did (a modality some of the site's rows lack: its parameters learned from the rows
+    that hold it, or, with none, not at all); FedAvg weights those parameters by it.
+
     Examples
     --------
     >>> import numpy as np
@@ -87,6 +91,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     key_fingerprint: str | None = None
     key_version: int | None = None
+    counts: dict[str, float] = field(default_factory=dict)
 
 
 def site_seed(seed: int, round_: int, site: str) -> int:
@@ -211,6 +216,7 @@ def client_update(
         metrics=metrics,
         key_fingerprint=key_fingerprint,
         key_version=key_version,
+        counts=module.parameter_counts(site) if hasattr(module, "parameter_counts") else {},
     )
 
 

@@ -114,6 +114,13 @@ def mask_update(
     dtype('uint64')
     """
     participants = sorted(participants)
+    if update.counts:
+        raise ValueError(
+            f"Site {update.site!r}: secure aggregation of a mosaic is not supported (some "
+            "parameters learned from fewer rows than the site's n_k, e.g. a modality it lacks, "
+            "and their weights would have to travel in clear). Train without privacy='secagg', "
+            "or give every site every modality."
+        )
     if update.site not in participants:
         raise ValueError(f"Site {update.site!r} is not among the participants {participants}.")
     unknown = [other for other in participants if other != update.site and other not in secrets]

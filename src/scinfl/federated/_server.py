@@ -354,6 +354,12 @@ class FederatedServer:
                 participants = [u.site for u in updates]
             self.parameters = unmask_sum(accepted, self.parameters, participants)
         elif self.dp is not None:
+            if any(u.counts for u in accepted):
+                raise ValueError(
+                    "DP-FedAvg of a mosaic is not supported: its clipping and noise assume one "
+                    "weight per site, and some sites trained only some parameters (a modality "
+                    "they lack). Train without privacy='dp', or give every site every modality."
+                )
             self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
             extra["dp_epsilon"] = self.dp.epsilon()
             logger.info(

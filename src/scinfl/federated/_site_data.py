@@ -230,6 +230,27 @@ class SiteData:
         """The data matrix."""
         return self.fields[REGISTRY_KEYS.X_KEY]
 
+    def feature_matrix(self, module=None, split: str = "train") -> FieldArray:
+        """The rows of a split in the fields a module's feature scale covers, side by side.
+
+        The fields are the module's ``feature_scale_keys`` (default: ``("X",)``, the data
+        matrix); what :func:`~scinfl.module.feature_moments` of every site sums over.
+
+        Examples
+        --------
+        >>> site = SiteData.from_arrays("a", np.ones((4, 2)), validation_size=0, X_b=np.zeros((4, 1)))
+        >>> site.feature_matrix().shape
+        (4, 2)
+        """
+        keys = getattr(module, "feature_scale_keys", (REGISTRY_KEYS.X_KEY,))
+        rows = self.train_idx if split == "train" else self.val_idx
+        parts = [self.fields[key][rows] for key in keys]
+        if len(parts) == 1:
+            return parts[0]
+        if any(sparse.issparse(part) for part in parts):
+            return sparse.hstack(parts, format="csr")
+        return np.hstack(parts)
+
     @property
     def batch(self) -> np.ndarray:
         """Batch codes, ``(n,)`` (all 0 when no batch is registered)."""

@@ -374,7 +374,7 @@ class SiteProtocol:
         if not site_state_names(runtime.module):
             raise self._refuse(what, "its model has no feature scale")
         site = runtime.site
-        count, total, squares = feature_moments(site.X[site.train_idx])
+        count, total, squares = feature_moments(site.feature_matrix(runtime.module))
         n = max(site.n_train, 1)
         update = ClientUpdate(
             site=site.name,

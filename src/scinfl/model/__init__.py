@@ -2,6 +2,7 @@
 
 from . import base
 from ._infl import INFL
+from ._multiomics import MultiOmicsINFL
 from ._perturbation import PerturbationINFL
 
-__all__ = ["INFL", "PerturbationINFL", "base"]
+__all__ = ["INFL", "MultiOmicsINFL", "PerturbationINFL", "base"]

@@ -11,6 +11,7 @@ from ._key_modes import KEY_MODES, KeyMode, ModelKeyMode, PooledKeyMode, get_key
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
 from ._likelihood import NONZERO_KEY, nb_log_likelihood
+from ._multimodal_vae import MultiModalKeyedVAE, observed_rows
 from ._vae import KeyedVAE
 
 __all__ = [
@@ -20,11 +21,13 @@ __all__ = [
     "KeyMode",
     "KeyedVAE",
     "ModelKeyMode",
+    "MultiModalKeyedVAE",
     "PooledKeyMode",
     "PooledKeyedLinear",
     "feature_moments",
     "get_key_mode",
     "keyify",
     "nb_log_likelihood",
+    "observed_rows",
     "scale_from_moments",
 ]

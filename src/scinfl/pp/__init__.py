@@ -1,5 +1,6 @@
-"""Preprocessing that writes into ``.obsp`` / ``.uns`` (per-site spatial graphs)."""
+"""Preprocessing: per-site spatial graphs, mosaic MuData padded for multi-modal models."""
 
+from ._modalities import pad_modalities
 from ._spatial_neighbors import spatial_neighbors
 
-__all__ = ["spatial_neighbors"]
+__all__ = ["pad_modalities", "spatial_neighbors"]

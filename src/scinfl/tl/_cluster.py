@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import scanpy as sc
 from anndata import AnnData
+from mudata import MuData
 
 
 def cluster(
-    adata: AnnData,
+    adata: AnnData | MuData,
     use_rep: str = "X_scinfl",
     resolution: float = 1.0,
     n_neighbors: int = 15,
@@ -22,7 +24,9 @@ def cluster(
     Parameters
     ----------
     adata
-        AnnData holding the embedding (see :func:`scinfl.tl.embed`).
+        AnnData or MuData holding the embedding (see :func:`scinfl.tl.embed`); for a MuData
+        the results go to its own ``.obs``, ``.obsp``, ``.obsm`` and ``.uns``, where muon
+        users look.
     use_rep
         ``.obsm`` key of the embedding.
     resolution
@@ -46,7 +50,7 @@ def cluster(
 
     Returns
     -------
-    ``None``, or with ``copy=True`` a new AnnData. Sets
+    ``None``, or with ``copy=True`` a new AnnData (MuData). Sets
 
     ``.obs[key_added]``
         Cluster of each cell (categorical).
@@ -78,6 +82,11 @@ def cluster(
         )
     if copy:
         adata = adata.copy()
+    if isinstance(adata, MuData):
+        _cluster_mudata(
+            adata, use_rep, resolution, n_neighbors, key_added, neighbors_key, umap, random_state
+        )
+        return adata if copy else None
     sc.pp.neighbors(
         adata,
         use_rep=use_rep,
@@ -119,3 +128,18 @@ def cluster(
         params["umap_key"] = umap_key
     adata.uns[key_added] = {"params": params}
     return adata if copy else None
+
+
+def _cluster_mudata(mdata: MuData, use_rep: str, *args) -> None:
+    """:func:`cluster` on an AnnData that holds the MuData's embedding; results copied back."""
+    carrier = ad.AnnData(obs=mdata.obs[[]].copy(), obsm={use_rep: mdata.obsm[use_rep]})
+    cluster(carrier, use_rep, *args)
+    for column in carrier.obs:
+        mdata.obs[column] = carrier.obs[column].to_numpy()
+        mdata.obs[column] = mdata.obs[column].astype(carrier.obs[column].dtype)
+    for key, value in carrier.obsp.items():
+        mdata.obsp[key] = value
+    for key, value in carrier.obsm.items():
+        if key != use_rep:
+            mdata.obsm[key] = value
+    mdata.uns.update(carrier.uns)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from anndata import AnnData
+from mudata import MuData
 
 
-def embed(adata: AnnData, model, key_added: str = "X_scinfl", copy: bool = False) -> AnnData | None:
+def embed(
+    adata: AnnData | MuData, model, key_added: str = "X_scinfl", copy: bool = False
+) -> AnnData | MuData | None:
     """Store the model's latent means in ``adata.obsm[key_added]``.
 
     Parameters
     ----------
     adata
-        AnnData set up like the model's training data (rows are matched by position).
+        AnnData (or, for :class:`~scinfl.model.MultiOmicsINFL`, MuData) set up like the
+        model's training data (rows are matched by position).
     model
-        A trained :class:`~scinfl.model.INFL` with its key set.
+        A trained :class:`~scinfl.model.INFL` or :class:`~scinfl.model.MultiOmicsINFL` with
+        its key set.
     key_added
         ``.obsm`` key.
     copy
@@ -21,8 +26,8 @@ def embed(adata: AnnData, model, key_added: str = "X_scinfl", copy: bool = False
 
     Returns
     -------
-    ``None``, or with ``copy=True`` a new AnnData. Sets ``.obsm[key_added]`` (cells x latent
-    dimensions).
+    ``None``, or with ``copy=True`` a new AnnData (MuData). Sets ``.obsm[key_added]`` (cells x
+    latent dimensions) and ``.uns[key_added]["params"]`` (the model's class and settings).
 
     Examples
     --------
@@ -39,4 +44,7 @@ def embed(adata: AnnData, model, key_added: str = "X_scinfl", copy: bool = False
     if copy:
         adata = adata.copy()
     adata.obsm[key_added] = latent
+    settings = model.init_params_.get("non_kwargs", {})
+    params = {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool)}
+    adata.uns[key_added] = {"params": {"model": type(model).__name__, **params}}
     return adata if copy else None

@@ -21,6 +21,8 @@ PARAMETERS = "parameters"
 CONFIG = "config"
 METRICS = "metrics"
 IDENTITY = "identity"
+#: per-parameter training rows of a mosaic's update (:attr:`ClientUpdate.counts`), when any
+COUNTS = "counts"
 
 _FIELDS = {f.name: f.type for f in dataclasses.fields(ClientConfig)}
 
@@ -173,7 +175,7 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
     >>> sorted(content)
     ['identity', 'metrics', 'parameters']
     """
-    return RecordDict(
+    content = RecordDict(
         {
             PARAMETERS: parameters_to_record(update.parameters),
             METRICS: metrics_record(update.metrics),
@@ -182,6 +184,9 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
             ),
         }
     )
+    if update.counts:
+        content[COUNTS] = metrics_record(update.counts)
+    return content
 
 
 def content_to_update(
@@ -208,6 +213,7 @@ def content_to_update(
         metrics={name: float(value) for name, value in metrics.items()},
         key_fingerprint=identity.get("key-fingerprint"),
         key_version=identity.get("key-version"),
+        counts={name: float(v) for name, v in content[COUNTS].items()} if COUNTS in content else {},
     )
 
 

@@ -262,7 +262,7 @@ class FederatedTrainingMixin:
         """
         if not hasattr(self.module, "set_feature_scale") or not self.module.site_state_names:
             return
-        moments = [feature_moments(site.X[site.train_idx]) for site in sites]
+        moments = [feature_moments(site.feature_matrix(self.module)) for site in sites]
         count, total, squares = (np.sum(parts, axis=0) for parts in zip(*moments, strict=True))
         self.module.set_feature_scale(*scale_from_moments(count, total, squares))
         logger.info(

@@ -1,0 +1,329 @@
+"""MultiOmicsINFL: a keyed multi-modal VAE trained across sites that may lack modalities."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import MuDataCategoricalObsField, MuDataLayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from scinfl.key import Key
+from scinfl.module import MultiModalKeyedVAE, observed_rows
+from scinfl.pp._modalities import check_shared_samples
+
+from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
+from .base import FederatedTrainingMixin, KeyedModelMixin
+
+logger = logging.getLogger(__name__)
+
+
+def modality_key(index: int, name: str) -> str:
+    """Registry key of a modality: ``"X"`` for the first (as scvi-tools' TOTALVI), ``"X_<name>"``.
+
+    Examples
+    --------
+    >>> modality_key(0, "rna"), modality_key(1, "prot")
+    ('X', 'X_prot')
+    """
+    return REGISTRY_KEYS.X_KEY if index == 0 else f"X_{name}"
+
+
+class MultiOmicsINFL(
+    KeyedModelMixin,
+    FederatedTrainingMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
+):
+    """Federated multi-omics VAE with a secret key: one keyed encoder per modality, one latent.
+
+    Built on :class:`~scinfl.module.MultiModalKeyedVAE`: each modality has its likelihood
+    (counts: negative binomial; log intensities and ratios: normal with missing values masked
+    out) and its keyed encoder; the modalities a sample holds combine into one latent (a
+    product of experts by default). Sites may lack modalities (a mosaic): a site trains the
+    shared parts and the modalities it holds, and the server weights each modality's
+    parameters by the rows that trained them. Trains with
+    :meth:`~scinfl.model.base.FederatedTrainingMixin.train_federated` like
+    :class:`~scinfl.model.INFL`.
+
+    Parameters
+    ----------
+    mdata
+        MuData registered with :meth:`setup_mudata`.
+    key
+        The federation's :class:`~scinfl.Key` (required before training when ``key_mode`` is
+        not ``None``).
+    key_mode
+        ``"pooled"`` (the paper's design) or ``None`` (no key).
+    key_strength
+        ``lambda`` of the keyed layers.
+    likelihoods
+        ``"nb"`` or ``"normal"`` by modality. Default: ``"nb"`` for a modality whose observed
+        values are all non-negative integers, ``"normal"`` otherwise.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes, as in scvi-tools.
+    joint
+        How the modalities' posteriors combine: ``"poe"`` (product of experts, default) or
+        ``"mean"`` (see :class:`~scinfl.module.MultiModalKeyedVAE`).
+    alignment_weight
+        Weight of the term that keeps each modality's posterior near the others'.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> mdata = scinfl.data.synthetic_multiome(n_obs=120, n_sites=3, seed=0)
+    >>> scinfl.model.MultiOmicsINFL.setup_mudata(mdata, modalities=["rna", "prot"], site_key="site")
+    >>> model = scinfl.model.MultiOmicsINFL(mdata, key=scinfl.Key.generate(), n_hidden=16)
+    >>> history = model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
+    >>> model.get_latent().shape
+    (120, 10)
+    """
+
+    _module_cls = MultiModalKeyedVAE
+
+    def __init__(
+        self,
+        mdata: MuData,
+        key: Key | None = None,
+        key_mode: str | None = "pooled",
+        key_strength: float = 1.0,
+        likelihoods: Mapping[str, str] | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        joint: str = "poe",
+        alignment_weight: float = 1.0,
+    ) -> None:
+        super().__init__(mdata)
+        names = list(self.adata_manager.registry["setup_args"]["modalities"])
+        keys = {name: modality_key(i, name) for i, name in enumerate(names)}
+        data = {name: self.adata_manager.get_from_registry(keys[name]) for name in names}
+        chosen = {name: _default_likelihood(data[name]) for name in names}
+        chosen.update(likelihoods or {})
+        for name in names:
+            rows = observed_rows(data[name])
+            validate_matrix(data[name][rows], chosen[name], f"modality {name!r}")
+        self.module = self._module_cls(
+            modalities={name: data[name].shape[1] for name in names},
+            registry_keys=keys,
+            likelihoods=chosen,
+            n_batch=self.summary_stats.n_batch,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            joint=joint,
+            alignment_weight=alignment_weight,
+            key_mode=key_mode,
+            key_strength=key_strength,
+        )
+        self.federated_history_: pd.DataFrame | None = None
+        self.dp_epsilon_: float | None = None
+        self._model_summary_string = (
+            f"MultiOmicsINFL: modalities={chosen}, joint={joint}, key_mode={key_mode}, "
+            f"n_latent={n_latent}, n_hidden={n_hidden}, n_layers={n_layers}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+        self._init_key(key)
+
+    @classmethod
+    def setup_anndata(cls, adata, *args, **kwargs) -> None:
+        """Refused: this model reads a MuData (:meth:`setup_mudata`).
+
+        Examples
+        --------
+        >>> MultiOmicsINFL.setup_anndata(None)
+        Traceback (most recent call last):
+        ...
+        TypeError: MultiOmicsINFL reads a MuData: register it with MultiOmicsINFL.setup_mudata ...
+        """
+        raise TypeError(
+            "MultiOmicsINFL reads a MuData: register it with MultiOmicsINFL.setup_mudata (for "
+            "one modality in an AnnData use scinfl.model.INFL.setup_anndata)."
+        )
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        modalities: Sequence[str],
+        layers: Mapping[str, str | None] | None = None,
+        site_key: str | None = None,
+        batch_key: str | None = None,
+        categories: Mapping[str, Sequence[str]] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a MuData: one ``MuDataLayerField`` per modality, sites and batches in ``.obs``.
+
+        As scvi-tools' ``TOTALVI.setup_mudata`` and ``MULTIVI.setup_mudata``, but for any
+        number of modalities of any names (CPTAC's ``"proteomics"``, ``"transcriptomics"``,
+        ...). Every modality must hold every sample of the MuData, absent ones as rows of
+        ``NaN``: :func:`scinfl.pp.pad_modalities` makes such a MuData from a mosaic.
+
+        Parameters
+        ----------
+        mdata
+            MuData with samples named alike in every modality.
+        modalities
+            Names of the modalities to model (keys of ``mdata.mod``), in order.
+        layers
+            Layer of each modality holding its data (default: its ``.X``).
+        site_key
+            ``mdata.obs`` column naming each sample's site (required to federate).
+        batch_key
+            ``mdata.obs`` column of batches the decoders correct for.
+        categories
+            Agreed categories by argument name (``"site_key"``, ``"batch_key"``), as in
+            :meth:`scinfl.model.INFL.setup_anndata`.
+        **kwargs
+            Passed to :class:`~scvi.data.AnnDataManager`.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> mdata = scinfl.data.synthetic_multiome(n_obs=60, n_sites=2)
+        >>> scinfl.model.MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="site")
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(mdata, MuData):
+            raise TypeError(
+                f"setup_mudata takes a MuData, got {type(mdata).__name__}; for one modality use "
+                "scinfl.model.INFL.setup_anndata."
+            )
+        modalities = list(modalities)
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must name distinct modalities, got {modalities}.")
+        layers = dict(layers or {})
+        check_shared_samples(mdata, modalities)
+        _check_aligned(mdata, modalities)
+        for argument, column in (("site_key", site_key), ("batch_key", batch_key)):
+            validate_obs_column(mdata, column, argument)
+        for argument, cats in (categories or {}).items():
+            if argument not in ("site_key", "batch_key"):
+                raise ValueError(f"categories= takes 'site_key' or 'batch_key', got {argument!r}.")
+            apply_agreed_categories(
+                mdata, {"site_key": site_key, "batch_key": batch_key}[argument], cats
+            )
+        _check_coverage(mdata, modalities, layers, site_key)
+        fields = [
+            MuDataLayerField(
+                modality_key(i, name),
+                layers.get(name),
+                mod_key=name,
+                is_count_data=False,
+                mod_required=True,
+            )
+            for i, name in enumerate(modalities)
+        ]
+        fields += [
+            MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            MuDataCategoricalObsField(REGISTRY_KEYS.LABELS_KEY, None),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        cls.register_manager(manager)
+
+    @torch.inference_mode()
+    def get_latent(
+        self,
+        mdata: MuData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Latent means, ``(n_obs, n_latent)``, from the modalities each sample holds.
+
+        Parameters
+        ----------
+        mdata, indices, batch_size
+            Data (default: the registered MuData).
+        modalities
+            Use only these modalities (default: all): e.g. the latent a sample would get from
+            its proteomics alone.
+
+        Examples
+        --------
+        >>> mdata.obsm["X_scinfl"] = model.get_latent()  # doctest: +SKIP
+        """
+        self._require_key()
+        names = list(self.module.registry_keys)
+        unknown = sorted(set(modalities or ()) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown modalities {unknown}; the model has {names}.")
+        hidden = [self.module.registry_keys[n] for n in names if modalities and n not in modalities]
+        mdata = self._validate_anndata(mdata)
+        loader = self._make_data_loader(adata=mdata, indices=indices, batch_size=batch_size)
+        self.module.eval()
+        latent = []
+        for tensors in loader:
+            for key in hidden:
+                tensors[key] = torch.full_like(tensors[key], float("nan"))
+            inputs = self.module._get_inference_input(tensors)
+            latent.append(self.module.inference(**inputs)["qz"].loc.cpu())
+        return torch.cat(latent).numpy()
+
+    def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
+        """The same as :meth:`get_latent` (scvi-tools' name).
+
+        Examples
+        --------
+        >>> mdata.obsm["X_scinfl"] = model.get_latent_representation()  # doctest: +SKIP
+        """
+        return self.get_latent(*args, **kwargs)
+
+
+def _default_likelihood(matrix) -> str:
+    values = (
+        matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else matrix
+    )
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    counts = values.size > 0 and (values >= 0).all() and np.allclose(values, np.round(values))
+    return "nb" if counts else "normal"
+
+
+def _check_aligned(mdata: MuData, modalities: Sequence[str]) -> None:
+    """Refuse modalities that do not hold every sample of the MuData in its order."""
+    for name in modalities:
+        mod = mdata.mod[name]
+        if mod.n_obs != mdata.n_obs or not (mod.obs_names == mdata.obs_names).all():
+            n_absent = int((~mdata.obs_names.isin(mod.obs_names)).sum())
+            raise ValueError(
+                f"Modality {name!r} holds {mod.n_obs} of the MuData's {mdata.n_obs} samples "
+                f"({n_absent} absent, a mosaic) or another order: pad it first with "
+                "`mdata = scinfl.pp.pad_modalities(mdata)` (absent modalities become rows of NaN)."
+            )
+
+
+def _check_coverage(
+    mdata: MuData, modalities: Sequence[str], layers: Mapping, site_key: str | None
+) -> None:
+    """Refuse a modality that no sample holds, and samples that hold no modality."""
+    held = {}
+    for name in modalities:
+        mod = mdata.mod[name]
+        matrix = mod.X if layers.get(name) is None else mod.layers[layers[name]]
+        held[name] = observed_rows(matrix)
+        if not held[name].any():
+            raise ValueError(
+                f"Modality {name!r} holds no sample at any site (all its rows are NaN): drop it "
+                f"from modalities= (e.g. modalities={[m for m in modalities if m != name]})."
+            )
+    none = ~np.any(np.stack(list(held.values())), axis=0)
+    if none.any():
+        where = ""
+        if site_key is not None:
+            sites = pd.Series(mdata.obs[site_key].to_numpy()[none]).value_counts()
+            where = f" (by site: {sites.to_dict()})"
+        raise ValueError(
+            f"{int(none.sum())} samples hold none of the modalities {list(modalities)}{where}: "
+            "a sample needs at least one. Drop them, e.g. `mdata = mdata[keep].copy()` with "
+            "`keep` the samples that hold a modality, then pad again."
+        )

@@ -1,0 +1,443 @@
+"""The keyed multi-modal VAE behind :class:`scinfl.model.MultiOmicsINFL`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import Encoder, FCLayers
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from ._key_modes import get_key_mode
+from ._vae import MIN_FEATURE_SCALE
+
+ModalityLikelihood = Literal["nb", "normal"]
+Joint = Literal["poe", "mean"]
+
+#: Variance floor of each modality's posterior (as scvi-tools' ``Encoder``'s ``var_eps``).
+VAR_EPS = 1e-4
+
+
+def observed_rows(X) -> np.ndarray:
+    """Rows that hold a modality: any entry not ``NaN`` (a missing modality is a row of ``NaN``).
+
+    Parameters
+    ----------
+    X
+        Observations x features, dense or sparse (whose implicit zeros are observed).
+
+    Returns
+    -------
+    Boolean array of shape ``(n_obs,)``.
+
+    Examples
+    --------
+    >>> observed_rows(np.array([[1.0, np.nan], [np.nan, np.nan]])).tolist()
+    [True, False]
+    """
+    if sparse.issparse(X):
+        X = sparse.csr_matrix(X)
+        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+        n_nan = np.bincount(rows[np.isnan(X.data)], minlength=X.shape[0])
+        return n_nan < X.shape[1]
+    return ~np.isnan(np.asarray(X, dtype=np.float64)).all(axis=1)
+
+
+class MultiModalKeyedVAE(BaseModuleClass):
+    """A VAE over several modalities: one keyed encoder each, one joint latent, one decoder each.
+
+    Each modality has its own encoder (its linear layers keyed, as in
+    :class:`~scinfl.module.KeyedVAE`), its own likelihood and its own decoder from the shared
+    latent ``z``. The modalities' Gaussian posteriors combine into one (``joint``) over the
+    modalities a sample holds, so that a sample with any subset of modalities has a latent;
+    an alignment term (the symmetric KL divergence between the posteriors of a sample's
+    modalities, as MultiVI's ``"Jeffreys"`` penalty) keeps the latent of one modality close to
+    that of all. A missing modality is a row of ``NaN`` in its field; a site without the
+    modality never runs its encoder or decoder, so their parameters get no update there
+    (:meth:`parameter_counts` says so to the aggregation).
+
+    Parameters
+    ----------
+    modalities
+        Number of features of each modality, by modality name (in order).
+    registry_keys
+        Registry key of each modality's data (e.g. ``{"rna": "X", "prot": "X_prot"}``).
+    likelihoods
+        ``"nb"`` (counts) or ``"normal"`` (log intensities, ratios: ``NaN`` entries are masked
+        out of the loss; the features are standardised with a location and scale every site
+        sets alike, see :meth:`set_feature_scale`) by modality.
+    n_batch
+        Number of batch categories (0 or 1 for none), given to the decoders.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes, as in scvi-tools.
+    joint
+        ``"poe"``: product of the modalities' Gaussian experts and the prior (precision
+        weighted); ``"mean"``: the average of their means and variances (mixture-like, as
+        MultiVI's equal weighting).
+    alignment_weight
+        Weight of the symmetric KL divergence between the posteriors of a sample's
+        modalities (0 to turn it off).
+    key_mode, key_strength
+        Key mode of the encoders' linear layers (``None``: no key) and its ``lambda``.
+
+    Examples
+    --------
+    >>> vae = MultiModalKeyedVAE({"rna": 20, "prot": 5}, {"rna": "X", "prot": "X_prot"},
+    ...                          {"rna": "nb", "prot": "normal"}, key_mode=None, n_hidden=8)
+    >>> x = {"X": torch.poisson(torch.ones(4, 20)), "X_prot": torch.randn(4, 5)}
+    >>> x["X_prot"][0] = float("nan")  # the first sample has no protein data
+    >>> vae.inference(x, torch.zeros(4, 1))["qz"].loc.shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, int],
+        registry_keys: Mapping[str, str],
+        likelihoods: Mapping[str, ModalityLikelihood],
+        n_batch: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        joint: Joint = "poe",
+        alignment_weight: float = 1.0,
+        key_mode: str | None = "pooled",
+        key_strength: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if joint not in ("poe", "mean"):
+            raise ValueError(f"joint must be 'poe' or 'mean', got {joint!r}.")
+        for name in modalities:
+            if likelihoods[name] not in ("nb", "normal"):
+                raise ValueError(
+                    f"The likelihood of modality {name!r} must be 'nb' or 'normal', got "
+                    f"{likelihoods[name]!r}."
+                )
+        self.modalities = dict(modalities)
+        self.registry_keys = dict(registry_keys)
+        self.likelihoods = dict(likelihoods)
+        self.n_batch = n_batch
+        self.n_latent = n_latent
+        self.joint = joint
+        self.alignment_weight = alignment_weight
+        cat_list = [n_batch] if n_batch > 1 else None
+        self.encoders = nn.ModuleDict(
+            {
+                name: Encoder(
+                    n_input,
+                    n_latent,
+                    n_layers=n_layers,
+                    n_hidden=n_hidden,
+                    dropout_rate=dropout_rate,
+                    var_eps=VAR_EPS,
+                    use_batch_norm=False,
+                    use_layer_norm=True,
+                )
+                for name, n_input in self.modalities.items()
+            }
+        )
+        self.decoders = nn.ModuleDict(
+            {
+                name: FCLayers(
+                    n_latent,
+                    n_hidden,
+                    n_cat_list=cat_list,
+                    n_layers=n_layers,
+                    n_hidden=n_hidden,
+                    dropout_rate=0.0,
+                    use_batch_norm=False,
+                    use_layer_norm=True,
+                )
+                for name in self.modalities
+            }
+        )
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(n_hidden, n_input) for name, n_input in self.modalities.items()}
+        )
+        self.px_r = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.randn(n_input))
+                for name, n_input in self.modalities.items()
+                if self.likelihoods[name] == "nb"
+            }
+        )
+        for name in self.normal_modalities:
+            # per-feature standardisation (identity until set): saved with the model, set by
+            # every site alike, never uploaded (site_state_names)
+            self.register_buffer(f"feature_loc_{name}", torch.zeros(self.modalities[name]))
+            self.register_buffer(f"feature_scale_{name}", torch.ones(self.modalities[name]))
+        self.key_mode_name = key_mode
+        self.key_encoder = None
+        if key_mode is not None:
+            self._key_mode = get_key_mode(key_mode, key_strength=key_strength)
+            self.key_encoder = self._key_mode.build_key_encoder(sum(self.modalities.values()))
+            for encoder in self.encoders.values():
+                self._key_mode.install(encoder, self.key_encoder)
+
+    # -- key ---------------------------------------------------------------------------------
+    @property
+    def is_keyed(self) -> bool:
+        """Whether this module has keyed layers."""
+        return self.key_encoder is not None
+
+    @property
+    def has_key(self) -> bool:
+        """Whether a key is set (always ``True`` for an unkeyed module)."""
+        return self.key_encoder is None or self.key_encoder.has_key
+
+    def set_key(self, key) -> None:
+        """Install (or, with ``None``, remove) the secret key material."""
+        if self.key_encoder is None:
+            return
+        n_input = sum(self.modalities.values())
+        material = None if key is None else self._key_mode.key_material(key, n_input)
+        self.key_encoder.set_coordinates(material)
+
+    def forward(self, *args, **kwargs):
+        """scvi-tools' forward pass, with the key vector computed once for all keyed layers."""
+        if self.key_encoder is None or not hasattr(self.key_encoder, "reuse"):
+            return super().forward(*args, **kwargs)
+        with self.key_encoder.reuse():
+            return super().forward(*args, **kwargs)
+
+    # -- feature scale -----------------------------------------------------------------------
+    @property
+    def normal_modalities(self) -> list[str]:
+        """Modalities with the normal likelihood, in order."""
+        return [name for name in self.modalities if self.likelihoods[name] == "normal"]
+
+    @property
+    def feature_scale_keys(self) -> tuple[str, ...]:
+        """Registry keys of the fields the feature scale covers, side by side, in order."""
+        return tuple(self.registry_keys[name] for name in self.normal_modalities)
+
+    @property
+    def site_state_names(self) -> tuple[str, ...]:
+        """State every site sets itself and never uploads: the feature scale."""
+        return tuple(
+            f"feature_{what}_{name}" for name in self.normal_modalities for what in ("loc", "scale")
+        )
+
+    def set_feature_scale(self, loc, scale) -> None:
+        """Set the location and scale of the normal modalities' features, side by side.
+
+        Parameters
+        ----------
+        loc, scale
+            Arrays of the features of every normal modality, in order (the columns of
+            :attr:`feature_scale_keys`' fields side by side); ``scale`` non-negative.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"a": 2, "b": 1}, {"a": "X", "b": "X_b"},
+        ...                          {"a": "normal", "b": "normal"}, key_mode=None)
+        >>> vae.set_feature_scale(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0]))
+        >>> vae.feature_loc_b.tolist(), vae.feature_scale_b.tolist()
+        ([3.0], [2.0])
+        """
+        n = sum(self.modalities[name] for name in self.normal_modalities)
+        loc, scale = (np.asarray(v, dtype=np.float32).ravel() for v in (loc, scale))
+        if loc.shape != (n,) or scale.shape != (n,):
+            raise ValueError(
+                f"loc and scale must have shape ({n},) (the normal modalities' features side "
+                f"by side), got {loc.shape} and {scale.shape}."
+            )
+        if not (np.isfinite(loc).all() and np.isfinite(scale).all()) or (scale < 0).any():
+            raise ValueError("loc and scale must be finite, and scale non-negative.")
+        start = 0
+        for name in self.normal_modalities:
+            stop = start + self.modalities[name]
+            getattr(self, f"feature_loc_{name}").copy_(torch.from_numpy(loc[start:stop]))
+            getattr(self, f"feature_scale_{name}").copy_(
+                torch.from_numpy(scale[start:stop]).clamp_min(MIN_FEATURE_SCALE)
+            )
+            start = stop
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the shared parameters hold no feature scale: keep this module's
+        for name in self.site_state_names:
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- mosaic ------------------------------------------------------------------------------
+    def parameter_counts(self, site) -> dict[str, float]:
+        """Training rows of ``site`` that inform each modality's parameters, where not all do.
+
+        The parameters of a modality's encoder, decoder and dispersion learn only from the
+        rows that hold the modality; FedAvg weights them by this count instead of the site's
+        number of training rows (a site without the modality leaves them as they were and
+        counts 0, so it does not pull them back).
+
+        Parameters
+        ----------
+        site
+            A :class:`~scinfl.federated.SiteData`.
+
+        Returns
+        -------
+        Count by parameter name, for the parameters whose count is not ``site.n_train``.
+
+        Examples
+        --------
+        >>> from scinfl.federated import SiteData
+        >>> vae = MultiModalKeyedVAE({"a": 2, "b": 1}, {"a": "X", "b": "X_b"},
+        ...                          {"a": "normal", "b": "normal"}, key_mode=None, n_hidden=4)
+        >>> site = SiteData.from_arrays("s", np.ones((5, 2)), validation_size=0, X_b=np.full((5, 1), np.nan))
+        >>> counts = vae.parameter_counts(site)
+        >>> counts["heads.b.weight"], "heads.a.weight" in counts
+        (0.0, False)
+        """
+        counts = {}
+        for name, key in self.registry_keys.items():
+            n = float(observed_rows(site.fields[key][site.train_idx]).sum())
+            if n == site.n_train:
+                continue
+            prefixes = (f"encoders.{name}.", f"decoders.{name}.", f"heads.{name}.")
+            for parameter in self.state_dict():
+                if parameter.startswith(prefixes) or parameter == f"px_r.{name}":
+                    counts[parameter] = n
+        return counts
+
+    # -- inference / generative / loss -------------------------------------------------------
+    def _get_inference_input(self, tensors) -> dict:
+        return {
+            "x": {key: tensors[key] for key in self.registry_keys.values()},
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+        }
+
+    def _encoder_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.likelihoods[name] == "nb":
+            return torch.log1p(torch.nan_to_num(x, nan=0.0))
+        loc = getattr(self, f"feature_loc_{name}")
+        scale = getattr(self, f"feature_scale_{name}")
+        # missing values are shown as 0 (the feature's location); they never enter the loss
+        return torch.nan_to_num((x - loc) / scale, nan=0.0)
+
+    def experts(self, x: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+        """Each modality's posterior (mean, variance) and its observed rows (boolean mask).
+
+        A modality no row of ``x`` holds is left out (its encoder does not run).
+        """
+        out = {}
+        for name, key in self.registry_keys.items():
+            observed = ~torch.isnan(x[key]).all(dim=-1)
+            if not bool(observed.any()):
+                continue
+            mean, var, _ = self.encoders[name](self._encoder_input(name, x[key]))
+            out[name] = (mean, var, observed)
+        return out
+
+    def combine(self, experts: Mapping[str, tuple], n: int, like: torch.Tensor) -> Normal:
+        """The joint posterior of the modalities each row holds (:attr:`joint`).
+
+        A row without any modality gets the prior ``N(0, 1)``.
+        """
+        zeros = torch.zeros(n, self.n_latent, dtype=like.dtype, device=like.device)
+        if self.joint == "poe":
+            precision, weighted = zeros + 1.0, zeros.clone()
+            for mean, var, observed in experts.values():
+                w = observed.unsqueeze(-1).to(mean.dtype)
+                precision = precision + w / var
+                weighted = weighted + w * mean / var
+            return Normal(weighted / precision, precision.rsqrt())
+        count, means, variances = zeros.clone(), zeros.clone(), zeros.clone()
+        for mean, var, observed in experts.values():
+            w = observed.unsqueeze(-1).to(mean.dtype)
+            count, means, variances = count + w, means + w * mean, variances + w * var
+        none = count == 0
+        count = count.clamp_min(1.0)
+        return Normal(means / count, torch.where(none, 1.0, variances / count).sqrt())
+
+    @auto_move_data
+    def inference(self, x: Mapping[str, torch.Tensor], batch_index=None, n_samples: int = 1):
+        """Joint posterior ``qz`` and a sample ``z``; the modalities' posteriors as ``experts``."""
+        like = next(iter(x.values()))
+        experts = self.experts(x)
+        qz = self.combine(experts, like.shape[0], like)
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        return {"qz": qz, "z": z, "experts": experts}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict:
+        return {
+            "z": inference_outputs["z"],
+            "x": {key: tensors[key] for key in self.registry_keys.values()},
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+        }
+
+    @auto_move_data
+    def generative(self, z, x, batch_index=None) -> dict:
+        """Each modality's distribution ``px`` (on the data's own scale), by modality name.
+
+        Counts: a negative binomial whose mean is the observed library size times a
+        proportion; continuous: a normal whose location and scale map back through the
+        feature scale.
+        """
+        cats = (batch_index,) if self.n_batch > 1 and batch_index is not None else ()
+        px = {}
+        for name, key in self.registry_keys.items():
+            if not bool((~torch.isnan(x[key]).all(dim=-1)).any()):
+                continue
+            out = self.heads[name](self.decoders[name](z, *cats))
+            if self.likelihoods[name] == "nb":
+                library = torch.nan_to_num(x[key], nan=0.0).sum(-1, keepdim=True).clamp_min(1.0)
+                mu = library * torch.softmax(out, dim=-1)
+                px[name] = NegativeBinomial(mu=mu, theta=torch.exp(self.px_r[name]))
+            else:
+                loc = getattr(self, f"feature_loc_{name}")
+                scale = getattr(self, f"feature_scale_{name}")
+                px[name] = Normal(loc + scale * out, scale.expand_as(out))
+        return {"px": px, "pz": Normal(torch.zeros_like(z), torch.ones_like(z))}
+
+    def reconstruction_loss(self, x: Mapping[str, torch.Tensor], px: Mapping) -> dict:
+        """Negative log-likelihood of each modality per row; ``NaN`` entries masked out.
+
+        For normal modalities, the likelihood of the standardised values (plus the log feature
+        scale, its Jacobian), the same whatever scale the data come in.
+        """
+        losses = {}
+        for name, dist in px.items():
+            value = x[self.registry_keys[name]]
+            observed = ~torch.isnan(value)
+            log_prob = dist.log_prob(torch.where(observed, value, dist.mean.detach()))
+            if self.likelihoods[name] == "normal":
+                log_prob = log_prob + torch.log(getattr(self, f"feature_scale_{name}"))
+            losses[name] = -(log_prob * observed).sum(-1)
+        return losses
+
+    def alignment(self, experts: Mapping[str, tuple]) -> torch.Tensor | float:
+        """Symmetric KL divergence between the posteriors of each pair of a row's modalities."""
+        names = list(experts)
+        total = 0.0
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                (ma, va, oa), (mb, vb, ob) = experts[a], experts[b]
+                qa, qb = Normal(ma, va.sqrt()), Normal(mb, vb.sqrt())
+                sym = (kl_divergence(qa, qb) + kl_divergence(qb, qa)).sum(-1)
+                total = total + sym * (oa & ob)
+        return total
+
+    def loss(
+        self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0
+    ) -> LossOutput:
+        """ELBO over the modalities each row holds, plus the weighted alignment term."""
+        x = {key: tensors[key] for key in self.registry_keys.values()}
+        qz = inference_outputs["qz"]
+        kl_z = kl_divergence(qz, generative_outputs["pz"]).sum(dim=-1)
+        reconst = self.reconstruction_loss(x, generative_outputs["px"])
+        total = sum(reconst.values()) if reconst else torch.zeros_like(kl_z)
+        align = self.alignment(inference_outputs["experts"])
+        loss = torch.mean(total + kl_weight * kl_z + self.alignment_weight * align)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss={f"reconstruction_{k}": v for k, v in reconst.items()},
+            kl_local={"kl_divergence_z": kl_z},
+            extra_metrics={"alignment": torch.as_tensor(align).mean().detach()},
+        )

@@ -1,0 +1,124 @@
+"""A mosaic MuData as a multi-modal model reads it: every modality holds every sample."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from anndata import AnnData
+from mudata import MuData
+from scipy import sparse
+
+logger = logging.getLogger(__name__)
+
+
+def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
+    """Refuse modalities that share no sample name (the same samples named differently).
+
+    Parameters
+    ----------
+    mdata
+        The MuData.
+    modalities
+        Names of the modalities to check.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, mudata
+    >>> a = anndata.AnnData(np.ones((2, 1)), obs={"i": [0, 1]}); a.obs_names = ["s1", "s2"]
+    >>> b = a.copy(); b.obs_names = ["p1", "p2"]
+    >>> check_shared_samples(mudata.MuData({"rna": a, "prot": b}), ["rna", "prot"])
+    Traceback (most recent call last):
+    ...
+    ValueError: The modalities ['rna', 'prot'] share no sample name ...
+    """
+    missing = [name for name in modalities if name not in mdata.mod]
+    if missing:
+        raise ValueError(f"MuData has no modality {missing}; its modalities are {list(mdata.mod)}.")
+    if len(modalities) < 2:
+        return
+    names = [set(mdata.mod[name].obs_names) for name in modalities]
+    if not any(a & b for i, a in enumerate(names) for b in names[i + 1 :]):
+        examples = {name: list(mdata.mod[name].obs_names[:2]) for name in modalities}
+        raise ValueError(
+            f"The modalities {list(modalities)} share no sample name (e.g. {examples}): a "
+            "sample must carry the same name in every modality. Rename them (e.g. "
+            "mdata.mod['prot'].obs_names = ...) and build the MuData again."
+        )
+
+
+def pad_modalities(mdata: MuData, modalities: Sequence[str] | None = None) -> MuData:
+    """A MuData whose modalities all hold every sample; absent ones as rows of ``NaN``.
+
+    In a mosaic (a site with proteomics only, another with RNA only) a modality lacks some of
+    the MuData's samples. :meth:`scinfl.model.MultiOmicsINFL.setup_mudata`, like scvi-tools'
+    MuData fields, reads every modality row by row with the MuData's samples: this gives
+    each modality all the samples, in ``mdata.obs_names`` order, the missing ones as rows of
+    ``NaN`` (layers too), which the model reads as "modality absent". ``.obs``, ``.obsm`` and
+    ``.uns`` of the MuData are kept; so results written into the padded object (e.g.
+    ``.obsm["X_scinfl"]``) line up with ``mdata``'s samples.
+
+    Parameters
+    ----------
+    mdata
+        The MuData (samples named alike in every modality).
+    modalities
+        Modalities to keep (default: all).
+
+    Returns
+    -------
+    A new MuData.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, mudata
+    >>> rna = anndata.AnnData(np.ones((3, 2))); rna.obs_names = ["a", "b", "c"]
+    >>> prot = anndata.AnnData(np.ones((2, 1))); prot.obs_names = ["a", "b"]
+    >>> padded = pad_modalities(mudata.MuData({"rna": rna, "prot": prot}))
+    >>> padded.mod["prot"].n_obs, bool(np.isnan(padded.mod["prot"].X[2]).all())
+    (3, True)
+    """
+    modalities = list(mdata.mod) if modalities is None else list(modalities)
+    check_shared_samples(mdata, modalities)
+    padded = {name: _pad(mdata.mod[name], mdata.obs_names) for name in modalities}
+    out = MuData(padded)
+    out.obs = mdata.obs.loc[out.obs_names].copy()
+    for key, value in mdata.obsm.items():
+        # the modalities' own entries (which samples each holds) are mudata's to set
+        if key not in mdata.mod and not isinstance(value, MuData | AnnData):
+            out.obsm[key] = value
+    out.uns.update(mdata.uns)
+    logger.info(
+        "Padded %s to %d samples each (%s rows added).",
+        modalities,
+        out.n_obs,
+        {name: out.n_obs - mdata.mod[name].n_obs for name in modalities},
+    )
+    return out
+
+
+def _pad(adata: AnnData, obs_names) -> AnnData:
+    """``adata`` with the rows of ``obs_names`` (in that order), absent ones ``NaN``."""
+    obs_names = obs_names[~obs_names.duplicated()]
+    position = adata.obs_names.get_indexer(obs_names)
+    present = position >= 0
+    matrices = {"X": adata.X, **{name: adata.layers[name] for name in adata.layers}}
+    padded = {name: _pad_matrix(m, position, present) for name, m in matrices.items()}
+    obs = adata.obs.reindex(obs_names)
+    return AnnData(
+        X=padded.pop("X"), obs=obs, var=adata.var.copy(), layers=padded, varm=dict(adata.varm)
+    )
+
+
+def _pad_matrix(matrix, position: np.ndarray, present: np.ndarray):
+    n, p = len(position), matrix.shape[1]
+    if sparse.issparse(matrix):
+        rows = sparse.csr_matrix(matrix, dtype=np.float32)[position[present]]
+        fill = sparse.csr_matrix(np.full(((~present).sum(), p), np.nan, dtype=np.float32))
+        stacked = sparse.vstack([rows, fill], format="csr")
+        order = np.argsort(np.concatenate([np.flatnonzero(present), np.flatnonzero(~present)]))
+        return stacked[order]
+    out = np.full((n, p), np.nan, dtype=np.float32)
+    out[present] = np.asarray(matrix, dtype=np.float32)[position[present]]
+    return out

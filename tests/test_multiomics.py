@@ -1,0 +1,237 @@
+"""MultiOmicsINFL: MuData registration, mosaic federation, results where muon users look."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from mudata import MuData
+from scvi.data.fields import MuDataLayerField
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+import scinfl
+from scinfl.federated import (
+    ClientConfig,
+    ClientUpdate,
+    client_update,
+    fedavg,
+    get_shared_parameters,
+)
+from scinfl.model import MultiOmicsINFL
+
+SETTINGS = {"max_rounds": 20, "batch_size": 64, "seed": 0, "progress_bar": False}
+
+
+def _mdata(n_obs=240, seed=0):
+    return scinfl.data.synthetic_multiome(n_obs=n_obs, n_genes=60, n_proteins=12, seed=seed)
+
+
+def _mosaic(mdata):
+    mosaic = scinfl.data.make_mosaic(mdata, "site", {"site0": "prot", "site1": "rna"})
+    return scinfl.pp.pad_modalities(mosaic)
+
+
+def _model(mdata, key, **kwargs):
+    MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="site")
+    return MultiOmicsINFL(mdata, key=key, n_hidden=32, **kwargs)
+
+
+def _ari(z, labels):
+    return adjusted_rand_score(labels, KMeans(6, n_init=5, random_state=0).fit_predict(z))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    mdata = _mdata()
+    model = _model(mdata, scinfl.Key.generate())
+    model.train_federated(**{**SETTINGS, "max_rounds": 40})
+    return mdata, model
+
+
+def test_every_modality_is_a_mudata_field_and_reaches_every_site(key):
+    mdata = _mdata(120)
+    model = _model(mdata, key)
+    fields = model.adata_manager.fields
+    assert sum(isinstance(f, MuDataLayerField) for f in fields) == 2
+    assert model.module.likelihoods == {"rna": "nb", "prot": "nb"}
+    sites = model._site_data(0.1, seed=0)
+    assert len(sites) == 3
+    for site in sites:
+        assert site.fields["X"].shape[1] == 60 and site.fields["X_prot"].shape[1] == 12
+    # the site's rows of each modality are the MuData's rows of that modality
+    rows = np.flatnonzero(mdata.obs["site"] == "site1")
+    np.testing.assert_array_equal(sites[1].fields["X_prot"], mdata.mod["prot"].X[rows])
+
+
+def test_the_joint_latent_recovers_what_no_single_modality_does(trained):
+    mdata, model = trained
+    labels = mdata.obs["cell_type"].to_numpy()
+    joint = _ari(model.get_latent(), labels)
+    assert joint > 0.6
+    for name in ("rna", "prot"):
+        assert _ari(model.get_latent(modalities=[name]), labels) < joint - 0.1
+    assert model.get_latent(modalities=["prot"]).shape == (240, 10)
+
+
+def test_results_land_where_muon_users_look(trained):
+    mdata, model = trained
+    scinfl.tl.embed(mdata, model)
+    assert mdata.obsm["X_scinfl"].shape == (240, 10)
+    assert mdata.uns["X_scinfl"]["params"]["model"] == "MultiOmicsINFL"
+    scinfl.tl.cluster(mdata, n_neighbors=10, umap=False)
+    assert mdata.obs["scinfl_leiden"].dtype.name == "category"
+    assert "scinfl_connectivities" in mdata.obsp
+    assert mdata.uns["scinfl_leiden"]["params"]["use_rep"] == "X_scinfl"
+
+
+def test_a_site_without_a_modality_leaves_its_parameters_alone(key):
+    mdata = _mosaic(_mdata(150))
+    model = _model(mdata, key)
+    site0 = next(s for s in model._site_data(0.1, seed=0) if s.name == "site0")  # no protein
+    start = get_shared_parameters(model.module)
+    update = client_update(model.module, site0, start, ClientConfig(round=0, batch_size=32))
+    protein = [
+        n for n in start if n.startswith(("encoders.prot.", "decoders.prot.", "heads.prot."))
+    ]
+    assert protein and "px_r.prot" in update.counts
+    assert all(update.counts[n] == 0 for n in protein)
+    for name in protein:
+        np.testing.assert_array_equal(update.parameters[name], start[name])
+    assert not any(n.startswith("encoders.rna.") for n in update.counts)  # it trains RNA
+    # FedAvg takes the protein parameters from the sites that trained them only
+    other = ClientUpdate("b", 10, {n: v + 1 for n, v in update.parameters.items()})
+    averaged = fedavg([update, other])
+    np.testing.assert_allclose(averaged[protein[0]], start[protein[0]] + 1, rtol=1e-6)
+
+
+def test_mosaic_training_keeps_the_samples_with_every_modality(trained, key):
+    mdata = _mosaic(trained[0])
+    model = _model(mdata, key)
+    model.train_federated(**SETTINGS)
+    labels = mdata.obs["cell_type"].to_numpy()
+    paired = (mdata.obs["site"] == "site2").to_numpy()
+    z = model.get_latent()
+    assert np.isfinite(z).all()
+    assert _ari(z[paired], labels[paired]) > 0.6
+
+
+@pytest.mark.parametrize("privacy", ["secagg", "dp"])
+def test_mosaics_refuse_secure_aggregation_and_dp(key, privacy):
+    model = _model(_mosaic(_mdata(150)), key)
+    with pytest.raises(ValueError, match="mosaic is not supported"):
+        model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, privacy=privacy)
+
+
+def test_full_data_trains_under_secure_aggregation(key):
+    model = _model(_mdata(150), key)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, privacy="secagg")
+    assert np.isfinite(model.get_latent()).all()
+
+
+def test_continuous_modalities_are_standardised_and_never_uploaded(key):
+    mdata = _mdata(120)
+    for name in ("rna", "prot"):
+        mdata.mod[name].X = (
+            3
+            * np.log1p(
+                np.asarray(mdata.mod[name].X.todense() if name == "rna" else mdata.mod[name].X)
+            )
+            + 20
+        )
+    mdata.mod["prot"].X[:5, :3] = np.nan
+    model = _model(mdata, key)
+    assert model.module.likelihoods == {"rna": "normal", "prot": "normal"}
+    model.train_federated(max_rounds=2, batch_size=32, progress_bar=False)
+    assert float(model.module.feature_loc_prot.min()) > 15
+    assert not any(name.startswith("feature_") for name in get_shared_parameters(model.module))
+    assert np.isfinite(model.get_latent()).all()
+
+
+def test_updates_carry_their_counts_through_flower_records():
+    pytest.importorskip("flwr")
+    from scinfl.federated.flower._records import content_to_update, update_to_content
+
+    update = ClientUpdate("a", 5, {"w": np.zeros(2)}, counts={"w": 0.0})
+    assert content_to_update(update_to_content(update)).counts == {"w": 0.0}
+    assert content_to_update(update_to_content(ClientUpdate("a", 5, {}))).counts == {}
+
+
+# -- bad input -------------------------------------------------------------------------------
+def _named(names, n=4):
+    adata = AnnData(np.ones((n, 3), dtype=np.float32))
+    adata.obs_names = names
+    return adata
+
+
+def test_modalities_with_different_sample_names_are_refused():
+    mdata = MuData(
+        {"rna": _named([f"s{i}" for i in range(4)]), "prot": _named([f"p{i}" for i in range(4)])}
+    )
+    with pytest.raises(ValueError, match="share no sample name"):
+        MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"])
+    with pytest.raises(ValueError, match="share no sample name"):
+        scinfl.pp.pad_modalities(mdata)
+
+
+def test_an_unpadded_mosaic_is_refused_with_the_fix():
+    mdata = scinfl.data.make_mosaic(_mdata(60), "site", {"site0": "prot"})
+    with pytest.raises(ValueError, match="pad_modalities"):
+        MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="site")
+
+
+def test_a_modality_missing_at_every_site_is_refused():
+    mdata = _mdata(60)
+    padded = scinfl.pp.pad_modalities(mdata)
+    padded.mod["prot"].X[:] = np.nan
+    with pytest.raises(
+        ValueError, match=r"'prot' holds no sample at any site.*modalities=\['rna'\]"
+    ):
+        MultiOmicsINFL.setup_mudata(padded, ["rna", "prot"], site_key="site")
+
+
+def test_a_site_whose_samples_hold_no_modality_is_refused():
+    padded = scinfl.pp.pad_modalities(_mdata(60))
+    site0 = (padded.obs["site"] == "site0").to_numpy()
+    padded.mod["rna"].X = padded.mod["rna"].X.toarray()
+    for name in ("rna", "prot"):
+        padded.mod[name].X[site0] = np.nan
+    with pytest.raises(ValueError, match=r"hold none of the modalities.*'site0'"):
+        MultiOmicsINFL.setup_mudata(padded, ["rna", "prot"], site_key="site")
+
+
+def test_unknown_modalities_and_anndata_are_refused(trained):
+    mdata, model = trained
+    with pytest.raises(ValueError, match="no modality \\['atac'\\]"):
+        MultiOmicsINFL.setup_mudata(mdata, ["rna", "atac"])
+    with pytest.raises(ValueError, match="Unknown modalities"):
+        model.get_latent(modalities=["atac"])
+    with pytest.raises(TypeError, match="setup_mudata"):
+        MultiOmicsINFL.setup_anndata(mdata.mod["rna"])
+
+
+def test_padding_keeps_sample_order_and_marks_absent_rows():
+    mdata = _mdata(60)
+    mosaic = scinfl.data.make_mosaic(mdata, "site", {"site1": "rna"})
+    padded = scinfl.pp.pad_modalities(mosaic)
+    assert list(padded.obs_names) == list(mosaic.obs_names)
+    held = scinfl.module.observed_rows(padded.mod["rna"].X)
+    np.testing.assert_array_equal(held, (padded.obs["site"] != "site1").to_numpy())
+    pd.testing.assert_series_equal(padded.obs["cell_type"], mosaic.obs["cell_type"])
+
+
+@pytest.mark.realdata
+def test_cptac_proteomics_and_transcriptomics_train_as_a_mosaic(key):
+    mdata = scinfl.data.cptac_ucec(omics=("proteomics", "transcriptomics"))
+    for name in mdata.mod:
+        variance = np.nanvar(mdata.mod[name].X, axis=0)
+        keep = np.argsort(-np.nan_to_num(variance))[:300]
+        mdata.mod[name] = mdata.mod[name][:, np.sort(keep)].copy()
+    mdata.update()
+    padded = scinfl.pp.pad_modalities(mdata)
+    padded.obs["site"] = pd.Categorical([f"site{i % 3}" for i in range(padded.n_obs)])
+    MultiOmicsINFL.setup_mudata(padded, ["proteomics", "transcriptomics"], site_key="site")
+    model = MultiOmicsINFL(padded, key=key, n_hidden=32)
+    assert model.module.likelihoods == {"proteomics": "normal", "transcriptomics": "normal"}
+    model.train_federated(max_rounds=3, batch_size=32, progress_bar=False, min_cells_per_site=2)
+    z = model.get_latent()
+    assert z.shape == (padded.n_obs, 10) and np.isfinite(z).all()
