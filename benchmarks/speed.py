@@ -241,7 +241,12 @@ def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
     scvi.model.SCVI.setup_anndata(adata, layer=layer)
     scvi.settings.seed = 0
     model = scvi.model.SCVI(
-        adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=1, gene_likelihood=likelihood
+        adata,
+        n_hidden=N_HIDDEN,
+        n_latent=N_LATENT,
+        n_layers=1,
+        gene_likelihood=likelihood,
+        log_variational=likelihood != "normal",  # log1p of log ratios would be NaN
     )
     clock = EpochClock()
     warm_up = int(adata.n_obs < BIG)
