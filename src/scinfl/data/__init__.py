@@ -6,8 +6,8 @@ from ._kang import kang2018
 from ._mosaic import make_mosaic
 from ._pbmc68k import pbmc68k
 from ._synthetic import synthetic_counts
-from ._synthetic_perturbation import synthetic_perturbation
 from ._synthetic_multiome import synthetic_multiome
+from ._synthetic_perturbation import synthetic_perturbation
 from ._synthetic_spatial import synthetic_spatial
 
 __all__ = [
