@@ -1,7 +1,5 @@
 """Perturbation response: PerturbationINFL, tl.predict_perturbation, the scores, the plot."""
 
-from pathlib import Path
-
 import anndata
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,6 +10,8 @@ from scvi import REGISTRY_KEYS
 
 import scinfl
 from scinfl.model import PerturbationINFL
+
+from ._notebooks import TUTORIALS, execute, outputs_text, stored_run
 
 HELD_OUT = "type0"
 
@@ -223,55 +223,24 @@ def test_plot(trained, tmp_path):
     plt.close(fig)
 
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "perturbation.ipynb"
-
-
-def _notebook_text(nb) -> str:
-    chunks = []
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            assert output.get("output_type") != "error"
-            if output.get("output_type") == "stream":
-                chunks.append(output.get("text", ""))
-            elif "data" in output:
-                chunks.append(output["data"].get("text/plain", ""))
-    return "\n".join(chunks)
-
-
 def test_tutorial_is_stored_with_the_outputs_of_a_full_run():
     """The docs render the notebook as stored: every cell ran, in order, without an error."""
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
-    outputs = [output for cell in code_cells for output in cell.outputs]
+    nb, outputs = stored_run("perturbation.ipynb")
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
-    text = _notebook_text(nb)
+    text = outputs_text(nb)
     assert "13999 cells x 1000 genes" in text and "trained 10 rounds" in text  # the full run
-    link = NOTEBOOK.parents[2] / "tutorials" / NOTEBOOK.name
-    assert link.is_symlink() and link.resolve() == NOTEBOOK
+    link = TUTORIALS.parents[1] / "tutorials" / "perturbation.ipynb"
+    assert link.is_symlink() and link.resolve() == TUTORIALS / "perturbation.ipynb"
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_tutorial_runs(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
-    if "python3" not in kernelspec.KernelSpecManager().find_kernel_specs():
-        pytest.skip("no 'python3' Jupyter kernel (install ipykernel)")
     # a quick run: 2 rounds on 2,000 cells and 300 genes
-    for name, value in (("ROUNDS", "2"), ("CELLS", "2000"), ("GENES", "300")):
-        monkeypatch.setenv(f"SCINFL_TUTORIAL_{name}", value)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()
-    text = _notebook_text(nb)
+    env = {
+        f"SCINFL_TUTORIAL_{k}": v for k, v in (("ROUNDS", "2"), ("CELLS", "2000"), ("GENES", "300"))
+    }
+    text = execute("perturbation.ipynb", tmp_path, monkeypatch, env)
     assert "2000 cells x 300 genes" in text and "trained 2 rounds" in text
     assert "'output': 'log_change'" in text
     assert "delta_pearson_top100" in text

@@ -19,6 +19,8 @@ from scinfl.federated import (
     site_feature_report,
 )
 
+from ._notebooks import TUTORIALS, execute, stored_run
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "proteomics.py"
 
 
@@ -268,53 +270,22 @@ def test_benchmark_protocol_on_subset():
     assert sorted(set(results["batch_size"])) == [10, 11]
 
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "proteomics_subtyping.ipynb"
-
-
 def test_proteomics_tutorial_is_stored_with_the_outputs_of_a_full_run():
     """The docs render the notebook as stored: every cell ran, in order, without an error."""
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert code_cells
-    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
-    outputs = [output for cell in code_cells for output in cell.outputs]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
+    _, outputs = stored_run("proteomics_subtyping.ipynb")
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "trained 50 rounds" in text and "10999 proteins" in text  # the full run
-    link = NOTEBOOK.parents[2] / "tutorials" / NOTEBOOK.name
-    assert link.is_symlink() and link.resolve() == NOTEBOOK
+    link = TUTORIALS.parents[1] / "tutorials" / "proteomics_subtyping.ipynb"
+    assert link.is_symlink() and link.resolve() == TUTORIALS / "proteomics_subtyping.ipynb"
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_proteomics_tutorial_runs(tmp_path, monkeypatch):
     pytest.importorskip("cptac", reason="needs the data extra")
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    kernelspec = pytest.importorskip("jupyter_client.kernelspec")
-    if "python3" not in kernelspec.KernelSpecManager().find_kernel_specs():
-        pytest.skip("no 'python3' Jupyter kernel (install ipykernel)")
     # a subset: few rounds and the first 2,000 proteins
-    monkeypatch.setenv("SCINFL_TUTORIAL_ROUNDS", "3")
-    monkeypatch.setenv("SCINFL_TUTORIAL_PROTEINS", "2000")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()
-    text = []
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            assert output.get("output_type") != "error"
-            if output.get("output_type") == "stream":
-                text.append(output.get("text", ""))
-            elif "data" in output:
-                text.append(output["data"].get("text/plain", ""))
-    text = "\n".join(text)
+    env = {"SCINFL_TUTORIAL_ROUNDS": "3", "SCINFL_TUTORIAL_PROTEINS": "2000"}
+    text = execute("proteomics_subtyping.ipynb", tmp_path, monkeypatch, env)
     assert "tumours x 2000 proteins" in text
     assert "agreed:" in text and "proteins" in text
     assert "trained 3 rounds" in text
