@@ -54,3 +54,16 @@ def test_embed_and_predict_copy(counts_adata, key):
     assert scinfl.tl.predict(counts_adata, model, key_added="pred") is None
     np.testing.assert_allclose(counts_adata.obsm["X_z"], embedded.obsm["X_scinfl"])
     assert counts_adata.obs["pred"].tolist() == predicted.obs["scinfl_prediction"].tolist()
+
+
+def test_embed_records_the_model_settings_but_no_key_material():
+    adata = scinfl.data.synthetic_counts(n_obs=90, n_vars=10, n_sites=3, seed=4)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    seed = bytes(range(40, 72))
+    model = scinfl.model.INFL(adata, key=scinfl.Key(seed), n_hidden=8)
+    model.train_federated(max_rounds=1, progress_bar=False)
+    scinfl.tl.embed(adata, model)
+    params = adata.uns["X_scinfl"]["params"]
+    assert params["model"] == "INFL" and params["n_hidden"] == 8
+    text = repr(adata.uns)
+    assert seed.hex() not in text and repr(seed) not in text and "Key(" not in text
