@@ -298,11 +298,16 @@ def test_raw_scale_input_classifies_like_published_input():
 
     Tumour vs normal with the benchmark's plex sites, one stratified half of the samples to
     train (the benchmark's feature agreement on those rows) and the other half to test; the
-    library's defaults throughout (key, secret frames, classification weight, batch size,
-    learning rate), only fewer rounds and no secret frames (they change the model by float
-    rounding only, at about 4.5x the time on this data: benchmarks/results/secret_frames_cost.md).
+    library's defaults throughout (key, classification weight, batch size, learning rate), only
+    fewer rounds and no secret frames (they change the model by float rounding only, at about
+    4.5x the time on this data: benchmarks/results/secret_frames_cost.md).
+
     The library standardises every protein with its location and scale over the sites, so the
-    two inputs differ by float rounding only.
+    two inputs differ by float rounding only: after one round the two models' class
+    probabilities agree to 1e-3 (measured: 3e-7). Training amplifies rounding differences
+    chaotically, by an amount that depends on the processor (on one CI machine 8 of 154
+    predictions differed after 10 rounds, on another none), so after 10 rounds only the
+    accuracy is compared, within the spread across keys (0.870-0.909 over 12 keys).
     """
     pytest.importorskip("cptac", reason="needs the data extra")
     import scvi
@@ -317,18 +322,21 @@ def test_raw_scale_input_classifies_like_published_input():
     )
     features = agree_features(data[train_idx], "site")
     key = scinfl.Key.generate()
-    predictions = {}
+    probabilities, predictions = {}, {}
     for name in ("none", "raw-scale"):
         adata = data[:, features].copy()
         adata.X = bench.TRANSFORMS[name](np.asarray(adata.X))
         train, test = adata[train_idx].copy(), adata[test_idx].copy()
         scinfl.model.INFL.setup_anndata(train, site_key="site", labels_key="label")
-        scvi.settings.seed = 0
-        model = scinfl.model.INFL(train, key=key, gene_likelihood="normal")
-        model.train_federated(max_rounds=10, secret_frames=False, progress_bar=False)
+        for rounds in (1, 10):
+            scvi.settings.seed = 0
+            model = scinfl.model.INFL(train, key=key, gene_likelihood="normal")
+            model.train_federated(max_rounds=rounds, secret_frames=False, progress_bar=False)
+            if rounds == 1:
+                probabilities[name] = model.predict(test, soft=True).to_numpy()
         predictions[name] = model.predict(test)
+    np.testing.assert_allclose(probabilities["raw-scale"], probabilities["none"], atol=1e-3)
     truth = data.obs["label"].to_numpy()[test_idx]
     accuracy = {name: np.mean(pred == truth) for name, pred in predictions.items()}
     assert accuracy["none"] > 0.75  # above the majority class (Tumor, 68%)
-    assert abs(accuracy["raw-scale"] - accuracy["none"]) <= 0.02
-    assert np.mean(predictions["raw-scale"] == predictions["none"]) >= 0.95
+    assert abs(accuracy["raw-scale"] - accuracy["none"]) <= 0.04
