@@ -382,6 +382,38 @@ def test_secure_aggregation_attempts_go_up():
     server.assert_nothing_leaked()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sample_dp_epsilon": 0.0},
+        {"sample_dp_epsilon": 1e4},
+        {"sample_dp_clipping_norm": 1e3},
+        {"dp_delta": 0.5},
+        {"max_rounds": 1},
+        {"batch_size": 40},
+    ],
+    ids=lambda change: ",".join(f"{k}={v}" for k, v in change.items()),
+)
+def test_sample_dp_cannot_be_weakened_by_message(change):
+    """A site under sample-level DP: less noise by message is refused; replies hold no loss."""
+    server = Adversary(_settings(sample_dp_epsilon=2.0))
+    x0 = server.initial_model()
+    _refused(server.train("a", x0, server.config(0, INITIAL_FRAME, **change)), "refused")
+    reply = server.train("a", x0, server.config(0, INITIAL_FRAME))
+    assert not reply.has_error(), reply.error.reason
+    metrics = content_to_update(reply.content).metrics
+    assert set(metrics) == {"dp_epsilon", "dp_noise_multiplier", "time_s"}
+    assert 0 < metrics["dp_epsilon"] < 2.0
+    # the noise secret stays in the site's state and in no reply
+    secret = SiteState.from_mapping(server.contexts["a"].state[PROTOCOL_STATE]).dp_secret
+    answered = [r for r in server.replies if r.has_content()]
+    assert len(secret) == 64 and all(secret not in str(r.content) for r in answered)
+    frame = frame_id(x0, server.config(0, INITIAL_FRAME))
+    score = server.evaluate("b", x0, server.config(1, frame))
+    assert content_to_update(score.content).metrics == {"n_val": 0.0}
+    server.assert_nothing_leaked()
+
+
 def _loopback_run(settings, grid=None, checkpoint_dir=None, resume=False):
     module = _module()
     if resume:

@@ -26,6 +26,7 @@ from ._parameters import (
 )
 from ._partition import partition
 from ._round_loop import Transport, run_rounds, train_round
+from ._sample_dp import DPSGDPlan, dp_sgd_epsilon, noise_seed
 from ._secret_frames import (
     SecretFrames,
     frame_id,
@@ -51,6 +52,7 @@ __all__ = [
     "ClientConfig",
     "ClientUpdate",
     "DPFedAvg",
+    "DPSGDPlan",
     "FederatedServer",
     "FederationConfig",
     "InProcessTransport",
@@ -70,6 +72,7 @@ __all__ = [
     "agree_features_from_reports",
     "client_evaluate",
     "client_update",
+    "dp_sgd_epsilon",
     "fedavg",
     "frame_id",
     "frames_for",
@@ -77,6 +80,7 @@ __all__ = [
     "get_shared_parameters",
     "hide_update",
     "mask_update",
+    "noise_seed",
     "observed_features",
     "open_parameters",
     "pair_secrets",

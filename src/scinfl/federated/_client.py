@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
+from ._sample_dp import DPSGDPlan, poisson_minibatches, private_gradients
 from ._site_data import SiteData
 
 
@@ -46,6 +48,12 @@ class ClientConfig:
         (:class:`~scinfl.federated.SecretFrames`): the global model sent with these
         instructions is in ``frame``, the update goes back in the frame
         :func:`~scinfl.federated.frame_id` names.
+    max_rounds
+        Rounds of the run, under sample-level DP (which spreads its budget over them; 0
+        otherwise).
+    sample_dp_epsilon, sample_dp_clipping_norm, dp_delta
+        Sample-level DP (DP-SGD) at the site for the whole run (0: off); see
+        :class:`~scinfl.federated.FederationConfig`.
 
     Examples
     --------
@@ -68,6 +76,10 @@ class ClientConfig:
     attempt: int = 0
     secret_frames: bool = False
     frame: str = ""
+    max_rounds: int = 0
+    sample_dp_epsilon: float = 0.0
+    sample_dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
 
 @dataclass
@@ -141,11 +153,13 @@ def client_update(
     config: ClientConfig,
     key_fingerprint: str | None = None,
     key_version: int | None = None,
+    dp_seed: int | None = None,
 ) -> ClientUpdate:
     """Train ``module`` from the global parameters on one site's training rows.
 
     Used unchanged by the local engine and by the Flower ``ClientApp``. Deterministic given
-    the global parameters, the site, the round and the seed.
+    the global parameters, the site, the round and the seed (and, under sample-level DP, the
+    site's ``dp_seed``).
 
     Parameters
     ----------
@@ -159,10 +173,16 @@ def client_update(
         Round instructions.
     key_fingerprint, key_version
         The site's key identity, sent along so the server can reject mismatches.
+    dp_seed
+        Under sample-level DP (``config.sample_dp_epsilon``), the seed of the minibatch
+        sampling and the noise, which only the site may know
+        (:func:`~scinfl.federated.noise_seed`); drawn from the operating system when not given.
 
     Returns
     -------
-    The :class:`ClientUpdate` to send.
+    The :class:`ClientUpdate` to send: under sample-level DP its metrics are the epsilon
+    spent by the end of this round (``dp_epsilon``, assuming the site trained in every round
+    so far) and the noise multiplier, not losses.
 
     Examples
     --------
@@ -180,7 +200,6 @@ def client_update(
     module.train()
     seed = site_seed(config.seed, config.round, site.name)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     # the fused kernel updates every tensor in one pass: the keyed layers add many small
     # tensors, and torch's default CPU Adam loops over tensors one by one (slower per step
@@ -189,25 +208,29 @@ def client_update(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, fused=True
     )
     anchors = [p.detach().clone() for p in params] if config.mu > 0 else None
-    if getattr(module, "classifier", None) is not None:
+    classify = getattr(module, "classifier", None) is not None
+    if classify:
         module.class_weights = (
             site.class_weights(module.n_labels).to(params[0].device)
             if config.balance_classes
             else None
         )
-    totals = _new_totals()
-    for _ in range(config.local_epochs):
-        for batch in site.minibatches("train", config.batch_size, generator):
-            _, _, loss_output = module(batch, loss_kwargs={"kl_weight": config.kl_weight})
-            loss = loss_output.loss
-            if anchors is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                loss = loss + 0.5 * config.mu * prox
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _accumulate(totals, loss_output, batch["X"].shape[0])
-    metrics = _summarise(totals, "train", getattr(module, "classifier", None) is not None)
+    if config.sample_dp_epsilon > 0:
+        metrics = _private_epochs(module, site, config, optimizer, anchors, dp_seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        totals = _new_totals()
+        for _ in range(config.local_epochs):
+            for batch in site.minibatches("train", config.batch_size, generator):
+                _, _, loss_output = module(batch, loss_kwargs={"kl_weight": config.kl_weight})
+                loss = loss_output.loss
+                if anchors is not None:
+                    loss = loss + _proximal_term(params, anchors, config.mu)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _accumulate(totals, loss_output, batch["X"].shape[0])
+        metrics = _summarise(totals, "train", classify)
     metrics["time_s"] = time.perf_counter() - start
     return ClientUpdate(
         site=site.name,
@@ -218,6 +241,44 @@ def client_update(
         key_version=key_version,
         counts=module.parameter_counts(site) if hasattr(module, "parameter_counts") else {},
     )
+
+
+def _proximal_term(params, anchors, mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2 ||w - w_global||^2``."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+def _private_epochs(module, site, config, optimizer, anchors, dp_seed) -> dict[str, float]:
+    """The local epochs as DP-SGD (:mod:`~scinfl.federated._sample_dp`); returns its metrics."""
+    if config.balance_classes:
+        raise ValueError(
+            "balance_classes weights the loss by the site's label counts, which sample-level DP "
+            "does not cover: train with balance_classes=False."
+        )
+    plan = DPSGDPlan.for_site(
+        config.sample_dp_epsilon,
+        config.sample_dp_clipping_norm,
+        config.dp_delta,
+        n_rows=site.n_train,
+        batch_size=config.batch_size,
+        max_rounds=config.max_rounds,
+        local_epochs=config.local_epochs,
+    )
+    seed = secrets.randbits(63) if dp_seed is None else dp_seed
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for _ in range(config.local_epochs):
+        for rows in poisson_minibatches(site, plan, generator):
+            gradients = private_gradients(module, site, rows, plan, config.kl_weight, generator)
+            optimizer.zero_grad(set_to_none=True)
+            if anchors is not None:
+                # the proximal term does not read the data: added after the noise
+                _proximal_term(params, anchors, config.mu).backward()
+            for p, g in zip(params, gradients, strict=True):
+                p.grad = g if p.grad is None else p.grad + g
+            optimizer.step()
+    steps = (config.round + 1) * config.local_epochs * plan.steps_per_epoch
+    return {"dp_epsilon": plan.epsilon(steps), "dp_noise_multiplier": plan.noise_multiplier}
 
 
 @torch.inference_mode()

@@ -72,7 +72,18 @@ class FederationConfig:
         agreement (public keys tagged with the key), and the server learns only their sum
         (:func:`~scinfl.federated.mask_update`).
     dp_noise_multiplier, dp_clipping_norm, dp_delta
-        DP settings (with ``privacy="dp"``).
+        DP settings (with ``privacy="dp"``; ``dp_delta`` is also the ``delta`` of
+        ``sample_dp_epsilon``).
+    sample_dp_epsilon, sample_dp_clipping_norm
+        Sample-level DP at every site (DP-SGD, :class:`~scinfl.federated.DPSGDPlan`): each
+        row's gradient is clipped to ``sample_dp_clipping_norm`` and the site adds Gaussian
+        noise before anything leaves it, with the noise that keeps the whole run (every
+        round) within ``sample_dp_epsilon`` at ``dp_delta`` for each site's rows, whatever the
+        server does. It combines with secure aggregation and secret frames. The sites release
+        no losses (the history shows each site's epsilon spent instead), so there is no
+        validation split (``validation_size`` is set to 0), no early stopping, and the last
+        round's model is kept; ``balance_classes`` (weights from a site's label counts) is
+        refused.
     secret_frames
         The parameters travel and are averaged in secret frames drawn from the key, new every
         round (:class:`~scinfl.federated.SecretFrames`). ``None`` (the default) decides by
@@ -107,6 +118,8 @@ class FederationConfig:
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    sample_dp_epsilon: float | None = None
+    sample_dp_clipping_norm: float = 1.0
     secret_frames: bool | None = None
     kl_warmup_default: bool = field(default=False, init=False, repr=False)
 
@@ -133,9 +146,27 @@ class FederationConfig:
                 "secret_frames the server cannot form an update (each round's parameters are in "
                 "another secret frame). Use one or the other: secret_frames=False for DP-FedAvg."
             )
+        if self.sample_dp_epsilon is not None:
+            self._check_sample_dp()
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True
+
+    def _check_sample_dp(self) -> None:
+        if not self.sample_dp_epsilon > 0 or not self.sample_dp_clipping_norm > 0:
+            raise ValueError("sample_dp_epsilon and sample_dp_clipping_norm must be > 0.")
+        if self.early_stopping:
+            raise ValueError(
+                "early_stopping needs the sites' validation losses, which sample-level DP "
+                "does not release: train without early_stopping (the last round is kept)."
+            )
+        if self.balance_classes:
+            raise ValueError(
+                "balance_classes weights the loss by a site's label counts, which sample-level "
+                "DP does not cover: train with balance_classes=False."
+            )
+        # no loss leaves a site, so validation rows would only be rows not trained on
+        self.validation_size = 0.0
 
     @property
     def proximal_weight(self) -> float:
@@ -194,6 +225,11 @@ class FederationConfig:
             attempt=attempt if secure else 0,
             secret_frames=bool(self.secret_frames),
             frame=frame if self.secret_frames else "",
+            # the run's length matters to a site only under sample-level DP (its budget)
+            max_rounds=self.max_rounds if self.sample_dp_epsilon else 0,
+            sample_dp_epsilon=self.sample_dp_epsilon or 0.0,
+            sample_dp_clipping_norm=self.sample_dp_clipping_norm,
+            dp_delta=self.dp_delta,
         )
 
 
@@ -214,6 +250,8 @@ _TRAJECTORY_FIELDS = (
     "privacy",
     "dp_noise_multiplier",
     "dp_clipping_norm",
+    "sample_dp_epsilon",
+    "sample_dp_clipping_norm",
     "secret_frames",
 )
 _CHECKPOINT_FORMAT = "scinfl-federation-checkpoint"
@@ -537,6 +575,12 @@ class FederatedServer:
             for name in _TRAJECTORY_FIELDS
             if saved.get(name) != getattr(config, name)
         ]
+        if config.sample_dp_epsilon is not None and saved["max_rounds"] != config.max_rounds:
+            # each site's noise spreads the epsilon over the rounds the run was planned with
+            changed.append(
+                f"max_rounds ({saved['max_rounds']} -> {config.max_rounds}; under sample-level "
+                "DP it is part of the budget)"
+            )
         if changed:
             raise ValueError(
                 f"Cannot resume from {directory}: settings differ from the checkpoint's: "

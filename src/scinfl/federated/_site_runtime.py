@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Any
 
 from torch import nn
@@ -32,10 +34,13 @@ from ._key_agreement import (
     verify_advertisements,
 )
 from ._parameters import Parameters, get_shared_parameters, site_state_names
+from ._sample_dp import noise_seed
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import mask_update, protect_update
 from ._server import FederationConfig
 from ._site_data import SiteData
+
+logger = logging.getLogger(__name__)
 
 
 class RefusedMessageError(ValueError):
@@ -112,6 +117,7 @@ def site_train(
     config: ClientConfig,
     opened: Parameters | None = None,
     secrets: Mapping[str, bytes] | None = None,
+    dp_seed: int | None = None,
 ) -> ClientUpdate:
     """Train from what the server sent; the update as it goes back (framed, masked).
 
@@ -129,6 +135,9 @@ def site_train(
     secrets
         Under secure aggregation, the secret the site shares with each other participant
         (:func:`~scinfl.federated.pair_secrets`).
+    dp_seed
+        Under sample-level DP, the seed of the site's sampling and noise
+        (:func:`~scinfl.federated.client_update`).
 
     Examples
     --------
@@ -147,6 +156,7 @@ def site_train(
         config,
         key_fingerprint=runtime.key_fingerprint,
         key_version=runtime.key_version,
+        dp_seed=dp_seed,
     )
     return protect_update(update, runtime.key, config, received, secrets)
 
@@ -167,9 +177,13 @@ def site_evaluate(
     >>> site_evaluate(runtime, get_shared_parameters(runtime.module)).metrics["n_val"]
     1.0
     """
-    if opened is None:
-        opened = received if config is None else open_parameters(received, runtime.key, config)
-    metrics = client_evaluate(runtime.module, runtime.site, opened)
+    if config is not None and config.sample_dp_epsilon > 0:
+        # under sample-level DP no loss leaves the site (they are not covered by the noise)
+        metrics = {"n_val": 0.0}
+    else:
+        if opened is None:
+            opened = received if config is None else open_parameters(received, runtime.key, config)
+        metrics = client_evaluate(runtime.module, runtime.site, opened)
     return ClientUpdate(
         site=runtime.site.name,
         n=runtime.site.n_val,
@@ -231,6 +245,10 @@ class SiteState:
     peer_keys
         Every site's public key as the site installed them (JSON object by site name;
         :meth:`SiteProtocol.install_peer_keys`).
+    dp_secret
+        Under sample-level DP, the secret that seeds the site's sampling and noise in every
+        round (hex; drawn at its first train step, never sent): a round asked again gives the
+        same noisy update.
 
     Examples
     --------
@@ -248,6 +266,7 @@ class SiteState:
     feature_scale: bool = False
     private_key: str = field(default="", repr=False)
     peer_keys: str = ""
+    dp_secret: str = field(default="", repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
@@ -374,6 +393,16 @@ class SiteProtocol:
         if not site_state_names(runtime.module):
             raise self._refuse(what, "its model has no feature scale")
         site = runtime.site
+        federation = runtime.federation
+        if federation is not None and federation.sample_dp_epsilon is not None:
+            logger.warning(
+                "Site %r sends its feature sums (the location and scale of continuous data) "
+                "without DP noise: sample_dp_epsilon covers the training steps, not these sums%s.",
+                site.name,
+                ""
+                if federation.privacy == "secagg"
+                else " (privacy='secagg' hides them in the sum)",
+            )
         count, total, squares = feature_moments(site.feature_matrix(runtime.module))
         n = max(site.n_train, 1)
         update = ClientUpdate(
@@ -383,7 +412,6 @@ class SiteProtocol:
             key_fingerprint=runtime.key_fingerprint,
             key_version=runtime.key_version,
         )
-        federation = runtime.federation
         if federation is not None and federation.privacy == "secagg":
             if site.name not in participants or len(set(participants)) < 2:
                 raise self._refuse(
@@ -476,7 +504,11 @@ class SiteProtocol:
             )
         secure = config.secure_aggregation
         secrets = self._secrets(config.participants, "a train message") if secure else None
-        update = site_train(self.runtime, received, config, opened, secrets)
+        dp_seed = None
+        if config.sample_dp_epsilon > 0:
+            state.dp_secret = state.dp_secret or token_hex(32)
+            dp_seed = noise_seed(bytes.fromhex(state.dp_secret), config.round)
+        update = site_train(self.runtime, received, config, opened, secrets, dp_seed)
         self._accept(config, digest)
         state.trained_round, state.attempt = config.round, config.attempt
         state.upload_frame = frame_id(received, config) if self.runtime.secret_frames else ""

@@ -128,6 +128,10 @@ class MultiModalKeyedVAE(BaseModuleClass):
         self.n_latent = n_latent
         self.joint = joint
         self.alignment_weight = alignment_weight
+        # a modality no row of a minibatch holds runs no encoder or decoder (faster); per-row
+        # gradients (sample-level DP, under torch.func.vmap) cannot branch on the data and
+        # switch this off: the absent modality's terms are then weighted by 0
+        self.skip_absent_modalities = True
         cat_list = [n_batch] if n_batch > 1 else None
         self.encoders = nn.ModuleDict(
             {
@@ -329,7 +333,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
         out = {}
         for name, key in self.registry_keys.items():
             observed = ~torch.isnan(x[key]).all(dim=-1)
-            if not bool(observed.any()):
+            if self.skip_absent_modalities and not bool(observed.any()):
                 continue
             mean, var, _ = self.encoders[name](self._encoder_input(name, x[key]))
             out[name] = (mean, var, observed)
@@ -383,7 +387,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
         cats = (batch_index,) if self.n_batch > 1 and batch_index is not None else ()
         px = {}
         for name, key in self.registry_keys.items():
-            if not bool((~torch.isnan(x[key]).all(dim=-1)).any()):
+            if self.skip_absent_modalities and not bool((~torch.isnan(x[key]).all(-1)).any()):
                 continue
             out = self.heads[name](self.decoders[name](z, *cats))
             if self.likelihoods[name] == "nb":

@@ -136,12 +136,14 @@ class FederatedTrainingMixin:
             ``balance_classes``, ``validation_size``, ``min_cells_per_site``,
             ``early_stopping``/``early_stopping_patience``, ``min_available``, ``seed``
             (default: ``scvi.settings.seed``), ``privacy`` (``"dp"``, ``"secagg"``) and its
-            ``dp_*`` settings, ``secret_frames``.
+            ``dp_*`` settings, ``sample_dp_epsilon`` (DP-SGD at every site: a formal
+            guarantee per row, whatever the server does), ``secret_frames``.
 
         Returns
         -------
         History: one row per round and site (``n_train``, training and validation losses,
-        accuracies with labels, time). Also stored in ``model.federated_history_``.
+        accuracies with labels, time; under ``sample_dp_epsilon`` each site's ``dp_epsilon``
+        spent instead of losses). Also stored in ``model.federated_history_``.
 
         Examples
         --------
