@@ -610,13 +610,55 @@ def _stop(processes) -> None:
             process.wait(timeout=15)
 
 
+#: A model class of the user's own, in a module the sites import (run config ``model``): INFL
+#: whose decoder also reads a continuous ``.obs`` covariate, a field INFL does not register.
+_USER_MODEL_MODULE = """
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalJointObsField
+
+from scinfl.model import INFL
+
+
+class AgeINFL(INFL):
+    @classmethod
+    def setup_anndata(cls, adata, layer=None, site_key=None, labels_key=None, covariate_key=None):
+        setup_method_args = cls._get_setup_method_args(**locals())
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, None),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, [covariate_key]),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata)
+        cls.register_manager(manager)
+"""
+
+
+def _user_model_files(tmp_path, key, run_config_extra):
+    """Site files with an ``age`` column, and a run of the user's ``AgeINFL`` (importable)."""
+    names, run_config, node_configs = _deployment_files(tmp_path, key, run_config_extra)
+    (tmp_path / "user_models.py").write_text(_USER_MODEL_MODULE)
+    for i, name in enumerate(names):
+        site = anndata.read_h5ad(tmp_path / f"{name}.h5ad")
+        rng = np.random.default_rng(i)
+        site.obs["age"] = rng.normal(60, 10, site.n_obs).astype(np.float32)
+        site.write_h5ad(tmp_path / f"{name}.h5ad")
+    run_config["model"] = "user_models.AgeINFL"
+    run_config["setup-args"] = json.dumps({"covariate_key": "age"})
+    return names, run_config, node_configs
+
+
 @pytest.mark.slow
-def test_deployment_survives_a_killed_site(tmp_path, key):
+def test_deployment_survives_a_killed_site(tmp_path, key, monkeypatch):
     """flower-superlink + 3 flower-supernode processes + ``flwr run`` over gRPC on 127.0.0.1.
 
-    Round 0 must be the local engine's computation; then one SuperNode is killed (SIGKILL,
-    with its ClientApp processes) and round 1 goes on with the two other sites
-    (``min-available=2``) once the SuperLink has noticed the missing heartbeats.
+    The sites build a model class of the user's own (``AgeINFL``: one more registered field,
+    a continuous covariate), imported from the user's module. Round 0 must be the local
+    engine's computation; then one SuperNode is killed (SIGKILL, with its ClientApp processes)
+    and round 1 goes on with the two other sites (``min-available=2``) once the SuperLink has
+    noticed the missing heartbeats.
     """
     from scinfl.federated.flower.app import load_results, write_flower_app
 
@@ -625,9 +667,10 @@ def test_deployment_survives_a_killed_site(tmp_path, key):
         (bin_dir / exe).exists() for exe in ("flower-superlink", "flower-supernode", "flwr")
     ):
         pytest.skip("Flower's executables are not next to this Python.")
-    names, run_config, node_configs = _deployment_files(
+    names, run_config, node_configs = _user_model_files(
         tmp_path, key, {"min-available": 2, "round-timeout": 240.0}
     )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the local reference imports it too
     app = write_flower_app(tmp_path / "app", run_config)
     port = _free_port()
     home = tmp_path / "flwr-home"
@@ -637,6 +680,8 @@ def test_deployment_survives_a_killed_site(tmp_path, key):
         "insecure = true\n"
     )
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(home))
+    # the sites' ClientApp processes import the user's model module, as a site would install it
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     # every message starts a ClientApp process that imports torch and scvi-tools: let Python
     # cache their bytecode, or each process compiles them again (tens of seconds on 2 cores)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -701,7 +746,9 @@ def test_deployment_survives_a_killed_site(tmp_path, key):
     assert summary["key_fingerprint"] == key.fingerprint
     # round 0: the same computation as the local engine, in other processes (equal up to float
     # rounding: the ClientApp processes may use another torch thread count)
-    _, local = _local_reference(tmp_path, names, {**run_config, "num-rounds": 1}, key)
+    reference, local = _local_reference(tmp_path, names, {**run_config, "num-rounds": 1}, key)
+    # the decoder reads the latent (5) and the user's covariate
+    assert reference["decoder.px_decoder.fc_layers.Layer 0.0.weight"].shape == (32, 6)
     ours = history[history["round"] == 0].reset_index(drop=True)
     _assert_same_history(ours, local.history(), rtol=1e-4)
     # round 1: the killed site is gone, the two others carried the round
