@@ -17,13 +17,15 @@ is the latent alone; ``leiden`` is Leiden on the same features at the resolution
 true number of domains, searched over a grid); PCA (30 components of log1p) + Leiden (no
 spatial context, resolution searched the same way); k-means on the coordinates alone. Scores:
 ARI and NMI against the truth, and spatial coherence (mean over spots of the share of its graph
-neighbours in its own domain; the truth's own coherence is the last row). Small runs: a few
-rounds (``--rounds``), one seed.
+neighbours in its own domain; the truth's own coherence is the last row). Every row is the
+mean (sd) over ``--seeds`` (training seeds and keys; the data are fixed). The domain maps of
+the first seed (truth, INFL federated, non-spatial, PCA) are written beside the table, one
+file per data set (``spatial_<data>_domains.png``, one panel per section).
 
 Usage::
 
     python benchmarks/spatial.py                       # writes benchmarks/results/spatial.md
-    python benchmarks/spatial.py --data synthetic --rounds 5
+    python benchmarks/spatial.py --data synthetic --rounds 5 --seeds 0
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
@@ -120,7 +123,23 @@ def train(adata, layer, likelihood, how: str, rounds: int, seed: int):
     return model
 
 
-def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
+def draw_maps(adata, name: str, truth: str, results: dict, path: Path) -> None:
+    """The truth and three methods' domains on the tissue, one row of panels per method."""
+    shown = {
+        "truth": adata.obs[truth].astype(str),
+        "INFL federated": results[f"INFL federated + domains (L={N_LAYERS}, GMM)"],
+        "INFL non-spatial": results["INFL federated, non-spatial (L=0, GMM)"],
+        "PCA + Leiden": results["PCA + Leiden (non-spatial)"],
+    }
+    for label, labels in shown.items():
+        adata.obs[label] = pd.Categorical(np.asarray(labels).astype(str))
+        figure = scinfl.pl.spatial(adata, color=label, library_key="site", panel_size=3.0)
+        figure.suptitle(f"{name}: {label}")
+        figure.savefig(path.with_name(f"{path.stem}_{label.replace(' ', '_')}.png"), dpi=80)
+        plt.close(figure)
+
+
+def run(name: str, rounds: int, seed: int, maps: Path | None = None) -> pd.DataFrame:
     adata, truth, layer, likelihood, k = load(name)
     results = {}
     for how in ("federated", "centralized", "federated-nokey"):
@@ -137,13 +156,16 @@ def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
             scinfl.tl.domains(adata, use_rep=rep, n_layers=0, n_domains=k, key_added="flat")
             results["INFL federated, non-spatial (L=0, GMM)"] = adata.obs["flat"]
     sc.pp.pca(adata, n_comps=30, layer="log1p", random_state=seed)
-    leiden_at_k(adata, "X_pca", 0, k, "pca")
-    results["PCA + Leiden (non-spatial)"] = adata.obs["pca"]
+    leiden_at_k(adata, "X_pca", 0, k, "pca_leiden")
+    results["PCA + Leiden (non-spatial)"] = adata.obs["pca_leiden"]
     kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(adata.obsm["spatial"])
     results["coordinates only, k-means"] = kmeans.labels_.astype(str)
+    if maps is not None:
+        draw_maps(adata, name, truth, results, maps)
     rows = [
         {
             "data": name,
+            "seed": seed,
             "method": method,
             "domains": pd.Series(labels).nunique(),
             "ARI": adjusted_rand_score(adata.obs[truth], labels),
@@ -155,6 +177,7 @@ def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
     rows.append(
         {
             "data": name,
+            "seed": seed,
             "method": "truth",
             "domains": k,
             "ARI": 1.0,
@@ -163,6 +186,16 @@ def run(name: str, rounds: int, seed: int) -> pd.DataFrame:
         }
     )
     return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean (sd) over seeds of every score, per data set and method (in the order run)."""
+    groups = table.groupby(["data", "method"], sort=False)
+    out = groups[["domains"]].agg(lambda v: f"{v.mean():.3g}")
+    for score in ("ARI", "NMI", "coherence"):
+        mean, sd = groups[score].mean(), groups[score].std(ddof=0)
+        out[score] = [f"{m:.3f} ({d:.3f})" for m, d in zip(mean, sd, strict=True)]
+    return out.reset_index()
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -175,20 +208,28 @@ def markdown(table: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["synthetic", "cscc"])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS / "spatial.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
-    scvi.settings.seed = args.seed
     torch.set_num_threads(1)
-    table = pd.concat([run(name, args.rounds, args.seed) for name in args.data])
+    parts = []
+    for name in args.data:
+        for seed in args.seeds:
+            scvi.settings.seed = seed
+            maps = args.out.with_name(f"{args.out.stem}_{name}") if seed == args.seeds[0] else None
+            parts.append(run(name, args.rounds, seed, maps))
+            table = pd.concat(parts)
+            table.to_csv(args.out.with_suffix(".csv"), index=False)
     text = (
         "# Spatial domains across sites\n\n"
-        f"`python benchmarks/spatial.py --rounds {args.rounds} --seed {args.seed}` "
-        f"(data: {', '.join(args.data)}; {args.rounds} rounds / epochs, one seed: a small "
-        "run). See the module docstring for the data, rows and scores.\n\n" + markdown(table) + "\n"
+        f"`python benchmarks/spatial.py --rounds {args.rounds} --seeds "
+        f"{' '.join(map(str, args.seeds))}` (data: {', '.join(args.data)}; {args.rounds} rounds "
+        "/ epochs; mean (sd) over the seeds; every seed's scores in the .csv beside this file; "
+        f"domain maps of seed {args.seeds[0]}: `{args.out.stem}_<data>_<method>.png`). See the "
+        "module docstring for the data, rows and scores.\n\n" + markdown(summarise(table)) + "\n"
     )
     args.out.write_text(text)
     logging.info("\n%s", text)

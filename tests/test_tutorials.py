@@ -35,3 +35,19 @@ def test_multiomics_tutorial_runs(tmp_path, monkeypatch):
     assert "trained 3 rounds" in text
     assert "X_scinfl (600, 10)" in text
     assert "rna only: median shift" in text and "prot only: median shift" in text
+
+
+def test_spatial_tutorial_is_stored_with_the_outputs_of_a_full_run():
+    nb, outputs = stored_run("spatial_domains.ipynb")
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # truth, domains
+    text = outputs_text(nb)
+    assert "trained 50 rounds" in text and "0 across sites" in text
+
+
+@pytest.mark.slow
+def test_spatial_tutorial_runs(tmp_path, monkeypatch):
+    env = {"SCINFL_TUTORIAL_ROUNDS": "3"}
+    text = execute("spatial_domains.ipynb", tmp_path, monkeypatch, env, timeout=300)
+    assert "trained 3 rounds" in text and "0 across sites" in text
+    assert "scinfl_domain: ARI against the truth" in text
+    assert "'n_layers': 3" in text
