@@ -1,5 +1,7 @@
 """MultiOmicsINFL: MuData registration, mosaic federation, results where muon users look."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,8 @@ from scinfl.federated import (
     get_shared_parameters,
 )
 from scinfl.model import MultiOmicsINFL
+
+from ._equality import assert_same_weights
 
 SETTINGS = {"max_rounds": 20, "batch_size": 64, "seed": 0, "progress_bar": False}
 
@@ -238,3 +242,57 @@ def test_cptac_proteomics_and_transcriptomics_train_as_a_mosaic(key):
     model.train_federated(max_rounds=3, batch_size=32, progress_bar=False, min_cells_per_site=2)
     z = model.get_latent()
     assert z.shape == (padded.n_obs, 10) and np.isfinite(z).all()
+
+
+@pytest.mark.slow
+def test_a_mosaic_deploys_from_h5mu_files_as_it_trains_in_process(key, tmp_path):
+    """Each site a .h5mu file (a modality it lacks as rows of NaN): simulation and deployment
+    give the local engine's weights."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from scinfl.federated.flower.app import client_app, load_results, model_run_config, server_app
+
+    from ._loopback import LoopbackGrid
+
+    mdata = _mosaic(_mdata(180))
+    settings = {"max_rounds": 2, "batch_size": 32, "seed": 3, "progress_bar": False}
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)  # a deployed site builds its model from the run's seed
+        models.append(_model(mdata.copy(), key))
+    local, simulated = models
+    local.train_federated(**settings)
+    expected = get_shared_parameters(local.module)
+    simulated.train_federated(engine="flower", **settings)
+    for name, value in get_shared_parameters(simulated.module).items():
+        assert_same_weights(value, expected[name], err_msg=name)
+
+    key_path = key.save(tmp_path / "site.key")
+    nodes = []
+    for site in sorted(mdata.obs["site"].unique()):
+        mdata[(mdata.obs["site"] == site).to_numpy()].copy().write_h5mu(tmp_path / f"{site}.h5mu")
+        nodes.append(
+            {"data-path": str(tmp_path / f"{site}.h5mu"), "key-path": str(key_path), "site": site}
+        )
+    run_config = model_run_config(
+        _model(mdata.copy(), key),
+        **{"num-rounds": 2, "batch-size": 32, "seed": 3, "min-sites": 3},
+        **{"output-dir": str(tmp_path / "out")},
+    )
+    # the likelihoods are part of the architecture: a site without proteins builds them too
+    assert json.loads(run_config["init-params"])["likelihoods"] == {"rna": "nb", "prot": "nb"}
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        grid = LoopbackGrid(client_app, node_configs=nodes, run_config=run_config)
+        context = Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
+        server_app(grid, context)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    assert not any(reply.has_error() for reply in grid.replies)
+    deployed, _, _ = load_results(tmp_path / "out", key=key)
+    for name, value in expected.items():
+        assert_same_weights(deployed[name], value, err_msg=name)

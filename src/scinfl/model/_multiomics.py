@@ -130,6 +130,9 @@ class MultiOmicsINFL(
             f"MultiOmicsINFL: modalities={chosen}, joint={joint}, key_mode={key_mode}, "
             f"n_latent={n_latent}, n_hidden={n_hidden}, n_layers={n_layers}"
         )
+        # the likelihoods chosen from the values are recorded as if given: a saved model, and
+        # a deployed site that lacks a modality's values, build the same architecture
+        likelihoods = chosen
         self.init_params_ = self._get_init_params(locals())
         self._init_key(key)
 
@@ -305,13 +308,23 @@ def _check_aligned(mdata: MuData, modalities: Sequence[str]) -> None:
 def _check_coverage(
     mdata: MuData, modalities: Sequence[str], layers: Mapping, site_key: str | None
 ) -> None:
-    """Refuse a modality that no sample holds, and samples that hold no modality."""
+    """Refuse a modality that no sample holds, and samples that hold no modality.
+
+    Without ``site_key`` the MuData may be one site of a federation (a deployed site), which
+    may lack a modality that other sites hold: a warning then, not an error.
+    """
     held = {}
     for name in modalities:
         mod = mdata.mod[name]
         matrix = mod.X if layers.get(name) is None else mod.layers[layers[name]]
         held[name] = observed_rows(matrix)
-        if not held[name].any():
+        if not held[name].any() and site_key is None:
+            logger.warning(
+                "Modality %r holds no sample here (all its rows are NaN): right for one site of "
+                "a federation whose other sites hold it; otherwise drop it from modalities=.",
+                name,
+            )
+        elif not held[name].any():
             raise ValueError(
                 f"Modality {name!r} holds no sample at any site (all its rows are NaN): drop it "
                 f"from modalities= (e.g. modalities={[m for m in modalities if m != name]})."

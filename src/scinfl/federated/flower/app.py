@@ -248,12 +248,15 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
 def load_site(
     path: str | Path, site: str, run_config: Mapping[str, Any], key: Key | None = None
 ) -> tuple[Any, SiteData]:
-    """Build a deployed site's model and data from its ``.h5ad`` file and the run config.
+    """Build a deployed site's model and data from its data file and the run config.
 
-    The site sets its data up with the run's ``setup-args`` (its categories agreed in
-    ``categories``: values outside them are refused), builds the run's ``model`` with
-    ``init-params`` from the run's seed, and takes its data from the model's registry, split
-    as every engine splits it (:meth:`~scinfl.federated.SiteData.from_registry`).
+    The site reads its ``.h5ad`` (an AnnData, set up with the model's ``setup_anndata``) or
+    ``.h5mu`` (a MuData, set up with its ``setup_mudata``: every modality of the model present,
+    a modality the site lacks as rows of ``NaN``, see :func:`scinfl.pp.pad_modalities`) with
+    the run's ``setup-args`` (its categories agreed in ``categories``: values outside them are
+    refused), builds the run's ``model`` with ``init-params`` from the run's seed, and takes
+    its data from the model's registry, split as every engine splits it
+    (:meth:`~scinfl.federated.SiteData.from_registry`).
 
     Examples
     --------
@@ -269,10 +272,8 @@ def load_site(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path} (node-config `data-path`).")
-    import anndata
-
-    adata = anndata.read_h5ad(path)
     cls = model_class(s)
+    adata, setup_data = _read_site_data(path, cls)
     setup = _json_entry(s, "setup-args")
     for argument in ("labels_key", "batch_key"):
         if setup.get(argument) and argument not in (setup.get("categories") or {}):
@@ -282,7 +283,7 @@ def load_site(
                 "mean the same at every site."
             )
     try:
-        cls.setup_anndata(adata, **setup)
+        setup_data(adata, **setup)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     torch.manual_seed(int(s["seed"]))
@@ -292,6 +293,23 @@ def load_site(
         model.adata_manager, site, None, config.validation_size, config.seed
     )
     return model, data
+
+
+def _read_site_data(path: Path, cls: type):
+    """A site's data file and the model class's method that sets it up."""
+    if path.suffix == ".h5mu":
+        if not hasattr(cls, "setup_mudata"):
+            raise ValueError(
+                f"{path} is a MuData file, but the run's model {cls.__name__} sets up AnnData "
+                "only: give the site an .h5ad file, or run a MuData model "
+                "(run-config model = \"scinfl.model.MultiOmicsINFL\")."
+            )
+        import mudata
+
+        return mudata.read_h5mu(path), cls.setup_mudata
+    import anndata
+
+    return anndata.read_h5ad(path), cls.setup_anndata
 
 
 @lru_cache(maxsize=4)
