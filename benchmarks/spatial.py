@@ -20,7 +20,9 @@ ARI and NMI against the truth, and spatial coherence (mean over spots of the sha
 neighbours in its own domain; the truth's own coherence is the last row). Every row is the
 mean (sd) over ``--seeds`` (training seeds and keys; the data are fixed). The domain maps of
 the first seed (truth, INFL federated, non-spatial, PCA) are written beside the table, one
-file per data set (``spatial_<data>_domains.png``, one panel per section).
+file per data set and method (``spatial_<data>_<method>.png``, one panel per section).
+CellCharter's rows come from ``benchmarks/spatial_cellcharter.py`` (its own environment), read
+from ``results/spatial_cellcharter.csv`` when it exists.
 
 Usage::
 
@@ -134,8 +136,9 @@ def draw_maps(adata, name: str, truth: str, results: dict, path: Path) -> None:
     for label, labels in shown.items():
         adata.obs[label] = pd.Categorical(np.asarray(labels).astype(str))
         figure = scinfl.pl.spatial(adata, color=label, library_key="site", panel_size=3.0)
-        figure.suptitle(f"{name}: {label}")
-        figure.savefig(path.with_name(f"{path.stem}_{label.replace(' ', '_')}.png"), dpi=80)
+        figure.suptitle(f"{name}: {label}", y=1.08)
+        slug = label.replace(" + ", "_").replace(" ", "_")
+        figure.savefig(path.with_name(f"{path.stem}_{slug}.png"), dpi=80, bbox_inches="tight")
         plt.close(figure)
 
 
@@ -223,6 +226,12 @@ def main() -> None:
             parts.append(run(name, args.rounds, seed, maps))
             table = pd.concat(parts)
             table.to_csv(args.out.with_suffix(".csv"), index=False)
+    peer = args.out.with_name(f"{args.out.stem}_cellcharter.csv")
+    if peer.is_file():  # CellCharter's rows, from benchmarks/spatial_cellcharter.py
+        peer_rows = pd.read_csv(peer)
+        table = pd.concat([table, peer_rows[peer_rows["data"].isin(args.data)]])
+        order = {name: i for i, name in enumerate(args.data)}
+        table = table.sort_values("data", key=lambda c: c.map(order), kind="stable")
     text = (
         "# Spatial domains across sites\n\n"
         f"`python benchmarks/spatial.py --rounds {args.rounds} --seeds "

