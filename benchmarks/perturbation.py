@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["meanshift", "infl", "scgen"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--scgen-seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--scgen-epochs", type=int, default=10)
     parser.add_argument("--held-out", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--csv", type=Path, default=CSV, help="results (the table beside it)")

@@ -302,7 +302,7 @@ def _read_site_data(path: Path, cls: type):
             raise ValueError(
                 f"{path} is a MuData file, but the run's model {cls.__name__} sets up AnnData "
                 "only: give the site an .h5ad file, or run a MuData model "
-                "(run-config model = \"scinfl.model.MultiOmicsINFL\")."
+                '(run-config model = "scinfl.model.MultiOmicsINFL").'
             )
         import mudata
 
