@@ -28,14 +28,13 @@ Writes ``<out>.csv`` (one row per data set, epsilon and seed) and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import proteomics  # benchmarks/proteomics.py: a script's folder is on sys.path
 import scvi
 import torch
 from anndata import AnnData
@@ -50,18 +49,10 @@ logger = logging.getLogger("sample_dp")
 HERE = Path(__file__).parent
 
 
-def _proteomics_benchmark():
-    spec = importlib.util.spec_from_file_location("proteomics_benchmark", HERE / "proteomics.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def load(name: str) -> tuple[AnnData, dict]:
     """The data set with ``obs["label"]`` and ``obs["site"]``, and the model's likelihood."""
     if name == "cptac":
-        data = _proteomics_benchmark().prepare(scinfl.data.cptac_ucec(), "tumor", "plex")
+        data = proteomics.prepare(scinfl.data.cptac_ucec(), "tumor", "plex")
         return data, {"gene_likelihood": "normal"}
     adata = scinfl.data.pbmc68k(n_sites=3)
     adata.obs["label"] = adata.obs["bulk_labels"].astype("category")

@@ -81,6 +81,16 @@ def coherence(adata, labels) -> float:
     return float(np.mean(same[has] / degree[has]))
 
 
+def scores(adata, truth: str, labels) -> dict:
+    """Domains found, ARI and NMI against ``adata.obs[truth]``, and spatial coherence."""
+    return {
+        "domains": pd.Series(np.asarray(labels)).nunique(),
+        "ARI": adjusted_rand_score(adata.obs[truth], labels),
+        "NMI": normalized_mutual_info_score(adata.obs[truth], labels),
+        "coherence": coherence(adata, labels),
+    }
+
+
 def leiden_at_k(adata, use_rep: str, n_layers: int, k: int, key: str) -> None:
     """``tl.domains`` with Leiden, at the resolution whose number of domains is closest to k."""
     best = None
@@ -165,29 +175,11 @@ def run(name: str, rounds: int, seed: int, maps: Path | None = None) -> pd.DataF
     results["coordinates only, k-means"] = kmeans.labels_.astype(str)
     if maps is not None:
         draw_maps(adata, name, truth, results, maps)
+    results["truth"] = adata.obs[truth]
     rows = [
-        {
-            "data": name,
-            "seed": seed,
-            "method": method,
-            "domains": pd.Series(labels).nunique(),
-            "ARI": adjusted_rand_score(adata.obs[truth], labels),
-            "NMI": normalized_mutual_info_score(adata.obs[truth], labels),
-            "coherence": coherence(adata, labels),
-        }
+        {"data": name, "seed": seed, "method": method, **scores(adata, truth, labels)}
         for method, labels in results.items()
     ]
-    rows.append(
-        {
-            "data": name,
-            "seed": seed,
-            "method": "truth",
-            "domains": k,
-            "ARI": 1.0,
-            "NMI": 1.0,
-            "coherence": coherence(adata, adata.obs[truth]),
-        }
-    )
     return pd.DataFrame(rows)
 
 

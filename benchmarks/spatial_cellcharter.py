@@ -17,30 +17,20 @@ CPU torch wheel)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import scvi
+import spatial as bench  # benchmarks/spatial.py: a script's folder is on sys.path
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 HERE = Path(__file__).parent
 METHOD = "CellCharter (scVI, L=3, GMM; centralized)"
 
 
-def _spatial_benchmark():
-    spec = importlib.util.spec_from_file_location("spatial_benchmark", HERE / "spatial.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def run(bench, name: str, seed: int, epochs: int) -> dict:
+def run(name: str, seed: int, epochs: int) -> dict:
     """CellCharter on one data set with one seed: its scores."""
     import cellcharter as cc
 
@@ -54,15 +44,7 @@ def run(bench, name: str, seed: int, epochs: int) -> dict:
     gmm = cc.tl.Cluster(n_clusters=k, random_state=seed, trainer_params={"accelerator": "cpu"})
     gmm.fit(adata, use_rep="X_cellcharter")
     labels = gmm.predict(adata, use_rep="X_cellcharter").astype(str)
-    return {
-        "data": name,
-        "seed": seed,
-        "method": METHOD,
-        "domains": pd.Series(labels).nunique(),
-        "ARI": adjusted_rand_score(adata.obs[truth], labels),
-        "NMI": normalized_mutual_info_score(adata.obs[truth], labels),
-        "coherence": bench.coherence(adata, labels),
-    }
+    return {"data": name, "seed": seed, "method": METHOD, **bench.scores(adata, truth, labels)}
 
 
 def main() -> None:
@@ -75,11 +57,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    bench = _spatial_benchmark()
     rows = []
     for name in args.data:
         for seed in args.seeds:
-            rows.append(run(bench, name, seed, args.epochs))
+            rows.append(run(name, seed, args.epochs))
             logging.info("%s", rows[-1])
             pd.DataFrame(rows).to_csv(args.out, index=False)
 

@@ -19,20 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._client import ClientUpdate
+from ._flower_dp import flower_dp
 from ._parameters import Parameters
 
 logger = logging.getLogger(__name__)
-
-
-def _flower_dp():
-    try:
-        from flwr.supercore import differential_privacy, privacy_accounting
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-    except ImportError as error:  # pragma: no cover - depends on the installed extras
-        raise ImportError(
-            'privacy="dp" uses Flower\'s DP mechanism and accountant: pip install "scinfl[flower]".'
-        ) from error
-    return differential_privacy, privacy_accounting, RdpAccountant
 
 
 @dataclass
@@ -78,13 +68,13 @@ class DPFedAvg:
             raise ValueError("dp_clipping_norm must be > 0.")
         if self.n_sites < 1:
             raise ValueError("DP needs at least one site.")
-        _flower_dp()  # fail early, with the install hint
+        flower_dp()  # fail early, with the install hint
 
     def aggregate(
         self, current: Parameters, updates: Sequence[ClientUpdate], round_: int
     ) -> Parameters:
         """Clip every update around ``current``, average uniformly, add the Gaussian noise."""
-        dp, _, _ = _flower_dp()
+        dp, _, _ = flower_dp()
         names = [n for n, a in current.items() if np.issubdtype(a.dtype, np.floating)]
         base = [current[n].astype(np.float64) for n in names]
         clipped = []
@@ -121,7 +111,7 @@ class DPFedAvg:
         """
         if not self.releases:
             return 0.0
-        _, accounting, RdpAccountant = _flower_dp()
+        _, accounting, RdpAccountant = flower_dp()
         # no amplification: the population only bounds the sample sizes
         population = max(self.n_sites, *self.releases)
         accountant = RdpAccountant(

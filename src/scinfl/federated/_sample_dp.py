@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from scinfl.module import NONZERO_KEY
 
+from ._flower_dp import flower_dp
 from ._site_data import SiteData
 
 #: Rows whose gradients are held at once: about this many floats of per-row gradients.
@@ -40,17 +41,6 @@ _PER_ROW_FLOATS = 2**25
 _ORDERS = tuple(float(a) for a in np.arange(2.0, 12.0, 0.25)) + tuple(
     float(a) for a in (*range(12, 65), 80, 96, 128, 256)
 )
-
-
-def _accounting():
-    try:
-        from flwr.supercore import privacy_accounting
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-    except ImportError as error:  # pragma: no cover - depends on the installed extras
-        raise ImportError(
-            'sample_dp_epsilon uses Flower\'s privacy accountant: pip install "scinfl[flower]".'
-        ) from error
-    return privacy_accounting, RdpAccountant
 
 
 def dp_sgd_epsilon(
@@ -82,12 +72,7 @@ def dp_sgd_epsilon(
     """
     if steps == 0:
         return 0.0
-    return _epsilon(float(noise_multiplier), float(sample_rate), int(steps), int(n_rows), delta)
-
-
-@functools.lru_cache(maxsize=1024)
-def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, n_rows: int, delta: float):
-    accounting, RdpAccountant = _accounting()
+    _, accounting, RdpAccountant = flower_dp("sample_dp_epsilon")
     sample_size = max(1, min(n_rows, round(sample_rate * n_rows)))
     accountant = RdpAccountant(
         accounting.PrivacyConfig(
@@ -143,7 +128,7 @@ class DPSGDPlan:
     delta: float
 
     @classmethod
-    @functools.cache
+    @functools.cache  # every round asks again: the bisection runs once per site and run
     def for_site(
         cls,
         epsilon: float,
