@@ -22,6 +22,8 @@ from scinfl.federated import (
 from scinfl.federated._sample_dp import private_gradients
 from scinfl.module import KeyedVAE
 
+from ._equality import assert_same_weights
+
 pytest.importorskip("flwr", reason="the accountant is Flower's")
 
 
@@ -95,8 +97,9 @@ def test_noise_comes_from_the_sites_secret_not_the_federation_seed():
 
     same, again, other = upload(7), upload(7), upload(8)
     name = next(iter(same.parameters))
-    np.testing.assert_array_equal(same.parameters[name], again.parameters[name])
-    assert not np.array_equal(same.parameters[name], other.parameters[name])
+    # the same seed: the same upload, up to float32 rounding (kernels may sum in another order)
+    assert_same_weights(again.parameters[name], same.parameters[name])
+    assert not np.allclose(other.parameters[name], same.parameters[name], rtol=1e-3)
     assert set(same.metrics) == {"dp_epsilon", "dp_noise_multiplier", "time_s"}  # no losses
 
 
