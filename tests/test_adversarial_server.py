@@ -96,7 +96,7 @@ def _module() -> KeyedVAE:
 
 def _settings(**changes) -> FederationConfig:
     settings = {"max_rounds": 3, "batch_size": 16, "kl_warmup_rounds": 2, "secret_frames": True}
-    return FederationConfig(**{**settings, **changes})
+    return FederationConfig.from_settings(**{**settings, **changes})
 
 
 def _float_vector(parameters) -> np.ndarray:
@@ -152,7 +152,7 @@ class Adversary:
         return self.send(site, "query", RecordDict({CONFIG: ConfigRecord(flags)}))
 
     def config(self, round_: int, frame: str, **changes):
-        participants = list(NAMES) if self.settings.privacy == "secagg" else ()
+        participants = list(NAMES) if self.settings.privacy.secure_aggregation else ()
         config = self.settings.client_config(round_, participants, frame=frame)
         return dataclasses.replace(config, **changes)
 
@@ -471,7 +471,7 @@ def test_feature_moments_are_sent_once_and_never_unmasked_under_secure_aggregati
 
     x = np.random.default_rng(0).normal(25, 3, (20, 6)).astype(np.float32)
     module = KeyedVAE(n_input=6, gene_likelihood="normal", key_mode=None)
-    federation = FederationConfig(max_rounds=2, privacy="secagg", secret_frames=True)
+    federation = FederationConfig.from_settings(max_rounds=2, privacy="secagg", secret_frames=True)
     runtime = SiteRuntime(
         module, SiteData.from_arrays("a", x), key=key, federation=federation, secret_frames=True
     )

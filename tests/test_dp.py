@@ -63,7 +63,7 @@ def test_epsilon_matches_the_gaussian_rdp_bound():
 
 
 def test_server_uses_dp_and_reports_epsilon_per_round():
-    config = FederationConfig(max_rounds=2, privacy="dp", dp_noise_multiplier=1.0)
+    config = FederationConfig.from_settings(max_rounds=2, privacy="dp", dp_noise_multiplier=1.0)
     server = FederatedServer({"w": np.zeros(2, np.float32)}, config, n_sites=2)
     server.aggregate(0, [_update("a", [10.0, 0.0]), _update("b", [10.0, 0.0])])
     history = server.history()

@@ -41,7 +41,9 @@ def _module(key):
 
 
 def _config(**kwargs):
-    return FederationConfig(**{"max_rounds": 4, "batch_size": 16, "seed": 5, **kwargs})
+    return FederationConfig.from_settings(
+        **{"max_rounds": 4, "batch_size": 16, "seed": 5, **kwargs}
+    )
 
 
 def _run(module, sites, config, key, **kwargs):

@@ -105,17 +105,20 @@ def test_noise_comes_from_the_sites_secret_not_the_federation_seed():
 
 def test_settings_that_read_the_data_outside_the_noise_are_refused():
     with pytest.raises(ValueError, match="early_stopping"):
-        FederationConfig(sample_dp_epsilon=3.0, early_stopping=True)
+        FederationConfig.from_settings(sample_dp_epsilon=3.0, early_stopping=True)
     with pytest.raises(ValueError, match="balance_classes"):
-        FederationConfig(sample_dp_epsilon=3.0, balance_classes=True)
+        FederationConfig.from_settings(sample_dp_epsilon=3.0, balance_classes=True)
     with pytest.raises(ValueError, match="> 0"):
-        FederationConfig(sample_dp_epsilon=0.0)
-    assert FederationConfig(sample_dp_epsilon=3.0, validation_size=0.2).validation_size == 0.0
+        FederationConfig.from_settings(sample_dp_epsilon=0.0)
+    assert (
+        FederationConfig.from_settings(sample_dp_epsilon=3.0, validation_size=0.2).validation_size
+        == 0.0
+    )
 
 
 def test_a_site_refuses_weaker_privacy_than_its_own_settings():
     site = _site()
-    federation = FederationConfig(max_rounds=3, batch_size=16, sample_dp_epsilon=3.0)
+    federation = FederationConfig.from_settings(max_rounds=3, batch_size=16, sample_dp_epsilon=3.0)
     protocol = SiteProtocol(
         SiteRuntime(KeyedVAE(n_input=10, key_mode=None), site, federation=federation)
     )

@@ -43,7 +43,9 @@ def _transport(privacy):
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     module = KeyedVAE(n_input=10, n_hidden=8, n_latent=3, key_mode=None)
-    federation = FederationConfig(max_rounds=2, batch_size=16, privacy=privacy, secret_frames=False)
+    federation = FederationConfig.from_settings(
+        max_rounds=2, batch_size=16, privacy=privacy, secret_frames=False
+    )
     runtimes = {
         name: SiteRuntime(
             module,

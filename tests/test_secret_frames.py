@@ -118,7 +118,7 @@ def _sites(n_vars=30):
 def _run(privacy=None, secret_frames=False, rounds=3):
     torch.manual_seed(0)
     vae = KeyedVAE(n_input=30, key_mode=None, n_hidden=16)
-    config = FederationConfig(
+    config = FederationConfig.from_settings(
         max_rounds=rounds, batch_size=16, privacy=privacy, secret_frames=secret_frames
     )
     server = run_local(vae, _sites(), config, progress_bar=False, key=KEY)
@@ -138,7 +138,7 @@ def test_local_engine_under_frames_trains_the_plain_model():
         truth = plain["z_encoder.encoder.fc_layers.Layer 0.0.weight"]
         assert abs(np.corrcoef(held.ravel(), truth.ravel())[0, 1]) < 0.2
     with pytest.raises(ValueError, match="secret_frames=False for DP-FedAvg"):
-        FederationConfig(privacy="dp", secret_frames=True)
+        FederationConfig.from_settings(privacy="dp", secret_frames=True)
 
 
 def test_frames_defeat_the_analytic_attack_without_the_key():
@@ -203,10 +203,10 @@ def test_frames_are_the_default_with_a_key():
     keyed.train_federated(privacy="dp", dp_noise_multiplier=0.1, **kwargs)
     assert keyed.secret_frame_ is None
     # the deployment's run config: "auto" by default, or an explicit switch
-    assert federation_config({}).secret_frames
+    assert federation_config({}).privacy.secret_frames
     unkeyed_model = {"init-params": json.dumps({"key_mode": None})}
-    assert not federation_config(unkeyed_model).secret_frames
-    assert federation_config({**unkeyed_model, "privacy": "secagg"}).secret_frames
+    assert not federation_config(unkeyed_model).privacy.secret_frames
+    assert federation_config({**unkeyed_model, "privacy": "secagg"}).privacy.secret_frames
     assert not secret_frames_on({"privacy": "dp"})
     assert not secret_frames_on({"secret-frames": False})
     assert secret_frames_on({**unkeyed_model, "secret-frames": "true"})
@@ -218,7 +218,7 @@ def test_resumed_run_under_frames_equals_the_uninterrupted_one(tmp_path):
     def run(rounds, **kwargs):
         torch.manual_seed(0)
         vae = KeyedVAE(n_input=30, key_mode=None, n_hidden=16)
-        config = FederationConfig(
+        config = FederationConfig.from_settings(
             max_rounds=rounds, batch_size=16, kl_warmup_rounds=2, secret_frames=True
         )
         server = run_local(vae, _sites(), config, progress_bar=False, key=KEY, **kwargs)

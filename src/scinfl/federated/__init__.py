@@ -2,6 +2,7 @@
 
 from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update, site_seed
+from ._config import FederationConfig, PrivacyConfig
 from ._dp import DPFedAvg
 from ._features import (
     agree_features,
@@ -36,7 +37,7 @@ from ._secret_frames import (
     parameters_digest,
 )
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
-from ._server import FederatedServer, FederationConfig
+from ._server import FederatedServer
 from ._site_data import SiteData
 from ._site_runtime import (
     RefusedMessageError,
@@ -55,6 +56,7 @@ __all__ = [
     "DPSGDPlan",
     "FederatedServer",
     "FederationConfig",
+    "PrivacyConfig",
     "InProcessTransport",
     "IncompleteRoundError",
     "KeyAdvertisement",

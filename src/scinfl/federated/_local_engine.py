@@ -11,10 +11,11 @@ from torch import nn
 from scinfl.key import Key
 
 from ._client import ClientConfig, ClientUpdate
+from ._config import FederationConfig
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._round_loop import run_rounds
 from ._secret_frames import INITIAL_FRAME, SecretFrames, frames_for
-from ._server import FederatedServer, FederationConfig
+from ._server import FederatedServer
 from ._site_data import SiteData
 from ._site_runtime import SiteProtocol, SiteRuntime
 
@@ -58,8 +59,8 @@ def run_local(
     resume
         Continue from the checkpoint in ``checkpoint_dir`` instead of starting afresh.
     key
-        The federation's key, needed by ``config.privacy="secagg"`` (the sites' masks) and
-        ``config.secret_frames``.
+        The federation's key, needed by ``privacy="secagg"`` (the sites' masks) and
+        secret frames.
 
     Returns
     -------
@@ -83,13 +84,13 @@ def run_local(
             key_fingerprint,
             key_version,
             key=key,
-            secret_frames=bool(config.secret_frames),
+            secret_frames=bool(config.privacy.secret_frames),
             federation=config,
             initial=initial,
         )
         for site in sites
     }
-    frames = frames_for(key) if config.secret_frames else None
+    frames = frames_for(key) if config.privacy.secret_frames else None
     server = start_server(
         frames.encode(initial, INITIAL_FRAME) if frames else initial,
         config,

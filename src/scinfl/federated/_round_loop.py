@@ -85,7 +85,7 @@ def run_rounds(
     2
     """
     rounds = tqdm(server.rounds(), desc=desc, disable=not progress_bar)
-    if server.config.privacy == "secagg":
+    if server.config.privacy.secure_aggregation:
         # before the first masked upload: every site that may be asked shares masks with all
         transport.agree_keys(transport.available(server.next_round))
     for round_ in rounds:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ._aggregate import accept_updates, fedavg
 from ._client import ClientConfig, ClientUpdate
+from ._config import TRAJECTORY_SETTINGS, FederationConfig
 from ._dp import DPFedAvg
 from ._parameters import Parameters
 from ._secret_frames import INITIAL_FRAME, frame_id
@@ -27,233 +28,6 @@ from ._secure_aggregation import unmask_sum
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class FederationConfig:
-    """Every setting of a federated run.
-
-    The one source of the models' ``train_federated`` settings and of a Flower deployment's
-    run configuration (:data:`~scinfl.federated.flower.app.DEFAULT_RUN_CONFIG` is derived
-    from these fields).
-
-    Parameters
-    ----------
-    max_rounds
-        Communication rounds.
-    local_epochs
-        Passes over a site's training rows per round.
-    fraction, min_sites
-        Fraction of the sites sampled each round, and the fewest sampled.
-    batch_size, lr, weight_decay
-        Local optimisation (Adam, a fresh optimiser each round). A site with fewer training
-        rows than ``batch_size`` trains on all its rows in one minibatch.
-    strategy, mu
-        ``"fedavg"``, or ``"fedprox"``: each site adds ``mu/2 ||w - w_global||^2`` to its
-        loss (``mu`` is used with ``"fedprox"`` only).
-    balance_classes
-        Weight each site's classification loss by the inverse frequency of its own labels.
-    kl_warmup_rounds
-        Rounds of linear KL warm-up, driven by the global round (default: half of
-        ``max_rounds``).
-    validation_size
-        Fraction of each site's rows held out for validation and model selection.
-    min_cells_per_site
-        Smallest site accepted.
-    early_stopping, early_stopping_patience
-        Stop when the validation loss has not improved for that many rounds.
-    seed
-        Seed of the federation: splits, sampling and every site's randomness.
-    min_available
-        Fewest accepted updates a round needs (fewer: the run stops with an error, and can be
-        resumed from its last checkpoint).
-    privacy
-        ``None``; ``"dp"``: client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
-        ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``;
-        ``"secagg"``: the sites mask their updates with pairwise masks from pairwise key
-        agreement (public keys tagged with the key), and the server learns only their sum
-        (:func:`~scinfl.federated.mask_update`).
-    dp_noise_multiplier, dp_clipping_norm, dp_delta
-        DP settings (with ``privacy="dp"``; ``dp_delta`` is also the ``delta`` of
-        ``sample_dp_epsilon``).
-    sample_dp_epsilon, sample_dp_clipping_norm
-        Sample-level DP at every site (DP-SGD, :class:`~scinfl.federated.DPSGDPlan`): each
-        row's gradient is clipped to ``sample_dp_clipping_norm`` and the site adds Gaussian
-        noise before anything leaves it, with the noise that keeps the whole run (every
-        round) within ``sample_dp_epsilon`` at ``dp_delta`` for each site's rows, whatever the
-        server does. It combines with secure aggregation and secret frames. The sites release
-        no losses (the history shows each site's epsilon spent instead), so there is no
-        validation split (``validation_size`` is set to 0), no early stopping, and the last
-        round's model is kept; ``balance_classes`` (weights from a site's label counts) is
-        refused.
-    secret_frames
-        The parameters travel and are averaged in secret frames drawn from the key, new every
-        round (:class:`~scinfl.federated.SecretFrames`). ``None`` (the default) decides by
-        :meth:`for_key`: on whenever the sites hold a key, except with ``privacy="dp"``.
-
-    Examples
-    --------
-    >>> FederationConfig(max_rounds=10).kl_weight(0)
-    0.2
-    >>> FederationConfig().for_key(True).secret_frames
-    True
-    """
-
-    max_rounds: int = 50
-    local_epochs: int = 1
-    fraction: float = 1.0
-    min_sites: int = 1
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-6
-    strategy: str = "fedavg"
-    mu: float = 0.01
-    balance_classes: bool = False
-    kl_warmup_rounds: int | None = None
-    validation_size: float = 0.1
-    min_cells_per_site: int = 2
-    early_stopping: bool = False
-    early_stopping_patience: int = 10
-    seed: int = 0
-    min_available: int = 1
-    privacy: str | None = None
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0
-    dp_delta: float = 1e-5
-    sample_dp_epsilon: float | None = None
-    sample_dp_clipping_norm: float = 1.0
-    secret_frames: bool | None = None
-    kl_warmup_default: bool = field(default=False, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.max_rounds < 1:
-            raise ValueError("max_rounds must be >= 1.")
-        if self.local_epochs < 1:
-            raise ValueError("local_epochs must be >= 1.")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
-        if self.strategy not in ("fedavg", "fedprox"):
-            raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {self.strategy!r}.")
-        if self.mu < 0:
-            raise ValueError("mu (FedProx) must be >= 0.")
-        if not 0 <= self.validation_size < 1:
-            raise ValueError(f"validation_size must be in [0, 1), got {self.validation_size}.")
-        if self.min_available < 1:
-            raise ValueError("min_available must be >= 1.")
-        if self.privacy not in (None, "dp", "secagg"):
-            raise ValueError(f"privacy must be None, 'dp' or 'secagg', got {self.privacy!r}.")
-        if self.secret_frames and self.privacy == "dp":
-            raise ValueError(
-                "privacy='dp' clips and noises each site's update on the server, but under "
-                "secret_frames the server cannot form an update (each round's parameters are in "
-                "another secret frame). Use one or the other: secret_frames=False for DP-FedAvg."
-            )
-        if self.sample_dp_epsilon is not None:
-            self._check_sample_dp()
-        if self.kl_warmup_rounds is None:
-            self.kl_warmup_rounds = max(1, self.max_rounds // 2)
-            self.kl_warmup_default = True
-
-    def _check_sample_dp(self) -> None:
-        if not self.sample_dp_epsilon > 0 or not self.sample_dp_clipping_norm > 0:
-            raise ValueError("sample_dp_epsilon and sample_dp_clipping_norm must be > 0.")
-        if self.early_stopping:
-            raise ValueError(
-                "early_stopping needs the sites' validation losses, which sample-level DP "
-                "does not release: train without early_stopping (the last round is kept)."
-            )
-        if self.balance_classes:
-            raise ValueError(
-                "balance_classes weights the loss by a site's label counts, which sample-level "
-                "DP does not cover: train with balance_classes=False."
-            )
-        # no loss leaves a site, so validation rows would only be rows not trained on
-        self.validation_size = 0.0
-
-    @property
-    def proximal_weight(self) -> float:
-        """The FedProx weight the sites use: ``mu`` with ``"fedprox"``, 0 with ``"fedavg"``."""
-        return self.mu if self.strategy == "fedprox" else 0.0
-
-    def for_key(self, has_key: bool) -> FederationConfig:
-        """These settings with ``secret_frames`` decided: the one place that rule lives.
-
-        Left at ``None``, frames are on whenever the sites hold the federation's key (any key
-        mode), except with ``privacy="dp"``, whose server-side clipping needs updates in a
-        common frame. Frames or secure aggregation without a key are refused.
-
-        Examples
-        --------
-        >>> FederationConfig(privacy="dp").for_key(True).secret_frames
-        False
-        """
-        frames = self.secret_frames
-        if frames is None:
-            frames = has_key and self.privacy != "dp"
-        if (frames or self.privacy == "secagg") and not has_key:
-            what = "secret_frames=True" if frames else "privacy='secagg'"
-            raise ValueError(
-                f"{what} derives its secrets (frames, masks) from the federation's key: create "
-                "the model with key=scinfl.Key.generate() (or call model.set_key(key)) first."
-            )
-        warmup = None if self.kl_warmup_default else self.kl_warmup_rounds
-        return dataclasses.replace(self, secret_frames=frames, kl_warmup_rounds=warmup)
-
-    def kl_weight(self, round_: int) -> float:
-        """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
-        return float(min(1.0, (round_ + 1) / self.kl_warmup_rounds))
-
-    def client_config(
-        self, round_: int, participants: Sequence[str] = (), attempt: int = 0, frame: str = ""
-    ) -> ClientConfig:
-        """The instructions sent to every site in ``round_``.
-
-        Under ``privacy="secagg"`` the ``participants`` of this ``attempt`` mask their updates;
-        under ``secret_frames`` the parameters sent along are in ``frame``.
-        """
-        secure = self.privacy == "secagg"
-        return ClientConfig(
-            round=round_,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            kl_weight=self.kl_weight(round_),
-            mu=self.proximal_weight,
-            balance_classes=self.balance_classes,
-            seed=self.seed,
-            secure_aggregation=secure,
-            participants=sorted(participants) if secure else [],
-            attempt=attempt if secure else 0,
-            secret_frames=bool(self.secret_frames),
-            frame=frame if self.secret_frames else "",
-            # the run's length matters to a site only under sample-level DP (its budget)
-            max_rounds=self.max_rounds if self.sample_dp_epsilon else 0,
-            sample_dp_epsilon=self.sample_dp_epsilon or 0.0,
-            sample_dp_clipping_norm=self.sample_dp_clipping_norm,
-            dp_delta=self.dp_delta,
-        )
-
-
-#: Settings a resumed run must share with its checkpoint (they shape the trajectory).
-_TRAJECTORY_FIELDS = (
-    "local_epochs",
-    "fraction",
-    "min_sites",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "strategy",
-    "mu",
-    "balance_classes",
-    "kl_warmup_rounds",
-    "validation_size",
-    "seed",
-    "privacy",
-    "dp_noise_multiplier",
-    "dp_clipping_norm",
-    "sample_dp_epsilon",
-    "sample_dp_clipping_norm",
-    "secret_frames",
-)
 _CHECKPOINT_FORMAT = "scinfl-federation-checkpoint"
 
 
@@ -308,17 +82,17 @@ class FederatedServer:
     best_frame: str | None = None
 
     def __post_init__(self) -> None:
-        if self.config.privacy == "dp" and self.dp is None:
+        if self.config.privacy.server_dp and self.dp is None:
             self.dp = DPFedAvg(
-                noise_multiplier=self.config.dp_noise_multiplier,
-                clipping_norm=self.config.dp_clipping_norm,
+                noise_multiplier=self.config.privacy.dp_noise_multiplier,
+                clipping_norm=self.config.privacy.dp_clipping_norm,
                 n_sites=self.n_sites or 1,
-                delta=self.config.dp_delta,
+                delta=self.config.privacy.dp_delta,
                 seed=self.config.seed,
             )
 
     def _frame_or_none(self) -> str | None:
-        return self.frame if self.config.secret_frames else None
+        return self.frame if self.config.privacy.secret_frames else None
 
     def client_config(
         self, round_: int, participants: Sequence[str] = (), attempt: int = 0
@@ -328,7 +102,7 @@ class FederatedServer:
         Examples
         --------
         >>> import numpy as np
-        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(secret_frames=True))
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig.from_settings(secret_frames=True))
         >>> server.client_config(0).frame
         'initial'
         """
@@ -359,7 +133,7 @@ class FederatedServer:
     ) -> Parameters:
         """Check the key identity of the updates, aggregate them, record their metrics.
 
-        FedAvg weighted by ``n_k``, DP-FedAvg when ``config.privacy == "dp"``, or the sum of
+        FedAvg weighted by ``n_k``, DP-FedAvg under ``privacy="dp"``, or the sum of
         masked updates when ``"secagg"`` (every one of ``participants`` must be accepted, or
         :class:`~scinfl.federated.IncompleteRoundError` is raised and the round must be run
         again without the missing sites). Raises if fewer than ``config.min_available`` updates
@@ -383,11 +157,11 @@ class FederatedServer:
                 "min_available."
             )
         extra = {}
-        if self.config.secret_frames:
+        if self.config.privacy.secret_frames:
             if sent is None:
                 raise ValueError("Under secret_frames, aggregate() needs the instructions sent.")
             frame = frame_id(self.parameters, sent)
-        if self.config.privacy == "secagg":
+        if self.config.privacy.secure_aggregation:
             if participants is None:
                 participants = [u.site for u in updates]
             self.parameters = unmask_sum(accepted, self.parameters, participants)
@@ -405,7 +179,7 @@ class FederatedServer:
             )
         else:
             self.parameters = fedavg(accepted)
-        if self.config.secret_frames:
+        if self.config.privacy.secret_frames:
             self.frame = frame
         kl_weight = self.config.kl_weight(round_)
         for update in updates:
@@ -519,7 +293,7 @@ class FederatedServer:
             "rounds_without_improvement": self.rounds_without_improvement,
             "key_fingerprint": self.key_fingerprint,
             "key_version": self.key_version,
-            "config": dataclasses.asdict(self.config),
+            "config": self.config.settings(),
             "dp_releases": None if self.dp is None else list(self.dp.releases),
             "frame": self.frame,
             "best_frame": self.best_frame,
@@ -570,12 +344,14 @@ class FederatedServer:
         if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
             # a default warm-up follows max_rounds; a resumed run keeps the one it started with
             config = dataclasses.replace(config, kl_warmup_rounds=saved["kl_warmup_rounds"])
+        settings = config.settings()
         changed = [
-            f"{name} ({saved.get(name)!r} -> {getattr(config, name)!r})"
-            for name in _TRAJECTORY_FIELDS
-            if saved.get(name) != getattr(config, name)
+            f"{name} ({saved.get(name)!r} -> {settings[name]!r})"
+            for name in TRAJECTORY_SETTINGS
+            if saved.get(name, settings[name]) != settings[name]
         ]
-        if config.sample_dp_epsilon is not None and saved["max_rounds"] != config.max_rounds:
+        sample_dp = config.privacy.sample_dp_epsilon is not None
+        if sample_dp and saved["max_rounds"] != config.max_rounds:
             # each site's noise spreads the epsilon over the rounds the run was planned with
             changed.append(
                 f"max_rounds ({saved['max_rounds']} -> {config.max_rounds}; under sample-level "

@@ -25,6 +25,7 @@ from scinfl.key import Key
 from scinfl.module import feature_moments
 
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update
+from ._config import FederationConfig
 from ._key_agreement import (
     KeyAdvertisement,
     advertise_key,
@@ -37,7 +38,6 @@ from ._parameters import Parameters, get_shared_parameters, site_state_names
 from ._sample_dp import noise_seed
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import mask_update, protect_update
-from ._server import FederationConfig
 from ._site_data import SiteData
 
 logger = logging.getLogger(__name__)
@@ -102,12 +102,12 @@ class SiteRuntime:
     def __post_init__(self) -> None:
         if self.initial is None:
             self.initial = get_shared_parameters(self.module)
-        if self.federation is not None and bool(self.federation.secret_frames) != bool(
+        if self.federation is not None and bool(self.federation.privacy.secret_frames) != bool(
             self.secret_frames
         ):
             raise ValueError(
                 f"Site {self.site.name!r}: secret_frames={self.secret_frames} but its federation "
-                f"settings say secret_frames={self.federation.secret_frames}."
+                f"settings say secret_frames={self.federation.privacy.secret_frames}."
             )
 
 
@@ -394,13 +394,13 @@ class SiteProtocol:
             raise self._refuse(what, "its model has no feature scale")
         site = runtime.site
         federation = runtime.federation
-        if federation is not None and federation.sample_dp_epsilon is not None:
+        if federation is not None and federation.privacy.sample_dp_epsilon is not None:
             logger.warning(
                 "Site %r sends its feature sums (the location and scale of continuous data) "
                 "without DP noise: sample_dp_epsilon covers the training steps, not these sums%s.",
                 site.name,
                 ""
-                if federation.privacy == "secagg"
+                if federation.privacy.secure_aggregation
                 else " (privacy='secagg' hides them in the sum)",
             )
         count, total, squares = feature_moments(site.feature_matrix(runtime.module))
@@ -412,7 +412,7 @@ class SiteProtocol:
             key_fingerprint=runtime.key_fingerprint,
             key_version=runtime.key_version,
         )
-        if federation is not None and federation.privacy == "secagg":
+        if federation is not None and federation.privacy.secure_aggregation:
             if site.name not in participants or len(set(participants)) < 2:
                 raise self._refuse(
                     what,
@@ -426,7 +426,7 @@ class SiteProtocol:
 
     def _secure(self) -> bool:
         federation = self.runtime.federation
-        return federation is not None and federation.privacy == "secagg"
+        return federation is not None and federation.privacy.secure_aggregation
 
     def advertise_key(self) -> KeyAdvertisement:
         """The site's public key for this run, tagged with the federation's key (``query``).

@@ -512,7 +512,7 @@ def make_server_app(
                     grid,
                     directory,
                     round_timeout,
-                    in_secret_frame=bool(server.config.secret_frames),
+                    in_secret_frame=bool(server.config.privacy.secret_frames),
                 )
             run_flower_rounds(
                 grid, server, directory, round_timeout=round_timeout, progress_bar=progress_bar

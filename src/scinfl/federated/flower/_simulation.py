@@ -15,10 +15,11 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 from torch import nn
 
+from scinfl.federated._config import FederationConfig
 from scinfl.federated._local_engine import start_server
 from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for
-from scinfl.federated._server import FederatedServer, FederationConfig
+from scinfl.federated._server import FederatedServer
 from scinfl.federated._site_data import SiteData
 from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key
@@ -95,7 +96,7 @@ class SimulationSites:
             if not index.flags.writeable:
                 setattr(site, name, index.copy())
         settings = {
-            "secret_frames": bool(self.config is not None and self.config.secret_frames),
+            "secret_frames": bool(self.config is not None and self.config.privacy.secret_frames),
             "federation": self.config,
             "initial": self.initial,
         }
@@ -224,7 +225,7 @@ def run_flower_simulation(
     )
     initial = initial_parameters or get_shared_parameters(module)
     frames = None
-    if config.secret_frames:
+    if config.privacy.secret_frames:
         if not isinstance(key, Key):
             raise ValueError(
                 "secret_frames=True: the coordinator needs the federation's key (one Key, the "

@@ -20,7 +20,6 @@ made under another key are dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
@@ -35,9 +34,10 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from scinfl.federated._config import FederationConfig, PrivacyConfig
 from scinfl.federated._local_engine import start_server
 from scinfl.federated._secret_frames import frames_for
-from scinfl.federated._server import FederatedServer, FederationConfig
+from scinfl.federated._server import FederatedServer
 from scinfl.federated._site_data import SiteData
 from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
@@ -53,7 +53,7 @@ from ._server_app import (
 
 logger = logging.getLogger(__name__)
 
-#: Entries of the run configuration that are no field of FederationConfig: where the key
+#: Entries of the run configuration that are no federation setting: where the key
 #: and the results are, and how long the server waits.
 _DEPLOYMENT_ENTRIES: dict[str, Any] = {
     "key-fingerprint": "",
@@ -73,22 +73,25 @@ _MODEL_ENTRIES: dict[str, Any] = {
 
 
 def _run_config_entry(name: str) -> str:
-    """The run-config entry of a FederationConfig field (``num-rounds``: Flower's own name)."""
+    """The run-config entry of a setting (``num-rounds``: Flower's own name)."""
     return "num-rounds" if name == "max_rounds" else name.replace("_", "-")
 
 
+#: TOML has no null: the entries of the settings whose default is ``None``, and what stands
+#: for it (``secret-frames = "auto"`` is decided by :meth:`PrivacyConfig.for_key`).
+_TOML_NONE = {
+    "privacy": "",
+    "kl_warmup_rounds": 0,
+    "sample_dp_epsilon": "",
+    "secret_frames": "auto",
+}
+
+
 def _federation_entries() -> dict[str, Any]:
-    entries = {}
-    for f in dataclasses.fields(FederationConfig):
-        if not f.init:
-            continue
-        default = f.default
-        # TOML has no null: "" (privacy), 0 (warm-up) and "auto" (secret frames) stand for None
-        if f.name == "secret_frames":
-            default = "auto"
-        elif default is None:
-            default = 0 if f.name == "kl_warmup_rounds" else ""
-        entries[_run_config_entry(f.name)] = default
+    entries = {
+        _run_config_entry(name): _TOML_NONE[name] if default is None else default
+        for name, default in FederationConfig.setting_defaults().items()
+    }
     entries["min-sites"] = 2
     return entries
 
@@ -128,16 +131,12 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
     """
     s = _settings(run_config)
     values = {}
-    for f in dataclasses.fields(FederationConfig):
-        if not f.init or f.name == "secret_frames":
+    for name, default in FederationConfig.setting_defaults().items():
+        if name == "secret_frames":
             continue
-        value = s[_run_config_entry(f.name)]
-        default = f.default
-        if default is None:
-            values[f.name] = value or None
-        else:
-            values[f.name] = type(default)(value)
-    return FederationConfig(**values, secret_frames=secret_frames_on(s))
+        value = s[_run_config_entry(name)]
+        values[name] = (value or None) if default is None else type(default)(value)
+    return FederationConfig.from_settings(**values, secret_frames=secret_frames_on(s))
 
 
 def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
@@ -161,7 +160,7 @@ def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
         if text == "auto":
             privacy = str(s["privacy"]) or None
             has_key = _init_params(s).get("key_mode", "pooled") is not None or privacy == "secagg"
-            return bool(FederationConfig(privacy=privacy).for_key(has_key).secret_frames)
+            return bool(PrivacyConfig(privacy).for_key(has_key).secret_frames)
         if text not in ("true", "false"):
             raise ValueError(
                 f'run-config secret-frames must be true, false or "auto", got {value!r}.'
@@ -481,7 +480,7 @@ def _server_main(grid: Grid, context: Context) -> None:
             server.key_fingerprint,
             server.key_version,
         )
-    secure = server.config.privacy == "secagg"
+    secure = server.config.privacy.secure_aggregation
     if _init_params(s).get("gene_likelihood") == "normal":
         if secure:  # the moments are masked: pairwise keys first (run_rounds resends the same)
             agree_public_keys(grid, directory, directory.sites, round_timeout)
@@ -489,7 +488,10 @@ def _server_main(grid: Grid, context: Context) -> None:
         share_feature_scale(grid, directory, secure, round_timeout)
     if not server.parameters:
         server.parameters = request_parameters(
-            grid, directory, round_timeout, in_secret_frame=bool(server.config.secret_frames)
+            grid,
+            directory,
+            round_timeout,
+            in_secret_frame=bool(server.config.privacy.secret_frames),
         )
     run_flower_rounds(grid, server, directory, round_timeout=round_timeout, progress_bar=False)
     out = save_results(server, s["output-dir"])

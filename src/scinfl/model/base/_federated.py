@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Literal
@@ -22,8 +21,6 @@ logger = logging.getLogger(__name__)
 #: Setup argument that names the ``.obs`` column of sites. The site partitions training; it is
 #: not registered as a model input, so new samples need no site column.
 SITE_KEY = "site_key"
-
-_SETTINGS = {f.name for f in dataclasses.fields(FederationConfig) if f.init}
 
 
 class FederatedTrainingMixin:
@@ -75,15 +72,9 @@ class FederatedTrainingMixin:
         ]
 
     def _federation_config(self, seed: int | None = None, **settings) -> FederationConfig:
-        unknown = sorted(set(settings) - _SETTINGS)
-        if unknown:
-            raise TypeError(
-                f"Unknown training settings {unknown}; the settings are the fields of "
-                f"scinfl.federated.FederationConfig: {sorted(_SETTINGS)}."
-            )
         self._require_key()
         seed = scvi.settings.seed if seed is None else seed
-        config = FederationConfig(seed=0 if seed is None else int(seed), **settings)
+        config = FederationConfig.from_settings(seed=0 if seed is None else int(seed), **settings)
         return config.for_key(self.has_key)
 
     def train_federated(
@@ -131,13 +122,16 @@ class FederatedTrainingMixin:
             ``"auto"``). The local engine plays every site on that device (the data stay in host
             memory and travel a minibatch at a time); the Flower engine trains on CPU.
         **settings
-            Any field of :class:`~scinfl.federated.FederationConfig`: ``batch_size``, ``lr``,
-            ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
+            Any setting of :class:`~scinfl.federated.FederationConfig`, by its flat name
+            (:meth:`~scinfl.federated.FederationConfig.setting_defaults`): ``batch_size``,
+            ``lr``, ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
             ``balance_classes``, ``validation_size``, ``min_cells_per_site``,
             ``early_stopping``/``early_stopping_patience``, ``min_available``, ``seed``
-            (default: ``scvi.settings.seed``), ``privacy`` (``"dp"``, ``"secagg"``) and its
-            ``dp_*`` settings, ``sample_dp_epsilon`` (DP-SGD at every site: a formal
-            guarantee per row, whatever the server does), ``secret_frames``.
+            (default: ``scvi.settings.seed``); and the privacy part
+            (:class:`~scinfl.federated.PrivacyConfig`): ``privacy`` (``"dp"``, ``"secagg"``,
+            or a whole ``PrivacyConfig``), its ``dp_*`` settings, ``sample_dp_epsilon``
+            (DP-SGD at every site: a formal guarantee per row, whatever the server does),
+            ``secret_frames``.
 
         Returns
         -------
@@ -205,7 +199,7 @@ class FederatedTrainingMixin:
         accelerator, devices
             Where to train, as in :meth:`train_federated`.
         **settings
-            Fields of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
+            Settings of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
             ``validation_size``, ...).
 
         Examples

@@ -1,0 +1,353 @@
+"""Settings of a federated run: one dataclass, with its privacy part nested.
+
+In Python the settings are :class:`FederationConfig` with a :class:`PrivacyConfig` inside; at
+the edges (``train_federated(**settings)``, a Flower run configuration, a checkpoint's JSON)
+they are one flat mapping of *setting names* (:meth:`FederationConfig.setting_defaults`),
+derived from the two dataclasses' fields and converted back by
+:meth:`FederationConfig.from_settings`. A new option is a new field, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._client import ClientConfig
+
+_PRIVACY_MODES = (None, "dp", "secagg")
+
+
+def _setting_name(f: dataclasses.Field) -> str:
+    """The flat name of a field: its own, unless its metadata gives another."""
+    return f.metadata.get("setting", f.name)
+
+
+@dataclass
+class PrivacyConfig:
+    """What protects the sites' data beyond the key: DP, secure aggregation, secret frames.
+
+    Parameters
+    ----------
+    mode
+        ``None``; ``"dp"``: client-level DP-FedAvg (:class:`~scinfl.federated.DPFedAvg`) with
+        ``dp_noise_multiplier``, ``dp_clipping_norm`` and the reporting ``dp_delta``;
+        ``"secagg"``: the sites mask their updates with pairwise masks from pairwise key
+        agreement (public keys tagged with the key), and the server learns only their sum
+        (:func:`~scinfl.federated.mask_update`). Its setting name is ``privacy``
+        (``train_federated(privacy="secagg")``).
+    dp_noise_multiplier, dp_clipping_norm, dp_delta
+        DP settings (with ``mode="dp"``; ``dp_delta`` is also the ``delta`` of
+        ``sample_dp_epsilon``).
+    sample_dp_epsilon, sample_dp_clipping_norm
+        Sample-level DP at every site (DP-SGD, :class:`~scinfl.federated.DPSGDPlan`): each
+        row's gradient is clipped to ``sample_dp_clipping_norm`` and the site adds Gaussian
+        noise before anything leaves it, with the noise that keeps the whole run (every
+        round) within ``sample_dp_epsilon`` at ``dp_delta`` for each site's rows, whatever the
+        server does. It combines with secure aggregation and secret frames; see
+        :class:`FederationConfig` for what it changes in training.
+    secret_frames
+        The parameters travel and are averaged in secret frames drawn from the key, new every
+        round (:class:`~scinfl.federated.SecretFrames`). ``None`` (the default) is decided by
+        :meth:`for_key`.
+
+    Examples
+    --------
+    >>> PrivacyConfig("secagg").for_key(True).secret_frames
+    True
+    >>> PrivacyConfig("dp").for_key(True).secret_frames
+    False
+    """
+
+    mode: str | None = field(default=None, metadata={"setting": "privacy"})
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+    sample_dp_epsilon: float | None = None
+    sample_dp_clipping_norm: float = 1.0
+    secret_frames: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in _PRIVACY_MODES:
+            raise ValueError(f"privacy must be None, 'dp' or 'secagg', got {self.mode!r}.")
+        if self.secret_frames and self.mode == "dp":
+            raise ValueError(
+                "privacy='dp' clips and noises each site's update on the server, but under "
+                "secret_frames the server cannot form an update (each round's parameters are in "
+                "another secret frame). Use one or the other: secret_frames=False for DP-FedAvg."
+            )
+        if self.sample_dp_epsilon is not None and not (
+            self.sample_dp_epsilon > 0 and self.sample_dp_clipping_norm > 0
+        ):
+            raise ValueError("sample_dp_epsilon and sample_dp_clipping_norm must be > 0.")
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the sites mask their updates (``mode="secagg"``)."""
+        return self.mode == "secagg"
+
+    @property
+    def server_dp(self) -> bool:
+        """Whether the server clips and noises the updates (``mode="dp"``)."""
+        return self.mode == "dp"
+
+    def for_key(self, has_key: bool) -> PrivacyConfig:
+        """These settings with ``secret_frames`` decided: the one place that rule lives.
+
+        Left at ``None``, frames are on whenever the sites hold the federation's key (any key
+        mode), except with ``mode="dp"``, whose server-side clipping needs updates in a common
+        frame. Frames or secure aggregation without a key are refused.
+
+        Examples
+        --------
+        >>> PrivacyConfig().for_key(False).secret_frames
+        False
+        """
+        frames = self.secret_frames
+        if frames is None:
+            frames = has_key and not self.server_dp
+        if (frames or self.secure_aggregation) and not has_key:
+            what = "secret_frames=True" if frames else "privacy='secagg'"
+            raise ValueError(
+                f"{what} derives its secrets (frames, masks) from the federation's key: create "
+                "the model with key=scinfl.Key.generate() (or call model.set_key(key)) first."
+            )
+        return dataclasses.replace(self, secret_frames=frames)
+
+
+@dataclass
+class FederationConfig:
+    """Every setting of a federated run.
+
+    The one source of the models' ``train_federated`` settings, of a Flower deployment's run
+    configuration (:data:`~scinfl.federated.flower.app.DEFAULT_RUN_CONFIG` is derived from
+    these fields) and of a checkpoint's settings. Flat names (``privacy="dp"``,
+    ``dp_noise_multiplier=2.0``) are turned into this object by :meth:`from_settings`.
+
+    Parameters
+    ----------
+    max_rounds
+        Communication rounds.
+    local_epochs
+        Passes over a site's training rows per round.
+    fraction, min_sites
+        Fraction of the sites sampled each round, and the fewest sampled.
+    batch_size, lr, weight_decay
+        Local optimisation (Adam, a fresh optimiser each round). A site with fewer training
+        rows than ``batch_size`` trains on all its rows in one minibatch.
+    strategy, mu
+        ``"fedavg"``, or ``"fedprox"``: each site adds ``mu/2 ||w - w_global||^2`` to its
+        loss (``mu`` is used with ``"fedprox"`` only).
+    balance_classes
+        Weight each site's classification loss by the inverse frequency of its own labels.
+    kl_warmup_rounds
+        Rounds of linear KL warm-up, driven by the global round (default: half of
+        ``max_rounds``).
+    validation_size
+        Fraction of each site's rows held out for validation and model selection.
+    min_cells_per_site
+        Smallest site accepted.
+    early_stopping, early_stopping_patience
+        Stop when the validation loss has not improved for that many rounds.
+    seed
+        Seed of the federation: splits, sampling and every site's randomness.
+    min_available
+        Fewest accepted updates a round needs (fewer: the run stops with an error, and can be
+        resumed from its last checkpoint).
+    privacy
+        The privacy part (:class:`PrivacyConfig`); a string or ``None`` is its ``mode``.
+        Under sample-level DP (``privacy.sample_dp_epsilon``) the sites release no losses
+        (the history shows each site's epsilon spent instead), so there is no validation
+        split (``validation_size`` is set to 0), no early stopping, and the last round's model
+        is kept; ``balance_classes`` (weights from a site's label counts) is refused.
+
+    Examples
+    --------
+    >>> FederationConfig(max_rounds=10).kl_weight(0)
+    0.2
+    >>> FederationConfig().for_key(True).privacy.secret_frames
+    True
+    >>> privacy = FederationConfig.from_settings(privacy="dp", dp_noise_multiplier=2.0).privacy
+    >>> privacy.mode, privacy.dp_noise_multiplier
+    ('dp', 2.0)
+    """
+
+    max_rounds: int = 50
+    local_epochs: int = 1
+    fraction: float = 1.0
+    min_sites: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    strategy: str = "fedavg"
+    mu: float = 0.01
+    balance_classes: bool = False
+    kl_warmup_rounds: int | None = None
+    validation_size: float = 0.1
+    min_cells_per_site: int = 2
+    early_stopping: bool = False
+    early_stopping_patience: int = 10
+    seed: int = 0
+    min_available: int = 1
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    kl_warmup_default: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.privacy, PrivacyConfig):
+            self.privacy = PrivacyConfig(mode=self.privacy)
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1.")
+        if self.local_epochs < 1:
+            raise ValueError("local_epochs must be >= 1.")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {self.strategy!r}.")
+        if self.mu < 0:
+            raise ValueError("mu (FedProx) must be >= 0.")
+        if not 0 <= self.validation_size < 1:
+            raise ValueError(f"validation_size must be in [0, 1), got {self.validation_size}.")
+        if self.min_available < 1:
+            raise ValueError("min_available must be >= 1.")
+        if self.privacy.sample_dp_epsilon is not None:
+            self._check_sample_dp()
+        if self.kl_warmup_rounds is None:
+            self.kl_warmup_rounds = max(1, self.max_rounds // 2)
+            self.kl_warmup_default = True
+
+    def _check_sample_dp(self) -> None:
+        if self.early_stopping:
+            raise ValueError(
+                "early_stopping needs the sites' validation losses, which sample-level DP "
+                "does not release: train without early_stopping (the last round is kept)."
+            )
+        if self.balance_classes:
+            raise ValueError(
+                "balance_classes weights the loss by a site's label counts, which sample-level "
+                "DP does not cover: train with balance_classes=False."
+            )
+        # no loss leaves a site, so validation rows would only be rows not trained on
+        self.validation_size = 0.0
+
+    @classmethod
+    def setting_defaults(cls) -> dict[str, Any]:
+        """Every setting by its flat name, with its default (``None`` where there is none).
+
+        Examples
+        --------
+        >>> defaults = FederationConfig.setting_defaults()
+        >>> defaults["batch_size"], defaults["privacy"], defaults["dp_delta"]
+        (128, None, 1e-05)
+        """
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(cls) if f.init and f.name != "privacy"
+        }
+        defaults.update({_setting_name(f): f.default for f in dataclasses.fields(PrivacyConfig)})
+        return defaults
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> FederationConfig:
+        """Build the settings from flat names, those of :meth:`setting_defaults`.
+
+        ``privacy`` may be a :class:`PrivacyConfig` (the other privacy names then change it)
+        or its ``mode``.
+
+        Examples
+        --------
+        >>> FederationConfig.from_settings(max_rounds=3, privacy="secagg").privacy.mode
+        'secagg'
+        """
+        unknown = sorted(set(settings) - set(cls.setting_defaults()))
+        if unknown:
+            raise TypeError(
+                f"Unknown training settings {unknown}; the settings are: "
+                f"{sorted(cls.setting_defaults())}."
+            )
+        privacy = settings.pop("privacy", None)
+        if not isinstance(privacy, PrivacyConfig):
+            privacy = PrivacyConfig(mode=privacy)
+        names = {_setting_name(f): f.name for f in dataclasses.fields(PrivacyConfig)}
+        nested = {names[k]: settings.pop(k) for k in list(settings) if k in names}
+        return cls(privacy=dataclasses.replace(privacy, **nested), **settings)
+
+    def settings(self) -> dict[str, Any]:
+        """These settings by flat name: the inverse of :meth:`from_settings`.
+
+        Examples
+        --------
+        >>> config = FederationConfig(max_rounds=4, privacy="dp")
+        >>> FederationConfig.from_settings(**config.settings()) == config
+        True
+        """
+        own = [f.name for f in dataclasses.fields(self) if f.init and f.name != "privacy"]
+        flat = {name: getattr(self, name) for name in own}
+        privacy_fields = dataclasses.fields(PrivacyConfig)
+        flat.update({_setting_name(f): getattr(self.privacy, f.name) for f in privacy_fields})
+        return flat
+
+    @property
+    def proximal_weight(self) -> float:
+        """The FedProx weight the sites use: ``mu`` with ``"fedprox"``, 0 with ``"fedavg"``."""
+        return self.mu if self.strategy == "fedprox" else 0.0
+
+    def for_key(self, has_key: bool) -> FederationConfig:
+        """These settings with the privacy part decided for the key (:meth:`PrivacyConfig.for_key`).
+
+        Examples
+        --------
+        >>> FederationConfig(privacy="dp").for_key(True).privacy.secret_frames
+        False
+        """
+        warmup = None if self.kl_warmup_default else self.kl_warmup_rounds
+        return dataclasses.replace(
+            self, privacy=self.privacy.for_key(has_key), kl_warmup_rounds=warmup
+        )
+
+    def kl_weight(self, round_: int) -> float:
+        """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
+        return float(min(1.0, (round_ + 1) / self.kl_warmup_rounds))
+
+    def client_config(
+        self, round_: int, participants: Sequence[str] = (), attempt: int = 0, frame: str = ""
+    ) -> ClientConfig:
+        """The instructions sent to every site in ``round_``.
+
+        Under secure aggregation the ``participants`` of this ``attempt`` mask their updates;
+        under secret frames the parameters sent along are in ``frame``.
+        """
+        privacy = self.privacy
+        secure = privacy.secure_aggregation
+        return ClientConfig(
+            round=round_,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            kl_weight=self.kl_weight(round_),
+            mu=self.proximal_weight,
+            balance_classes=self.balance_classes,
+            seed=self.seed,
+            secure_aggregation=secure,
+            participants=sorted(participants) if secure else [],
+            attempt=attempt if secure else 0,
+            secret_frames=bool(privacy.secret_frames),
+            frame=frame if privacy.secret_frames else "",
+            # the run's length matters to a site only under sample-level DP (its budget)
+            max_rounds=self.max_rounds if privacy.sample_dp_epsilon else 0,
+            sample_dp_epsilon=privacy.sample_dp_epsilon or 0.0,
+            sample_dp_clipping_norm=privacy.sample_dp_clipping_norm,
+            dp_delta=privacy.dp_delta,
+        )
+
+
+#: Settings a resumed run may change: they do not shape the trajectory of the rounds run.
+_RESUMABLE = {
+    "max_rounds",
+    "min_cells_per_site",
+    "early_stopping",
+    "early_stopping_patience",
+    "min_available",
+}
+#: Settings a resumed run must share with its checkpoint (they shape the trajectory).
+TRAJECTORY_SETTINGS = tuple(n for n in FederationConfig.setting_defaults() if n not in _RESUMABLE)
