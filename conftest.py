@@ -21,6 +21,12 @@ collect_ignore_glob = (
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one torch thread, whatever a library called before it left behind."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_scvi_in_doctests(request):
     """scvi-tools logs through rich to stdout, which a doctest would read as output."""
     if isinstance(request.node, pytest.DoctestItem):

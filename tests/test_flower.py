@@ -33,6 +33,7 @@ from scinfl.federated import (
     ClientUpdate,
     FederatedServer,
     FederationConfig,
+    PrivacyConfig,
     SiteData,
     get_shared_parameters,
     run_local,
@@ -366,7 +367,7 @@ def test_simulation_matches_local_engine(module, sites, config, key, privacy):
     # under secret frames, so that the simulation's own frame code (initial model in the
     # initial frame, result decoded) runs too; the apps without frames are tested above.
     # Under secagg the sites agree on pairwise keys in Flower's per-node state first.
-    config = dataclasses.replace(config, secret_frames=True, privacy=privacy)
+    config = dataclasses.replace(config, privacy=PrivacyConfig(privacy, secret_frames=True))
     expected, local_server = _local(module, sites, config, key)
     simulated = copy.deepcopy(module)
     start = time.perf_counter()

@@ -98,9 +98,12 @@ def test_loss_and_rmia_detect_members_of_an_overfit_model(counts):
     target = train_reference_models(
         make, _tensors(counts, members), n_models=1, fraction=1.0, epochs=200, lr=0.01, seed=5
     ).modules[0]
-    loss = loss_attack(target, _tensors(counts, members), _tensors(counts, non_members))
-    assert loss.auc > 0.7
-    assert loss.tpr > 0.05
+    # the TPR at 10% FPR (chance: 0.1): at 1% FPR, with 60 non-members, it is the share of
+    # members above every non-member, 0 to 0.1 from one seed (or float summation order) to the
+    # next; over 8 seeds the AUC was 0.72-0.87 and the TPR at 10% FPR 0.33-0.63
+    loss = loss_attack(target, _tensors(counts, members), _tensors(counts, non_members), fpr=0.1)
+    assert loss.auc > 0.65
+    assert loss.tpr > 0.2
 
     references = train_reference_models(
         make, _tensors(counts, population), n_models=2, epochs=100, lr=0.01, seed=1

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -67,3 +70,28 @@ def test_embed_records_the_model_settings_but_no_key_material():
     assert params["model"] == "INFL" and params["n_hidden"] == 8
     text = repr(adata.uns)
     assert seed.hex() not in text and repr(seed) not in text and "Key(" not in text
+
+
+KEEPS_THREADS = """
+import numpy as np, torch, anndata as ad, scinfl
+torch.set_num_threads(1)
+x = torch.randn(500, 500)
+(x @ x).sum()  # torch's OpenMP runtime has run
+adata = ad.AnnData(np.random.default_rng(0).normal(size=(700, 10)).astype("float32"))
+adata.obsm["X_scinfl"] = adata.X
+scinfl.tl.cluster(adata, umap=False)
+print(torch.get_num_threads())
+"""
+
+
+def test_cluster_keeps_the_users_torch_threads():
+    """The first neighbour graph of a process resets OpenMP's thread count; ours puts it back.
+
+    In a fresh interpreter: later graphs of a process do not reset it.
+    """
+    env = {"PATH": "", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", KEEPS_THREADS], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "1"

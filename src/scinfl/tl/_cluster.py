@@ -7,7 +7,10 @@ import scanpy as sc
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._threads import keeps_torch_threads
 
+
+@keeps_torch_threads
 def cluster(
     adata: AnnData | MuData,
     use_rep: str = "X_scinfl",

@@ -11,6 +11,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.mixture import GaussianMixture
 
+from scinfl._threads import keeps_torch_threads
+
 
 def _ring_means(graph: sp.spmatrix, latent: np.ndarray, n_layers: int) -> list[np.ndarray]:
     """Mean latent over the spots exactly ``l`` hops away, for ``l = 1..n_layers``.
@@ -36,6 +38,7 @@ def _ring_means(graph: sp.spmatrix, latent: np.ndarray, n_layers: int) -> list[n
     return means
 
 
+@keeps_torch_threads
 def domains(
     adata: AnnData,
     model=None,
