@@ -110,8 +110,11 @@ def test_server_and_one_site_leave_each_honest_upload_masked(round_):
             truth = plain[site].parameters[name].astype(np.float64)
             # the masks of the honest pairs remain: uniform noise on 2^64, not the update
             assert np.abs(value - truth).mean() > 1e3, (site, name)
-            if value.size > 20:
-                assert abs(np.corrcoef(value.ravel(), truth.ravel())[0, 1]) < 0.5, (site, name)
+        # over the whole upload (per tensor, small tensors correlate by chance): a correlation
+        # of independent noise with the update is within 5 standard errors of 0
+        value = np.concatenate([v.ravel() for v in seen.values()])
+        truth = np.concatenate([plain[site].parameters[n].ravel() for n in seen])
+        assert abs(np.corrcoef(value, truth)[0, 1]) < 5 / np.sqrt(value.size), site
 
 
 def test_server_and_one_site_learn_the_sum_of_the_honest_updates(round_):
