@@ -34,7 +34,9 @@ from scinfl.federated import (
     FederatedServer,
     FederationConfig,
     PrivacyConfig,
+    Roster,
     SiteData,
+    SiteIdentity,
     get_shared_parameters,
     run_local,
 )
@@ -50,6 +52,7 @@ from scinfl.federated.flower import (
     run_flower_simulation,
     update_to_content,
 )
+from scinfl.federated.flower._records import record_to_advertisements
 from scinfl.federated.flower.app import model_run_config
 from scinfl.model import INFL
 from scinfl.module import KeyedVAE
@@ -485,11 +488,22 @@ def test_deployment_apps_match_local_engine(tmp_path, key, task_identity):
     assert history["accepted"].all() and sorted(set(history["site"])) == names
 
 
-def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
-    """run-config privacy="secagg": the sites send masked updates, the model is the plain one."""
+@pytest.mark.parametrize("pinned", [False, True])
+def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned):
+    """run-config privacy="secagg": the sites send masked updates, the model is the plain one.
+
+    ``pinned``: every site also has its identity and the roster in its node config, and signs
+    its public key.
+    """
     from scinfl.federated.flower.app import client_app, load_results, server_app
 
     names, run_config, node_configs = _deployment_files(tmp_path, key, {"privacy": "secagg"})
+    if pinned:
+        identities = [SiteIdentity.generate(name) for name in names]
+        roster = Roster.from_identities(identities).save(tmp_path / "roster.json")
+        for node, identity in zip(node_configs, identities, strict=True):
+            path = identity.save(tmp_path / f"{identity.site}.identity")
+            node.update({"identity-path": str(path), "roster-path": str(roster)})
     grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
     server_app(
         grid,
@@ -502,6 +516,14 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity):
         for name, array in reply.content["parameters"].items()
         if name.endswith("weight")
     )
+    advertised = [
+        ad
+        for reply in grid.replies
+        if "public-keys" in reply.content.config_records
+        for ad in record_to_advertisements(reply.content.config_records["public-keys"])
+    ]
+    assert len(advertised) == len(names)
+    assert all(bool(ad.signature) == pinned for ad in advertised)
     secrets = [key._seed, key._seed.hex().encode(), key.secret_for("secure-aggregation")]
     for message in grid.sent + grid.replies:
         blob = pickle.dumps(message.content)

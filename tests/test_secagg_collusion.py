@@ -10,6 +10,7 @@ honest sites' updates comes out: what the game in docs/privacy.md allows, and no
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,12 @@ import scinfl
 from scinfl.federated import (
     FederationConfig,
     InProcessTransport,
+    KeyAdvertisement,
+    RefusedMessageError,
+    Roster,
     SiteData,
+    SiteIdentity,
+    SiteProtocol,
     SiteRuntime,
     advertise_key,
     fedavg,
@@ -128,12 +134,12 @@ def test_server_and_one_site_learn_the_sum_of_the_honest_updates(round_):
         np.testing.assert_allclose(value, honest[name], atol=1e-6, err_msg=name)
 
 
-def test_residual_a_key_holder_relaying_forged_keys_unmasks_a_site():
-    """Documented residual (docs/privacy.md): a server colluding with a key holder forges tags.
+def test_without_pinned_identities_a_key_holder_relaying_forged_keys_unmasks_a_site():
+    """Without a roster (docs/privacy.md): a server colluding with a key holder forges tags.
 
     It relays to site ``a`` public keys of its own for ``b`` and ``c``; ``a`` cannot tell them
     from the real ones (the tag uses the shared key), so the coalition unmasks ``a``'s upload.
-    Pinning the peers' long-term public keys out of band would close this; scinfl does not.
+    Pinned identities close this (next tests).
     """
     private = {site: generate_private_key() for site in NAMES}
     forged = {site: generate_private_key() for site in ("b", "c")}
@@ -151,3 +157,60 @@ def test_residual_a_key_holder_relaying_forged_keys_unmasks_a_site():
     for other in sorted(masks):
         value = value - _pair_mask(masks[other], 0, 0, NAMES, "w", value.shape)
     np.testing.assert_allclose(_decode({"w": value}, 5)["w"], update.parameters["w"], atol=1e-6)
+
+
+def _pinned_transport():
+    """The four sites of :func:`_transport` under secure aggregation, each with its identity."""
+    transport, federation, initial = _transport("secagg")
+    identities = {name: SiteIdentity.generate(name) for name in NAMES}
+    roster = Roster.from_identities(list(identities.values()))
+    for name, runtime in transport.runtimes.items():
+        pinned = replace(runtime, identity=identities[name], roster=roster)
+        transport.runtimes[name] = pinned
+        transport.protocols[name] = SiteProtocol(pinned)
+    return transport, federation, initial, identities, roster
+
+
+def test_pinned_identities_refuse_keys_forged_by_a_key_holder():
+    """The same forgery as above, against sites that pin each other's identities: refused."""
+    transport, _, _, identities, roster = _pinned_transport()
+    honest = transport.protocols["a"]
+    own = honest.advertise_key()
+    assert verify_advertisements([own], KEY, roster) == {"a": own.public_key}
+    coalition = {site: generate_private_key() for site in ("b", "c", "d")}
+    for signer in (None, identities[COLLUDER]):  # unsigned, or signed by the colluder
+        forged = [
+            KeyAdvertisement(
+                site, ad.public_key, ad.tag, "" if signer is None else signer.sign(b"any")
+            )
+            for site, ad in (
+                (site, advertise_key(secret, site, KEY)) for site, secret in coalition.items()
+            )
+        ]
+        with pytest.raises(RefusedMessageError, match="not signed by the identity the roster"):
+            honest.install_peer_keys([own, *forged])
+    with pytest.raises(ValueError, match="cannot sign for site 'b'"):
+        advertise_key(coalition["b"], "b", KEY, identities[COLLUDER])
+    assert not honest.state.peer_keys  # nothing was installed
+
+
+def test_pinned_identities_aggregate_as_without(round_):
+    plain, _, _ = round_
+    transport, federation, initial, _, _ = _pinned_transport()
+    transport.agree_keys(NAMES)
+    masked = transport.train(0, NAMES, initial, federation.client_config(0, NAMES))
+    result = unmask_sum(masked, plain["a"].parameters, NAMES)
+    expected = fedavg(list(plain.values()))
+    for name in expected:
+        np.testing.assert_allclose(result[name], expected[name], atol=1e-6, err_msg=name)
+
+
+def test_an_identity_needs_the_roster_that_pins_it():
+    transport, *_ = _transport("secagg")
+    runtime = transport.runtimes["a"]
+    identity = SiteIdentity.generate("a")
+    with pytest.raises(ValueError, match="go together"):
+        replace(runtime, identity=identity)
+    other = Roster.from_identities([SiteIdentity.generate("a")])
+    with pytest.raises(ValueError, match="not the one the roster pins"):
+        replace(runtime, identity=identity, roster=other)

@@ -39,6 +39,7 @@ from ._secret_frames import (
 from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
 from ._server import FederatedServer
 from ._site_data import SiteData
+from ._site_identity import Roster, SiteIdentity
 from ._site_runtime import (
     RefusedMessageError,
     SiteProtocol,
@@ -62,8 +63,10 @@ __all__ = [
     "KeyAdvertisement",
     "Parameters",
     "RefusedMessageError",
+    "Roster",
     "SecretFrames",
     "SiteData",
+    "SiteIdentity",
     "SiteProtocol",
     "SiteRuntime",
     "SiteState",

@@ -11,7 +11,10 @@ server with ``t`` colluding sites learns the sum of the other sites' updates, no
 
 The tag keeps a server *without* the key from substituting public keys (a man in the middle).
 A server that colludes with a key holder can forge tags, substitute a site's key in what it
-relays and then unmask that site: docs/privacy.md ("The protocol as a game") states this.
+relays and then unmask that site, unless the sites pin each other's long-term identities: with
+a :class:`~scinfl.federated.Roster`, each advertisement is also signed with the site's
+:class:`~scinfl.federated.SiteIdentity`, and a site accepts only keys signed by the sites they
+are advertised for.
 
 Built on the ``cryptography`` package (X25519, HKDF), as Flower's SecAgg+ is. Flower's own
 helpers (``flwr.common.secure_aggregation.crypto.symmetric_encryption.generate_shared_key``,
@@ -33,6 +36,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from scinfl.key import Key
 
+from ._site_identity import Roster, SiteIdentity
+
 _RAW = {"encoding": serialization.Encoding.Raw}
 
 
@@ -48,6 +53,9 @@ class KeyAdvertisement:
         Its X25519 public key (32 bytes, hex).
     tag
         HMAC-SHA256 of the site's name and public key under the federation's key (hex).
+    signature
+        Ed25519 signature of the same by the site's :class:`~scinfl.federated.SiteIdentity`
+        (hex; empty when the site holds no identity).
 
     Examples
     --------
@@ -59,6 +67,7 @@ class KeyAdvertisement:
     site: str
     public_key: str
     tag: str
+    signature: str = ""
 
 
 def generate_private_key() -> str:
@@ -95,13 +104,21 @@ def public_key_of(private_key: str) -> str:
     return public.public_bytes(format=serialization.PublicFormat.Raw, **_RAW).hex()
 
 
+def _label(site: str, public_key: str) -> bytes:
+    return "\x1f".join(["scinfl/secagg-public-key", site, public_key]).encode()
+
+
 def _tag(key: Key, site: str, public_key: str) -> str:
-    label = "\x1f".join(["scinfl/secagg-public-key", site, public_key]).encode()
+    label = _label(site, public_key)
     return hmac.new(key.secret_for("secure-aggregation"), label, hashlib.sha256).hexdigest()
 
 
-def advertise_key(private_key: str, site: str, key: Key) -> KeyAdvertisement:
-    """The advertisement of ``site``'s public key: the key and its tag under ``key``.
+def advertise_key(
+    private_key: str, site: str, key: Key, identity: SiteIdentity | None = None
+) -> KeyAdvertisement:
+    """The advertisement of ``site``'s public key: the key, its tag under ``key``, its signature.
+
+    With an ``identity`` (the site's own), the advertisement is signed with it.
 
     Examples
     --------
@@ -111,17 +128,28 @@ def advertise_key(private_key: str, site: str, key: Key) -> KeyAdvertisement:
     True
     """
     public_key = public_key_of(private_key)
-    return KeyAdvertisement(site, public_key, _tag(key, site, public_key))
+    signature = ""
+    if identity is not None:
+        if identity.site != site:
+            raise ValueError(
+                f"The identity of site {identity.site!r} cannot sign for site {site!r}: give "
+                "each site its own identity file."
+            )
+        signature = identity.sign(_label(site, public_key))
+    return KeyAdvertisement(site, public_key, _tag(key, site, public_key), signature)
 
 
-def verify_advertisements(advertisements: Sequence[KeyAdvertisement], key: Key) -> dict[str, str]:
-    """Each site's public key, once every tag is checked against the federation's key.
+def verify_advertisements(
+    advertisements: Sequence[KeyAdvertisement], key: Key, roster: Roster | None = None
+) -> dict[str, str]:
+    """Each site's public key, once every tag (and, with a ``roster``, signature) is checked.
 
     Raises
     ------
     ValueError
         When a tag is wrong (a key substituted by someone without the federation's key, or a
-        site under another key) or a site is named twice.
+        site under another key), a site is named twice, or, with a ``roster``, a site is not
+        in it or its key is not signed by its identity (a key substituted by a key holder).
 
     Examples
     --------
@@ -141,6 +169,15 @@ def verify_advertisements(advertisements: Sequence[KeyAdvertisement], key: Key) 
                 f"The public key advertised for site {ad.site!r} does not carry the federation "
                 "key's tag: it was substituted, or the site holds another key. Check that every "
                 "site holds the federation's current key."
+            )
+        if roster is not None and not roster.verify(
+            ad.site, _label(ad.site, ad.public_key), ad.signature
+        ):
+            raise ValueError(
+                f"The public key advertised for site {ad.site!r} is not signed by the identity "
+                "the roster pins for it: it was substituted (by someone holding the federation's "
+                "key), the site runs without its identity file, or the roster is not the "
+                "federation's. Give every site its `identity-path` and the same `roster-path`."
             )
         keys[ad.site] = ad.public_key
     return keys

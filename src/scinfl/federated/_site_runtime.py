@@ -39,6 +39,7 @@ from ._sample_dp import noise_seed
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import mask_update, protect_update
 from ._site_data import SiteData
+from ._site_identity import Roster, SiteIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class SiteRuntime:
     initial
         The shared parameters the site was built with (default: the module's now), the only
         parameters it ever sends in a reply to a ``query``.
+    identity, roster
+        The site's long-term identity and the federation's roster of identities
+        (:class:`~scinfl.federated.Roster`), both or neither: under secure aggregation the
+        site then signs its public key and accepts only peers' keys signed by the identities
+        the roster pins, so that no one holding the federation's key can substitute them.
 
     Examples
     --------
@@ -98,16 +104,36 @@ class SiteRuntime:
     secret_frames: bool = False
     federation: FederationConfig | None = None
     initial: Parameters | None = field(default=None, repr=False)
+    identity: SiteIdentity | None = field(default=None, repr=False)
+    roster: Roster | None = None
 
     def __post_init__(self) -> None:
         if self.initial is None:
             self.initial = get_shared_parameters(self.module)
+        self._check_identity()
         if self.federation is not None and bool(self.federation.privacy.secret_frames) != bool(
             self.secret_frames
         ):
             raise ValueError(
                 f"Site {self.site.name!r}: secret_frames={self.secret_frames} but its federation "
                 f"settings say secret_frames={self.federation.privacy.secret_frames}."
+            )
+
+    def _check_identity(self) -> None:
+        if (self.identity is None) != (self.roster is None):
+            raise ValueError(
+                f"Site {self.site.name!r}: an identity and a roster go together (the identity "
+                "signs this site's public key, the roster checks the peers'): give both, or "
+                "neither."
+            )
+        if self.roster is None:
+            return
+        pinned = self.roster.public_keys.get(self.site.name)
+        if self.identity.site != self.site.name or pinned != self.identity.public_key:
+            raise ValueError(
+                f"Site {self.site.name!r}: its identity file (site {self.identity.site!r}) is not "
+                "the one the roster pins for it. Give the site its own identity file and the "
+                "federation's roster."
             )
 
 
@@ -441,7 +467,9 @@ class SiteProtocol:
             )
         if not self.state.private_key:
             self.state.private_key = generate_private_key()
-        return advertise_key(self.state.private_key, self.runtime.site.name, self.runtime.key)
+        return advertise_key(
+            self.state.private_key, self.runtime.site.name, self.runtime.key, self.runtime.identity
+        )
 
     def install_peer_keys(self, advertisements: Sequence[KeyAdvertisement]) -> None:
         """Install every site's public key (``query``), once their tags are checked.
@@ -453,7 +481,7 @@ class SiteProtocol:
         if not self._secure() or not self.state.private_key:
             raise self._refuse(what, "it has advertised no public key in this run")
         try:
-            keys = verify_advertisements(advertisements, self.runtime.key)
+            keys = verify_advertisements(advertisements, self.runtime.key, self.runtime.roster)
         except ValueError as err:
             raise self._refuse(what, str(err).rstrip(".")) from err
         name = self.runtime.site.name

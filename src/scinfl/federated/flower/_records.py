@@ -129,11 +129,11 @@ def identity_record(
 
 
 def advertisements_to_record(advertisements: Sequence[KeyAdvertisement]) -> ConfigRecord:
-    """Public keys and their tags (secure aggregation's key agreement) as a ``ConfigRecord``.
+    """Public keys, their tags and signatures (secure aggregation's key agreement), a record.
 
     Examples
     --------
-    >>> ad = KeyAdvertisement("a", "00" * 32, "11" * 32)
+    >>> ad = KeyAdvertisement("a", "00" * 32, "11" * 32, "22" * 64)
     >>> record_to_advertisements(advertisements_to_record([ad])) == [ad]
     True
     """
@@ -142,16 +142,17 @@ def advertisements_to_record(advertisements: Sequence[KeyAdvertisement]) -> Conf
             "sites": [ad.site for ad in advertisements],
             "public-keys": [ad.public_key for ad in advertisements],
             "tags": [ad.tag for ad in advertisements],
+            "signatures": [ad.signature for ad in advertisements],
         }
     )
 
 
 def record_to_advertisements(record: ConfigRecord) -> list[KeyAdvertisement]:
     """The advertisements of :func:`advertisements_to_record`."""
-    columns = [list(record[name]) for name in ("sites", "public-keys", "tags")]
+    columns = [list(record[name]) for name in ("sites", "public-keys", "tags", "signatures")]
     if len({len(column) for column in columns}) != 1:
-        raise ValueError("A public-key record needs as many keys and tags as sites.")
-    return [KeyAdvertisement(str(s), str(k), str(t)) for s, k, t in zip(*columns, strict=True)]
+        raise ValueError("A public-key record needs as many keys, tags and signatures as sites.")
+    return [KeyAdvertisement(*map(str, row)) for row in zip(*columns, strict=True)]
 
 
 def metrics_record(metrics: Mapping[str, float]) -> MetricRecord:

@@ -39,6 +39,7 @@ from scinfl.federated._local_engine import start_server
 from scinfl.federated._secret_frames import frames_for
 from scinfl.federated._server import FederatedServer
 from scinfl.federated._site_data import SiteData
+from scinfl.federated._site_identity import Roster, SiteIdentity
 from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
 
@@ -312,7 +313,14 @@ def _read_site_data(path: Path, cls: type):
 
 
 @lru_cache(maxsize=4)
-def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str) -> SiteRuntime:
+def _load_runtime(
+    data_path: str,
+    key_path: str,
+    site: str,
+    run_config_json: str,
+    identity_path: str = "",
+    roster_path: str = "",
+) -> SiteRuntime:
     run_config = json.loads(run_config_json)
     needs = {
         "the model is keyed": _init_params(run_config).get("key_mode", "pooled") is not None,
@@ -340,6 +348,13 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
                 "federation's key file (after a rotation: the new one)."
             )
         fingerprint, version = key.fingerprint, key.version
+    if bool(identity_path) != bool(roster_path):
+        raise ValueError(
+            f"Site {site!r}: the node config has only one of `identity-path` (this site's "
+            "identity) and `roster-path` (the federation's roster): give both, or neither."
+        )
+    identity = SiteIdentity.load(identity_path) if identity_path else None
+    roster = Roster.load(roster_path) if roster_path else None
     model, data = load_site(data_path, site, run_config, key=key)
     # the site's own settings decide frames and every instruction, never a message
     return SiteRuntime(
@@ -350,11 +365,17 @@ def _load_runtime(data_path: str, key_path: str, site: str, run_config_json: str
         key=key,
         secret_frames=secret_frames_on(run_config),
         federation=federation_config(run_config),
+        identity=identity,
+        roster=roster,
     )
 
 
 def resolve_deployed_site(context: Context) -> SiteRuntime:
     """Load the site of a SuperNode from its node config (``data-path``, ``key-path``, ``site``).
+
+    With ``identity-path`` and ``roster-path`` (a :class:`~scinfl.federated.SiteIdentity` and
+    the federation's :class:`~scinfl.federated.Roster`), secure aggregation's public keys are
+    signed and pinned.
 
     Examples
     --------
@@ -369,7 +390,9 @@ def resolve_deployed_site(context: Context) -> SiteRuntime:
     data_path = str(node["data-path"])
     site = str(node.get("site", "")) or Path(data_path).stem
     run_config = json.dumps(_settings(context.run_config), sort_keys=True)
-    return _load_runtime(data_path, str(node.get("key-path", "")), site, run_config)
+    paths = (str(node.get(entry, "")) for entry in ("key-path", "identity-path", "roster-path"))
+    key_path, identity_path, roster_path = paths
+    return _load_runtime(data_path, key_path, site, run_config, identity_path, roster_path)
 
 
 def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
