@@ -442,6 +442,31 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table).T
 
 
+def paired_differences(results: pd.DataFrame, method: str = "INFL default") -> str:
+    """``method``'s accuracy against every other neural row, fold by fold (the same folds).
+
+    Mean difference in points, its standard error (sd of the differences / sqrt(folds)) and in
+    how many folds ``method`` is ahead, behind or tied.
+    """
+    accuracy = results.pivot_table(
+        index=["repeat", "fold"], columns="method", values="accuracy", aggfunc="first"
+    )
+    if method not in accuracy:
+        return ""
+    parts = []
+    for other in ("centralized", "federated, no key", "local only (mean over sites)"):
+        if other not in accuracy:
+            continue
+        diff = (accuracy[method] - accuracy[other]).dropna() * 100
+        ahead, behind = int((diff > 1e-9).sum()), int((diff < -1e-9).sum())
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        parts.append(
+            f"- {other}: {diff.mean():+.1f} points (paired SE {se:.1f}; ahead in {ahead} folds, "
+            f"behind in {behind}, tied in {len(diff) - ahead - behind})"
+        )
+    return f"{method} " + "; ".join(parts) + "." if parts else ""
+
+
 def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(TASKS), nargs="+", default=["tumor"])
@@ -537,7 +562,8 @@ def main(argv: list[str] | None = None) -> list[pd.DataFrame]:
             )
         else:
             print(f"settings: {asdict(settings)}")
-        print(table.to_markdown(), flush=True)
+        print(table.to_markdown())
+        print(f"\n{paired_differences(results)}", flush=True)
         tables.append(table)
     return tables
 
