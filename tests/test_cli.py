@@ -22,3 +22,19 @@ def test_quickstart_writes_outputs_without_key_material(tmp_path, capsys):
     for path in [out / "pbmc68k_scinfl.h5ad", *(out / "model").iterdir()]:
         assert seed_hex.encode() not in path.read_bytes()
         assert bytes.fromhex(seed_hex) not in path.read_bytes()
+
+
+def test_identity_and_roster_commands_make_files_a_site_loads(tmp_path, capsys):
+    from scinfl.federated import Roster, SiteIdentity
+
+    lines = []
+    for site in ("a", "b"):
+        assert main(["identity", site, "--out", str(tmp_path / f"{site}.identity")]) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["roster", *lines, "--out", str(tmp_path / "roster.json")]) == 0
+    roster = Roster.load(tmp_path / "roster.json")
+    identity = SiteIdentity.load(tmp_path / "a.identity")
+    assert roster.public_keys["a"] == identity.public_key and set(roster.public_keys) == {"a", "b"}
+    assert (tmp_path / "a.identity").stat().st_mode & 0o077 == 0  # private to its owner
+    with pytest.raises(ValueError, match="SITE=PUBLIC_KEY"):
+        main(["roster", "a:123", "--out", str(tmp_path / "bad.json")])

@@ -133,6 +133,46 @@ def _print_summary(summary: dict, rounds: int) -> None:
         console.print(f"wrote {path}")
 
 
+def new_identity(site: str, out: str | Path) -> str:
+    """Draw ``site``'s identity into ``out`` (private); returns its public key for the roster.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> len(new_identity("a", tempfile.mkdtemp() + "/a.identity"))
+    64
+    """
+    from scinfl.federated import SiteIdentity
+
+    identity = SiteIdentity.generate(site)
+    identity.save(out)
+    return identity.public_key
+
+
+def write_roster(entries: Sequence[str], out: str | Path) -> Path:
+    """Write the roster of ``SITE=PUBLIC_KEY`` entries (the public keys sites sent) to ``out``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = write_roster(["a=" + "ab" * 32], tempfile.mkdtemp() + "/roster.json")
+    >>> path.name
+    'roster.json'
+    """
+    from scinfl.federated import Roster
+
+    keys = {}
+    for entry in entries:
+        site, sep, public_key = entry.partition("=")
+        if not sep or len(public_key) != 64:
+            raise ValueError(
+                f"Roster entry {entry!r} is not SITE=PUBLIC_KEY (the 64 hex digits that "
+                "`scinfl identity` printed at that site)."
+            )
+        keys[site] = public_key
+    return Roster(keys).save(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scinfl`` command."""
     parser = argparse.ArgumentParser(
@@ -146,10 +186,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     qs.add_argument("--out", default="scinfl_quickstart", help="output directory")
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--no-central", action="store_true", help="skip the centralized reference")
+    identity = commands.add_parser(
+        "identity", help="draw a site's identity for secure aggregation (kept at the site)"
+    )
+    identity.add_argument("site", help="the site's name in the federation")
+    identity.add_argument("--out", required=True, help="identity file to write (private)")
+    roster = commands.add_parser(
+        "roster", help="write the federation's roster from the sites' public keys"
+    )
+    roster.add_argument("entries", nargs="+", metavar="SITE=PUBLIC_KEY")
+    roster.add_argument("--out", required=True, help="roster file to write (public)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from rich.console import Console
+
+    console = Console()
     if args.command == "quickstart":
         quickstart(rounds=args.rounds, out=args.out, seed=args.seed, central=not args.no_central)
+    elif args.command == "identity":
+        public_key = new_identity(args.site, args.out)
+        console.print(f"wrote {args.out}; send the coordinator this line for the roster:")
+        console.print(f"{args.site}={public_key}", soft_wrap=True)
+    else:
+        console.print(f"wrote {write_roster(args.entries, args.out)}")
     return 0
 
 
