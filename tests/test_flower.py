@@ -270,15 +270,26 @@ def test_secure_aggregation_survives_a_dying_site(module, sites, key, task_ident
     settings = {"max_rounds": 3, "batch_size": 32, "seed": 3, "min_available": 2}
     plain = _run_dying(module, sites, FederationConfig(**settings), key, after_messages=3)
     with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
-        # two more messages before round 0: the public key asked, the list of keys sent
+        # two more messages before round 0 (the public key asked, the list of keys sent) and
+        # one in it (the self mask asked for, once every upload is in)
         secure = _run_dying(
-            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=5
+            module, sites, FederationConfig(**settings, privacy="secagg"), key, after_messages=6
         )
     assert any("fresh masks (attempt 1)" in r.message for r in caplog.records)
     _assert_same_parameters(secure.parameters, plain.parameters, atol=1e-5)
     columns = ["round", "site", "n_train", "accepted"]
     assert secure.history()[columns].equals(plain.history()[columns])
     np.testing.assert_allclose(secure.history()["val_loss"], plain.history()["val_loss"], rtol=1e-4)
+
+
+def test_secure_round_stops_when_a_site_dies_before_revealing(module, sites, key, task_identity):
+    """Its upload is in, its self mask is not: the round cannot be read, and the others reveal
+    one attempt per round, so the run stops (resumable from its last checkpoint)."""
+    config = FederationConfig(max_rounds=2, batch_size=32, seed=3, privacy="secagg")
+    errors = []
+    with pytest.raises(RuntimeError, match="did not reveal their self masks"):
+        _run_dying(module, sites, config, key, after_messages=4, on_error=errors.append)
+    assert len(errors) == 1
 
 
 def test_federation_stops_below_min_available(module, sites, key, task_identity):

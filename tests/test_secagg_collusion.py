@@ -37,7 +37,7 @@ from scinfl.federated import (
     unmask_sum,
     verify_advertisements,
 )
-from scinfl.federated._secure_aggregation import FIXED_POINT_BITS, _pair_mask
+from scinfl.federated._secure_aggregation import FIXED_POINT_BITS, _pair_mask, _self_mask
 from scinfl.module import KeyedVAE
 
 KEY = scinfl.Key.generate()
@@ -71,24 +71,28 @@ def round_():
     updates = plain.train(0, NAMES, initial, federation.client_config(0))
     secure, federation, initial = _transport("secagg")
     secure.agree_keys(NAMES)
-    masked = secure.train(0, NAMES, initial, federation.client_config(0, NAMES))
+    config = federation.client_config(0, NAMES)
+    masked = secure.train(0, NAMES, initial, config)
+    # every upload is in: the sites reveal their self masks (the server holds the seeds)
+    seeds = secure.reveal(0, NAMES, config)
     state = secure.protocols[COLLUDER].state
-    return {u.site: u for u in updates}, {u.site: u for u in masked}, state
+    return {u.site: u for u in updates}, {u.site: u for u in masked}, state, seeds
 
 
 def _floats(update):
     return {name: value for name, value in update.parameters.items() if value.dtype == np.uint64}
 
 
-def _strip_colluder_masks(upload, state):
-    """What the coalition makes of an honest upload: the masks it shares with ``d`` removed."""
+def _strip_colluder_masks(upload, state, seeds):
+    """What the coalition makes of an honest upload: its self mask (revealed to the server)
+    and the masks it shares with ``d`` removed."""
     peers = json.loads(state.peer_keys)
     secret = pair_secrets(state.private_key, COLLUDER, peers, NAMES)[upload.site]
     stripped = {}
     for name, value in _floats(upload).items():
         mask = _pair_mask(secret, 0, 0, NAMES, name, value.shape)
         # the pair's first site (by name) added the mask: an honest site sorts before "d"
-        stripped[name] = value - mask
+        stripped[name] = value - mask - _self_mask(seeds[upload.site], name, value.shape)
     return stripped
 
 
@@ -100,18 +104,18 @@ def _decode(values, n):
 
 
 def test_the_aggregate_is_fedavg_of_the_plain_updates(round_):
-    plain, masked, _ = round_
+    plain, masked, _, seeds = round_
     template = plain["a"].parameters
-    result = unmask_sum(list(masked.values()), template, NAMES)
+    result = unmask_sum(list(masked.values()), template, NAMES, seeds)
     expected = fedavg(list(plain.values()))
     for name in expected:
         np.testing.assert_allclose(result[name], expected[name], atol=1e-6, err_msg=name)
 
 
 def test_server_and_one_site_leave_each_honest_upload_masked(round_):
-    plain, masked, state = round_
+    plain, masked, state, seeds = round_
     for site in HONEST:
-        seen = _decode(_strip_colluder_masks(masked[site], state), plain[site].n)
+        seen = _decode(_strip_colluder_masks(masked[site], state, seeds), plain[site].n)
         for name, value in seen.items():
             truth = plain[site].parameters[name].astype(np.float64)
             # the masks of the honest pairs remain: uniform noise on 2^64, not the update
@@ -125,8 +129,8 @@ def test_server_and_one_site_leave_each_honest_upload_masked(round_):
 
 def test_server_and_one_site_learn_the_sum_of_the_honest_updates(round_):
     """What the game allows: the honest sites' masks cancel among them, their sum comes out."""
-    plain, masked, state = round_
-    stripped = [_strip_colluder_masks(masked[site], state) for site in HONEST]
+    plain, masked, state, seeds = round_
+    stripped = [_strip_colluder_masks(masked[site], state, seeds) for site in HONEST]
     total_n = sum(plain[site].n for site in HONEST)
     summed = {name: sum(s[name] for s in stripped) for name in stripped[0]}
     honest = fedavg([plain[site] for site in HONEST])
@@ -195,11 +199,13 @@ def test_pinned_identities_refuse_keys_forged_by_a_key_holder():
 
 
 def test_pinned_identities_aggregate_as_without(round_):
-    plain, _, _ = round_
+    plain, *_ = round_
     transport, federation, initial, _, _ = _pinned_transport()
     transport.agree_keys(NAMES)
-    masked = transport.train(0, NAMES, initial, federation.client_config(0, NAMES))
-    result = unmask_sum(masked, plain["a"].parameters, NAMES)
+    config = federation.client_config(0, NAMES)
+    masked = transport.train(0, NAMES, initial, config)
+    seeds = transport.reveal(0, NAMES, config)
+    result = unmask_sum(masked, plain["a"].parameters, NAMES, seeds)
     expected = fedavg(list(plain.values()))
     for name in expected:
         np.testing.assert_allclose(result[name], expected[name], atol=1e-6, err_msg=name)
@@ -214,3 +220,52 @@ def test_an_identity_needs_the_roster_that_pins_it():
     other = Roster.from_identities([SiteIdentity.generate("a")])
     with pytest.raises(ValueError, match="not the one the roster pins"):
         replace(runtime, identity=identity, roster=other)
+
+
+def test_a_faked_dropout_does_not_give_two_sums_of_one_round():
+    """The server gets every upload of attempt 0, claims ``d`` dropped and reruns without it.
+
+    Plain reruns would give the sum of a, b, c, d, then of a, b, c: d's update by difference.
+    With self masks the sites reveal one attempt's seeds per round: attempt 0's sum stays
+    unreadable, and a site that revealed takes part in no other attempt of the round.
+    """
+    plain, federation, initial = _transport(None)
+    truth = {u.site: u for u in plain.train(0, NAMES, initial, federation.client_config(0))}
+    transport, federation, initial = _transport("secagg")
+    transport.agree_keys(NAMES)
+    first = federation.client_config(0, NAMES, attempt=0)
+    uploads = {u.site: u for u in transport.train(0, NAMES, initial, first)}
+    survivors = ["a", "b", "c"]
+    rerun = federation.client_config(0, survivors, attempt=1)
+    transport.train(0, survivors, initial, rerun, attempt=1)
+    seeds = transport.reveal(0, survivors, rerun)  # the honest step: attempt 1's sum
+    for site in survivors:
+        with pytest.raises(RefusedMessageError, match="revealed its self mask of round 0"):
+            transport.protocols[site].reveal_self_mask(first)
+        with pytest.raises(RefusedMessageError, match="revealed its self mask of round 0"):
+            transport.protocols[site].train(initial, federation.client_config(0, NAMES, 2))
+    # d reveals attempt 0's seed (its last upload): attempt 0 still carries a, b, c's self masks
+    seeds_0 = {"d": transport.protocols["d"].reveal_self_mask(first)}
+    with pytest.raises(ValueError, match="were not revealed"):
+        unmask_sum(list(uploads.values()), initial, NAMES, seeds_0)
+    unmasked_d = _floats(uploads["d"])
+    for name, value in unmasked_d.items():
+        unmasked_d[name] = value - _self_mask(seeds_0["d"], name, value.shape)
+    views = [_floats(uploads[site]) for site in survivors] + [unmasked_d]
+    total = {name: sum(view[name] for view in views) for name in unmasked_d}
+    four = fedavg(list(truth.values()))
+    total_n = sum(u.n for u in truth.values())
+    for name, value in _decode(total, total_n).items():
+        assert np.abs(value - four[name]).mean() > 1e3, name  # not the sum of the four
+    assert set(seeds) == set(survivors)
+
+
+def test_a_site_reveals_only_its_last_upload():
+    transport, federation, initial = _transport("secagg")
+    transport.agree_keys(NAMES)
+    config = federation.client_config(0, NAMES)
+    transport.train(0, NAMES, initial, config)
+    other_list = federation.client_config(0, ["a", "b", "c"])
+    with pytest.raises(RefusedMessageError, match="reveals that one's only"):
+        transport.protocols["a"].reveal_self_mask(other_list)
+    assert transport.protocols["a"].reveal_self_mask(config)

@@ -147,6 +147,10 @@ class InProcessTransport:
         for site in sorted(sites):
             self.protocols[site].install_peer_keys(advertisements)
 
+    def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
+        """Each site's self-mask seed of the attempt ``config`` names."""
+        return {s: self.protocols[s].reveal_self_mask(config) for s in sorted(sites)}
+
     def _open(self, parameters: Parameters, config: ClientConfig) -> Parameters:
         if self.frames is None:
             return parameters

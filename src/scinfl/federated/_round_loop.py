@@ -57,6 +57,14 @@ class Transport(Protocol):
         :meth:`~scinfl.federated.SiteProtocol.install_peer_keys`).
         """
 
+    def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
+        """Secure aggregation's unmasking step: each site's self-mask seed of the attempt.
+
+        Asked once every participant's masked upload of the attempt ``config`` names is in
+        (:meth:`~scinfl.federated.SiteProtocol.reveal_self_mask`); a site that fails or does
+        not answer is left out.
+        """
+
 
 def run_rounds(
     transport: Transport,
@@ -125,7 +133,8 @@ def train_round(
         config = server.client_config(round_, participants, attempt)
         updates = transport.train(round_, participants, server.parameters, config, attempt)
         try:
-            server.aggregate(round_, updates, participants, sent=config)
+            seeds = _unmasking_step(transport, server, round_, updates, participants, config)
+            server.aggregate(round_, updates, participants, sent=config, self_seeds=seeds)
             return
         except IncompleteRoundError as err:
             participants = [site for site in participants if site not in err.missing]
@@ -144,3 +153,35 @@ def train_round(
                 len(participants),
                 attempt,
             )
+
+
+def _unmasking_step(
+    transport: Transport,
+    server: FederatedServer,
+    round_: int,
+    updates: list[ClientUpdate],
+    participants: list[str],
+    config: ClientConfig,
+) -> dict[str, bytes] | None:
+    """Under secure aggregation, every participant's self-mask seed once all uploads are in.
+
+    Raises :class:`~scinfl.federated.IncompleteRoundError` (the round is asked again) while an
+    upload is missing. A site that uploaded but does not reveal its seed makes the round
+    unreadable, and the others take part in no other attempt of it: the run stops with an
+    error and can be resumed from its last checkpoint.
+    """
+    if not server.config.privacy.secure_aggregation:
+        return None
+    accepted = accept_updates(updates, server.key_fingerprint, server.key_version)
+    missing = sorted(set(participants) - {u.site for u in accepted})
+    if missing:
+        raise IncompleteRoundError(f"Round {round_}: no update from {missing}.", missing)
+    seeds = transport.reveal(round_, participants, config)
+    unrevealed = sorted(set(participants) - set(seeds))
+    if unrevealed:
+        raise RuntimeError(
+            f"Round {round_}: {unrevealed} uploaded but did not reveal their self masks, so the "
+            "round's sum cannot be read, and the others reveal one attempt per round. Bring "
+            "the sites back and continue with resume=True from the last checkpoint."
+        )
+    return seeds

@@ -15,11 +15,20 @@ A site that drops out leaves its partners' masks uncancelled: the round is then 
 the sites that answered, under fresh masks (``attempt``). Revealing a dropped site's masks
 instead, as SecAgg's unmasking step does, would expose that site's update if it arrived late.
 
+Reruns alone would let a server that claims a dropout it did not see difference two sums of
+one round (every upload of attempt 0, then the same minus one site in attempt 1: that site's
+update). So each upload also carries a *self mask*, a key stream under a seed only its site
+knows, fresh for every round and attempt (SecAgg's double masking): the sum of an attempt is
+readable only once every participant has revealed its seed (:func:`unmask_sum` with
+``self_seeds``), and a site reveals the seed of one attempt per round, after which it takes
+part in no other attempt of that round. A server thus reads at most one sum per round.
+
 Flower 1.41's SecAgg+ (``SecAggPlusWorkflow`` and ``secaggplus_mod``) is not used: the
 workflow drives Flower's legacy strategy loop (``LegacyContext``, ``FitIns``), not scinfl's
 round loop with its key identity, secret frames, per-site protocol state and feature-moments
 step; it adds four message stages to every round (its Shamir shares of each site's secrets
-let the server recover dropped sites' masks, where scinfl reruns the round); it quantizes with
+let the server recover dropped sites' masks, where scinfl reruns the round and adds one stage,
+the reveal of the self masks); it quantizes with
 stochastic rounding into a clipping range; and its masks come from ``pseudo_rand_gen``, which
 folds the pair's key into a 32-bit ``RandomState`` seed. scinfl agrees on one key pair per
 site and run instead (:mod:`~scinfl.federated._key_agreement`), with the primitives SecAgg+
@@ -73,6 +82,23 @@ def _pair_mask(
     return np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").reshape(shape)
 
 
+def _self_mask(seed: bytes, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The self mask of one parameter: a ChaCha20 key stream under the site's attempt seed."""
+    return _pair_mask(seed, -1, -1, ["self"], name, shape)
+
+
+def self_mask_seed(secret: bytes, round_: int, attempt: int) -> bytes:
+    """The seed of a site's self mask in one attempt of a round, from the site's own secret.
+
+    Examples
+    --------
+    >>> self_mask_seed(bytes(32), 0, 0) == self_mask_seed(bytes(32), 0, 1)
+    False
+    """
+    label = "\x1f".join(["scinfl/secagg-self-mask", str(round_), str(attempt)]).encode()
+    return hmac.new(secret, label, hashlib.sha256).digest()
+
+
 def _is_masked(value: np.ndarray) -> bool:
     return np.issubdtype(value.dtype, np.floating)
 
@@ -83,6 +109,7 @@ def mask_update(
     round_: int,
     participants: Sequence[str],
     attempt: int = 0,
+    self_seed: bytes | None = None,
 ) -> ClientUpdate:
     """The update a site sends under secure aggregation: ``n_k w_k`` in fixed point, masked.
 
@@ -101,6 +128,9 @@ def mask_update(
         Global round, and how many times it was restarted without a dropped site.
     participants
         Names of the sites asked to train in this attempt (the update's site among them).
+    self_seed
+        The seed of the site's own mask in this attempt (:func:`self_mask_seed`), revealed
+        only when the attempt is aggregated; ``None``: pairwise masks only.
 
     Returns
     -------
@@ -151,6 +181,9 @@ def mask_update(
             mask = _pair_mask(secrets[other], round_, attempt, participants, name, value.shape)
             # uint64 arithmetic wraps: the masks cancel modulo 2^64 in the sum
             encoded[name] = value + mask if adds else value - mask
+    if self_seed is not None:
+        for name in masked:
+            encoded[name] = encoded[name] + _self_mask(self_seed, name, encoded[name].shape)
     return ClientUpdate(
         site=update.site,
         n=update.n,
@@ -162,7 +195,10 @@ def mask_update(
 
 
 def unmask_sum(
-    updates: Sequence[ClientUpdate], template: Parameters, participants: Sequence[str]
+    updates: Sequence[ClientUpdate],
+    template: Parameters,
+    participants: Sequence[str],
+    self_seeds: Mapping[str, bytes] | None = None,
 ) -> Parameters:
     """FedAvg of masked updates: their sum modulo ``2^64``, decoded, divided by ``sum n_k``.
 
@@ -174,6 +210,8 @@ def unmask_sum(
         Parameters giving each output's dtype (the current global ones).
     participants
         The sites whose masks must cancel.
+    self_seeds
+        Every participant's revealed self-mask seed, when the updates carry self masks.
 
     Returns
     -------
@@ -196,6 +234,11 @@ def unmask_sum(
     """
     received = {u.site for u in updates}
     missing = sorted(set(participants) - received)
+    if self_seeds is not None and not missing and not received <= set(self_seeds):
+        raise ValueError(
+            f"The self masks of {sorted(received - set(self_seeds))} were not revealed: their "
+            "updates cannot be unmasked."
+        )
     if missing or len(updates) != len(set(participants)):
         raise IncompleteRoundError(
             f"Secure aggregation needs the update of every participant; missing: {missing}. "
@@ -216,6 +259,8 @@ def unmask_sum(
         acc = np.zeros(first.shape, dtype=np.uint64)
         for update in updates:
             acc += update.parameters[name]
+            if self_seeds is not None:
+                acc -= _self_mask(self_seeds[update.site], name, first.shape)
         dtype = template[name].dtype if name in template else np.float32
         result[name] = (acc.view(np.int64).astype(np.float64) / (_SCALE * total_n)).astype(dtype)
     return result
@@ -227,6 +272,7 @@ def protect_update(
     config: ClientConfig,
     received: Parameters | None = None,
     secrets: Mapping[str, bytes] | None = None,
+    self_seed: bytes | None = None,
 ) -> ClientUpdate:
     """What a site sends for ``update``: in its secret frame and/or masked, as the round asks.
 
@@ -254,4 +300,6 @@ def protect_update(
             "pairwise secrets: secure aggregation masks with the secrets of the key agreement "
             "(SiteProtocol.advertise_key, then install_peer_keys). Pass secrets=."
         )
-    return mask_update(update, secrets, config.round, config.participants, config.attempt)
+    return mask_update(
+        update, secrets, config.round, config.participants, config.attempt, self_seed
+    )

@@ -130,13 +130,15 @@ class FederatedServer:
         updates: Sequence[ClientUpdate],
         participants: Sequence[str] | None = None,
         sent: ClientConfig | None = None,
+        self_seeds: dict[str, bytes] | None = None,
     ) -> Parameters:
         """Check the key identity of the updates, aggregate them, record their metrics.
 
         FedAvg weighted by ``n_k``, DP-FedAvg under ``privacy="dp"``, or the sum of
         masked updates when ``"secagg"`` (every one of ``participants`` must be accepted, or
         :class:`~scinfl.federated.IncompleteRoundError` is raised and the round must be run
-        again without the missing sites). Raises if fewer than ``config.min_available`` updates
+        again without the missing sites; ``self_seeds``: the participants' revealed self-mask
+        seeds). Raises if fewer than ``config.min_available`` updates
         are accepted; the global model then stays that of the last completed round.
 
         Under ``secret_frames`` the updates are in the frame named by the parameters and the
@@ -164,7 +166,7 @@ class FederatedServer:
         if self.config.privacy.secure_aggregation:
             if participants is None:
                 participants = [u.site for u in updates]
-            self.parameters = unmask_sum(accepted, self.parameters, participants)
+            self.parameters = unmask_sum(accepted, self.parameters, participants, self_seeds)
         elif self.dp is not None:
             if any(u.counts for u in accepted):
                 raise ValueError(

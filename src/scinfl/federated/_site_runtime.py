@@ -37,7 +37,7 @@ from ._key_agreement import (
 from ._parameters import Parameters, get_shared_parameters, site_state_names
 from ._sample_dp import noise_seed
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
-from ._secure_aggregation import mask_update, protect_update
+from ._secure_aggregation import mask_update, protect_update, self_mask_seed
 from ._site_data import SiteData
 from ._site_identity import Roster, SiteIdentity
 
@@ -144,6 +144,7 @@ def site_train(
     opened: Parameters | None = None,
     secrets: Mapping[str, bytes] | None = None,
     dp_seed: int | None = None,
+    self_seed: bytes | None = None,
 ) -> ClientUpdate:
     """Train from what the server sent; the update as it goes back (framed, masked).
 
@@ -164,6 +165,8 @@ def site_train(
     dp_seed
         Under sample-level DP, the seed of the site's sampling and noise
         (:func:`~scinfl.federated.client_update`).
+    self_seed
+        Under secure aggregation, the seed of the site's self mask in this attempt.
 
     Examples
     --------
@@ -184,7 +187,7 @@ def site_train(
         key_version=runtime.key_version,
         dp_seed=dp_seed,
     )
-    return protect_update(update, runtime.key, config, received, secrets)
+    return protect_update(update, runtime.key, config, received, secrets, self_seed)
 
 
 def site_evaluate(
@@ -275,6 +278,14 @@ class SiteState:
         Under sample-level DP, the secret that seeds the site's sampling and noise in every
         round (hex; drawn at its first train step, never sent): a round asked again gives the
         same noisy update.
+    self_secret
+        Under secure aggregation, the secret of the site's self masks (hex; drawn at its first
+        masked upload; only the seed of an aggregated attempt is ever sent).
+    participants
+        The participants of its last masked upload (JSON list).
+    revealed_round
+        The last round whose self mask it revealed: that round is aggregated, and the site
+        takes part in no other attempt of it.
 
     Examples
     --------
@@ -293,6 +304,9 @@ class SiteState:
     private_key: str = field(default="", repr=False)
     peer_keys: str = ""
     dp_secret: str = field(default="", repr=False)
+    self_secret: str = field(default="", repr=False)
+    participants: str = ""
+    revealed_round: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
@@ -531,16 +545,53 @@ class SiteProtocol:
                 "upload per round (under secure aggregation, per attempt, attempts going up)",
             )
         secure = config.secure_aggregation
-        secrets = self._secrets(config.participants, "a train message") if secure else None
+        secrets = self_seed = None
+        if secure:
+            if config.round <= state.revealed_round:
+                raise self._refuse(
+                    "a train message",
+                    f"it revealed its self mask of round {state.revealed_round}: that round "
+                    "is aggregated, and an attempt more would let two sums of it be compared",
+                )
+            secrets = self._secrets(config.participants, "a train message")
+            state.self_secret = state.self_secret or token_hex(32)
+            secret = bytes.fromhex(state.self_secret)
+            self_seed = self_mask_seed(secret, config.round, config.attempt)
         dp_seed = None
         if config.sample_dp_epsilon > 0:
             state.dp_secret = state.dp_secret or token_hex(32)
             dp_seed = noise_seed(bytes.fromhex(state.dp_secret), config.round)
-        update = site_train(self.runtime, received, config, opened, secrets, dp_seed)
+        update = site_train(self.runtime, received, config, opened, secrets, dp_seed, self_seed)
         self._accept(config, digest)
         state.trained_round, state.attempt = config.round, config.attempt
+        state.participants = json.dumps(sorted(config.participants)) if secure else ""
         state.upload_frame = frame_id(received, config) if self.runtime.secret_frames else ""
         return update
+
+    def reveal_self_mask(self, config: ClientConfig) -> bytes:
+        """The seed of the self mask of the attempt ``config`` names, once per round (``query``).
+
+        The server asks for it when every participant's upload of the attempt is in; the site
+        answers only for its last upload (round, attempt and participants as it masked them),
+        once per round, and trains in no other attempt of that round afterwards.
+        """
+        what = "a request for its self mask"
+        state = self.state
+        if not self._secure() or not state.self_secret:
+            raise self._refuse(what, "it has sent no masked upload in this run")
+        if config.round <= state.revealed_round:
+            raise self._refuse(
+                what, f"it revealed its self mask of round {state.revealed_round} already"
+            )
+        asked = (config.round, config.attempt, json.dumps(sorted(config.participants)))
+        if asked != (state.trained_round, state.attempt, state.participants):
+            raise self._refuse(
+                what,
+                f"its last masked upload was round {state.trained_round}, attempt "
+                f"{state.attempt}, among {state.participants}; it reveals that one's only",
+            )
+        state.revealed_round = config.round
+        return self_mask_seed(bytes.fromhex(state.self_secret), config.round, config.attempt)
 
     def evaluate(
         self, received: Parameters, config: ClientConfig | None, opened: Parameters | None = None

@@ -42,6 +42,10 @@ FEATURE_SCALE = "feature-scale"
 WANT_PUBLIC_KEY = "want-public-key"
 #: ``query`` reply record with a site's public key; ``query`` record relaying every site's
 PUBLIC_KEYS = "public-keys"
+#: ``query`` record with the instructions of the attempt whose self-mask seed is asked for
+REVEAL = "reveal"
+#: ``query`` reply record with the seed of a site's self mask (secure aggregation)
+SELF_MASK = "self-mask"
 #: name of the ``ConfigRecord`` in ``context.state`` that holds the site's protocol state
 PROTOCOL_STATE = "scinfl-site-protocol"
 
@@ -59,7 +63,9 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
       ``want-parameters``, before the site has received any model; in the initial secret
       frame, when the site's own settings have frames on and the ``in-secret-frame`` flag
       agrees); under secure aggregation, its public key (``want-public-key``, reply record
-      ``"public-keys"``), or the installation of every site's (a ``"public-keys"`` record);
+      ``"public-keys"``), the installation of every site's (a ``"public-keys"`` record), or
+      the seed of its self mask in an attempt (a ``"reveal"`` record with the attempt's
+      instructions; reply record ``"self-mask"``);
     - ``train``: :func:`~scinfl.federated.client_update` from the received parameters under
       the received :class:`~scinfl.federated.ClientConfig`; replies parameters (masked under
       secure aggregation, :func:`~scinfl.federated.protect_update`) and metrics;
@@ -130,6 +136,10 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
             _keep(protocol, context)
         if PUBLIC_KEYS in msg.content:
             protocol.install_peer_keys(record_to_advertisements(msg.content[PUBLIC_KEYS]))
+            _keep(protocol, context)
+        if REVEAL in msg.content:
+            seed = protocol.reveal_self_mask(record_to_config(msg.content[REVEAL]))
+            content[SELF_MASK] = ConfigRecord({"seed": seed.hex()})
             _keep(protocol, context)
         if asked.get(WANT_MOMENTS, False):
             update = protocol.moments(list(asked.get(PARTICIPANTS, [])))

@@ -28,6 +28,8 @@ from ._client_app import (
     IN_SECRET_FRAME,
     PARTICIPANTS,
     PUBLIC_KEYS,
+    REVEAL,
+    SELF_MASK,
     WANT_MOMENTS,
     WANT_PARAMETERS,
     WANT_PUBLIC_KEY,
@@ -384,6 +386,30 @@ class GridTransport:
     def agree_keys(self, sites: list[str]) -> None:
         """:func:`agree_public_keys` among ``sites``."""
         agree_public_keys(self.grid, self.directory, sites, self.round_timeout)
+
+    def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
+        """A ``query`` to each site for its self-mask seed of the attempt ``config`` names."""
+        content = RecordDict({REVEAL: config_to_record(config)})
+        messages = [
+            Message(
+                RecordDict(dict(content)),
+                self.directory.nodes[site],
+                MessageType.QUERY,
+                group_id=f"{round_}.{config.attempt}.reveal",
+            )
+            for site in sites
+        ]
+        seeds = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            node_id, error = reply.metadata.src_node_id, reply_error(reply)
+            site = next((s for s, n in self.directory.nodes.items() if n == node_id), None)
+            if error is not None or site is None or SELF_MASK not in reply.content:
+                logger.warning(
+                    "Round %d: site %s did not reveal its self mask: %s", round_, site, error
+                )
+                continue
+            seeds[site] = bytes.fromhex(str(reply.content[SELF_MASK]["seed"]))
+        return seeds
 
     def _ask(self, sites, parameters, config, message_type, round_, group_id):
         records = {PARAMETERS: parameters_to_record(parameters), CONFIG: config_to_record(config)}
