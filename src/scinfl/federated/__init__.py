@@ -36,7 +36,13 @@ from ._secret_frames import (
     open_parameters,
     parameters_digest,
 )
-from ._secure_aggregation import IncompleteRoundError, mask_update, protect_update, unmask_sum
+from ._secure_aggregation import (
+    IncompleteRoundError,
+    mask_update,
+    protect_update,
+    self_mask_seed,
+    unmask_sum,
+)
 from ._server import FederatedServer
 from ._site_data import SiteData
 from ._site_identity import Roster, SiteIdentity
@@ -95,6 +101,7 @@ __all__ = [
     "public_key_of",
     "run_local",
     "run_rounds",
+    "self_mask_seed",
     "set_shared_parameters",
     "site_evaluate",
     "site_feature_report",
