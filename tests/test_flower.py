@@ -500,7 +500,7 @@ def test_deployment_apps_match_local_engine(tmp_path, key, task_identity):
 
 
 @pytest.mark.parametrize("pinned", [False, True])
-def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned):
+def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned, caplog):
     """run-config privacy="secagg": the sites send masked updates, the model is the plain one.
 
     ``pinned``: every site also has its identity and the roster in its node config, and signs
@@ -516,10 +516,13 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned
             path = identity.save(tmp_path / f"{identity.site}.identity")
             node.update({"identity-path": str(path), "roster-path": str(roster)})
     grid = LoopbackGrid(client_app, node_configs=node_configs, run_config=run_config)
-    server_app(
-        grid,
-        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
-    )
+    with caplog.at_level(logging.WARNING, logger="scinfl.federated"):
+        server_app(
+            grid,
+            Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+        )
+    unpinned = [r for r in caplog.records if "without pinned identities" in r.message]
+    assert len(unpinned) == (0 if pinned else len(names))
     replies = [r for r in grid.replies if r.metadata.message_type == "train"]
     assert replies and all(
         array.numpy().dtype == np.uint64

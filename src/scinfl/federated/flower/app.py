@@ -355,6 +355,14 @@ def _load_runtime(
         )
     identity = SiteIdentity.load(identity_path) if identity_path else None
     roster = Roster.load(roster_path) if roster_path else None
+    if roster is None and run_config.get("privacy") == "secagg":
+        logger.warning(
+            "Site %r: secure aggregation without pinned identities: a coordinator colluding with "
+            "another site (which holds the federation's key) can substitute public keys and "
+            "unmask this site. Give every site `identity-path` and the federation's "
+            "`roster-path` (scinfl identity / scinfl roster).",
+            site,
+        )
     model, data = load_site(data_path, site, run_config, key=key)
     # the site's own settings decide frames and every instruction, never a message
     return SiteRuntime(
