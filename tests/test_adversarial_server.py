@@ -476,7 +476,7 @@ def test_feature_moments_are_sent_once_and_never_unmasked_under_secure_aggregati
         module, SiteData.from_arrays("a", x), key=key, federation=federation, secret_frames=True
     )
     protocol = SiteProtocol(runtime)
-    with pytest.raises(RefusedMessageError, match="two or more participants"):
+    with pytest.raises(RefusedMessageError, match="over 2 or more participants"):
         protocol.moments(["a"])  # alone, its mask would be none
     with pytest.raises(RefusedMessageError, match="has not installed"):
         protocol.moments(["a", "b"])  # no key agreement yet: no masks

@@ -18,9 +18,11 @@ import torch
 
 import scinfl
 from scinfl.federated import (
+    FederatedServer,
     FederationConfig,
     InProcessTransport,
     KeyAdvertisement,
+    PrivacyConfig,
     RefusedMessageError,
     Roster,
     SiteData,
@@ -34,6 +36,7 @@ from scinfl.federated import (
     mask_update,
     pair_secrets,
     public_key_of,
+    train_round,
     unmask_sum,
     verify_advertisements,
 )
@@ -269,3 +272,48 @@ def test_a_site_reveals_only_its_last_upload():
     with pytest.raises(RefusedMessageError, match="reveals that one's only"):
         transport.protocols["a"].reveal_self_mask(other_list)
     assert transport.protocols["a"].reveal_self_mask(config)
+
+
+def test_sites_refuse_a_sum_smaller_than_their_minimum():
+    """A sum of one honest site and colluders is that site's update: sites can demand more."""
+    rng = np.random.default_rng(0)
+    module = KeyedVAE(n_input=10, n_hidden=8, n_latent=3, key_mode=None)
+    federation = FederationConfig.from_settings(
+        max_rounds=2,
+        batch_size=16,
+        privacy="secagg",
+        secret_frames=False,
+        secagg_min_participants=3,
+    )
+    runtimes = {
+        name: SiteRuntime(
+            module,
+            SiteData.from_arrays(name, rng.poisson(2, (30, 10)), seed=i),
+            key=KEY,
+            federation=federation,
+        )
+        for i, name in enumerate(NAMES)
+    }
+    transport, initial = InProcessTransport(runtimes), get_shared_parameters(module)
+    transport.agree_keys(NAMES)
+    pair = federation.client_config(0, ["a", "d"])
+    with pytest.raises(RefusedMessageError, match="secagg_min_participants"):
+        transport.protocols["a"].train(initial, pair)
+    continuous = KeyedVAE(
+        n_input=10, n_hidden=8, n_latent=3, key_mode=None, gene_likelihood="normal"
+    )
+    site = SiteRuntime(continuous, runtimes["a"].site, key=KEY, federation=federation)
+    protocol = InProcessTransport({"a": site}).protocols["a"]
+    protocol.state.private_key, protocol.state.peer_keys = (
+        transport.protocols["a"].state.private_key,
+        transport.protocols["a"].state.peer_keys,
+    )
+    with pytest.raises(RefusedMessageError, match="secagg_min_participants"):
+        protocol.moments(["a", "d"])
+    three = federation.client_config(0, ["a", "b", "d"])
+    assert transport.protocols["a"].train(initial, three).site == "a"
+    server = FederatedServer(initial, federation)
+    with pytest.raises(RuntimeError, match="fewer than secagg_min_participants=3"):
+        train_round(transport, server, 1, ["b", "c"])
+    with pytest.raises(ValueError, match="must be >= 2"):
+        PrivacyConfig("secagg", secagg_min_participants=1)

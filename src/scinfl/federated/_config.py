@@ -51,6 +51,11 @@ class PrivacyConfig:
         The parameters travel and are averaged in secret frames drawn from the key, new every
         round (:class:`~scinfl.federated.SecretFrames`). ``None`` (the default) is decided by
         :meth:`for_key`.
+    secagg_min_participants
+        Under secure aggregation, the fewest participants a sum may have: each site refuses to
+        mask an upload (or its feature moments) among fewer, so the server cannot ask for a sum
+        of one honest site and colluders. With ``t`` colluding sites, ``t + 2`` keeps every sum
+        over at least two honest sites.
 
     Examples
     --------
@@ -67,8 +72,13 @@ class PrivacyConfig:
     sample_dp_epsilon: float | None = None
     sample_dp_clipping_norm: float = 1.0
     secret_frames: bool | None = None
+    secagg_min_participants: int = 2
 
     def __post_init__(self) -> None:
+        if self.secagg_min_participants < 2:
+            raise ValueError(
+                "secagg_min_participants must be >= 2: a sum of one site is that site's update."
+            )
         if self.mode not in _PRIVACY_MODES:
             raise ValueError(f"privacy must be None, 'dp' or 'secagg', got {self.mode!r}.")
         if self.secret_frames and self.mode == "dp":

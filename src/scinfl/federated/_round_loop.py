@@ -129,7 +129,15 @@ def train_round(
     >>> train_round(transport, server, 0, ["a", "b"])  # doctest: +SKIP
     """
     participants, attempt = list(selected), 0
+    privacy = server.config.privacy
     while True:
+        if privacy.secure_aggregation and len(participants) < privacy.secagg_min_participants:
+            raise RuntimeError(
+                f"Round {round_}: secure aggregation over {participants} would sum fewer than "
+                f"secagg_min_participants={privacy.secagg_min_participants} sites, which they "
+                "refuse. Bring sites back (resume=True from the last checkpoint), sample more "
+                "sites per round, or lower secagg_min_participants."
+            )
         config = server.client_config(round_, participants, attempt)
         updates = transport.train(round_, participants, server.parameters, config, attempt)
         try:

@@ -453,12 +453,9 @@ class SiteProtocol:
             key_version=runtime.key_version,
         )
         if federation is not None and federation.privacy.secure_aggregation:
-            if site.name not in participants or len(set(participants)) < 2:
-                raise self._refuse(
-                    what,
-                    f"secure aggregation needs it among two or more participants, got "
-                    f"{list(participants)}",
-                )
+            if site.name not in participants:
+                raise self._refuse(what, f"the participants {list(participants)} omit it")
+            self._check_sum_size(participants, what)
             secrets = self._secrets(participants, what)
             update = mask_update(update, secrets, MOMENTS_ROUND, participants)
         self.state.moments_sent = True
@@ -510,6 +507,16 @@ class SiteProtocol:
                 "it installed other public keys in this run already; a run has one key per site",
             )
         self.state.peer_keys = installed
+
+    def _check_sum_size(self, participants: Sequence[str], what: str) -> None:
+        """Refuse a masked sum over fewer participants than the site's settings allow."""
+        fewest = self.runtime.federation.privacy.secagg_min_participants
+        if len(set(participants)) < fewest:
+            raise self._refuse(
+                what,
+                f"its settings allow a secure sum over {fewest} or more participants "
+                f"(secagg_min_participants), got {sorted(set(participants))}",
+            )
 
     def _secrets(self, participants: Sequence[str], what: str) -> dict[str, bytes]:
         """The secrets shared with the other ``participants``; refused for an unknown site."""
@@ -675,6 +682,8 @@ class SiteProtocol:
             raise self._refuse(
                 what, f"the participants {config.participants} do not name the site once"
             )
+        if train and config.secure_aggregation:
+            self._check_sum_size(config.participants, what)
         expected = federation.client_config(
             config.round,
             config.participants if train else (),
