@@ -10,7 +10,7 @@ derived from the two dataclasses' fields and converted back by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,15 @@ _PRIVACY_MODES = (None, "dp", "secagg")
 def _setting_name(f: dataclasses.Field) -> str:
     """The flat name of a field: its own, unless its metadata gives another."""
     return f.metadata.get("setting", f.name)
+
+
+def _setting_fields() -> Iterator[tuple[str, bool, dataclasses.Field]]:
+    """Every setting: its flat name, whether it is in the privacy part, and its field."""
+    for f in dataclasses.fields(FederationConfig):
+        if f.init and f.name != "privacy":
+            yield f.name, False, f
+    for f in dataclasses.fields(PrivacyConfig):
+        yield _setting_name(f), True, f
 
 
 @dataclass
@@ -250,11 +259,7 @@ class FederationConfig:
         >>> defaults["batch_size"], defaults["privacy"], defaults["dp_delta"]
         (128, None, 1e-05)
         """
-        defaults = {
-            f.name: f.default for f in dataclasses.fields(cls) if f.init and f.name != "privacy"
-        }
-        defaults.update({_setting_name(f): f.default for f in dataclasses.fields(PrivacyConfig)})
-        return defaults
+        return {name: f.default for name, _, f in _setting_fields()}
 
     @classmethod
     def from_settings(cls, **settings: Any) -> FederationConfig:
@@ -277,8 +282,11 @@ class FederationConfig:
         privacy = settings.pop("privacy", None)
         if not isinstance(privacy, PrivacyConfig):
             privacy = PrivacyConfig(mode=privacy)
-        names = {_setting_name(f): f.name for f in dataclasses.fields(PrivacyConfig)}
-        nested = {names[k]: settings.pop(k) for k in list(settings) if k in names}
+        nested = {
+            f.name: settings.pop(name)
+            for name, in_privacy, f in _setting_fields()
+            if in_privacy and name in settings
+        }
         return cls(privacy=dataclasses.replace(privacy, **nested), **settings)
 
     def settings(self) -> dict[str, Any]:
@@ -290,11 +298,10 @@ class FederationConfig:
         >>> FederationConfig.from_settings(**config.settings()) == config
         True
         """
-        own = [f.name for f in dataclasses.fields(self) if f.init and f.name != "privacy"]
-        flat = {name: getattr(self, name) for name in own}
-        privacy_fields = dataclasses.fields(PrivacyConfig)
-        flat.update({_setting_name(f): getattr(self.privacy, f.name) for f in privacy_fields})
-        return flat
+        return {
+            name: getattr(self.privacy if in_privacy else self, f.name)
+            for name, in_privacy, f in _setting_fields()
+        }
 
     @property
     def proximal_weight(self) -> float:

@@ -72,6 +72,16 @@ class SiteDirectory:
         """Site names, sorted."""
         return sorted(self.nodes)
 
+    def site_of(self, node_id: int) -> str | None:
+        """The site the node ``node_id`` holds (``None``: no site of the directory).
+
+        Examples
+        --------
+        >>> SiteDirectory({"a": 11}, {"a": 9}, {"a": 1}).site_of(11)
+        'a'
+        """
+        return next((site for site, node in self.nodes.items() if node == node_id), None)
+
 
 def discover_sites(
     grid: Grid,
@@ -316,7 +326,7 @@ def _collect(
         node_id = reply.metadata.src_node_id
         error = reply_error(reply)
         if error is not None:
-            site = next((s for s, n in directory.nodes.items() if n == node_id), f"node {node_id}")
+            site = directory.site_of(node_id) or f"node {node_id}"
             logger.warning("Round %d: site %r failed its %s step: %s", round_, site, what, error)
             errors.append(f"{site}: {error}")
             continue
@@ -402,7 +412,7 @@ class GridTransport:
         seeds = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             node_id, error = reply.metadata.src_node_id, reply_error(reply)
-            site = next((s for s, n in self.directory.nodes.items() if n == node_id), None)
+            site = self.directory.site_of(node_id)
             if error is not None or site is None or SELF_MASK not in reply.content:
                 logger.warning(
                     "Round %d: site %s did not reveal its self mask: %s", round_, site, error

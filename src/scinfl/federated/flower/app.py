@@ -322,10 +322,13 @@ def _load_runtime(
     roster_path: str = "",
 ) -> SiteRuntime:
     run_config = json.loads(run_config_json)
+    # the site's own settings decide frames and every instruction, never a message
+    federation = federation_config(run_config)
+    secure = federation.privacy.secure_aggregation
     needs = {
         "the model is keyed": _init_params(run_config).get("key_mode", "pooled") is not None,
-        "privacy='secagg' masks the updates with it": run_config.get("privacy") == "secagg",
-        "secret-frames draws the parameters' frames from it": secret_frames_on(run_config),
+        "privacy='secagg' masks the updates with it": secure,
+        "secret-frames draws the parameters' frames from it": federation.privacy.secret_frames,
     }
     for why, needed in needs.items():
         if needed and not key_path:
@@ -355,7 +358,7 @@ def _load_runtime(
         )
     identity = SiteIdentity.load(identity_path) if identity_path else None
     roster = Roster.load(roster_path) if roster_path else None
-    if roster is None and run_config.get("privacy") == "secagg":
+    if roster is None and secure:
         logger.warning(
             "Site %r: secure aggregation without pinned identities: a coordinator colluding with "
             "another site (which holds the federation's key) can substitute public keys and "
@@ -364,15 +367,14 @@ def _load_runtime(
             site,
         )
     model, data = load_site(data_path, site, run_config, key=key)
-    # the site's own settings decide frames and every instruction, never a message
     return SiteRuntime(
         model.module,
         data,
         fingerprint,
         version,
         key=key,
-        secret_frames=secret_frames_on(run_config),
-        federation=federation_config(run_config),
+        secret_frames=bool(federation.privacy.secret_frames),
+        federation=federation,
         identity=identity,
         roster=roster,
     )
