@@ -38,3 +38,5 @@ def test_identity_and_roster_commands_make_files_a_site_loads(tmp_path, capsys):
     assert (tmp_path / "a.identity").stat().st_mode & 0o077 == 0  # private to its owner
     with pytest.raises(ValueError, match="SITE=PUBLIC_KEY"):
         main(["roster", "a:123", "--out", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match="for site 'a' is not 64 hex digits"):
+        main(["roster", "a=" + "zz" * 32, "--out", str(tmp_path / "bad.json")])

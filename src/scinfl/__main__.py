@@ -164,9 +164,9 @@ def write_roster(entries: Sequence[str], out: str | Path) -> Path:
     keys = {}
     for entry in entries:
         site, sep, public_key = entry.partition("=")
-        if not sep or len(public_key) != 64:
+        if not sep or not site:
             raise ValueError(
-                f"Roster entry {entry!r} is not SITE=PUBLIC_KEY (the 64 hex digits that "
+                f"Roster entry {entry!r} is not SITE=PUBLIC_KEY (the line that "
                 "`scinfl identity` printed at that site)."
             )
         keys[site] = public_key

@@ -139,6 +139,18 @@ class Roster:
 
     public_keys: Mapping[str, str]
 
+    def __post_init__(self) -> None:
+        for site, public_key in self.public_keys.items():
+            try:
+                valid = len(bytes.fromhex(public_key)) == 32
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise ValueError(
+                    f"The roster's public key for site {site!r} is not 64 hex digits: give the "
+                    "line that `scinfl identity` (SiteIdentity.public_key) printed at that site."
+                )
+
     @classmethod
     def from_identities(cls, identities: list[SiteIdentity]) -> Roster:
         """The roster of these identities (the coordinator holds only their public keys)."""
