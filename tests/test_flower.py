@@ -509,6 +509,7 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned
     from scinfl.federated.flower.app import client_app, load_results, server_app
 
     names, run_config, node_configs = _deployment_files(tmp_path, key, {"privacy": "secagg"})
+    identities = []
     if pinned:
         identities = [SiteIdentity.generate(name) for name in names]
         roster = Roster.from_identities(identities).save(tmp_path / "roster.json")
@@ -539,6 +540,9 @@ def test_deployment_apps_aggregate_securely(tmp_path, key, task_identity, pinned
     assert len(advertised) == len(names)
     assert all(bool(ad.signature) == pinned for ad in advertised)
     secrets = [key._seed, key._seed.hex().encode(), key.secret_for("secure-aggregation")]
+    # the identities' private keys never travel either (only their signatures)
+    secrets += [i.private_key.encode() for i in identities]
+    secrets += [bytes.fromhex(i.private_key) for i in identities]
     for message in grid.sent + grid.replies:
         blob = pickle.dumps(message.content)
         assert not any(secret in blob for secret in secrets)
