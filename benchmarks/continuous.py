@@ -25,7 +25,7 @@ features over the sites' sums, with secret frames on). Other INFL variants are w
 default before this benchmark; the default is ``"unit"``: 1 for every standardised feature),
 ``nl<N>`` (n_latent), ``nh<N>`` (n_hidden), ``ep<N>`` (epochs / rounds), ``do<X>`` (dropout),
 ``kl<X>`` (weight of the KL term after warm-up), ``wu<X>`` (KL warm-up as a fraction of the
-epochs).
+epochs), ``le<N>`` (local epochs per round, federated).
 
 Usage::
 
@@ -78,6 +78,7 @@ class Variant:
     dropout: float = 0.1
     kl: float = 1.0
     warmup: float = 0.5
+    local_epochs: int = 1
 
 
 def parse_variant(name: str) -> Variant:
@@ -99,6 +100,7 @@ def parse_variant(name: str) -> Variant:
             ("do", "dropout", float),
             ("kl", "kl", float),
             ("wu", "warmup", float),
+            ("le", "local_epochs", int),
         ):
             if token.startswith(prefix):
                 v = replace(v, **{field: cast(token[len(prefix) :])})
@@ -243,7 +245,11 @@ def infl_row(data: AnnData, name: str, affine: bool, federated: bool, seed: int)
     common = {"seed": seed, "progress_bar": False, "batch_size": min(128, smallest)}
     if federated:
         model.train_federated(
-            max_rounds=v.epochs, kl_warmup_rounds=warmup, secret_frames=False, **common
+            max_rounds=v.epochs,
+            local_epochs=v.local_epochs,
+            kl_warmup_rounds=warmup,
+            secret_frames=False,
+            **common,
         )
     else:
         model.train_centralized(max_epochs=v.epochs, kl_warmup_epochs=warmup, **common)
