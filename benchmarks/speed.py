@@ -153,7 +153,8 @@ class Breakdown:
         self.wrap(_client, "get_shared_parameters", "parameter copies")
         self.wrap(_secret_frames.SecretFrames, "_map", "secret frames: apply")
         self.wrap(_secret_frames.SecretFrames, "_maps", "secret frames: draw")
-        self.wrap(_secret_frames, "_parameters_hash", "hashing")
+        self.wrap(_secret_frames, "parameters_digest", "hashing")
+        self.wrap(runtime, "parameters_digest", "hashing")
         self.wrap(_server.FederatedServer, "aggregate", "aggregation")
         try:
             yield self

@@ -10,6 +10,7 @@ import scinfl
 from scinfl.federated import (
     ClientConfig,
     ClientUpdate,
+    FederatedServer,
     FederationConfig,
     SecretFrames,
     SiteData,
@@ -18,6 +19,7 @@ from scinfl.federated import (
     get_shared_parameters,
     hide_update,
     open_parameters,
+    parameters_digest,
     protect_update,
     run_local,
 )
@@ -108,6 +110,72 @@ def test_a_frame_holds_one_upload_per_site_whatever_the_server_sends():
     assert frame_id(received, ClientConfig(round=2, secret_frames=True, frame="x", lr=2e-3)) != name
     # the same tensors named as in another frame: another upload frame (issue #13)
     assert frame_id(received, ClientConfig(round=2, secret_frames=True, frame="y")) != name
+    # a site that has the received model's digest names the same frame without hashing again
+    assert frame_id(received, config, parameters_digest(received)) == name
+
+
+def test_float32_parameters_are_mapped_in_float32_within_float32_rounding():
+    frames = SecretFrames(KEY)
+    wide = np.random.default_rng(0).normal(size=(40, 3000)).astype(np.float32)
+    hidden = frames.encode({"w": wide, "b": wide[0]}, "f")
+    assert hidden["w"].dtype == np.float32 and hidden["b"].dtype == np.float32
+    back = frames.decode(hidden, "f")
+    for name, plain in (("w", wide), ("b", wide[0])):
+        error = np.abs(back[name] - plain).max() / np.abs(plain).max()
+        assert error < 3e-5, (name, error)
+    # float64 values keep float64 arithmetic: the maps are the same, to float32 rounding
+    exact = frames.encode({"w": wide.astype(np.float64)}, "f")["w"]
+    assert exact.dtype == np.float64
+    np.testing.assert_allclose(hidden["w"], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_a_site_hashes_the_model_it_receives_once_per_train_message(monkeypatch):
+    from scinfl.federated import SiteProtocol, SiteRuntime, _secret_frames, _site_runtime
+
+    calls = []
+    digest = _secret_frames.parameters_digest
+
+    def counted(parameters):
+        calls.append(len(parameters))
+        return digest(parameters)
+
+    monkeypatch.setattr(_secret_frames, "parameters_digest", counted)
+    monkeypatch.setattr(_site_runtime, "parameters_digest", counted)
+    module = KeyedVAE(n_input=30, n_hidden=16)
+    module.set_key(KEY)
+    federation = FederationConfig.from_settings(max_rounds=2, batch_size=16, secret_frames=True)
+    runtime = SiteRuntime(module, _sites()[0], key=KEY, federation=federation, secret_frames=True)
+    sent = SecretFrames(KEY).encode(get_shared_parameters(module), INITIAL_FRAME)
+    config = FederatedServer(sent, federation).client_config(0)
+    update = SiteProtocol(runtime).train(sent, config)
+    assert len(calls) == 1
+    # the upload is in the frame the server names from what it sent
+    frames = SecretFrames(KEY)
+    opened = frames.decode(update.parameters, frame_id(sent, config))
+    assert np.isfinite(opened["px_r"]).all()
+
+
+def test_the_local_engine_hashes_each_message_once_whatever_the_number_of_sites(monkeypatch):
+    from scinfl.federated import _local_engine, _secret_frames, _site_runtime
+
+    digest = _secret_frames.parameters_digest
+    calls = []
+
+    def counted(parameters):
+        calls.append(len(parameters))
+        return digest(parameters)
+
+    for module in (_secret_frames, _site_runtime, _local_engine):
+        monkeypatch.setattr(module, "parameters_digest", counted)
+    counts = []
+    for n_sites in (2, 3):
+        calls.clear()
+        vae = KeyedVAE(n_input=30, n_hidden=16)
+        vae.set_key(KEY)
+        config = FederationConfig.from_settings(max_rounds=2, batch_size=16, secret_frames=True)
+        run_local(vae, _sites()[:n_sites], config, progress_bar=False, key=KEY)
+        counts.append(len(calls))
+    assert counts[0] == counts[1] and 0 < counts[0] <= 4 * 2
 
 
 def _sites(n_vars=30):

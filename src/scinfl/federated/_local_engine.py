@@ -14,7 +14,7 @@ from ._client import ClientConfig, ClientUpdate
 from ._config import FederationConfig
 from ._parameters import Parameters, get_shared_parameters, set_shared_parameters
 from ._round_loop import run_rounds
-from ._secret_frames import INITIAL_FRAME, SecretFrames, frames_for
+from ._secret_frames import INITIAL_FRAME, SecretFrames, frames_for, parameters_digest
 from ._server import FederatedServer
 from ._site_data import SiteData
 from ._site_runtime import SiteProtocol, SiteRuntime
@@ -111,7 +111,8 @@ class InProcessTransport:
 
     One module can play every site in turn (it is reset to the global parameters before each
     local update, so nothing passes between sites except through the server). Every site
-    receives the same global model, so it is decoded from its secret frame once per frame.
+    receives the same global model, so it is decoded from its secret frame once per frame and
+    hashed once per message.
     Each site answers through its own :class:`~scinfl.federated.SiteProtocol`, whose state
     lives as long as the transport (one run; a resumed run starts with new sites' states).
 
@@ -167,15 +168,17 @@ class InProcessTransport:
         attempt: int = 0,
     ) -> list[ClientUpdate]:
         """Each site's update, in turn."""
-        opened = self._open(parameters, config)
-        return [self.protocols[s].train(parameters, config, opened) for s in sorted(sites)]
+        opened, digest = self._open(parameters, config), parameters_digest(parameters)
+        return [self.protocols[s].train(parameters, config, opened, digest) for s in sorted(sites)]
 
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
         """Each site's validation metrics of the global model."""
-        opened = self._open(parameters, config)
-        return [self.protocols[s].evaluate(parameters, config, opened) for s in sorted(sites)]
+        opened, digest = self._open(parameters, config), parameters_digest(parameters)
+        return [
+            self.protocols[s].evaluate(parameters, config, opened, digest) for s in sorted(sites)
+        ]
 
 
 def start_server(

@@ -273,13 +273,16 @@ def protect_update(
     received: Parameters | None = None,
     secrets: Mapping[str, bytes] | None = None,
     self_seed: bytes | None = None,
+    received_digest: str | None = None,
 ) -> ClientUpdate:
     """What a site sends for ``update``: in its secret frame and/or masked, as the round asks.
 
     Under ``config.secret_frames`` the parameters are mapped to the frame named by the
-    parameters ``received`` (as sent) and ``config`` (:func:`~scinfl.federated.frame_id`,
-    :func:`~scinfl.federated.hide_update`), then masked under ``config.secure_aggregation``
-    with the ``secrets`` the site shares with the other participants.
+    parameters ``received`` (as sent; ``received_digest`` is their
+    :func:`~scinfl.federated.parameters_digest` when the caller has it) and ``config``
+    (:func:`~scinfl.federated.frame_id`, :func:`~scinfl.federated.hide_update`), then masked
+    under ``config.secure_aggregation`` with the ``secrets`` the site shares with the other
+    participants.
 
     Examples
     --------
@@ -291,7 +294,7 @@ def protect_update(
     if config.secret_frames:
         if received is None:
             raise ValueError("Under secret_frames, protect_update needs the parameters received.")
-        update = hide_update(update, key, frame_id(received, config))
+        update = hide_update(update, key, frame_id(received, config, received_digest))
     if not config.secure_aggregation:
         return update
     if secrets is None:

@@ -145,6 +145,7 @@ def site_train(
     secrets: Mapping[str, bytes] | None = None,
     dp_seed: int | None = None,
     self_seed: bytes | None = None,
+    digest: str | None = None,
 ) -> ClientUpdate:
     """Train from what the server sent; the update as it goes back (framed, masked).
 
@@ -167,6 +168,9 @@ def site_train(
         (:func:`~scinfl.federated.client_update`).
     self_seed
         Under secure aggregation, the seed of the site's self mask in this attempt.
+    digest
+        :func:`~scinfl.federated.parameters_digest` of ``received``, when the caller has it
+        (it names the upload's frame; a wide model is then hashed once per message).
 
     Examples
     --------
@@ -187,7 +191,7 @@ def site_train(
         key_version=runtime.key_version,
         dp_seed=dp_seed,
     )
-    return protect_update(update, runtime.key, config, received, secrets, self_seed)
+    return protect_update(update, runtime.key, config, received, secrets, self_seed, digest)
 
 
 def site_evaluate(
@@ -538,10 +542,19 @@ class SiteProtocol:
         self.state.feature_scale = True
 
     def train(
-        self, received: Parameters, config: ClientConfig, opened: Parameters | None = None
+        self,
+        received: Parameters,
+        config: ClientConfig,
+        opened: Parameters | None = None,
+        digest: str | None = None,
     ) -> ClientUpdate:
-        """:func:`site_train`, if the message fits; the state then records the upload."""
-        digest = self._check(received, config, "a train message", train=True)
+        """:func:`site_train`, if the message fits; the state then records the upload.
+
+        ``opened`` (``received`` decoded) and ``digest`` (its
+        :func:`~scinfl.federated.parameters_digest`) come from a caller playing several sites
+        in one process, which decodes and hashes each message once.
+        """
+        digest = self._check(received, config, "a train message", True, digest)
         state = self.state
         if state.trained_round == config.round and not (
             config.secure_aggregation and config.attempt > state.attempt
@@ -568,11 +581,14 @@ class SiteProtocol:
         if config.sample_dp_epsilon > 0:
             state.dp_secret = state.dp_secret or token_hex(32)
             dp_seed = noise_seed(bytes.fromhex(state.dp_secret), config.round)
-        update = site_train(self.runtime, received, config, opened, secrets, dp_seed, self_seed)
+        update = site_train(
+            self.runtime, received, config, opened, secrets, dp_seed, self_seed, digest
+        )
         self._accept(config, digest)
         state.trained_round, state.attempt = config.round, config.attempt
         state.participants = json.dumps(sorted(config.participants)) if secure else ""
-        state.upload_frame = frame_id(received, config) if self.runtime.secret_frames else ""
+        frames = self.runtime.secret_frames
+        state.upload_frame = frame_id(received, config, digest) if frames else ""
         return update
 
     def reveal_self_mask(self, config: ClientConfig) -> bytes:
@@ -601,14 +617,21 @@ class SiteProtocol:
         return self_mask_seed(bytes.fromhex(state.self_secret), config.round, config.attempt)
 
     def evaluate(
-        self, received: Parameters, config: ClientConfig | None, opened: Parameters | None = None
+        self,
+        received: Parameters,
+        config: ClientConfig | None,
+        opened: Parameters | None = None,
+        digest: str | None = None,
     ) -> ClientUpdate:
-        """:func:`site_evaluate` (metrics only), if the message fits."""
+        """:func:`site_evaluate` (metrics only), if the message fits.
+
+        ``opened`` and ``digest`` as for :meth:`train`.
+        """
         if config is None:
             raise self._refuse(
                 "an evaluate message", "it carries no instructions (round and frame)"
             )
-        digest = self._check(received, config, "an evaluate message", train=False)
+        digest = self._check(received, config, "an evaluate message", False, digest)
         update = site_evaluate(self.runtime, received, config, opened)
         self._accept(config, digest)
         return update
@@ -616,11 +639,18 @@ class SiteProtocol:
     def _accept(self, config: ClientConfig, digest: str) -> None:
         self.state.round, self.state.frame, self.state.digest = config.round, config.frame, digest
 
-    def _check(self, received: Parameters, config: ClientConfig, what: str, train: bool) -> str:
+    def _check(
+        self,
+        received: Parameters,
+        config: ClientConfig,
+        what: str,
+        train: bool,
+        digest: str | None = None,
+    ) -> str:
         """Refuse a model message that does not fit; the digest of its model otherwise."""
         self._check_instructions(config, what, train)
         state, round_, frame = self.state, config.round, config.frame
-        digest = parameters_digest(received)
+        digest = parameters_digest(received) if digest is None else digest
         if round_ < state.round:
             raise self._refuse(
                 what,
