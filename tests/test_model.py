@@ -147,6 +147,24 @@ def test_default_classification_weight_grows_with_the_features(n_vars, expected,
     assert explicit.init_params_["non_kwargs"]["classification_ratio"] == 7.0
 
 
+def test_default_latent_size_follows_the_likelihood_and_survives_save_and_load(key, tmp_path):
+    adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=12, n_sites=2)
+    INFL.setup_anndata(adata, layer="counts", site_key="site")
+    assert INFL(adata, key=key, n_hidden=8).module.n_latent == 10
+    assert INFL(adata, key=key, n_hidden=8, n_latent=4).module.n_latent == 4
+    continuous = adata.copy()
+    continuous.X = np.log1p(continuous.layers["counts"]).astype(np.float32)
+    INFL.setup_anndata(continuous, site_key="site")
+    model = INFL(continuous, key=key, n_hidden=8, gene_likelihood="normal")
+    assert model.module.n_latent == 30
+    # the size is recorded, not the rule: a saved model loads with the latent it was trained with
+    assert model.init_params_["non_kwargs"]["n_latent"] == 30
+    model.train_federated(**FAST)
+    model.save(tmp_path / "model", overwrite=True)
+    loaded = INFL.load(tmp_path / "model", adata=continuous, key=key)
+    assert loaded.get_latent().shape == (continuous.n_obs, 30)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_missing_layer(counts_adata):
     with pytest.raises(ValueError, match="not found in adata.layers.*available"):
@@ -234,7 +252,7 @@ def test_new_samples_need_no_site_column_and_are_aligned_by_name(key):
     np.testing.assert_allclose(model.get_latent(new), latent, rtol=1e-5, atol=1e-6)
     assert "site" not in new.obs and list(new.var_names) == list(adata.var_names[::-1])
     fewer = new[:, new.var_names[2:]].copy()  # normal likelihood: absent features are missing
-    assert model.get_latent(fewer).shape == (4, 10)
+    assert model.get_latent(fewer).shape == (4, model.module.n_latent)
 
 
 def test_new_samples_missing_features_under_counts_are_refused(counts_adata, key):
