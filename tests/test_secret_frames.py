@@ -114,19 +114,20 @@ def test_a_frame_holds_one_upload_per_site_whatever_the_server_sends():
     assert frame_id(received, config, parameters_digest(received)) == name
 
 
-def test_float32_parameters_are_mapped_in_float32_within_float32_rounding():
+def test_float32_parameters_round_trip_within_float32_rounding():
+    """The maps are applied in float64: only the float32 values on the wire round.
+
+    Applying them in float32 (6x faster block products) rounds 10x more (about 6e-6 relative
+    per round trip on a CPTAC-sized model), which training amplifies: a deployment under
+    frames then left the plain model's weights by up to 8e-4 after a few rounds.
+    """
     frames = SecretFrames(KEY)
     wide = np.random.default_rng(0).normal(size=(40, 3000)).astype(np.float32)
-    hidden = frames.encode({"w": wide, "b": wide[0]}, "f")
-    assert hidden["w"].dtype == np.float32 and hidden["b"].dtype == np.float32
-    back = frames.decode(hidden, "f")
+    back = frames.decode(frames.encode({"w": wide, "b": wide[0]}, "f"), "f")
     for name, plain in (("w", wide), ("b", wide[0])):
+        assert back[name].dtype == np.float32
         error = np.abs(back[name] - plain).max() / np.abs(plain).max()
-        assert error < 3e-5, (name, error)
-    # float64 values keep float64 arithmetic: the maps are the same, to float32 rounding
-    exact = frames.encode({"w": wide.astype(np.float64)}, "f")["w"]
-    assert exact.dtype == np.float64
-    np.testing.assert_allclose(hidden["w"], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        assert error < 1e-6, (name, error)
 
 
 def test_a_site_hashes_the_model_it_receives_once_per_train_message(monkeypatch):

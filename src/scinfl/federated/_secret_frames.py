@@ -27,9 +27,8 @@ invertible maps of each axis (e.g. the rank of an update: how many rows it mixes
 no longer do: anything but averaging. Updates ``w_k - w_global`` are not defined across frames,
 so server-side clipping and noise (DP-FedAvg) or server momentum do not combine with frames.
 
-The maps are computed in float64 and applied in the parameters' precision (float32 for a
-float32 model); the parameters lose at most the frame's condition number times float32
-resolution (about 1e-5 relative) per round.
+Arithmetic is in float64; the float32 parameters lose at most the frame's condition number
+times float32 resolution (about 1e-5 relative) per round.
 """
 
 from __future__ import annotations
@@ -163,20 +162,10 @@ class _Layer:
 
     def compute(self, orthogonal: _Orthogonal) -> None:
         """The block maps, from the computed orthogonal factors."""
-        blocks, inverses = self._body.compute(orthogonal)
+        self.blocks, self.inverses = self._body.compute(orthogonal)
         tail, tail_inverse = self._tail.compute(orthogonal)
-        self._maps = {torch.float64: (blocks, inverses, tail[0], tail_inverse[0])}
+        self.tail, self.tail_inverse = tail[0], tail_inverse[0]
         del self._body, self._tail
-
-    def maps(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Blocks, their inverses, the tail block and its inverse, in ``dtype``.
-
-        Computed in float64; other precisions are rounded from those once per frame.
-        """
-        found = self._maps.get(dtype)
-        if found is None:
-            found = self._maps[dtype] = tuple(m.to(dtype) for m in self._maps[torch.float64])
-        return found
 
     def _blocks(self, x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         """``blocks`` (and ``tail``) times the row blocks of ``x`` (axis first: ``(n, m)``)."""
@@ -193,15 +182,16 @@ class _Layer:
         For the permuted layers of long axes; a one-layer dense map applies as one product
         (:meth:`AxisFrame.apply`).
         """
-        blocks, inverses, tail, tail_inverse = self.maps(x.dtype)
         if mode == "forward":  # x P B
-            return self._blocks(x.index_select(0, self.perm), blocks.transpose(1, 2), tail.T)
+            return self._blocks(
+                x.index_select(0, self.perm), self.blocks.transpose(1, 2), self.tail.T
+            )
         if mode == "inverse_transpose":  # x P B^-T
-            return self._blocks(x.index_select(0, self.perm), inverses, tail_inverse)
+            return self._blocks(x.index_select(0, self.perm), self.inverses, self.tail_inverse)
         if mode == "inverse":  # x B^-1 P^T
-            x = self._blocks(x, inverses.transpose(1, 2), tail_inverse.T)
+            x = self._blocks(x, self.inverses.transpose(1, 2), self.tail_inverse.T)
         else:  # x B^T P^T
-            x = self._blocks(x, blocks, tail)
+            x = self._blocks(x, self.blocks, self.tail)
         return x.index_select(0, self.inv_perm)
 
 
@@ -251,17 +241,14 @@ class AxisFrame:
     ) -> np.ndarray | torch.Tensor:
         """``x T``, ``x T^-1``, ``x T^T`` or ``x T^-T`` along the last axis of ``x``.
 
-        In the precision of ``x`` when it is float32 or float64 (float64 otherwise); a numpy
-        array in gives a numpy array out, a tensor a tensor.
+        Float64 arithmetic; a numpy array in gives a numpy array out, a tensor a tensor.
         """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-        tensor = torch.as_tensor(x)
-        if tensor.dtype not in (torch.float32, torch.float64):
-            tensor = tensor.to(torch.float64)
+        tensor = torch.as_tensor(x, dtype=torch.float64)
         if self.dense:
             # one dense map (short axes, most of a model's): one product, no reshaping
-            out = tensor @ self._dense_matrix(mode, tensor.dtype)
+            out = tensor @ self._dense_matrix(mode)
             return out if isinstance(x, torch.Tensor) else out.numpy()
         shape = tensor.shape
         # the layers work on the axis as rows of a contiguous (n, rest) matrix: permutations
@@ -274,18 +261,18 @@ class AxisFrame:
         out = columns.T.reshape(shape)
         return out if isinstance(x, torch.Tensor) else out.numpy()
 
-    def _dense_matrix(self, mode: str, dtype: torch.dtype) -> torch.Tensor:
+    def _dense_matrix(self, mode: str) -> torch.Tensor:
         """``T``, ``T^-1``, ``T^T`` or ``T^-T`` of a one-layer dense map (``x -> x M``)."""
-        _, _, tail, tail_inverse = self.layers[0].maps(dtype)
+        layer = self.layers[0]
         return {
-            "forward": tail,
-            "inverse": tail_inverse,
-            "transpose": tail.T,
-            "inverse_transpose": tail_inverse.T,
+            "forward": layer.tail,
+            "inverse": layer.tail_inverse,
+            "transpose": layer.tail.T,
+            "inverse_transpose": layer.tail_inverse.T,
         }[mode]
 
     def apply_along(self, x: torch.Tensor, axis: int, mode: str) -> torch.Tensor:
-        """:meth:`apply` along axis ``axis`` of a float32 or float64 tensor."""
+        """:meth:`apply` along axis ``axis`` of a float64 tensor."""
         return self.apply(x.movedim(axis, -1), mode).movedim(-1, axis)
 
 
@@ -367,10 +354,7 @@ class SecretFrames:
             if name not in hidden:
                 out[name] = array.copy()  # integers (counters) and empty tensors: nothing to hide
                 continue
-            # float32 parameters are mapped in float32 (6x faster block products than float64
-            # on CPUs); the maps themselves are computed in float64 and rounded once
-            precision = np.float32 if array.dtype == np.float32 else np.float64
-            x = torch.from_numpy(array.astype(precision).reshape(array.shape or (1,)))
+            x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
             for axis in range(x.ndim):
                 x = maps[(name, axis, x.shape[axis])].apply_along(x, axis, mode)
             out[name] = x.numpy().reshape(array.shape).astype(array.dtype)
