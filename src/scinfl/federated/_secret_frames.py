@@ -451,10 +451,10 @@ def frame_id(
     A hash of the parameters as received (their :func:`parameters_digest`: names, dtypes,
     shapes, bytes; pass ``digest`` when it is at hand, so that a wide model is hashed once per
     message) and of every instruction, the frame they were sent in (``config.frame``)
-    included; the server computes
-    it from what it sent. With the decode frame bound into the name, the same tensors sent as
-    if in another frame give an upload in another frame, and no upload can go to the frame
-    its start was named in (that would need a fixed point of the hash).
+    included; the server computes it from what it sent. With the decode frame bound into the
+    name, the same tensors sent as if in another frame give an upload in another frame, and no
+    upload can go to the frame its start was named in (that would need a fixed point of the
+    hash).
 
     Examples
     --------
