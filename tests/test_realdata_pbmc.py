@@ -42,9 +42,13 @@ def test_pbmc68k_pipeline_shapes():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_federated_ari_close_to_centralized(key):
-    """Leiden ARI on the federated latent at most 0.05 below the same model trained centrally.
+    """Leiden ARI on the federated latent at most 0.1 below the same model trained centrally.
 
-    Averaged over three seeds (Leiden ARI on 700 cells moves by about 0.05 from seed to seed).
+    Averaged over three seeds, with a fresh key per run. Leiden ARI on 700 cells moves by
+    0.05-0.08 from seed to seed on either side (centralized 0.65-0.81 in one run), so the mean
+    difference of three seeds has a standard error of about 0.05: a bound of 0.05 failed one
+    fresh-clone CI in four (0.684 against 0.754) with no change to the model; 0.1 is two
+    standard errors, and still far from an untrained or broken federation.
     One-sided: the federated model often scores above the centralized one. With one local
     epoch per round a site of ~200 cells takes only two optimiser steps per round, and after
     30 rounds the federated model still underfits (measured over 4 seeds: ARI 0.596 against
@@ -54,4 +58,4 @@ def test_federated_ari_close_to_centralized(key):
     central = np.array([_ari(False, s, key) for s in SEEDS])
     print(f"federated ARI/acc {fed.mean(0)}, centralized ARI/acc {central.mean(0)}")
     assert central[:, 0].mean() > 0.4  # the model learns the cell types at all
-    assert fed[:, 0].mean() >= central[:, 0].mean() - 0.05
+    assert fed[:, 0].mean() >= central[:, 0].mean() - 0.1
