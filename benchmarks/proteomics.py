@@ -26,12 +26,14 @@ Usage::
 ``--defaults`` creates and trains the neural rows with the library's defaults: only the
 data-dependent arguments (sites, labels, likelihood, key, seed) are given, and ``--set NAME=...``
 adds a setting back. ``--transform raw-scale`` gives every protein as ``3 * x + 25`` (the scale
-of raw log2 intensities) instead of the published log2 ratios.
+of raw log2 intensities) instead of the published log2 ratios. Each fold's key is derived from
+the fold's seed (:func:`fold_key`), so runs and inputs are compared with the same keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import itertools
 import logging
@@ -257,6 +259,15 @@ def fold_batch_size(train: AnnData, s: Settings) -> int:
     return min(s.batch_size, *n_train)
 
 
+def fold_key(seed: int) -> scinfl.Key:
+    """The key of the fold with seed ``seed``: the same in every run and for every input.
+
+    Two inputs (``--transform``) or two runs are then compared with the same keys fold by
+    fold, so that their difference is not the spread across keys.
+    """
+    return scinfl.Key(hashlib.sha256(f"benchmarks/proteomics fold {seed}".encode()).digest())
+
+
 def run_fold(
     data: AnnData,
     train_idx: np.ndarray,
@@ -274,7 +285,7 @@ def run_fold(
     train = train[:, features].copy()
     test = data[test_idx, features].copy()
     y = test.obs["label"].cat.codes.to_numpy()
-    key = scinfl.Key.generate()
+    key = fold_key(seed)
     if "batch_size" in s.given(("batch_size",)):
         s = replace(s, batch_size=fold_batch_size(train, s))
     rows = []
