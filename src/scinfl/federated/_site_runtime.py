@@ -678,7 +678,9 @@ class SiteProtocol:
                 raise self._refuse(
                     what,
                     f"it trained in round {round_ - 1}, so round {round_}'s model is in the "
-                    f"frame of its upload ({state.upload_frame!r}), not {frame!r}",
+                    f"frame of its upload ({state.upload_frame!r}), not {frame!r} (a server on "
+                    "another scinfl version names frames otherwise: give the server and every "
+                    "site the same version)",
                 )
         elif frame == state.upload_frame:
             raise self._refuse(
