@@ -364,6 +364,14 @@ def breakdown_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(shares).fillna("0%")
 
 
+def _short(n: int) -> str:
+    """``n`` for an axis label: 700, 14k, 1M."""
+    for size, unit in ((1_000_000, "M"), (1_000, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def plot(rows: list[dict], scaling: list[dict], path: Path) -> None:
     """Seconds per epoch by method and row; scaling curves when measured."""
     import matplotlib
@@ -372,14 +380,19 @@ def plot(rows: list[dict], scaling: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = 1 + bool(scaling) * 3
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    widths = [0.75 * len(rows)] + [4.5] * (panels - 1)  # the bar panel widens with its rows
+    fig, axes = plt.subplots(
+        1, panels, figsize=(sum(widths), 3.6), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     ax = axes[0, 0]
     methods = ("defaults", "no frames", "no key", "SCVI")
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         values = [r[method]["cpu"] for r in rows]
         ax.bar(np.arange(len(rows)) + i * width, values, width, label=method)
-    labels = [r["row"].split(":")[0] + f"\n{r['cells']:,} x {r['features']:,}" for r in rows]
+    labels = [
+        f"{r['row'].split(':')[0]}\n{_short(r['cells'])} x {_short(r['features'])}" for r in rows
+    ]
     ax.set_xticks(np.arange(len(rows)) + 0.3, labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("CPU seconds per epoch")
