@@ -29,14 +29,18 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import scinfl
 from scinfl.federated import (
+    PROTOCOL_VERSION,
     ClientConfig,
     ClientUpdate,
     FederatedServer,
     FederationConfig,
     PrivacyConfig,
+    RefusedMessageError,
     Roster,
     SiteData,
     SiteIdentity,
+    SiteProtocol,
+    SiteRuntime,
     get_shared_parameters,
     run_local,
 )
@@ -143,6 +147,32 @@ def test_unknown_instruction_is_refused():
     record["secret"] = "x"
     with pytest.raises(ValueError, match="Unknown round instructions"):
         record_to_config(record)
+
+
+@pytest.mark.parametrize("protocol", [None, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1])
+def test_instructions_of_another_protocol_are_refused(protocol):
+    """A server on another scinfl version: refused at its first message, naming the fix."""
+    record = config_to_record(ClientConfig(round=0))
+    if protocol is None:  # a server from before the version entry
+        del record["protocol"]
+    else:
+        record["protocol"] = protocol
+    sent = "no protocol version" if protocol is None else f"protocol {protocol}"
+    with pytest.raises(ValueError, match=f"in {sent}.*same scinfl version"):
+        record_to_config(record)
+
+
+def test_a_site_refuses_instructions_of_another_protocol(key):
+    """In process too: the site's check of the instructions compares the protocol."""
+    runtime = SiteRuntime(
+        KeyedVAE(n_input=4, key_mode=None),
+        SiteData.from_arrays("a", np.ones((10, 4))),
+        federation=FederationConfig(max_rounds=2),
+    )
+    protocol = SiteProtocol(runtime)
+    config = dataclasses.replace(runtime.federation.client_config(0), protocol=PROTOCOL_VERSION + 1)
+    with pytest.raises(RefusedMessageError, match="protocol"):
+        protocol.train(get_shared_parameters(runtime.module), config)
 
 
 # -- the apps, driven by an in-process grid (no Ray) --------------------------------------

@@ -1,7 +1,14 @@
 """Federated training: partitioning, client update, aggregation and engines."""
 
 from ._aggregate import accept_updates, fedavg
-from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update, site_seed
+from ._client import (
+    PROTOCOL_VERSION,
+    ClientConfig,
+    ClientUpdate,
+    client_evaluate,
+    client_update,
+    site_seed,
+)
 from ._config import FederationConfig, PrivacyConfig
 from ._dp import DPFedAvg
 from ._features import (
@@ -57,6 +64,7 @@ from ._site_runtime import (
 )
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "ClientConfig",
     "ClientUpdate",
     "DPFedAvg",

@@ -15,6 +15,13 @@ from ._parameters import Parameters, get_shared_parameters, set_shared_parameter
 from ._sample_dp import DPSGDPlan, poisson_minibatches, private_gradients
 from ._site_data import SiteData
 
+#: Version of what the messages of a round mean (their instructions, the parameters' layout, the
+#: names of secret frames). Every round's instructions carry it and a site refuses another, so a
+#: server and sites on scinfl versions that would misread each other stop at the first message
+#: with an error that says so. Raise it with any change that makes an older site or server
+#: misread a message (the frame names changed in protocol 2).
+PROTOCOL_VERSION = 2
+
 
 @dataclass
 class ClientConfig:
@@ -54,6 +61,9 @@ class ClientConfig:
     sample_dp_epsilon, sample_dp_clipping_norm, dp_delta
         Sample-level DP (DP-SGD) at the site for the whole run (0: off); see
         :class:`~scinfl.federated.FederationConfig`.
+    protocol
+        The message protocol the instructions are written in (:data:`~scinfl.federated.PROTOCOL_VERSION`);
+        a site refuses another.
 
     Examples
     --------
@@ -80,6 +90,7 @@ class ClientConfig:
     sample_dp_epsilon: float = 0.0
     sample_dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    protocol: int = PROTOCOL_VERSION
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from scinfl.federated._client import ClientConfig, ClientUpdate
+from scinfl.federated._client import PROTOCOL_VERSION, ClientConfig, ClientUpdate
 from scinfl.federated._key_agreement import KeyAdvertisement
 from scinfl.federated._parameters import Parameters
 
@@ -90,7 +90,7 @@ def config_to_record(config: ClientConfig) -> ConfigRecord:
 
 
 def record_to_config(record: ConfigRecord) -> ClientConfig:
-    """Decode the round's instructions (unknown entries are refused).
+    """Decode the round's instructions (unknown entries and another protocol are refused).
 
     Examples
     --------
@@ -100,7 +100,19 @@ def record_to_config(record: ConfigRecord) -> ClientConfig:
     unknown = sorted(set(record) - set(_FIELDS))
     if unknown:
         raise ValueError(
-            f"Unknown round instructions {unknown}: the server runs another scinfl version."
+            f"Unknown round instructions {unknown}: the server runs another scinfl version. "
+            "Give the server and every site the same scinfl version."
+        )
+    # a missing version is an older server's (the dataclass default would hide it)
+    protocol = record["protocol"] if "protocol" in record else None
+    if protocol != PROTOCOL_VERSION:
+        sent = (
+            "no protocol version (an older scinfl)" if protocol is None else f"protocol {protocol}"
+        )
+        raise ValueError(
+            f"The server's round instructions are in {sent}, this site's in protocol "
+            f"{PROTOCOL_VERSION}: they would read each other's messages (and secret frames) "
+            "differently. Give the server and every site the same scinfl version."
         )
     return ClientConfig(**dict(record.items()))
 
