@@ -162,7 +162,7 @@ def test_instructions_of_another_protocol_are_refused(protocol):
         record_to_config(record)
 
 
-def test_a_site_refuses_instructions_of_another_protocol(key):
+def test_a_site_refuses_instructions_of_another_protocol():
     """In process too: the site's check of the instructions compares the protocol."""
     runtime = SiteRuntime(
         KeyedVAE(n_input=4, key_mode=None),

@@ -62,8 +62,8 @@ class ClientConfig:
         Sample-level DP (DP-SGD) at the site for the whole run (0: off); see
         :class:`~scinfl.federated.FederationConfig`.
     protocol
-        The message protocol the instructions are written in (:data:`~scinfl.federated.PROTOCOL_VERSION`);
-        a site refuses another.
+        The message protocol the instructions are written in
+        (:data:`~scinfl.federated.PROTOCOL_VERSION`); a site refuses another.
 
     Examples
     --------

@@ -104,7 +104,7 @@ def record_to_config(record: ConfigRecord) -> ClientConfig:
             "Give the server and every site the same scinfl version."
         )
     # a missing version is an older server's (the dataclass default would hide it)
-    protocol = record["protocol"] if "protocol" in record else None
+    protocol = record.get("protocol")
     if protocol != PROTOCOL_VERSION:
         sent = (
             "no protocol version (an older scinfl)" if protocol is None else f"protocol {protocol}"
