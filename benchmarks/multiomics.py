@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -357,6 +358,10 @@ def _mosaic_inputs(model, mdata, modalities, sites):
 
 def table(rows: pd.DataFrame) -> str:
     metrics = ["ARI", "NMI", "kNN acc"]
+    # full-data rows before the mosaic's, each data set's methods in the order they ran
+    rows = rows.assign(full_first=rows["variant"] != "full").sort_values(
+        ["data", "full_first"], kind="stable"
+    )
     grouped = rows.groupby(["data", "variant", "method"], sort=False)
     out = grouped[metrics].agg(["mean", "std"])
     lines = [
@@ -369,11 +374,26 @@ def table(rows: pd.DataFrame) -> str:
             for m in metrics
         ]
         g = grouped.get_group((data, variant, method))
-        note = "; ".join(sorted(set(g["note"]) - {""}))
+        note = _note(g["note"])
         lines.append(
             f"| {data} | {variant} | {method} | {' | '.join(cells)} | {g['time_s'].mean():.1f} | {note} |"
         )
     return "\n".join(lines)
+
+
+def _note(notes: pd.Series) -> str:
+    """One note for a row's seeds: the number of notes that differ only in it summarised."""
+    notes = [n for n in notes if n]
+    templates = {re.sub(r"\d+(\.\d+)?", "{}", n) for n in notes}
+    if len(notes) < 2 or len(templates) != 1 or templates.pop().count("{}") != 1:
+        return "; ".join(sorted(set(notes)))
+    numbers = [re.search(r"\d+(\.\d+)?", n).group() for n in notes]
+    values = [float(v) for v in numbers]
+    template = re.sub(r"\d+(\.\d+)?", "{}", notes[0])
+    if not any("." in v for v in numbers):
+        low, high = int(min(values)), int(max(values))
+        return template.format(str(low) if low == high else f"{low}-{high}")
+    return template.format(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
 
 
 ROUNDS = {"CPTAC UCEC": 60, "synthetic RNA+protein": 30}
@@ -424,15 +444,24 @@ def write_table(quick_seeds=None) -> None:
     shifts = pd.concat(
         [pd.read_csv(p) for p in sorted(RESULTS.parent.glob("multiomics_shift_*.csv"))]
     )
+    # one column per score, whichever modality the latent came from
+    shifts.columns = [re.sub(r" \(.* only\)$", "", c) for c in shifts.columns]
+    shifts = shifts.T.groupby(level=0, sort=False).first().T.infer_objects()
     shift_table = (
         shifts.groupby(["data", "modality"]).mean(numeric_only=True).drop(columns="seed").round(3)
     )
     text = (
         "# Multi-omics clustering across sites (benchmarks/multiomics.py)\n\n"
-        f"Seeds {sorted(rows['seed'].unique().tolist())} (MOFA+: seed 0 only); rounds (epochs for centralized): "
+        f"Seeds {sorted(rows['seed'].unique().tolist())} (MOFA+ and totalVI: seed 0 only); "
+        "rounds (epochs for centralized): "
         + ", ".join(f"{n}: {20 if quick_seeds else r}" for n, r in ROUNDS.items())
-        + "; every other setting at the library's defaults (key, secret frames, product of "
-        "experts); 1 CPU thread per process.\n\n"
+        + "; 1,000 most variable features per omics; every other setting at the library's "
+        "defaults (key, secret frames, product of experts); one process per data set and "
+        "seed, 1 CPU thread each (time is wall time, on a machine that ran other jobs: not a "
+        "cost figure). Mosaic: the first site has only the first modality, the second only "
+        "the second, the others both; scored on all samples (note: on the samples with "
+        "both). `full-data model, mosaic inputs`: the model trained on full data, given "
+        "each sample's mosaic modalities. Rerun: `python benchmarks/multiomics.py`.\n\n"
         + table(rows)
         + "\n\nLatent of the federated model from one modality against all (shift: median "
         "distance relative to the median distance between samples; scores of the "
