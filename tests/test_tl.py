@@ -1,6 +1,8 @@
 import subprocess
 import sys
+import warnings
 
+import anndata
 import numpy as np
 import pytest
 
@@ -95,3 +97,29 @@ def test_cluster_keeps_the_users_torch_threads():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_results_of_labels_with_slashes_write_to_h5ad_and_zarr(counts_adata, key, tmp_path):
+    """Labels are data: one with a '/' must not become a key of the written file."""
+    labels = counts_adata.obs["label"].astype(str).str.replace("type0", "CD4+/CD25 T Reg")
+    counts_adata.obs["label"] = labels.astype("category")
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site", labels_key="label")
+    model = scinfl.model.INFL(counts_adata, key=key, n_latent=4)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    scinfl.tl.embed(counts_adata, model)
+    scinfl.tl.predict(counts_adata, model)
+    scinfl.tl.cluster(counts_adata, n_neighbors=5, umap=False)
+    labels = counts_adata.uns["scinfl_prediction"]["params"]["labels"]
+    assert labels == list(counts_adata.obs["scinfl_prediction"].cat.categories)
+    assert "CD4+/CD25 T Reg" in labels
+    proba = counts_adata.obsm["scinfl_proba"]
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    best = np.asarray(labels)[proba.argmax(1)]
+    assert best.tolist() == counts_adata.obs["scinfl_prediction"].astype(str).tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        counts_adata.write_h5ad(tmp_path / "a.h5ad")
+    counts_adata.write_zarr(tmp_path / "a.zarr")
+    back = anndata.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_allclose(back.obsm["scinfl_proba"], proba)
+    assert list(back.uns["scinfl_prediction"]["params"]["labels"]) == labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 
@@ -15,6 +16,11 @@ def predict(
 ) -> AnnData | None:
     """Store predicted labels in ``.obs[key_added]`` and class probabilities in ``.obsm[proba_key]``.
 
+    The probabilities are an array, one column per label in the order of
+    ``.obs[key_added].cat.categories`` (also in ``.uns[key_added]["params"]["labels"]``):
+    labels are data, and a label with a ``/`` (``"CD4+/CD25 T Reg"``) cannot be a column name
+    in a zarr store (nor, from anndata 0.13, in an ``.h5ad`` file).
+
     Parameters
     ----------
     adata
@@ -24,14 +30,14 @@ def predict(
     key_added
         ``.obs`` column for the predicted label (categorical, in the model's label order).
     proba_key
-        ``.obsm`` key for the probabilities (a DataFrame, one column per label).
+        ``.obsm`` key for the probabilities (cells x labels).
     copy
         Return a copy of ``adata`` holding the result instead of writing into ``adata``.
 
     Returns
     -------
-    ``None``, or with ``copy=True`` a new AnnData. Sets ``.obs[key_added]`` and
-    ``.obsm[proba_key]``.
+    ``None``, or with ``copy=True`` a new AnnData. Sets ``.obs[key_added]``,
+    ``.obsm[proba_key]`` and ``.uns[key_added]``.
 
     Examples
     --------
@@ -41,7 +47,9 @@ def predict(
     >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
     >>> _ = model.train_federated(max_rounds=1, batch_size=16, progress_bar=False, seed=0)
     >>> scinfl.tl.predict(adata, model)
-    >>> sorted(adata.obsm["scinfl_proba"].columns)
+    >>> adata.obsm["scinfl_proba"].shape
+    (60, 3)
+    >>> adata.uns["scinfl_prediction"]["params"]["labels"]
     ['type0', 'type1', 'type2']
     >>> result = scinfl.tl.predict(adata, model, key_added="pred", copy=True)
     >>> "pred" in result.obs, "pred" in adata.obs
@@ -51,6 +59,8 @@ def predict(
     proba.index = adata.obs_names
     if copy:
         adata = adata.copy()
-    adata.obsm[proba_key] = proba
+    labels = [str(label) for label in proba.columns]
+    adata.obsm[proba_key] = proba.to_numpy(dtype=np.float32)
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))
+    adata.uns[key_added] = {"params": {"proba_key": proba_key, "labels": labels}}
     return adata if copy else None
