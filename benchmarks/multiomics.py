@@ -21,6 +21,7 @@ Usage (peers need the ``benchmarks`` dependency group: muon, mofapy2)::
 
     uv run --group benchmarks python benchmarks/multiomics.py
     uv run --group benchmarks python benchmarks/multiomics.py --quick   # 1 seed, few rounds
+    uv run python benchmarks/multiomics.py --no-peers --data cptac --seeds 0  # keeps the peers' rows
 """
 
 from __future__ import annotations
@@ -227,6 +228,12 @@ def _totalvi(mdata, seed):
 # -- the run ---------------------------------------------------------------------------------
 def run_dataset(name, loader, seeds, rounds, peers, stem):
     rows, shifts = [], []
+    csv = RESULTS.with_name(f"multiomics_{stem}.csv")
+    # without the peers (minutes each), their rows already in the CSV are kept
+    kept = pd.DataFrame()
+    if not peers and csv.exists():
+        kept = pd.read_csv(csv)
+        kept = kept[kept["method"].str.startswith(PEERS)]
     mdata, truth, modalities = loader()
     y = mdata.obs[truth].cat.codes.to_numpy()
     k = len(np.unique(y))
@@ -249,7 +256,7 @@ def run_dataset(name, loader, seeds, rounds, peers, stem):
         )
         logger.info("%s %s %s seed %d: %s", name, variant, method, seed, scores)
         # written as they come: a run cut short still leaves its rows
-        pd.DataFrame(rows).to_csv(RESULTS.with_name(f"multiomics_{stem}.csv"), index=False)
+        pd.concat([kept, pd.DataFrame(rows)]).to_csv(csv, index=False)
         if shifts:
             path = RESULTS.with_name(f"multiomics_shift_{stem}.csv")
             pd.DataFrame(shifts).to_csv(path, index=False)
@@ -396,6 +403,8 @@ def _note(notes: pd.Series) -> str:
     return template.format(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
 
 
+#: methods ``--no-peers`` skips (their rows already written are kept)
+PEERS = ("muon WNN", "MOFA+", "totalVI")
 ROUNDS = {"CPTAC UCEC": 60, "synthetic RNA+protein": 30}
 LOADERS = {"CPTAC UCEC": load_cptac, "synthetic RNA+protein": load_synthetic}
 

@@ -21,6 +21,7 @@ from scinfl.federated import (
     get_shared_parameters,
 )
 from scinfl.model import MultiOmicsINFL
+from scinfl.module import MultiModalKeyedVAE
 
 from ._equality import assert_same_weights
 
@@ -119,6 +120,51 @@ def test_mosaic_training_keeps_the_samples_with_every_modality(trained, key):
     z = model.get_latent()
     assert np.isfinite(z).all()
     assert _ari(z[paired], labels[paired]) > 0.6
+
+
+def test_the_subset_elbo_counts_the_rows_with_several_modalities_only():
+    vae = MultiModalKeyedVAE(
+        {"rna": 20, "prot": 5},
+        {"rna": "X", "prot": "X_prot"},
+        {"rna": "nb", "prot": "normal"},
+        key_mode=None,
+        n_hidden=8,
+    )
+    torch.manual_seed(0)
+    x = {"X": torch.poisson(torch.ones(6, 20)), "X_prot": torch.randn(6, 5)}
+    x["X_prot"][:2] = float("nan")  # two samples without protein data
+    experts = vae.inference(x)["experts"]
+    per_row = vae.subset_loss(x, experts, None, kl_weight=1.0)
+    assert torch.equal(per_row[:2], torch.zeros(2)) and bool((per_row[2:] > 0).all())
+    rna_only = {"X": x["X"][:2], "X_prot": x["X_prot"][:2]}
+    vae.skip_absent_modalities = True
+    assert vae.subset_loss(rna_only, vae.inference(rna_only)["experts"], None, 1.0) == 0.0
+    tensors = {**x, "batch": torch.zeros(6, 1)}
+    with_subsets = vae(tensors)[2]
+    vae.subset_elbo = False
+    without = vae(tensors)[2]
+    assert float(with_subsets.extra_metrics["subset_elbo"]) > 0
+    assert float(without.extra_metrics["subset_elbo"]) == 0
+
+
+def test_the_latent_of_one_modality_stays_near_the_latent_of_all():
+    """Each modality alone tells half of the type here; with the subset ELBO its latent lies
+    nearer where the joint latent is (the mean of the types it cannot tell apart)."""
+    mdata = _mdata(seed=1)
+    shifts = {}
+    for subset_elbo in (False, True):
+        torch.manual_seed(0)
+        model = _model(mdata.copy(), scinfl.Key(bytes(32)), subset_elbo=subset_elbo)
+        model.train_centralized(max_epochs=40, batch_size=64, progress_bar=False, seed=0)
+        z = model.get_latent()
+        spread = np.median(np.linalg.norm(z[:, None] - z[None], axis=-1))
+        shifts[subset_elbo] = np.mean(
+            [
+                np.median(np.linalg.norm(z - model.get_latent(modalities=[m]), axis=1)) / spread
+                for m in ("rna", "prot")
+            ]
+        )
+    assert shifts[True] < 0.8 * shifts[False]
 
 
 @pytest.mark.parametrize("privacy", ["secagg", "dp"])

@@ -73,6 +73,10 @@ class MultiOmicsINFL(
         ``"mean"`` (see :class:`~scinfl.module.MultiModalKeyedVAE`).
     alignment_weight
         Weight of the term that keeps each modality's posterior near the others'.
+    subset_elbo
+        Also train each modality's own posterior to reconstruct every modality of the samples
+        that hold several (see :class:`~scinfl.module.MultiModalKeyedVAE`): a sample's latent
+        moves less when a modality is missing.
 
     Examples
     --------
@@ -100,6 +104,7 @@ class MultiOmicsINFL(
         dropout_rate: float = 0.1,
         joint: str = "poe",
         alignment_weight: float = 1.0,
+        subset_elbo: bool = True,
     ) -> None:
         super().__init__(mdata)
         names = list(self.adata_manager.registry["setup_args"]["modalities"])
@@ -121,6 +126,7 @@ class MultiOmicsINFL(
             dropout_rate=dropout_rate,
             joint=joint,
             alignment_weight=alignment_weight,
+            subset_elbo=subset_elbo,
             key_mode=key_mode,
             key_strength=key_strength,
         )

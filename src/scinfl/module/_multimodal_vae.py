@@ -84,6 +84,15 @@ class MultiModalKeyedVAE(BaseModuleClass):
     alignment_weight
         Weight of the symmetric KL divergence between the posteriors of a sample's
         modalities (0 to turn it off).
+    subset_elbo
+        Also train each modality's own posterior (with the prior: the latent of a sample that
+        has only this modality) to reconstruct every modality of the samples that hold
+        several, as MoPoE-VAE trains its subsets; the loss adds the mean of these ELBOs.
+        The latent from one modality then lands near the latent from all, where that modality
+        cannot tell what the others can (synthetic RNA + protein: median distance 0.62 of
+        the median distance between cells, against 0.94 without, 3 seeds,
+        ``docs/multiomics.md``). Costs one more pass of every decoder per modality on those
+        samples.
     key_mode, key_strength
         Key mode of the encoders' linear layers (``None``: no key) and its ``lambda``.
 
@@ -109,6 +118,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
         dropout_rate: float = 0.1,
         joint: Joint = "poe",
         alignment_weight: float = 1.0,
+        subset_elbo: bool = True,
         key_mode: str | None = "pooled",
         key_strength: float = 1.0,
     ) -> None:
@@ -128,6 +138,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
         self.n_latent = n_latent
         self.joint = joint
         self.alignment_weight = alignment_weight
+        self.subset_elbo = subset_elbo
         # a modality no row of a minibatch holds runs no encoder or decoder (faster); per-row
         # gradients (sample-level DP, under torch.func.vmap) cannot branch on the data and
         # switch this off: the absent modality's terms are then weighted by 0
@@ -428,20 +439,52 @@ class MultiModalKeyedVAE(BaseModuleClass):
                 total = total + sym * (oa & ob)
         return total
 
+    def subset_loss(
+        self, x: Mapping[str, torch.Tensor], experts: Mapping[str, tuple], batch_index, kl_weight
+    ) -> torch.Tensor | float:
+        """Mean over modalities of the negative ELBO of each one-modality posterior, per row.
+
+        Only rows holding at least two modalities count (for a row with one, that posterior
+        is the joint one, already in the loss).
+        """
+        if len(experts) < 2:
+            return 0.0
+        several = sum(observed.to(torch.int64) for _, _, observed in experts.values()) >= 2
+        total = 0.0
+        for name, (mean, var, observed) in experts.items():
+            q = self.combine({name: (mean, var, observed)}, mean.shape[0], mean)
+            generated = self.generative(q.rsample(), x, batch_index)
+            reconst = sum(self.reconstruction_loss(x, generated["px"]).values())
+            kl = kl_divergence(q, generated["pz"]).sum(dim=-1)
+            total = total + (reconst + kl_weight * kl) * (observed & several)
+        return total / len(experts)
+
     def loss(
         self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0
     ) -> LossOutput:
-        """ELBO over the modalities each row holds, plus the weighted alignment term."""
+        """ELBO over the modalities each row holds, plus the alignment and subset terms.
+
+        The alignment term is weighted by ``alignment_weight``; with ``subset_elbo``, the
+        one-modality ELBOs of the rows that hold several are added (:meth:`subset_loss`).
+        """
         x = {key: tensors[key] for key in self.registry_keys.values()}
         qz = inference_outputs["qz"]
         kl_z = kl_divergence(qz, generative_outputs["pz"]).sum(dim=-1)
         reconst = self.reconstruction_loss(x, generative_outputs["px"])
         total = sum(reconst.values()) if reconst else torch.zeros_like(kl_z)
-        align = self.alignment(inference_outputs["experts"])
-        loss = torch.mean(total + kl_weight * kl_z + self.alignment_weight * align)
+        experts = inference_outputs["experts"]
+        align = self.alignment(experts)
+        subsets = 0.0
+        if self.subset_elbo:
+            batch_index = tensors.get(REGISTRY_KEYS.BATCH_KEY)
+            subsets = self.subset_loss(x, experts, batch_index, kl_weight)
+        loss = torch.mean(total + kl_weight * kl_z + self.alignment_weight * align + subsets)
         return LossOutput(
             loss=loss,
             reconstruction_loss={f"reconstruction_{k}": v for k, v in reconst.items()},
             kl_local={"kl_divergence_z": kl_z},
-            extra_metrics={"alignment": torch.as_tensor(align).mean().detach()},
+            extra_metrics={
+                "alignment": torch.as_tensor(align).mean().detach(),
+                "subset_elbo": torch.as_tensor(subsets).mean().detach(),
+            },
         )
