@@ -15,7 +15,7 @@ Protocol (docs/multiomics.md):
   graph (resolution chosen to give k clusters where possible) and its 5 nearest neighbours.
   Mosaic rows are scored on all samples (those of one-modality sites from that modality only)
   and, in brackets in the notes, on the samples with every modality.
-- 3 seeds (model initialisation, k-means, MOFA+, Leiden); mean and standard deviation.
+- 3 seeds (model initialisation, key, k-means, MOFA+, Leiden); mean and standard deviation.
 
 Usage (peers need the ``benchmarks`` dependency group: muon, mofapy2)::
 
@@ -27,6 +27,7 @@ Usage (peers need the ``benchmarks`` dependency group: muon, mofapy2)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import re
 import time
@@ -133,10 +134,16 @@ def latent_shift(z_all: np.ndarray, z_one: np.ndarray) -> float:
 
 
 # -- methods ---------------------------------------------------------------------------------
+def seed_key(seed: int) -> scinfl.Key:
+    """The key of seed ``seed``: the same in every run, so rows and reruns compare pairwise
+    (with or without the key, full or mosaic) rather than across keys."""
+    return scinfl.Key(hashlib.sha256(f"benchmarks/multiomics seed {seed}".encode()).digest())
+
+
 def _multiomics(mdata, modalities, key_mode, seed, rounds, centralized=False):
     torch.manual_seed(seed)
     MultiOmicsINFL.setup_mudata(mdata, modalities, site_key="site")
-    key = scinfl.Key.generate() if key_mode else None
+    key = seed_key(seed) if key_mode else None
     model = MultiOmicsINFL(mdata, key=key, key_mode=key_mode)
     if centralized:
         model.train_centralized(max_epochs=rounds, progress_bar=False, seed=seed)
@@ -151,7 +158,7 @@ def _single(mdata, name, seed, rounds):
     likelihood = "nb" if name in ("rna", "prot") else "normal"
     torch.manual_seed(seed)
     INFL.setup_anndata(mod, site_key="site")
-    model = INFL(mod, key=scinfl.Key.generate(), gene_likelihood=likelihood)
+    model = INFL(mod, key=seed_key(seed), gene_likelihood=likelihood)
     model.train_federated(max_rounds=rounds, progress_bar=False, seed=seed)
     return model.get_latent()
 
@@ -256,7 +263,7 @@ def run_dataset(name, loader, seeds, rounds, peers, stem):
         )
         logger.info("%s %s %s seed %d: %s", name, variant, method, seed, scores)
         # written as they come: a run cut short still leaves its rows
-        pd.concat([kept, pd.DataFrame(rows)]).to_csv(csv, index=False)
+        pd.concat([pd.DataFrame(rows), kept]).to_csv(csv, index=False)
         if shifts:
             path = RESULTS.with_name(f"multiomics_shift_{stem}.csv")
             pd.DataFrame(shifts).to_csv(path, index=False)
@@ -372,8 +379,8 @@ def table(rows: pd.DataFrame) -> str:
     grouped = rows.groupby(["data", "variant", "method"], sort=False)
     out = grouped[metrics].agg(["mean", "std"])
     lines = [
-        "| data | variant | method | ARI | NMI | kNN acc | time (s) | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | variant | method | ARI | NMI | kNN acc | seeds | time (s) | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (data, variant, method), r in out.iterrows():
         cells = [
@@ -383,7 +390,8 @@ def table(rows: pd.DataFrame) -> str:
         g = grouped.get_group((data, variant, method))
         note = _note(g["note"])
         lines.append(
-            f"| {data} | {variant} | {method} | {' | '.join(cells)} | {g['time_s'].mean():.1f} | {note} |"
+            f"| {data} | {variant} | {method} | {' | '.join(cells)} | {len(g)} "
+            f"| {g['time_s'].mean():.1f} | {note} |"
         )
     return "\n".join(lines)
 
@@ -461,7 +469,8 @@ def write_table(quick_seeds=None) -> None:
     )
     text = (
         "# Multi-omics clustering across sites (benchmarks/multiomics.py)\n\n"
-        f"Seeds {sorted(rows['seed'].unique().tolist())} (MOFA+ and totalVI: seed 0 only); "
+        f"Seeds {sorted(rows['seed'].unique().tolist())} (the seeds column: how many each row "
+        "ran; the peers, minutes a run, fewer); "
         "rounds (epochs for centralized): "
         + ", ".join(f"{n}: {20 if quick_seeds else r}" for n, r in ROUNDS.items())
         + "; 1,000 most variable features per omics; every other setting at the library's "
