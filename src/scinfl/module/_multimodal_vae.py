@@ -440,7 +440,11 @@ class MultiModalKeyedVAE(BaseModuleClass):
         return total
 
     def subset_loss(
-        self, x: Mapping[str, torch.Tensor], experts: Mapping[str, tuple], batch_index, kl_weight
+        self,
+        x: Mapping[str, torch.Tensor],
+        experts: Mapping[str, tuple],
+        batch_index: torch.Tensor | None,
+        kl_weight: float,
     ) -> torch.Tensor | float:
         """Mean over modalities of the negative ELBO of each one-modality posterior, per row.
 
