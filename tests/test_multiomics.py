@@ -287,7 +287,9 @@ def test_cptac_proteomics_and_transcriptomics_train_as_a_mosaic(key):
     assert model.module.likelihoods == {"proteomics": "normal", "transcriptomics": "normal"}
     model.train_federated(max_rounds=3, batch_size=32, progress_bar=False, min_cells_per_site=2)
     z = model.get_latent()
-    assert z.shape == (padded.n_obs, 10) and np.isfinite(z).all()
+    # continuous omics: a 30-dimensional latent by default, recorded for a saved model
+    assert z.shape == (padded.n_obs, 30) and np.isfinite(z).all()
+    assert model.init_params_["non_kwargs"]["n_latent"] == 30
 
 
 @pytest.mark.slow

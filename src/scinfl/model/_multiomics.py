@@ -18,6 +18,7 @@ from scinfl.key import Key
 from scinfl.module import MultiModalKeyedVAE, observed_rows
 from scinfl.pp._modalities import check_shared_samples
 
+from ._infl import INFL
 from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
 from .base import FederatedTrainingMixin, KeyedModelMixin
 
@@ -66,8 +67,14 @@ class MultiOmicsINFL(
     likelihoods
         ``"nb"`` or ``"normal"`` by modality. Default: ``"nb"`` for a modality whose observed
         values are all non-negative integers, ``"normal"`` otherwise.
-    n_hidden, n_latent, n_layers, dropout_rate
+    n_hidden, n_layers, dropout_rate
         Network sizes, as in scvi-tools.
+    n_latent
+        Latent dimensions. Default: as :meth:`INFL.default_n_latent
+        <scinfl.model.INFL.default_n_latent>` gives for the modalities' likelihoods, 30 when
+        any modality is continuous, 10 for counts only. On CPTAC proteomics + transcriptomics
+        (federated, 10 paired seeds, ``benchmarks/multiomics.py``) 30 dimensions give k-means
+        ARI 0.210 against 0.160 with 10 (5-NN 0.653 against 0.648).
     joint
         How the modalities' posteriors combine: ``"poe"`` (product of experts, default) or
         ``"mean"`` (see :class:`~scinfl.module.MultiModalKeyedVAE`).
@@ -99,7 +106,7 @@ class MultiOmicsINFL(
         key_strength: float = 1.0,
         likelihoods: Mapping[str, str] | None = None,
         n_hidden: int = 128,
-        n_latent: int = 10,
+        n_latent: int | None = None,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         joint: str = "poe",
@@ -115,6 +122,8 @@ class MultiOmicsINFL(
         for name in names:
             rows = observed_rows(data[name])
             validate_matrix(data[name][rows], chosen[name], f"modality {name!r}")
+        if n_latent is None:
+            n_latent = max(INFL.default_n_latent(chosen[name]) for name in names)
         self.module = self._module_cls(
             modalities={name: data[name].shape[1] for name in names},
             registry_keys=keys,
