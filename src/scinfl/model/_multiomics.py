@@ -74,7 +74,7 @@ class MultiOmicsINFL(
         <scinfl.model.INFL.default_n_latent>` gives for the modalities' likelihoods, 30 when
         any modality is continuous, 10 for counts only. On CPTAC proteomics + transcriptomics
         (federated, 10 paired seeds, ``benchmarks/multiomics.py``) 30 dimensions give k-means
-        ARI 0.210 against 0.160 with 10 (5-NN 0.653 against 0.648).
+        ARI 0.210 against 0.160 with 10 (5-NN 0.652 against 0.648).
     joint
         How the modalities' posteriors combine: ``"poe"`` (product of experts, default) or
         ``"mean"`` (see :class:`~scinfl.module.MultiModalKeyedVAE`).
