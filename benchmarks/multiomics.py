@@ -399,18 +399,20 @@ def table(rows: pd.DataFrame) -> str:
 def _note(notes: pd.Series) -> str:
     """One note for a row's seeds: the number of notes that differ only in it summarised."""
     notes = [n for n in notes if n]
-    templates = {re.sub(r"\d+(\.\d+)?", "{}", n) for n in notes}
-    if len(notes) < 2 or len(templates) != 1 or templates.pop().count("{}") != 1:
+    templates = {NUMBER.sub("{}", n) for n in notes}
+    if len(notes) < 2 or len(templates) != 1 or next(iter(templates)).count("{}") != 1:
         return "; ".join(sorted(set(notes)))
-    numbers = [re.search(r"\d+(\.\d+)?", n).group() for n in notes]
+    template = templates.pop()
+    numbers = [NUMBER.search(n).group() for n in notes]
     values = [float(v) for v in numbers]
-    template = re.sub(r"\d+(\.\d+)?", "{}", notes[0])
     if not any("." in v for v in numbers):
         low, high = int(min(values)), int(max(values))
         return template.format(str(low) if low == high else f"{low}-{high}")
     return template.format(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
 
 
+#: a number in a note
+NUMBER = re.compile(r"\d+(\.\d+)?")
 #: methods ``--no-peers`` skips (their rows already written are kept)
 PEERS = ("muon WNN", "MOFA+", "totalVI")
 ROUNDS = {"CPTAC UCEC": 60, "synthetic RNA+protein": 30}

@@ -137,7 +137,6 @@ def test_the_subset_elbo_counts_the_rows_with_several_modalities_only():
     per_row = vae.subset_loss(x, experts, None, kl_weight=1.0)
     assert torch.equal(per_row[:2], torch.zeros(2)) and bool((per_row[2:] > 0).all())
     rna_only = {"X": x["X"][:2], "X_prot": x["X_prot"][:2]}
-    vae.skip_absent_modalities = True
     assert vae.subset_loss(rna_only, vae.inference(rna_only)["experts"], None, 1.0) == 0.0
     tensors = {**x, "batch": torch.zeros(6, 1)}
     with_subsets = vae(tensors)[2]

@@ -56,7 +56,6 @@ def predict(
     (True, False)
     """
     proba = model.predict(adata, soft=True)
-    proba.index = adata.obs_names
     if copy:
         adata = adata.copy()
     labels = [str(label) for label in proba.columns]
