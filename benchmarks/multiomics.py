@@ -22,6 +22,7 @@ Usage (peers need the ``benchmarks`` dependency group: muon, mofapy2)::
     uv run --group benchmarks python benchmarks/multiomics.py
     uv run --group benchmarks python benchmarks/multiomics.py --quick   # 1 seed, few rounds
     uv run python benchmarks/multiomics.py --no-peers --data cptac --seeds 0  # keeps the peers' rows
+    uv run --group benchmarks python benchmarks/multiomics.py --peers-only mofa --seeds 1 2
 """
 
 from __future__ import annotations
@@ -243,7 +244,6 @@ def run_dataset(name, loader, seeds, rounds, peers, stem):
         kept = kept[kept["method"].str.startswith(PEERS)]
     mdata, truth, modalities = loader()
     y = mdata.obs[truth].cat.codes.to_numpy()
-    k = len(np.unique(y))
     mos = mosaic(mdata, modalities)
     y_mos = mos.obs[truth].cat.codes.to_numpy()
     sites = list(mdata.obs["site"].cat.categories)
@@ -279,19 +279,7 @@ def run_dataset(name, loader, seeds, rounds, peers, stem):
                 time.perf_counter() - start,
             )
         if peers:
-            start = time.perf_counter()
-            labels, neighbours = _wnn(mdata, modalities, seed, k)
-            record(
-                "full",
-                "muon WNN + Leiden (centralized)",
-                {
-                    "ARI": adjusted_rand_score(y, labels),
-                    "NMI": normalized_mutual_info_score(y, labels),
-                    "kNN acc": knn_accuracy(neighbours, y),
-                },
-                time.perf_counter() - start,
-                f"{len(np.unique(labels))} clusters",
-            )
+            record(*_peer("wnn", mdata, modalities, y, seed))
         for label, key_mode, central in (
             ("MultiOmicsINFL federated (key)", "pooled", False),
             ("federated, no key", None, False),
@@ -342,23 +330,54 @@ def run_dataset(name, loader, seeds, rounds, peers, stem):
                 score_latent(_single(mdata, m, seed, rounds), y, seed),
                 time.perf_counter() - start,
             )
-        if peers and seed == 0:  # MOFA+ takes minutes a run here: once
-            start = time.perf_counter()
-            record(
-                "full",
-                "MOFA+ (centralized, 15 factors)",
-                score_latent(_mofa(mdata, modalities, seed), y, seed),
-                time.perf_counter() - start,
-            )
+        if peers and seed == 0:  # MOFA+ takes minutes a run here: once (--peers-only: more)
+            record(*_peer("mofa", mdata, modalities, y, seed))
         if peers and seed == 0 and "prot" in modalities:  # totalVI: minutes a run here
-            start = time.perf_counter()
-            record(
-                "full",
-                "totalVI (centralized)",
-                score_latent(_totalvi(mdata, seed), y, seed),
-                time.perf_counter() - start,
-            )
+            record(*_peer("totalvi", mdata, modalities, y, seed))
     return rows, shifts
+
+
+def _peer(which, mdata, modalities, y, seed) -> tuple:
+    """``record``'s arguments for peer ``which`` (``wnn``, ``mofa``, ``totalvi``) on one seed."""
+    start = time.perf_counter()
+    if which == "wnn":
+        labels, neighbours = _wnn(mdata, modalities, seed, len(np.unique(y)))
+        scores = {
+            "ARI": adjusted_rand_score(y, labels),
+            "NMI": normalized_mutual_info_score(y, labels),
+            "kNN acc": knn_accuracy(neighbours, y),
+        }
+        note = f"{len(np.unique(labels))} clusters"
+        return "full", PEER_METHODS[which], scores, time.perf_counter() - start, note
+    latent = _mofa(mdata, modalities, seed) if which == "mofa" else _totalvi(mdata, seed)
+    return "full", PEER_METHODS[which], score_latent(latent, y, seed), time.perf_counter() - start
+
+
+def run_peers_only(name, loader, seeds, which) -> None:
+    """Peers ``which`` on each seed, into that seed's CSV (rows of the same peer replaced).
+
+    The peers are centralized and take minutes a run, so the full benchmark runs MOFA+ and
+    totalVI on seed 0 only; this adds the other seeds, so that every row can have as many.
+    """
+    mdata, truth, modalities = loader()
+    y = mdata.obs[truth].cat.codes.to_numpy()
+    stem = name.split()[0].lower()
+    for seed in seeds:
+        csv = RESULTS.with_name(f"multiomics_{stem}_seeds{seed}.csv")
+        for peer in which:
+            if peer == "totalvi" and "prot" not in modalities:
+                continue
+            variant, method, scores, seconds, *note = _peer(peer, mdata, modalities, y, seed)
+            logger.info("%s %s seed %d: %s", name, method, seed, scores)
+            row = {"data": name, "variant": variant, "method": method, "seed": seed}
+            row |= {**scores, "time_s": seconds, "note": note[0] if note else ""}
+            old = (
+                pd.read_csv(csv, float_precision="round_trip")
+                if csv.exists()
+                else pd.DataFrame(columns=list(row))
+            )
+            old = old[(old["method"] != method) | (old["seed"] != seed)]
+            pd.concat([old, pd.DataFrame([row])]).to_csv(csv, index=False)
 
 
 def _mosaic_inputs(model, mdata, modalities, sites):
@@ -415,6 +434,11 @@ def _note(notes: pd.Series) -> str:
 NUMBER = re.compile(r"\d+(\.\d+)?")
 #: methods ``--no-peers`` skips (their rows already written are kept)
 PEERS = ("muon WNN", "MOFA+", "totalVI")
+PEER_METHODS = {
+    "wnn": "muon WNN + Leiden (centralized)",
+    "mofa": "MOFA+ (centralized, 15 factors)",
+    "totalvi": "totalVI (centralized)",
+}
 ROUNDS = {"CPTAC UCEC": 60, "synthetic RNA+protein": 30}
 LOADERS = {"CPTAC UCEC": load_cptac, "synthetic RNA+protein": load_synthetic}
 
@@ -432,6 +456,12 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--table", action="store_true", help="only write the table")
+    parser.add_argument(
+        "--peers-only",
+        nargs="+",
+        choices=sorted(PEER_METHODS),
+        help="run only these peers on --seeds (into each seed's CSV), then write the table",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("scvi", "scinfl", "lightning", "mofapy2"):
@@ -445,6 +475,9 @@ def main() -> None:
     loaders = {name: (LOADERS[name], rounds) for name, rounds in ROUNDS.items()}
     chosen = {n: v for n, v in loaders.items() if n.split()[0].lower() in args.data}
     for name, (loader, rounds) in chosen.items():
+        if args.peers_only:
+            run_peers_only(name, loader, seeds, args.peers_only)
+            continue
         stem = name.split()[0].lower() + "_seeds" + "-".join(map(str, seeds))
         run_dataset(name, loader, seeds, 20 if args.quick else rounds, not args.no_peers, stem)
     write_table(seeds if args.quick else None)
