@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -21,6 +22,8 @@ from scinfl.module import KeyedVAE
 
 from ._validation import (
     apply_agreed_categories,
+    drop_unused_categories,
+    validate_anndata_object,
     validate_layer,
     validate_matrix,
     validate_obs_column,
@@ -103,7 +106,7 @@ class INFL(
         super().__init__(adata)
         if n_latent is None:
             n_latent = self.default_n_latent(gene_likelihood)
-        layer = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).get("layer")
+        layer = self.adata_manager.registry["setup_args"].get("layer")
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         validate_matrix(
             self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where
@@ -142,6 +145,21 @@ class INFL(
         )
         self.init_params_ = self._get_init_params(locals())
         self._init_key(key)
+
+    def _get_init_params(self, locals: dict) -> dict:
+        """The arguments of this ``__init__`` as scvi-tools records them for ``load``.
+
+        scvi-tools reads the signature of ``self.__init__``: for a subclass that forwards
+        ``**kwargs`` here (:class:`~scinfl.model.PerturbationINFL`) that records nothing, and
+        ``load`` would rebuild the default architecture. This reads INFL's own signature.
+        """
+        parameters = inspect.signature(INFL.__init__).parameters.values()
+        given = {p.name: locals[p.name] for p in parameters if p.name not in ("self", "adata")}
+        variable = {p.name for p in parameters if p.kind == p.VAR_KEYWORD}
+        return {
+            "kwargs": {k: v for k, v in given.items() if k in variable},
+            "non_kwargs": {k: v for k, v in given.items() if k not in variable},
+        }
 
     # -- defaults ----------------------------------------------------------------------------
     @staticmethod
@@ -246,6 +264,7 @@ class INFL(
         >>> INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="cell_type")  # doctest: +SKIP
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        validate_anndata_object(adata)
         validate_layer(adata, layer)
         for argument, key in (
             ("site_key", site_key),
@@ -253,6 +272,8 @@ class INFL(
             ("labels_key", labels_key),
         ):
             validate_obs_column(adata, key, argument)
+        if "labels_key" not in (categories or {}) and "source_registry" not in kwargs:
+            drop_unused_categories(adata, labels_key, "labels_key")
         for argument, cats in (categories or {}).items():
             if argument not in ("site_key", "batch_key", "labels_key"):
                 raise ValueError(

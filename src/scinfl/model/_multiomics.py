@@ -19,6 +19,7 @@ from scinfl.module import MultiModalKeyedVAE, observed_rows
 from scinfl.pp._modalities import check_shared_samples
 
 from ._infl import INFL
+from ._multiomics_new_samples import aligned_new_mudata
 from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
 from .base import FederatedTrainingMixin, KeyedModelMixin
 
@@ -117,11 +118,23 @@ class MultiOmicsINFL(
         names = list(self.adata_manager.registry["setup_args"]["modalities"])
         keys = {name: modality_key(i, name) for i, name in enumerate(names)}
         data = {name: self.adata_manager.get_from_registry(keys[name]) for name in names}
+        unknown = sorted(set(likelihoods or {}) - set(names))
+        if unknown:
+            raise ValueError(
+                f"likelihoods= names modalities {unknown} that the model does not have; its "
+                f"modalities: {names}."
+            )
         chosen = {name: _default_likelihood(data[name]) for name in names}
         chosen.update(likelihoods or {})
         for name in names:
             rows = observed_rows(data[name])
-            validate_matrix(data[name][rows], chosen[name], f"modality {name!r}")
+            validate_matrix(
+                data[name][rows],
+                chosen[name],
+                f"modality {name!r}",
+                f"Point layers={{{name!r}: ...}} at its raw counts, or pass "
+                f"likelihoods={{{name!r}: 'normal'}} for continuous values.",
+            )
         if n_latent is None:
             n_latent = max(INFL.default_n_latent(chosen[name]) for name in names)
         self.module = self._module_cls(
@@ -141,6 +154,9 @@ class MultiOmicsINFL(
         )
         self.federated_history_: pd.DataFrame | None = None
         self.dp_epsilon_: float | None = None
+        #: each modality's features, in the model's order (saved with the model): new samples
+        #: are matched to them by name
+        self.modality_features_ = {name: list(mdata.mod[name].var_names) for name in names}
         self._model_summary_string = (
             f"MultiOmicsINFL: modalities={chosen}, joint={joint}, key_mode={key_mode}, "
             f"n_latent={n_latent}, n_hidden={n_hidden}, n_layers={n_layers}"
@@ -150,6 +166,17 @@ class MultiOmicsINFL(
         likelihoods = chosen
         self.init_params_ = self._get_init_params(locals())
         self._init_key(key)
+
+    def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if isinstance(adata, MuData) and adata is not self.adata:
+            setup = self.adata_manager.registry["setup_args"]
+            features = getattr(self, "modality_features_", None) or {
+                name: list(self.adata.mod[name].var_names) for name in setup["modalities"]
+            }
+            adata = aligned_new_mudata(
+                adata, features, setup.get("layers") or {}, self.module.likelihoods
+            )
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @classmethod
     def setup_anndata(cls, adata, *args, **kwargs) -> None:
@@ -215,14 +242,20 @@ class MultiOmicsINFL(
                 f"setup_mudata takes a MuData, got {type(mdata).__name__}; for one modality use "
                 "scinfl.model.INFL.setup_anndata."
             )
-        modalities = list(modalities)
+        modalities = [modalities] if isinstance(modalities, str) else list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must name distinct modalities, got {modalities}.")
         layers = dict(layers or {})
         check_shared_samples(mdata, modalities)
+        for name, layer in layers.items():
+            if name in mdata.mod and layer is not None and layer not in mdata.mod[name].layers:
+                raise ValueError(
+                    f"layers={{{name!r}: {layer!r}}}: mdata.mod[{name!r}] has no such layer "
+                    f"(layers: {list(mdata.mod[name].layers)})."
+                )
         _check_aligned(mdata, modalities)
         for argument, column in (("site_key", site_key), ("batch_key", batch_key)):
-            validate_obs_column(mdata, column, argument)
+            _check_obs_column(mdata, column, argument)
         for argument, cats in (categories or {}).items():
             if argument not in ("site_key", "batch_key"):
                 raise ValueError(f"categories= takes 'site_key' or 'batch_key', got {argument!r}.")
@@ -307,6 +340,19 @@ def _default_likelihood(matrix) -> str:
     return "nb" if counts else "normal"
 
 
+def _check_obs_column(mdata: MuData, column: str | None, argument: str) -> None:
+    """:func:`validate_obs_column` on ``mdata.obs``, pointing at a modality that has the column."""
+    if column is not None and column not in mdata.obs:
+        holders = [name for name, mod in mdata.mod.items() if column in mod.obs]
+        if holders:
+            raise ValueError(
+                f"{argument}={column!r} is a column of mdata.mod[{holders[0]!r}].obs, not of "
+                f"mdata.obs: pass {argument}={holders[0] + ':' + column!r} (muon's "
+                "'modality:column' name after mdata.update()), or copy it to mdata.obs."
+            )
+    validate_obs_column(mdata, column, argument)
+
+
 def _check_aligned(mdata: MuData, modalities: Sequence[str]) -> None:
     """Refuse modalities that do not hold every sample of the MuData in its order."""
     for name in modalities:
@@ -316,7 +362,8 @@ def _check_aligned(mdata: MuData, modalities: Sequence[str]) -> None:
             raise ValueError(
                 f"Modality {name!r} holds {mod.n_obs} of the MuData's {mdata.n_obs} samples "
                 f"({n_absent} absent, a mosaic) or another order: pad it first with "
-                "`mdata = scinfl.pp.pad_modalities(mdata)` (absent modalities become rows of NaN)."
+                "`mdata = scinfl.pp.pad_modalities(mdata)` (absent modalities become rows of NaN). "
+                "If a modality was filtered since the MuData was built, call mdata.update() first."
             )
 
 

@@ -16,7 +16,13 @@ from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, Laye
 from scvi.model.base import RNASeqMixin
 
 from ._infl import INFL
-from ._validation import apply_agreed_categories, validate_layer, validate_obs_column
+from ._validation import (
+    apply_agreed_categories,
+    drop_unused_categories,
+    validate_anndata_object,
+    validate_layer,
+    validate_obs_column,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +123,13 @@ class PerturbationINFL(RNASeqMixin, INFL):
         ValueError: adata.obs['one'] has one condition level (['ctrl']); a perturbation model needs at least two (e.g. control and stimulated).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        validate_anndata_object(adata)
         validate_layer(adata, layer)
         columns = {"site_key": site_key, "batch_key": batch_key, "condition_key": condition_key}
         for argument, key in columns.items():
             validate_obs_column(adata, key, argument)
+        if "condition_key" not in (categories or {}) and "source_registry" not in kwargs:
+            drop_unused_categories(adata, condition_key, "condition_key")
         for argument, cats in (categories or {}).items():
             if argument not in _AGREED:
                 raise ValueError(f"categories= takes {_AGREED}, got {argument!r}.")
@@ -241,9 +250,18 @@ class PerturbationINFL(RNASeqMixin, INFL):
         >>> pred = model.predict_perturbation(cell_type_key="cell_type", cell_types=["B"])  # doctest: +SKIP
         """
         self._require_key()
+        if adata is not None and not adata.obs_names.is_unique:
+            raise ValueError(
+                "adata.obs_names are not unique, so predicted cells could not be named after "
+                "their source cells: call adata.obs_names_make_unique() first."
+            )
+        if isinstance(cell_types, str):
+            cell_types = [cell_types]
         adata = self._validate_anndata(adata)
         source_code = self._condition_code(source, "source")
         target_code = self._condition_code(target, "target")
+        if source == target:
+            raise ValueError(f"source and target are both {source!r}: name two conditions.")
         if method not in ("decoder", "latent", "both"):
             raise ValueError(f"method must be 'decoder', 'latent' or 'both', got {method!r}.")
         if output not in ("log_change", "expected", "counts"):

@@ -27,11 +27,17 @@ def _iter_chunks(matrix):
         yield matrix[start : start + _CHUNK]
 
 
-def validate_matrix(matrix, likelihood: str, where: str) -> None:
+def validate_matrix(
+    matrix,
+    likelihood: str,
+    where: str,
+    advice: str = "Point `layer=` at the raw counts, or use gene_likelihood='normal'.",
+) -> None:
     """Check that ``matrix`` suits ``likelihood``; chunked, never densifying the whole matrix.
 
     Counts (``nb``, ``zinb``) must be finite, non-negative integers. Continuous data
-    (``normal``) may hold NaN (missing, masked out of the loss) but no infinities.
+    (``normal``) may hold NaN (missing, masked out of the loss) but no infinities. ``advice``
+    ends the messages about counts: how to fix it where the caller stands.
 
     Examples
     --------
@@ -55,19 +61,18 @@ def validate_matrix(matrix, likelihood: str, where: str) -> None:
     if likelihood in ("nb", "zinb"):
         if n_nan:
             raise ValueError(
-                f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) cannot "
-                "model. Use raw counts (e.g. layer='counts'), or gene_likelihood='normal' for "
-                "continuous data with missing values."
+                f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) "
+                f"cannot model. {advice}"
             )
         if n_neg:
             raise ValueError(
                 f"{where} holds {n_neg} negative values: it is not raw counts (scaled or "
-                "log-ratio data?). Point `layer=` at the raw counts, or use gene_likelihood='normal'."
+                f"log-ratio data?). {advice}"
             )
         if n_frac:
             raise ValueError(
-                f"{where} holds {n_frac} non-integer values: it looks normalised or log-transformed. "
-                "Point `layer=` at the raw counts, or use gene_likelihood='normal'."
+                f"{where} holds {n_frac} non-integer values: it looks normalised or "
+                f"log-transformed. {advice}"
             )
 
 
@@ -85,6 +90,64 @@ def validate_layer(adata: AnnData, layer: str | None) -> None:
             f"Layer {layer!r} not found in adata.layers (available: {available}). Pass one of "
             "them, or layer=None to use adata.X."
         )
+
+
+def validate_anndata_object(adata: AnnData) -> None:
+    """Refuse what scvi-tools' registration cannot take: a view, duplicate feature names.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata
+    >>> validate_anndata_object(anndata.AnnData(np.ones((2, 2))))
+    >>> validate_anndata_object(anndata.AnnData(np.ones((2, 2)))[:1])
+    Traceback (most recent call last):
+    ...
+    ValueError: adata is a view of another AnnData (e.g. adata[mask]), which setup cannot register into: make it a copy first, adata = adata[mask].copy().
+    """
+    if adata.is_view:
+        raise ValueError(
+            "adata is a view of another AnnData (e.g. adata[mask]), which setup cannot register "
+            "into: make it a copy first, adata = adata[mask].copy()."
+        )
+    if not adata.var_names.is_unique:
+        duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+        raise ValueError(
+            f"adata.var_names are not unique ({len(duplicated)} repeated, e.g. "
+            f"{list(duplicated[:5])}): features are matched by name, so call "
+            "adata.var_names_make_unique() (or drop the duplicates) before setup."
+        )
+
+
+def drop_unused_categories(adata: AnnData, key: str | None, argument: str) -> None:
+    """Drop the categories of ``adata.obs[key]`` that no row holds, with an info line.
+
+    A category without rows (left from subsetting) would become a class or condition that
+    the model never sees trained. Agreed categories (``categories=`` at setup) are kept:
+    call this only for columns without them.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, pandas as pd
+    >>> obs = pd.DataFrame({"c": pd.Categorical(["a"], categories=["a", "z"])})
+    >>> adata = anndata.AnnData(np.ones((1, 1)), obs=obs)
+    >>> drop_unused_categories(adata, "c", "labels_key")
+    >>> list(adata.obs["c"].cat.categories)
+    ['a']
+    """
+    if key is None or not isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+        return
+    column = adata.obs[key]
+    unused = [c for c in column.cat.categories if c not in set(column.unique())]
+    if unused:
+        logger.info(
+            "%s=%r: dropped %d categories that no row holds (%s); pass categories= to keep "
+            "agreed ones.",
+            argument,
+            key,
+            len(unused),
+            unused[:5],
+        )
+        adata.obs[key] = column.cat.remove_unused_categories()
 
 
 def validate_obs_column(adata: AnnData, key: str | None, argument: str) -> None:

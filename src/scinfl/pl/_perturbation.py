@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
+from scinfl.tl._perturbation_scores import check_same_genes
+
 
 def perturbation(
     predicted: AnnData,
@@ -60,12 +62,15 @@ def perturbation(
     2
     >>> plt.close(fig)
     """
-    names = observed.var_names
+    names = check_same_genes(predicted, observed, control)
+    top = names.get_indexer(list(genes))
+    if len(top) == 0 or (top < 0).any():
+        raise ValueError(
+            "genes must name one or more genes of `observed` (e.g. scinfl.tl.response_genes); "
+            f"not found: {list(np.asarray(list(genes))[top < 0])[:5]}."
+        )
     means = [np.asarray(a.X.mean(axis=0), dtype=float).ravel() for a in (predicted, observed)]
     reference = np.asarray(control.X.mean(axis=0), dtype=float).ravel()
-    top = names.get_indexer(list(genes))
-    if (top < 0).any():
-        raise ValueError("Every response gene must be a gene of `observed`.")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     _scatter(left, means[1], means[0], top, names, n_labels)
     r = np.corrcoef(means[1], means[0])[0, 1]

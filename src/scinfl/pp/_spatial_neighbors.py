@@ -41,11 +41,19 @@ def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series
     """One label per spot naming its (site, section) block; checks that sections stay in a site."""
     if site_key not in adata.obs:
         raise KeyError(f"adata.obs[{site_key!r}] (the site of each spot) not found.")
+    if library_key is not None and library_key not in adata.obs:
+        raise KeyError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
+    for key, what in ((site_key, "site"), (library_key, "section")):
+        n_missing = 0 if key is None else int(adata.obs[key].isna().sum())
+        if n_missing:
+            # as strings they would all be "nan": one group joining spots of different blocks
+            raise ValueError(
+                f"adata.obs[{key!r}] has {n_missing} missing values (no {what}); fill them or "
+                "drop those spots before building the graph."
+            )
     sites = adata.obs[site_key].astype(str)
     if library_key is None:
         return sites
-    if library_key not in adata.obs:
-        raise KeyError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
     libraries = adata.obs[library_key].astype(str)
     n_sites = (
         pd.DataFrame({"site": sites, "library": libraries}).groupby("library")["site"].nunique()

@@ -131,6 +131,11 @@ def domains(
             f"use_rep={use_rep!r} is where the features of key_added={key_added!r} are written; "
             "pick another key_added."
         )
+    if method == "gmm" and not 1 <= n_domains <= adata.n_obs:
+        raise ValueError(
+            f"n_domains={n_domains} with {adata.n_obs} spots: a mixture needs between 1 domain "
+            "and as many domains as spots."
+        )
     if model is not None:
         latent = np.asarray(model.get_latent(adata), dtype=np.float64)
     elif use_rep in adata.obsm:
@@ -145,13 +150,15 @@ def domains(
     if n_layers > 0:
         parts += _ring_means(adata.obsp[graph_key], latent, n_layers)
     features = np.concatenate(parts, axis=1)
-    adata.obsm[f"X_{key_added}"] = features
     if method == "gmm":
+        # fitted before anything is written: a failing fit leaves the AnnData as it was
         mixture = GaussianMixture(n_components=n_domains, random_state=random_state)
         labels = mixture.fit_predict(features)
         names = [f"D{k}" for k in range(n_domains)]
+        adata.obsm[f"X_{key_added}"] = features
         adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=names)
     else:
+        adata.obsm[f"X_{key_added}"] = features
         sc.pp.neighbors(
             adata,
             use_rep=f"X_{key_added}",

@@ -75,6 +75,11 @@ def predict_perturbation(
     >>> pred.obs["condition"].unique().tolist(), pred.uns["scinfl_perturbation"]["params"]["source"]
     (['stim'], 'ctrl')
     """
+    if not callable(getattr(model, "predict_perturbation", None)):
+        raise TypeError(
+            f"predict_perturbation needs a scinfl.model.PerturbationINFL (its decoder reads the "
+            f"condition), got {type(model).__name__}."
+        )
     expression = model.predict_perturbation(
         adata,
         source=source,
@@ -95,7 +100,10 @@ def predict_perturbation(
     obs.index = [f"{name}-predicted" for name in expression.index]
     x = expression.to_numpy(dtype=np.float32)
     result = AnnData(
-        X=sparse.csr_matrix(x) if output == "counts" else x, obs=obs, var=adata.var[[]].copy()
+        X=sparse.csr_matrix(x) if output == "counts" else x,
+        obs=obs,
+        # the model's genes, in its order (the data's may be another order or a superset)
+        var=pd.DataFrame(index=pd.Index(expression.columns, name=adata.var_names.name)),
     )
     result.uns[key_added] = {
         "params": {

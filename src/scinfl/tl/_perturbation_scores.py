@@ -114,9 +114,13 @@ def perturbation_scores(
     >>> round(float(s["delta_pearson_top10"]), 6), round(float(s["e_distance"]), 6)
     (1.0, 0.0)
     """
-    names = observed.var_names
-    if not (predicted.var_names.equals(names) and control.var_names.equals(names)):
-        raise ValueError("predicted, observed and control must have the same genes, in order.")
+    names = check_same_genes(predicted, observed, control)
+    too_many = [n for n in n_top if n > len(genes)]
+    if too_many:
+        raise ValueError(
+            f"n_top={tuple(n_top)} asks for the top {too_many} genes but {len(genes)} genes "
+            f"were given: pass n_top up to {len(genes)} or more response genes."
+        )
     means = {k: _mean(a) for k, a in (("p", predicted), ("o", observed), ("c", control))}
     scores = {
         "r2_mean_all": _r2(means["o"], means["p"]),
@@ -160,6 +164,25 @@ def e_distance(
     return float(2 * between - pairwise_distances(p).mean() - pairwise_distances(o).mean())
 
 
+def check_same_genes(predicted: AnnData, observed: AnnData, control: AnnData) -> pd.Index:
+    """The genes of the three sets, which must be the same, in order.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata
+    >>> a = anndata.AnnData(np.ones((2, 3)))
+    >>> list(check_same_genes(a, a, a))
+    ['0', '1', '2']
+    """
+    names = observed.var_names
+    if not (predicted.var_names.equals(names) and control.var_names.equals(names)):
+        raise ValueError(
+            "predicted, observed and control must have the same genes, in order (e.g. "
+            "observed = observed[:, predicted.var_names].copy())."
+        )
+    return names
+
+
 def _check_levels(adata: AnnData, key: str, levels: Sequence[str]) -> None:
     if key not in adata.obs:
         raise ValueError(f"{key!r} is not a column of adata.obs.")
@@ -167,6 +190,13 @@ def _check_levels(adata: AnnData, key: str, levels: Sequence[str]) -> None:
     missing = [level for level in levels if level not in found]
     if missing:
         raise ValueError(f"adata.obs[{key!r}] has no {missing} cells; levels found: {found}.")
+    counts = adata.obs[key].astype(str).value_counts()
+    few = {level: int(counts[level]) for level in levels if counts[level] < 2}
+    if few:
+        raise ValueError(
+            f"adata.obs[{key!r}] has fewer than 2 cells of {few}: ranking genes between two "
+            "conditions needs at least 2 cells of each."
+        )
 
 
 def _dense(x) -> np.ndarray:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
 from anndata import AnnData
 
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
@@ -137,6 +141,8 @@ class KeyedModelMixin:
         >>> scinfl.model.INFL.load(path, adata, key=key).has_key
         True
         """
+        if isinstance(adata, AnnData):
+            adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
         model = super().load(str(dir_path), adata=adata, **kwargs)
         if model.module.is_keyed:
             if key is None:
@@ -152,3 +158,31 @@ class KeyedModelMixin:
         if key is not None:
             model.set_key(key)
         return model
+
+
+def _with_saved_features(dir_path, adata: AnnData, prefix: str | None) -> AnnData:
+    """``adata`` with the saved model's features in its order (a copy when they differ).
+
+    scvi-tools' ``load`` only warns when the features differ from the saved ones and then
+    reads them by position: genes in another order would silently feed the wrong inputs.
+    """
+    saved = torch.load(
+        Path(dir_path) / f"{prefix or ''}model.pt", map_location="cpu", weights_only=False
+    )
+    names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
+    if len(names) == 0 or adata.var_names.equals(names):
+        return adata
+    missing = names[~names.isin(adata.var_names)]
+    if len(missing):
+        raise ValueError(
+            f"The AnnData lacks {len(missing)} of the saved model's {len(names)} features (e.g. "
+            f"{list(missing[:5])}). Load the model with data that hold them (or without adata "
+            "if it was saved with save_anndata=True), then pass these samples to "
+            "get_latent_representation or scinfl.tl.embed, which match features by name."
+        )
+    logger.info(
+        "Aligned the AnnData's %d features to the saved model's %d by name (a copy).",
+        adata.n_vars,
+        len(names),
+    )
+    return adata[:, names].copy()

@@ -10,6 +10,8 @@ from anndata import AnnData
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
+from scinfl.model._validation import validate_matrix
+
 logger = logging.getLogger(__name__)
 
 #: Setup arguments of ``.obs`` columns that only training needs (new samples may lack them),
@@ -60,17 +62,43 @@ class NewSamplesMixin:
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
         names = pd.Index(np.asarray(state.get("column_names", [])).astype(str))
         setup = self.adata_manager.registry["setup_args"]
+        layer = setup.get("layer")
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(
+                f"The model reads adata.layers[{layer!r}], which the new data lack (layers: "
+                f"{list(adata.layers)}); add it, e.g. adata.layers[{layer!r}] = adata.X if .X "
+                "holds the same kind of values."
+            )
         if len(names) == 0 or adata.var_names.equals(names):
             adata = adata.copy()
         else:
-            adata = self._match_features(adata, names, setup.get("layer"))
+            adata = self._match_features(adata, names, layer)
+        likelihood = getattr(self.module, "gene_likelihood", None)
+        if likelihood is not None:
+            where = "the new data's " + ("X" if layer is None else f"layers[{layer!r}]")
+            validate_matrix(
+                adata.X if layer is None else adata.layers[layer],
+                likelihood,
+                where,
+                "Give the new samples the kind of values the model was trained on (raw counts).",
+            )
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):
             adata.uns.pop(key, None)
         for arg, registry_key in _TRAINING_ONLY.items():
             column = setup.get(arg)
-            if column is not None and column not in adata.obs:
-                mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
-                adata.obs[column] = pd.Categorical([mapping[0]] * adata.n_obs, categories=mapping)
+            if column is None:
+                continue
+            mapping = self.adata_manager.get_state_registry(registry_key).categorical_mapping
+            if column in adata.obs and adata.obs[column].isin(mapping).all():
+                continue
+            if column in adata.obs:
+                # inference does not read labels: the model's own copy gets placeholders
+                logger.info(
+                    "adata.obs[%r] holds labels the model was not trained on; inference does "
+                    "not read them (the copy the model reads gets placeholders).",
+                    column,
+                )
+            adata.obs[column] = pd.Categorical([mapping[0]] * adata.n_obs, categories=mapping)
         return adata
 
     def _match_features(self, adata: AnnData, names: pd.Index, layer: str | None) -> AnnData:

@@ -1,0 +1,191 @@
+"""Data as users bring it: reordered features and samples, leftovers, bad values, reloads.
+
+Each test is a defect found by feeding the public API the way users' data arrive; every one
+failed (a silently wrong result, a raw error from deep inside a library, or a half-written
+object) before its fix.
+"""
+
+import anndata
+import mudata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scinfl
+from scinfl.model import INFL, MultiOmicsINFL, PerturbationINFL
+
+
+def _counts(seed=1):
+    return scinfl.data.synthetic_counts(n_obs=120, n_vars=16, n_labels=3, n_sites=2, seed=seed)
+
+
+def _infl(adata, key, **setup):
+    INFL.setup_anndata(adata, site_key="site", **setup)
+    torch.manual_seed(0)
+    model = INFL(adata, key=key, n_hidden=16)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    return model
+
+
+def _perturbation(key, **init):
+    adata = scinfl.data.synthetic_perturbation(n_obs=200, n_vars=20, n_sites=2)
+    PerturbationINFL.setup_anndata(adata, condition_key="condition", site_key="site")
+    torch.manual_seed(0)
+    model = PerturbationINFL(adata, key=key, **init)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    return adata, model
+
+
+@pytest.fixture
+def multiome(key):
+    mdata = scinfl.data.synthetic_multiome(n_obs=80, n_genes=20, n_proteins=6, n_sites=2)
+    MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="site")
+    torch.manual_seed(0)
+    model = MultiOmicsINFL(mdata, key=key, n_hidden=8)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    return mdata, model
+
+
+# -- reloads ----------------------------------------------------------------------------------
+def test_a_perturbation_model_of_any_architecture_loads_back(key, tmp_path):
+    adata, model = _perturbation(key, n_hidden=16)
+    model.save(tmp_path, overwrite=True)
+    loaded = PerturbationINFL.load(tmp_path, adata, key=key)
+    assert loaded.module.z_encoder.encoder.fc_layers[0][0].out_features == 16
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+
+
+def test_loading_onto_genes_in_another_order_matches_them_by_name(key, tmp_path):
+    adata = _counts()
+    model = _infl(adata, key)
+    model.save(tmp_path, overwrite=True)
+    reordered = adata[:, adata.var_names[::-1]].copy()
+    loaded = INFL.load(tmp_path, reordered, key=key)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="lacks 1 of the saved model's 16 features"):
+        INFL.load(tmp_path, adata[:, 1:].copy(), key=key)
+
+
+# -- new samples ------------------------------------------------------------------------------
+def test_new_samples_are_checked_like_training_data(key):
+    adata = _counts()
+    model = _infl(adata, key, layer="counts")
+    query = adata[:10].copy()
+    del query.obs["site"]
+    query.layers["counts"] = np.log1p(query.layers["counts"].toarray())
+    with pytest.raises(
+        ValueError, match="the new data's layers\\['counts'\\] holds .* non-integer"
+    ):
+        model.get_latent_representation(query)
+    del query.layers["counts"]
+    with pytest.raises(
+        ValueError, match="reads adata.layers\\['counts'\\], which the new data lack"
+    ):
+        model.get_latent_representation(query)
+
+
+def test_new_samples_with_labels_the_model_never_saw_still_embed(key):
+    adata = _counts()
+    model = _infl(adata, key, labels_key="label")
+    query = adata[:10].copy()
+    query.obs["label"] = "my own annotation"
+    np.testing.assert_allclose(
+        model.get_latent_representation(query), model.get_latent_representation()[:10], atol=1e-6
+    )
+
+
+def test_multiomics_new_samples_are_matched_by_name(multiome):
+    mdata, model = multiome
+    expected = pd.DataFrame(model.get_latent(), index=mdata.obs_names)
+    rna, prot = mdata.mod["rna"], mdata.mod["prot"]
+    order = np.random.default_rng(0).permutation(mdata.n_obs)
+    shuffled = mudata.MuData(
+        {"rna": rna[:, rna.var_names[::-1]].copy(), "prot": prot[order].copy()}
+    )
+    latent = pd.DataFrame(model.get_latent(shuffled), index=shuffled.obs_names)
+    np.testing.assert_allclose(latent.loc[expected.index], expected, atol=1e-5)
+    rna_only = mudata.MuData({"rna": rna.copy()})
+    from_rna = model.get_latent(rna_only)
+    np.testing.assert_allclose(from_rna, model.get_latent(modalities=["rna"]), atol=1e-5)
+
+
+def test_multiomics_refuses_likelihoods_of_unknown_modalities(multiome, key):
+    mdata, _ = multiome
+    with pytest.raises(ValueError, match="names modalities \\['protein'\\]"):
+        MultiOmicsINFL(mdata, key=key, likelihoods={"protein": "normal"})
+
+
+def test_multiomics_setup_points_at_a_site_column_kept_in_a_modality():
+    mdata = scinfl.data.synthetic_multiome(n_obs=40, n_genes=10, n_proteins=4, n_sites=2)
+    mdata.mod["rna"].obs["hospital"] = mdata.obs["site"].to_numpy()
+    with pytest.raises(ValueError, match="pass site_key='rna:hospital'"):
+        MultiOmicsINFL.setup_mudata(mdata, "rna", site_key="hospital")
+
+
+# -- setup ------------------------------------------------------------------------------------
+def test_setup_refuses_duplicate_features_and_views():
+    adata = _counts()
+    with pytest.raises(ValueError, match="is a view"):
+        INFL.setup_anndata(adata[:50], site_key="site")
+    adata.var_names = ["g"] * adata.n_vars
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        INFL.setup_anndata(adata, site_key="site")
+
+
+def test_label_categories_without_cells_are_no_class(key):
+    adata = _counts()
+    adata.obs["label"] = adata.obs["label"].astype("category").cat.add_categories(["doublet"])
+    model = _infl(adata, key, labels_key="label")
+    assert model.module.n_labels == 3
+    assert "doublet" not in set(model.predict())
+
+
+# -- perturbation -----------------------------------------------------------------------------
+def test_predicted_perturbation_follows_the_genes_by_name(key):
+    adata, model = _perturbation(key, n_hidden=16)
+    kwargs = {"cell_types": "type1", "output": "expected"}
+    reference = scinfl.tl.predict_perturbation(adata, model, **kwargs)
+    reordered = adata[:, adata.var_names[::-1]].copy()
+    predicted = scinfl.tl.predict_perturbation(reordered, model, **kwargs)
+    np.testing.assert_allclose(predicted.X, reference[:, predicted.var_names].X, rtol=1e-5)
+    with pytest.raises(ValueError, match="source and target are both 'ctrl'"):
+        model.predict_perturbation(adata, source="ctrl", target="ctrl")
+    twice = anndata.concat([adata, adata])
+    with pytest.raises(ValueError, match="obs_names_make_unique"):
+        scinfl.tl.predict_perturbation(twice, model, **kwargs)
+    with pytest.raises(TypeError, match="needs a scinfl.model.PerturbationINFL"):
+        scinfl.tl.predict_perturbation(adata, object(), **kwargs)
+
+
+def test_scores_refuse_more_top_genes_than_given_and_one_cell_conditions():
+    rng = np.random.default_rng(0)
+    control = anndata.AnnData(rng.normal(size=(20, 8)))
+    observed = anndata.AnnData(rng.normal(size=(20, 8)) + 1)
+    with pytest.raises(ValueError, match="top \\[100\\] genes but 5 genes"):
+        scinfl.tl.perturbation_scores(observed, observed, control, list("01234"), n_top=(5, 100))
+    both = anndata.concat({"ctrl": control, "stim": observed[:1]}, label="condition")
+    with pytest.raises(ValueError, match="fewer than 2 cells of \\{'stim': 1\\}"):
+        scinfl.tl.response_genes(both, "condition", "ctrl", "stim")
+
+
+# -- spatial ----------------------------------------------------------------------------------
+def test_spots_without_a_site_are_refused_before_any_graph():
+    adata = scinfl.data.synthetic_spatial(n_sections=2, n_side=8, n_vars=10)
+    adata.obs["site"] = adata.obs["site"].astype(object)
+    adata.obs.iloc[:2, adata.obs.columns.get_loc("site")] = np.nan
+    with pytest.raises(ValueError, match="has 2 missing values"):
+        scinfl.pp.spatial_neighbors(adata, library_key="section")
+
+
+def test_domains_refuse_more_domains_than_spots_and_write_nothing():
+    adata = scinfl.data.synthetic_spatial(n_sections=1, n_side=8, n_vars=10)
+    adata.obsm["X_scinfl"] = np.random.default_rng(0).normal(size=(adata.n_obs, 3))
+    scinfl.pp.spatial_neighbors(adata)
+    with pytest.raises(ValueError, match="n_domains=500 with 64 spots"):
+        scinfl.tl.domains(adata, n_domains=500)
+    assert "X_scinfl_domain" not in adata.obsm
