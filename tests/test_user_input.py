@@ -153,8 +153,6 @@ def test_predicted_perturbation_follows_the_genes_by_name(key):
     reordered = adata[:, adata.var_names[::-1]].copy()
     predicted = scinfl.tl.predict_perturbation(reordered, model, **kwargs)
     np.testing.assert_allclose(predicted.X, reference[:, predicted.var_names].X, rtol=1e-5)
-    with pytest.raises(ValueError, match="source and target are both 'ctrl'"):
-        model.predict_perturbation(adata, source="ctrl", target="ctrl")
     twice = anndata.concat([adata, adata])
     with pytest.raises(ValueError, match="obs_names_make_unique"):
         scinfl.tl.predict_perturbation(twice, model, **kwargs)
@@ -189,3 +187,40 @@ def test_domains_refuse_more_domains_than_spots_and_write_nothing():
     with pytest.raises(ValueError, match="n_domains=500 with 64 spots"):
         scinfl.tl.domains(adata, n_domains=500)
     assert "X_scinfl_domain" not in adata.obsm
+
+
+def test_partly_labelled_data_train_the_classifier_on_the_labelled_rows(key):
+    adata = _counts()
+    truth = adata.obs["label"].astype(str).to_numpy()
+    labels = adata.obs["label"].astype(object).copy()
+    labels.iloc[::3] = np.nan
+    adata.obs["label"] = labels
+    with pytest.raises(ValueError, match="pass unlabeled_category='Unknown'"):
+        INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    model = _infl(adata, key, labels_key="label", unlabeled_category="Unknown")
+    assert sorted(model.classes) == sorted(set(truth)) and model.module.n_labels == 3
+    assert (adata.obs["label"] == "Unknown").sum() == 40
+    history = model.federated_history_
+    assert np.isfinite(history["train_accuracy"]).all()
+    assert set(model.predict()) <= set(truth)
+    proba = model.predict(soft=True)
+    assert list(proba.columns) == model.classes
+    scinfl.tl.predict(adata, model)
+    assert set(adata.obs["scinfl_prediction"].cat.categories) <= set(truth)
+
+
+def test_the_labelled_cross_entropy_ignores_unlabelled_rows():
+    from torch.nn import functional as F
+
+    from scinfl.module._vae import labelled_cross_entropy
+
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 3, 1, 3, 0])
+    weight = torch.tensor([0.5, 2.0, 1.0])
+    keep = y < 3
+    expected = F.cross_entropy(logits[keep], y[keep], weight=weight)
+    torch.testing.assert_close(labelled_cross_entropy(logits, y, weight), expected)
+    logits.requires_grad_(True)
+    none_labelled = labelled_cross_entropy(logits, torch.full((6,), 3), weight)
+    none_labelled.backward()  # a row without a label: DP-SGD's per-row gradients stay finite
+    assert float(none_labelled) == 0.0 and torch.isfinite(logits.grad).all()

@@ -134,9 +134,13 @@ def _accumulate(totals: dict[str, float], loss_output, n: int) -> None:
     totals["reconstruction"] += float(loss_output.reconstruction_loss_sum.detach())
     totals["kl"] += float(loss_output.kl_local_sum.detach())
     if loss_output.logits is not None:
-        pred = loss_output.logits.detach().argmax(-1)
-        totals["correct"] += float((pred == loss_output.true_labels.view(-1)).sum())
-        totals["classification"] += float(loss_output.classification_loss.detach()) * n
+        logits = loss_output.logits.detach()
+        y = loss_output.true_labels.view(-1)
+        labelled = y < logits.shape[-1]  # unlabelled rows (if any) have the next code
+        n_labelled = float(labelled.sum())
+        totals["correct"] += float(((logits.argmax(-1) == y) & labelled).sum())
+        totals["classification"] += float(loss_output.classification_loss.detach()) * n_labelled
+        totals["labelled"] += n_labelled
     totals["n"] += n
 
 
@@ -148,13 +152,18 @@ def _summarise(totals: dict[str, float], prefix: str, classify: bool) -> dict[st
         f"{prefix}_kl": totals["kl"] / n,
     }
     if classify:
-        out[f"{prefix}_accuracy"] = totals["correct"] / n
-        out[f"{prefix}_classification"] = totals["classification"] / n
+        labelled = totals["labelled"]
+        out[f"{prefix}_accuracy"] = totals["correct"] / labelled if labelled else float("nan")
+        out[f"{prefix}_classification"] = (
+            totals["classification"] / labelled if labelled else float("nan")
+        )
     return out
 
 
 def _new_totals() -> dict[str, float]:
-    return dict.fromkeys(("loss", "reconstruction", "kl", "correct", "classification", "n"), 0.0)
+    return dict.fromkeys(
+        ("loss", "reconstruction", "kl", "correct", "classification", "labelled", "n"), 0.0
+    )
 
 
 def client_update(

@@ -285,7 +285,9 @@ class SiteData:
         >>> site.class_weights(3).tolist()
         [0.6666666865348816, 2.0, 0.0]
         """
-        counts = np.bincount(self.labels[self.train_idx], minlength=n_labels).astype(np.float64)
+        labels = self.labels[self.train_idx]
+        labels = labels[labels < n_labels]  # unlabelled rows (code n_labels) weigh nothing
+        counts = np.bincount(labels, minlength=n_labels).astype(np.float64)
         present = counts > 0
         weights = np.zeros(n_labels)
         weights[present] = counts.sum() / (present.sum() * counts[present])

@@ -13,7 +13,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
@@ -121,7 +121,8 @@ class INFL(
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_batch=self.summary_stats.n_batch,
-            n_labels=self.summary_stats.n_labels,
+            n_labels=len(self.classes),
+            has_unlabeled=self._unlabeled is not None,
             gene_likelihood=gene_likelihood,
             key_mode=key_mode,
             key_strength=key_strength,
@@ -235,6 +236,7 @@ class INFL(
         batch_key: str | None = None,
         labels_key: str | None = None,
         categories: Mapping[str, Sequence[str]] | None = None,
+        unlabeled_category: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData for INFL.
@@ -256,16 +258,22 @@ class INFL(
             Agreed categories by argument name, e.g. ``{"labels_key": [...]}``: fixes the
             category codes across sites that set up their data separately. Values outside the
             list are refused.
+        unlabeled_category
+            The label of rows without one (as scvi-tools' SCANVI): the classifier trains on
+            the labelled rows only, never predicts this label, and missing labels (``NaN``)
+            become it. ``None``: every row must be labelled.
         **kwargs
             Passed to :class:`~scvi.data.AnnDataManager`.
 
         Examples
         --------
         >>> INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="cell_type")  # doctest: +SKIP
+        >>> INFL.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")  # doctest: +SKIP
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         validate_anndata_object(adata)
         validate_layer(adata, layer)
+        _unlabeled_rows(adata, labels_key, unlabeled_category)
         for argument, key in (
             ("site_key", site_key),
             ("batch_key", batch_key),
@@ -286,11 +294,39 @@ class INFL(
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key)
+            if unlabeled_category is None or labels_key is None
+            else LabelsWithUnlabeledObsField(
+                REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category
+            ),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    @property
+    def _unlabeled(self) -> str | None:
+        """The registered label of unlabelled rows, if any."""
+        if self.adata_manager.registry["setup_args"].get("labels_key") is None:
+            return None
+        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        return state.get(LabelsWithUnlabeledObsField.UNLABELED_CATEGORY)
+
+    @property
+    def classes(self) -> list:
+        """The classes of the classifier, in code order (the unlabelled category excluded).
+
+        Examples
+        --------
+        >>> model.classes  # doctest: +SKIP
+        ['B', 'CD4 T', 'NK']
+        """
+        mapping = list(
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        )
+        if self.adata_manager.registry["setup_args"].get("labels_key") is None:
+            return mapping
+        return mapping[:-1] if self._unlabeled is not None else mapping
 
     # -- outputs -------------------------------------------------------------------------------
     def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
@@ -354,10 +390,33 @@ class INFL(
             qz = self.module.inference(**inference_inputs)["qz"]
             probs.append(torch.softmax(self.module.classification_logits(qz.loc), dim=-1).cpu())
         probs = torch.cat(probs).numpy()
-        categories = self.adata_manager.get_state_registry(
-            REGISTRY_KEYS.LABELS_KEY
-        ).categorical_mapping
+        categories = self.classes
         obs_names = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
         if soft:
             return pd.DataFrame(probs, index=obs_names, columns=list(categories))
         return np.asarray(categories)[probs.argmax(1)]
+
+
+def _unlabeled_rows(adata: AnnData, labels_key: str | None, unlabeled: str | None) -> None:
+    """Missing labels: refused without ``unlabeled_category``, made it (info line) with it."""
+    if labels_key is None or labels_key not in adata.obs:
+        return
+    missing = adata.obs[labels_key].isna()
+    if not missing.any():
+        return
+    if unlabeled is None:
+        raise ValueError(
+            f"adata.obs[{labels_key!r}] has {int(missing.sum())} missing labels: pass "
+            "unlabeled_category='Unknown' (any name) so that the classifier trains on the "
+            "labelled rows only, or subset the AnnData to the labelled rows."
+        )
+    column = adata.obs[labels_key]
+    if isinstance(column.dtype, pd.CategoricalDtype) and unlabeled not in column.cat.categories:
+        column = column.cat.add_categories([unlabeled])
+    adata.obs[labels_key] = column.fillna(unlabeled)
+    logger.info(
+        "adata.obs[%r]: %d missing labels set to the unlabelled category %r.",
+        labels_key,
+        int(missing.sum()),
+        unlabeled,
+    )

@@ -223,7 +223,9 @@ class PerturbationINFL(RNASeqMixin, INFL):
             Cells to predict from (and, for the shift, the other cell types in both
             conditions); default: the registered AnnData.
         source, target
-            Condition levels of ``adata.obs[condition_key]``.
+            Condition levels of ``adata.obs[condition_key]``; ``target=source`` decodes the
+            cells in their own condition (the model's reconstruction, a reference for the
+            change).
         cell_type_key
             ``.obs`` column of cell types.
         cell_types
@@ -260,8 +262,6 @@ class PerturbationINFL(RNASeqMixin, INFL):
         adata = self._validate_anndata(adata)
         source_code = self._condition_code(source, "source")
         target_code = self._condition_code(target, "target")
-        if source == target:
-            raise ValueError(f"source and target are both {source!r}: name two conditions.")
         if method not in ("decoder", "latent", "both"):
             raise ValueError(f"method must be 'decoder', 'latent' or 'both', got {method!r}.")
         if output not in ("log_change", "expected", "counts"):

@@ -96,6 +96,7 @@ class KeyedVAE(VAE):
         classify: bool = False,
         classification_ratio: float = 50.0,
         normal_variance: NormalVariance = "unit",
+        has_unlabeled: bool = False,
         **vae_kwargs,
     ) -> None:
         if gene_likelihood not in ("nb", "zinb", "normal"):
@@ -137,6 +138,8 @@ class KeyedVAE(VAE):
             self.decoder.px_r_decoder = _Unused()
         self.normal_variance = normal_variance
         self.classify = classify and n_labels > 0
+        # rows whose label code is n_labels are unlabelled: no classification loss
+        self.has_unlabeled = has_unlabeled
         self.classification_ratio = classification_ratio
         self.classifier = None
         # per-class weights of the classification loss, set by each site from its own label
@@ -384,7 +387,11 @@ class KeyedVAE(VAE):
         if self.classifier is not None:
             y = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
             logits = self.classification_logits(qz.loc)
-            ce = F.cross_entropy(logits, y, weight=self.class_weights if self.training else None)
+            weight = self.class_weights if self.training else None
+            if self.has_unlabeled:
+                ce = labelled_cross_entropy(logits, y, weight)
+            else:
+                ce = F.cross_entropy(logits, y, weight=weight)
             loss = loss + self.classification_ratio * ce
             extra = {"classification_loss": ce, "logits": logits, "true_labels": y}
         return LossOutput(
@@ -393,3 +400,26 @@ class KeyedVAE(VAE):
             kl_local={MODULE_KEYS.KL_Z_KEY: kl_z},
             **extra,
         )
+
+
+def labelled_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy over the labelled rows (code below the number of classes); 0 if none.
+
+    The weighted mean of :func:`torch.nn.functional.cross_entropy`, with unlabelled rows
+    weighted 0 (no boolean indexing, so per-sample gradients under DP-SGD work alike).
+
+    Examples
+    --------
+    >>> logits = torch.zeros(3, 2)
+    >>> float(labelled_cross_entropy(logits, torch.tensor([0, 1, 2])))  # the third unlabelled
+    0.6931471824645996
+    """
+    n_classes = logits.shape[-1]
+    labelled = (y < n_classes).to(logits.dtype)
+    safe = y.clamp(max=n_classes - 1)
+    per_row = F.cross_entropy(logits, safe, weight=weight, reduction="none")
+    rows = (labelled if weight is None else weight[safe] * labelled).sum()
+    # no labelled row: 0, with a finite gradient (a clamped tiny denominator squared underflows)
+    return (per_row * labelled).sum() / torch.where(rows > 0, rows, torch.ones_like(rows))
