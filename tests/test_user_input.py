@@ -224,3 +224,27 @@ def test_the_labelled_cross_entropy_ignores_unlabelled_rows():
     none_labelled = labelled_cross_entropy(logits, torch.full((6,), 3), weight)
     none_labelled.backward()  # a row without a label: DP-SGD's per-row gradients stay finite
     assert float(none_labelled) == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_a_multiomics_model_loads_onto_a_reordered_mudata(multiome, key, tmp_path):
+    mdata, model = multiome
+    model.save(tmp_path, overwrite=True)
+    rna = mdata.mod["rna"]
+    reordered = mudata.MuData(
+        {"rna": rna[:, rna.var_names[::-1]].copy(), "prot": mdata.mod["prot"].copy()}
+    )
+    reordered.obs["site"] = mdata.obs["site"].to_numpy()
+    loaded = MultiOmicsINFL.load(tmp_path, reordered, key=key)
+    np.testing.assert_allclose(loaded.get_latent(), model.get_latent(), atol=1e-5)
+    assert MultiOmicsINFL.load(tmp_path, mdata, key=key).adata is mdata
+
+
+def test_a_site_without_a_modality_pads_it_from_the_federation_features(multiome):
+    mdata, model = multiome
+    rna_only = mudata.MuData({"rna": mdata.mod["rna"].copy()})
+    padded = scinfl.pp.pad_modalities(rna_only, features={"prot": model.modality_features_["prot"]})
+    assert padded.mod["prot"].shape == (mdata.n_obs, 6)
+    assert np.isnan(padded.mod["prot"].X).all()
+    np.testing.assert_allclose(
+        model.get_latent(padded), model.get_latent(modalities=["rna"]), atol=1e-5
+    )

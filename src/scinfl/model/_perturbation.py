@@ -210,7 +210,9 @@ class PerturbationINFL(RNASeqMixin, INFL):
         over those genes: compare it with observed cells normalised the same way), plus the change the model
         predicts for that cell (the log-normalised decoded target minus the decoded source):
         the model supplies the response, the cell keeps its own state, and the decoder's
-        reconstruction error cancels. On Kang 2018 (``benchmarks/results/perturbation.md``,
+        reconstruction error cancels. A value falls below 0 where the predicted decrease of a
+        gene exceeds the cell's own level (clip with ``np.maximum(values, 0)`` where a tool
+        needs non-negative values; the scores here use them as they are). On Kang 2018 (``benchmarks/results/perturbation.md``,
         3 seeds) it is closer to the observed cells' distribution than the decoded cells
         (``"expected"``, ``"counts"``: energy distance 2.26 against 2.62 at 30 rounds), and
         does not depend on how far the decoder has trained (delta Pearson at 10 rounds 0.71

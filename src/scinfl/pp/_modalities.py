@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from mudata import MuData
 from scipy import sparse
@@ -48,7 +49,11 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
         )
 
 
-def pad_modalities(mdata: MuData, modalities: Sequence[str] | None = None) -> MuData:
+def pad_modalities(
+    mdata: MuData,
+    modalities: Sequence[str] | None = None,
+    features: Mapping[str, Sequence[str]] | None = None,
+) -> MuData:
     """A MuData whose modalities all hold every sample; absent ones as rows of ``NaN``.
 
     In a mosaic (a site with proteomics only, another with RNA only) a modality lacks some of
@@ -65,6 +70,10 @@ def pad_modalities(mdata: MuData, modalities: Sequence[str] | None = None) -> Mu
         The MuData (samples named alike in every modality).
     modalities
         Modalities to keep (default: all).
+    features
+        Features of modalities that ``mdata`` lacks altogether, by name (e.g. the federation's
+        proteins at a site without proteomics): each is added with every sample absent (rows
+        of ``NaN``), so the site sets up the same modalities as the others.
 
     Returns
     -------
@@ -78,10 +87,22 @@ def pad_modalities(mdata: MuData, modalities: Sequence[str] | None = None) -> Mu
     >>> padded = pad_modalities(mudata.MuData({"rna": rna, "prot": prot}))
     >>> padded.mod["prot"].n_obs, bool(np.isnan(padded.mod["prot"].X[2]).all())
     (3, True)
+    >>> rna_only = pad_modalities(mudata.MuData({"rna": rna}), features={"prot": ["CD3", "CD4"]})
+    >>> rna_only.mod["prot"].shape
+    (3, 2)
     """
+    features = dict(features or {})
     modalities = list(mdata.mod) if modalities is None else list(modalities)
-    check_shared_samples(mdata, modalities)
-    padded = {name: _pad(mdata.mod[name], mdata.obs_names) for name in modalities}
+    modalities += [name for name in features if name not in modalities]
+    absent = [name for name in modalities if name not in mdata.mod and name in features]
+    held = [name for name in modalities if name not in absent]
+    check_shared_samples(mdata, held)
+    padded = {
+        name: _pad(mdata.mod[name], mdata.obs_names)
+        if name in held
+        else _absent(mdata.obs_names, features[name])
+        for name in modalities
+    }
     out = MuData(padded)
     out.obs = mdata.obs.loc[out.obs_names].copy()
     for key, value in mdata.obsm.items():
@@ -93,9 +114,16 @@ def pad_modalities(mdata: MuData, modalities: Sequence[str] | None = None) -> Mu
         "Padded %s to %d samples each (%s rows added).",
         modalities,
         out.n_obs,
-        {name: out.n_obs - mdata.mod[name].n_obs for name in modalities},
+        {name: out.n_obs - (mdata.mod[name].n_obs if name in held else 0) for name in modalities},
     )
     return out
+
+
+def _absent(obs_names, features: Sequence[str]) -> AnnData:
+    """A modality that no sample of ``obs_names`` holds: rows of ``NaN``."""
+    obs_names = obs_names[~obs_names.duplicated()]
+    values = np.full((len(obs_names), len(features)), np.nan, dtype=np.float32)
+    return AnnData(values, obs=pd.DataFrame(index=obs_names), var=pd.DataFrame(index=features))
 
 
 def _pad(adata: AnnData, obs_names) -> AnnData:

@@ -49,7 +49,8 @@ def predict_perturbation(
         What ``X`` holds: ``"log_change"`` (default), log-normalised values
         (``log1p(library_size * x / total)`` of the source cell plus the model's predicted
         change), comparable with ``sc.pp.normalize_total(target_sum=library_size)`` and
-        ``sc.pp.log1p`` of observed cells; ``"expected"``, the decoded expression scaled to
+        ``sc.pp.log1p`` of observed cells (below 0 where a predicted decrease exceeds the
+        cell's own level); ``"expected"``, the decoded expression scaled to
         ``library_size``; ``"counts"``, counts drawn at each source cell's library size (CSR).
     library_size
         Counts per cell that the normalised values refer to.

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from mudata import MuData
 
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
+from scinfl.model._multiomics_new_samples import aligned_new_mudata
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ class KeyedModelMixin:
         >>> scinfl.model.INFL.load(path, adata, key=key).has_key
         True
         """
-        if isinstance(adata, AnnData):
+        if isinstance(adata, AnnData | MuData):
             adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
         model = super().load(str(dir_path), adata=adata, **kwargs)
         if model.module.is_keyed:
@@ -160,15 +162,30 @@ class KeyedModelMixin:
         return model
 
 
-def _with_saved_features(dir_path, adata: AnnData, prefix: str | None) -> AnnData:
+def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
     """``adata`` with the saved model's features in its order (a copy when they differ).
 
     scvi-tools' ``load`` only warns when the features differ from the saved ones and then
-    reads them by position: genes in another order would silently feed the wrong inputs.
+    reads them by position: genes in another order would silently feed the wrong inputs. A
+    MuData is matched modality by modality (features and samples by name), when the saved
+    model lists its modalities' features (``modality_features_``).
     """
     saved = torch.load(
         Path(dir_path) / f"{prefix or ''}model.pt", map_location="cpu", weights_only=False
     )
+    if isinstance(adata, MuData):
+        attributes = saved.get("attr_dict", {})
+        features = attributes.get("modality_features_")
+        if not features or all(
+            name in adata.mod
+            and adata.mod[name].var_names.equals(pd.Index(names))
+            and adata.mod[name].obs_names.equals(adata.obs_names)
+            for name, names in features.items()
+        ):
+            return adata
+        setup = attributes["registry_"]["setup_args"]
+        likelihoods = attributes["init_params_"]["non_kwargs"]["likelihoods"]
+        return aligned_new_mudata(adata, features, setup.get("layers") or {}, likelihoods)
     names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
     if len(names) == 0 or adata.var_names.equals(names):
         return adata
