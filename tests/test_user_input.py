@@ -69,6 +69,10 @@ def test_loading_onto_genes_in_another_order_matches_them_by_name(key, tmp_path)
     )
     with pytest.raises(ValueError, match="lacks 1 of the saved model's 16 features"):
         INFL.load(tmp_path, adata[:, 1:].copy(), key=key)
+    without_sites = adata.copy()
+    del without_sites.obs["site"]
+    with pytest.raises(ValueError, match="lacks the site column 'site'"):
+        INFL.load(tmp_path, without_sites, key=key)
 
 
 # -- new samples ------------------------------------------------------------------------------

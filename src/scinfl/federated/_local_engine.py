@@ -29,7 +29,7 @@ def run_local(
     key_fingerprint: str | None = None,
     key_version: int | None = None,
     initial_parameters: Parameters | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool | str = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     key: Key | None = None,
@@ -52,7 +52,7 @@ def run_local(
     initial_parameters
         Start from these global parameters instead of the module's.
     progress_bar
-        Show a progress bar over rounds.
+        Show a progress bar over rounds (a string: shown, with that label).
     checkpoint_dir
         Write the server state there after every round (see
         :meth:`FederatedServer.save_checkpoint`).

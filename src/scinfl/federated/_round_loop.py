@@ -69,7 +69,7 @@ class Transport(Protocol):
 def run_rounds(
     transport: Transport,
     server: FederatedServer,
-    progress_bar: bool = True,
+    progress_bar: bool | str = True,
     desc: str = "federated rounds",
 ) -> FederatedServer:
     """Run a federation's remaining rounds over ``transport``.
@@ -92,6 +92,8 @@ def run_rounds(
     >>> server.next_round  # run_local runs this loop over the sites in this process
     2
     """
+    # a label in place of True names what the bar counts (train_centralized: epochs)
+    desc = progress_bar if isinstance(progress_bar, str) else desc
     rounds = tqdm(server.rounds(), desc=desc, disable=not progress_bar)
     if server.config.privacy.secure_aggregation:
         # before the first masked upload: every site that may be asked shares masks with all

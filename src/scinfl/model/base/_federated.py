@@ -222,7 +222,7 @@ class FederatedTrainingMixin:
         validate_sites({"all": site.n_train + site.n_val}, {"all": site.n_train}, 0, 2)
         self._fit_feature_scale([site])
         device = training_device(accelerator, devices)
-        history = self._run([site], config, progress_bar, device=device)
+        history = self._run([site], config, progress_bar and "epochs", device=device)
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
         return history
 
@@ -277,7 +277,7 @@ class FederatedTrainingMixin:
         self,
         sites: list[SiteData],
         config: FederationConfig,
-        progress_bar: bool,
+        progress_bar: bool | str,
         engine: str = "local",
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,

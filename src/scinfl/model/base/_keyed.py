@@ -186,6 +186,15 @@ def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
         setup = attributes["registry_"]["setup_args"]
         likelihoods = attributes["init_params_"]["non_kwargs"]["likelihoods"]
         return aligned_new_mudata(adata, features, setup.get("layers") or {}, likelihoods)
+    setup = saved.get("attr_dict", {}).get("registry_", {}).get("setup_args", {})
+    site_key = setup.get("site_key")
+    if site_key is not None and site_key not in adata.obs:
+        raise ValueError(
+            f"The AnnData lacks the site column {site_key!r} the model was set up with. New "
+            "samples need none: load the model onto its training data (or without adata if it "
+            "was saved with save_anndata=True) and pass them to get_latent_representation or "
+            "scinfl.tl.embed; to train further, add the column."
+        )
     names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
     if len(names) == 0 or adata.var_names.equals(names):
         return adata
