@@ -36,7 +36,28 @@ def test_identity_and_roster_commands_make_files_a_site_loads(tmp_path, capsys):
     identity = SiteIdentity.load(tmp_path / "a.identity")
     assert roster.public_keys["a"] == identity.public_key and set(roster.public_keys) == {"a", "b"}
     assert (tmp_path / "a.identity").stat().st_mode & 0o077 == 0  # private to its owner
-    with pytest.raises(ValueError, match="SITE=PUBLIC_KEY"):
-        main(["roster", "a:123", "--out", str(tmp_path / "bad.json")])
-    with pytest.raises(ValueError, match="for site 'a' is not 64 hex digits"):
-        main(["roster", "a=" + "zz" * 32, "--out", str(tmp_path / "bad.json")])
+    refused = {
+        "SITE=PUBLIC_KEY": ["roster", "a:123"],
+        "for site 'a' is not 64 hex digits": ["roster", "a=" + "zz" * 32],
+        "'a' is named twice": ["roster", lines[0], lines[0].replace("a=", "a=")],
+        "have the same public key": ["roster", lines[0], "c=" + lines[0].split("=")[1]],
+    }
+    for message, argv in refused.items():
+        _refused(capsys, [*argv, "--out", str(tmp_path / "bad.json")], message)
+    assert not (tmp_path / "bad.json").exists()
+    _refused(capsys, ["identity", "a", "--out", str(tmp_path / "a.identity")], "pass --force")
+    assert main(["identity", "a", "--out", str(tmp_path / "a.identity"), "--force"]) == 0
+
+
+def _refused(capsys, argv, message):
+    """The command stops with one line naming the problem (argparse's exit status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_quickstart_refuses_bad_settings_before_writing(tmp_path, capsys):
+    out = tmp_path / "qs"
+    _refused(capsys, ["quickstart", "--rounds", "0", "--out", str(out)], "max_rounds must be")
+    _refused(capsys, ["quickstart", "--seed", "-1", "--out", str(out)], "seed must be")
+    assert not out.exists()

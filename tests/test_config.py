@@ -1,6 +1,7 @@
 """The federation's settings: one nested dataclass, flat names at the edges."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -81,3 +82,26 @@ def test_train_federated_takes_the_privacy_part_whole_or_by_name():
         )
         epsilons[noise] = history["dp_epsilon"].max()
     assert epsilons[0.5] > epsilons[2.0] > 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kl_warmup_rounds": -1}, "kl_warmup_rounds must be an integer >= 1 or None, got -1"),
+        ({"kl_warmup_rounds": 0}, "kl_warmup_rounds must be an integer >= 1"),
+        ({"balance_classes": "no"}, "balance_classes must be True or False, got 'no'"),
+        ({"secret_frames": "no"}, "secret_frames must be True, False or None"),
+        ({"fraction": "half"}, "fraction must be a number in (0, 1]"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"lr": -1.0}, "lr must be a number > 0"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"min_cells_per_site": 0}, "min_cells_per_site must be an integer >= 2"),
+        ({"early_stopping_patience": 0}, "early_stopping_patience must be an integer >= 1"),
+        ({"privacy": "dp", "dp_delta": 0.0}, "dp_delta must be a number in (0, 1)"),
+        ({"sample_dp_epsilon": float("inf")}, "sample_dp_epsilon must be a number > 0"),
+        ({"sample_dp_epsilon": 3.0, "privacy": "dp"}, "use one of them"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_range_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FederationConfig.from_settings(**settings)

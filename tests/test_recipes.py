@@ -65,6 +65,9 @@ def _diann(path: Path, rng) -> pd.DataFrame:
     table.insert(2, "Protein.Names", [f"N{i}_HUMAN" for i in range(n)])
     table.insert(3, "Genes", [f"G{i}" for i in range(n)])
     table.insert(4, "First.Protein.Description", "a protein")
+    # newer DIA-NN versions add these annotation columns
+    table.insert(5, "N.Sequences", 3)
+    table.insert(6, "N.Proteotypic.Sequences", 2)
     table.to_csv(path / "report.pg_matrix.tsv", sep="\t", index=False)
     return sheet
 

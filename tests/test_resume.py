@@ -161,3 +161,12 @@ def test_model_checkpoint_and_resume(tmp_path, counts_adata, key):
         assert_same_weights(value, expected[name])
     with pytest.raises(ValueError, match="min_available=9"):
         model.train_federated(max_rounds=1, min_available=9, batch_size=32, progress_bar=False)
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint_and_resume_gives_no_fewer_rounds(tmp_path, key):
+    sites = _sites()
+    _run(_module(key), sites, _config(max_rounds=2), key, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="holds the checkpoint of a run: pass resume=True"):
+        _run(_module(key), sites, _config(max_rounds=2), key, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="holds 2 completed rounds; max_rounds=1"):
+        _run(_module(key), sites, _config(max_rounds=1), key, checkpoint_dir=tmp_path, resume=True)

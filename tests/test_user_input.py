@@ -252,3 +252,11 @@ def test_a_site_without_a_modality_pads_it_from_the_federation_features(multiome
     np.testing.assert_allclose(
         model.get_latent(padded), model.get_latent(modalities=["rna"]), atol=1e-5
     )
+
+
+def test_asking_for_more_sites_than_the_federation_has_says_so(key):
+    adata = _counts()
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key=key, n_hidden=8)
+    with pytest.raises(ValueError, match="min_sites=5 but the federation has only 2 sites"):
+        model.train_federated(max_rounds=1, min_sites=5, progress_bar=False)

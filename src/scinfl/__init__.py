@@ -8,6 +8,7 @@ from importlib import import_module
 from importlib.metadata import version
 
 from . import data, federated, model, module, pl, pp, tl
+from ._logging import configure_logging
 from .key import Key, KeyFileError, KeyMismatchError, MissingKeyError
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 __version__ = version("scinfl")
+
+configure_logging()
 
 _LAZY_SUBMODULES = ("privacy",)
 

@@ -49,8 +49,12 @@ def quickstart(
     from sklearn.metrics import adjusted_rand_score
 
     import scinfl
+    from scinfl.federated import FederationConfig
 
+    FederationConfig(max_rounds=rounds, seed=seed)  # bad settings stop before anything is written
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory.")
     out.mkdir(parents=True, exist_ok=True)
     key_path = out / "site.key"
     key = scinfl.Key.generate()
@@ -133,7 +137,7 @@ def _print_summary(summary: dict, rounds: int) -> None:
         console.print(f"wrote {path}")
 
 
-def new_identity(site: str, out: str | Path) -> str:
+def new_identity(site: str, out: str | Path, overwrite: bool = False) -> str:
     """Draw ``site``'s identity into ``out`` (private); returns its public key for the roster.
 
     Examples
@@ -144,8 +148,10 @@ def new_identity(site: str, out: str | Path) -> str:
     """
     from scinfl.federated import SiteIdentity
 
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{out} exists: pass --force to replace that identity, or another --out.")
     identity = SiteIdentity.generate(site)
-    identity.save(out)
+    identity.save(out, overwrite=overwrite)
     return identity.public_key
 
 
@@ -169,6 +175,8 @@ def write_roster(entries: Sequence[str], out: str | Path) -> Path:
                 f"Roster entry {entry!r} is not SITE=PUBLIC_KEY (the line that "
                 "`scinfl identity` printed at that site)."
             )
+        if site in keys:
+            raise ValueError(f"Site {site!r} is named twice in the roster: give one line a site.")
         keys[site] = public_key
     return Roster(keys).save(out)
 
@@ -191,24 +199,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     identity.add_argument("site", help="the site's name in the federation")
     identity.add_argument("--out", required=True, help="identity file to write (private)")
+    identity.add_argument("--force", action="store_true", help="replace an existing file")
     roster = commands.add_parser(
         "roster", help="write the federation's roster from the sites' public keys"
     )
     roster.add_argument("entries", nargs="+", metavar="SITE=PUBLIC_KEY")
     roster.add_argument("--out", required=True, help="roster file to write (public)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     from rich.console import Console
 
     console = Console()
-    if args.command == "quickstart":
-        quickstart(rounds=args.rounds, out=args.out, seed=args.seed, central=not args.no_central)
-    elif args.command == "identity":
-        public_key = new_identity(args.site, args.out)
-        console.print(f"wrote {args.out}; send the coordinator this line for the roster:")
-        console.print(f"{args.site}={public_key}", soft_wrap=True)
-    else:
-        console.print(f"wrote {write_roster(args.entries, args.out)}")
+    try:
+        if args.command == "quickstart":
+            quickstart(
+                rounds=args.rounds, out=args.out, seed=args.seed, central=not args.no_central
+            )
+        elif args.command == "identity":
+            public_key = new_identity(args.site, args.out, overwrite=args.force)
+            console.print(f"wrote {args.out}; send the coordinator this line for the roster:")
+            console.print(f"{args.site}={public_key}", soft_wrap=True)
+        else:
+            console.print(f"wrote {write_roster(args.entries, args.out)}")
+    except (ValueError, OSError) as error:
+        # a user's mistake (a setting, a path): one line, as argparse reports its own
+        commands.choices[args.command].error(str(error))
     return 0
 
 

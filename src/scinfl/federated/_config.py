@@ -10,9 +10,13 @@ derived from the two dataclasses' fields and converted back by
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ._client import ClientConfig
 
@@ -31,6 +35,35 @@ def _setting_fields() -> Iterator[tuple[str, bool, dataclasses.Field]]:
             yield f.name, False, f
     for f in dataclasses.fields(PrivacyConfig):
         yield _setting_name(f), True, f
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _check(name: str, value: Any, kind: type, allowed: str, condition=None) -> None:
+    """Refuse a setting of the wrong type (``"no"`` for a bool) or out of its range.
+
+    Examples
+    --------
+    >>> _check("lr", 1e-3, float, "a number > 0", _positive)
+    >>> _check("balance_classes", "no", bool, "True or False")
+    Traceback (most recent call last):
+    ...
+    ValueError: balance_classes must be True or False, got 'no'.
+    """
+    if kind is bool:
+        valid = isinstance(value, bool | np.bool_)
+    elif kind is int:
+        valid = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    else:
+        valid = (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool | np.bool_)
+            and math.isfinite(value)
+        )
+    if not valid or (condition is not None and not condition(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
 
 
 @dataclass
@@ -84,6 +117,21 @@ class PrivacyConfig:
     secagg_min_participants: int = 2
 
     def __post_init__(self) -> None:
+        _check("dp_noise_multiplier", self.dp_noise_multiplier, float, "a number > 0", _positive)
+        _check("dp_clipping_norm", self.dp_clipping_norm, float, "a number > 0", _positive)
+        _check("dp_delta", self.dp_delta, float, "a number in (0, 1)", lambda v: 0 < v < 1)
+        if self.sample_dp_epsilon is not None:
+            _check("sample_dp_epsilon", self.sample_dp_epsilon, float, "a number > 0", _positive)
+        _check(
+            "sample_dp_clipping_norm",
+            self.sample_dp_clipping_norm,
+            float,
+            "a number > 0",
+            _positive,
+        )
+        if self.secret_frames is not None:
+            _check("secret_frames", self.secret_frames, bool, "True, False or None")
+        _check("secagg_min_participants", self.secagg_min_participants, int, "an integer >= 2")
         if self.secagg_min_participants < 2:
             raise ValueError(
                 "secagg_min_participants must be >= 2: a sum of one site is that site's update."
@@ -95,6 +143,13 @@ class PrivacyConfig:
                 "privacy='dp' clips and noises each site's update on the server, but under "
                 "secret_frames the server cannot form an update (each round's parameters are in "
                 "another secret frame). Use one or the other: secret_frames=False for DP-FedAvg."
+            )
+        if self.sample_dp_epsilon is not None and self.mode == "dp":
+            raise ValueError(
+                "sample_dp_epsilon (DP-SGD at the sites, a guarantee per row) and privacy='dp' "
+                "(DP-FedAvg at the server, a guarantee per site) each report their epsilon as "
+                "dp_epsilon in the history: use one of them (sample_dp_epsilon holds whatever "
+                "the server does)."
             )
         if self.sample_dp_epsilon is not None and not (
             self.sample_dp_epsilon > 0 and self.sample_dp_clipping_norm > 0
@@ -215,6 +270,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.privacy, PrivacyConfig):
             self.privacy = PrivacyConfig(mode=self.privacy)
+        self._check_values()
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1.")
         if self.local_epochs < 1:
@@ -234,6 +290,40 @@ class FederationConfig:
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True
+
+    def _check_values(self) -> None:
+        """Types and ranges of every setting, named as the user gave it."""
+        at_least = {
+            "max_rounds": 1,
+            "local_epochs": 1,
+            "min_sites": 1,
+            "batch_size": 1,
+            "min_cells_per_site": 2,
+            "early_stopping_patience": 1,
+            "seed": 0,
+            "min_available": 1,
+        }
+        for name, low in at_least.items():
+            _check(
+                name, getattr(self, name), int, f"an integer >= {low}", lambda v, lo=low: v >= lo
+            )
+        if self.kl_warmup_rounds is not None:
+            _check(
+                "kl_warmup_rounds", self.kl_warmup_rounds, int, "an integer >= 1 or None", _positive
+            )
+        _check("fraction", self.fraction, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        _check("lr", self.lr, float, "a number > 0", _positive)
+        _check("weight_decay", self.weight_decay, float, "a number >= 0", lambda v: v >= 0)
+        _check("mu", self.mu, float, "a number >= 0", lambda v: v >= 0)
+        _check(
+            "validation_size",
+            self.validation_size,
+            float,
+            "a number in [0, 1)",
+            lambda v: 0 <= v < 1,
+        )
+        for name in ("balance_classes", "early_stopping"):
+            _check(name, getattr(self, name), bool, "True or False")
 
     def _check_sample_dp(self) -> None:
         if self.early_stopping:

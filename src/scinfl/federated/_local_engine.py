@@ -204,6 +204,12 @@ def start_server(
         return FederatedServer.from_checkpoint(
             checkpoint_dir, config, key_fingerprint, key_version, n_sites=n_sites
         )
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / "checkpoint.json").exists():
+        # a new run would overwrite it round by round: the interrupted run could not resume
+        raise ValueError(
+            f"{checkpoint_dir} holds the checkpoint of a run: pass resume=True to continue it, "
+            "or give this run another checkpoint_dir (delete that one to start over)."
+        )
     return FederatedServer(
         parameters=parameters,
         config=config,

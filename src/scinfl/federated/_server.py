@@ -176,7 +176,7 @@ class FederatedServer:
                 )
             self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
             extra["dp_epsilon"] = self.dp.epsilon()
-            logger.info(
+            logger.debug(
                 "Round %d: epsilon %.3g at delta %g.", round_, extra["dp_epsilon"], self.dp.delta
             )
         else:
@@ -362,9 +362,15 @@ class FederatedServer:
         if changed:
             raise ValueError(
                 f"Cannot resume from {directory}: settings differ from the checkpoint's: "
-                f"{', '.join(changed)}. Resume with the same settings (only max_rounds, early "
-                "stopping and min_available may change), or start a new run in another "
-                "checkpoint_dir."
+                f"{', '.join(changed)}. Resume with the same settings (only max_rounds, except "
+                "under sample-level DP, early stopping and min_available may change), or start "
+                "a new run in another checkpoint_dir."
+            )
+        if int(state["next_round"]) > config.max_rounds:
+            raise ValueError(
+                f"The checkpoint in {directory} holds {state['next_round']} completed rounds; "
+                f"max_rounds={config.max_rounds} asks for fewer: pass max_rounds >= "
+                f"{state['next_round']} (equal: the run as it stands)."
             )
         for what, ours, theirs in (
             ("fingerprint", key_fingerprint, state["key_fingerprint"]),

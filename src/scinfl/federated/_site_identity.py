@@ -71,7 +71,9 @@ class SiteIdentity:
 
     @classmethod
     def generate(cls, site: str) -> SiteIdentity:
-        """A fresh identity for ``site``."""
+        """A fresh identity for ``site`` (a non-empty name)."""
+        if not str(site).strip():
+            raise ValueError("A site identity needs the site's name (non-empty).")
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(
             format=serialization.PrivateFormat.Raw,
@@ -140,7 +142,19 @@ class Roster:
     public_keys: Mapping[str, str]
 
     def __post_init__(self) -> None:
+        owners: dict[str, list[str]] = {}
         for site, public_key in self.public_keys.items():
+            owners.setdefault(str(public_key).lower(), []).append(site)
+        shared = [sites for sites in owners.values() if len(sites) > 1]
+        if shared:
+            # one key for two sites lets either sign as the other: pinning pins nothing
+            raise ValueError(
+                f"Sites {shared[0]} have the same public key: each site draws its own identity "
+                "(`scinfl identity SITE`); give each its own line."
+            )
+        for site, public_key in self.public_keys.items():
+            if not str(site).strip():
+                raise ValueError("A roster site name is empty: name every site.")
             try:
                 valid = len(bytes.fromhex(public_key)) == 32
             except (TypeError, ValueError):

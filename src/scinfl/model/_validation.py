@@ -216,9 +216,18 @@ def validate_sites(
     Examples
     --------
     >>> validate_sites({"a": 6}, {"a": 5}, batch_size=128, min_cells=2)
+    >>> validate_sites({"a": 6}, {"a": 0}, batch_size=128, min_cells=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: Site 'a' keeps no training row of its 6 once its validation rows are held out: lower validation_size.
     """
     for site, n in site_sizes.items():
-        if n < max(min_cells, 2) or train_sizes[site] < 1:
+        if n >= max(min_cells, 2) and train_sizes[site] < 1:
+            raise ValueError(
+                f"Site {site!r} keeps no training row of its {n} once its validation rows are "
+                "held out: lower validation_size."
+            )
+        if n < max(min_cells, 2):
             raise ValueError(
                 f"Site {site!r} has {n} rows; a site needs at least {max(min_cells, 2)} "
                 "(min_cells_per_site) so that its update is not one sample's gradient and it keeps "

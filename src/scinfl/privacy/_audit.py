@@ -313,6 +313,10 @@ class AuditConfig:
         bad = set(self.key_guesses) - set(KEY_GUESSES)
         if bad:
             raise ValueError(f"Unknown key guesses {sorted(bad)}; choose from {KEY_GUESSES}.")
+        if self.n_victims < 1:
+            raise ValueError(
+                f"n_victims must be >= 1 (uploads attacked per size), got {self.n_victims}."
+            )
 
     def rng(self, part: int) -> np.random.Generator:
         """The random stream of one part: 0 public split, 1 uploads, 2 membership, 3 labels."""

@@ -162,6 +162,10 @@ class FederatedTrainingMixin:
             batch_size=config.batch_size,
             min_cells=config.min_cells_per_site,
         )
+        if config.min_sites > len(sites):
+            raise ValueError(
+                f"min_sites={config.min_sites} but the federation has only {len(sites)} sites."
+            )
         if config.min_available > len(sites):
             raise ValueError(
                 f"min_available={config.min_available} but the federation has only "

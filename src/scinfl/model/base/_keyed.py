@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._logging import quiet
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
 from scinfl.model._multiomics_new_samples import aligned_new_mudata
 
@@ -145,7 +146,10 @@ class KeyedModelMixin:
         """
         if isinstance(adata, AnnData | MuData):
             adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
-        model = super().load(str(dir_path), adata=adata, **kwargs)
+        # scvi-tools reports a local file as "already downloaded", and the model is built
+        # without its key before the key below is set: neither is news to the user
+        with quiet("scvi.data._download", __name__):
+            model = super().load(str(dir_path), adata=adata, **kwargs)
         if model.module.is_keyed:
             if key is None:
                 raise MissingKeyError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
+from scinfl._logging import quiet
 from scinfl.model._validation import validate_matrix
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ class NewSamplesMixin:
             # treat anything that is not the registered object itself as new samples
             if manager is None or manager.adata is not adata:
                 adata = self._aligned_new_samples(adata)
+                # scvi-tools announces the transfer of the setup, expected here, and warns of
+                # categories with few rows, a concern for training, not for inference
+                with warnings.catch_warnings(), quiet("scvi.model.base._base_model"):
+                    warnings.filterwarnings("ignore", message=".*has fewer than 3 cells")
+                    return super()._validate_anndata(adata, copy_if_view=copy_if_view)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _aligned_new_samples(self, adata: AnnData) -> AnnData:

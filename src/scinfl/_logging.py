@@ -1,0 +1,60 @@
+"""Where scinfl's info lines go: shown by default, as scvi-tools shows its own.
+
+scinfl adapts to data where adapting is what a user wants (a small site's batch size, features
+aligned by name, categories without rows dropped) and says so at the ``INFO`` level. A library
+logger shows only warnings unless it is given a handler, so, as scvi-tools does for ``"scvi"``,
+the ``"scinfl"`` logger gets one (rich, on standard error, looked up when a line is written)
+if it has none. ``logging.getLogger("scinfl").setLevel(logging.WARNING)`` silences them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the ``"scinfl"`` logger's lines from ``level`` on (a handler added if it has none).
+
+    Examples
+    --------
+    >>> import logging
+    >>> configure_logging(logging.WARNING)
+    >>> logging.getLogger("scinfl").level == logging.WARNING
+    True
+    >>> configure_logging()
+    """
+    logger = logging.getLogger("scinfl")
+    logger.setLevel(level)
+    if not logger.handlers:
+        # a console without a file writes to the sys.stderr of the moment (Jupyter, pytest)
+        handler = RichHandler(
+            level=logging.NOTSET, show_path=False, show_time=False, console=Console(stderr=True)
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+@contextmanager
+def quiet(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the level of the loggers ``names`` for a block (lines that are not news there).
+
+    Examples
+    --------
+    >>> with quiet("scvi.data._download"):
+    ...     logging.getLogger("scvi.data._download").level
+    30
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.setLevel(old)
