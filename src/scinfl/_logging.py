@@ -36,7 +36,18 @@ def configure_logging(level: int = logging.INFO) -> None:
             level=logging.NOTSET, show_path=False, show_time=False, console=Console(stderr=True)
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_unless_the_root_shows_it)
         logger.addHandler(handler)
+
+
+def _unless_the_root_shows_it(record: logging.LogRecord) -> bool:
+    """Whether no handler of the root logger prints ``record`` (which propagates there).
+
+    Where the root logger has a handler (the user's ``logging.basicConfig``, or one set up by
+    a library, as mudata's ``logging.info`` calls do), that handler prints scinfl's lines:
+    this one stays silent, so that no line shows twice.
+    """
+    return not any(handler.level <= record.levelno for handler in logging.getLogger().handlers)
 
 
 @contextmanager
