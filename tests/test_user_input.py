@@ -260,3 +260,42 @@ def test_asking_for_more_sites_than_the_federation_has_says_so(key):
     model = INFL(adata, key=key, n_hidden=8)
     with pytest.raises(ValueError, match="min_sites=5 but the federation has only 2 sites"):
         model.train_federated(max_rounds=1, min_sites=5, progress_bar=False)
+
+
+# -- utilities --------------------------------------------------------------------------------
+def test_partition_refuses_what_would_leave_cells_without_a_true_site():
+    adata = _counts()
+    with pytest.raises(ValueError, match="alpha must be a positive number, got 0"):
+        scinfl.federated.partition(adata, method="dirichlet", label_key="label", alpha=0)
+    with pytest.raises(ValueError, match="n_sites must be an integer >= 1, got 2.5"):
+        scinfl.federated.partition(adata, n_sites=2.5)
+    with pytest.raises(ValueError, match="n_sites=500 but adata has 120 observations"):
+        scinfl.federated.partition(adata, n_sites=500)
+    adata.obs["hospital"] = adata.obs["site"].astype(object)
+    adata.obs.iloc[:3, adata.obs.columns.get_loc("hospital")] = None
+    with pytest.raises(ValueError, match="'hospital'\\] has 3 missing values"):
+        scinfl.federated.partition(adata, method="column", column="hospital")
+    sites = scinfl.federated.partition(adata, n_sites=12)
+    assert list(sites.cat.categories) == [f"site{i}" for i in range(12)]
+
+
+def test_cluster_keeps_its_graph_and_parameters_apart():
+    adata = _counts()
+    adata.obsm["X_scinfl"] = np.random.default_rng(0).normal(size=(adata.n_obs, 4))
+    with pytest.raises(ValueError, match="key_added and neighbors_key are both 'scinfl'"):
+        scinfl.tl.cluster(adata, key_added="scinfl", umap=False)
+    with pytest.raises(ValueError, match="resolution must be > 0"):
+        scinfl.tl.cluster(adata, resolution=0.0, umap=False)
+    assert "scinfl" not in adata.uns
+
+
+def test_synthetic_sizes_mosaics_and_empty_data_are_checked(key):
+    with pytest.raises(ValueError, match="n_sites must be an integer >= 1, got 0"):
+        scinfl.data.synthetic_counts(n_sites=0)
+    mdata = scinfl.data.synthetic_multiome(n_obs=40, n_genes=10, n_proteins=4, n_sites=2)
+    with pytest.raises(ValueError, match="names modalities \\['atac'\\]"):
+        scinfl.data.make_mosaic(mdata, "site", {"site0": "atac"})
+    adata = _counts()
+    model = _infl(adata, key)
+    with pytest.raises(ValueError, match="no observations"):
+        scinfl.tl.embed(adata[:0].copy(), model)

@@ -33,6 +33,17 @@ def make_mosaic(mdata: MuData, site_key: str, absent: Mapping[str, str]) -> MuDa
     >>> mosaic.mod["prot"].n_obs < 60 == mosaic.mod["rna"].n_obs
     True
     """
+    if site_key not in mdata.obs:
+        raise ValueError(
+            f"site_key={site_key!r} is not a column of mdata.obs (columns: "
+            f"{list(mdata.obs.columns)[:20]})."
+        )
+    unknown_modalities = sorted(set(absent.values()) - set(mdata.mod))
+    if unknown_modalities:
+        raise ValueError(
+            f"absent= names modalities {unknown_modalities} that the MuData does not have; "
+            f"its modalities: {list(mdata.mod)}."
+        )
     sites = mdata.obs[site_key].astype(str).to_numpy()
     unknown = sorted(set(absent) - set(sites))
     if unknown:

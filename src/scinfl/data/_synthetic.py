@@ -7,6 +7,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._sizes import check_sizes
+
 
 def synthetic_counts(
     n_obs: int = 600,
@@ -43,6 +45,7 @@ def synthetic_counts(
     >>> adata.shape
     (50, 20)
     """
+    check_sizes(n_obs=n_obs, n_vars=n_vars, n_labels=n_labels, n_sites=n_sites)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, n_labels, n_obs)
     base = rng.gamma(2.0, 1.0, n_vars)

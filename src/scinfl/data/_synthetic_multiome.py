@@ -8,6 +8,8 @@ from anndata import AnnData
 from mudata import MuData
 from scipy import sparse
 
+from ._sizes import check_sizes
+
 
 def synthetic_multiome(
     n_obs: int = 600,
@@ -49,6 +51,9 @@ def synthetic_multiome(
     >>> mdata.mod["rna"].shape, mdata.mod["prot"].shape
     ((50, 200), (50, 24))
     """
+    check_sizes(
+        n_obs=n_obs, n_genes=n_genes, n_proteins=n_proteins, n_types=n_types, n_sites=n_sites
+    )
     if n_types < 2 or n_types % 2:
         raise ValueError(f"n_types must be even and at least 2, got {n_types}.")
     rng = np.random.default_rng(seed)

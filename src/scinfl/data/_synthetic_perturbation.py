@@ -7,6 +7,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._sizes import check_sizes
+
 
 def synthetic_perturbation(
     n_obs: int = 600,
@@ -47,6 +49,7 @@ def synthetic_perturbation(
     >>> int(adata.var["response"].sum())
     5
     """
+    check_sizes(n_obs=n_obs, n_vars=n_vars, n_cell_types=n_cell_types, n_sites=n_sites)
     if n_vars < 4 * n_cell_types:
         raise ValueError(f"n_vars must be at least 4 * n_cell_types = {4 * n_cell_types}.")
     rng = np.random.default_rng(seed)

@@ -7,6 +7,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._sizes import check_sizes
+
 _N_TYPES = 5
 _THETA = 5.0
 
@@ -80,6 +82,7 @@ def synthetic_spatial(
     >>> sorted(adata.obs["site"].unique()), adata.obs["domain"].nunique()
     (['site0', 'site1'], 4)
     """
+    check_sizes(n_sections=n_sections, n_side=n_side, n_vars=n_vars, n_domains=n_domains)
     if n_domains < 2:
         raise ValueError(f"`n_domains` must be at least 2; got {n_domains}.")
     if n_side < 2 * n_domains:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -55,11 +56,14 @@ def partition(
     """
     rng = np.random.default_rng(seed)
     n = adata.n_obs
+    if method != "column":
+        _check_n_sites(n_sites, n)
     if method == "column":
         if column is None or column not in adata.obs:
             raise ValueError(
                 "method='column' needs `column=`, the name of an existing .obs column."
             )
+        _check_no_missing(adata, column)
         sites = adata.obs[column].astype(str).to_numpy()
     elif method == "iid":
         sites = np.empty(n, dtype=object)
@@ -69,6 +73,9 @@ def partition(
             raise ValueError(
                 "method='dirichlet' needs `label_key=`, the name of an existing .obs column."
             )
+        if not (isinstance(alpha, numbers.Real) and np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+        _check_no_missing(adata, label_key)
         sites = np.empty(n, dtype=object)
         labels = adata.obs[label_key].to_numpy()
         for label in pd.unique(labels):
@@ -78,6 +85,30 @@ def partition(
                 sites[chunk] = f"site{i}"
     else:
         raise ValueError(f"Unknown method {method!r}; use 'iid', 'dirichlet' or 'column'.")
-    result = pd.Series(pd.Categorical(sites), index=adata.obs_names, name=key_added)
+    present = set(sites)
+    # site2 before site10: the order of the sites' numbers, not of their names as text
+    order = [f"site{i}" for i in range(n_sites)] if method != "column" else sorted(present)
+    categories = [site for site in order if site in present]
+    result = pd.Series(
+        pd.Categorical(sites, categories=categories), index=adata.obs_names, name=key_added
+    )
     adata.obs[key_added] = result
     return result
+
+
+def _check_n_sites(n_sites, n_obs: int) -> None:
+    if not isinstance(n_sites, int | np.integer) or isinstance(n_sites, bool) or n_sites < 1:
+        raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}.")
+    if n_sites > n_obs:
+        raise ValueError(
+            f"n_sites={n_sites} but adata has {n_obs} observations: some sites would be empty."
+        )
+
+
+def _check_no_missing(adata: AnnData, key: str) -> None:
+    n_missing = int(adata.obs[key].isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"adata.obs[{key!r}] has {n_missing} missing values, which no site would get: "
+            "fill or drop those rows first."
+        )

@@ -168,6 +168,8 @@ class MultiOmicsINFL(
         self._init_key(key)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if adata is not None and adata.n_obs == 0:
+            raise ValueError("mdata has no samples (empty after filtering?).")
         if isinstance(adata, MuData) and adata is not self.adata:
             setup = self.adata_manager.registry["setup_args"]
             features = getattr(self, "modality_features_", None) or {

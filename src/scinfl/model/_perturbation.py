@@ -261,6 +261,8 @@ class PerturbationINFL(RNASeqMixin, INFL):
             )
         if isinstance(cell_types, str):
             cell_types = [cell_types]
+        if not library_size > 0:
+            raise ValueError(f"library_size must be > 0 (counts per cell), got {library_size!r}.")
         adata = self._validate_anndata(adata)
         source_code = self._condition_code(source, "source")
         target_code = self._condition_code(target, "target")

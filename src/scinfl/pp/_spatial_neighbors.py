@@ -39,6 +39,8 @@ def _quiet(logger: logging.Logger):
 
 def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series:
     """One label per spot naming its (site, section) block; checks that sections stay in a site."""
+    if adata.n_obs == 0:
+        raise ValueError("adata has no spots (empty after filtering?).")
     if site_key not in adata.obs:
         raise KeyError(f"adata.obs[{site_key!r}] (the site of each spot) not found.")
     if library_key is not None and library_key not in adata.obs:

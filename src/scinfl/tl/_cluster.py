@@ -83,6 +83,19 @@ def cluster(
         raise ValueError(
             f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
         )
+    if key_added == neighbors_key:
+        raise ValueError(
+            f"key_added and neighbors_key are both {key_added!r}: the clusters' parameters "
+            "would replace the graph's entry in .uns; give them different names."
+        )
+    if not resolution > 0:
+        raise ValueError(f"resolution must be > 0, got {resolution!r}.")
+    if not n_neighbors >= 2:
+        raise ValueError(
+            f"n_neighbors must be at least 2 (a cell and a neighbour), got {n_neighbors!r}."
+        )
+    if adata.n_obs == 0:
+        raise ValueError("adata has no observations (empty after filtering?).")
     if copy:
         adata = adata.copy()
     if isinstance(adata, MuData):

@@ -47,6 +47,8 @@ class NewSamplesMixin:
     """
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if adata is not None and adata.n_obs == 0:
+            raise ValueError("adata has no observations (empty after filtering?).")
         if isinstance(adata, AnnData) and self.adata_manager is not None:
             # scvi-tools' own lookup (get_anndata_manager) already transfers the setup, which
             # fails on other features: look up this model's managers by the AnnData's id here
