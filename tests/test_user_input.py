@@ -299,3 +299,12 @@ def test_synthetic_sizes_mosaics_and_empty_data_are_checked(key):
     model = _infl(adata, key)
     with pytest.raises(ValueError, match="no observations"):
         scinfl.tl.embed(adata[:0].copy(), model)
+
+
+def test_dp_settings_without_dp_are_reported(key, caplog):
+    adata = _counts()
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key=key, n_hidden=8)
+    with caplog.at_level("WARNING", logger="scinfl"):
+        model.train_federated(max_rounds=1, dp_noise_multiplier=5.0, progress_bar=False)
+    assert "dp_noise_multiplier=5.0 given without privacy='dp': no effect" in caplog.text

@@ -166,6 +166,22 @@ class PrivacyConfig:
         """Whether the server clips and noises the updates (``mode="dp"``)."""
         return self.mode == "dp"
 
+    def unused_settings(self) -> list[str]:
+        """DP-FedAvg's settings given other values than their defaults without ``privacy="dp"``.
+
+        Examples
+        --------
+        >>> PrivacyConfig(dp_noise_multiplier=5.0).unused_settings()
+        ['dp_noise_multiplier=5.0']
+        """
+        if self.mode == "dp":
+            return []
+        return [
+            f"{name}={getattr(self, name)}"
+            for name in ("dp_noise_multiplier", "dp_clipping_norm")
+            if getattr(self, name) != getattr(PrivacyConfig, name)
+        ]
+
     def for_key(self, has_key: bool) -> PrivacyConfig:
         """These settings with ``secret_frames`` decided: the one place that rule lives.
 

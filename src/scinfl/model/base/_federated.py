@@ -75,6 +75,9 @@ class FederatedTrainingMixin:
         self._require_key()
         seed = scvi.settings.seed if seed is None else seed
         config = FederationConfig.from_settings(seed=0 if seed is None else int(seed), **settings)
+        unused = config.privacy.unused_settings()
+        if unused:
+            logger.warning("%s given without privacy='dp': no effect.", ", ".join(unused))
         return config.for_key(self.has_key)
 
     def train_federated(
