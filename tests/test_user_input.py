@@ -308,3 +308,15 @@ def test_dp_settings_without_dp_are_reported(key, caplog):
     with caplog.at_level("WARNING", logger="scinfl"):
         model.train_federated(max_rounds=1, dp_noise_multiplier=5.0, progress_bar=False)
     assert "dp_noise_multiplier=5.0 given without privacy='dp': no effect" in caplog.text
+
+
+def test_umap_takes_scanpy_style_arguments():
+    import matplotlib.pyplot as plt
+
+    adata = _counts()
+    adata.obsm["X_umap_scinfl"] = np.random.default_rng(0).normal(size=(adata.n_obs, 2))
+    fig = scinfl.pl.umap(adata, color=None, basis="umap_scinfl")
+    plt.close(fig)
+    with pytest.raises(TypeError, match="save= takes a file path"):
+        scinfl.pl.umap(adata, color="label", save=True)
+    plt.close("all")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -12,10 +13,10 @@ from anndata import AnnData
 
 def umap(
     adata: AnnData,
-    color: str | Sequence[str] = "scinfl_leiden",
+    color: str | Sequence[str] | None = "scinfl_leiden",
     basis: str = "X_umap_scinfl",
     show: bool = False,
-    save: str | None = None,
+    save: str | os.PathLike | None = None,
     **kwargs,
 ):
     """UMAP of the scinfl latent space coloured by ``.obs`` columns (after :func:`scinfl.tl.cluster`).
@@ -25,10 +26,10 @@ def umap(
     adata
         AnnData with ``.obsm[basis]``.
     color
-        Column(s) to colour by.
+        Column(s) to colour by (``None``: one colour).
     basis
         ``.obsm`` key of the 2-D coordinates (``f"X_umap_{neighbors_key}"`` of
-        :func:`scinfl.tl.cluster`).
+        :func:`scinfl.tl.cluster`; the ``X_`` may be left out, as in scanpy).
     show
         Show the figure.
     save
@@ -53,9 +54,15 @@ def umap(
     2
     >>> plt.close(fig)
     """
+    if basis not in adata.obsm and f"X_{basis}" in adata.obsm:
+        basis = f"X_{basis}"  # scanpy's convention: a basis may omit the X_
     if basis not in adata.obsm:
         raise ValueError(f"adata.obsm[{basis!r}] not found; run scinfl.tl.cluster(adata) first.")
-    colors = [color] if isinstance(color, str) else list(color)
+    if save is not None and not isinstance(save, str | os.PathLike):
+        raise TypeError(f"save= takes a file path (e.g. 'umap.png'), got {save!r}.")
+    if adata.n_obs == 0:
+        raise ValueError("adata has no observations (empty after filtering?).")
+    colors = None if color is None else [color] if isinstance(color, str) else list(color)
     axes = sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
     axes = list(np.atleast_1d(axes))
     fig = axes[0].figure
