@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int | None = None) -> None:
     """Show the ``"scinfl"`` logger's lines from ``level`` on (a handler added if it has none).
+
+    ``None`` (at import): ``INFO``, unless the user set the logger's level before.
 
     Examples
     --------
@@ -26,10 +28,13 @@ def configure_logging(level: int = logging.INFO) -> None:
     >>> configure_logging(logging.WARNING)
     >>> logging.getLogger("scinfl").level == logging.WARNING
     True
-    >>> configure_logging()
+    >>> configure_logging(logging.INFO)
     """
     logger = logging.getLogger("scinfl")
-    logger.setLevel(level)
+    if level is not None:
+        logger.setLevel(level)
+    elif logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
     if not logger.handlers:
         # a console without a file writes to the sys.stderr of the moment (Jupyter, pytest)
         handler = RichHandler(
