@@ -320,3 +320,11 @@ def test_umap_takes_scanpy_style_arguments():
     with pytest.raises(TypeError, match="save= takes a file path"):
         scinfl.pl.umap(adata, color="label", save=True)
     plt.close("all")
+
+
+def test_spatial_plot_arguments_are_checked():
+    adata = scinfl.data.synthetic_spatial(n_sections=1, n_side=8, n_vars=10)
+    with pytest.raises(ValueError, match="ncols must be an integer >= 1, got 0"):
+        scinfl.pl.spatial(adata, color="domain", ncols=0)
+    with pytest.raises(TypeError, match="takes no ax="):
+        scinfl.pl.spatial(adata, color="domain", ax=None)

@@ -73,12 +73,16 @@ def privacy(
     >>> len(fig.axes)
     1
     """
+    if not (isinstance(ncols, int) and ncols >= 1):
+        raise ValueError(f"ncols must be an integer >= 1, got {ncols!r}.")
     x_cols = _as_list(x)
     missing = {"metric", "value", hue, *x_cols} - set(df.columns)
     if missing:
         raise ValueError(f"The table lacks columns {sorted(missing)}.")
     table = df
     if upload is not None:
+        if "upload" not in table.columns:
+            raise ValueError("upload= selects rows by the table's 'upload' column, which it lacks.")
         table = table[table["upload"].isin([*_as_list(upload), "global-model"])]
     metric_names = list(dict.fromkeys(table["metric"])) if metrics is None else _as_list(metrics)
     if not metric_names or table.empty:

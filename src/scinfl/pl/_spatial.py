@@ -72,6 +72,15 @@ def spatial(
         raise ValueError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
     if color not in adata.obs:
         raise ValueError(f"adata.obs[{color!r}] not found.")
+    if adata.n_obs == 0:
+        raise ValueError("adata has no spots (empty after filtering?).")
+    if not (isinstance(ncols, int) and ncols >= 1):
+        raise ValueError(f"ncols must be an integer >= 1, got {ncols!r}.")
+    if "ax" in kwargs:
+        raise TypeError(
+            "pl.spatial draws one panel per section on its own axes and takes no ax=; "
+            "use the figure it returns (fig.axes), or scanpy.pl.embedding for one panel."
+        )
     values = adata.obs[color]
     if not isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
         values
