@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+from scinfl._checks import check_value
 
 
 def check_sizes(**sizes: int) -> None:
@@ -17,5 +17,4 @@ def check_sizes(**sizes: int) -> None:
     ValueError: n_sites must be an integer >= 1, got 0.
     """
     for name, value in sizes.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_value(name, value, int, "an integer >= 1", lambda v: v >= 1)

@@ -10,13 +10,11 @@ derived from the two dataclasses' fields and converted back by
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from scinfl._checks import check_value as _check
 
 from ._client import ClientConfig
 
@@ -39,31 +37,6 @@ def _setting_fields() -> Iterator[tuple[str, bool, dataclasses.Field]]:
 
 def _positive(value) -> bool:
     return value > 0
-
-
-def _check(name: str, value: Any, kind: type, allowed: str, condition=None) -> None:
-    """Refuse a setting of the wrong type (``"no"`` for a bool) or out of its range.
-
-    Examples
-    --------
-    >>> _check("lr", 1e-3, float, "a number > 0", _positive)
-    >>> _check("balance_classes", "no", bool, "True or False")
-    Traceback (most recent call last):
-    ...
-    ValueError: balance_classes must be True or False, got 'no'.
-    """
-    if kind is bool:
-        valid = isinstance(value, bool | np.bool_)
-    elif kind is int:
-        valid = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-    else:
-        valid = (
-            isinstance(value, numbers.Real)
-            and not isinstance(value, bool | np.bool_)
-            and math.isfinite(value)
-        )
-    if not valid or (condition is not None and not condition(value)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
 
 
 @dataclass
@@ -151,10 +124,6 @@ class PrivacyConfig:
                 "dp_epsilon in the history: use one of them (sample_dp_epsilon holds whatever "
                 "the server does)."
             )
-        if self.sample_dp_epsilon is not None and not (
-            self.sample_dp_epsilon > 0 and self.sample_dp_clipping_norm > 0
-        ):
-            raise ValueError("sample_dp_epsilon and sample_dp_clipping_norm must be > 0.")
 
     @property
     def secure_aggregation(self) -> bool:
@@ -287,20 +256,8 @@ class FederationConfig:
         if not isinstance(self.privacy, PrivacyConfig):
             self.privacy = PrivacyConfig(mode=self.privacy)
         self._check_values()
-        if self.max_rounds < 1:
-            raise ValueError("max_rounds must be >= 1.")
-        if self.local_epochs < 1:
-            raise ValueError("local_epochs must be >= 1.")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
         if self.strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {self.strategy!r}.")
-        if self.mu < 0:
-            raise ValueError("mu (FedProx) must be >= 0.")
-        if not 0 <= self.validation_size < 1:
-            raise ValueError(f"validation_size must be in [0, 1), got {self.validation_size}.")
-        if self.min_available < 1:
-            raise ValueError("min_available must be >= 1.")
         if self.privacy.sample_dp_epsilon is not None:
             self._check_sample_dp()
         if self.kl_warmup_rounds is None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+from scinfl._checks import check_value
 
 
 def partition(
@@ -73,8 +74,7 @@ def partition(
             raise ValueError(
                 "method='dirichlet' needs `label_key=`, the name of an existing .obs column."
             )
-        if not (isinstance(alpha, numbers.Real) and np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+        check_value("alpha", alpha, float, "a positive number", lambda v: v > 0)
         _check_no_missing(adata, label_key)
         sites = np.empty(n, dtype=object)
         labels = adata.obs[label_key].to_numpy()
@@ -97,8 +97,7 @@ def partition(
 
 
 def _check_n_sites(n_sites, n_obs: int) -> None:
-    if not isinstance(n_sites, int | np.integer) or isinstance(n_sites, bool) or n_sites < 1:
-        raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}.")
+    check_value("n_sites", n_sites, int, "an integer >= 1", lambda v: v >= 1)
     if n_sites > n_obs:
         raise ValueError(
             f"n_sites={n_sites} but adata has {n_obs} observations: some sites would be empty."

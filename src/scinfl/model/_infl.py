@@ -324,8 +324,6 @@ class INFL(
         mapping = list(
             self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         )
-        if self.adata_manager.registry["setup_args"].get("labels_key") is None:
-            return mapping
         return mapping[:-1] if self._unlabeled is not None else mapping
 
     # -- outputs -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import MuDataCategoricalObsField, MuDataLayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from scinfl._checks import check_not_empty
 from scinfl.key import Key
 from scinfl.module import MultiModalKeyedVAE, observed_rows
 from scinfl.pp._modalities import check_shared_samples
@@ -168,8 +169,8 @@ class MultiOmicsINFL(
         self._init_key(key)
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
-        if adata is not None and adata.n_obs == 0:
-            raise ValueError("mdata has no samples (empty after filtering?).")
+        if adata is not None:
+            check_not_empty(adata.n_obs, "samples", "mdata")
         if isinstance(adata, MuData) and adata is not self.adata:
             setup = self.adata_manager.registry["setup_args"]
             features = getattr(self, "modality_features_", None) or {

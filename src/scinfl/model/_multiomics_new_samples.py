@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 from anndata import AnnData
 from mudata import MuData
 
-from scinfl.pp._modalities import _pad
+from scinfl.model.base._new_samples import features_by_name
+from scinfl.pp._modalities import _absent, _pad
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,10 @@ def aligned_new_mudata(
         layer = layers.get(name)
         if name in mdata.mod:
             mod = _with_features(mdata.mod[name], names, layer, likelihoods[name], name)
+            modalities[name] = _pad(mod, samples)
         else:
             logger.info("The new data lack modality %r: every sample counts as without it.", name)
-            empty = np.full((0, len(names)), np.nan, dtype=np.float32)
-            mod = AnnData(empty, var=pd.DataFrame(index=names))
-            if layer is not None:
-                mod.layers[layer] = empty
-        modalities[name] = _pad(mod, samples)
+            modalities[name] = _absent(samples, names, layer)
     out = MuData(modalities)
     out.obs = mdata.obs.reindex(out.obs_names)
     return out
@@ -112,21 +109,4 @@ def _with_features(
             f"mdata.mod[{modality!r}].var_names are not unique: features are matched by name, "
             "so call var_names_make_unique() on it first."
         )
-    present = names.isin(mod.var_names)
-    if not present.all() and likelihood != "normal":
-        raise ValueError(
-            f"Modality {modality!r} of the new data lacks {int((~present).sum())} of the "
-            f"model's {len(names)} features (e.g. {list(names[~present][:5])}); a count "
-            "likelihood cannot treat them as missing. Give it every feature the model was "
-            "trained on (matched by var_names)."
-        )
-    logger.info("Aligned modality %r of the new data to the model's features by name.", modality)
-    source = mod.X if layer is None else mod.layers[layer]
-    source = source.toarray() if hasattr(source, "toarray") else np.asarray(source)
-    values = np.full((mod.n_obs, len(names)), np.nan, dtype=np.float32)
-    where = mod.var_names.get_indexer(names)
-    values[:, where >= 0] = source[:, where[where >= 0]]
-    out = AnnData(values, obs=mod.obs.copy(), var=pd.DataFrame(index=names))
-    if layer is not None:
-        out.layers[layer] = values
-    return out
+    return features_by_name(mod, names, layer, likelihood, f"Modality {modality!r} of the new data")

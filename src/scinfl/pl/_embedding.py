@@ -10,6 +10,8 @@ import numpy as np
 import scanpy as sc
 from anndata import AnnData
 
+from scinfl._checks import check_not_empty
+
 
 def umap(
     adata: AnnData,
@@ -60,8 +62,7 @@ def umap(
         raise ValueError(f"adata.obsm[{basis!r}] not found; run scinfl.tl.cluster(adata) first.")
     if save is not None and not isinstance(save, str | os.PathLike):
         raise TypeError(f"save= takes a file path (e.g. 'umap.png'), got {save!r}.")
-    if adata.n_obs == 0:
-        raise ValueError("adata has no observations (empty after filtering?).")
+    check_not_empty(adata.n_obs)
     colors = None if color is None else [color] if isinstance(color, str) else list(color)
     axes = sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
     axes = list(np.atleast_1d(axes))

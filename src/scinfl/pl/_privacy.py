@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from scinfl._checks import check_value
+
 
 def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
@@ -73,8 +75,7 @@ def privacy(
     >>> len(fig.axes)
     1
     """
-    if not (isinstance(ncols, int) and ncols >= 1):
-        raise ValueError(f"ncols must be an integer >= 1, got {ncols!r}.")
+    check_value("ncols", ncols, int, "an integer >= 1", lambda v: v >= 1)
     x_cols = _as_list(x)
     missing = {"metric", "value", hue, *x_cols} - set(df.columns)
     if missing:

@@ -8,6 +8,8 @@ import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 
+from scinfl._checks import check_not_empty, check_value
+
 from ._embedding import _make_room_for_legends
 
 
@@ -72,10 +74,8 @@ def spatial(
         raise ValueError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
     if color not in adata.obs:
         raise ValueError(f"adata.obs[{color!r}] not found.")
-    if adata.n_obs == 0:
-        raise ValueError("adata has no spots (empty after filtering?).")
-    if not (isinstance(ncols, int) and ncols >= 1):
-        raise ValueError(f"ncols must be an integer >= 1, got {ncols!r}.")
+    check_not_empty(adata.n_obs, "spots")
+    check_value("ncols", ncols, int, "an integer >= 1", lambda v: v >= 1)
     if "ax" in kwargs:
         raise TypeError(
             "pl.spatial draws one panel per section on its own axes and takes no ax=; "

@@ -119,11 +119,14 @@ def pad_modalities(
     return out
 
 
-def _absent(obs_names, features: Sequence[str]) -> AnnData:
-    """A modality that no sample of ``obs_names`` holds: rows of ``NaN``."""
+def _absent(obs_names, features: Sequence[str], layer: str | None = None) -> AnnData:
+    """A modality that no sample of ``obs_names`` holds: rows of ``NaN`` (in ``layer`` too)."""
     obs_names = obs_names[~obs_names.duplicated()]
     values = np.full((len(obs_names), len(features)), np.nan, dtype=np.float32)
-    return AnnData(values, obs=pd.DataFrame(index=obs_names), var=pd.DataFrame(index=features))
+    layers = {} if layer is None else {layer: values}
+    return AnnData(
+        values, obs=pd.DataFrame(index=obs_names), var=pd.DataFrame(index=features), layers=layers
+    )
 
 
 def _pad(adata: AnnData, obs_names) -> AnnData:

@@ -11,6 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from scinfl._checks import check_not_empty
+
 #: squidpy's graph builder of each coordinate type
 _BUILDERS = {"generic": "spatial_neighbors_knn", "grid": "spatial_neighbors_grid"}
 _INSTALL_HINT = (
@@ -39,8 +41,7 @@ def _quiet(logger: logging.Logger):
 
 def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series:
     """One label per spot naming its (site, section) block; checks that sections stay in a site."""
-    if adata.n_obs == 0:
-        raise ValueError("adata has no spots (empty after filtering?).")
+    check_not_empty(adata.n_obs, "spots")
     if site_key not in adata.obs:
         raise KeyError(f"adata.obs[{site_key!r}] (the site of each spot) not found.")
     if library_key is not None and library_key not in adata.obs:

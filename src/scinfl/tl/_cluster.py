@@ -7,6 +7,7 @@ import scanpy as sc
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._checks import check_not_empty
 from scinfl._threads import keeps_torch_threads
 
 
@@ -94,8 +95,7 @@ def cluster(
         raise ValueError(
             f"n_neighbors must be at least 2 (a cell and a neighbour), got {n_neighbors!r}."
         )
-    if adata.n_obs == 0:
-        raise ValueError("adata has no observations (empty after filtering?).")
+    check_not_empty(adata.n_obs)
     if copy:
         adata = adata.copy()
     if isinstance(adata, MuData):

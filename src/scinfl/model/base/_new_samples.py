@@ -11,6 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
+from scinfl._checks import check_not_empty
 from scinfl._logging import quiet
 from scinfl.model._validation import validate_matrix
 
@@ -47,8 +48,8 @@ class NewSamplesMixin:
     """
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
-        if adata is not None and adata.n_obs == 0:
-            raise ValueError("adata has no observations (empty after filtering?).")
+        if adata is not None:
+            check_not_empty(adata.n_obs)
         if isinstance(adata, AnnData) and self.adata_manager is not None:
             # scvi-tools' own lookup (get_anndata_manager) already transfers the setup, which
             # fails on other features: look up this model's managers by the AnnData's id here
@@ -81,7 +82,8 @@ class NewSamplesMixin:
         if len(names) == 0 or adata.var_names.equals(names):
             adata = adata.copy()
         else:
-            adata = self._match_features(adata, names, layer)
+            likelihood = getattr(self.module, "gene_likelihood", None)
+            adata = features_by_name(adata, names, layer, likelihood)
         likelihood = getattr(self.module, "gene_likelihood", None)
         if likelihood is not None:
             where = "the new data's " + ("X" if layer is None else f"layers[{layer!r}]")
@@ -110,33 +112,50 @@ class NewSamplesMixin:
             adata.obs[column] = pd.Categorical([mapping[0]] * adata.n_obs, categories=mapping)
         return adata
 
-    def _match_features(self, adata: AnnData, names: pd.Index, layer: str | None) -> AnnData:
-        present = names.isin(adata.var_names)
-        if present.all():
-            logger.info(
-                "Aligned the %d features of the new data to the model's %d by name.",
-                adata.n_vars,
-                len(names),
-            )
-            return adata[:, names].copy()
-        missing = names[~present]
-        if getattr(self.module, "gene_likelihood", None) != "normal":
-            raise ValueError(
-                f"The new data lack {len(missing)} of the model's {len(names)} features "
-                f"(e.g. {list(missing[:5])}); a count likelihood cannot treat them as missing. "
-                "Give the data every feature the model was trained on (matched by var_names)."
-            )
+
+def features_by_name(
+    adata: AnnData,
+    names: pd.Index,
+    layer: str | None,
+    likelihood: str | None,
+    what: str = "The new data",
+) -> AnnData:
+    """A copy of ``adata`` with exactly the features ``names``, in that order, matched by name.
+
+    Extra features are dropped. Missing ones are an error for a count likelihood (it cannot
+    treat them as missing) and become ``NaN`` (missing values) for ``"normal"``; the values
+    are read from ``layer`` (``None``: ``.X``) and written to ``.X`` and ``layer``.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, pandas as pd
+    >>> adata = anndata.AnnData(np.ones((2, 2)), var=pd.DataFrame(index=["b", "a"]))
+    >>> new = features_by_name(adata, pd.Index(["a", "c"]), None, "normal")
+    >>> list(new.var_names), bool(np.isnan(new.X[:, 1]).all())
+    (['a', 'c'], True)
+    """
+    present = names.isin(adata.var_names)
+    if present.all():
         logger.info(
-            "%d of the model's %d features are absent from the new data: they are treated as "
-            "missing values.",
-            len(missing),
+            "Aligned the %d features of %s to the model's %d by name.",
+            adata.n_vars,
+            what.lower(),
             len(names),
         )
-        return _with_missing_features(adata, names, layer)
-
-
-def _with_missing_features(adata: AnnData, names: pd.Index, layer: str | None) -> AnnData:
-    """A copy of ``adata`` with exactly the features ``names``, absent ones all NaN."""
+        return adata[:, names].copy()
+    missing = names[~present]
+    if likelihood != "normal":
+        raise ValueError(
+            f"{what} lack {len(missing)} of the model's {len(names)} features "
+            f"(e.g. {list(missing[:5])}); a count likelihood cannot treat them as missing. "
+            "Give the data every feature the model was trained on (matched by var_names)."
+        )
+    logger.info(
+        "%d of the model's %d features are absent from %s: they are treated as missing values.",
+        len(missing),
+        len(names),
+        what.lower(),
+    )
     source = adata.X if layer is None else adata.layers[layer]
     if sparse.issparse(source):
         source = source.toarray()
