@@ -50,6 +50,7 @@ def multiome(key):
 # -- reloads ----------------------------------------------------------------------------------
 def test_a_perturbation_model_of_any_architecture_loads_back(key, tmp_path):
     adata, model = _perturbation(key, n_hidden=16)
+    assert "key" not in model.init_params_["non_kwargs"]  # the record is saved: no key in it
     model.save(tmp_path, overwrite=True)
     loaded = PerturbationINFL.load(tmp_path, adata, key=key)
     assert loaded.module.z_encoder.encoder.fc_layers[0][0].out_features == 16
