@@ -63,6 +63,9 @@ def test_fedprox_and_fraction_run(counts_adata, key):
     history = model.train_federated(**FAST, strategy="fedprox", mu=0.1, fraction=0.3)
     trained = history[history["n_train"] > 0].groupby("round")["site"].nunique()
     assert (trained == 1).all()
+    # a site that was not sampled validated only: it is not a rejected upload
+    assert history["trained"].tolist() == (history["n_train"] > 0).tolist()
+    assert history.loc[history["trained"], "accepted"].all()
 
 
 def test_upload_carries_no_key_material(counts_adata, key):

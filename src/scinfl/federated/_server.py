@@ -190,6 +190,7 @@ class FederatedServer:
                     "round": round_,
                     "site": update.site,
                     "n_train": update.n,
+                    "trained": True,
                     "accepted": update in accepted,
                     "kl_weight": kl_weight,
                     **update.metrics,
@@ -211,7 +212,14 @@ class FederatedServer:
         for site, metrics in site_metrics.items():
             if not any(r["round"] == round_ and r["site"] == site for r in self.rows):
                 self.rows.append(
-                    {"round": round_, "site": site, "n_train": 0, "accepted": False, **metrics}
+                    {
+                        "round": round_,
+                        "site": site,
+                        "n_train": 0,
+                        "trained": False,  # not sampled, or away when the round trained
+                        "accepted": False,
+                        **metrics,
+                    }
                 )
         stop = False
         if not evaluated:

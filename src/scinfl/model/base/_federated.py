@@ -138,9 +138,11 @@ class FederatedTrainingMixin:
 
         Returns
         -------
-        History: one row per round and site (``n_train``, training and validation losses,
-        accuracies with labels, time; under ``sample_dp_epsilon`` each site's ``dp_epsilon``
-        spent instead of losses). Also stored in ``model.federated_history_``.
+        History: one row per round and site (``n_train``; ``trained``: whether the site trained
+        that round, ``False`` for a site not sampled that only validated; ``accepted``: whether
+        its update was averaged; training and validation losses, accuracies with labels, time;
+        under ``sample_dp_epsilon`` each site's ``dp_epsilon`` spent instead of losses). Also
+        stored in ``model.federated_history_``.
 
         Examples
         --------
