@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from mudata import MuData
 
+from scinfl._mudata import mudata_of
+
 
 def make_mosaic(mdata: MuData, site_key: str, absent: Mapping[str, str]) -> MuData:
     """Remove a modality from the samples of some sites, as a consortium's mosaic holds it.
@@ -53,6 +55,6 @@ def make_mosaic(mdata: MuData, site_key: str, absent: Mapping[str, str]) -> MuDa
         drop = [site for site, modality in absent.items() if modality == name]
         keep = ~np.isin(sites[mdata.obs_names.get_indexer(mod.obs_names)], drop)
         mods[name] = mod[keep].copy()
-    out = MuData(mods)
+    out = mudata_of(mods)
     out.obs = mdata.obs.loc[out.obs_names].copy()
     return out

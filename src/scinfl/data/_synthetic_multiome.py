@@ -8,6 +8,8 @@ from anndata import AnnData
 from mudata import MuData
 from scipy import sparse
 
+from scinfl._mudata import mudata_of
+
 from ._sizes import check_sizes
 
 
@@ -86,7 +88,7 @@ def synthetic_multiome(
     rna_ad.var_names = [f"gene{i}" for i in range(n_genes)]
     prot_ad = AnnData(prot, obs=pd.DataFrame(index=obs_names))
     prot_ad.var_names = [f"protein{i}" for i in range(n_proteins)]
-    mdata = MuData({"rna": rna_ad, "prot": prot_ad})
+    mdata = mudata_of({"rna": rna_ad, "prot": prot_ad})
     mdata.obs["cell_type"] = pd.Categorical([f"type{t}" for t in types])
     mdata.obs["site"] = pd.Categorical(
         [f"site{s}" for s in sites], categories=[f"site{s}" for s in range(n_sites)]

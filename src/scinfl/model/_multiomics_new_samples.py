@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._mudata import mudata_of
 from scinfl.model.base._new_samples import features_by_name
 from scinfl.pp._modalities import _absent, _pad
 
@@ -69,7 +70,7 @@ def aligned_new_mudata(
         else:
             logger.info("The new data lack modality %r: every sample counts as without it.", name)
             modalities[name] = _absent(samples, names, layer)
-    out = MuData(modalities)
+    out = mudata_of(modalities)
     out.obs = mdata.obs.reindex(out.obs_names)
     return out
 

@@ -11,6 +11,8 @@ from anndata import AnnData
 from mudata import MuData
 from scipy import sparse
 
+from scinfl._mudata import mudata_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,7 +105,7 @@ def pad_modalities(
         else _absent(mdata.obs_names, features[name])
         for name in modalities
     }
-    out = MuData(padded)
+    out = mudata_of(padded)
     out.obs = mdata.obs.loc[out.obs_names].copy()
     for key, value in mdata.obsm.items():
         # the modalities' own entries (which samples each holds) are mudata's to set
