@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from matplotlib.colors import to_hex
 from sklearn.metrics import adjusted_rand_score
 
 import scinfl
@@ -67,7 +68,13 @@ def test_spatial_neighbors_copy_leaves_the_input():
     ("change", "kwargs", "error", "match"),
     [
         (lambda a: a.obsm.pop("spatial"), {}, KeyError, "coordinates"),
-        (lambda a: a.obsm.__setitem__("spatial", np.zeros((a.n_obs, 3))), {}, ValueError, "x 2"),
+        (lambda a: a.obsm.__setitem__("spatial", np.zeros((a.n_obs, 4))), {}, ValueError, "x 2"),
+        (
+            lambda a: a.obsm.__setitem__("spatial", np.zeros((a.n_obs, 3))),
+            {"coord_type": "grid"},
+            ValueError,
+            "x 2 coordinates for coord_type='grid'",
+        ),
         (lambda a: a.obsm["spatial"].__setitem__((0, 0), np.nan), {}, ValueError, "finite"),
         (lambda a: None, {"n_neighs": 64}, ValueError, "no more spots"),
         (lambda a: None, {"coord_type": "hex"}, ValueError, "coord_type"),
@@ -86,6 +93,45 @@ def test_spatial_neighbors_errors(change, kwargs, error, match):
     change(adata)
     with pytest.raises(error, match=match):
         scinfl.pp.spatial_neighbors(adata, **{"n_neighs": 4, **kwargs})
+
+
+def test_blocks_are_told_apart_by_site_and_section_not_by_joined_names():
+    adata = synthetic_spatial(n_sections=2, n_side=8, n_vars=10, seed=0)
+    first = adata.obs["section"] == "section0"
+    # "H" + "X/1" and "H/X" + "1" would both read "H/X/1" once joined
+    adata.obs["site"] = pd.Categorical(np.where(first, "H", "H/X"))
+    adata.obs["lib"] = pd.Categorical(np.where(first, "X/1", "1"))
+    scinfl.pp.spatial_neighbors(adata, library_key="lib", n_neighs=4)
+    rows, cols = adata.obsp["spatial_connectivities"].nonzero()
+    sites = adata.obs["site"].to_numpy()
+    assert len(rows) and (sites[rows] == sites[cols]).all()
+
+
+def test_stacked_sections_without_library_key_warn(caplog):
+    adata = _two_sites_four_sections()
+    with caplog.at_level("WARNING", logger="scinfl"):
+        scinfl.pp.spatial_neighbors(adata, n_neighs=4)
+    assert "library_key=" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scinfl"):
+        scinfl.pp.spatial_neighbors(adata, library_key="section", n_neighs=4)
+    assert "library_key=" not in caplog.text
+
+
+def test_squidpys_choices_one_site_and_3d_coordinates():
+    adata = synthetic_spatial(n_sections=1, n_side=8, n_vars=10)
+    del adata.obs["site"]
+    # no site column: one site; coord_type=None reads a grid where .uns["spatial"] is
+    adata.uns["spatial"] = {"section0": {}}
+    scinfl.pp.spatial_neighbors(adata, site_key=None, n_neighs=4)
+    assert adata.uns["spatial_neighbors"]["params"]["coord_type"] == "grid"
+    del adata.uns["spatial"]
+    depth = np.repeat([0.0, 1.0], adata.n_obs // 2)[:, None]
+    adata.obsm["spatial"] = np.hstack([adata.obsm["spatial"], depth])
+    scinfl.pp.spatial_neighbors(adata, site_key=None, n_neighs=5)
+    assert adata.uns["spatial_neighbors"]["params"]["coord_type"] == "generic"
+    degree = np.asarray((adata.obsp["spatial_connectivities"] > 0).sum(axis=1)).ravel()
+    assert (degree == 5).all()
 
 
 def _line(n):
@@ -143,6 +189,14 @@ def test_domains_leiden_and_copy():
     out = scinfl.tl.domains(adata, use_rep="rep", n_layers=1, method="leiden", copy=True)
     assert "scinfl_domain" in out.obs and "scinfl_domain" not in adata.obs
     assert out.obs["scinfl_domain"].nunique() >= 2
+    # named as the mixture names them; the unused n_domains is not recorded as used
+    assert out.obs["scinfl_domain"].cat.categories[0] == "D0"
+    assert out.uns["scinfl_domain"]["params"]["n_domains"] is None
+    assert "scinfl_domain_features" in out.uns
+    # a mixture over the same key drops the Leiden graph of the features it replaces
+    scinfl.tl.domains(out, use_rep="rep", n_layers=1, n_domains=2)
+    assert "scinfl_domain_features" not in out.uns
+    assert "scinfl_domain_features_connectivities" not in out.obsp
 
 
 @pytest.mark.parametrize(
@@ -153,11 +207,16 @@ def test_domains_leiden_and_copy():
         ({"n_layers": -1}, "n_layers"),
         ({"method": "kmeans"}, "method"),
         ({"use_rep": "X_domain", "key_added": "domain"}, "another key_added"),
+        ({"key_added": "scinfl"}, "another key_added"),  # tl.embed's latent
+        ({"key_added": "graph"}, "not spatial domains"),  # tl.cluster's neighbour graph
+        ({"n_domains": 2.0}, "n_domains must be an integer"),
+        ({"n_layers": 1.5}, "n_layers must be an integer"),
     ],
 )
 def test_domains_errors(kwargs, match):
     adata = _line(6)
     adata.obsm["X_scinfl"] = adata.obsm["X_domain"] = np.zeros((6, 2))
+    adata.uns["graph"] = {"connectivities_key": "graph_connectivities", "params": {}}
     with pytest.raises(ValueError, match=match):
         scinfl.tl.domains(adata, **kwargs)
 
@@ -191,8 +250,29 @@ def test_spatial_plot_has_one_panel_per_section(tmp_path):
     fig = scinfl.pl.spatial(adata, color="domain", library_key=None, save=tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     plt.close(fig)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="neither a column of adata.obs nor a feature"):
         scinfl.pl.spatial(adata, color="missing")
+
+
+def test_spatial_plot_follows_the_graphs_sections_scanpys_colours_and_features():
+    adata = _two_sites_four_sections()
+    scinfl.pp.spatial_neighbors(adata, library_key="section", n_neighs=4)
+    adata.uns["domain_colors"] = ["#000000", "#111111", "#222222", "#333333"]
+    fig = scinfl.pl.spatial(adata, color="domain")  # the sections the graph was built over
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == [
+        f"section{i}" for i in range(4)
+    ]
+    drawn = {to_hex(c) for c in fig.axes[0].collections[0].get_facecolors()}
+    assert drawn <= set(adata.uns["domain_colors"]) and len(drawn) > 1
+    plt.close(fig)
+    gene = adata.var_names[0]
+    fig = scinfl.pl.spatial(adata, color=gene)  # a feature, not an .obs column
+    assert len([ax for ax in fig.axes if ax.get_title()]) == 4
+    plt.close(fig)
+    del adata.obs["site"], adata.uns["spatial_neighbors"]
+    fig = scinfl.pl.spatial(adata, color="domain")  # no section column at all: one panel
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["domain"]
+    plt.close(fig)
 
 
 def test_cscc_missing_file_names_what_to_install(tmp_path):

@@ -12,11 +12,53 @@ from scinfl._checks import check_not_empty, check_value
 
 from ._embedding import _make_room_for_legends
 
+#: ``library_key`` default: the sections ``pp.spatial_neighbors`` built its graph over
+AUTO = "auto"
+
+
+def _sections(adata: AnnData, library_key: str | None) -> tuple[pd.Series, bool]:
+    """The panel of each spot, and whether panels are named sections (not one panel)."""
+    if library_key == AUTO:
+        params = adata.uns.get("spatial_neighbors", {}).get("params", {})
+        found = [params.get("library_key"), params.get("site_key"), "site"]
+        library_key = next((key for key in found if key is not None and key in adata.obs), None)
+    if library_key is None:
+        return pd.Series("all", index=adata.obs_names), False
+    if library_key not in adata.obs:
+        raise ValueError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
+    return adata.obs[library_key].astype(str), True
+
+
+def _values(adata: AnnData, color: str, layer: str | None) -> pd.Series:
+    """The ``.obs`` column or the feature (``.var_names``, from ``layer`` or ``.X``) to colour by."""
+    if color in adata.obs:
+        values = adata.obs[color]
+        if not isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
+            values
+        ):
+            values = values.astype("category")
+        return values
+    if color in adata.var_names:
+        column = adata[:, color].layers[layer] if layer is not None else adata[:, color].X
+        column = column.toarray() if hasattr(column, "toarray") else np.asarray(column)
+        return pd.Series(column.ravel().astype(np.float64), index=adata.obs_names, name=color)
+    raise ValueError(f"color={color!r} is neither a column of adata.obs nor a feature (var_names).")
+
+
+def _palette(adata: AnnData, color: str, values: pd.Series) -> dict:
+    """One colour per category for every panel: ``.uns[f"{color}_colors"]`` (scanpy's) if set."""
+    categories = values.cat.categories
+    stored = adata.uns.get(f"{color}_colors")
+    if stored is not None and len(stored) == len(categories):
+        return dict(zip(categories, stored, strict=True))
+    colours = sc.pl.palettes.default_102 if len(categories) > 20 else sc.pl.palettes.default_20
+    return dict(zip(categories, colours, strict=False))
+
 
 def spatial(
     adata: AnnData,
     color: str = "scinfl_domain",
-    library_key: str | None = "site",
+    library_key: str | None = AUTO,
     spatial_key: str = "spatial",
     ncols: int = 3,
     panel_size: float = 4.0,
@@ -36,10 +78,14 @@ def spatial(
     adata
         AnnData with coordinates in ``.obsm[spatial_key]``.
     color
-        ``.obs`` column to colour by (e.g. :func:`scinfl.tl.domains`' ``"scinfl_domain"``).
+        ``.obs`` column to colour by (e.g. :func:`scinfl.tl.domains`' ``"scinfl_domain"``), or a
+        feature of ``.var_names`` (its values in ``.X``, or in ``layer=``). A categorical
+        column uses the colours scanpy keeps in ``.uns[f"{color}_colors"]`` when set.
     library_key
         ``.obs`` column naming the section of each spot (one panel each); ``None`` for one
-        panel.
+        panel. ``"auto"``: the sections :func:`scinfl.pp.spatial_neighbors` built its graph
+        over (its ``library_key``, else its ``site_key``), else ``"site"`` when present, else
+        one panel.
     spatial_key
         ``.obsm`` key of the coordinates.
     ncols
@@ -72,8 +118,6 @@ def spatial(
     """
     if spatial_key not in adata.obsm:
         raise ValueError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
-    if color not in adata.obs:
-        raise ValueError(f"adata.obs[{color!r}] not found.")
     check_not_empty(adata.n_obs, "spots")
     check_value("ncols", ncols, int, "an integer >= 1", lambda v: v >= 1)
     if "ax" in kwargs:
@@ -81,22 +125,10 @@ def spatial(
             "pl.spatial draws one panel per section on its own axes and takes no ax=; "
             "use the figure it returns (fig.axes), or scanpy.pl.embedding for one panel."
         )
-    values = adata.obs[color]
-    if not isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
-        values
-    ):
-        values = values.astype("category")
+    values = _values(adata, color, kwargs.pop("layer", None))
     if isinstance(values.dtype, pd.CategoricalDtype) and "palette" not in kwargs:
-        # the same colour for a category in every panel
-        many = len(values.cat.categories) > 20
-        colours = sc.pl.palettes.default_102 if many else sc.pl.palettes.default_20
-        kwargs["palette"] = dict(zip(values.cat.categories, colours, strict=False))
-    if library_key is None:
-        sections = pd.Series("all", index=adata.obs_names)
-    elif library_key in adata.obs:
-        sections = adata.obs[library_key].astype(str)
-    else:
-        raise ValueError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
+        kwargs["palette"] = _palette(adata, color, values)  # the same colours in every panel
+    sections, named = _sections(adata, library_key)
     names = list(pd.unique(sections))
     ncols = min(ncols, len(names))
     nrows = -(-len(names) // ncols)
@@ -111,7 +143,7 @@ def spatial(
         sc.pl.embedding(
             part, basis=spatial_key, color=color, ax=ax, show=False, legend_loc=legend_loc, **kwargs
         )
-        ax.set_title(name if library_key is not None else color)
+        ax.set_title(name if named else color)
         ax.set_aspect("equal")
         ax.invert_yaxis()  # image convention: row 0 at the top
         ax.set_xlabel("")

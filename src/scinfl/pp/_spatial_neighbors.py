@@ -13,6 +13,8 @@ from anndata import AnnData
 
 from scinfl._checks import check_not_empty
 
+logger = logging.getLogger(__name__)
+
 #: squidpy's graph builder of each coordinate type
 _BUILDERS = {"generic": "spatial_neighbors_knn", "grid": "spatial_neighbors_grid"}
 _INSTALL_HINT = (
@@ -39,14 +41,17 @@ def _quiet(logger: logging.Logger):
         logger.setLevel(level)
 
 
-def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series:
-    """One label per spot naming its (site, section) block; checks that sections stay in a site."""
+def _groups(adata: AnnData, site_key: str | None, library_key: str | None) -> pd.Series:
+    """The block of each spot (its site, or its (site, section) pair) as a readable label.
+
+    Blocks are told apart by the pair, never by joined names: site ``"H"`` with section
+    ``"X/1"`` and site ``"H/X"`` with section ``"1"`` are two blocks. Also checks that each
+    section lies in one site.
+    """
     check_not_empty(adata.n_obs, "spots")
-    if site_key not in adata.obs:
-        raise KeyError(f"adata.obs[{site_key!r}] (the site of each spot) not found.")
-    if library_key is not None and library_key not in adata.obs:
-        raise KeyError(f"adata.obs[{library_key!r}] (the section of each spot) not found.")
     for key, what in ((site_key, "site"), (library_key, "section")):
+        if key is not None and key not in adata.obs:
+            raise KeyError(f"adata.obs[{key!r}] (the {what} of each spot) not found.")
         n_missing = 0 if key is None else int(adata.obs[key].isna().sum())
         if n_missing:
             # as strings they would all be "nan": one group joining spots of different blocks
@@ -54,7 +59,10 @@ def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series
                 f"adata.obs[{key!r}] has {n_missing} missing values (no {what}); fill them or "
                 "drop those spots before building the graph."
             )
-    sites = adata.obs[site_key].astype(str)
+    if site_key is None:
+        sites = pd.Series("all", index=adata.obs_names)
+    else:
+        sites = adata.obs[site_key].astype(str)
     if library_key is None:
         return sites
     libraries = adata.obs[library_key].astype(str)
@@ -67,15 +75,46 @@ def _groups(adata: AnnData, site_key: str, library_key: str | None) -> pd.Series
             f"Sections {split} of adata.obs[{library_key!r}] lie in more than one site of "
             f"adata.obs[{site_key!r}]; a section belongs to one site (name sections per site)."
         )
-    return sites + "/" + libraries
+    pairs = pd.MultiIndex.from_arrays([sites, libraries])
+    codes, uniques = pd.factorize(pairs)
+    labels = np.array([f"{site} | {library}" for site, library in uniques], dtype=object)
+    if len(set(labels)) < len(labels):  # names that only a pair tells apart: number them
+        labels = np.array([f"{label} (block {i})" for i, label in enumerate(labels)], dtype=object)
+    return pd.Series(labels[codes], index=adata.obs_names)
+
+
+def _warn_stacked_sections(coords: np.ndarray, groups: pd.Series) -> None:
+    """Warn when spots of one block share coordinates: sections stacked without ``library_key``."""
+    frame = pd.DataFrame(coords).assign(block=groups.to_numpy())
+    stacked = frame.duplicated()
+    if stacked.any():
+        blocks = sorted(set(frame.loc[stacked, "block"]))
+        logger.warning(
+            "%d spots share their coordinates with another spot of the same block %s: several "
+            "sections over one coordinate system? Pass library_key= (the .obs column naming "
+            "each spot's section), or the graph joins spots of different sections.",
+            int(stacked.sum()),
+            blocks,
+        )
+
+
+def _coord_type(adata: AnnData, coord_type: str | None) -> str:
+    """``coord_type``, or squidpy's choice for ``None``: a grid where ``.uns["spatial"]`` is."""
+    if coord_type is None:
+        return "grid" if "spatial" in adata.uns else "generic"
+    if coord_type not in _BUILDERS:
+        raise ValueError(
+            f"`coord_type` must be one of {sorted(_BUILDERS)} or None; got {coord_type!r}."
+        )
+    return coord_type
 
 
 def spatial_neighbors(
     adata: AnnData,
-    site_key: str = "site",
+    site_key: str | None = "site",
     library_key: str | None = None,
     spatial_key: str = "spatial",
-    coord_type: str = "generic",
+    coord_type: str | None = None,
     n_neighs: int = 6,
     key_added: str = "spatial",
     copy: bool = False,
@@ -89,18 +128,23 @@ def spatial_neighbors(
     Parameters
     ----------
     adata
-        AnnData with spot coordinates in ``.obsm[spatial_key]`` (spots x 2).
+        AnnData with spot coordinates in ``.obsm[spatial_key]`` (spots x 2, or spots x 3 for
+        ``coord_type="generic"``).
     site_key
-        ``.obs`` column naming the site of each spot.
+        ``.obs`` column naming the site of each spot; ``None`` for data of one site (e.g. new
+        sections to give domains to).
     library_key
         ``.obs`` column naming the section (library) of each spot, or ``None`` when each site
-        holds one section. A section must lie in one site.
+        holds one section. A section must lie in one site. Spots of one site at identical
+        coordinates without it get a warning (stacked sections would be joined).
     spatial_key
         ``.obsm`` key of the coordinates.
     coord_type
         ``"generic"`` (the ``n_neighs`` nearest spots, :func:`squidpy.gr.spatial_neighbors_knn`)
         or ``"grid"`` (a regular array such as ST or Visium: neighbours at the grid spacing
-        only, :func:`squidpy.gr.spatial_neighbors_grid`), as squidpy's ``coord_type``.
+        only, :func:`squidpy.gr.spatial_neighbors_grid`), as squidpy's ``coord_type``; ``None``
+        chooses as squidpy does: ``"grid"`` when ``adata.uns["spatial"]`` exists (Visium data
+        read by scanpy or squidpy), ``"generic"`` otherwise.
     n_neighs
         Neighbours per spot.
     key_added
@@ -125,7 +169,7 @@ def spatial_neighbors(
     KeyError
         If the coordinates, the site column or the section column are missing.
     ValueError
-        If the coordinates are not spots x 2 finite numbers, a section has no more spots than
+        If the coordinates are not spots x 2 (x 3) finite numbers, a section has no more spots than
         ``n_neighs``, a section lies in more than one site, or ``coord_type`` is unknown.
     ImportError
         If squidpy is not installed (the message says what to install).
@@ -145,14 +189,18 @@ def spatial_neighbors(
     """
     if spatial_key not in adata.obsm:
         raise KeyError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
+    coord_type = _coord_type(adata, coord_type)
     coords = np.asarray(adata.obsm[spatial_key])
-    if coords.ndim != 2 or coords.shape != (adata.n_obs, 2):
+    dims = (2, 3) if coord_type == "generic" else (2,)
+    if coords.ndim != 2 or coords.shape[1] not in dims:
         raise ValueError(
-            f"adata.obsm[{spatial_key!r}] must be spots x 2 coordinates; got shape {coords.shape}."
+            f"adata.obsm[{spatial_key!r}] must be spots x {' or '.join(map(str, dims))} "
+            f"coordinates for coord_type={coord_type!r}; got shape {coords.shape}."
         )
     if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] must hold finite numbers.")
     groups = _groups(adata, site_key, library_key)
+    _warn_stacked_sections(coords, groups)
     sizes = groups.value_counts()
     small = sorted(sizes.index[sizes <= n_neighs])
     if small:
@@ -160,8 +208,6 @@ def spatial_neighbors(
             f"Sections {small} have no more spots ({sizes[small].min()} or fewer) than the "
             f"n_neighs={n_neighs} neighbours asked; ask fewer neighbours or drop them."
         )
-    if coord_type not in _BUILDERS:
-        raise ValueError(f"`coord_type` must be one of {sorted(_BUILDERS)}; got {coord_type!r}.")
     build = getattr(_squidpy().gr, _BUILDERS[coord_type])
     if copy:
         adata = adata.copy()

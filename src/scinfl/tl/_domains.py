@@ -11,7 +11,27 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.mixture import GaussianMixture
 
+from scinfl._checks import check_value
 from scinfl._threads import keeps_torch_threads
+
+#: what a domains result holds in ``.uns[key_added]["params"]``, to tell it from others'
+_PARAMS = ("n_layers", "method", "neighbors_key")
+
+
+def _check_key_added(adata: AnnData, key_added: str, use_rep: str) -> None:
+    """Refuse a ``key_added`` whose ``.obsm`` / ``.uns`` entries hold another tool's results."""
+    if use_rep == f"X_{key_added}":
+        raise ValueError(
+            f"key_added={key_added!r} writes the domain features to adata.obsm[{use_rep!r}], "
+            "where the latent is (scinfl.tl.embed's); pick another key_added."
+        )
+    held = adata.uns.get(key_added)
+    params = held.get("params", {}) if isinstance(held, dict) else {}
+    if held is not None and not all(name in params for name in _PARAMS):
+        raise ValueError(
+            f"adata.uns[{key_added!r}] holds results that are not spatial domains (e.g. a "
+            f"neighbour graph of scinfl.tl.cluster); pick another key_added."
+        )
 
 
 def _ring_means(graph: sp.spmatrix, latent: np.ndarray, n_layers: int) -> list[np.ndarray]:
@@ -69,7 +89,8 @@ def domains(
     n_layers
         Hops aggregated; ``0`` clusters the latent alone (no spatial context).
     n_domains
-        Number of domains (components of the Gaussian mixture; unused by ``"leiden"``).
+        Number of domains (components of the Gaussian mixture; unused by ``"leiden"``, whose
+        ``resolution`` sets how many it finds).
     method
         ``"gmm"`` (:class:`sklearn.mixture.GaussianMixture`, full covariances) or ``"leiden"``
         (:func:`scanpy.tl.leiden` at ``resolution`` on a 15-neighbour graph of the features,
@@ -92,7 +113,7 @@ def domains(
     ``None``, or with ``copy=True`` a new AnnData. Sets
 
     ``.obs[key_added]``
-        Domain of each spot (categorical).
+        Domain of each spot (categorical: ``D0``, ``D1``, ... for either method).
     ``.obsm[f"X_{key_added}"]``
         The clustered features (spots x latent dimensions * (n_layers + 1)).
     ``.uns[key_added]["params"]``
@@ -101,9 +122,10 @@ def domains(
     Raises
     ------
     ValueError
-        If the spatial graph (with ``n_layers > 0``) or the latent is missing, ``n_layers`` is
-        negative, ``method`` is unknown, or ``use_rep`` is ``f"X_{key_added}"`` (the features
-        would overwrite the latent).
+        If the spatial graph (with ``n_layers > 0``) or the latent is missing, ``n_layers`` or
+        ``n_domains`` is not a fitting integer, ``method`` is unknown, or ``key_added`` would
+        overwrite the latent (``use_rep`` is ``f"X_{key_added}"``) or another tool's
+        ``.uns[key_added]``.
 
     Examples
     --------
@@ -117,20 +139,19 @@ def domains(
     >>> adata.obs["scinfl_domain"].nunique(), adata.obsm["X_scinfl_domain"].shape
     (4, (128, 12))
     """
-    if n_layers < 0:
-        raise ValueError(f"`n_layers` must be 0 or more; got {n_layers}.")
+    check_value("n_layers", n_layers, int, "an integer >= 0", lambda v: v >= 0)
     if method not in ("gmm", "leiden"):
         raise ValueError(f"`method` must be 'gmm' or 'leiden'; got {method!r}.")
+    if method == "gmm":
+        check_value("n_domains", n_domains, int, "an integer >= 1", lambda v: v >= 1)
+    else:
+        check_value("resolution", resolution, float, "a number > 0", lambda v: v > 0)
     graph_key = f"{neighbors_key}_connectivities"
     if n_layers > 0 and graph_key not in adata.obsp:
         raise ValueError(
             f"adata.obsp[{graph_key!r}] not found; run scinfl.pp.spatial_neighbors(adata) first."
         )
-    if model is None and use_rep == f"X_{key_added}":
-        raise ValueError(
-            f"use_rep={use_rep!r} is where the features of key_added={key_added!r} are written; "
-            "pick another key_added."
-        )
+    _check_key_added(adata, key_added, use_rep)
     if method == "gmm" and not 1 <= n_domains <= adata.n_obs:
         raise ValueError(
             f"n_domains={n_domains} with {adata.n_obs} spots: a mixture needs between 1 domain "
@@ -157,6 +178,11 @@ def domains(
         names = [f"D{k}" for k in range(n_domains)]
         adata.obsm[f"X_{key_added}"] = features
         adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=names)
+        # an earlier Leiden call's graph of the features would no longer match them
+        graph = f"{key_added}_features"
+        adata.uns.pop(graph, None)
+        for kind in ("connectivities", "distances"):
+            adata.obsp.pop(f"{graph}_{kind}", None)
     else:
         adata.obsm[f"X_{key_added}"] = features
         sc.pp.neighbors(
@@ -175,10 +201,15 @@ def domains(
             directed=False,
             random_state=random_state,
         )
+        # named like the mixture's domains (D0, D1, ...), largest first as Leiden numbers them
+        found = adata.obs[key_added].cat.categories
+        adata.obs[key_added] = adata.obs[key_added].cat.rename_categories(
+            [f"D{name}" for name in found]
+        )
     adata.uns[key_added] = {
         "params": {
             "n_layers": n_layers,
-            "n_domains": n_domains,
+            "n_domains": n_domains if method == "gmm" else None,
             "method": method,
             "use_rep": None if model is not None else use_rep,
             "neighbors_key": neighbors_key,
