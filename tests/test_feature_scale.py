@@ -135,8 +135,9 @@ def test_missing_values_stay_masked():
     vae.eval()
     _, generative, loss = vae(_tensors(x))
     assert torch.isfinite(loss.loss)
-    # a missing feature (never observed) gets the identity; others are standardised
-    assert np.all(loc[:3] == 0) and np.all(scale[:3] == 1)
+    # a feature never observed has no scale (0: treated as missing); others are standardised
+    assert np.all(loc[:3] == 0) and np.all(scale[:3] == 0)
+    assert vae.feature_observed.tolist() == [False] * 3 + [True] * 9
     x_filled = x.copy()
     x_filled[:, :3] = 7.0
     px = generative["px"]
@@ -146,6 +147,33 @@ def test_missing_values_stay_masked():
     inputs = vae._get_inference_input(_tensors(x))["x"]
     assert torch.equal(inputs[:, :3], torch.zeros(32, 3))
     assert torch.isfinite(inputs).all()
+
+
+def test_features_too_rare_to_scale_are_missing_also_in_new_samples():
+    """Values of a feature seen fewer than twice in training would meet untrained weights."""
+    x = _data(n=32) + 25.0  # log2 intensities
+    x[:, 0] = np.nan  # never quantified in training
+    x[1:, 1] = np.nan  # quantified once
+    vae = _vae(x.shape[1])
+    vae.set_feature_scale(*scale_from_moments(*feature_moments(x)))
+    assert vae.feature_observed.tolist() == [False, False] + [True] * 10
+    new = _data(n=8, seed=3) + 25.0  # new samples that quantify both
+    without = new.copy()
+    without[:, :2] = np.nan
+    vae.eval()
+    with torch.no_grad():
+        seen = vae._get_inference_input(_tensors(new))["x"]
+        torch.testing.assert_close(seen, vae._get_inference_input(_tensors(without))["x"])
+        px = vae(_tensors(new))[1]["px"]
+        torch.testing.assert_close(
+            vae.reconstruction_loss(torch.as_tensor(new), px),
+            vae.reconstruction_loss(torch.as_tensor(without), px),
+        )
+    # a model saved before the mark existed loads as "every feature observed"
+    state = {k: v for k, v in vae.state_dict().items() if k != "feature_observed"}
+    fresh = _vae(x.shape[1])
+    fresh.load_state_dict(state)
+    assert fresh.feature_observed.all()
 
 
 @pytest.mark.parametrize("as_sparse", [False, True])

@@ -15,6 +15,8 @@ CHUNK_ROWS = 4096
 #: A feature whose standard deviation is at most this fraction of ``max(1, |location|)`` is
 #: taken as constant: :func:`scale_from_moments` gives it scale 1 (it is centred only).
 CONSTANT_TOLERANCE = 1e-6
+#: A feature observed fewer times than this over all sites has no scale: the model ignores it.
+MIN_OBSERVED = 2
 
 
 def feature_moments(X, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,9 +82,12 @@ def scale_from_moments(
     """Mean and (population) standard deviation of every feature from its moments.
 
     Equal to ``np.nanmean`` and ``np.nanstd`` (``ddof=0``) of the rows the moments were summed
-    over, except that the result is never ``NaN``: a feature observed nowhere gets location 0
-    and scale 1, and a constant feature (standard deviation at most ``1e-6 * max(1, |mean|)``,
-    the resolution of float32 data) gets scale 1, so that it is centred but not blown up.
+    over, except that the result is never ``NaN``: a constant feature (standard deviation at
+    most ``1e-6 * max(1, |mean|)``, the resolution of float32 data) gets scale 1, so that it
+    is centred but not blown up; a feature observed fewer than :data:`MIN_OBSERVED` times
+    (nowhere, or once: no spread to scale by) gets scale 0, which
+    :meth:`~scinfl.module.KeyedVAE.set_feature_scale` reads as "treat as missing", and
+    location 0 if observed nowhere.
 
     Parameters
     ----------
@@ -99,6 +104,8 @@ def scale_from_moments(
     >>> loc, scale = scale_from_moments(*feature_moments(np.array([[1.0, 5.0], [3.0, 5.0]])))
     >>> loc.tolist(), scale.tolist()
     ([2.0, 5.0], [1.0, 1.0])
+    >>> scale_from_moments(*feature_moments(np.array([[1.0, np.nan], [3.0, 4.0]])))[1].tolist()
+    [1.0, 0.0]
     """
     count, total, sumsq = (np.asarray(a, dtype=np.float64) for a in (count, total, sumsq))
     if not count.shape == total.shape == sumsq.shape or count.ndim != 1:
@@ -112,4 +119,5 @@ def scale_from_moments(
     variance = np.maximum(np.where(observed, sumsq / n - loc * loc, 0.0), 0.0)
     scale = np.sqrt(variance)
     constant = scale <= CONSTANT_TOLERANCE * np.maximum(1.0, np.abs(loc))
-    return loc, np.where(constant, 1.0, scale)
+    scale = np.where(constant, 1.0, scale)
+    return loc, np.where(count >= MIN_OBSERVED, scale, 0.0)

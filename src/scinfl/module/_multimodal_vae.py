@@ -189,6 +189,9 @@ class MultiModalKeyedVAE(BaseModuleClass):
             # every site alike, never uploaded (site_state_names)
             self.register_buffer(f"feature_loc_{name}", torch.zeros(self.modalities[name]))
             self.register_buffer(f"feature_scale_{name}", torch.ones(self.modalities[name]))
+            self.register_buffer(
+                f"feature_observed_{name}", torch.ones(self.modalities[name], dtype=torch.bool)
+            )
         self.key_mode_name = key_mode
         self.key_encoder = None
         if key_mode is not None:
@@ -238,7 +241,9 @@ class MultiModalKeyedVAE(BaseModuleClass):
     def site_state_names(self) -> tuple[str, ...]:
         """State every site sets itself and never uploads: the feature scale."""
         return tuple(
-            f"feature_{what}_{name}" for name in self.normal_modalities for what in ("loc", "scale")
+            f"feature_{what}_{name}"
+            for name in self.normal_modalities
+            for what in ("loc", "scale", "observed")
         )
 
     def set_feature_scale(self, loc, scale) -> None:
@@ -248,7 +253,9 @@ class MultiModalKeyedVAE(BaseModuleClass):
         ----------
         loc, scale
             Arrays of the features of every normal modality, in order (the columns of
-            :attr:`feature_scale_keys`' fields side by side); ``scale`` non-negative.
+            :attr:`feature_scale_keys`' fields side by side); ``scale`` non-negative, 0 for a
+            feature observed too rarely to scale, which is then treated as missing
+            (:meth:`~scinfl.module.KeyedVAE.set_feature_scale`).
 
         Examples
         --------
@@ -257,6 +264,9 @@ class MultiModalKeyedVAE(BaseModuleClass):
         >>> vae.set_feature_scale(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0]))
         >>> vae.feature_loc_b.tolist(), vae.feature_scale_b.tolist()
         ([3.0], [2.0])
+        >>> vae.set_feature_scale(np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.0]))
+        >>> vae.feature_observed_a.tolist()  # scale 0: too rarely observed, read as missing
+        [False, True]
         """
         n = sum(self.modalities[name] for name in self.normal_modalities)
         loc, scale = (np.asarray(v, dtype=np.float32).ravel() for v in (loc, scale))
@@ -270,10 +280,12 @@ class MultiModalKeyedVAE(BaseModuleClass):
         start = 0
         for name in self.normal_modalities:
             stop = start + self.modalities[name]
+            part = torch.from_numpy(scale[start:stop])
             getattr(self, f"feature_loc_{name}").copy_(torch.from_numpy(loc[start:stop]))
             getattr(self, f"feature_scale_{name}").copy_(
-                torch.from_numpy(scale[start:stop]).clamp_min(MIN_FEATURE_SCALE)
+                torch.where(part > 0, part.clamp_min(MIN_FEATURE_SCALE), 1.0)
             )
+            getattr(self, f"feature_observed_{name}").copy_(part > 0)
             start = stop
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -334,7 +346,8 @@ class MultiModalKeyedVAE(BaseModuleClass):
         loc = getattr(self, f"feature_loc_{name}")
         scale = getattr(self, f"feature_scale_{name}")
         # missing values are shown as 0 (the feature's location); they never enter the loss
-        return torch.nan_to_num((x - loc) / scale, nan=0.0)
+        x = torch.where(getattr(self, f"feature_observed_{name}"), (x - loc) / scale, 0.0)
+        return torch.nan_to_num(x, nan=0.0)
 
     def experts(self, x: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
         """Each modality's posterior (mean, variance) and its observed rows (boolean mask).
@@ -421,6 +434,8 @@ class MultiModalKeyedVAE(BaseModuleClass):
         for name, dist in px.items():
             value = x[self.registry_keys[name]]
             observed = ~torch.isnan(value)
+            if self.likelihoods[name] == "normal":
+                observed = observed & getattr(self, f"feature_observed_{name}")
             log_prob = dist.log_prob(torch.where(observed, value, dist.mean.detach()))
             if self.likelihoods[name] == "normal":
                 log_prob = log_prob + torch.log(getattr(self, f"feature_scale_{name}"))

@@ -126,6 +126,8 @@ class KeyedVAE(VAE):
             # (site_state_names)
             self.register_buffer("feature_loc", torch.zeros(n_input))
             self.register_buffer("feature_scale", torch.ones(n_input))
+            # features seen too rarely to scale (scale 0 from scale_from_moments): missing
+            self.register_buffer("feature_observed", torch.ones(n_input, dtype=torch.bool))
         # the library-size encoder is unused with the observed library size, the dropout head
         # with any likelihood but the zero-inflated one, the per-cell dispersion head with any
         # other dispersion: dropping them keeps untrained per-feature weights out of every
@@ -242,8 +244,11 @@ class KeyedVAE(VAE):
         Parameters
         ----------
         loc, scale
-            Arrays or tensors of shape ``(n_input,)``, finite; ``scale`` non-negative (values
-            below ``MIN_FEATURE_SCALE`` are raised to it).
+            Arrays or tensors of shape ``(n_input,)``, finite; ``scale`` non-negative (positive
+            values below ``MIN_FEATURE_SCALE`` are raised to it). A scale of exactly 0 marks a
+            feature observed too rarely to scale (fewer than two values over all sites,
+            :func:`~scinfl.module.scale_from_moments`): the model treats its values as missing,
+            in training and in new samples alike, since it cannot have learnt from them.
 
         Examples
         --------
@@ -251,6 +256,9 @@ class KeyedVAE(VAE):
         >>> vae.set_feature_scale(np.array([25.0, 20.0, 30.0]), np.array([2.0, 1.0, 0.5]))
         >>> vae.feature_loc.tolist(), vae.feature_scale.tolist()
         ([25.0, 20.0, 30.0], [2.0, 1.0, 0.5])
+        >>> vae.set_feature_scale(np.array([25.0, 0.0, 30.0]), np.array([2.0, 0.0, 0.5]))
+        >>> vae.feature_observed.tolist()
+        [True, False, True]
         """
         if self.gene_likelihood != "normal":
             raise ValueError(
@@ -270,8 +278,12 @@ class KeyedVAE(VAE):
             values[name] = tensor
         if (values["scale"] < 0).any():
             raise ValueError("scale must be non-negative.")
+        observed = values["scale"] > 0
         self.feature_loc.copy_(values["loc"])
-        self.feature_scale.copy_(values["scale"].clamp_min(MIN_FEATURE_SCALE))
+        self.feature_scale.copy_(
+            torch.where(observed, values["scale"].clamp_min(MIN_FEATURE_SCALE), 1.0)
+        )
+        self.feature_observed.copy_(observed)
 
     @property
     def site_state_names(self) -> tuple[str, ...]:
@@ -280,7 +292,9 @@ class KeyedVAE(VAE):
         :func:`~scinfl.federated.get_shared_parameters` leaves these entries out, so no
         aggregation (DP noise included) touches them; they are saved with the model.
         """
-        return ("feature_loc", "feature_scale") if self.gene_likelihood == "normal" else ()
+        if self.gene_likelihood != "normal":
+            return ()
+        return ("feature_loc", "feature_scale", "feature_observed")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the shared parameters (and models saved before feature scaling existed) hold no
@@ -303,6 +317,7 @@ class KeyedVAE(VAE):
             # the encoder sees standardised values; missing values are shown to it as 0 (the
             # feature's location); they never enter the loss
             x = (inputs[MODULE_KEYS.X_KEY] - self.feature_loc) / self.feature_scale
+            x = torch.where(self.feature_observed, x, 0.0)
             inputs[MODULE_KEYS.X_KEY] = torch.nan_to_num(x, nan=0.0)
         return inputs
 
@@ -355,7 +370,7 @@ class KeyedVAE(VAE):
         the log feature scale, its Jacobian), the same whatever scale the data come in.
         """
         if self.gene_likelihood == "normal":
-            observed = ~torch.isnan(x)
+            observed = ~torch.isnan(x) & self.feature_observed
             log_prob = px.log_prob(torch.where(observed, x, self.feature_loc.expand_as(x)))
             log_prob = log_prob + torch.log(self.feature_scale)
             return -(log_prob * observed).sum(-1)

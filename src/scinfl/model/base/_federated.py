@@ -269,12 +269,23 @@ class FederatedTrainingMixin:
             return
         moments = [feature_moments(site.feature_matrix(self.module)) for site in sites]
         count, total, squares = (np.sum(parts, axis=0) for parts in zip(*moments, strict=True))
-        self.module.set_feature_scale(*scale_from_moments(count, total, squares))
+        loc, scale = scale_from_moments(count, total, squares)
+        self.module.set_feature_scale(loc, scale)
         logger.info(
             "Standardised %d features with their location and scale over %d sites.",
             len(count),
             len(sites),
         )
+        rare = np.flatnonzero(scale == 0)
+        if len(rare):
+            names = getattr(self.adata, "var_names", None)
+            named = names is not None and len(names) == len(scale)
+            logger.info(
+                "%d features have fewer than 2 observed values in the training rows of all "
+                "sites (e.g. %s): the model treats them as missing, here and in new samples.",
+                len(rare),
+                list(names[rare[:5]]) if named else [f"feature {i}" for i in rare[:5]],
+            )
 
     def _record_split(self, sites: list[SiteData], rows: dict[str, np.ndarray]) -> None:
         # scvi-tools' train_indices / validation_indices: the rows each site trained on and
