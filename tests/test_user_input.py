@@ -104,6 +104,71 @@ def test_new_samples_with_labels_the_model_never_saw_still_embed(key):
     )
 
 
+def test_backed_and_numbered_data_embed_and_load(key, tmp_path):
+    adata = _counts()
+    model = _infl(adata, key)
+    model.save(tmp_path / "model", overwrite=True)
+    expected = model.get_latent_representation()
+    adata[:, adata.var_names[::-1]].copy().write_h5ad(tmp_path / "reversed.h5ad")
+    adata.write_h5ad(tmp_path / "same.h5ad")
+    for name in ("same", "reversed"):  # AnnData.copy() of a backed object needs a file
+        backed = anndata.read_h5ad(tmp_path / f"{name}.h5ad", backed="r")
+        np.testing.assert_allclose(model.get_latent_representation(backed), expected, atol=1e-5)
+        scinfl.tl.embed(backed, model, copy=True)
+    backed = anndata.read_h5ad(tmp_path / "reversed.h5ad", backed="r")
+    loaded = INFL.load(tmp_path / "model", backed, key=key)
+    np.testing.assert_allclose(loaded.get_latent_representation(), expected, atol=1e-5)
+    # var_names that are numbers name the same features as the strings the model saved
+    numbered = adata.copy()
+    numbered.var_names = pd.Index(np.arange(numbered.n_vars))
+    INFL.setup_anndata(numbered, site_key="site")
+    torch.manual_seed(0)
+    INFL(numbered, key=key, n_hidden=16).save(tmp_path / "numbered", overwrite=True)
+    INFL.load(tmp_path / "numbered", numbered, key=key)
+
+
+def test_new_samples_sharing_no_feature_or_naming_two_alike_are_refused(key):
+    adata = _counts()
+    model = _infl(adata, key)
+    query = adata[:5].copy()
+    query.var_names = [f"ENSG{i}" for i in range(query.n_vars)]  # accessions, not symbols
+    with pytest.raises(ValueError, match="share none of the model's 16 features"):
+        model.get_latent_representation(query)
+    query = adata[:5, [0, 0, *range(1, adata.n_vars)]].copy()
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        model.get_latent_representation(query)
+
+
+def test_new_samples_need_the_columns_the_model_reads_as_inputs(key):
+    adata = _counts()
+    model = _infl(adata, key, batch_key="site")
+    query = adata[:5].copy()
+    del query.obs["site"]
+    with pytest.raises(ValueError, match=r"lack adata.obs\['site'\], which the model reads"):
+        model.get_latent_representation(query)
+    query.obs["site"] = "another hospital"
+    with pytest.raises(ValueError, match="categories the model was not trained on"):
+        model.get_latent_representation(query)
+    adata, perturbation = _perturbation(key)
+    query = adata[:5].copy()
+    del query.obs["condition"]
+    with pytest.raises(ValueError, match=r"lack adata.obs\['condition'\]"):
+        perturbation.get_latent_representation(query)
+
+
+def test_one_modality_may_be_a_string(multiome, key):
+    mdata, model = multiome
+    np.testing.assert_allclose(
+        model.get_latent(modalities="prot"), model.get_latent(modalities=["prot"])
+    )
+    with pytest.raises(ValueError, match="names no modality"):
+        model.get_latent(modalities=[])
+    rna = mudata.MuData({"rna": mdata.mod["rna"].copy()})
+    rna.obs["site"] = mdata.obs["site"]
+    MultiOmicsINFL.setup_mudata(rna, "rna", site_key="site")
+    assert MultiOmicsINFL(rna, key=key, n_hidden=8).module.modalities == {"rna": 20}
+
+
 def test_multiomics_new_samples_are_matched_by_name(multiome):
     mdata, model = multiome
     expected = pd.DataFrame(model.get_latent(), index=mdata.obs_names)

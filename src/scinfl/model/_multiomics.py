@@ -23,6 +23,7 @@ from ._infl import INFL
 from ._multiomics_new_samples import aligned_new_mudata
 from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
 from .base import FederatedTrainingMixin, KeyedModelMixin
+from .base._new_samples import check_input_columns
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class MultiOmicsINFL(
             adata = aligned_new_mudata(
                 adata, features, setup.get("layers") or {}, self.module.likelihoods
             )
+            check_input_columns(adata.obs, self.adata_manager)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @classmethod
@@ -239,13 +241,14 @@ class MultiOmicsINFL(
         >>> mdata = scinfl.data.synthetic_multiome(n_obs=60, n_sites=2)
         >>> scinfl.model.MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="site")
         """
+        # one name may come as a string; recorded as the list the model reads
+        modalities = [modalities] if isinstance(modalities, str) else list(modalities)
         setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(mdata, MuData):
             raise TypeError(
                 f"setup_mudata takes a MuData, got {type(mdata).__name__}; for one modality use "
                 "scinfl.model.INFL.setup_anndata."
             )
-        modalities = [modalities] if isinstance(modalities, str) else list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must name distinct modalities, got {modalities}.")
         layers = dict(layers or {})
@@ -300,7 +303,7 @@ class MultiOmicsINFL(
             Data (default: the registered MuData).
         modalities
             Use only these modalities (default: all): e.g. the latent a sample would get from
-            its proteomics alone.
+            its proteomics alone. One name may be a string.
 
         Examples
         --------
@@ -308,6 +311,10 @@ class MultiOmicsINFL(
         """
         self._require_key()
         names = list(self.module.registry_keys)
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        if modalities is not None and len(modalities) == 0:
+            raise ValueError(f"modalities=[] names no modality; the model has {names}.")
         unknown = sorted(set(modalities or ()) - set(names))
         if unknown:
             raise ValueError(f"Unknown modalities {unknown}; the model has {names}.")

@@ -8,6 +8,7 @@ from anndata import AnnData
 from mudata import MuData
 
 from scinfl._checks import check_not_empty
+from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
 
@@ -97,7 +98,7 @@ def cluster(
         )
     check_not_empty(adata.n_obs)
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
     if isinstance(adata, MuData):
         _cluster_mudata(
             adata, use_rep, resolution, n_neighbors, key_added, neighbors_key, umap, random_state

@@ -12,6 +12,7 @@ from anndata import AnnData
 from sklearn.mixture import GaussianMixture
 
 from scinfl._checks import check_value
+from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
 #: what a domains result holds in ``.uns[key_added]["params"]``, to tell it from others'
@@ -166,7 +167,7 @@ def domains(
             f"adata.obsm[{use_rep!r}] not found; pass the model or run scinfl.tl.embed first."
         )
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
     parts = [latent]
     if n_layers > 0:
         parts += _ring_means(adata.obsp[graph_key], latent, n_layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._copies import in_memory_copy
+
 
 def embed(
     adata: AnnData | MuData, model, key_added: str = "X_scinfl", copy: bool = False
@@ -42,7 +44,7 @@ def embed(
     """
     latent = model.get_latent(adata)
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
     adata.obsm[key_added] = latent
     settings = model.init_params_.get("non_kwargs", {})
     params = {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool)}

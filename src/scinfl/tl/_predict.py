@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scinfl._copies import in_memory_copy
+
 
 def predict(
     adata: AnnData,
@@ -57,7 +59,7 @@ def predict(
     """
     proba = model.predict(adata, soft=True)
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
     labels = [str(label) for label in proba.columns]
     adata.obsm[proba_key] = proba.to_numpy(dtype=np.float32)
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))

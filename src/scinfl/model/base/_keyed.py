@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 
+from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
 from scinfl.model._multiomics_new_samples import aligned_new_mudata
@@ -200,9 +201,10 @@ def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
             "scinfl.tl.embed; to train further, add the column."
         )
     names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
-    if len(names) == 0 or adata.var_names.equals(names):
+    # compared as strings, as they were saved: var_names of integers are the same features
+    if len(names) == 0 or adata.var_names.astype(str).equals(names):
         return adata
-    missing = names[~names.isin(adata.var_names)]
+    missing = names[~names.isin(adata.var_names.astype(str))]
     if len(missing):
         raise ValueError(
             f"The AnnData lacks {len(missing)} of the saved model's {len(names)} features (e.g. "
@@ -215,4 +217,6 @@ def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
         adata.n_vars,
         len(names),
     )
-    return adata[:, names].copy()
+    aligned = in_memory_copy(adata[:, adata.var_names.astype(str).get_indexer(names)])
+    aligned.var_names = names
+    return aligned

@@ -12,6 +12,7 @@ from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from scinfl._checks import check_not_empty
+from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
 from scinfl.model._validation import validate_matrix
 
@@ -20,6 +21,84 @@ logger = logging.getLogger(__name__)
 #: Setup arguments of ``.obs`` columns that only training needs (new samples may lack them),
 #: with their registry keys.
 _TRAINING_ONLY = {"labels_key": REGISTRY_KEYS.LABELS_KEY}
+
+
+def check_input_columns(obs: pd.DataFrame, manager, what: str = "The new data") -> None:
+    """Refuse new samples lacking an ``.obs`` column the model reads, or holding new categories.
+
+    A batch (``batch_key``) or a categorical covariate (e.g. a perturbation model's condition)
+    is an input of the encoder or decoder: each category has its own trained parameters, so a
+    category the model never saw has none to use.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=5, n_sites=2)
+    >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", batch_key="site")
+    >>> model = scinfl.model.INFL(adata, key_mode=None)
+    >>> check_input_columns(adata.obs.drop(columns="site"), model.adata_manager)
+    Traceback (most recent call last):
+    ...
+    ValueError: The new data lack adata.obs['site'], which the model reads as an input ...
+    """
+    for column, known in _input_columns(manager).items():
+        if column not in obs:
+            raise ValueError(
+                f"{what} lack adata.obs[{column!r}], which the model reads as an input (a batch "
+                f"or covariate it was set up with); add it, with one of the categories it "
+                f"knows: {list(known)[:10]}."
+            )
+        values = obs[column]
+        new = values[~values.isin(known)]
+        if len(new):
+            raise ValueError(
+                f"adata.obs[{column!r}] of {what.lower()} holds categories the model was not "
+                f"trained on ({sorted(map(str, pd.unique(new)))[:10]}); it reads this column as "
+                f"an input and has parameters only for {list(known)[:10]}. Map them to one of "
+                "these (e.g. the closest batch), or set the model up without this column."
+            )
+
+
+def _input_columns(manager) -> dict[str, np.ndarray]:
+    """The ``.obs`` columns a model reads as inputs, with the categories it was trained on."""
+    setup = manager.registry["setup_args"]
+    registries = manager.registry["field_registries"]
+    columns = {}
+    if setup.get("batch_key") is not None and REGISTRY_KEYS.BATCH_KEY in registries:
+        state = manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)
+        columns[setup["batch_key"]] = np.asarray(state.categorical_mapping)
+    if REGISTRY_KEYS.CAT_COVS_KEY in registries:
+        state = manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+        for column, mapping in state.get("mappings", {}).items():
+            columns[column] = np.asarray(mapping)
+    return columns
+
+
+def _check_feature_names(adata: AnnData, names: pd.Index, what: str) -> None:
+    """Refuse duplicate feature names and data that share no feature with the model."""
+    if not adata.var_names.is_unique:
+        duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+        raise ValueError(
+            f"{what} name several features alike (e.g. {list(duplicated[:5])}); features are "
+            "matched to the model's by name: make them unique (adata.var_names_make_unique()) "
+            "or aggregate them."
+        )
+    shared = int(names.isin(adata.var_names.astype(str)).sum())
+    if shared == 0:
+        raise ValueError(
+            f"{what} share none of the model's {len(names)} features (model: "
+            f"{list(names[:3])}, data: {list(adata.var_names[:3])}). Are the features named "
+            "the same way (e.g. gene symbols, not accessions), and is the matrix samples x "
+            "features (not transposed)?"
+        )
+    if shared < len(names) / 2:
+        logger.warning(
+            "%s hold only %d of the model's %d features (matched by name); the others are "
+            "treated as missing, which leaves the model little to go on.",
+            what,
+            shared,
+            len(names),
+        )
 
 
 class NewSamplesMixin:
@@ -79,11 +158,13 @@ class NewSamplesMixin:
                 f"{list(adata.layers)}); add it, e.g. adata.layers[{layer!r}] = adata.X if .X "
                 "holds the same kind of values."
             )
-        if len(names) == 0 or adata.var_names.equals(names):
-            adata = adata.copy()
+        if len(names) == 0 or adata.var_names.astype(str).equals(names):
+            adata = in_memory_copy(adata)
         else:
+            _check_feature_names(adata, names, "The new data")
             likelihood = getattr(self.module, "gene_likelihood", None)
             adata = features_by_name(adata, names, layer, likelihood)
+        check_input_columns(adata.obs, self.adata_manager)
         likelihood = getattr(self.module, "gene_likelihood", None)
         if likelihood is not None:
             where = "the new data's " + ("X" if layer is None else f"layers[{layer!r}]")
@@ -134,7 +215,9 @@ def features_by_name(
     >>> list(new.var_names), bool(np.isnan(new.X[:, 1]).all())
     (['a', 'c'], True)
     """
-    present = names.isin(adata.var_names)
+    # by position of the names as strings (the model keeps them so; var_names may be numbers)
+    where = adata.var_names.astype(str).get_indexer(names)
+    present = where >= 0
     if present.all():
         logger.info(
             "Aligned the %d features of %s to the model's %d by name.",
@@ -142,7 +225,9 @@ def features_by_name(
             what.lower(),
             len(names),
         )
-        return adata[:, names].copy()
+        aligned = in_memory_copy(adata[:, where])
+        aligned.var_names = names
+        return aligned
     missing = names[~present]
     if likelihood != "normal":
         raise ValueError(
@@ -160,8 +245,7 @@ def features_by_name(
     if sparse.issparse(source):
         source = source.toarray()
     values = np.full((adata.n_obs, len(names)), np.nan, dtype=np.float32)
-    where = adata.var_names.get_indexer(names)
-    values[:, where >= 0] = np.asarray(source)[:, where[where >= 0]]
+    values[:, present] = np.asarray(source)[:, where[present]]
     out = AnnData(values, obs=adata.obs.copy(), var=pd.DataFrame(index=names))
     if layer is not None:
         out.layers[layer] = values
