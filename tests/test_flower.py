@@ -878,3 +878,22 @@ def test_deployment_agrees_on_the_feature_scale_of_continuous_data(
     assert len(moment_queries) == 3
     (replay,) = grid.send_and_receive([moment_queries[0]])
     assert replay.has_error() and "received a model already" in replay.error.reason
+
+
+def test_a_site_file_is_read_by_the_runs_feature_names(tmp_path, key):
+    """Weights are read by position: a site listing the features otherwise must be aligned."""
+    from scinfl.federated.flower.app import load_site
+
+    adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=N_VARS, n_sites=1, seed=2)
+    INFL.setup_anndata(adata, labels_key="label")
+    run_config = model_run_config(INFL(adata, key=key, n_hidden=16))
+    adata.write_h5ad(tmp_path / "same.h5ad")
+    adata[:, adata.var_names[::-1]].copy().write_h5ad(tmp_path / "reversed.h5ad")
+    adata[:, 1:].copy().write_h5ad(tmp_path / "short.h5ad")
+    same = load_site(tmp_path / "same.h5ad", "a", run_config, key=key)[1]
+    reversed_ = load_site(tmp_path / "reversed.h5ad", "a", run_config, key=key)[1]
+    np.testing.assert_array_equal(
+        np.asarray(same.fields["X"].todense()), np.asarray(reversed_.fields["X"].todense())
+    )
+    with pytest.raises(ValueError, match="short.h5ad: .* lack 1 of the model's"):
+        load_site(tmp_path / "short.h5ad", "a", run_config, key=key)

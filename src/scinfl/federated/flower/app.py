@@ -42,6 +42,7 @@ from scinfl.federated._site_data import SiteData
 from scinfl.federated._site_identity import Roster, SiteIdentity
 from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
+from scinfl.model.base._new_samples import features_by_name
 
 from ._client_app import make_client_app
 from ._server_app import (
@@ -70,6 +71,7 @@ _MODEL_ENTRIES: dict[str, Any] = {
     "model": "scinfl.model.INFL",
     "setup-args": "{}",
     "init-params": "{}",
+    "features": "",
 }
 
 
@@ -183,6 +185,16 @@ def _json_entry(s: Mapping[str, Any], name: str) -> dict[str, Any]:
     return parsed
 
 
+def _json_value(s: Mapping[str, Any], name: str) -> Any:
+    value = s[name]
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run-config {name} must be JSON, got {value[:80]!r}: {err}") from err
+
+
 def _init_params(s: Mapping[str, Any]) -> dict[str, Any]:
     return _json_entry(s, "init-params")
 
@@ -222,6 +234,8 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
     >>> config = model_run_config(model, **{"num-rounds": 5})
     >>> json.loads(config["setup-args"])["categories"]
     {'labels_key': ['type0', 'type1', 'type2']}
+    >>> json.loads(config["features"])[:3]
+    ['gene0', 'gene1', 'gene2']
     """
     setup = dict(model.adata_manager.registry["setup_args"])
     setup.pop("site_key", None)  # a deployed site is one site
@@ -239,10 +253,50 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
         "model": f"{cls.__module__}.{cls.__qualname__}",
         "setup-args": json.dumps(setup),
         "init-params": json.dumps(init),
+        "features": json.dumps(_feature_names(model)),
         "key-fingerprint": model.key_fingerprint_ or "",
         "key-version": model.key_version_ or 0,
         **entries,
     }
+
+
+def _feature_names(model) -> list[str] | dict[str, list[str]]:
+    """The features the model reads, in order: a list, or one per modality of a MuData model."""
+    data = model.adata
+    modalities = model.adata_manager.registry["setup_args"].get("modalities")
+    if modalities is not None and hasattr(data, "mod"):
+        return {name: [str(v) for v in data.mod[name].var_names] for name in modalities}
+    return [str(v) for v in data.var_names]
+
+
+def _with_run_features(data, features, setup: Mapping[str, Any], init: Mapping[str, Any], path):
+    """A site's data with the run's ``features`` in the run's order, matched by name.
+
+    Weights are read by position: a site whose file lists the agreed features in another
+    order would feed every input to the wrong weights, and one lacking a feature would build
+    a model of another width. Reordered (or extra) features are aligned with an info line;
+    missing ones become missing values under the normal likelihood and are refused for counts
+    (:func:`~scinfl.model.base._new_samples.features_by_name`).
+    """
+    if isinstance(features, dict):
+        for name, names in features.items():
+            held = data.mod[name].var_names if name in data.mod else None
+            if held is None or not held.astype(str).equals(pd.Index(names)):
+                raise ValueError(
+                    f"{path}: modality {name!r} does not list the run's {len(names)} features "
+                    f"in the run's order (run-config features); write the file with "
+                    f"mdata.mod[{name!r}] = mdata.mod[{name!r}][:, features] (scinfl.pp."
+                    "pad_modalities(mdata, features=...) adds a modality the site lacks)."
+                )
+        return data
+    names = pd.Index(features)
+    if data.var_names.astype(str).equals(names):
+        return data
+    likelihood = init.get("gene_likelihood", "nb")
+    try:
+        return features_by_name(data, names, setup.get("layer"), likelihood, f"The site's {path}")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def load_site(
@@ -256,7 +310,8 @@ def load_site(
     the run's ``setup-args`` (its categories agreed in ``categories``: values outside them are
     refused), builds the run's ``model`` with ``init-params`` from the run's seed, and takes
     its data from the model's registry, split as every engine splits it
-    (:meth:`~scinfl.federated.SiteData.from_registry`).
+    (:meth:`~scinfl.federated.SiteData.from_registry`). With the run's ``features``
+    (:func:`model_run_config` writes them), the file's features are matched to them by name.
 
     Examples
     --------
@@ -275,6 +330,9 @@ def load_site(
     cls = model_class(s)
     adata, setup_data = _read_site_data(path, cls)
     setup = _json_entry(s, "setup-args")
+    if str(s.get("features") or ""):
+        features = _json_value(s, "features")
+        adata = _with_run_features(adata, features, setup, _init_params(s), path)
     for argument in ("labels_key", "batch_key"):
         if setup.get(argument) and argument not in (setup.get("categories") or {}):
             raise ValueError(
