@@ -197,6 +197,43 @@ def test_counts_validation(counts_adata, key, corrupt, message):
         INFL(counts_adata, key=key)
 
 
+def test_counts_with_float_rounding_are_counts(counts_adata, key):
+    """``(counts / size) * size`` in float32, zeros stored as -1e-8: still counts (as scvi-tools)."""
+    X = counts_adata.layers["counts"].toarray().astype(np.float32)
+    size = np.float32(3.7) * (1 + np.arange(X.shape[0], dtype=np.float32)[:, None] % 5)
+    rounded = (X / size) * size
+    rounded[X == 0] = -1e-8
+    assert 0 < np.abs(rounded - X).max() < 1e-2
+    counts_adata.layers["counts"] = rounded
+    INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
+    INFL(counts_adata, key=key)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x: np.where(np.isnan(x), 0.0, x), "replace zeros by NaN"),
+        (lambda x: np.exp2(x), "linear intensities"),
+        (lambda x: np.log2(np.where(np.isnan(x), 0.0, np.exp2(x))), "replace them by NaN"),
+        (lambda x: x, None),
+    ],
+)
+def test_continuous_data_as_tables_come_get_the_fix(key, change, message, caplog):
+    adata = _small_cohort()
+    adata.X = change(adata.X.astype(np.float64)).astype(np.float32)
+    INFL.setup_anndata(adata, site_key="site")
+    with caplog.at_level("WARNING", logger="scinfl"):
+        if message == "replace them by NaN":  # log2 of the zeros: infinities
+            with pytest.raises(ValueError, match=message):
+                INFL(adata, key=key, gene_likelihood="normal")
+            return
+        INFL(adata, key=key, gene_likelihood="normal")
+    if message is None:
+        assert "WARNING" not in caplog.text
+    else:
+        assert message in caplog.text
+
+
 def test_tiny_site_is_refused_with_fix(counts_adata, key):
     counts_adata.obs["site"] = counts_adata.obs["site"].cat.add_categories("tiny")
     counts_adata.obs.iloc[:1, counts_adata.obs.columns.get_loc("site")] = "tiny"

@@ -27,6 +27,17 @@ def _iter_chunks(matrix):
         yield matrix[start : start + _CHUNK]
 
 
+#: Counts may carry float rounding (e.g. ``(counts / size) * size`` in float32): a value this
+#: close to an integer (relative to its size, at least ``1e-6``) counts as one, and one this
+#: far below zero as zero.
+COUNT_TOLERANCE = 1e-5
+#: Continuous data whose typical magnitude exceeds this look like linear intensities.
+_LINEAR_SCALE = 1e3
+#: Exact zeros among values of typical magnitude above this look like missing values.
+_ZEROS_AMONG = 8.0
+_SAMPLE = 100_000
+
+
 def validate_matrix(
     matrix,
     likelihood: str,
@@ -35,45 +46,88 @@ def validate_matrix(
 ) -> None:
     """Check that ``matrix`` suits ``likelihood``; chunked, never densifying the whole matrix.
 
-    Counts (``nb``, ``zinb``) must be finite, non-negative integers. Continuous data
-    (``normal``) may hold NaN (missing, masked out of the loss) but no infinities. ``advice``
-    ends the messages about counts: how to fix it where the caller stands.
+    Counts (``nb``, ``zinb``) must be finite, non-negative integers, up to float rounding
+    (:data:`COUNT_TOLERANCE`). Continuous data (``normal``) may hold NaN (missing, masked out
+    of the loss) but no infinities; values that look like linear intensities, or exact zeros
+    among log intensities (zeros that mark missing values), get a warning. ``advice`` ends the
+    messages about counts: how to fix it where the caller stands.
 
     Examples
     --------
     >>> import numpy as np
     >>> validate_matrix(np.array([[1.0, 2.0]]), "nb", "adata.X")
+    >>> validate_matrix(np.array([[1.0000001, -1e-8]], dtype=np.float32), "nb", "adata.X")
     """
-    n_nan = n_inf = n_neg = n_frac = 0
+    n_nan = n_inf = n_neg = n_frac = n_zero = n_finite = 0
+    sample = []
     for chunk in _iter_chunks(matrix):
         values = _values(chunk)
         nan = np.isnan(values)
         n_nan += int(nan.sum())
         n_inf += int(np.isinf(values).sum())
+        finite = values[np.isfinite(values)]
         if likelihood in ("nb", "zinb"):
-            finite = values[np.isfinite(values)]
-            n_neg += int((finite < 0).sum())
-            n_frac += int((np.abs(finite - np.round(finite)) > 1e-6).sum())
+            n_neg += int((finite < -1e-6).sum())
+            tolerance = np.maximum(1e-6, COUNT_TOLERANCE * np.abs(finite))
+            n_frac += int((np.abs(finite - np.round(finite)) > tolerance).sum())
+        else:
+            n_finite += finite.size + (chunk.shape[0] * chunk.shape[1] - values.size)
+            n_zero += int((finite == 0).sum()) + (chunk.shape[0] * chunk.shape[1] - values.size)
+            if sum(len(part) for part in sample) < _SAMPLE:
+                sample.append(np.abs(finite[finite != 0])[:_SAMPLE])
     if n_inf:
+        hint = (
+            " (the log of 0? If zeros marked missing values, replace them by NaN before the "
+            "log: adata.X[adata.X == 0] = np.nan)"
+            if likelihood == "normal"
+            else ""
+        )
         raise ValueError(
-            f"{where} holds {n_inf} infinite values; remove or clip them before setup."
+            f"{where} holds {n_inf} infinite values{hint}; remove or clip them before setup."
         )
     if likelihood in ("nb", "zinb"):
-        if n_nan:
-            raise ValueError(
-                f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) "
-                f"cannot model. {advice}"
-            )
-        if n_neg:
-            raise ValueError(
-                f"{where} holds {n_neg} negative values: it is not raw counts (scaled or "
-                f"log-ratio data?). {advice}"
-            )
-        if n_frac:
-            raise ValueError(
-                f"{where} holds {n_frac} non-integer values: it looks normalised or "
-                f"log-transformed. {advice}"
-            )
+        _check_counts(where, likelihood, n_nan, n_neg, n_frac, advice)
+    elif sample:
+        _warn_unlogged_or_zero_filled(where, np.concatenate(sample), n_zero, n_finite)
+
+
+def _check_counts(where, likelihood, n_nan, n_neg, n_frac, advice) -> None:
+    if n_nan:
+        raise ValueError(
+            f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) "
+            f"cannot model. {advice}"
+        )
+    if n_neg:
+        raise ValueError(
+            f"{where} holds {n_neg} negative values: it is not raw counts (scaled or "
+            f"log-ratio data?). {advice}"
+        )
+    if n_frac:
+        raise ValueError(
+            f"{where} holds {n_frac} non-integer values: it looks normalised or "
+            f"log-transformed. {advice}"
+        )
+
+
+def _warn_unlogged_or_zero_filled(where, magnitudes, n_zero: int, n_finite: int) -> None:
+    """Warn of linear intensities, and of zeros standing for missing log intensities."""
+    typical = float(np.median(magnitudes))
+    if typical > _LINEAR_SCALE:
+        logger.warning(
+            "%s holds values of typical size %.3g: linear intensities? The normal likelihood "
+            "models log-scale values: take the log first (e.g. np.log2, zeros as NaN).",
+            where,
+            typical,
+        )
+    elif typical > _ZEROS_AMONG and n_zero > 0.01 * n_finite:
+        logger.warning(
+            "%s holds %d exact zeros among values of typical size %.3g: if 0 marks a missing "
+            "value (as in MaxQuant or DIA-NN tables), replace zeros by NaN "
+            "(adata.X[adata.X == 0] = np.nan); as zeros they are modelled as measured.",
+            where,
+            n_zero,
+            typical,
+        )
 
 
 def validate_layer(adata: AnnData, layer: str | None) -> None:
