@@ -394,3 +394,32 @@ def test_spatial_plot_arguments_are_checked():
         scinfl.pl.spatial(adata, color="domain", ncols=0)
     with pytest.raises(TypeError, match="takes no ax="):
         scinfl.pl.spatial(adata, color="domain", ax=None)
+
+
+def test_numbered_sites_labels_and_conditions(key):
+    adata = _counts()
+    adata.obs["site"] = adata.obs["site"].cat.codes.astype(int)
+    adata.obs["label"] = adata.obs["label"].cat.codes.astype(int)
+    # agreed categories as the column holds them (numbers) or as a run config does (strings)
+    INFL.setup_anndata(adata, site_key="site", labels_key="label", categories={"site_key": [0, 1]})
+    model = INFL(adata, key=key, n_hidden=16)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    model.view_anndata_setup()  # scvi-tools' own summary
+    scinfl.tl.predict(adata, model)
+    labels = adata.uns["scinfl_prediction"]["params"]["labels"]
+    assert labels == adata.obs["scinfl_prediction"].cat.categories.tolist() == [0, 1, 2]
+    perturbed = scinfl.data.synthetic_perturbation(n_obs=200, n_vars=20, n_sites=2)
+    perturbed.obs["condition"] = (perturbed.obs["condition"] == "stim").astype(int)
+    PerturbationINFL.setup_anndata(perturbed, condition_key="condition", site_key="site")
+    torch.manual_seed(0)
+    pert = PerturbationINFL(perturbed, key=key, n_hidden=16)
+    pert.train_federated(max_rounds=1, batch_size=32, progress_bar=False, seed=0)
+    as_number = pert.predict_perturbation(perturbed, source=0, target=1, cell_type_key="cell_type")
+    as_text = pert.predict_perturbation(
+        perturbed, source="0", target="1", cell_type_key="cell_type"
+    )
+    pd.testing.assert_frame_equal(as_number, as_text)
+    predicted = scinfl.tl.predict_perturbation(
+        perturbed, pert, source=0, target=1, cell_type_key="cell_type"
+    )
+    assert set(predicted.obs["condition"]) == {1}

@@ -162,13 +162,14 @@ class PerturbationINFL(RNASeqMixin, INFL):
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
         return [str(c) for c in state.mappings[self.condition_key]]
 
-    def _condition_code(self, name: str, argument: str) -> int:
-        if name not in self.conditions:
+    def _condition_code(self, name, argument: str) -> int:
+        # levels are compared as strings: a condition coded 0 / 1 is source=0 or source="0"
+        if str(name) not in self.conditions:
             raise ValueError(
                 f"{argument}={name!r} is not a level of adata.obs[{self.condition_key!r}]; "
                 f"levels found: {self.conditions}."
             )
-        return self.conditions.index(name)
+        return self.conditions.index(str(name))
 
     # -- outputs -------------------------------------------------------------------------------
     def get_normalized_expression(self, *args, **kwargs):
@@ -266,6 +267,7 @@ class PerturbationINFL(RNASeqMixin, INFL):
         adata = self._validate_anndata(adata)
         source_code = self._condition_code(source, "source")
         target_code = self._condition_code(target, "target")
+        source, target = str(source), str(target)
         if method not in ("decoder", "latent", "both"):
             raise ValueError(f"method must be 'decoder', 'latent' or 'both', got {method!r}.")
         if output not in ("log_change", "expected", "counts"):

@@ -232,7 +232,9 @@ def apply_agreed_categories(
     """Cast ``adata.obs[key]`` to the categories agreed by all sites, refusing unknown values.
 
     Category codes must mean the same thing at every site; agreeing on the list up front (by
-    name) makes them global without pooling any data.
+    name) makes them global without pooling any data. Values and categories are compared, and
+    kept, as strings (as a run configuration carries them): sites coded ``0, 1, 2`` agree on
+    ``[0, 1, 2]`` or ``["0", "1", "2"]`` alike.
 
     Examples
     --------
@@ -244,7 +246,9 @@ def apply_agreed_categories(
     """
     if key is None or categories is None:
         return
-    categories = list(categories)
+    categories = [str(category) for category in categories]
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"The agreed categories of {key!r} repeat a name: {categories[:10]}.")
     values = adata.obs[key].astype(str)
     unknown = sorted(set(values) - set(categories))
     if unknown:

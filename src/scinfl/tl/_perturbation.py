@@ -95,9 +95,10 @@ def predict_perturbation(
     obs = adata.obs.loc[expression.index]
     obs = obs.loc[:, ~obs.columns.str.startswith("_scvi")].copy()  # scvi-tools' bookkeeping
     condition_key = model.condition_key
-    obs[condition_key] = pd.Categorical(
-        [target] * len(obs), categories=adata.obs[condition_key].astype("category").cat.categories
-    )
+    levels = adata.obs[condition_key].astype("category").cat.categories
+    # the level as the column holds it (target=0 and target="0" name the same level)
+    level = next(value for value in levels if str(value) == str(target))
+    obs[condition_key] = pd.Categorical([level] * len(obs), categories=levels)
     obs.index = [f"{name}-predicted" for name in expression.index]
     x = expression.to_numpy(dtype=np.float32)
     result = AnnData(

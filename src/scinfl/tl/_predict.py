@@ -60,7 +60,7 @@ def predict(
     proba = model.predict(adata, soft=True)
     if copy:
         adata = in_memory_copy(adata)
-    labels = [str(label) for label in proba.columns]
+    labels = proba.columns.tolist()  # as .obs[key_added] names them (numbers stay numbers)
     adata.obsm[proba_key] = proba.to_numpy(dtype=np.float32)
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))
     adata.uns[key_added] = {"params": {"proba_key": proba_key, "labels": labels}}
