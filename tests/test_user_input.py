@@ -190,11 +190,22 @@ def test_multiomics_refuses_likelihoods_of_unknown_modalities(multiome, key):
         MultiOmicsINFL(mdata, key=key, likelihoods={"protein": "normal"})
 
 
-def test_multiomics_setup_points_at_a_site_column_kept_in_a_modality():
-    mdata = scinfl.data.synthetic_multiome(n_obs=40, n_genes=10, n_proteins=4, n_sites=2)
-    mdata.mod["rna"].obs["hospital"] = mdata.obs["site"].to_numpy()
-    with pytest.raises(ValueError, match="pass site_key='rna:hospital'"):
-        MultiOmicsINFL.setup_mudata(mdata, "rna", site_key="hospital")
+def test_multiomics_setup_combines_a_site_column_kept_in_the_modalities():
+    """A mosaic: each modality's .obs names the site of the samples it holds."""
+    full = scinfl.data.synthetic_multiome(n_obs=60, n_genes=10, n_proteins=4, n_sites=3)
+    sites = full.obs["site"].astype(str)
+    for name, mod in full.mod.items():
+        mod.obs["hospital"] = sites.loc[mod.obs_names].to_numpy()
+    mosaic = scinfl.data.make_mosaic(full, "site", {"site0": "prot", "site1": "rna"})
+    mdata = scinfl.pp.pad_modalities(mosaic)
+    MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="hospital")
+    assert mdata.obs["hospital"].astype(str).equals(sites.loc[mdata.obs_names])
+    with pytest.raises(ValueError, match="pass site_key='hospital'"):
+        MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="rna:hospital")
+    mdata.mod["prot"].obs.loc[mdata.obs_names[0], "hospital"] = "elsewhere"
+    del mdata.obs["hospital"]
+    with pytest.raises(ValueError, match="make them agree"):
+        MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="hospital")
 
 
 # -- setup ------------------------------------------------------------------------------------

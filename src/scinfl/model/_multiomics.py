@@ -226,9 +226,12 @@ class MultiOmicsINFL(
         layers
             Layer of each modality holding its data (default: its ``.X``).
         site_key
-            ``mdata.obs`` column naming each sample's site (required to federate).
+            ``mdata.obs`` column naming each sample's site (required to federate). A column
+            kept in the modalities' ``.obs`` instead (each naming the site of the samples it
+            holds, as in a mosaic) is combined into ``mdata.obs`` (an info line says so).
         batch_key
-            ``mdata.obs`` column of batches the decoders correct for.
+            ``mdata.obs`` column of batches the decoders correct for (combined from the
+            modalities likewise).
         categories
             Agreed categories by argument name (``"site_key"``, ``"batch_key"``), as in
             :meth:`scinfl.model.INFL.setup_anndata`.
@@ -351,16 +354,52 @@ def _default_likelihood(matrix) -> str:
 
 
 def _check_obs_column(mdata: MuData, column: str | None, argument: str) -> None:
-    """:func:`validate_obs_column` on ``mdata.obs``, pointing at a modality that has the column."""
+    """:func:`validate_obs_column` on ``mdata.obs``, taking the column from the modalities.
+
+    Users often keep a sample's site (or batch) in each modality's ``.obs``; in a mosaic no
+    single modality holds every sample (muon's ``"rna:site"`` is missing for protein-only
+    samples). The modalities' columns are combined into ``mdata.obs[column]`` (with an info
+    line), a sample named differently by two modalities refused.
+    """
     if column is not None and column not in mdata.obs:
         holders = [name for name, mod in mdata.mod.items() if column in mod.obs]
         if holders:
+            mdata.obs[column] = _combined_column(mdata, column, holders, argument)
+            logger.info(
+                "%s=%r: combined the column of mdata.mod[...].obs of %s into mdata.obs[%r].",
+                argument,
+                column,
+                holders,
+                column,
+            )
+    modality, _, base = (column or "").partition(":")
+    if base and modality in mdata.mod and base in mdata.mod[modality].obs:
+        pulled = mdata.obs.get(column)
+        if pulled is None or pulled.isna().any():
             raise ValueError(
-                f"{argument}={column!r} is a column of mdata.mod[{holders[0]!r}].obs, not of "
-                f"mdata.obs: pass {argument}={holders[0] + ':' + column!r} (muon's "
-                "'modality:column' name after mdata.update()), or copy it to mdata.obs."
+                f"{argument}={column!r} (muon's copy of mdata.mod[{modality!r}].obs[{base!r}]) "
+                "is missing for the samples without that modality (or was not pulled into "
+                f"mdata.obs); pass {argument}={base!r}: scinfl combines the column of every "
+                "modality that holds it."
             )
     validate_obs_column(mdata, column, argument)
+
+
+def _combined_column(mdata: MuData, column: str, holders: list[str], argument: str) -> pd.Series:
+    """``column`` of the modalities ``holders``, one value per sample of ``mdata``."""
+    combined = pd.Series(pd.NA, index=mdata.obs_names, dtype=object)
+    for name in holders:
+        obs = mdata.mod[name].obs
+        values = obs[column][~obs.index.duplicated()].reindex(mdata.obs_names).astype(object)
+        clash = combined.notna() & values.notna() & (combined.astype(str) != values.astype(str))
+        if clash.any():
+            sample = clash.index[clash][0]
+            raise ValueError(
+                f"{argument}={column!r}: sample {sample!r} has {column}={combined[sample]!r} in "
+                f"one modality and {values[sample]!r} in mdata.mod[{name!r}]; make them agree."
+            )
+        combined = combined.where(combined.notna(), values)
+    return pd.Series(pd.Categorical(combined.where(combined.notna(), None)), index=mdata.obs_names)
 
 
 def _check_aligned(mdata: MuData, modalities: Sequence[str]) -> None:
