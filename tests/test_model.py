@@ -46,6 +46,14 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     assert set(predictions) <= set(counts_adata.obs["label"].cat.categories)
     probs = model.predict(soft=True)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    # scvi-tools' model.history: one row per round, losses weighted by the sites' rows
+    rounds = FAST["max_rounds"]
+    loss = model.history["train_loss_epoch"]["train_loss_epoch"]
+    first = history[history["round"] == 0]
+    assert len(loss) == rounds and loss.index.name == "epoch"
+    assert np.isclose(loss.iloc[0], np.average(first["train_loss"], weights=first["n_train"]))
+    model.train_federated(**FAST)  # a second run continues it
+    assert len(model.history["validation_loss"]) == 2 * rounds
 
 
 def test_training_is_deterministic_for_a_seed(counts_adata, key):

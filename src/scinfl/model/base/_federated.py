@@ -142,7 +142,8 @@ class FederatedTrainingMixin:
         that round, ``False`` for a site not sampled that only validated; ``accepted``: whether
         its update was averaged; training and validation losses, accuracies with labels, time;
         under ``sample_dp_epsilon`` each site's ``dp_epsilon`` spent instead of losses). Also
-        stored in ``model.federated_history_``.
+        stored in ``model.federated_history_``; ``model.history`` holds the per-round losses
+        under scvi-tools' names (:func:`scvi_history`).
 
         Examples
         --------
@@ -255,6 +256,8 @@ class FederatedTrainingMixin:
         """
         self._require_key()
         self._fit_feature_scale([SiteData.from_registry(self.adata_manager, "all", None, 0.0)])
+        # a trained model is left in eval mode, which Lightning keeps (no dropout) unless told
+        self.module.train()
         return super().train(*args, **kwargs)
 
     def _fit_feature_scale(self, sites: list[SiteData]) -> None:
@@ -330,10 +333,57 @@ class FederatedTrainingMixin:
         history = server.history()
         history.attrs["best_round"] = server.best_round
         self.federated_history_ = history
+        self.history_ = scvi_history(history, getattr(self, "history_", None))
         self.dp_epsilon_ = server.dp_epsilon()
         # the frame the server holds the selected model in (secret frames), for the audit
         self.secret_frame_ = server.best_frame
         return history
+
+
+#: scvi-tools' names (``model.history`` keys) of the federated history's columns
+_SCVI_NAMES = {
+    "train_loss": ("train_loss_epoch", "n_train"),
+    "train_reconstruction": ("reconstruction_loss_train", "n_train"),
+    "train_kl": ("kl_local_train", "n_train"),
+    "val_loss": ("validation_loss", "n_val"),
+    "val_reconstruction": ("reconstruction_loss_validation", "n_val"),
+    "val_kl": ("kl_local_validation", "n_val"),
+}
+
+
+def scvi_history(
+    history: pd.DataFrame, previous: dict[str, pd.DataFrame] | None = None
+) -> dict[str, pd.DataFrame]:
+    """``model.history`` as scvi-tools keeps it, from a federated history (one row per round x site).
+
+    Each metric is the mean over the sites of the round weighted by their rows (training or
+    validation), one row per round (an "epoch" of the federation), under scvi-tools' names
+    (``train_loss_epoch``, ``validation_loss``, ...), so that code reading ``model.history``
+    and scvi-tools' own ``train()`` afterwards (which appends to it) work. A ``previous``
+    history is continued (a second ``train_federated``).
+
+    Examples
+    --------
+    >>> rows = pd.DataFrame({"round": [0, 0], "n_train": [1, 3], "train_loss": [2.0, 6.0],
+    ...                      "n_val": [1, 1], "val_loss": [1.0, 3.0]})
+    >>> history = scvi_history(rows)
+    >>> history["train_loss_epoch"]["train_loss_epoch"].tolist()  # (1 * 2 + 3 * 6) / 4
+    [5.0]
+    """
+    out = dict(previous or {})
+    for column, (name, weight) in _SCVI_NAMES.items():
+        if column not in history or weight not in history:
+            continue
+        rows = history[history[column].notna() & (history[weight] > 0)]
+        if rows.empty:
+            continue
+        weighted = (rows[column] * rows[weight]).groupby(rows["round"]).sum()
+        series = weighted / rows[weight].groupby(rows["round"]).sum()
+        frame = series.to_frame(name)
+        start = len(out[name]) if name in out else 0
+        frame.index = pd.RangeIndex(start, start + len(frame), name="epoch")
+        out[name] = pd.concat([out[name], frame]) if name in out else frame
+    return out
 
 
 def training_device(
