@@ -130,22 +130,6 @@ def test_float32_parameters_round_trip_within_float32_rounding():
         assert error < 1e-6, (name, error)
 
 
-def test_maps_drawn_ahead_are_the_maps_drawn_when_needed():
-    """A site draws its upload's maps while it trains; they must not depend on that."""
-    params = {"w": np.arange(600.0, dtype=np.float32).reshape(2, 300), "n": np.arange(3)}
-    ahead, plain = SecretFrames(KEY), SecretFrames(KEY)
-    for frame in "abcde":  # more frames than the cache keeps: the oldest are dropped
-        ahead.prepare(params, frame)
-    ahead.prepare(params, "e")  # asked twice: drawn once
-    for frame in "de":
-        encoded = ahead.encode(params, frame)
-        assert np.array_equal(encoded["w"], plain.encode(params, frame)["w"])
-        assert np.array_equal(encoded["n"], params["n"])
-    # a tensor the prepared frame did not name is drawn when needed
-    other = {"v": np.ones(7, np.float32)}
-    assert np.array_equal(ahead.encode(other, "e")["v"], plain.encode(other, "e")["v"])
-
-
 def test_a_site_hashes_the_model_it_receives_once_per_train_message(monkeypatch):
     from scinfl.federated import SiteProtocol, SiteRuntime, _secret_frames, _site_runtime
 

@@ -194,7 +194,7 @@ def test_multiomics_setup_combines_a_site_column_kept_in_the_modalities():
     """A mosaic: each modality's .obs names the site of the samples it holds."""
     full = scinfl.data.synthetic_multiome(n_obs=60, n_genes=10, n_proteins=4, n_sites=3)
     sites = full.obs["site"].astype(str)
-    for name, mod in full.mod.items():
+    for mod in full.mod.values():
         mod.obs["hospital"] = sites.loc[mod.obs_names].to_numpy()
     mosaic = scinfl.data.make_mosaic(full, "site", {"site0": "prot", "site1": "rna"})
     mdata = scinfl.pp.pad_modalities(mosaic)

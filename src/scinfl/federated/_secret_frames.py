@@ -40,7 +40,6 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -302,36 +301,6 @@ class SecretFrames:
         self._secret = key.secret_for("secret-frames")
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self._cache_frames = cache_frames
-        self._pending: dict[str, Future] = {}
-        self._drawer: ThreadPoolExecutor | None = None
-
-    def prepare(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> None:
-        """Start drawing the maps of ``frame`` for tensors shaped as ``parameters``, in the background.
-
-        A site knows the frame of its upload when the global model arrives (:func:`frame_id`),
-        so the maps can be drawn while it trains; :meth:`encode` then finds them ready. The
-        maps depend only on the key, the frame and the axes, never on which thread draws them.
-        Torch and numpy release the interpreter lock in the QR decompositions and the draws,
-        so the drawing runs beside training on a machine with a core to spare.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from scinfl import Key
-        >>> frames = SecretFrames(Key.generate())
-        >>> params = {"w": np.ones((3, 4), np.float32)}
-        >>> frames.prepare(params, frame=1)
-        >>> np.allclose(frames.decode(frames.encode(params, 1), 1)["w"], 1.0, atol=1e-5)
-        True
-        """
-        frame = str(frame)
-        if frame in self._cache or frame in self._pending:
-            return
-        if self._drawer is None:
-            self._drawer = ThreadPoolExecutor(1, thread_name_prefix="scinfl-frames")
-        self._pending[frame] = self._drawer.submit(self._draw, frame, _axes(parameters))
-        while len(self._pending) > self._cache_frames:  # frames prepared and never used
-            self._pending.pop(next(iter(self._pending))).cancel()
 
     def axis_frame(self, frame: str | int, name: str, axis: int, n: int) -> AxisFrame:
         """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``."""
@@ -350,22 +319,15 @@ class SecretFrames:
             maps = self._cache[frame] = {}
             while len(self._cache) > self._cache_frames:
                 self._cache.popitem(last=False)
-        pending = self._pending.pop(frame, None)
-        if pending is not None:
-            maps.update(pending.result())
         missing = [axis for axis in dict.fromkeys(axes) if axis not in maps]
-        maps.update(self._draw(frame, missing))
-        return maps
-
-    def _draw(self, frame: str, axes: list[tuple[str, int, int]]) -> dict:
-        """The maps of ``axes`` in ``frame``: no shared state, so any thread may draw them."""
         orthogonal = _Orthogonal()
-        drawn = {axis: AxisFrame(axis[2], self._rng(frame, *axis), orthogonal) for axis in axes}
+        drawn = {axis: AxisFrame(axis[2], self._rng(frame, *axis), orthogonal) for axis in missing}
         if drawn:
             orthogonal.compute()
             for found in drawn.values():
                 found.compute(orthogonal)
-        return drawn
+            maps.update(drawn)
+        return maps
 
     def _rng(self, frame: str, name: str, axis: int, n: int) -> np.random.Generator:
         label = "\x1f".join(["scinfl/frame", frame, name, str(axis), str(n)])
@@ -374,10 +336,22 @@ class SecretFrames:
 
     def _map(self, tensors: Mapping, frame: str | int, mode: str) -> dict:
         arrays = {name: np.asarray(value) for name, value in tensors.items()}
-        maps = self._maps(frame, _axes(arrays))
+        hidden = {
+            name: array
+            for name, array in arrays.items()
+            if np.issubdtype(array.dtype, np.floating) and array.size > 0
+        }
+        maps = self._maps(
+            frame,
+            [
+                (name, axis, n)
+                for name, array in hidden.items()
+                for axis, n in enumerate(array.shape or (1,))
+            ],
+        )
         out = {}
         for name, array in arrays.items():
-            if not _hidden(array):
+            if name not in hidden:
                 out[name] = array.copy()  # integers (counters) and empty tensors: nothing to hide
                 continue
             x = torch.from_numpy(array.astype(np.float64).reshape(array.shape or (1,)))
@@ -440,21 +414,6 @@ class SecretFrames:
         True
         """
         return self._map(gradients, frame, "transpose")
-
-
-def _hidden(array: np.ndarray) -> bool:
-    """Whether a tensor travels in the frame (floating point and not empty)."""
-    return np.issubdtype(array.dtype, np.floating) and array.size > 0
-
-
-def _axes(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, int, int]]:
-    """(name, axis, length) of every axis a frame maps in ``tensors``."""
-    return [
-        (name, axis, n)
-        for name, value in tensors.items()
-        if _hidden(array := np.asarray(value))
-        for axis, n in enumerate(array.shape or (1,))
-    ]
 
 
 _FRAMES: OrderedDict[bytes, SecretFrames] = OrderedDict()

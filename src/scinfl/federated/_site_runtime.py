@@ -182,10 +182,6 @@ def site_train(
     """
     if opened is None:
         opened = open_parameters(received, runtime.key, config)
-    if config.secret_frames:
-        # the upload's frame is known now: its maps are drawn while the site trains
-        digest = digest or parameters_digest(received)
-        frames_for(runtime.key).prepare(received, frame_id(received, config, digest))
     update = client_update(
         runtime.module,
         runtime.site,
