@@ -403,3 +403,19 @@ def test_sites_train_on_a_gpu_as_on_cpu(key):
         losses[accelerator] = history.groupby("round")["val_loss"].mean().iloc[-1]
     # the same arithmetic in other kernels: the same fit, not bitwise the same weights
     assert losses["gpu"] == pytest.approx(losses["cpu"], rel=0.05)
+
+
+def test_normalized_expression_and_differential_expression_as_scvi(counts_adata, key):
+    model = _model(counts_adata, key)
+    model.train_federated(**FAST)
+    expression = model.get_normalized_expression(library_size=1e4)
+    assert expression.shape == counts_adata.shape
+    np.testing.assert_allclose(expression.sum(1), 1e4, rtol=1e-3)
+    markers = model.differential_expression(groupby="label", batch_size=64)
+    assert {"bayes_factor", "scale1", "scale2"} <= set(markers.columns)
+    continuous = counts_adata.copy()
+    continuous.X = np.log1p(continuous.layers["counts"].toarray())
+    INFL.setup_anndata(continuous, site_key="site")
+    normal = INFL(continuous, key=key, gene_likelihood="normal", n_hidden=16)
+    with pytest.raises(NotImplementedError, match="count proportions"):
+        normal.get_normalized_expression()

@@ -14,7 +14,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from scinfl.key import Key
@@ -43,6 +43,7 @@ class INFL(
     KeyedModelMixin,
     NewSamplesMixin,
     FederatedTrainingMixin,
+    RNASeqMixin,
     VAEMixin,
     UnsupervisedTrainingMixin,
     BaseModelClass,
@@ -338,6 +339,27 @@ class INFL(
         """
         self._require_key()
         return super().get_latent_representation(*args, **kwargs)
+
+    def get_normalized_expression(self, *args, **kwargs):
+        """Expected expression per cell (scvi-tools' method), for count likelihoods.
+
+        Parameters are those of :meth:`scvi.model.base.RNASeqMixin.get_normalized_expression`
+        (``library_size``, ``gene_list``, ``n_samples``, ...); :meth:`differential_expression`
+        builds on it, as in scvi-tools' SCVI. Continuous data (``gene_likelihood="normal"``)
+        have no count proportions to normalise: refused.
+
+        Examples
+        --------
+        >>> model.get_normalized_expression(library_size=1e4)  # doctest: +SKIP
+        """
+        self._require_key()
+        if getattr(self.module, "gene_likelihood", None) == "normal":
+            raise NotImplementedError(
+                "get_normalized_expression gives expected count proportions, which "
+                "gene_likelihood='normal' does not model: continuous data are on their own "
+                "scale already (the latent, get_latent_representation, is what to compare)."
+            )
+        return super().get_normalized_expression(*args, **kwargs)
 
     def get_latent(
         self,

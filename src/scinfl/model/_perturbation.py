@@ -13,7 +13,6 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField
-from scvi.model.base import RNASeqMixin
 
 from ._infl import INFL
 from ._validation import (
@@ -35,7 +34,7 @@ PredictionOutput = Literal["log_change", "expected", "counts"]
 _AGREED = ("site_key", "batch_key", "condition_key")
 
 
-class PerturbationINFL(RNASeqMixin, INFL):
+class PerturbationINFL(INFL):
     """INFL with a condition-conditioned decoder that predicts the response to a perturbation.
 
     The condition (``condition_key``, e.g. control / stimulated) is registered as a
