@@ -200,6 +200,9 @@ class FederationConfig:
         loss (``mu`` is used with ``"fedprox"`` only).
     balance_classes
         Weight each site's classification loss by the inverse frequency of its own labels.
+        This balances the classes within each site; it cannot lift a class that only a
+        small site holds (that site's update weighs its share of all rows in the average,
+        and among its own rows the class may be common): such a class stays hard to learn.
     kl_warmup_rounds
         Rounds of linear KL warm-up, driven by the global round (default: half of
         ``max_rounds``).
