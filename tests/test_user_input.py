@@ -434,3 +434,20 @@ def test_numbered_sites_labels_and_conditions(key):
         perturbed, pert, source=0, target=1, cell_type_key="cell_type"
     )
     assert set(predicted.obs["condition"]) == {1}
+
+
+def test_a_site_takes_the_agreed_union_of_features_by_name():
+    rng = np.random.default_rng(0)
+    site = anndata.AnnData(
+        rng.normal(25, 2, (6, 3)).astype(np.float32),
+        var=pd.DataFrame({"gene": ["x", "y", "z"]}, index=["P3", "P1", "P9"]),
+    )
+    aligned = scinfl.pp.align_features(site, ["P1", "P2", "P3"])  # P2: another site's
+    assert list(aligned.var_names) == ["P1", "P2", "P3"]
+    np.testing.assert_array_equal(aligned.X[:, 0], site.X[:, 1])
+    np.testing.assert_array_equal(aligned.X[:, 2], site.X[:, 0])
+    assert np.isnan(aligned.X[:, 1]).all() and aligned.var["gene"].tolist()[0] == "y"
+    same = scinfl.pp.align_features(site, ["P9", "P3"])
+    np.testing.assert_array_equal(same.X, site.X[:, [2, 0]])
+    with pytest.raises(ValueError, match="repeat"):
+        scinfl.pp.align_features(site, ["P1", "P1"])

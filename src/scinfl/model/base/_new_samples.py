@@ -8,13 +8,13 @@ import warnings
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from scinfl._checks import check_not_empty
 from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
 from scinfl.model._validation import validate_matrix
+from scinfl.pp._features import align_features
 
 logger = logging.getLogger(__name__)
 
@@ -215,38 +215,18 @@ def features_by_name(
     >>> list(new.var_names), bool(np.isnan(new.X[:, 1]).all())
     (['a', 'c'], True)
     """
-    # by position of the names as strings (the model keeps them so; var_names may be numbers)
-    where = adata.var_names.astype(str).get_indexer(names)
-    present = where >= 0
-    if present.all():
-        logger.info(
-            "Aligned the %d features of %s to the model's %d by name.",
-            adata.n_vars,
-            what.lower(),
-            len(names),
-        )
-        aligned = in_memory_copy(adata[:, where])
-        aligned.var_names = names
-        return aligned
-    missing = names[~present]
-    if likelihood != "normal":
+    # by name as strings (the model keeps them so; var_names may be numbers)
+    missing = names[~names.isin(adata.var_names.astype(str))]
+    if len(missing) and likelihood != "normal":
         raise ValueError(
             f"{what} lack {len(missing)} of the model's {len(names)} features "
             f"(e.g. {list(missing[:5])}); a count likelihood cannot treat them as missing. "
             "Give the data every feature the model was trained on (matched by var_names)."
         )
     logger.info(
-        "%d of the model's %d features are absent from %s: they are treated as missing values.",
-        len(missing),
-        len(names),
+        "Aligned the %d features of %s to the model's %d by name.",
+        adata.n_vars,
         what.lower(),
+        len(names),
     )
-    source = adata.X if layer is None else adata.layers[layer]
-    if sparse.issparse(source):
-        source = source.toarray()
-    values = np.full((adata.n_obs, len(names)), np.nan, dtype=np.float32)
-    values[:, present] = np.asarray(source)[:, where[present]]
-    out = AnnData(values, obs=adata.obs.copy(), var=pd.DataFrame(index=names))
-    if layer is not None:
-        out.layers[layer] = values
-    return out
+    return align_features(adata, names, layer)
