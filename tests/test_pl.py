@@ -4,6 +4,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 
 import scinfl
 
@@ -23,3 +24,13 @@ def test_umap_legends_stay_clear_of_the_next_panel():
         assert legend.x1 < right.get_window_extent(renderer).x0
     assert panels[0].get_xlabel() == "UMAP1"
     plt.close(fig)
+
+
+def test_umap_of_a_mudata_colours_by_a_modalitys_feature():
+    mdata = scinfl.data.synthetic_multiome(n_obs=40, n_genes=8, n_proteins=3, n_sites=2)
+    mdata.obsm["X_umap_scinfl"] = np.random.default_rng(0).normal(size=(mdata.n_obs, 2))
+    fig = scinfl.pl.umap(mdata, color=["cell_type", "prot:protein0", "gene1"])
+    assert len([ax for ax in fig.axes if ax.get_title()]) == 3
+    plt.close(fig)
+    with pytest.raises(ValueError, match="modality:feature"):
+        scinfl.pl.umap(mdata, color="nothing")

@@ -7,10 +7,40 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 
 from scinfl._checks import check_not_empty
+
+
+def _mudata_for_plot(mdata, basis: str, colors: Sequence[str]) -> AnnData:
+    """An AnnData with ``mdata``'s samples, ``basis`` and ``colors`` as ``.obs`` columns.
+
+    A colour that is not a column of ``mdata.obs`` is a feature: ``"modality:feature"`` or a
+    feature name of one modality; samples without that modality get no value (NaN).
+    """
+    plot = AnnData(obs=mdata.obs.copy())
+    plot.obsm[basis] = np.asarray(mdata.obsm[basis])
+    for name in colors:
+        if name in plot.obs:
+            continue
+        modality, _, feature = name.partition(":")
+        holders = [modality] if feature and modality in mdata.mod else []
+        if not holders:
+            feature = name
+            holders = [m for m, mod in mdata.mod.items() if feature in mod.var_names]
+        if not holders or feature not in mdata.mod[holders[0]].var_names:
+            raise ValueError(
+                f"color={name!r} is neither a column of mdata.obs nor a feature of a modality "
+                f"(name it 'modality:feature'; modalities: {list(mdata.mod)})."
+            )
+        mod = mdata.mod[holders[0]]
+        values = mod[:, feature].X
+        values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+        series = pd.Series(values.ravel().astype(np.float64), index=mod.obs_names)
+        plot.obs[name] = series[~series.index.duplicated()].reindex(plot.obs_names).to_numpy()
+    return plot
 
 
 def umap(
@@ -28,7 +58,8 @@ def umap(
     adata
         AnnData with ``.obsm[basis]``.
     color
-        Column(s) to colour by (``None``: one colour).
+        Column(s) to colour by, or features (``None``: one colour). On a MuData, a feature is
+        named ``"modality:feature"`` (or by its name, if one modality has it).
     basis
         ``.obsm`` key of the 2-D coordinates (``f"X_umap_{neighbors_key}"`` of
         :func:`scinfl.tl.cluster`; the ``X_`` may be left out, as in scanpy).
@@ -64,6 +95,8 @@ def umap(
         raise TypeError(f"save= takes a file path (e.g. 'umap.png'), got {save!r}.")
     check_not_empty(adata.n_obs)
     colors = None if color is None else [color] if isinstance(color, str) else list(color)
+    if hasattr(adata, "mod"):  # a MuData: scanpy reads .X, which a MuData does not have
+        adata = _mudata_for_plot(adata, basis, colors or [])
     axes = sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
     axes = list(np.atleast_1d(axes))
     fig = axes[0].figure
