@@ -3,6 +3,7 @@
 import anndata
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -123,7 +124,8 @@ def test_tl_writes_a_new_anndata_with_its_parameters(trained):
     result = scinfl.tl.predict_perturbation(
         train, model, cell_types=[HELD_OUT], output="counts", key_added="pred"
     )
-    assert result.obs_names[0].endswith("-predicted")
+    assert result.obs_names[0].endswith("-stim-predicted")
+    assert result.layers["counts"].format == "csr"
     assert set(result.obs["condition"]) == {"stim"}
     assert set(result.obs["cell_type"]) == {HELD_OUT}
     params = result.uns["pred"]["params"]
@@ -196,14 +198,41 @@ def test_scores_of_a_perfect_and_of_a_null_prediction():
     null = scinfl.tl.perturbation_scores(control, observed, control, genes, n_top=(20,))
     assert null["r2_mean_all"] < 0.5
     assert null["e_distance"] > 1.0
-    with pytest.raises(ValueError, match="same genes"):
-        scinfl.tl.perturbation_scores(observed[:, :10], observed, control, genes)
+    # genes are matched by name: another order scores the same, a missing gene is refused
+    reordered = scinfl.tl.perturbation_scores(
+        observed, observed[:, ::-1], control[:, ::-1], genes, n_top=20
+    )
+    pd.testing.assert_series_equal(reordered, perfect)
+    with pytest.raises(ValueError, match="observed must hold the predicted cells' genes"):
+        scinfl.tl.perturbation_scores(observed, observed[:, :10], control, genes)
+    with pytest.raises(ValueError, match="each n_top must be an integer >= 2"):
+        scinfl.tl.perturbation_scores(observed, observed, control, genes, n_top=(1,))
+    with pytest.raises(ValueError, match="repeat"):
+        scinfl.tl.perturbation_scores(observed, observed, control, genes + genes[:1], n_top=20)
+
+
+def test_scores_warn_of_counts(caplog):
+    rng = np.random.default_rng(0)
+    counts = anndata.AnnData(rng.poisson(40, size=(30, 10)).astype(np.float32))
+    genes = list(counts.var_names)
+    with caplog.at_level("WARNING", logger="scinfl"):
+        scinfl.tl.perturbation_scores(counts, counts, counts, genes, n_top=5)
+    assert "log-normalised" in caplog.text
 
 
 def test_response_genes_refuses_missing_levels():
     adata = _log_normalized(_data())
     with pytest.raises(ValueError, match=r"no \['IFN'\] cells; levels found: \['ctrl', 'stim'\]"):
         scinfl.tl.response_genes(adata, "condition", "ctrl", "IFN")
+    with pytest.raises(ValueError, match="the same level"):
+        scinfl.tl.response_genes(adata, "condition", "ctrl", "ctrl")
+    with pytest.raises(ValueError, match="n_genes must be an integer >= 1"):
+        scinfl.tl.response_genes(adata, "condition", "ctrl", "stim", n_genes=0)
+    # a condition coded 0 / 1: the levels as numbers or as text
+    expected = scinfl.tl.response_genes(adata, "condition", "ctrl", "stim", n_genes=5)
+    adata.obs["condition"] = (adata.obs["condition"] == "stim").astype(int)
+    for source, target in ((0, 1), ("0", "1")):
+        assert scinfl.tl.response_genes(adata, "condition", source, target, 5) == expected
 
 
 def test_plot(trained, tmp_path):

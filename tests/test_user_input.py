@@ -451,3 +451,39 @@ def test_a_site_takes_the_agreed_union_of_features_by_name():
     np.testing.assert_array_equal(same.X, site.X[:, [2, 0]])
     with pytest.raises(ValueError, match="repeat"):
         scinfl.pp.align_features(site, ["P1", "P1"])
+
+
+def test_control_cells_alone_predict_load_and_set_up(key, tmp_path):
+    """The held-out type's control cells are all a user (or a site) may hold."""
+    adata, model = _perturbation(key)
+    controls = adata[(adata.obs["condition"] == "ctrl") & (adata.obs["cell_type"] == "type0")]
+    controls = controls.copy()  # anndata drops the now unused 'stim' category
+    predicted = scinfl.tl.predict_perturbation(controls, model, cell_types=["type0"])
+    assert set(predicted.obs["condition"]) == {"stim"}
+    assert list(predicted.obs["condition"].cat.categories) == model.condition_levels
+    assert (predicted.var_names == adata.var_names).all()
+    model.save(tmp_path, overwrite=True)
+    loaded = PerturbationINFL.load(tmp_path, controls, key=key)
+    assert loaded.predict_perturbation(controls, cell_type_key="cell_type").shape[0] == len(
+        controls
+    )
+    site = controls.copy()  # a deployed site of controls, with the agreed levels
+    PerturbationINFL.setup_anndata(
+        site, condition_key="condition", categories={"condition_key": ["ctrl", "stim"]}
+    )
+    with pytest.raises(ValueError, match="one condition level"):
+        PerturbationINFL.setup_anndata(controls.copy(), condition_key="condition")
+
+
+def test_perturbation_setup_refuses_what_it_cannot_model(key):
+    adata = scinfl.data.synthetic_perturbation(n_obs=60, n_vars=16, n_sites=2)
+    with pytest.raises(TypeError, match="cell types are named when predicting"):
+        PerturbationINFL.setup_anndata(adata, condition_key="condition", labels_key="cell_type")
+    with pytest.raises(ValueError, match="batch_key='condition' is the condition column"):
+        PerturbationINFL.setup_anndata(adata, condition_key="condition", batch_key="condition")
+    PerturbationINFL.setup_anndata(adata, condition_key="condition", site_key="site")
+    with pytest.raises(ValueError, match="gene_likelihood='normal' is not supported"):
+        PerturbationINFL(adata, key=key, gene_likelihood="normal")
+    model = PerturbationINFL(adata, key=key, n_hidden=8)
+    with pytest.raises(ValueError, match="key_added must name"):
+        scinfl.tl.predict_perturbation(adata, model, key_added=None)

@@ -89,6 +89,8 @@ class INFL(
     """
 
     _module_cls = KeyedVAE
+    #: how to fix data a count likelihood refuses (the end of the message)
+    _count_advice = "Point `layer=` at the raw counts, or use gene_likelihood='normal'."
 
     def __init__(
         self,
@@ -110,7 +112,10 @@ class INFL(
         layer = self.adata_manager.registry["setup_args"].get("layer")
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         validate_matrix(
-            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY), gene_likelihood, where
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            gene_likelihood,
+            where,
+            self._count_advice,
         )
         labels_key = self.adata_manager.registry["setup_args"].get("labels_key")
         # covariates a model class registers (scvi-tools' CONT_COVS / CAT_COVS fields) reach

@@ -72,7 +72,18 @@ class PerturbationINFL(INFL):
     24
     """
 
+    _count_advice = (
+        "Point `layer=` at the raw counts: the model normalises them itself (log-normalised "
+        "values, scGen's input, are not its input)."
+    )
+
     def __init__(self, adata: AnnData, **kwargs) -> None:
+        if kwargs.get("gene_likelihood", "nb") == "normal":
+            raise ValueError(
+                "PerturbationINFL models counts (its decoder's condition acts on expression "
+                "proportions): gene_likelihood='normal' is not supported. Give it the raw "
+                "counts (setup_anndata(layer=...))."
+            )
         super().__init__(adata, **kwargs)
         self._model_summary_string = "Perturbation" + self._model_summary_string
 
@@ -122,19 +133,36 @@ class PerturbationINFL(INFL):
         ValueError: adata.obs['one'] has one condition level (['ctrl']); a perturbation model needs at least two (e.g. control and stimulated).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if "labels_key" in kwargs or "categorical_covariate_keys" in kwargs:
+            raise TypeError(
+                "PerturbationINFL.setup_anndata takes no labels_key or covariate keys: the "
+                "condition is condition_key, and cell types are named when predicting "
+                "(predict_perturbation(..., cell_type_key='cell_type'))."
+            )
         validate_anndata_object(adata)
         validate_layer(adata, layer)
         columns = {"site_key": site_key, "batch_key": batch_key, "condition_key": condition_key}
         for argument, key in columns.items():
             validate_obs_column(adata, key, argument)
+        for argument in ("site_key", "batch_key"):
+            if columns[argument] == condition_key:
+                raise ValueError(
+                    f"{argument}={condition_key!r} is the condition column: the decoder reads "
+                    f"the condition; name the {argument.removesuffix('_key')} column instead."
+                )
         if "condition_key" not in (categories or {}) and "source_registry" not in kwargs:
             drop_unused_categories(adata, condition_key, "condition_key")
         for argument, cats in (categories or {}).items():
             if argument not in _AGREED:
                 raise ValueError(f"categories= takes {_AGREED}, got {argument!r}.")
             apply_agreed_categories(adata, columns[argument], cats)
-        levels = sorted(pd.unique(adata.obs[condition_key].astype(str)))
-        if len(levels) < 2:
+        # the levels a model knows: the agreed ones (a site may hold controls only), the
+        # trained model's (loading onto data of one condition), or else the data's own
+        agreed = (categories or {}).get("condition_key")
+        levels = sorted(
+            {str(c) for c in agreed} if agreed else pd.unique(adata.obs[condition_key].astype(str))
+        )
+        if len(levels) < 2 and "source_registry" not in kwargs:
             raise ValueError(
                 f"adata.obs[{condition_key!r}] has one condition level ({levels}); a "
                 "perturbation model needs at least two (e.g. control and stimulated)."
@@ -156,10 +184,15 @@ class PerturbationINFL(INFL):
         return self.adata_manager.registry["setup_args"]["condition_key"]
 
     @property
-    def conditions(self) -> list[str]:
-        """The registered condition levels, in code order."""
+    def condition_levels(self) -> list:
+        """The registered condition levels, in code order, as the column holds them."""
         state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
-        return [str(c) for c in state.mappings[self.condition_key]]
+        return list(state.mappings[self.condition_key])
+
+    @property
+    def conditions(self) -> list[str]:
+        """The registered condition levels, in code order, as strings."""
+        return [str(c) for c in self.condition_levels]
 
     def _condition_code(self, name, argument: str) -> int:
         # levels are compared as strings: a condition coded 0 / 1 is source=0 or source="0"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
-from scinfl.tl._perturbation_scores import check_same_genes
+from scinfl.tl._perturbation_scores import same_genes_as
 
 
 def perturbation(
@@ -31,8 +32,9 @@ def perturbation(
     Parameters
     ----------
     predicted, observed, control
-        Log-normalised cells with the same genes: predicted and observed perturbed cells,
-        observed control cells (e.g. from :func:`scinfl.tl.predict_perturbation`).
+        Log-normalised cells with the same genes (matched by name): predicted and observed
+        perturbed cells, observed control cells (e.g. from
+        :func:`scinfl.tl.predict_perturbation`).
     genes
         Response genes, strongest first (:func:`scinfl.tl.response_genes`).
     n_labels
@@ -62,11 +64,17 @@ def perturbation(
     2
     >>> plt.close(fig)
     """
-    names = check_same_genes(predicted, observed, control)
-    top = names.get_indexer(list(genes))
-    if len(top) == 0 or (top < 0).any():
+    observed = same_genes_as(predicted, observed, "observed")
+    control = same_genes_as(predicted, control, "control")
+    names = predicted.var_names
+    if save is not None and not Path(save).parent.is_dir():
         raise ValueError(
-            "genes must name one or more genes of `observed` (e.g. scinfl.tl.response_genes); "
+            f"save={str(save)!r}: the folder {str(Path(save).parent)!r} does not exist."
+        )
+    top = names.get_indexer(list(genes))
+    if len(top) < 2 or (top < 0).any():
+        raise ValueError(
+            "genes must name two or more genes of `observed` (e.g. scinfl.tl.response_genes); "
             f"not found: {list(np.asarray(list(genes))[top < 0])[:5]}."
         )
     means = [np.asarray(a.X.mean(axis=0), dtype=float).ravel() for a in (predicted, observed)]

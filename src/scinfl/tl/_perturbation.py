@@ -27,8 +27,10 @@ def predict_perturbation(
 
     One predicted cell per source cell of the chosen cell types
     (:meth:`~scinfl.model.PerturbationINFL.predict_perturbation`), named
-    ``"<source cell>-predicted"``, with the source cell's ``.obs`` and the condition column set
-    to ``target``: ready to concatenate with the observed cells, normalised like them.
+    ``"<source cell>-<target>-predicted"``, with the source cell's ``.obs`` and the condition
+    column set to ``target`` (its categories the model's levels), and ``adata``'s ``.var``:
+    ready to concatenate with the observed cells, normalised like them. ``adata`` may hold
+    the source cells only.
 
     Parameters
     ----------
@@ -51,7 +53,8 @@ def predict_perturbation(
         change), comparable with ``sc.pp.normalize_total(target_sum=library_size)`` and
         ``sc.pp.log1p`` of observed cells (below 0 where a predicted decrease exceeds the
         cell's own level); ``"expected"``, the decoded expression scaled to
-        ``library_size``; ``"counts"``, counts drawn at each source cell's library size (CSR).
+        ``library_size``; ``"counts"``, counts drawn at each source cell's library size (CSR,
+        also in ``.layers["counts"]``).
     library_size
         Counts per cell that the normalised values refer to.
     seed
@@ -81,6 +84,10 @@ def predict_perturbation(
             f"predict_perturbation needs a scinfl.model.PerturbationINFL (its decoder reads the "
             f"condition), got {type(model).__name__}."
         )
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(
+            f"key_added must name the .uns entry of the parameters, got {key_added!r}."
+        )
     expression = model.predict_perturbation(
         adata,
         source=source,
@@ -95,18 +102,25 @@ def predict_perturbation(
     obs = adata.obs.loc[expression.index]
     obs = obs.loc[:, ~obs.columns.str.startswith("_scvi")].copy()  # scvi-tools' bookkeeping
     condition_key = model.condition_key
-    levels = adata.obs[condition_key].astype("category").cat.categories
-    # the level as the column holds it (target=0 and target="0" name the same level)
-    level = next(value for value in levels if str(value) == str(target))
+    # the model's levels (the data may hold only the source's), as the column holds them:
+    # target=0 and target="0" name the same level
+    levels = pd.Index(model.condition_levels)
+    level = levels[[str(value) for value in levels].index(str(target))]
     obs[condition_key] = pd.Categorical([level] * len(obs), categories=levels)
-    obs.index = [f"{name}-predicted" for name in expression.index]
+    for column in obs.columns:
+        if isinstance(obs[column].dtype, pd.CategoricalDtype) and column != condition_key:
+            obs[column] = obs[column].cat.remove_unused_categories()
+    # named by the target too: predictions for several targets concatenate
+    obs.index = [f"{name}-{target}-predicted" for name in expression.index]
     x = expression.to_numpy(dtype=np.float32)
+    # the model's genes, in its order (the data's may be another order or a superset)
+    genes = pd.Index(expression.columns, name=adata.var_names.name)
+    var = adata.var.set_axis(adata.var_names.astype(str)).reindex(genes.astype(str))
     result = AnnData(
-        X=sparse.csr_matrix(x) if output == "counts" else x,
-        obs=obs,
-        # the model's genes, in its order (the data's may be another order or a superset)
-        var=pd.DataFrame(index=pd.Index(expression.columns, name=adata.var_names.name)),
+        X=sparse.csr_matrix(x) if output == "counts" else x, obs=obs, var=var.set_axis(genes)
     )
+    if output == "counts":
+        result.layers["counts"] = result.X.copy()  # where scinfl models read counts from
     result.uns[key_added] = {
         "params": {
             "source": source,

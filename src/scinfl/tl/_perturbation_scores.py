@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +12,13 @@ from anndata import AnnData
 from scipy import sparse
 from sklearn.decomposition import PCA
 from sklearn.metrics import pairwise_distances
+
+from scinfl._checks import check_value
+
+logger = logging.getLogger(__name__)
+
+#: log1p of normalised counts stays far below this; counts and expected counts do not
+_LOG_MAX = 30.0
 
 
 def response_genes(
@@ -43,10 +51,18 @@ def response_genes(
     >>> set(genes) <= set(adata.var_names[adata.var["response"]]) | set(adata.var_names[-5:])
     True
     """
+    check_value("n_genes", n_genes, int, "an integer >= 1", lambda v: v >= 1)
+    source, target = str(source), str(target)  # levels as strings: a condition coded 0 / 1
+    if source == target:
+        raise ValueError(f"source and target are the same level ({source!r}): nothing to rank.")
     _check_levels(adata, condition_key, (source, target))
+    _warn_not_log(adata, "adata")
+    # the condition as string categories, on a light copy (the user's column keeps its dtype)
+    conditions = adata.obs[condition_key].astype(str).astype("category")
+    work = AnnData(adata.X, obs=pd.DataFrame({"condition": conditions}), var=adata.var[[]])
     result = sc.tl.rank_genes_groups(
-        adata,
-        condition_key,
+        work,
+        "condition",
         groups=[target],
         reference=source,
         method="wilcoxon",
@@ -71,7 +87,8 @@ def perturbation_scores(
 ) -> pd.Series:
     """Agreement of predicted and observed perturbed cells, on means, changes and distributions.
 
-    All three inputs are log-normalised cells of one cell type with the same genes. Scores:
+    All three inputs are log-normalised cells of one cell type with the same genes (matched by
+    name; values that look like counts get a warning). Scores:
 
     - ``r2_mean_all``, ``pearson_mean_all``: coefficient of determination and Pearson
       correlation of the predicted and observed mean expression over all genes;
@@ -93,7 +110,7 @@ def perturbation_scores(
     genes
         Response genes, strongest first (:func:`response_genes` on the observed data).
     n_top
-        Numbers of top genes to score on.
+        Numbers of top genes to score on (or one number), each at least 2.
     n_cells
         Cells drawn from each set for the energy distance.
     seed
@@ -114,7 +131,19 @@ def perturbation_scores(
     >>> round(float(s["delta_pearson_top10"]), 6), round(float(s["e_distance"]), 6)
     (1.0, 0.0)
     """
-    names = check_same_genes(predicted, observed, control)
+    n_top = [n_top] if isinstance(n_top, int | np.integer) else list(n_top)
+    for n in n_top:
+        check_value("each n_top", n, int, "an integer >= 2 (a correlation needs 2 genes)", _two)
+    genes = list(genes)
+    if len(set(genes)) < len(genes):
+        raise ValueError("genes repeat a name: each response gene must be given once.")
+    observed, control = (
+        same_genes_as(predicted, a, name)
+        for a, name in ((observed, "observed"), (control, "control"))
+    )
+    names = predicted.var_names
+    for adata, name in ((predicted, "predicted"), (observed, "observed"), (control, "control")):
+        _warn_not_log(adata, name)
     too_many = [n for n in n_top if n > len(genes)]
     if too_many:
         raise ValueError(
@@ -164,23 +193,44 @@ def e_distance(
     return float(2 * between - pairwise_distances(p).mean() - pairwise_distances(o).mean())
 
 
-def check_same_genes(predicted: AnnData, observed: AnnData, control: AnnData) -> pd.Index:
-    """The genes of the three sets, which must be the same, in order.
+def same_genes_as(reference: AnnData, adata: AnnData, name: str) -> AnnData:
+    """``adata`` with ``reference``'s genes in its order (matched by name), or an error.
 
     Examples
     --------
-    >>> import numpy as np, anndata
-    >>> a = anndata.AnnData(np.ones((2, 3)))
-    >>> list(check_same_genes(a, a, a))
-    ['0', '1', '2']
+    >>> import numpy as np, anndata, pandas as pd
+    >>> a = anndata.AnnData(np.arange(6.0).reshape(2, 3), var=pd.DataFrame(index=["x", "y", "z"]))
+    >>> list(same_genes_as(a, a[:, ::-1], "observed").var_names)
+    ['x', 'y', 'z']
     """
-    names = observed.var_names
-    if not (predicted.var_names.equals(names) and control.var_names.equals(names)):
+    genes = reference.var_names
+    if adata.var_names.equals(genes):
+        return adata
+    if not adata.var_names.is_unique or not genes.isin(adata.var_names).all():
         raise ValueError(
-            "predicted, observed and control must have the same genes, in order (e.g. "
-            "observed = observed[:, predicted.var_names].copy())."
+            f"{name} must hold the predicted cells' genes, once each (e.g. "
+            f"{name} = {name}[:, predicted.var_names].copy()); missing: "
+            f"{list(genes[~genes.isin(adata.var_names)][:5])}."
         )
-    return names
+    return adata[:, genes]
+
+
+def _two(n: int) -> bool:
+    return n >= 2
+
+
+def _warn_not_log(adata: AnnData, name: str) -> None:
+    """Warn when values look like counts or expected counts: scores compare log-normalised data."""
+    x = adata.X
+    largest = float(x.max()) if x.shape[0] and x.shape[1] else 0.0
+    if largest > _LOG_MAX:
+        logger.warning(
+            "%s holds values up to %.3g: the scores compare log-normalised expression "
+            "(sc.pp.normalize_total, then sc.pp.log1p; predict_perturbation's default "
+            "output='log_change' gives it).",
+            name,
+            largest,
+        )
 
 
 def _check_levels(adata: AnnData, key: str, levels: Sequence[str]) -> None:

@@ -55,7 +55,7 @@ def check_input_columns(obs: pd.DataFrame, manager, what: str = "The new data") 
                 f"adata.obs[{column!r}] of {what.lower()} holds categories the model was not "
                 f"trained on ({sorted(map(str, pd.unique(new)))[:10]}); it reads this column as "
                 f"an input and has parameters only for {list(known)[:10]}. Map them to one of "
-                "these (e.g. the closest batch), or set the model up without this column."
+                "these, or leave those cells out."
             )
 
 
