@@ -278,7 +278,10 @@ def share_feature_scale(
         moments = unmask_sum(updates, template, sites)
     else:
         moments = fedavg(updates)
-    loc, scale = scale_from_moments(moments["count"], moments["sum"], moments["sumsq"])
+    # the aggregate is the pooled per-row mean of each moment: back to sums over all rows
+    # (the ratios give the same location and scale; the count tells too rare a feature)
+    rows = sum(update.n for update in updates)
+    loc, scale = scale_from_moments(*(rows * moments[m] for m in ("count", "sum", "sumsq")))
     record = parameters_to_record({"loc": loc, "scale": scale})
     messages = [
         Message(
