@@ -122,6 +122,17 @@ def test_resume_extends_a_finished_run(tmp_path, key):
     assert server.config.kl_warmup_rounds == 1
 
 
+def test_resume_grown_past_the_warm_up_keeps_the_sites_in_step(tmp_path, key):
+    """After 2 of 2 rounds (warm-up 1), 9 rounds would warm up over 4: the sites keep 1.
+
+    The sites refused the server's KL weight (1.0 against their 0.75) before.
+    """
+    sites, module = _sites(), _module(key)
+    _run(module, sites, _config(max_rounds=2), key, checkpoint_dir=tmp_path)
+    server = _run(module, sites, _config(max_rounds=9), key, checkpoint_dir=tmp_path, resume=True)
+    assert set(server.history().loc[lambda h: h["round"] >= 2, "kl_weight"]) == {1.0}
+
+
 def test_resume_refuses_other_settings_another_key_or_no_checkpoint(tmp_path, key):
     module, sites = _module(key), _sites()
     _run(module, sites, _config(max_rounds=1), key, checkpoint_dir=tmp_path)

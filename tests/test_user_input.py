@@ -337,6 +337,13 @@ def test_asking_for_more_sites_than_the_federation_has_says_so(key):
     model = INFL(adata, key=key, n_hidden=8)
     with pytest.raises(ValueError, match="min_sites=5 but the federation has only 2 sites"):
         model.train_federated(max_rounds=1, min_sites=5, progress_bar=False)
+    # settings no round could meet are refused before training, not at round 0
+    with pytest.raises(ValueError, match="asks 1 of the 2 sites to train each round"):
+        model.train_federated(max_rounds=1, fraction=0.5, min_available=2, progress_bar=False)
+    with pytest.raises(ValueError, match="secagg_min_participants=3 but a round asks 2"):
+        model.train_federated(
+            max_rounds=1, privacy="secagg", secagg_min_participants=3, progress_bar=False
+        )
 
 
 # -- utilities --------------------------------------------------------------------------------

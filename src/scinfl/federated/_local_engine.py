@@ -77,6 +77,16 @@ def run_local(
     1
     """
     initial = initial_parameters or get_shared_parameters(module)
+    frames = frames_for(key) if config.privacy.secret_frames else None
+    server = start_server(
+        frames.encode(initial, INITIAL_FRAME) if frames else initial,
+        config,
+        key_fingerprint,
+        key_version,
+        n_sites=len(sites),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
     runtimes = {
         site.name: SiteRuntime(
             module,
@@ -85,21 +95,12 @@ def run_local(
             key_version,
             key=key,
             secret_frames=bool(config.privacy.secret_frames),
-            federation=config,
+            # the server's settings: a resumed run keeps the default KL warm-up it began with
+            federation=server.config,
             initial=initial,
         )
         for site in sites
     }
-    frames = frames_for(key) if config.privacy.secret_frames else None
-    server = start_server(
-        frames.encode(initial, INITIAL_FRAME) if frames else initial,
-        config,
-        key_fingerprint,
-        key_version,
-        n_sites=len(runtimes),
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-    )
     run_rounds(InProcessTransport(runtimes, frames), server, progress_bar=progress_bar)
     best = server.best_parameters
     set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)

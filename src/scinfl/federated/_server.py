@@ -151,12 +151,13 @@ class FederatedServer:
                 "key). Check that every site loaded the federation's key file."
             )
         if len(accepted) < self.config.min_available:
+            saved = self.checkpoint_dir is not None and round_ > 0
+            then = "continue with resume=True from the last checkpoint" if saved else "train again"
             raise RuntimeError(
                 f"Round {round_}: {len(accepted)} update(s) accepted, fewer than "
                 f"min_available={self.config.min_available} (sites failed, did not answer in "
                 "time, or used another key). Bring the sites back (each with the federation's "
-                "key file) and continue with resume=True from the last checkpoint, or lower "
-                "min_available."
+                f"key file) and {then}, or lower min_available."
             )
         extra = {}
         if self.config.privacy.secret_frames:

@@ -214,15 +214,6 @@ def run_flower_simulation(
     template = copy.deepcopy(module)
     if keys is not None and hasattr(template, "set_key"):
         template.set_key(None)  # the nodes install their own key
-    table = SimulationSites(
-        template,
-        sites,
-        keys=keys,
-        key_fingerprint=key_fingerprint,
-        key_version=key_version,
-        num_threads=torch.get_num_threads(),
-        config=config,
-    )
     initial = initial_parameters or get_shared_parameters(module)
     frames = None
     if config.privacy.secret_frames:
@@ -238,9 +229,19 @@ def run_flower_simulation(
         config,
         key_fingerprint,
         key_version,
-        n_sites=len(table.sites),
+        n_sites=len(sites),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+    )
+    table = SimulationSites(
+        template,
+        sites,
+        keys=keys,
+        key_fingerprint=key_fingerprint,
+        key_version=key_version,
+        num_threads=torch.get_num_threads(),
+        # the server's settings: a resumed run keeps the default KL warm-up it began with
+        config=server.config,
     )
     failures: list[BaseException] = []
     server_app = make_server_app(

@@ -177,6 +177,19 @@ class FederatedTrainingMixin:
                 f"min_available={config.min_available} but the federation has only "
                 f"{len(sites)} sites."
             )
+        sampled = max(config.min_sites, int(np.ceil(config.fraction * len(sites))))
+        if config.min_available > sampled:
+            raise ValueError(
+                f"min_available={config.min_available} but fraction={config.fraction} asks "
+                f"{sampled} of the {len(sites)} sites to train each round: no round could "
+                f"complete. Raise fraction (or min_sites), or lower min_available."
+            )
+        participants = config.privacy.secagg_min_participants
+        if config.privacy.secure_aggregation and participants and participants > sampled:
+            raise ValueError(
+                f"secagg_min_participants={participants} but a round asks {sampled} sites to "
+                "train: no round could be aggregated. Lower it, or raise fraction."
+            )
         self._fit_feature_scale(sites)
         device = training_device(accelerator, devices, engine)
         history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume, device)
