@@ -7,6 +7,7 @@ Sampling, FedAvg, the key-identity check and model selection are those of
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from scinfl.federated._secure_aggregation import unmask_sum
 from scinfl.federated._server import FederatedServer
 from scinfl.module import scale_from_moments
 
+from ._cancellable_grid import CancellableGrid
 from ._client_app import (
     FEATURE_SCALE,
     IN_SECRET_FRAME,
@@ -499,6 +501,7 @@ def make_server_app(
     discovery_timeout: float | None = 300.0,
     progress_bar: bool = True,
     on_error: Callable[[BaseException], None] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> ServerApp:
     """Build the Flower ``ServerApp`` of scinfl.
 
@@ -520,6 +523,9 @@ def make_server_app(
     on_error
         Called with an exception that ends the run, before it propagates (Flower's simulation
         only logs it).
+    cancelled
+        Set by the caller to end the run's waits (:class:`CancellableGrid`): a simulation
+        interrupted in its caller's thread.
 
     Returns
     -------
@@ -538,6 +544,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cancelled is not None:
+            grid = CancellableGrid(grid, cancelled)
         try:
             server = server_factory(context)
             expected = expected_sites(context) if callable(expected_sites) else expected_sites

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,18 +251,24 @@ def run_flower_simulation(
         progress_bar=progress_bar,
         discovery_timeout=None,
         on_error=failures.append,
+        cancelled=(cancelled := threading.Event()),
     )
     client_app = make_client_app(table)
     if backend_config is None:
         backend_config = _default_backend_config()
-    with _quiet_deprecation():
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(table.sites),
-            backend_config=dict(backend_config),
-            verbose_logging=verbose_logging,
-        )
+    try:
+        with _quiet_deprecation():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(table.sites),
+                backend_config=dict(backend_config),
+                verbose_logging=verbose_logging,
+            )
+    except BaseException:
+        # interrupted (Ctrl-C): end the ServerApp thread's waits, or the process cannot exit
+        cancelled.set()
+        raise
     if failures:  # Flower's simulation logs a ServerApp's exception and returns: re-raise it
         raise failures[0]
     if server.best_parameters is None:
