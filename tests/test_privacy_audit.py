@@ -389,3 +389,16 @@ def test_attacker_module_correct_guess_is_a_copy_with_the_key():
     copy = attacker_module(vae, "correct")
     assert copy is not vae
     assert torch.equal(copy.key_encoder.coordinates, vae.key_encoder.coordinates)
+
+
+def test_audit_of_a_sample_dp_model_is_labelled_and_warns(caplog):
+    model = _trained(None, n_rounds=1, sample_dp_epsilon=3.0)
+    with pytest.raises(ValueError, match="trained on every row"):
+        audit(model, attacks=["label-prevalence"])
+    n = model.adata.n_obs
+    public = np.zeros(n, dtype=bool)
+    public[: n // 4] = True  # rows of the same kind, as if held out before training
+    with caplog.at_level("WARNING", logger="scinfl"):
+        df = audit(model, attacks=["label-prevalence"], members=~public, public=public)
+    assert set(df["defence"]) == {"plain+sample-dp"}
+    assert "upper bound" in caplog.text

@@ -145,9 +145,17 @@ def _defence_name(model, framed: bool = False) -> str:
     name = getattr(model.module, "key_mode_name", None) or "plain"
     if getattr(model, "dp_epsilon_", None) is not None:
         name = f"{name}+dp"
+    elif _trained_with_sample_dp(model):
+        name = f"{name}+sample-dp"
     if framed:
         name = f"{name}+frames"
     return name
+
+
+def _trained_with_sample_dp(model) -> bool:
+    """Whether the model's last federated run was DP-SGD at the sites (epsilon per site)."""
+    history = getattr(model, "federated_history_", None)
+    return history is not None and "dp_epsilon" in history and history["dp_epsilon"].notna().any()
 
 
 def _upload_name(size: int) -> str:
@@ -264,8 +272,10 @@ class AuditConfig:
         KL weight of the audited round and of the membership losses.
     defence
         Name of the defence in the table (default: the key mode, ``"plain"`` without a key,
-        with ``"+dp"`` for a model trained with differential privacy and ``"+frames"`` for
-        one trained under secret frames).
+        with ``"+dp"`` for a model trained with DP-FedAvg (``privacy="dp"``), ``"+sample-dp"``
+        for one trained with DP-SGD at the sites (``sample_dp_epsilon``: its upload attacks
+        see the uploads without that noise, an upper bound; a warning says so) and
+        ``"+frames"`` for one trained under secret frames).
     secret_frame
         Audit the model as trained under ``secret_frames``: the server holds the global
         parameters in this secret frame and each upload in the same one (the attacker's best
@@ -397,7 +407,11 @@ class AuditData:
             if members[public_rows].any():
                 logger.warning("Some public rows are training rows of the model.")
         if len(public_rows) == 0:
-            raise ValueError("No public rows: pass public= or hold out rows from training.")
+            raise ValueError(
+                "No public rows: the model trained on every row (as under sample_dp_epsilon or "
+                "validation_size=0). Pass public= (rows of the same kind it did not train on) "
+                "and members= (those it did), e.g. from a split made before training."
+            )
         public_x = data.encoder_input(public_rows, bool(getattr(module, "log_variational", True)))
 
         keyed = getattr(module, "key_encoder", None) is not None
@@ -954,6 +968,12 @@ def audit(
             "AuditConfig."
         )
     config = replace(config or AuditConfig(), **overrides)
+    if _trained_with_sample_dp(model):
+        logger.warning(
+            "The model trained with sample-level DP (DP-SGD at the sites): the audit attacks "
+            "its uploads without the DP-SGD noise, so its upload attacks measure what the "
+            "model leaks without that noise (an upper bound), not the guarantee."
+        )
     data = AuditData.prepare(model, adata, config)
     rows = [row for attack in attacks for row in attack.run(model, data, config)]
     if not (data.keyed or data.framed):
