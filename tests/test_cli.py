@@ -47,6 +47,14 @@ def test_identity_and_roster_commands_make_files_a_site_loads(tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
     _refused(capsys, ["identity", "a", "--out", str(tmp_path / "a.identity")], "pass --force")
     assert main(["identity", "a", "--out", str(tmp_path / "a.identity"), "--force"]) == 0
+    _refused(capsys, ["identity", "x=y", "--out", str(tmp_path / "x.identity")], "without '='")
+    roster_again = ["roster", *lines, "--out", str(tmp_path / "roster.json")]
+    _refused(capsys, roster_again, "pass --force")
+    assert main([*roster_again, "--force"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("scinfl ")
 
 
 def _refused(capsys, argv, message):

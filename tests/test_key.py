@@ -80,3 +80,10 @@ def test_rotate_bumps_version(key):
 
 def test_public_api_exports():
     assert scinfl.Key is Key
+
+
+def test_a_seed_that_is_not_bytes_says_so():
+    with pytest.raises(TypeError, match="A key seed is bytes, got str"):
+        Key("0123456789abcdef0123456789abcdef")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        Key(b"short")

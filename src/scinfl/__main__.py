@@ -148,6 +148,11 @@ def new_identity(site: str, out: str | Path, overwrite: bool = False) -> str:
     """
     from scinfl.federated import SiteIdentity
 
+    if not site.strip() or "=" in site:
+        raise ValueError(
+            f"Site name {site!r}: give a non-empty name without '=' (the roster reads "
+            "SITE=PUBLIC_KEY lines)."
+        )
     if Path(out).exists() and not overwrite:
         raise ValueError(f"{out} exists: pass --force to replace that identity, or another --out.")
     identity = SiteIdentity.generate(site)
@@ -155,7 +160,7 @@ def new_identity(site: str, out: str | Path, overwrite: bool = False) -> str:
     return identity.public_key
 
 
-def write_roster(entries: Sequence[str], out: str | Path) -> Path:
+def write_roster(entries: Sequence[str], out: str | Path, overwrite: bool = False) -> Path:
     """Write the roster of ``SITE=PUBLIC_KEY`` entries (the public keys sites sent) to ``out``.
 
     Examples
@@ -167,6 +172,8 @@ def write_roster(entries: Sequence[str], out: str | Path) -> Path:
     """
     from scinfl.federated import Roster
 
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{out} exists: pass --force to replace that roster, or another --out.")
     keys = {}
     for entry in entries:
         site, sep, public_key = entry.partition("=")
@@ -181,18 +188,27 @@ def write_roster(entries: Sequence[str], out: str | Path) -> Path:
     return Roster(keys).save(out)
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("scinfl")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scinfl`` command."""
     parser = argparse.ArgumentParser(
         prog="scinfl", description="Federated omics models with a secret key (INFL)."
     )
+    parser.add_argument("--version", action="version", version=f"scinfl {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     qs = commands.add_parser(
         "quickstart", help="3-site federation on packaged PBMC data; prints a summary"
     )
     qs.add_argument("--rounds", type=int, default=30, help="federated rounds (default 30)")
-    qs.add_argument("--out", default="scinfl_quickstart", help="output directory")
-    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument(
+        "--out", default="scinfl_quickstart", help="output directory (default scinfl_quickstart)"
+    )
+    qs.add_argument("--seed", type=int, default=0, help="seed of the sites' split and training")
     qs.add_argument("--no-central", action="store_true", help="skip the centralized reference")
     identity = commands.add_parser(
         "identity", help="draw a site's identity for secure aggregation (kept at the site)"
@@ -205,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     roster.add_argument("entries", nargs="+", metavar="SITE=PUBLIC_KEY")
     roster.add_argument("--out", required=True, help="roster file to write (public)")
+    roster.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -219,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"wrote {args.out}; send the coordinator this line for the roster:")
             console.print(f"{args.site}={public_key}", soft_wrap=True)
         else:
-            console.print(f"wrote {write_roster(args.entries, args.out)}")
+            console.print(f"wrote {write_roster(args.entries, args.out, overwrite=args.force)}")
     except (ValueError, OSError) as error:
         # a user's mistake (a setting, a path): one line, as argparse reports its own
         commands.choices[args.command].error(str(error))

@@ -70,7 +70,12 @@ class Key:
     __slots__ = ("_seed", "_version")
 
     def __init__(self, seed: bytes, version: int = 1) -> None:
-        if not isinstance(seed, bytes | bytearray) or len(seed) < 16:
+        if not isinstance(seed, bytes | bytearray):
+            raise TypeError(
+                f"A key seed is bytes, got {type(seed).__name__}; use `Key.generate()` (or "
+                "`Key.load(path)` for a saved key)."
+            )
+        if len(seed) < 16:
             raise ValueError("A key seed must be at least 16 bytes; use `Key.generate()`.")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ValueError(f"Key version must be a positive integer, got {version!r}.")

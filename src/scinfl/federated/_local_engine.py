@@ -205,6 +205,8 @@ def start_server(
         return FederatedServer.from_checkpoint(
             checkpoint_dir, config, key_fingerprint, key_version, n_sites=n_sites
         )
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_file():
+        raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file: give a directory.")
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "checkpoint.json").exists():
         # a new run would overwrite it round by round: the interrupted run could not resume
         raise ValueError(
