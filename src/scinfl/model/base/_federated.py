@@ -116,7 +116,9 @@ class FederatedTrainingMixin:
         resume
             Continue the interrupted run saved in ``checkpoint_dir`` from its last completed
             round, with the same settings (``max_rounds`` may grow); the result equals that of
-            an uninterrupted run.
+            an uninterrupted run, except under ``sample_dp_epsilon``: a restarted site draws
+            new DP noise (its noise secret lives in the process), so the model differs as
+            another draw of the same mechanism does.
         progress_bar
             Show a progress bar over rounds.
         accelerator, devices
