@@ -465,7 +465,9 @@ def test_control_cells_alone_predict_load_and_set_up(key, tmp_path):
     adata, model = _perturbation(key)
     controls = adata[(adata.obs["condition"] == "ctrl") & (adata.obs["cell_type"] == "type0")]
     controls = controls.copy()  # anndata drops the now unused 'stim' category
-    predicted = scinfl.tl.predict_perturbation(controls, model, cell_types=["type0"])
+    predicted = scinfl.tl.predict_perturbation(
+        controls, model, cell_types=["type0"], batch_size=16
+    )
     assert set(predicted.obs["condition"]) == {"stim"}
     assert list(predicted.obs["condition"].cat.categories) == model.condition_levels
     assert (predicted.var_names == adata.var_names).all()

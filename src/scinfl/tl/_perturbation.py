@@ -22,6 +22,7 @@ def predict_perturbation(
     library_size: float = 1e4,
     seed: int = 0,
     key_added: str = "scinfl_perturbation",
+    batch_size: int | None = None,
 ) -> AnnData:
     """Predict how the ``source`` cells of ``adata`` respond to ``target``; a new AnnData.
 
@@ -61,6 +62,8 @@ def predict_perturbation(
         Seed of the draws (``"counts"``).
     key_added
         ``.uns`` key of the parameters (``.uns[key_added]["params"]``).
+    batch_size
+        Cells per minibatch when encoding and decoding (``None``: scvi-tools' default).
 
     Returns
     -------
@@ -98,6 +101,7 @@ def predict_perturbation(
         output=output,
         library_size=library_size,
         seed=seed,
+        batch_size=batch_size,
     )
     obs = adata.obs.loc[expression.index]
     obs = obs.loc[:, ~obs.columns.str.startswith("_scvi")].copy()  # scvi-tools' bookkeeping
