@@ -35,6 +35,8 @@ COUNT_TOLERANCE = 1e-5
 _LINEAR_SCALE = 1e3
 #: Exact zeros among values of typical magnitude above this look like missing values.
 _ZEROS_AMONG = 8.0
+#: ... and whose smallest measured values (1st percentile) exceed this fraction of it
+_GAP = 0.25
 _SAMPLE = 100_000
 
 
@@ -119,7 +121,13 @@ def _warn_unlogged_or_zero_filled(where, magnitudes, n_zero: int, n_finite: int)
             where,
             typical,
         )
-    elif typical > _ZEROS_AMONG and n_zero > 0.01 * n_finite:
+    elif (
+        typical > _ZEROS_AMONG
+        and n_zero > 0.01 * n_finite
+        # a gap between 0 and the smallest measured values: zeros are not low measurements
+        # (log2 intensities of 15-35 with zeros for missing; log RNA-seq has values near 0)
+        and float(np.percentile(magnitudes, 1)) > _GAP * typical
+    ):
         logger.warning(
             "%s holds %d exact zeros among values of typical size %.3g: if 0 marks a missing "
             "value (as in MaxQuant or DIA-NN tables), replace zeros by NaN "
