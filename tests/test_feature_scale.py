@@ -176,6 +176,14 @@ def test_features_too_rare_to_scale_are_missing_also_in_new_samples():
     assert fresh.feature_observed.all()
 
 
+def test_a_spread_from_a_few_close_values_is_floored_at_the_typical_scale():
+    x = np.random.default_rng(0).normal(25.0, 2.0, size=(40, 5))
+    x[2:, 0] = np.nan
+    x[:2, 0] = [25.0, 25.02]  # two close values: a scale of 0.01 would put new samples far out
+    loc, scale = scale_from_moments(*feature_moments(x))
+    assert scale[0] >= np.median(scale[1:]) and np.allclose(scale[1:], np.nanstd(x[:, 1:], 0))
+
+
 @pytest.mark.parametrize("as_sparse", [False, True])
 def test_moments_match_numpy(as_sparse):
     rng = np.random.default_rng(0)

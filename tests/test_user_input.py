@@ -458,6 +458,22 @@ def test_a_site_takes_the_agreed_union_of_features_by_name():
     np.testing.assert_array_equal(same.X, site.X[:, [2, 0]])
     with pytest.raises(ValueError, match="repeat"):
         scinfl.pp.align_features(site, ["P1", "P1"])
+    # every matrix padded alike, whether or not the site lacks a feature
+    site.layers["log2"] = site.X.copy()
+    site.obsm["X_pca"] = np.zeros((6, 2))
+    for features in (["P1", "P2"], ["P1", "P3"]):
+        aligned = scinfl.pp.align_features(site, features)
+        np.testing.assert_array_equal(aligned.layers["log2"][:, 0], site.X[:, 1])
+        assert "X_pca" in aligned.obsm
+    assert list(scinfl.pp.align_features(site, "P1").var_names) == ["P1"]  # one name
+    for features, message in (([], "no feature"), (["Q1", "Q2"], "shares none")):
+        with pytest.raises(ValueError, match=message):
+            scinfl.pp.align_features(site, features)
+    numbered = anndata.AnnData(site.X.copy())
+    numbered.var_names = pd.Index([3, 1, 9])
+    np.testing.assert_array_equal(
+        scinfl.pp.align_features(numbered, ["9", "3"]).X, site.X[:, [2, 0]]
+    )
 
 
 def test_control_cells_alone_predict_load_and_set_up(key, tmp_path):
@@ -465,9 +481,7 @@ def test_control_cells_alone_predict_load_and_set_up(key, tmp_path):
     adata, model = _perturbation(key)
     controls = adata[(adata.obs["condition"] == "ctrl") & (adata.obs["cell_type"] == "type0")]
     controls = controls.copy()  # anndata drops the now unused 'stim' category
-    predicted = scinfl.tl.predict_perturbation(
-        controls, model, cell_types=["type0"], batch_size=16
-    )
+    predicted = scinfl.tl.predict_perturbation(controls, model, cell_types=["type0"], batch_size=16)
     assert set(predicted.obs["condition"]) == {"stim"}
     assert list(predicted.obs["condition"].cat.categories) == model.condition_levels
     assert (predicted.var_names == adata.var_names).all()

@@ -110,4 +110,4 @@ def _with_features(
             f"mdata.mod[{modality!r}].var_names are not unique: features are matched by name, "
             "so call var_names_make_unique() on it first."
         )
-    return features_by_name(mod, names, layer, likelihood, f"Modality {modality!r} of the new data")
+    return features_by_name(mod, names, likelihood, f"Modality {modality!r} of the new data")

@@ -17,6 +17,8 @@ CHUNK_ROWS = 4096
 CONSTANT_TOLERANCE = 1e-6
 #: A feature observed fewer times than this over all sites has no scale: the model ignores it.
 MIN_OBSERVED = 2
+#: A feature observed fewer times than this has a scale of at least the features' median.
+MIN_SPREAD_ROWS = 10
 
 
 def feature_moments(X, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,7 +89,9 @@ def scale_from_moments(
     is centred but not blown up; a feature observed fewer than :data:`MIN_OBSERVED` times
     (nowhere, or once: no spread to scale by) gets scale 0, which
     :meth:`~scinfl.module.KeyedVAE.set_feature_scale` reads as "treat as missing", and
-    location 0 if observed nowhere.
+    location 0 if observed nowhere; one observed fewer than :data:`MIN_SPREAD_ROWS` times
+    gets at least the median scale of the better-observed features (two close values would
+    otherwise give a scale that puts every new sample far out).
 
     Parameters
     ----------
@@ -120,4 +124,10 @@ def scale_from_moments(
     scale = np.sqrt(variance)
     constant = scale <= CONSTANT_TOLERANCE * np.maximum(1.0, np.abs(loc))
     scale = np.where(constant, 1.0, scale)
+    # a spread from a handful of values can be tiny by chance (two close values): such a
+    # feature would put new samples many scales away; it is floored at the typical scale
+    few = observed & (count < MIN_SPREAD_ROWS)
+    reliable = observed & ~few & ~constant
+    if few.any() and reliable.any():
+        scale = np.where(few, np.maximum(scale, np.median(scale[reliable])), scale)
     return loc, np.where(count >= MIN_OBSERVED, scale, 0.0)

@@ -269,7 +269,7 @@ def _feature_names(model) -> list[str] | dict[str, list[str]]:
     return [str(v) for v in data.var_names]
 
 
-def _with_run_features(data, features, setup: Mapping[str, Any], init: Mapping[str, Any], path):
+def _with_run_features(data, features, init: Mapping[str, Any], path):
     """A site's data with the run's ``features`` in the run's order, matched by name.
 
     Weights are read by position: a site whose file lists the agreed features in another
@@ -294,7 +294,7 @@ def _with_run_features(data, features, setup: Mapping[str, Any], init: Mapping[s
         return data
     likelihood = init.get("gene_likelihood", "nb")
     try:
-        return features_by_name(data, names, setup.get("layer"), likelihood, f"The site's {path}")
+        return features_by_name(data, names, likelihood, f"The site's {path}")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 
@@ -332,7 +332,7 @@ def load_site(
     setup = _json_entry(s, "setup-args")
     if str(s.get("features") or ""):
         features = _json_value(s, "features")
-        adata = _with_run_features(adata, features, setup, _init_params(s), path)
+        adata = _with_run_features(adata, features, _init_params(s), path)
     for argument in ("labels_key", "batch_key"):
         if setup.get(argument) and argument not in (setup.get("categories") or {}):
             raise ValueError(

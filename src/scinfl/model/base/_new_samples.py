@@ -163,7 +163,7 @@ class NewSamplesMixin:
         else:
             _check_feature_names(adata, names, "The new data")
             likelihood = getattr(self.module, "gene_likelihood", None)
-            adata = features_by_name(adata, names, layer, likelihood)
+            adata = features_by_name(adata, names, likelihood)
         check_input_columns(adata.obs, self.adata_manager)
         likelihood = getattr(self.module, "gene_likelihood", None)
         if likelihood is not None:
@@ -197,21 +197,20 @@ class NewSamplesMixin:
 def features_by_name(
     adata: AnnData,
     names: pd.Index,
-    layer: str | None,
     likelihood: str | None,
     what: str = "The new data",
 ) -> AnnData:
     """A copy of ``adata`` with exactly the features ``names``, in that order, matched by name.
 
     Extra features are dropped. Missing ones are an error for a count likelihood (it cannot
-    treat them as missing) and become ``NaN`` (missing values) for ``"normal"``; the values
-    are read from ``layer`` (``None``: ``.X``) and written to ``.X`` and ``layer``.
+    treat them as missing) and become ``NaN`` (missing values) for ``"normal"``, in ``.X``
+    and every layer (:func:`scinfl.pp.align_features`).
 
     Examples
     --------
     >>> import numpy as np, anndata, pandas as pd
     >>> adata = anndata.AnnData(np.ones((2, 2)), var=pd.DataFrame(index=["b", "a"]))
-    >>> new = features_by_name(adata, pd.Index(["a", "c"]), None, "normal")
+    >>> new = features_by_name(adata, pd.Index(["a", "c"]), "normal")
     >>> list(new.var_names), bool(np.isnan(new.X[:, 1]).all())
     (['a', 'c'], True)
     """
@@ -229,4 +228,4 @@ def features_by_name(
         what.lower(),
         len(names),
     )
-    return align_features(adata, names, layer)
+    return align_features(adata, names)
