@@ -419,6 +419,8 @@ def test_normalized_expression_and_differential_expression_as_scvi(counts_adata,
     normal = INFL(continuous, key=key, gene_likelihood="normal", n_hidden=16)
     with pytest.raises(NotImplementedError, match="count proportions"):
         normal.get_normalized_expression()
+    with pytest.raises(NotImplementedError, match="has none of these"):
+        normal.get_likelihood_parameters()
 
 
 def test_zeros_of_log_rna_seq_are_measurements_not_missing(caplog):

@@ -34,3 +34,6 @@ def test_umap_of_a_mudata_colours_by_a_modalitys_feature():
     plt.close(fig)
     with pytest.raises(ValueError, match="modality:feature"):
         scinfl.pl.umap(mdata, color="nothing")
+    mdata.mod["prot"].var_names = ["gene1", *mdata.mod["prot"].var_names[1:]]
+    with pytest.raises(ValueError, match="several modalities"):
+        scinfl.pl.umap(mdata, color="gene1")

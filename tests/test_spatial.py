@@ -209,6 +209,8 @@ def test_domains_leiden_and_copy():
         ({"use_rep": "X_domain", "key_added": "domain"}, "another key_added"),
         ({"key_added": "scinfl"}, "another key_added"),  # tl.embed's latent
         ({"key_added": "graph"}, "not spatial domains"),  # tl.cluster's neighbour graph
+        ({"key_added": "spatial"}, "scanpy / squidpy"),  # squidpy's Visium entry
+        ({"key_added": "umap_scinfl"}, "another tool's result"),  # tl.cluster's UMAP
         ({"n_domains": 2.0}, "n_domains must be an integer"),
         ({"n_layers": 1.5}, "n_layers must be an integer"),
     ],
@@ -217,6 +219,7 @@ def test_domains_errors(kwargs, match):
     adata = _line(6)
     adata.obsm["X_scinfl"] = adata.obsm["X_domain"] = np.zeros((6, 2))
     adata.uns["graph"] = {"connectivities_key": "graph_connectivities", "params": {}}
+    adata.obsm["X_umap_scinfl"] = np.zeros((6, 2))
     with pytest.raises(ValueError, match=match):
         scinfl.tl.domains(adata, **kwargs)
 
@@ -267,7 +270,9 @@ def test_spatial_plot_follows_the_graphs_sections_scanpys_colours_and_features()
     plt.close(fig)
     gene = adata.var_names[0]
     fig = scinfl.pl.spatial(adata, color=gene)  # a feature, not an .obs column
-    assert len([ax for ax in fig.axes if ax.get_title()]) == 4
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4
+    assert len({ax.collections[0].get_clim() for ax in panels}) == 1  # one colour scale
     plt.close(fig)
     del adata.obs["site"], adata.uns["spatial_neighbors"]
     fig = scinfl.pl.spatial(adata, color="domain")  # no section column at all: one panel

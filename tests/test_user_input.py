@@ -149,6 +149,9 @@ def test_new_samples_need_the_columns_the_model_reads_as_inputs(key):
     query.obs["site"] = "another hospital"
     with pytest.raises(ValueError, match="categories the model was not trained on"):
         model.get_latent_representation(query)
+    query.obs["site"] = np.nan
+    with pytest.raises(ValueError, match="5 missing values"):
+        model.get_latent_representation(query)
     adata, perturbation = _perturbation(key)
     query = adata[:5].copy()
     del query.obs["condition"]
@@ -202,6 +205,11 @@ def test_multiomics_setup_combines_a_site_column_kept_in_the_modalities():
     assert mdata.obs["hospital"].astype(str).equals(sites.loc[mdata.obs_names])
     with pytest.raises(ValueError, match="pass site_key='hospital'"):
         MultiOmicsINFL.setup_mudata(mdata, ["rna", "prot"], site_key="rna:hospital")
+    # numbered sites stay numbers through the padding (they became floats, 1 against 1.0)
+    for mod in mosaic.mod.values():
+        mod.obs["code"] = mod.obs["hospital"].str.removeprefix("site").astype(int)
+    numbered = scinfl.pp.pad_modalities(mosaic)
+    MultiOmicsINFL.setup_mudata(numbered, ["rna", "prot"], site_key="code")
     mdata.mod["prot"].obs.loc[mdata.obs_names[0], "hospital"] = "elsewhere"
     del mdata.obs["hospital"]
     with pytest.raises(ValueError, match="make them agree"):

@@ -153,6 +153,8 @@ def new_identity(site: str, out: str | Path, overwrite: bool = False) -> str:
             f"Site name {site!r}: give a non-empty name without '=' (the roster reads "
             "SITE=PUBLIC_KEY lines)."
         )
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out} is a directory: give the identity file's path.")
     if Path(out).exists() and not overwrite:
         raise ValueError(f"{out} exists: pass --force to replace that identity, or another --out.")
     identity = SiteIdentity.generate(site)

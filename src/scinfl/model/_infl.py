@@ -366,6 +366,21 @@ class INFL(
             )
         return super().get_normalized_expression(*args, **kwargs)
 
+    def get_likelihood_parameters(self, *args, **kwargs):
+        """The count likelihood's parameters per cell (scvi-tools' method), for count models.
+
+        Examples
+        --------
+        >>> model.get_likelihood_parameters()  # doctest: +SKIP
+        """
+        self._require_key()
+        if getattr(self.module, "gene_likelihood", None) == "normal":
+            raise NotImplementedError(
+                "get_likelihood_parameters returns a count likelihood's mean, dispersion and "
+                "dropout; gene_likelihood='normal' has none of these."
+            )
+        return super().get_likelihood_parameters(*args, **kwargs)
+
     def get_latent(
         self,
         adata: AnnData | None = None,

@@ -30,6 +30,11 @@ def _mudata_for_plot(mdata, basis: str, colors: Sequence[str]) -> AnnData:
         if not holders:
             feature = name
             holders = [m for m, mod in mdata.mod.items() if feature in mod.var_names]
+            if len(holders) > 1:
+                raise ValueError(
+                    f"color={name!r} is a feature of several modalities {holders}: name one, "
+                    f"e.g. {holders[0] + ':' + name!r}."
+                )
         if not holders or feature not in mdata.mod[holders[0]].var_names:
             raise ValueError(
                 f"color={name!r} is neither a column of mdata.obs nor a feature of a modality "

@@ -38,6 +38,8 @@ def _values(adata: AnnData, color: str, layer: str | None) -> pd.Series:
         ):
             values = values.astype("category")
         return values
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer={layer!r} is not in adata.layers ({list(adata.layers)}).")
     if color in adata.var_names:
         column = adata[:, color].layers[layer] if layer is not None else adata[:, color].X
         column = column.toarray() if hasattr(column, "toarray") else np.asarray(column)
@@ -128,6 +130,10 @@ def spatial(
     values = _values(adata, color, kwargs.pop("layer", None))
     if isinstance(values.dtype, pd.CategoricalDtype) and "palette" not in kwargs:
         kwargs["palette"] = _palette(adata, color, values)  # the same colours in every panel
+    elif not isinstance(values.dtype, pd.CategoricalDtype):
+        # one colour scale for every panel: a colour means the same value in each section
+        kwargs.setdefault("vmin", float(np.nanmin(values)))
+        kwargs.setdefault("vmax", float(np.nanmax(values)))
     sections, named = _sections(adata, library_key)
     names = list(pd.unique(sections))
     ncols = min(ncols, len(names))

@@ -138,7 +138,13 @@ def _pad(adata: AnnData, obs_names) -> AnnData:
     present = position >= 0
     matrices = {"X": adata.X, **{name: adata.layers[name] for name in adata.layers}}
     padded = {name: _pad_matrix(m, position, present) for name, m in matrices.items()}
-    obs = adata.obs.reindex(obs_names)
+    # nullable dtypes keep numbered columns numbered (a plain reindex makes them float)
+    nullable = {
+        column: "Int64" if pd.api.types.is_integer_dtype(dtype) else "boolean"
+        for column, dtype in adata.obs.dtypes.items()
+        if pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+    }
+    obs = adata.obs.astype(nullable).reindex(obs_names)
     return AnnData(
         X=padded.pop("X"), obs=obs, var=adata.var.copy(), layers=padded, varm=dict(adata.varm)
     )

@@ -189,13 +189,14 @@ def spatial_neighbors(
     """
     if spatial_key not in adata.obsm:
         raise KeyError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
-    coord_type = _coord_type(adata, coord_type)
+    asked, coord_type = coord_type, _coord_type(adata, coord_type)
     coords = np.asarray(adata.obsm[spatial_key])
     dims = (2, 3) if coord_type == "generic" else (2,)
     if coords.ndim != 2 or coords.shape[1] not in dims:
+        chosen = " (chosen because adata.uns['spatial'] exists)" if asked is None else ""
         raise ValueError(
             f"adata.obsm[{spatial_key!r}] must be spots x {' or '.join(map(str, dims))} "
-            f"coordinates for coord_type={coord_type!r}; got shape {coords.shape}."
+            f"coordinates for coord_type={coord_type!r}{chosen}; got shape {coords.shape}."
         )
     if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] must hold finite numbers.")

@@ -17,6 +17,8 @@ from scinfl._threads import keeps_torch_threads
 
 #: what a domains result holds in ``.uns[key_added]["params"]``, to tell it from others'
 _PARAMS = ("n_layers", "method", "neighbors_key")
+#: ``.uns`` keys scanpy and squidpy read (``"spatial"``: Visium images and scale factors)
+_RESERVED = ("spatial", "neighbors", "umap", "pca", "leiden", "louvain")
 
 
 def _check_key_added(adata: AnnData, key_added: str, use_rep: str) -> None:
@@ -26,12 +28,23 @@ def _check_key_added(adata: AnnData, key_added: str, use_rep: str) -> None:
             f"key_added={key_added!r} writes the domain features to adata.obsm[{use_rep!r}], "
             "where the latent is (scinfl.tl.embed's); pick another key_added."
         )
+    if key_added in _RESERVED:
+        raise ValueError(
+            f"key_added={key_added!r} is where scanpy / squidpy keep their own results "
+            f"(.uns[{key_added!r}]); pick another key_added."
+        )
     held = adata.uns.get(key_added)
     params = held.get("params", {}) if isinstance(held, dict) else {}
-    if held is not None and not all(name in params for name in _PARAMS):
+    ours = held is not None and all(name in params for name in _PARAMS)
+    if held is not None and not ours:
         raise ValueError(
             f"adata.uns[{key_added!r}] holds results that are not spatial domains (e.g. a "
             f"neighbour graph of scinfl.tl.cluster); pick another key_added."
+        )
+    if f"X_{key_added}" in adata.obsm and not ours:
+        raise ValueError(
+            f"adata.obsm['X_{key_added}'] holds another tool's result (e.g. a UMAP); pick "
+            "another key_added."
         )
 
 

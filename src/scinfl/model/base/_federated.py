@@ -348,7 +348,9 @@ class FederatedTrainingMixin:
         history = server.history()
         history.attrs["best_round"] = server.best_round
         self.federated_history_ = history
-        self.history_ = scvi_history(history, getattr(self, "history_", None))
+        # a resumed run's history holds the checkpoint's rounds too: it replaces, not extends
+        previous = None if resume else getattr(self, "history_", None)
+        self.history_ = scvi_history(history, previous)
         self.dp_epsilon_ = server.dp_epsilon()
         # the frame the server holds the selected model in (secret frames), for the audit
         self.secret_frame_ = server.best_frame

@@ -49,6 +49,12 @@ def check_input_columns(obs: pd.DataFrame, manager, what: str = "The new data") 
                 f"knows: {list(known)[:10]}."
             )
         values = obs[column]
+        if values.isna().any():
+            raise ValueError(
+                f"adata.obs[{column!r}] of {what.lower()} has {int(values.isna().sum())} "
+                f"missing values; the model reads it as an input: fill them with one of "
+                f"{list(known)[:10]}, or leave those cells out."
+            )
         new = values[~values.isin(known)]
         if len(new):
             raise ValueError(
