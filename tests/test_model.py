@@ -48,7 +48,7 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     # scvi-tools' model.history: one row per round, losses weighted by the sites' rows
     rounds = FAST["max_rounds"]
-    loss = model.history["train_loss_epoch"]["train_loss_epoch"]
+    loss = model.history["train_loss"]["train_loss"]
     first = history[history["round"] == 0]
     assert len(loss) == rounds and loss.index.name == "epoch"
     assert np.isclose(loss.iloc[0], np.average(first["train_loss"], weights=first["n_train"]))

@@ -175,7 +175,7 @@ def test_model_checkpoint_and_resume(tmp_path, counts_adata, key):
         assert_same_weights(value, expected[name])
     # resumed on the same model object: model.history holds each round once
     model.train_federated(**{**kwargs, "max_rounds": 4}, resume=True)
-    assert len(model.history["train_loss_epoch"]) == 4
+    assert len(model.history["train_loss"]) == 4
     with pytest.raises(ValueError, match="min_available=9"):
         model.train_federated(max_rounds=1, min_available=9, batch_size=32, progress_bar=False)
 

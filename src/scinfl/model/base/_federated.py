@@ -359,10 +359,12 @@ class FederatedTrainingMixin:
 
 #: scvi-tools' names (``model.history`` keys) of the federated history's columns
 _SCVI_NAMES = {
-    "train_loss": ("train_loss_epoch", "n_train"),
+    "train_loss": ("train_loss", "n_train"),
+    "train_elbo": ("elbo_train", "n_train"),
     "train_reconstruction": ("reconstruction_loss_train", "n_train"),
     "train_kl": ("kl_local_train", "n_train"),
     "val_loss": ("validation_loss", "n_val"),
+    "val_elbo": ("elbo_validation", "n_val"),
     "val_reconstruction": ("reconstruction_loss_validation", "n_val"),
     "val_kl": ("kl_local_validation", "n_val"),
 }
@@ -375,7 +377,7 @@ def scvi_history(
 
     Each metric is the mean over the sites of the round weighted by their rows (training or
     validation), one row per round (an "epoch" of the federation), under scvi-tools' names
-    (``train_loss_epoch``, ``validation_loss``, ...), so that code reading ``model.history``
+    (``train_loss``, ``elbo_train``, ``validation_loss``, ...), so that code reading ``model.history``
     and scvi-tools' own ``train()`` afterwards (which appends to it) work. A ``previous``
     history is continued (a second ``train_federated``).
 
@@ -384,10 +386,15 @@ def scvi_history(
     >>> rows = pd.DataFrame({"round": [0, 0], "n_train": [1, 3], "train_loss": [2.0, 6.0],
     ...                      "n_val": [1, 1], "val_loss": [1.0, 3.0]})
     >>> history = scvi_history(rows)
-    >>> history["train_loss_epoch"]["train_loss_epoch"].tolist()  # (1 * 2 + 3 * 6) / 4
+    >>> history["train_loss"]["train_loss"].tolist()  # (1 * 2 + 3 * 6) / 4
     [5.0]
     """
     out = dict(previous or {})
+    history = history.copy()
+    for split in ("train", "val"):  # the ELBO per row, as scvi-tools logs it
+        parts = [f"{split}_reconstruction", f"{split}_kl"]
+        if all(part in history for part in parts):
+            history[f"{split}_elbo"] = history[parts[0]] + history[parts[1]]
     for column, (name, weight) in _SCVI_NAMES.items():
         if column not in history or weight not in history:
             continue
