@@ -10,6 +10,7 @@ derived from the two dataclasses' fields and converted back by
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -386,6 +387,16 @@ class FederationConfig:
         return dataclasses.replace(
             self, privacy=self.privacy.for_key(has_key), kl_warmup_rounds=warmup
         )
+
+    def sites_per_round(self, n_sites: int) -> int:
+        """How many of ``n_sites`` sites a round asks to train: the fraction, at least ``min_sites``.
+
+        Examples
+        --------
+        >>> FederationConfig(fraction=0.3, min_sites=2).sites_per_round(10)
+        3
+        """
+        return min(n_sites, max(self.min_sites, math.ceil(self.fraction * n_sites)))
 
     def kl_weight(self, round_: int) -> float:
         """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""

@@ -117,8 +117,7 @@ class FederatedServer:
     def sample_sites(self, sites: Sequence[str], round_: int) -> list[str]:
         """The sites asked to train in ``round_`` (a seeded fraction, at least ``min_sites``)."""
         sites = sorted(sites)
-        n = max(self.config.min_sites, int(np.ceil(self.config.fraction * len(sites))))
-        n = min(n, len(sites))
+        n = self.config.sites_per_round(len(sites))
         if n == len(sites):
             return sites
         rng = np.random.default_rng([self.config.seed, round_])

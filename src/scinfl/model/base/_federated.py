@@ -179,7 +179,7 @@ class FederatedTrainingMixin:
                 f"min_available={config.min_available} but the federation has only "
                 f"{len(sites)} sites."
             )
-        sampled = max(config.min_sites, int(np.ceil(config.fraction * len(sites))))
+        sampled = config.sites_per_round(len(sites))
         if config.min_available > sampled:
             raise ValueError(
                 f"min_available={config.min_available} but fraction={config.fraction} asks "

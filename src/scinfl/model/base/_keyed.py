@@ -12,10 +12,10 @@ import torch
 from anndata import AnnData
 from mudata import MuData
 
-from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
 from scinfl.model._multiomics_new_samples import aligned_new_mudata
+from scinfl.pp._features import align_features
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,4 @@ def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
         adata.n_vars,
         len(names),
     )
-    aligned = in_memory_copy(adata[:, adata.var_names.astype(str).get_indexer(names)])
-    aligned.var_names = names
-    return aligned
+    return align_features(adata, names)

@@ -164,14 +164,13 @@ class NewSamplesMixin:
                 f"{list(adata.layers)}); add it, e.g. adata.layers[{layer!r}] = adata.X if .X "
                 "holds the same kind of values."
             )
+        likelihood = getattr(self.module, "gene_likelihood", None)
         if len(names) == 0 or adata.var_names.astype(str).equals(names):
             adata = in_memory_copy(adata)
         else:
             _check_feature_names(adata, names, "The new data")
-            likelihood = getattr(self.module, "gene_likelihood", None)
             adata = features_by_name(adata, names, likelihood)
         check_input_columns(adata.obs, self.adata_manager)
-        likelihood = getattr(self.module, "gene_likelihood", None)
         if likelihood is not None:
             where = "the new data's " + ("X" if layer is None else f"layers[{layer!r}]")
             validate_matrix(
