@@ -1,5 +1,7 @@
 """Spatial graphs per site and section, domains over them, the spatial data sets and plot."""
 
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -56,6 +58,66 @@ def test_each_block_is_squidpys_graph_of_that_section():
     sq.gr.spatial_neighbors_knn(alone, n_neighs=5)
     block = adata.obsp["nb_connectivities"][rows][:, rows]
     assert (block != alone.obsp["spatial_connectivities"]).nnz == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "builder", "settings"),
+    [
+        ({"radius": 1.5}, "spatial_neighbors_radius", {"radius": 1.5}),
+        ({"radius": (0.5, 1.2)}, "spatial_neighbors_radius", {"radius": (0.5, 1.2)}),
+        ({"delaunay": True}, "spatial_neighbors_delaunay", {}),
+        ({"delaunay": True, "radius": 1.2}, "spatial_neighbors_delaunay", {"radius": (0, 1.2)}),
+    ],
+)
+def test_radius_and_delaunay_graphs_are_squidpys_per_section(kwargs, builder, settings):
+    import squidpy as sq
+
+    adata = _two_sites_four_sections()
+    rng = np.random.default_rng(0)
+    adata.obsm["spatial"] = adata.obsm["spatial"] + rng.uniform(-0.2, 0.2, (adata.n_obs, 2))
+    scinfl.pp.spatial_neighbors(adata, library_key="section", coord_type="generic", **kwargs)
+    graph = adata.obsp["spatial_connectivities"]
+    for section in adata.obs["section"].cat.categories:
+        rows = np.flatnonzero(adata.obs["section"] == section)
+        alone = AnnData(obs=pd.DataFrame(index=adata.obs_names[rows]))
+        alone.obsm["spatial"] = adata.obsm["spatial"][rows]
+        getattr(sq.gr, builder)(alone, **settings)
+        assert (graph[rows][:, rows] != alone.obsp["spatial_connectivities"]).nnz == 0
+    codes = adata.obs["section"].cat.codes.to_numpy()
+    rows, cols = graph.nonzero()
+    assert len(rows) and (codes[rows] == codes[cols]).all()
+    assert adata.uns["spatial_neighbors"]["params"]["delaunay"] == kwargs.get("delaunay", False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"coord_type": "grid", "delaunay": True}, "coord_type='generic'"),
+        ({"coord_type": "grid", "radius": 2.0}, "coord_type='generic'"),
+        ({"radius": -1.0}, "non-negative"),
+        ({"radius": 0.0}, "positive"),
+        ({"radius": (1.0, 2.0, 3.0)}, "pair"),
+    ],
+)
+def test_radius_and_delaunay_errors(kwargs, match):
+    adata = synthetic_spatial(n_sections=2, n_side=8, n_vars=10)
+    with pytest.raises(ValueError, match=match):
+        scinfl.pp.spatial_neighbors(adata, **{"coord_type": "generic", **kwargs})
+
+
+def test_delaunay_names_a_section_too_small_or_on_a_line():
+    adata = synthetic_spatial(n_sections=1, n_side=8, n_vars=10)
+    adata.obs["lib"] = pd.Categorical(["tiny"] * 2 + ["big"] * (adata.n_obs - 2))
+    with pytest.raises(ValueError, match="tiny.*too few for a Delaunay"):
+        scinfl.pp.spatial_neighbors(adata, library_key="lib", delaunay=True, coord_type="generic")
+    adata.obs["lib"] = pd.Categorical(["big"] * adata.n_obs)
+    adata.obsm["spatial"] = np.column_stack([np.arange(adata.n_obs, dtype=float), np.zeros(64)])
+    with pytest.raises(ValueError, match=re.escape("'all | big'") + ".*one line"):
+        scinfl.pp.spatial_neighbors(
+            adata, site_key=None, library_key="lib", delaunay=True, coord_type="generic"
+        )
+    scinfl.pp.spatial_neighbors(adata, site_key=None, library_key="lib", radius=1.0)
+    assert adata.obsp["spatial_connectivities"].nnz > 0
 
 
 def test_spatial_neighbors_copy_leaves_the_input():

@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from scipy.spatial import QhullError
 
 from scinfl._checks import check_not_empty
 
 logger = logging.getLogger(__name__)
 
-#: squidpy's graph builder of each coordinate type
-_BUILDERS = {"generic": "spatial_neighbors_knn", "grid": "spatial_neighbors_grid"}
+#: the coordinate types squidpy builds graphs of
+_COORD_TYPES = ("generic", "grid")
 _INSTALL_HINT = (
     "squidpy is needed for spatial graphs: install it with `pip install scinfl[spatial]`."
 )
@@ -102,11 +103,57 @@ def _coord_type(adata: AnnData, coord_type: str | None) -> str:
     """``coord_type``, or squidpy's choice for ``None``: a grid where ``.uns["spatial"]`` is."""
     if coord_type is None:
         return "grid" if "spatial" in adata.uns else "generic"
-    if coord_type not in _BUILDERS:
+    if coord_type not in _COORD_TYPES:
         raise ValueError(
-            f"`coord_type` must be one of {sorted(_BUILDERS)} or None; got {coord_type!r}."
+            f"`coord_type` must be one of {list(_COORD_TYPES)} or None; got {coord_type!r}."
         )
     return coord_type
+
+
+def _builder(coord_type: str, n_neighs: int, radius, delaunay: bool) -> tuple[str, dict]:
+    """Squidpy's builder and its arguments for one (site, section), as squidpy chooses them."""
+    if coord_type == "grid":
+        if delaunay or radius is not None:
+            raise ValueError(
+                "radius= and delaunay= build graphs of generic coordinates; a grid (Visium, ST) "
+                "takes n_neighs= only. Pass coord_type='generic' for them."
+            )
+        return "spatial_neighbors_grid", {"n_neighs": n_neighs}
+    if radius is not None:
+        bounds = np.atleast_1d(np.asarray(radius, dtype=float))
+        if bounds.size not in (1, 2) or not np.isfinite(bounds).all() or (bounds < 0).any():
+            raise ValueError(
+                f"radius must be a non-negative distance or a (min, max) pair; got {radius!r}."
+            )
+        if not delaunay and bounds.max() <= 0:
+            raise ValueError("radius must be positive: a radius of 0 joins no spots.")
+    if delaunay:
+        # squidpy prunes the triangulation to a (min, max) radius; a single radius would be
+        # ignored there, so it is read as the pair (0, radius)
+        if radius is not None and np.ndim(radius) == 0:
+            radius = (0.0, float(radius))
+        return "spatial_neighbors_delaunay", {"radius": radius}
+    if radius is not None:
+        return "spatial_neighbors_radius", {"radius": radius}
+    return "spatial_neighbors_knn", {"n_neighs": n_neighs}
+
+
+def _check_block_sizes(sizes: pd.Series, builder: str, n_neighs: int, n_dims: int) -> None:
+    """Refuse sections too small for the graph asked (a radius graph takes any size)."""
+    if builder in ("spatial_neighbors_knn", "spatial_neighbors_grid"):
+        small = sorted(sizes.index[sizes <= n_neighs])
+        if small:
+            raise ValueError(
+                f"Sections {small} have no more spots ({sizes[small].min()} or fewer) than the "
+                f"n_neighs={n_neighs} neighbours asked; ask fewer neighbours or drop them."
+            )
+    if builder == "spatial_neighbors_delaunay":
+        small = sorted(sizes.index[sizes <= n_dims])
+        if small:
+            raise ValueError(
+                f"Sections {small} have {n_dims} spots or fewer: too few for a Delaunay "
+                "triangulation. Use radius= or n_neighs= without delaunay, or drop them."
+            )
 
 
 def spatial_neighbors(
@@ -116,6 +163,8 @@ def spatial_neighbors(
     spatial_key: str = "spatial",
     coord_type: str | None = None,
     n_neighs: int = 6,
+    radius: float | tuple[float, float] | None = None,
+    delaunay: bool = False,
     key_added: str = "spatial",
     copy: bool = False,
 ) -> AnnData | None:
@@ -146,7 +195,18 @@ def spatial_neighbors(
         chooses as squidpy does: ``"grid"`` when ``adata.uns["spatial"]`` exists (Visium data
         read by scanpy or squidpy), ``"generic"`` otherwise.
     n_neighs
-        Neighbours per spot.
+        Neighbours per spot (``coord_type="grid"``, and ``"generic"`` without ``radius`` or
+        ``delaunay``).
+    radius
+        ``coord_type="generic"`` only, as squidpy's ``radius``: a distance joins every pair of
+        spots closer than it (:func:`squidpy.gr.spatial_neighbors_radius`, in the units of the
+        coordinates; ``n_neighs`` is then not read); a ``(min, max)`` pair keeps the edges
+        whose length lies in it. With ``delaunay=True`` it prunes the triangulation's edges
+        (a single distance is read as ``(0, radius)``).
+    delaunay
+        ``coord_type="generic"`` only: join the spots of each section by their Delaunay
+        triangulation (:func:`squidpy.gr.spatial_neighbors_delaunay`), which suits
+        irregularly placed cells (imaging-based data such as MERFISH or Xenium).
     key_added
         Name of the graph: ``.obsp[f"{key_added}_connectivities"]``,
         ``.obsp[f"{key_added}_distances"]`` and ``.uns[f"{key_added}_neighbors"]``, where
@@ -170,7 +230,9 @@ def spatial_neighbors(
         If the coordinates, the site column or the section column are missing.
     ValueError
         If the coordinates are not spots x 2 (x 3) finite numbers, a section has no more spots than
-        ``n_neighs``, a section lies in more than one site, or ``coord_type`` is unknown.
+        ``n_neighs`` (too few, or on one line, for a triangulation with ``delaunay``), a
+        section lies in more than one site, ``coord_type`` is unknown, or ``radius`` or
+        ``delaunay`` are asked of a grid.
     ImportError
         If squidpy is not installed (the message says what to install).
 
@@ -186,6 +248,12 @@ def spatial_neighbors(
     >>> rows, cols = graph.nonzero()
     >>> bool((sites[rows] == sites[cols]).all())
     True
+
+    Irregularly placed cells (imaging-based data), joined by triangulation:
+
+    >>> scinfl.pp.spatial_neighbors(adata, coord_type="generic", delaunay=True)
+    >>> adata.uns["spatial_neighbors"]["params"]["delaunay"]
+    True
     """
     if spatial_key not in adata.obsm:
         raise KeyError(f"adata.obsm[{spatial_key!r}] (spot coordinates) not found.")
@@ -200,16 +268,12 @@ def spatial_neighbors(
         )
     if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] must hold finite numbers.")
+    builder, settings = _builder(coord_type, n_neighs, radius, bool(delaunay))
     groups = _groups(adata, site_key, library_key)
     _warn_stacked_sections(coords, groups)
     sizes = groups.value_counts()
-    small = sorted(sizes.index[sizes <= n_neighs])
-    if small:
-        raise ValueError(
-            f"Sections {small} have no more spots ({sizes[small].min()} or fewer) than the "
-            f"n_neighs={n_neighs} neighbours asked; ask fewer neighbours or drop them."
-        )
-    build = getattr(_squidpy().gr, _BUILDERS[coord_type])
+    _check_block_sizes(sizes, builder, n_neighs, coords.shape[1])
+    build = getattr(_squidpy().gr, builder)
     if copy:
         adata = adata.copy()
 
@@ -222,7 +286,7 @@ def spatial_neighbors(
         part = AnnData(obs=pd.DataFrame(index=adata.obs_names[rows]))
         part.obsm["spatial"] = coords[rows].astype(np.float64)
         with _quiet(logging.getLogger("spatialdata._logging")):
-            build(part, spatial_key="spatial", n_neighs=n_neighs)
+            _build_block(build, part, settings, name)
         params = part.uns["spatial_neighbors"]["params"]
         for kind in blocks:
             blocks[kind].append(sp.csr_matrix(part.obsp[f"spatial_{kind}"]))
@@ -241,9 +305,21 @@ def spatial_neighbors(
         "distances_key": f"{key_added}_distances",
         "params": {
             **dict(params),
+            "delaunay": builder == "spatial_neighbors_delaunay",
             "site_key": site_key,
             "library_key": library_key,
             "spatial_key": spatial_key,
         },
     }
     return adata if copy else None
+
+
+def _build_block(build, part: AnnData, settings: dict, name: str) -> None:
+    """Build one section's graph; a triangulation of spots on one line names the section."""
+    try:
+        build(part, spatial_key="spatial", **settings)
+    except QhullError as error:
+        raise ValueError(
+            f"Section {name!r}: its spots lie on one line (or plane), so they have no Delaunay "
+            "triangulation. Use radius= or n_neighs= without delaunay for it."
+        ) from error
