@@ -119,6 +119,25 @@ def test_get_normalized_expression(trained):
     np.testing.assert_allclose(values.sum(axis=1), 1.0, rtol=1e-4)
 
 
+def test_new_data_and_load_read_the_condition_by_name_not_by_code(key, tmp_path):
+    train = _data()
+    model = _model(train, key)
+    model.train_federated(max_rounds=1, batch_size=64, seed=0, progress_bar=False)
+    flipped = train.copy()
+    flipped.obs["condition"] = flipped.obs["condition"].cat.reorder_categories(["stim", "ctrl"])
+    registered = model.adata_manager.get_from_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+    new = model.get_anndata_manager(model._validate_anndata(flipped), required=True)
+    np.testing.assert_array_equal(
+        np.asarray(new.get_from_registry(REGISTRY_KEYS.CAT_COVS_KEY)), np.asarray(registered)
+    )
+    model.save(tmp_path / "model")
+    loaded = PerturbationINFL.load(tmp_path / "model", flipped, key=key)
+    np.testing.assert_array_equal(
+        np.asarray(loaded.adata_manager.get_from_registry(REGISTRY_KEYS.CAT_COVS_KEY)),
+        np.asarray(registered),
+    )
+
+
 def test_tl_writes_a_new_anndata_with_its_parameters(trained):
     _, train, model = trained
     result = scinfl.tl.predict_perturbation(

@@ -12,8 +12,9 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField
+from scvi.data.fields import CategoricalObsField, LayerField
 
+from ._fields import NamedCategoricalJointObsField
 from ._infl import INFL
 from ._validation import (
     apply_agreed_categories,
@@ -171,7 +172,7 @@ class PerturbationINFL(INFL):
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, None),
-            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, [condition_key]),
+            NamedCategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, [condition_key]),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
