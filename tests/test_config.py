@@ -100,6 +100,7 @@ def test_train_federated_takes_the_privacy_part_whole_or_by_name():
         ({"privacy": "dp", "dp_delta": 0.0}, "dp_delta must be a number in (0, 1)"),
         ({"sample_dp_epsilon": float("inf")}, "sample_dp_epsilon must be a number > 0"),
         ({"sample_dp_epsilon": 3.0, "privacy": "dp"}, "use one of them"),
+        ({"early_stopping": True, "validation_size": 0.0}, "it would never stop"),
     ],
 )
 def test_settings_of_the_wrong_type_or_range_are_refused_by_name(settings, message):

@@ -115,6 +115,21 @@ def test_same_model_on_any_affine_scale():
     assert np.mean((z - z_hat) ** 2) < 0.5
 
 
+@pytest.mark.parametrize("factor", [1e-7, 1e-5, 1e6, 1e30])
+def test_same_model_in_units_far_from_one(factor):
+    # spreads below 1e-6 were taken as constant (the model ignored those features), and
+    # values beyond ~1e19 overflowed float32 when the likelihood squared them (NaN loss)
+    x = _data()
+    y = x * np.float32(factor)
+    loc, scale = scale_from_moments(*feature_moments(y))
+    np.testing.assert_allclose(
+        scale, scale_from_moments(*feature_moments(x))[1] * factor, rtol=1e-5
+    )
+    _, _, loss_x = _fit(x, *scale_from_moments(*feature_moments(x)), steps=20)
+    _, _, loss_y = _fit(y, loc, scale, steps=20)
+    torch.testing.assert_close(loss_x.loss, loss_y.loss, rtol=1e-3, atol=1e-3)
+
+
 def test_raw_scale_without_standardisation_fits_worse():
     # the offset of 25 costs the unscaled model most of its training budget
     x = _data()

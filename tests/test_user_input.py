@@ -518,3 +518,103 @@ def test_perturbation_setup_refuses_what_it_cannot_model(key):
     model = PerturbationINFL(adata, key=key, n_hidden=8)
     with pytest.raises(ValueError, match="key_added must name"):
         scinfl.tl.predict_perturbation(adata, model, key_added=None)
+
+
+# -- labels and their weight ------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [-50.0, 0, float("nan"), "50"])
+def test_a_classification_weight_that_is_not_positive_is_refused(ratio):
+    # a negative weight trained a classifier to be wrong (training accuracy 0.01)
+    adata = _counts()
+    INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    with pytest.raises(ValueError, match="classification_ratio must be a number > 0"):
+        INFL(adata, key_mode=None, classification_ratio=ratio)
+
+
+def test_labels_that_train_no_classifier_are_refused_or_reported(caplog):
+    adata = _counts()
+    adata.obs["label"] = "Unknown"
+    with pytest.raises(ValueError, match="nothing to train a classifier on"):
+        INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category="Unknown")
+    adata.obs["label"] = np.where(np.arange(adata.n_obs) % 2, "a", "unknown")
+    with caplog.at_level("WARNING", logger="scinfl"):
+        INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category="Unknown")
+    assert "matches no row" in caplog.text
+    caplog.clear()
+    adata.obs["label"] = "a"
+    with caplog.at_level("WARNING", logger="scinfl"):
+        INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        INFL(adata, key_mode=None, classification_ratio=10.0)
+    assert "holds one class" in caplog.text
+    caplog.clear()
+    INFL.setup_anndata(adata, site_key="site")
+    with caplog.at_level("WARNING", logger="scinfl"):
+        INFL(adata, key_mode=None, classification_ratio=10.0)
+    assert "has no effect" in caplog.text
+
+
+def test_labels_or_sites_mixing_text_and_numbers_are_refused():
+    adata = _counts()
+    numbers = np.where(np.arange(adata.n_obs) % 5 == 0, np.nan, np.arange(adata.n_obs) % 3)
+    adata.obs["label"] = numbers
+    with pytest.raises(ValueError, match="unlabeled_category='Unknown' is text, but"):
+        INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category="Unknown")
+    adata.obs["label"] = np.nan_to_num(numbers, nan=-1).astype(int)
+    INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category=-1)
+    assert sorted(INFL(adata, key_mode=None).classes) == [0, 1, 2]
+    # merged .obs tables: site 1 and site "1" were one site, and half its cells went untrained
+    mixed = pd.Series([1 if i % 2 else "1" for i in range(adata.n_obs)], index=adata.obs_names)
+    adata.obs["site"] = mixed.astype(object)
+    with pytest.raises(ValueError, match=r"mixes text and numbers .*astype\(str\)"):
+        INFL.setup_anndata(adata, site_key="site")
+
+
+def test_a_diverged_training_says_so_and_names_the_fix(key):
+    # the weights became NaN: torch's "Expected parameter loc ... Normal" from deep inside
+    adata = _counts()
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key=key, n_hidden=16)
+    with pytest.raises(FloatingPointError, match=r"Training diverged .*Lower the learning rate"):
+        model.train_federated(max_rounds=2, batch_size=32, lr=1e6, progress_bar=False)
+
+
+def test_multiomics_samples_in_no_modality_of_the_model_are_named(multiome):
+    # tl.embed failed with anndata's "incorrect shape (70,) ... (80,)"
+    mdata, model = multiome
+    atac = anndata.AnnData(np.ones((10, 3), np.float32))
+    atac.obs_names = [f"atac_only{i}" for i in range(10)]
+    new = mudata.MuData({"rna": mdata.mod["rna"].copy(), "atac": atac})
+    with pytest.raises(ValueError, match=r"10 samples .*'atac_only0'.*only in \['atac'\]"):
+        scinfl.tl.embed(new, model)
+
+
+def test_agreed_labels_need_not_list_the_unlabelled_category():
+    adata = _counts()
+    labels = adata.obs["label"].astype(object).copy()
+    labels.iloc[::3] = np.nan
+    adata.obs["label"] = labels
+    agreed = sorted(map(str, pd.unique(labels.dropna())))
+    INFL.setup_anndata(
+        adata,
+        site_key="site",
+        labels_key="label",
+        unlabeled_category="Unknown",
+        categories={"labels_key": agreed},
+    )
+    assert INFL(adata, key_mode=None).classes == agreed
+
+
+def test_new_samples_without_any_value_get_a_warning(key, caplog):
+    adata = _counts()
+    adata.X = np.log2(np.asarray(adata.X.toarray()) + 1.0).astype(np.float32)
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key=key, gene_likelihood="normal", n_hidden=8)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    new = adata[:4].copy()
+    new.X[0] = np.nan
+    with caplog.at_level("WARNING", logger="scinfl"):
+        model.get_latent_representation(new)
+    assert "1 new samples have no value" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scinfl"):
+        model.get_latent_representation(adata[4:8].copy())
+    assert "have no value" not in caplog.text

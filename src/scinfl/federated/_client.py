@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,22 +237,11 @@ def client_update(
             if config.balance_classes
             else None
         )
-    if config.sample_dp_epsilon > 0:
-        metrics = _private_epochs(module, site, config, optimizer, anchors, dp_seed)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        totals = _new_totals()
-        for _ in range(config.local_epochs):
-            for batch in site.minibatches("train", config.batch_size, generator):
-                _, _, loss_output = module(batch, loss_kwargs={"kl_weight": config.kl_weight})
-                loss = loss_output.loss
-                if anchors is not None:
-                    loss = loss + _proximal_term(params, anchors, config.mu)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                _accumulate(totals, loss_output, batch["X"].shape[0])
-        metrics = _summarise(totals, "train", classify)
+    with _diverged_training_named(f"at site {site.name!r} in round {config.round}"):
+        if config.sample_dp_epsilon > 0:
+            metrics = _private_epochs(module, site, config, optimizer, anchors, dp_seed)
+        else:
+            metrics = _local_epochs(module, site, config, optimizer, anchors, seed)
     metrics["time_s"] = time.perf_counter() - start
     return ClientUpdate(
         site=site.name,
@@ -261,6 +252,42 @@ def client_update(
         key_version=key_version,
         counts=module.parameter_counts(site) if hasattr(module, "parameter_counts") else {},
     )
+
+
+def _local_epochs(module, site, config, optimizer, anchors, seed: int) -> dict[str, float]:
+    """The local epochs (minibatch SGD with Adam); returns the training metrics."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    classify = getattr(module, "classifier", None) is not None
+    totals = _new_totals()
+    for _ in range(config.local_epochs):
+        for batch in site.minibatches("train", config.batch_size, generator):
+            _, _, loss_output = module(batch, loss_kwargs={"kl_weight": config.kl_weight})
+            loss = loss_output.loss
+            if anchors is not None:
+                loss = loss + _proximal_term(params, anchors, config.mu)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _accumulate(totals, loss_output, batch["X"].shape[0])
+    return _summarise(totals, "train", classify)
+
+
+@contextmanager
+def _diverged_training_named(where: str) -> Iterator[None]:
+    """Name a diverged training (torch's distributions refuse NaN parameters) and its fix."""
+    try:
+        yield
+    except ValueError as error:
+        # torch.distributions' argument validation: "... to satisfy the constraint Real(),
+        # but found invalid values" once the weights have become NaN or infinite
+        if "found invalid values" not in str(error):
+            raise
+        raise FloatingPointError(
+            f"Training diverged ({where}): the model's outputs became "
+            "NaN or infinite. Lower the learning rate (lr=), and check the data (values far "
+            "from 1 in magnitude: log-transform intensities; counts need a count likelihood)."
+        ) from error
 
 
 def _proximal_term(params, anchors, mu: float) -> torch.Tensor:
@@ -332,9 +359,10 @@ def client_evaluate(
     device = next(module.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for batch in site.minibatches("val", batch_size):
-            _, _, loss_output = module(batch, loss_kwargs={"kl_weight": 1.0})
-            _accumulate(totals, loss_output, batch["X"].shape[0])
+        with _diverged_training_named(f"scored at site {site.name!r}"):
+            for batch in site.minibatches("val", batch_size):
+                _, _, loss_output = module(batch, loss_kwargs={"kl_weight": 1.0})
+                _accumulate(totals, loss_output, batch["X"].shape[0])
     metrics = _summarise(totals, "val", getattr(module, "classifier", None) is not None)
     metrics["n_val"] = float(site.n_val)
     if site.n_val == 0:

@@ -214,7 +214,9 @@ class FederationConfig:
     early_stopping, early_stopping_patience
         Stop when the validation loss has not improved for that many rounds.
     seed
-        Seed of the federation: splits, sampling and every site's randomness.
+        Seed of the federation: splits, sampling and every site's randomness. The model's
+        initial weights are drawn earlier, when the model is built, from torch's random
+        state: set ``scvi.settings.seed`` before building it for a run that repeats exactly.
     min_available
         Fewest accepted updates a round needs (fewer: the run stops with an error, and can be
         resumed from its last checkpoint).
@@ -301,6 +303,12 @@ class FederationConfig:
         )
         for name in ("balance_classes", "early_stopping"):
             _check(name, getattr(self, name), bool, "True or False")
+        if self.early_stopping and self.validation_size == 0:
+            raise ValueError(
+                "early_stopping watches the validation loss, and validation_size=0 holds no "
+                "rows out to compute it: it would never stop. Set validation_size > 0 (e.g. "
+                "0.1), or train without early_stopping."
+            )
 
     def _check_sample_dp(self) -> None:
         if self.early_stopping:

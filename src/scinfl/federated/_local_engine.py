@@ -102,8 +102,8 @@ def run_local(
         for site in sites
     }
     run_rounds(InProcessTransport(runtimes, frames), server, progress_bar=progress_bar)
-    best = server.best_parameters
-    set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)
+    best, frame = server.selected()
+    set_shared_parameters(module, frames.decode(best, frame) if frames else best)
     return server
 
 

@@ -252,6 +252,33 @@ class FederatedServer:
             self.save_checkpoint(self.checkpoint_dir)
         return stop
 
+    def selected(self) -> tuple[Parameters, str | None]:
+        """The selected model's parameters and secret frame (``None`` without frames).
+
+        Raises a clear error where no round could be selected: none ran, or every round's
+        validation loss was ``NaN`` or infinite (training diverged).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=1))
+        >>> _ = server.record_evaluation(0, {"a": {"n_val": 2, "val_loss": float("nan")}})
+        >>> server.selected()
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: Training diverged: the validation loss was NaN or infinite ...
+        """
+        if self.best_parameters is not None:
+            return self.best_parameters, self.best_frame
+        if not self.rows:
+            raise RuntimeError("The federation ended before its first round; see the log above.")
+        raise FloatingPointError(
+            f"Training diverged: the validation loss was NaN or infinite in every one of the "
+            f"{len({row['round'] for row in self.rows})} rounds, so there is no model to keep. "
+            "Lower the learning rate (lr=), and check the data: values far from 1 in magnitude "
+            "(log-transform intensities) or counts passed to gene_likelihood='normal'."
+        )
+
     def history(self) -> pd.DataFrame:
         """One row per (round, site): sizes, training and validation metrics."""
         df = pd.DataFrame(self.rows)

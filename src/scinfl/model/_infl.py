@@ -17,6 +17,7 @@ from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, L
 from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
+from scinfl._checks import check_value
 from scinfl.key import Key
 from scinfl.module import KeyedVAE
 
@@ -118,6 +119,16 @@ class INFL(
             self._count_advice,
         )
         labels_key = self.adata_manager.registry["setup_args"].get("labels_key")
+        if classification_ratio is not None:
+            # a negative weight maximises the cross-entropy: a classifier trained to be wrong
+            check_value(
+                "classification_ratio", classification_ratio, float, "a number > 0", lambda v: v > 0
+            )
+            if labels_key is None:
+                logger.warning(
+                    "classification_ratio is the weight of the classifier, which a model set up "
+                    "without labels_key does not have: it has no effect."
+                )
         # covariates a model class registers (scvi-tools' CONT_COVS / CAT_COVS fields) reach
         # the decoder, as in scvi-tools' SCVI
         covariates = {"n_continuous_cov": self.summary_stats.get("n_extra_continuous_covs", 0)}
@@ -263,7 +274,7 @@ class INFL(
         categories
             Agreed categories by argument name, e.g. ``{"labels_key": [...]}``: fixes the
             category codes across sites that set up their data separately. Values outside the
-            list are refused.
+            list are refused; the agreed labels need not list ``unlabeled_category``.
         unlabeled_category
             The label of rows without one (as scvi-tools' SCANVI): the classifier trains on
             the labelled rows only, never predicts this label, and missing labels (``NaN``)
@@ -296,6 +307,10 @@ class INFL(
             column = {"site_key": site_key, "batch_key": batch_key, "labels_key": labels_key}[
                 argument
             ]
+            unlisted = str(unlabeled_category) not in map(str, cats)
+            if argument == "labels_key" and unlabeled_category is not None and unlisted:
+                # the placeholder of unlabelled rows is no class for the sites to agree on
+                cats = [*cats, unlabeled_category]
             apply_agreed_categories(adata, column, cats)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -306,6 +321,9 @@ class INFL(
                 REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category
             ),
         ]
+        if "source_registry" not in kwargs:
+            # a trained model's setup (load, new samples) may meet data without labels
+            _check_labelled_rows(adata, labels_key, unlabeled_category)
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -441,6 +459,7 @@ def _unlabeled_rows(adata: AnnData, labels_key: str | None, unlabeled: str | Non
     """Missing labels: refused without ``unlabeled_category``, made it (info line) with it."""
     if labels_key is None or labels_key not in adata.obs:
         return
+    _check_unlabeled_kind(adata.obs[labels_key], labels_key, unlabeled)
     missing = adata.obs[labels_key].isna()
     if not missing.any():
         return
@@ -460,3 +479,49 @@ def _unlabeled_rows(adata: AnnData, labels_key: str | None, unlabeled: str | Non
         int(missing.sum()),
         unlabeled,
     )
+
+
+def _check_unlabeled_kind(column: pd.Series, labels_key: str, unlabeled) -> None:
+    """Refuse a text ``unlabeled_category`` for labels that are numbers (or the reverse)."""
+    if unlabeled is None:
+        return
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    values = pd.Series(values).dropna()
+    if values.empty or isinstance(unlabeled, str) == values.map(type).eq(str).all():
+        return
+    kind = "text" if isinstance(unlabeled, str) else "a number"
+    raise ValueError(
+        f"unlabeled_category={unlabeled!r} is {kind}, but adata.obs[{labels_key!r}] holds "
+        f"{'numbers' if isinstance(unlabeled, str) else 'text'} (e.g. {values.iloc[0]}): pass "
+        f"one of its own kind, or make the labels text first: adata.obs[{labels_key!r}] = "
+        f"adata.obs[{labels_key!r}].astype(str) (missing labels become 'nan' then: replace "
+        "them)."
+    )
+
+
+def _check_labelled_rows(adata: AnnData, labels_key: str | None, unlabeled) -> None:
+    """Refuse labels of which no row is labelled; warn of one class or an unused placeholder."""
+    if labels_key is None:
+        return
+    labels = adata.obs[labels_key]
+    labelled = labels[labels != unlabeled] if unlabeled is not None else labels
+    if labelled.empty:
+        raise ValueError(
+            f"Every row of adata.obs[{labels_key!r}] is the unlabelled category {unlabeled!r}: "
+            "there is nothing to train a classifier on. Set up without labels_key (no "
+            "classifier), or label some rows."
+        )
+    if unlabeled is not None and len(labelled) == len(labels):
+        logger.warning(
+            "unlabeled_category=%r matches no row of adata.obs[%r] (categories: %s): every "
+            "row is labelled. A misspelt placeholder would be trained on as a class.",
+            unlabeled,
+            labels_key,
+            sorted(map(str, pd.unique(labels)))[:10],
+        )
+    if labelled.nunique() < 2:
+        logger.warning(
+            "adata.obs[%r] holds one class (%r): the classifier has nothing to tell apart.",
+            labels_key,
+            labelled.iloc[0],
+        )

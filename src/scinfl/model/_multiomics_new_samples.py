@@ -90,6 +90,16 @@ def _samples(mdata: MuData, features: Mapping) -> pd.Index:
                 "modalities by name, so make them unique first."
             )
     union = names[0].append(names[1:]).unique() if len(names) > 1 else names[0]
+    unread = mdata.obs_names[~mdata.obs_names.isin(union)]
+    if len(unread):
+        # results are written into mdata by sample: these would have no row to take
+        others = [name for name in mdata.mod if name not in features]
+        raise ValueError(
+            f"{len(unread)} samples of the new MuData (e.g. {list(unread[:5])}) are in none of "
+            f"the model's modalities {list(features)} (only in {others}): the model has nothing "
+            "to read for them. Subset the MuData to the samples it can read, e.g. "
+            f"mdata[mdata.obs_names.isin(mdata.mod[{list(features)[0]!r}].obs_names)]."
+        )
     ordered = mdata.obs_names[mdata.obs_names.isin(union)].unique()
     return ordered.append(union[~union.isin(ordered)])
 

@@ -93,6 +93,22 @@ def validate_matrix(
         _warn_unlogged_or_zero_filled(where, np.concatenate(sample), n_zero, n_finite)
 
 
+def rows_without_values(matrix) -> int:
+    """How many rows of ``matrix`` are ``NaN`` in every column (chunked; sparse zeros count).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rows_without_values(np.array([[np.nan, np.nan], [1.0, np.nan]]))
+    1
+    """
+    n = 0
+    for chunk in _iter_chunks(matrix):
+        dense = chunk.toarray() if sparse.issparse(chunk) else np.asarray(chunk)
+        n += int(np.isnan(dense).all(axis=1).sum()) if dense.dtype.kind == "f" else 0
+    return n
+
+
 def _check_counts(where, likelihood, n_nan, n_neg, n_frac, advice) -> None:
     if n_nan:
         raise ValueError(
@@ -231,6 +247,34 @@ def validate_obs_column(adata: AnnData, key: str | None, argument: str) -> None:
         raise ValueError(
             f"adata.obs[{key!r}] has {n_missing} missing values; fill them (e.g. 'unknown') or "
             "subset the AnnData before setup."
+        )
+    check_one_kind_of_name(adata.obs[key], key)
+
+
+def check_one_kind_of_name(column: pd.Series, key: str) -> None:
+    """Refuse a column mixing text and numbers: ``"1"`` and ``1`` are one name once written.
+
+    Such columns come from merging ``.obs`` tables; their categories cannot be sorted, and
+    wherever names are compared as text (a site's name, agreed categories, a saved model) two
+    categories would become one.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> check_one_kind_of_name(pd.Series(["1", 1, "2"], dtype=object), "site")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs['site'] mixes text and numbers (e.g. '1' and 1), ...
+    """
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    values = pd.unique(pd.Series(values).dropna())
+    text = [value for value in values if isinstance(value, str)]
+    other = [value for value in values if not isinstance(value, str)]
+    if text and other:
+        raise ValueError(
+            f"adata.obs[{key!r}] mixes text and numbers (e.g. {text[0]!r} and {other[0]}), "
+            "as merged tables do; they cannot be ordered, and '1' and 1 would name one "
+            f"category. Make them one kind: adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)."
         )
 
 

@@ -1,8 +1,11 @@
-"""Negative binomial log-likelihood that spends its log-gamma terms on the non-zero counts only."""
+"""Log-likelihoods: the negative binomial on the non-zero counts only, the standardised normal."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.distributions import Normal
 
 #: minibatch key of the flat positions of a sparse count matrix's stored entries
 NONZERO_KEY = "X_nonzero"
@@ -84,3 +87,30 @@ def nb_log_likelihood(
         counts * log_ratio + torch.lgamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
     )
     return dense.index_add(0, rows, on_nonzero)
+
+
+def standardised_normal_log_prob(
+    x: torch.Tensor, px: Normal, feature_scale: torch.Tensor
+) -> torch.Tensor:
+    """Log-density of ``x`` under ``px`` plus ``log(feature_scale)``: that of the standardised values.
+
+    ``px`` is on the data's scale (its standard deviation is ``feature_scale`` times the
+    standardised one). The value is ``px.log_prob(x) + log(feature_scale)``, computed from the
+    standardised residual: squaring data-scale numbers overflows float32 for values beyond
+    about 1e19, and the result no longer depends on the data's units.
+
+    Examples
+    --------
+    >>> px = Normal(torch.tensor([25.0]), torch.tensor([2.0]))
+    >>> value = standardised_normal_log_prob(torch.tensor([27.0]), px, torch.tensor([2.0]))
+    >>> round(float(value), 4)  # the standard normal's log-density at 1
+    -1.4189
+    >>> huge = Normal(torch.tensor([1e30]), torch.tensor([2e29]))
+    >>> round(float(standardised_normal_log_prob(torch.tensor([1.2e30]), huge, torch.tensor([2e29]))), 4)
+    -1.4189
+    """
+    residual = (x - px.loc) / px.scale
+    return -0.5 * residual * residual - torch.log(px.scale / feature_scale) - _HALF_LOG_TWO_PI
+
+
+_HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)

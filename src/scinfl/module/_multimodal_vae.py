@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from ._key_modes import get_key_mode
+from ._likelihood import standardised_normal_log_prob
 from ._vae import MIN_FEATURE_SCALE
 
 ModalityLikelihood = Literal["nb", "normal"]
@@ -436,9 +437,12 @@ class MultiModalKeyedVAE(BaseModuleClass):
             observed = ~torch.isnan(value)
             if self.likelihoods[name] == "normal":
                 observed = observed & getattr(self, f"feature_observed_{name}")
-            log_prob = dist.log_prob(torch.where(observed, value, dist.mean.detach()))
+            value = torch.where(observed, value, dist.mean.detach())
             if self.likelihoods[name] == "normal":
-                log_prob = log_prob + torch.log(getattr(self, f"feature_scale_{name}"))
+                scale = getattr(self, f"feature_scale_{name}")
+                log_prob = standardised_normal_log_prob(value, dist, scale)
+            else:
+                log_prob = dist.log_prob(value)
             losses[name] = -(log_prob * observed).sum(-1)
         return losses
 

@@ -17,13 +17,14 @@ from torch.nn import functional as F
 from scinfl.key import MISSING_KEY_MESSAGE, Key, MissingKeyError
 
 from ._key_modes import ModelKeyMode, get_key_mode
-from ._likelihood import NONZERO_KEY, nb_log_likelihood
+from ._likelihood import NONZERO_KEY, nb_log_likelihood, standardised_normal_log_prob
 
 Likelihood = Literal["nb", "zinb", "normal"]
 NormalVariance = Literal["unit", "feature"]
 
-#: Smallest feature scale :meth:`KeyedVAE.set_feature_scale` accepts (smaller ones are raised).
-MIN_FEATURE_SCALE = 1e-6
+#: Smallest feature scale :meth:`KeyedVAE.set_feature_scale` accepts (smaller ones are raised):
+#: far below any unit data come in (molar concentrations, 1e-9), far above float32's smallest.
+MIN_FEATURE_SCALE = 1e-30
 
 
 class _Unused(nn.Module):
@@ -371,8 +372,8 @@ class KeyedVAE(VAE):
         """
         if self.gene_likelihood == "normal":
             observed = ~torch.isnan(x) & self.feature_observed
-            log_prob = px.log_prob(torch.where(observed, x, self.feature_loc.expand_as(x)))
-            log_prob = log_prob + torch.log(self.feature_scale)
+            value = torch.where(observed, x, self.feature_loc.expand_as(x))
+            log_prob = standardised_normal_log_prob(value, px, self.feature_scale)
             return -(log_prob * observed).sum(-1)
         if self.gene_likelihood == "nb":
             return -nb_log_likelihood(x, px.mu, px.theta, nonzero=nonzero)

@@ -271,8 +271,6 @@ def run_flower_simulation(
         raise
     if failures:  # Flower's simulation logs a ServerApp's exception and returns: re-raise it
         raise failures[0]
-    if server.best_parameters is None:
-        raise RuntimeError("The Flower simulation ended before its first round; see the log above.")
-    best = server.best_parameters
-    set_shared_parameters(module, frames.decode(best, server.best_frame) if frames else best)
+    best, frame = server.selected()
+    set_shared_parameters(module, frames.decode(best, frame) if frames else best)
     return server

@@ -477,10 +477,11 @@ def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
     >>> sorted(p.name for p in save_results(server, tempfile.mkdtemp()).iterdir())
     ['global_parameters.npz', 'history.csv', 'summary.json']
     """
+    best, frame = server.selected()  # a diverged run writes nothing
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     server.history().to_csv(out / "history.csv", index=False)
-    np.savez(out / "global_parameters.npz", **server.best_parameters)
+    np.savez(out / "global_parameters.npz", **best)
     summary = {
         "best_round": server.best_round,
         "best_val_loss": None if not np.isfinite(server.best_val_loss) else server.best_val_loss,
@@ -488,8 +489,8 @@ def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
         "key_version": server.key_version,
         "dp_epsilon": server.dp_epsilon(),
         "sites": sorted(pd.unique(server.history()["site"]).tolist()) if server.rows else [],
-        "parameter_order": list(server.best_parameters),
-        "secret_frame": server.best_frame,
+        "parameter_order": list(best),
+        "secret_frame": frame,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out

@@ -13,7 +13,7 @@ from scvi import REGISTRY_KEYS
 from scinfl._checks import check_not_empty
 from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
-from scinfl.model._validation import validate_matrix
+from scinfl.model._validation import rows_without_values, validate_matrix
 from scinfl.pp._features import align_features
 
 logger = logging.getLogger(__name__)
@@ -173,12 +173,21 @@ class NewSamplesMixin:
         check_input_columns(adata.obs, self.adata_manager)
         if likelihood is not None:
             where = "the new data's " + ("X" if layer is None else f"layers[{layer!r}]")
+            matrix = adata.X if layer is None else adata.layers[layer]
             validate_matrix(
-                adata.X if layer is None else adata.layers[layer],
+                matrix,
                 likelihood,
                 where,
                 "Give the new samples the kind of values the model was trained on (raw counts).",
             )
+            empty = rows_without_values(matrix) if likelihood == "normal" else 0
+            if empty:
+                logger.warning(
+                    "%d new samples have no value for any of the model's features (all NaN once "
+                    "matched by name): their latent and predictions are the model's guess "
+                    "without data. Check that they quantify the model's features.",
+                    empty,
+                )
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):
             adata.uns.pop(key, None)
         for arg, registry_key in _TRAINING_ONLY.items():
