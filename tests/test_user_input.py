@@ -618,3 +618,16 @@ def test_new_samples_without_any_value_get_a_warning(key, caplog):
     with caplog.at_level("WARNING", logger="scinfl"):
         model.get_latent_representation(adata[4:8].copy())
     assert "have no value" not in caplog.text
+
+
+def test_classes_keep_their_order_beside_the_unlabelled_category():
+    # scvi-tools swapped the placeholder with the last class: [c2, c0, c1]
+    adata = _counts()
+    labels = np.where(np.arange(adata.n_obs) % 4 == 0, "Unknown", adata.obs["label"].astype(str))
+    adata.obs["label"] = pd.Categorical(labels, categories=["Unknown", "type0", "type1", "type2"])
+    INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category="Unknown")
+    assert INFL(adata, key_mode=None).classes == ["type0", "type1", "type2"]
+    codes = pd.Series(labels).str.removeprefix("type").replace("Unknown", "-1").astype(int)
+    adata.obs["label"] = codes.to_numpy()
+    INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category=-1)
+    assert INFL(adata, key_mode=None).classes == [0, 1, 2]

@@ -462,6 +462,7 @@ def _unlabeled_rows(adata: AnnData, labels_key: str | None, unlabeled: str | Non
     _check_unlabeled_kind(adata.obs[labels_key], labels_key, unlabeled)
     missing = adata.obs[labels_key].isna()
     if not missing.any():
+        _unlabeled_last(adata, labels_key, unlabeled)
         return
     if unlabeled is None:
         raise ValueError(
@@ -479,6 +480,23 @@ def _unlabeled_rows(adata: AnnData, labels_key: str | None, unlabeled: str | Non
         int(missing.sum()),
         unlabeled,
     )
+    _unlabeled_last(adata, labels_key, unlabeled)
+
+
+def _unlabeled_last(adata: AnnData, labels_key: str, unlabeled) -> None:
+    """Put the unlabelled category last among the labels' categories, the classes in order.
+
+    scvi-tools' labels field *swaps* the unlabelled category with the last one, so classes
+    ``[c0, c1, c2]`` with ``"Unknown"`` first came out ``[c2, c0, c1]`` (in predictions and
+    plot legends); with the placeholder already last nothing is swapped.
+    """
+    column = adata.obs[labels_key]
+    if unlabeled is None or not column.eq(unlabeled).any():
+        return
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        column = column.astype("category")
+    classes = [c for c in column.cat.categories if c != unlabeled]
+    adata.obs[labels_key] = column.cat.reorder_categories([*classes, unlabeled])
 
 
 def _check_unlabeled_kind(column: pd.Series, labels_key: str, unlabeled) -> None:
