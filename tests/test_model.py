@@ -52,6 +52,13 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     first = history[history["round"] == 0]
     assert len(loss) == rounds and loss.index.name == "epoch"
     assert np.isclose(loss.iloc[0], np.average(first["train_loss"], weights=first["n_train"]))
+    # and the classifier's, as scANVI logs them, weighted by the labelled rows
+    accuracy = model.history["validation_accuracy"]["validation_accuracy"]
+    expected = np.average(first["val_accuracy"], weights=first["val_labelled"])
+    assert len(accuracy) == rounds and np.isclose(accuracy.iloc[0], expected)
+    assert {"train_accuracy", "train_classification_loss", "validation_classification_loss"} <= set(
+        model.history
+    )
     model.train_federated(**FAST)  # a second run continues it
     assert len(model.history["validation_loss"]) == 2 * rounds
 

@@ -155,6 +155,7 @@ def _summarise(totals: dict[str, float], prefix: str, classify: bool) -> dict[st
     }
     if classify:
         labelled = totals["labelled"]
+        out[f"{prefix}_labelled"] = labelled  # the weight of the two means below
         out[f"{prefix}_accuracy"] = totals["correct"] / labelled if labelled else float("nan")
         out[f"{prefix}_classification"] = (
             totals["classification"] / labelled if labelled else float("nan")

@@ -142,10 +142,12 @@ class FederatedTrainingMixin:
         -------
         History: one row per round and site (``n_train``; ``trained``: whether the site trained
         that round, ``False`` for a site not sampled that only validated; ``accepted``: whether
-        its update was averaged; training and validation losses, accuracies with labels, time;
-        under ``sample_dp_epsilon`` each site's ``dp_epsilon`` spent instead of losses). Also
-        stored in ``model.federated_history_``; ``model.history`` holds the per-round losses
-        under scvi-tools' names (:func:`scvi_history`).
+        its update was averaged; training and validation losses; with labels, accuracies and
+        classification losses over the labelled rows, whose number is ``train_labelled`` /
+        ``val_labelled``; time; under ``sample_dp_epsilon`` each site's ``dp_epsilon`` spent
+        instead of losses). Also stored in ``model.federated_history_``; ``model.history``
+        holds the per-round losses (and the classifier's accuracies) under scvi-tools' names
+        (:func:`scvi_history`).
 
         Examples
         --------
@@ -367,6 +369,11 @@ _SCVI_NAMES = {
     "val_elbo": ("elbo_validation", "n_val"),
     "val_reconstruction": ("reconstruction_loss_validation", "n_val"),
     "val_kl": ("kl_local_validation", "n_val"),
+    # the classifier's, as scvi-tools' SCANVI logs them, over the labelled rows
+    "train_classification": ("train_classification_loss", "train_labelled"),
+    "train_accuracy": ("train_accuracy", "train_labelled"),
+    "val_classification": ("validation_classification_loss", "val_labelled"),
+    "val_accuracy": ("validation_accuracy", "val_labelled"),
 }
 
 
