@@ -113,7 +113,9 @@ def _check_counts(where, likelihood, n_nan, n_neg, n_frac, advice) -> None:
     if n_nan:
         raise ValueError(
             f"{where} holds {n_nan} NaN values, which a count likelihood ({likelihood!r}) "
-            f"cannot model. {advice}"
+            "cannot model (raw counts have no missing values): for continuous data with "
+            "missing values use gene_likelihood='normal'; for counts, fill the NaN (0 where "
+            "nothing was detected) or drop those rows."
         )
     if n_neg:
         raise ValueError(
