@@ -87,3 +87,29 @@ def test_a_seed_that_is_not_bytes_says_so():
         Key("0123456789abcdef0123456789abcdef")
     with pytest.raises(ValueError, match="at least 16 bytes"):
         Key(b"short")
+
+
+def test_a_pickled_model_holds_no_key_and_a_copy_keeps_it():
+    import copy
+    import io
+    import pickle
+
+    import torch
+
+    import scinfl
+
+    adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=8, n_sites=2, n_labels=2)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    key = scinfl.Key.generate()
+    model = scinfl.model.INFL(adata, key=key, n_hidden=8)
+    coordinates = model.module.key_encoder.coordinates.numpy().tobytes()
+    blob = pickle.dumps(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for written in (blob, buffer.getvalue()):
+        assert key._seed not in written and coordinates[:64] not in written
+    restored = pickle.loads(blob)
+    assert not restored.has_key and not restored.module.has_key
+    restored.set_key(key)  # the same model once the key is back
+    torch.testing.assert_close(restored.module.state_dict(), model.module.state_dict())
+    assert copy.deepcopy(model).has_key and model.has_key

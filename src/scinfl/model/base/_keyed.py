@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -109,6 +110,43 @@ class KeyedModelMixin:
         self._key = key
         self.key_fingerprint_ = key.fingerprint
         self.key_version_ = key.version
+
+    def __getstate__(self) -> dict:
+        """Pickled (``pickle``, ``joblib``, ``torch.save``) without the key, which stays in memory.
+
+        The pickled model holds no key and its module no key material (its non-persistent key
+        buffers are cleared in the pickled copy): set the key again after unpickling
+        (:meth:`set_key`). A copy within this process (``copy.deepcopy``) keeps the key.
+
+        Examples
+        --------
+        >>> import pickle, scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=8, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> key = scinfl.Key.generate()
+        >>> model = scinfl.model.INFL(adata, key=key)
+        >>> pickle.loads(pickle.dumps(model)).has_key
+        False
+        """
+        state = self.__dict__.copy()
+        if state.get("_key") is None and not getattr(self.module, "is_keyed", False):
+            return state
+        module = copy.deepcopy(self.module)
+        module.set_key(None)
+        state.update(_key=None, module=module)
+        logger.info(
+            "%s pickled without its key (it never leaves memory): call model.set_key(key) "
+            "after unpickling.",
+            type(self).__name__,
+        )
+        return state
+
+    def __deepcopy__(self, memo: dict):
+        # a copy in this process keeps the key (pickling, which __getstate__ serves, does not)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def _require_key(self) -> None:
         if self.module.is_keyed and not self.module.has_key:
