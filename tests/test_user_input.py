@@ -631,3 +631,29 @@ def test_classes_keep_their_order_beside_the_unlabelled_category():
     adata.obs["label"] = codes.to_numpy()
     INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category=-1)
     assert INFL(adata, key_mode=None).classes == [0, 1, 2]
+
+
+def test_a_model_trains_on_its_own_setup_after_another_on_the_same_data(key):
+    # the second setup rewrote the label codes, and the first model trained on them silently
+    adata = _counts()
+    rng = np.random.default_rng(0)
+    adata.obs["other"] = pd.Categorical(rng.choice(list("abcde"), adata.n_obs))
+    first = _infl(adata, key, labels_key="label")
+    INFL.setup_anndata(adata, site_key="site", labels_key="other")
+    INFL(adata, key_mode=None)
+    first.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    labels = first.adata_manager.get_from_registry("labels")
+    np.testing.assert_array_equal(np.asarray(labels).ravel(), adata.obs["label"].cat.codes)
+
+
+def test_features_changed_in_place_since_setup(key):
+    adata = _counts()
+    model = _infl(adata, key)
+    before = pd.DataFrame(model.get_latent_representation(), index=adata.obs_names)
+    adata._inplace_subset_var(adata.var_names[::-1])  # reordered: matched by name
+    np.testing.assert_allclose(model.get_latent_representation(), before, atol=1e-5)
+    with pytest.raises(ValueError, match="features changed since setup_anndata .*another order"):
+        model.train_federated(max_rounds=1, progress_bar=False)
+    adata._inplace_subset_var(adata.var_names[:10])  # subset: counts cannot be missing
+    with pytest.raises(ValueError, match="lack 6 of the model's 16 features"):
+        model.get_latent_representation()

@@ -10,9 +10,12 @@ import numpy as np
 import pandas as pd
 import scvi
 import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from scvi.model._utils import parse_device_args
 
 from scinfl.federated import FederationConfig, SiteData, run_local
+from scinfl.federated._dp import dp_fedavg_epsilon
 from scinfl.model._validation import validate_sites
 from scinfl.module import feature_moments, scale_from_moments
 
@@ -64,8 +67,26 @@ class FederatedTrainingMixin:
         rows = {str(name): np.flatnonzero(codes == i) for i, name in enumerate(sites.categories)}
         return {name: r for name, r in rows.items() if len(r)}
 
+    def _revalidate_setup(self) -> None:
+        """Re-register this model's setup on its AnnData before reading the registry.
+
+        Another ``setup_anndata`` (or ``load``) on the same AnnData rewrites the columns
+        scvi-tools reads (its label and batch codes): training would read the other setup's
+        labels. scvi-tools' ``validate`` re-registers this model's own setup. Features changed
+        in place since setup (subset or reordered) are refused: the weights are per feature.
+        """
+        changed = registered_features_changed(self.adata_manager, self.adata)
+        if changed:
+            raise ValueError(
+                f"adata's features changed since setup_anndata ({changed}): this model's "
+                "weights are per feature of its setup. Train a new model on the new features "
+                "(set it up again), or restore them."
+            )
+        self.adata_manager.validate()
+
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         """Every site's data from the registry, split by ``seed`` and each site's name."""
+        self._revalidate_setup()
         return [
             SiteData.from_registry(self.adata_manager, name, rows, validation_size, seed)
             for name, rows in self._site_rows().items()
@@ -243,6 +264,7 @@ class FederatedTrainingMixin:
         config = self._federation_config(
             max_rounds=max_epochs, kl_warmup_rounds=kl_warmup_epochs, **settings
         )
+        self._revalidate_setup()
         site = SiteData.from_registry(
             self.adata_manager, "all", None, config.validation_size, config.seed
         )
@@ -272,6 +294,7 @@ class FederatedTrainingMixin:
         True
         """
         self._require_key()
+        self._revalidate_setup()
         self._fit_feature_scale([SiteData.from_registry(self.adata_manager, "all", None, 0.0)])
         # a trained model is left in eval mode, which Lightning keeps (no dropout) unless told
         self.module.train()
@@ -325,6 +348,9 @@ class FederatedTrainingMixin:
     ) -> pd.DataFrame:
         if device is not None:
             self.module.to(device)
+        if not resume:
+            # a run that continues this model's weights composes with the DP releases they hold
+            self._dp_earlier = list(getattr(self, "dp_releases_", None) or [])
         torch.manual_seed(config.seed)
         runner = run_local
         if engine == "flower":
@@ -353,7 +379,12 @@ class FederatedTrainingMixin:
         # a resumed run's history holds the checkpoint's rounds too: it replaces, not extends
         previous = None if resume else getattr(self, "history_", None)
         self.history_ = scvi_history(history, previous)
-        self.dp_epsilon_ = server.dp_epsilon()
+        self.dp_releases_, self.dp_epsilon_ = None, None
+        if server.dp is not None:
+            self.dp_releases_ = [*getattr(self, "_dp_earlier", []), *server.dp.release_events]
+            self.dp_epsilon_ = dp_fedavg_epsilon(
+                self.dp_releases_, server.dp.n_sites, server.dp.delta
+            )
         # the frame the server holds the selected model in (secret frames), for the audit
         self.secret_frame_ = server.best_frame
         return history
@@ -438,3 +469,28 @@ def training_device(
         accelerator, devices, return_device="torch", validate_single_device=True
     )
     return device
+
+
+def registered_features_changed(manager, adata) -> str | None:
+    """How ``adata``'s features differ from those its setup registered, or ``None``.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_counts(n_obs=30, n_vars=5, n_sites=1)
+    >>> scinfl.model.INFL.setup_anndata(adata)
+    >>> model = scinfl.model.INFL(adata, key_mode=None)
+    >>> adata._inplace_subset_var(adata.var_names[::-1])
+    >>> registered_features_changed(model.adata_manager, adata)
+    'the same 5 features in another order'
+    """
+    if not isinstance(adata, AnnData) or REGISTRY_KEYS.X_KEY not in manager.data_registry:
+        return None
+    state = manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+    names = pd.Index(np.asarray(state.get("column_names", [])).astype(str))
+    current = adata.var_names.astype(str)
+    if len(names) == 0 or current.equals(names):
+        return None
+    if len(current) == len(names) and current.sort_values().equals(names.sort_values()):
+        return f"the same {len(names)} features in another order"
+    return f"{len(current)} features, {len(names)} at setup"

@@ -16,6 +16,8 @@ from scinfl._logging import quiet
 from scinfl.model._validation import rows_without_values, validate_matrix
 from scinfl.pp._features import align_features
 
+from ._federated import registered_features_changed
+
 logger = logging.getLogger(__name__)
 
 #: Setup arguments of ``.obs`` columns that only training needs (new samples may lack them),
@@ -133,6 +135,10 @@ class NewSamplesMixin:
     """
 
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if adata is None and self.adata_manager is not None:
+            # the registered data whose features changed in place are read as new samples
+            if registered_features_changed(self.adata_manager, self.adata):
+                adata = self.adata
         if adata is not None:
             check_not_empty(adata.n_obs)
         if isinstance(adata, AnnData) and self.adata_manager is not None:
@@ -142,8 +148,10 @@ class NewSamplesMixin:
             managers = self._per_instance_manager_store.get(self.id, {})
             manager = managers.get(uuid) if uuid else None
             # a copy or view of the training data carries its scvi-tools id, but not its rows:
-            # treat anything that is not the registered object itself as new samples
-            if manager is None or manager.adata is not adata:
+            # treat anything that is not the registered object itself as new samples, and so
+            # the registered object whose features changed in place since setup (by name)
+            changed = manager is not None and registered_features_changed(manager, adata)
+            if manager is None or manager.adata is not adata or changed:
                 adata = self._aligned_new_samples(adata)
                 # scvi-tools announces the transfer of the setup, expected here, and warns of
                 # categories with few rows, a concern for training, not for inference
