@@ -459,6 +459,7 @@ def _deployment_files(tmp_path, key, run_config_extra=None):
             }
         ),
         "init-params": json.dumps({"n_hidden": 32, "n_latent": 5}),
+        "features": json.dumps(list(adata.var_names)),
         "key-fingerprint": key.fingerprint,
         "key-version": key.version,
         "output-dir": str(tmp_path / "out"),
@@ -897,3 +898,49 @@ def test_a_site_file_is_read_by_the_runs_feature_names(tmp_path, key):
     )
     with pytest.raises(ValueError, match="short.h5ad: .* lack 1 of the model's"):
         load_site(tmp_path / "short.h5ad", "a", run_config, key=key)
+
+
+def test_a_perturbation_deployment_agrees_on_the_condition_codes(tmp_path, key):
+    """Sites coded the condition by their own files' category order: stim read as ctrl."""
+    from scinfl.federated.flower.app import load_site
+
+    adata = scinfl.data.synthetic_perturbation(n_obs=80, n_vars=16, n_sites=1, seed=2)
+    scinfl.model.PerturbationINFL.setup_anndata(adata, condition_key="condition")
+    run_config = model_run_config(scinfl.model.PerturbationINFL(adata, key=key, n_hidden=8))
+    assert json.loads(run_config["setup-args"])["categories"] == {"condition_key": ["ctrl", "stim"]}
+    flipped = adata.copy()
+    flipped.obs["condition"] = flipped.obs["condition"].cat.reorder_categories(["stim", "ctrl"])
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    flipped.write_h5ad(tmp_path / "b.h5ad")
+    codes = [
+        np.asarray(
+            load_site(tmp_path / f"{n}.h5ad", n, run_config, key=key)[1].fields[
+                "extra_categorical_covs"
+            ]
+        )
+        for n in "ab"
+    ]
+    np.testing.assert_array_equal(codes[0], codes[1])
+    setup = json.loads(run_config["setup-args"])
+    setup["categories"] = None
+    unagreed = {**run_config, "setup-args": json.dumps(setup)}
+    adata[adata.obs["condition"] == "ctrl"].copy().write_h5ad(tmp_path / "controls.h5ad")
+    with pytest.raises(
+        ValueError, match='no agreed categories for it: add "categories": {"condition_key"'
+    ):
+        load_site(tmp_path / "controls.h5ad", "c", unagreed, key=key)
+
+
+def test_a_site_refuses_a_run_without_feature_names_or_the_wrong_file_kind(tmp_path, key):
+    from scinfl.federated.flower.app import load_site
+
+    adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=N_VARS, n_sites=1, seed=2)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    INFL.setup_anndata(adata)
+    run_config = model_run_config(INFL(adata, key=key, n_hidden=16))
+    del run_config["features"]  # sites would read their features by position
+    with pytest.raises(ValueError, match="no `features` entry"):
+        load_site(tmp_path / "a.h5ad", "a", run_config, key=key)
+    multiomics = {**run_config, "model": "scinfl.model.MultiOmicsINFL"}
+    with pytest.raises(ValueError, match="not a MuData file.*give the site an .h5mu file"):
+        load_site(tmp_path / "a.h5ad", "a", multiomics, key=key)

@@ -92,6 +92,8 @@ class INFL(
     _module_cls = KeyedVAE
     #: how to fix data a count likelihood refuses (the end of the message)
     _count_advice = "Point `layer=` at the raw counts, or use gene_likelihood='normal'."
+    #: setup arguments whose categories the sites of a deployment must agree on (run config)
+    agreed_category_arguments = ("labels_key", "batch_key")
 
     def __init__(
         self,

@@ -77,6 +77,7 @@ class PerturbationINFL(INFL):
         "Point `layer=` at the raw counts: the model normalises them itself (log-normalised "
         "values, scGen's input, are not its input)."
     )
+    agreed_category_arguments = ("batch_key", "condition_key")
 
     def __init__(self, adata: AnnData, **kwargs) -> None:
         if kwargs.get("gene_likelihood", "nb") == "normal":

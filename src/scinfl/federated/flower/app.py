@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from scvi import REGISTRY_KEYS
 
 from scinfl.federated._config import FederationConfig, PrivacyConfig
 from scinfl.federated._local_engine import start_server
@@ -240,10 +241,8 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
     setup = dict(model.adata_manager.registry["setup_args"])
     setup.pop("site_key", None)  # a deployed site is one site
     categories = dict(setup.get("categories") or {})
-    for argument, registry_key in (("labels_key", "labels"), ("batch_key", "batch")):
-        if setup.get(argument) is not None and argument not in categories:
-            mapping = model.adata_manager.get_state_registry(registry_key).categorical_mapping
-            categories[argument] = [str(c) for c in mapping]
+    for argument, mapping in categorical_arguments(model.adata_manager, setup).items():
+        categories.setdefault(argument, mapping)
     setup["categories"] = categories or None
     init = {**model.init_params_.get("non_kwargs", {}), **model.init_params_.get("kwargs", {})}
     init.pop("key", None)
@@ -258,6 +257,36 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
         "key-version": model.key_version_ or 0,
         **entries,
     }
+
+
+def categorical_arguments(manager, setup: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The categories of every categorical ``.obs`` column a setup registered, by argument.
+
+    Labels, batches and the categorical covariates (a perturbation model's condition): their
+    codes are inputs or targets of the model, so every site must code them alike.
+
+    Examples
+    --------
+    >>> import scinfl
+    >>> adata = scinfl.data.synthetic_perturbation(n_obs=40, n_vars=16)
+    >>> scinfl.model.PerturbationINFL.setup_anndata(adata, condition_key="condition")
+    >>> model = scinfl.model.PerturbationINFL(adata, key_mode=None)
+    >>> categorical_arguments(model.adata_manager, model.adata_manager.registry["setup_args"])
+    {'condition_key': ['ctrl', 'stim']}
+    """
+    registries = manager.registry["field_registries"]
+    out = {}
+    for argument, registry_key in (("labels_key", "labels"), ("batch_key", "batch")):
+        if setup.get(argument) is not None and registry_key in registries:
+            mapping = manager.get_state_registry(registry_key).categorical_mapping
+            out[argument] = [str(c) for c in mapping]
+    if REGISTRY_KEYS.CAT_COVS_KEY in registries:
+        mappings = manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).get("mappings", {})
+        for column, mapping in mappings.items():
+            for argument, value in setup.items():
+                if argument.endswith("_key") and argument != "site_key" and value == column:
+                    out[argument] = [str(c) for c in mapping]
+    return out
 
 
 def _feature_names(model) -> list[str] | dict[str, list[str]]:
@@ -319,7 +348,8 @@ def load_site(
     >>> adata = scinfl.data.synthetic_counts(n_obs=30, n_vars=8, n_sites=1)
     >>> path = os.path.join(tempfile.mkdtemp(), "a.h5ad")
     >>> adata.write_h5ad(path)
-    >>> model, site = load_site(path, "a", {"init-params": '{"key_mode": null}'})
+    >>> features = json.dumps(list(adata.var_names))
+    >>> model, site = load_site(path, "a", {"init-params": '{"key_mode": null}', "features": features})
     >>> site.n_train + site.n_val, model.module.n_input
     (30, 8)
     """
@@ -330,27 +360,39 @@ def load_site(
     cls = model_class(s)
     adata, setup_data = _read_site_data(path, cls)
     setup = _json_entry(s, "setup-args")
-    if str(s.get("features") or ""):
-        features = _json_value(s, "features")
-        adata = _with_run_features(adata, features, _init_params(s), path)
-    for argument in ("labels_key", "batch_key"):
-        if setup.get(argument) and argument not in (setup.get("categories") or {}):
-            raise ValueError(
-                f"run-config setup-args sets {argument} but no agreed categories for it: add "
-                f'"categories": {{"{argument}": [...]}} (model_run_config does) so that codes '
-                "mean the same at every site."
-            )
+    if not str(s.get("features") or ""):
+        # without the run's names a site could only read its features by position
+        raise ValueError(
+            "The run config has no `features` entry (the model's feature names, in its order), "
+            "so sites cannot match their files' features by name: write the run config with "
+            "model_run_config(model), or add features = '[\"gene0\", ...]' as JSON."
+        )
+    adata = _with_run_features(adata, _json_value(s, "features"), _init_params(s), path)
+    for argument in getattr(cls, "agreed_category_arguments", ("labels_key", "batch_key")):
+        _require_agreed(setup, argument)
     try:
         setup_data(adata, **setup)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     torch.manual_seed(int(s["seed"]))
     model = cls(adata, key=key, **_init_params(s))
+    for argument in categorical_arguments(model.adata_manager, setup):
+        _require_agreed(setup, argument)
     config = federation_config(s)
     data = SiteData.from_registry(
         model.adata_manager, site, None, config.validation_size, config.seed
     )
     return model, data
+
+
+def _require_agreed(setup: Mapping[str, Any], argument: str) -> None:
+    """Refuse a categorical setup argument without categories agreed in the run config."""
+    if setup.get(argument) and argument not in (setup.get("categories") or {}):
+        raise ValueError(
+            f"run-config setup-args sets {argument} but no agreed categories for it: add "
+            f'"categories": {{"{argument}": [...]}} (model_run_config does) so that codes '
+            "mean the same at every site."
+        )
 
 
 def _read_site_data(path: Path, cls: type):
@@ -365,6 +407,12 @@ def _read_site_data(path: Path, cls: type):
         import mudata
 
         return mudata.read_h5mu(path), cls.setup_mudata
+    if hasattr(cls, "setup_mudata"):
+        raise ValueError(
+            f"{path} is not a MuData file, but the run's model {cls.__name__} reads MuData: "
+            "give the site an .h5mu file (mdata.write_h5mu('site.h5mu'), every modality of the "
+            "model present; scinfl.pp.pad_modalities adds one the site lacks)."
+        )
     import anndata
 
     return anndata.read_h5ad(path), cls.setup_anndata
