@@ -86,3 +86,59 @@ def test_model_trains_with_dp_and_resumes_its_accounting(tmp_path, counts_adata,
     fresh.releases = [3, 3, 3]
     assert model.dp_epsilon_ == pytest.approx(fresh.epsilon())
     assert model.dp_epsilon_ > two_rounds
+
+
+def test_the_noise_is_secret_to_the_server():
+    # seeded from the federation's seed, which every site receives, anyone could draw the
+    # noise again and subtract it (released update 8.3 from the clean mean, 6e-7 after)
+    current = {"w": np.zeros(1000, np.float32)}
+    updates = [_update(s, np.full(1000, 0.01)) for s in "abc"]
+    config = FederationConfig.from_settings(max_rounds=1, privacy="dp", seed=0)
+    releases = [
+        FederatedServer(dict(current), config, n_sites=3).aggregate(0, updates)["w"]
+        for _ in range(2)
+    ]
+    clean = np.full(1000, 0.01)
+    public = DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, n_sites=3, seed=0)
+    guessed = public.aggregate(current, updates, round_=0)["w"] - clean
+    for release in releases:
+        assert np.abs((release - clean) - guessed).max() > 0.1
+    assert np.abs(releases[0] - releases[1]).max() > 0.1
+
+
+def test_dp_releases_the_last_round_and_composes_continued_runs(counts_adata, key):
+    with pytest.raises(ValueError, match="early_stopping reads the sites' validation losses"):
+        FederationConfig.from_settings(privacy="dp", early_stopping=True)
+    config = FederationConfig.from_settings(max_rounds=2, privacy="dp")
+    server = FederatedServer({"w": np.zeros(2, np.float32)}, config, n_sites=1)
+    for round_, loss in enumerate([1.0, 5.0]):  # the raw losses would pick round 0
+        server.aggregate(round_, [_update("a", [0.1, 0.0])])
+        server.record_evaluation(round_, {"a": {"n_val": 3, "val_loss": loss}})
+    assert server.best_round == 1
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site")
+    model = scinfl.model.INFL(counts_adata, key=key, n_hidden=8, n_latent=4)
+    kwargs = {"batch_size": 64, "privacy": "dp", "progress_bar": False}
+    model.train_federated(max_rounds=2, **kwargs)
+    first = model.dp_epsilon_
+    model.train_federated(max_rounds=2, **kwargs)  # continues from the released weights
+    four = DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, n_sites=3)
+    four.releases = [3, 3, 3, 3]
+    assert model.dp_epsilon_ == pytest.approx(four.epsilon()) and model.dp_epsilon_ > first
+    model.train_federated(max_rounds=1, batch_size=64, progress_bar=False)
+    assert model.dp_epsilon_ is None  # trained without DP after: no guarantee to report
+
+
+def test_an_update_that_is_not_finite_is_rejected(caplog):
+    from scinfl.federated._aggregate import accept_updates
+
+    updates = [_update("a", [np.nan, 50.0]), _update("b", [np.inf, 0.0]), _update("c", [0.1, 0])]
+    with caplog.at_level("WARNING", logger="scinfl"):
+        accepted = accept_updates(updates, None, None)
+    assert [u.site for u in accepted] == ["c"]
+    assert "NaN or infinite" in caplog.text
+
+
+def test_a_delta_not_below_one_over_the_sites_is_warned_of(caplog):
+    with caplog.at_level("WARNING", logger="scinfl"):
+        DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, n_sites=3, delta=0.5)
+    assert "dp_delta=0.5 is not below 1/n for n=3 sites" in caplog.text

@@ -18,7 +18,7 @@ def accept_updates(
     key_fingerprint: str | None,
     key_version: int | None,
 ) -> list[ClientUpdate]:
-    """Drop (and log) updates made under another key fingerprint or key version.
+    """Drop (and log) updates made under another key fingerprint or key version, or not finite.
 
     Examples
     --------
@@ -40,6 +40,17 @@ def accept_updates(
                 update.site,
                 update.key_version,
                 key_version,
+            )
+        elif not all(
+            np.isfinite(value).all()
+            for value in update.parameters.values()
+            if np.issubdtype(np.asarray(value).dtype, np.floating)
+        ):
+            # NaN escapes clipping (min(1, C / NaN) is 1) and poisons any average
+            logger.warning(
+                "Rejected the update of site %r: it holds NaN or infinite values (its training "
+                "diverged: a learning rate too high, or data of an extreme scale).",
+                update.site,
             )
         else:
             accepted.append(update)

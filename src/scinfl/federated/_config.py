@@ -266,6 +266,13 @@ class FederationConfig:
             raise ValueError(f"strategy must be 'fedavg' or 'fedprox', got {self.strategy!r}.")
         if self.privacy.sample_dp_epsilon is not None:
             self._check_sample_dp()
+        if self.privacy.server_dp and self.early_stopping:
+            # stopping on the sites' raw validation losses would make the released model
+            # depend on data the noise does not cover
+            raise ValueError(
+                "early_stopping reads the sites' validation losses, which DP-FedAvg's noise does "
+                "not cover (privacy='dp' keeps the last round): train without early_stopping."
+            )
         if self.kl_warmup_rounds is None:
             self.kl_warmup_rounds = max(1, self.max_rounds // 2)
             self.kl_warmup_default = True

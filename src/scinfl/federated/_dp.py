@@ -13,13 +13,14 @@ own building blocks keeps the arithmetic identical while both engines give the s
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._client import ClientUpdate
-from ._flower_dp import flower_dp
+from ._flower_dp import flower_dp, warn_of_a_large_delta
 from ._parameters import Parameters
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class DPFedAvg:
     delta
         Target ``delta`` at which epsilon is reported.
     seed
-        Seed of the noise (per round), so that runs are reproducible.
+        Seed of the noise; ``None`` (the default) draws a secret one from the operating system.
+        The noise must be unknown to anyone but the server: from a known seed (the
+        federation's, which every site receives) it could be drawn again and subtracted.
 
     Examples
     --------
@@ -58,7 +61,7 @@ class DPFedAvg:
     clipping_norm: float
     n_sites: int
     delta: float = 1e-5
-    seed: int = 0
+    seed: int | None = field(default=None, repr=False)
     releases: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -68,7 +71,10 @@ class DPFedAvg:
             raise ValueError("dp_clipping_norm must be > 0.")
         if self.n_sites < 1:
             raise ValueError("DP needs at least one site.")
+        if self.seed is None:
+            self.seed = secrets.randbits(63)
         flower_dp()  # fail early, with the install hint
+        warn_of_a_large_delta(self.delta, self.n_sites, "sites")
 
     def aggregate(
         self, current: Parameters, updates: Sequence[ClientUpdate], round_: int
@@ -86,8 +92,8 @@ class DPFedAvg:
             clipped.append(params)
         mean = [np.mean([c[i] for c in clipped], axis=0) for i in range(len(names))]
         std = dp.compute_stdv(self.noise_multiplier, self.clipping_norm, len(updates))
-        # a generator seeded by (seed, round), not numpy's global one (which Flower's
-        # add_gaussian_noise_inplace draws from), so both engines add the same noise
+        # a generator of the server's secret seed and the round, not numpy's global one (which
+        # Flower's add_gaussian_noise_inplace draws from)
         rng = np.random.default_rng([self.seed, round_, 0xD9])
         result = dict(current)
         for name, value in zip(names, mean, strict=True):
@@ -103,31 +109,57 @@ class DPFedAvg:
         )
         return result
 
-    def epsilon(self) -> float:
+    def epsilon(self, earlier: Sequence[tuple[float, int]] = ()) -> float:
         """Epsilon spent so far at :attr:`delta` (RDP accounting, no sampling amplification).
 
         Sites are few and sampled by a seeded schedule the server knows, so no amplification by
-        sampling is claimed: every release is charged in full.
+        sampling is claimed: every release is charged in full. ``earlier``: releases of earlier
+        runs the model continued from, as ``(noise_multiplier, n_updates)`` pairs, composed
+        with this run's (:func:`dp_fedavg_epsilon`).
         """
-        if not self.releases:
-            return 0.0
-        _, accounting, RdpAccountant = flower_dp()
-        # no amplification: the population only bounds the sample sizes
-        population = max(self.n_sites, *self.releases)
-        accountant = RdpAccountant(
-            accounting.PrivacyConfig(
-                target_delta=self.delta,
+        releases = [*earlier, *((self.noise_multiplier, m) for m in self.releases)]
+        return dp_fedavg_epsilon(releases, self.n_sites, self.delta)
+
+    @property
+    def release_events(self) -> list[tuple[float, int]]:
+        """The releases of this run, as ``(noise_multiplier, n_updates)`` pairs."""
+        return [(self.noise_multiplier, m) for m in self.releases]
+
+
+def dp_fedavg_epsilon(
+    releases: Sequence[tuple[float, int]], n_sites: int, delta: float = 1e-5
+) -> float:
+    """Epsilon of a sequence of DP-FedAvg releases, each ``(noise_multiplier, n_updates)``.
+
+    Flower's RDP accountant, add-or-remove-one-site neighbouring, no sampling amplification:
+    the Gaussian releases of every round (of every run a model continued from) compose.
+
+    Examples
+    --------
+    >>> one = dp_fedavg_epsilon([(1.0, 3)] * 3, n_sites=3)
+    >>> two = dp_fedavg_epsilon([(1.0, 3)] * 6, n_sites=3)
+    >>> 0 < one < two
+    True
+    """
+    if not releases:
+        return 0.0
+    _, accounting, RdpAccountant = flower_dp()
+    # no amplification: the population only bounds the sample sizes
+    population = max(n_sites, *(m for _, m in releases))
+    accountant = RdpAccountant(
+        accounting.PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=accounting.SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    for noise_multiplier, sample_size in releases:
+        accountant.compose(
+            accounting.GaussianPrivacyEvent(
+                noise_multiplier=noise_multiplier,
+                sample_size=sample_size,
                 population_size=population,
-                neighboring_relation=accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=accounting.SamplingMethod.NO_AMPLIFICATION,
             )
         )
-        for sample_size in self.releases:
-            accountant.compose(
-                accounting.GaussianPrivacyEvent(
-                    noise_multiplier=self.noise_multiplier,
-                    sample_size=sample_size,
-                    population_size=population,
-                )
-            )
-        return float(accountant.get_epsilon(self.delta))
+    return float(accountant.get_epsilon(delta))

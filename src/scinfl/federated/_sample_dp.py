@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from scinfl.module import NONZERO_KEY
 
-from ._flower_dp import flower_dp
+from ._flower_dp import flower_dp, warn_of_a_large_delta
 from ._site_data import SiteData
 
 #: Rows whose gradients are held at once: about this many floats of per-row gradients.
@@ -140,6 +140,7 @@ class DPSGDPlan:
         local_epochs: int,
     ) -> DPSGDPlan:
         """The smallest noise that keeps the whole run within ``epsilon`` (bisection, 1%)."""
+        warn_of_a_large_delta(delta, n_rows, "rows at this site")
         rate = min(1.0, batch_size / n_rows)
         steps_per_epoch = math.ceil(1 / rate)
         steps = max_rounds * local_epochs * steps_per_epoch

@@ -88,7 +88,6 @@ class FederatedServer:
                 clipping_norm=self.config.privacy.dp_clipping_norm,
                 n_sites=self.n_sites or 1,
                 delta=self.config.privacy.dp_delta,
-                seed=self.config.seed,
             )
 
     def _frame_or_none(self) -> str | None:
@@ -222,7 +221,9 @@ class FederatedServer:
                     }
                 )
         stop = False
-        if not evaluated:
+        # under DP-FedAvg the last round is released: choosing by the sites' raw validation
+        # losses would make the released model depend on data the noise does not cover
+        if not evaluated or self.dp is not None:
             self.best_parameters, self.best_round = self.parameters, round_
             self.best_frame = self._frame_or_none()
         else:
