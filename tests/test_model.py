@@ -440,3 +440,12 @@ def test_zeros_of_log_rna_seq_are_measurements_not_missing(caplog):
     with caplog.at_level("WARNING", logger="scinfl"):
         validate_matrix(values, "normal", "adata.X")
     assert "zeros" not in caplog.text
+
+
+def test_history_keeps_one_epoch_axis_across_training_paths(counts_adata, key):
+    # validation_loss of the federated rounds was indexed 0-1 after three Lightning epochs
+    model = _model(counts_adata, key)
+    model.train(max_epochs=3, enable_progress_bar=False, check_val_every_n_epoch=1)
+    model.train_federated(**FAST)
+    assert model.history["train_loss"].index.tolist() == [0, 1, 2, 3, 4]
+    assert model.history["validation_loss"].index.tolist()[-2:] == [3, 4]

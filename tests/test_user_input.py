@@ -657,3 +657,14 @@ def test_features_changed_in_place_since_setup(key):
     adata._inplace_subset_var(adata.var_names[:10])  # subset: counts cannot be missing
     with pytest.raises(ValueError, match="lack 6 of the model's 16 features"):
         model.get_latent_representation()
+
+
+def test_predicting_with_a_model_that_has_no_classifier_says_which_has(multiome, key):
+    # "pass labels_key= to INFL.setup_anndata", which PerturbationINFL refuses; a raw
+    # AttributeError for MultiOmicsINFL
+    adata, model = _perturbation(key, n_hidden=8)
+    with pytest.raises(ValueError, match="PerturbationINFL trains no classifier"):
+        scinfl.tl.predict(adata, model)
+    mdata, multi = multiome
+    with pytest.raises(TypeError, match="MultiOmicsINFL trains no classifier"):
+        scinfl.tl.predict(mdata, multi)

@@ -437,8 +437,14 @@ class INFL(
         >>> adata.obs["scinfl_prediction"] = model.predict()  # doctest: +SKIP
         """
         if self.module.classifier is None:
+            if "labels_key" not in inspect.signature(self.setup_anndata).parameters:
+                raise ValueError(
+                    f"{type(self).__name__} trains no classifier (its setup takes no labels): "
+                    "use scinfl.model.INFL set up with labels_key= for predictions."
+                )
             raise ValueError(
-                "This model has no classifier: pass labels_key= to INFL.setup_anndata."
+                f"This model has no classifier: pass labels_key= to "
+                f"{type(self).__name__}.setup_anndata."
             )
         self._require_key()
         adata = self._validate_anndata(adata)

@@ -57,6 +57,12 @@ def predict(
     >>> "pred" in result.obs, "pred" in adata.obs
     (True, False)
     """
+    if not callable(getattr(model, "predict", None)):
+        raise TypeError(
+            f"{type(model).__name__} trains no classifier, so it has no predictions to write: "
+            "use scinfl.model.INFL set up with labels_key= (tl.embed and tl.cluster read this "
+            "model)."
+        )
     proba = model.predict(adata, soft=True)
     if copy:
         adata = in_memory_copy(adata)

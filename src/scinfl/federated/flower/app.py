@@ -43,7 +43,7 @@ from scinfl.federated._site_data import SiteData
 from scinfl.federated._site_identity import Roster, SiteIdentity
 from scinfl.federated._site_runtime import SiteRuntime
 from scinfl.key import Key, KeyMismatchError, MissingKeyError
-from scinfl.model.base._new_samples import features_by_name
+from scinfl.model.base._new_samples import check_feature_names, features_by_name
 
 from ._client_app import make_client_app
 from ._server_app import (
@@ -323,7 +323,8 @@ def _with_run_features(data, features, init: Mapping[str, Any], path):
         return data
     likelihood = init.get("gene_likelihood", "nb")
     try:
-        return features_by_name(data, names, likelihood, f"The site's {path}")
+        check_feature_names(data, names, "The site's data")
+        return features_by_name(data, names, likelihood, "The site's data")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 

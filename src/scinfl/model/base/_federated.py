@@ -428,6 +428,9 @@ def scvi_history(
     [5.0]
     """
     out = dict(previous or {})
+    # every metric continues at the epoch after the last one of any metric (validation may have
+    # been logged less often than training), and each round keeps its own epoch
+    epochs = max((int(frame.index.max()) + 1 for frame in out.values() if len(frame)), default=0)
     history = history.copy()
     for split in ("train", "val"):  # the ELBO per row, as scvi-tools logs it
         parts = [f"{split}_reconstruction", f"{split}_kl"]
@@ -442,8 +445,7 @@ def scvi_history(
         weighted = (rows[column] * rows[weight]).groupby(rows["round"]).sum()
         series = weighted / rows[weight].groupby(rows["round"]).sum()
         frame = series.to_frame(name)
-        start = len(out[name]) if name in out else 0
-        frame.index = pd.RangeIndex(start, start + len(frame), name="epoch")
+        frame.index = pd.Index(epochs + series.index.to_numpy(dtype=int), name="epoch")
         out[name] = pd.concat([out[name], frame]) if name in out else frame
     return out
 

@@ -82,7 +82,7 @@ def _input_columns(manager) -> dict[str, np.ndarray]:
     return columns
 
 
-def _check_feature_names(adata: AnnData, names: pd.Index, what: str) -> None:
+def check_feature_names(adata: AnnData, names: pd.Index, what: str) -> None:
     """Refuse duplicate feature names and data that share no feature with the model."""
     if not adata.var_names.is_unique:
         duplicated = adata.var_names[adata.var_names.duplicated()].unique()
@@ -176,7 +176,7 @@ class NewSamplesMixin:
         if len(names) == 0 or adata.var_names.astype(str).equals(names):
             adata = in_memory_copy(adata)
         else:
-            _check_feature_names(adata, names, "The new data")
+            check_feature_names(adata, names, "The new data")
             adata = features_by_name(adata, names, likelihood)
         check_input_columns(adata.obs, self.adata_manager)
         if likelihood is not None:
