@@ -941,6 +941,11 @@ def test_a_site_refuses_a_run_without_feature_names_or_the_wrong_file_kind(tmp_p
     del run_config["features"]  # sites would read their features by position
     with pytest.raises(ValueError, match="no `features` entry"):
         load_site(tmp_path / "a.h5ad", "a", run_config, key=key)
+    with_features = model_run_config(INFL(adata, key=key, n_hidden=16))
+    setup = {**json.loads(with_features["setup-args"]), "layer": "umis"}
+    counts = {**with_features, "setup-args": json.dumps(setup)}
+    with pytest.raises(ValueError, match=r"reads layers\['umis'\] at every site .*adata.layers"):
+        load_site(tmp_path / "a.h5ad", "a", counts, key=key)
     multiomics = {**run_config, "model": "scinfl.model.MultiOmicsINFL"}
     with pytest.raises(ValueError, match="not a MuData file.*give the site an .h5mu file"):
         load_site(tmp_path / "a.h5ad", "a", multiomics, key=key)

@@ -309,7 +309,8 @@ def apply_agreed_categories(
         raise ValueError(
             f"adata.obs[{key!r}] holds categories {unknown[:10]} that are not in the agreed list "
             f"{categories[:10]}{'...' if len(categories) > 10 else ''}. Every site must use the same "
-            "categories: add them to the list passed as `categories=` at every site."
+            "categories: add them to the agreed list (`categories=` of the setup at every site; "
+            "in a deployment, `categories` of the run config's setup-args), or drop those rows."
         )
     adata.obs[key] = pd.Categorical(values, categories=categories)
 

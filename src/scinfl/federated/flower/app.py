@@ -371,6 +371,14 @@ def load_site(
     adata = _with_run_features(adata, _json_value(s, "features"), _init_params(s), path)
     for argument in getattr(cls, "agreed_category_arguments", ("labels_key", "batch_key")):
         _require_agreed(setup, argument)
+    layer = setup.get("layer")
+    if isinstance(layer, str) and hasattr(adata, "layers") and layer not in adata.layers:
+        # the layer is the federation's choice: the fix is in the site's file
+        raise ValueError(
+            f"{path}: the run reads layers[{layer!r}] at every site (its setup-args), which this "
+            f"file lacks (layers: {list(adata.layers)}). Store the site's values there before "
+            f"writing the file, e.g. adata.layers[{layer!r}] = adata.X for raw counts in X."
+        )
     try:
         setup_data(adata, **setup)
     except ValueError as err:
