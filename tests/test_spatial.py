@@ -365,3 +365,27 @@ def test_cscc_loader():
     # the array is turned 45 degrees: grid neighbours are diagonal, one column and one row away
     steps = np.abs(coords[rows] - coords[cols])
     assert (steps == 1).all()
+
+
+def test_spatial_plot_colours_a_bool_alike_in_every_panel_and_as_scanpy_does():
+    adata = synthetic_spatial(n_sections=3, n_side=8, n_vars=10)
+    # all False in section0, all True in section1, both in section2: each panel had its own
+    adata.obs["flag"] = np.r_[np.zeros(64, bool), np.ones(64, bool), np.arange(64) % 2 == 0]
+    fig = scinfl.pl.spatial(adata, color="flag", library_key="section")
+    true_colour = {
+        tuple(np.round(ax.collections[0].get_facecolors()[0], 3)) for ax in fig.axes[1:2]
+    }
+    first_true = np.flatnonzero(adata.obs["flag"].to_numpy()[128:])[0]
+    third = tuple(np.round(fig.axes[2].collections[0].get_facecolors()[first_true], 3))
+    assert true_colour == {third}
+    plt.close(fig)
+    # the default colours are scanpy's (as pl.umap draws them), kept in .uns
+    adata.obsm["X_umap_scinfl"] = adata.obsm["spatial"]
+    fig = scinfl.pl.spatial(adata, color="domain", library_key="section")
+    spatial_colours = list(adata.uns.pop("domain_colors"))
+    plt.close(fig)
+    fig = scinfl.pl.umap(adata, color="domain")
+    assert spatial_colours == list(adata.uns["domain_colors"])
+    plt.close(fig)
+    adata.obs["many"] = pd.Categorical([f"c{i}" for i in range(adata.n_obs)])  # > 102
+    plt.close(scinfl.pl.spatial(adata, color="many", library_key="section", legend_loc="none"))

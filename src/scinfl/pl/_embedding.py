@@ -14,14 +14,35 @@ from anndata import AnnData
 from scinfl._checks import check_not_empty
 
 
-def _mudata_for_plot(mdata, basis: str, colors: Sequence[str]) -> AnnData:
+def check_save_path(save) -> None:
+    """Refuse a ``save=`` that is no file path, or whose folder does not exist.
+
+    Examples
+    --------
+    >>> check_save_path(True)
+    Traceback (most recent call last):
+    ...
+    TypeError: save= takes a file path (e.g. 'figure.png'), got True.
+    """
+    if save is None:
+        return
+    if not isinstance(save, str | os.PathLike):
+        raise TypeError(f"save= takes a file path (e.g. 'figure.png'), got {save!r}.")
+    folder = os.path.dirname(os.fspath(save))
+    if folder and not os.path.isdir(folder):
+        raise FileNotFoundError(f"save={save!r}: the folder {folder!r} does not exist.")
+
+
+def _mudata_for_plot(mdata, basis: str, colors: Sequence[str], layer: str | None) -> AnnData:
     """An AnnData with ``mdata``'s samples, ``basis`` and ``colors`` as ``.obs`` columns.
 
     A colour that is not a column of ``mdata.obs`` is a feature: ``"modality:feature"`` or a
-    feature name of one modality; samples without that modality get no value (NaN).
+    feature name of one modality, its values in ``layer`` (``None``: ``.X``); samples without
+    that modality get no value (NaN). The colours scanpy keeps in ``mdata.uns`` are used.
     """
     plot = AnnData(obs=mdata.obs.copy())
     plot.obsm[basis] = np.asarray(mdata.obsm[basis])
+    plot.uns.update({k: v for k, v in mdata.uns.items() if k.endswith("_colors")})
     for name in colors:
         if name in plot.obs:
             continue
@@ -41,7 +62,11 @@ def _mudata_for_plot(mdata, basis: str, colors: Sequence[str]) -> AnnData:
                 f"(name it 'modality:feature'; modalities: {list(mdata.mod)})."
             )
         mod = mdata.mod[holders[0]]
-        values = mod[:, feature].X
+        if layer is not None and layer not in mod.layers:
+            raise ValueError(
+                f"layer={layer!r} is not a layer of modality {holders[0]!r} ({list(mod.layers)})."
+            )
+        values = mod[:, feature].X if layer is None else mod[:, feature].layers[layer]
         values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
         series = pd.Series(values.ravel().astype(np.float64), index=mod.obs_names)
         plot.obs[name] = series[~series.index.duplicated()].reindex(plot.obs_names).to_numpy()
@@ -96,13 +121,19 @@ def umap(
         basis = f"X_{basis}"  # scanpy's convention: a basis may omit the X_
     if basis not in adata.obsm:
         raise ValueError(f"adata.obsm[{basis!r}] not found; run scinfl.tl.cluster(adata) first.")
-    if save is not None and not isinstance(save, str | os.PathLike):
-        raise TypeError(f"save= takes a file path (e.g. 'umap.png'), got {save!r}.")
+    check_save_path(save)
     check_not_empty(adata.n_obs)
+    kwargs.pop("return_fig", None)  # the figure is what it returns
     colors = None if color is None else [color] if isinstance(color, str) else list(color)
-    if hasattr(adata, "mod"):  # a MuData: scanpy reads .X, which a MuData does not have
-        adata = _mudata_for_plot(adata, basis, colors or [])
+    mdata = adata if hasattr(adata, "mod") else None
+    if mdata is not None:  # a MuData: scanpy reads .X, which a MuData does not have
+        adata = _mudata_for_plot(mdata, basis, colors or [], kwargs.pop("layer", None))
     axes = sc.pl.embedding(adata, basis=basis, color=colors, show=False, **kwargs)
+    if mdata is not None:
+        # the colours scanpy chose for the samples' columns, kept where scanpy keeps them
+        for name in colors or []:
+            if name in mdata.obs and f"{name}_colors" in adata.uns:
+                mdata.uns[f"{name}_colors"] = adata.uns[f"{name}_colors"]
     axes = list(np.atleast_1d(axes))
     fig = axes[0].figure
     name = basis.removeprefix("X_").split("_")[0].upper()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
 
 from scinfl.tl._perturbation_scores import same_genes_as
+
+from ._embedding import check_save_path
 
 
 def perturbation(
@@ -67,10 +68,7 @@ def perturbation(
     observed = same_genes_as(predicted, observed, "observed")
     control = same_genes_as(predicted, control, "control")
     names = predicted.var_names
-    if save is not None and not Path(save).parent.is_dir():
-        raise ValueError(
-            f"save={str(save)!r}: the folder {str(Path(save).parent)!r} does not exist."
-        )
+    check_save_path(save)
     top = names.get_indexer(list(genes))
     if len(top) < 2 or (top < 0).any():
         raise ValueError(

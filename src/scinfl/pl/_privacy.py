@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 
 from scinfl._checks import check_value
 
+from ._embedding import check_save_path
+
 
 def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
@@ -89,6 +91,7 @@ def privacy(
     if not metric_names or table.empty:
         raise ValueError("Nothing to draw: no rows for the metrics and uploads selected.")
     hues = list(dict.fromkeys(table[hue]))
+    check_save_path(save)
     n_rows = math.ceil(len(metric_names) / ncols)
     n_cols = min(ncols, len(metric_names))
     fig, axes = plt.subplots(

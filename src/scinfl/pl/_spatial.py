@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
+from scanpy.plotting._utils import _set_default_colors_for_categorical_obs
 
 from scinfl._checks import check_not_empty, check_value
 
-from ._embedding import _make_room_for_legends
+from ._embedding import _make_room_for_legends, check_save_path
 
 #: ``library_key`` default: the sections ``pp.spatial_neighbors`` built its graph over
 AUTO = "auto"
@@ -33,8 +34,10 @@ def _values(adata: AnnData, color: str, layer: str | None) -> pd.Series:
     """The ``.obs`` column or the feature (``.var_names``, from ``layer`` or ``.X``) to colour by."""
     if color in adata.obs:
         values = adata.obs[color]
-        if not isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
-            values
+        categorical = isinstance(values.dtype, pd.CategoricalDtype)
+        # True / False are categories (as scanpy draws them), not numbers on a colour scale
+        if pd.api.types.is_bool_dtype(values) or not (
+            categorical or pd.api.types.is_numeric_dtype(values)
         ):
             values = values.astype("category")
         return values
@@ -48,13 +51,27 @@ def _values(adata: AnnData, color: str, layer: str | None) -> pd.Series:
 
 
 def _palette(adata: AnnData, color: str, values: pd.Series) -> dict:
-    """One colour per category for every panel: ``.uns[f"{color}_colors"]`` (scanpy's) if set."""
+    """One colour per category for every panel: scanpy's ``.uns[f"{color}_colors"]``.
+
+    Colours scanpy would give the column (its default palettes, chosen by the number of
+    categories; grey beyond 102) are set where none of the right length are stored, and kept
+    in ``.uns`` as scanpy keeps them, so that ``pl.umap`` and this plot agree.
+    """
     categories = values.cat.categories
-    stored = adata.uns.get(f"{color}_colors")
-    if stored is not None and len(stored) == len(categories):
-        return dict(zip(categories, stored, strict=True))
-    colours = sc.pl.palettes.default_102 if len(categories) > 20 else sc.pl.palettes.default_20
-    return dict(zip(categories, colours, strict=False))
+    key = f"{color}_colors"
+    stored = adata.uns.get(key)
+    if stored is None or len(stored) != len(categories):
+        proxy = AnnData(
+            obs=pd.DataFrame(
+                {color: pd.Categorical(values)}, index=np.arange(len(values)).astype(str)
+            )
+        )
+        # scanpy's own choice of default colours (its plot functions make it as they draw)
+        _set_default_colors_for_categorical_obs(proxy, color)
+        stored = list(proxy.uns[key])
+        if color in adata.obs:
+            adata.uns[key] = stored
+    return dict(zip(categories, stored, strict=True))
 
 
 def spatial(
@@ -127,6 +144,14 @@ def spatial(
             "pl.spatial draws one panel per section on its own axes and takes no ax=; "
             "use the figure it returns (fig.axes), or scanpy.pl.embedding for one panel."
         )
+    if not isinstance(color, str):
+        raise TypeError(
+            f"pl.spatial colours by one key (a figure of one panel per section); got "
+            f"{color!r}: call it once per key."
+        )
+    check_save_path(save)
+    kwargs.pop("return_fig", None)  # the figure is what it returns
+    title = kwargs.pop("title", None)
     values = _values(adata, color, kwargs.pop("layer", None))
     if isinstance(values.dtype, pd.CategoricalDtype) and "palette" not in kwargs:
         kwargs["palette"] = _palette(adata, color, values)  # the same colours in every panel
@@ -149,13 +174,15 @@ def spatial(
         sc.pl.embedding(
             part, basis=spatial_key, color=color, ax=ax, show=False, legend_loc=legend_loc, **kwargs
         )
-        ax.set_title(name if named else color)
+        ax.set_title(name if named else (title or color))
         ax.set_aspect("equal")
         ax.invert_yaxis()  # image convention: row 0 at the top
         ax.set_xlabel("")
         ax.set_ylabel("")
     for ax in axes.ravel()[len(names) :]:
         ax.remove()
+    if named and title:
+        fig.suptitle(title)
     _make_room_for_legends(fig, list(axes.ravel()[: len(names)]))
     if save is not None:
         fig.savefig(save, dpi=120, bbox_inches="tight")
