@@ -384,7 +384,10 @@ def load_site(
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     torch.manual_seed(int(s["seed"]))
-    model = cls(adata, key=key, **_init_params(s))
+    try:  # the model checks the values (counts, finite): name the file they came from
+        model = cls(adata, key=key, **_init_params(s))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     for argument in categorical_arguments(model.adata_manager, setup):
         _require_agreed(setup, argument)
     config = federation_config(s)
