@@ -243,3 +243,11 @@ def test_normal_variance_unit_by_default_or_learned():
     torch.testing.assert_close(learned(_tensors(x))[1]["px"].scale, expected.expand(16, 4))
     with pytest.raises(ValueError, match="normal_variance"):
         KeyedVAE(n_input=4, gene_likelihood="normal", normal_variance="gene")
+
+
+def test_rounding_residue_around_zero_is_a_constant_feature():
+    # a relative tolerance alone (1e-6 |loc|) blew 1e-8 of float noise up to unit variance
+    x = _data()
+    x[:, 0] = np.random.default_rng(0).normal(0, 1e-8, len(x))
+    loc, scale = scale_from_moments(*feature_moments(x))
+    assert scale[0] == 1.0 and (scale[1:] > 0.1).all()

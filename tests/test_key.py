@@ -112,4 +112,4 @@ def test_a_pickled_model_holds_no_key_and_a_copy_keeps_it():
     assert not restored.has_key and not restored.module.has_key
     restored.set_key(key)  # the same model once the key is back
     torch.testing.assert_close(restored.module.state_dict(), model.module.state_dict())
-    assert copy.deepcopy(model).has_key and model.has_key
+    assert copy.deepcopy(model).has_key and copy.copy(model).has_key and model.has_key

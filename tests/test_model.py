@@ -128,6 +128,33 @@ def test_wrong_key_refused_and_rotation_allowed(counts_adata, key):
     assert model.key_version_ == 2
 
 
+def test_a_rotated_model_counts_as_untrained_until_fine_tuned(counts_adata, key, tmp_path):
+    # saved right after rotation, it loaded under the new key and predicted 4% correctly
+    model = _model(counts_adata, key)
+    model.train_federated(**FAST)
+    model.save(tmp_path / "old")
+    new = key.rotate()
+    model.set_key(new, allow_mismatch=True)
+    assert not model.is_trained_
+    with pytest.raises(KeyMismatchError, match="after a key rotation, pass allow_mismatch=True"):
+        INFL.load(tmp_path / "old", counts_adata, key=new)
+    loaded = INFL.load(tmp_path / "old", counts_adata, key=new, allow_mismatch=True)
+    assert loaded.key_version_ == 2 and not loaded.is_trained_
+    loaded.train_federated(**FAST)
+    assert loaded.is_trained_
+
+
+def test_loading_onto_a_category_the_model_lacks_names_it(counts_adata, key, tmp_path):
+    model = _model(counts_adata, key)
+    model.train_federated(**FAST)
+    model.save(tmp_path / "m")
+    joined = counts_adata.copy()
+    joined.obs["label"] = joined.obs["label"].cat.add_categories(["new"])
+    joined.obs.iloc[:5, joined.obs.columns.get_loc("label")] = "new"
+    with pytest.raises(ValueError, match="category new .*fixed with its weights"):
+        INFL.load(tmp_path / "m", joined, key=key)
+
+
 def test_training_without_key_is_refused(counts_adata):
     INFL.setup_anndata(counts_adata, layer="counts", site_key="site")
     model = INFL(counts_adata)

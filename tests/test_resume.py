@@ -145,6 +145,12 @@ def test_resume_refuses_other_settings_another_key_or_no_checkpoint(tmp_path, ke
         _run(module, sites, _config(), key, checkpoint_dir=tmp_path / "empty", resume=True)
     with pytest.raises(ValueError, match="needs the checkpoint_dir"):
         _run(module, sites, _config(), key, resume=True)
+    # a site that left, or one whose rows changed: selection would compare other validation sets
+    with pytest.raises(ValueError, match=r"had sites \['s0', 's1', 's2'\], this one has"):
+        _run(module, sites[:2], _config(), key, checkpoint_dir=tmp_path, resume=True)
+    fewer = [*sites[:2], _sites(n=40)[2]]
+    with pytest.raises(ValueError, match="site 's2' trains on 30 rows, 36 then"):
+        _run(module, fewer, _config(), key, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_round_with_too_few_sites_fails_and_leaves_the_last_model(tmp_path):

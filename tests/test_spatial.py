@@ -97,6 +97,8 @@ def test_radius_and_delaunay_graphs_are_squidpys_per_section(kwargs, builder, se
         ({"radius": -1.0}, "non-negative"),
         ({"radius": 0.0}, "positive"),
         ({"radius": (1.0, 2.0, 3.0)}, "pair"),
+        ({"radius": (2.0, 1.0)}, "min <= max"),
+        ({"delaunay": "no"}, "delaunay must be True or False"),
     ],
 )
 def test_radius_and_delaunay_errors(kwargs, match):
@@ -389,3 +391,12 @@ def test_spatial_plot_colours_a_bool_alike_in_every_panel_and_as_scanpy_does():
     plt.close(fig)
     adata.obs["many"] = pd.Categorical([f"c{i}" for i in range(adata.n_obs)])  # > 102
     plt.close(scinfl.pl.spatial(adata, color="many", library_key="section", legend_loc="none"))
+
+
+def test_numpy_radii_and_spots_without_a_neighbour(caplog):
+    adata = synthetic_spatial(n_sections=1, n_side=8, n_vars=10)
+    scinfl.pp.spatial_neighbors(adata, coord_type="generic", radius=np.float32(1.5))
+    assert adata.obsp["spatial_connectivities"].nnz > 0
+    with caplog.at_level("WARNING", logger="scinfl"):
+        scinfl.pp.spatial_neighbors(adata, coord_type="generic", radius=np.int64(1) / 100)
+    assert "64 of 64 spots have no neighbour" in caplog.text

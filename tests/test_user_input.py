@@ -650,6 +650,10 @@ def test_features_changed_in_place_since_setup(key):
     adata = _counts()
     model = _infl(adata, key)
     before = pd.DataFrame(model.get_latent_representation(), index=adata.obs_names)
+    names = adata.var_names.copy()
+    adata.var_names = [f"symbol{i}" for i in range(adata.n_vars)]  # renamed: by position
+    np.testing.assert_allclose(model.get_latent_representation(), before, atol=1e-5)
+    adata.var_names = names
     adata._inplace_subset_var(adata.var_names[::-1])  # reordered: matched by name
     np.testing.assert_allclose(model.get_latent_representation(), before, atol=1e-5)
     with pytest.raises(ValueError, match="features changed since setup_anndata .*another order"):
@@ -668,3 +672,31 @@ def test_predicting_with_a_model_that_has_no_classifier_says_which_has(multiome,
     mdata, multi = multiome
     with pytest.raises(TypeError, match="MultiOmicsINFL trains no classifier"):
         scinfl.tl.predict(mdata, multi)
+
+
+def test_a_site_of_a_federation_that_agreed_its_classes_may_hold_no_label():
+    # one site's part of semi-supervised data: its rows all unlabelled, the classes agreed
+    adata = _counts()
+    adata.obs["label"] = "Unknown"
+    INFL.setup_anndata(
+        adata,
+        labels_key="label",
+        unlabeled_category="Unknown",
+        categories={"labels_key": ["Unknown", "type0", "type1", "type2"]},
+    )
+    assert INFL(adata, key_mode=None).classes == ["type0", "type1", "type2"]
+    numbers = _counts()
+    numbers.obs["label"] = np.where(np.arange(numbers.n_obs) % 4 == 0, -1, np.arange(120) % 3)
+    INFL.setup_anndata(
+        numbers, labels_key="label", unlabeled_category=-1, categories={"labels_key": [0, 1, 2]}
+    )
+    assert INFL(numbers, key_mode=None).classes == ["0", "1", "2"]
+
+
+def test_a_round_where_every_site_diverged_says_so():
+    from scinfl.federated import ClientUpdate, FederatedServer, FederationConfig
+
+    server = FederatedServer({"w": np.zeros(2, np.float32)}, FederationConfig(max_rounds=1))
+    updates = [ClientUpdate(s, 10, {"w": np.array([np.nan, 0], np.float32)}) for s in "ab"]
+    with pytest.raises(FloatingPointError, match="training diverged at every site"):
+        server.aggregate(0, updates)

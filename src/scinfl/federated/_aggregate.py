@@ -41,11 +41,7 @@ def accept_updates(
                 update.key_version,
                 key_version,
             )
-        elif not all(
-            np.isfinite(value).all()
-            for value in update.parameters.values()
-            if np.issubdtype(np.asarray(value).dtype, np.floating)
-        ):
+        elif not is_finite_update(update):
             # NaN escapes clipping (min(1, C / NaN) is 1) and poisons any average
             logger.warning(
                 "Rejected the update of site %r: it holds NaN or infinite values (its training "
@@ -55,6 +51,21 @@ def accept_updates(
         else:
             accepted.append(update)
     return accepted
+
+
+def is_finite_update(update: ClientUpdate) -> bool:
+    """Whether every float parameter of ``update`` is finite (no NaN, no infinity).
+
+    Examples
+    --------
+    >>> is_finite_update(ClientUpdate("a", 1, {"w": np.array([np.nan])}))
+    False
+    """
+    return all(
+        np.isfinite(value).all()
+        for value in update.parameters.values()
+        if np.issubdtype(np.asarray(value).dtype, np.floating)
+    )
 
 
 def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:

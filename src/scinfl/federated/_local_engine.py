@@ -86,6 +86,7 @@ def run_local(
         n_sites=len(sites),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        site_rows={site.name: site.n_train for site in sites},
     )
     runtimes = {
         site.name: SiteRuntime(
@@ -190,8 +191,12 @@ def start_server(
     n_sites: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    site_rows: Mapping[str, int] | None = None,
 ) -> FederatedServer:
     """A new :class:`FederatedServer`, or the one saved in ``checkpoint_dir`` when ``resume``.
+
+    ``site_rows``: the training rows of every site of this run, by name; a resumed run must
+    have the checkpoint's sites with their rows (see :func:`check_same_sites`).
 
     Examples
     --------
@@ -202,9 +207,12 @@ def start_server(
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the run to continue.")
-        return FederatedServer.from_checkpoint(
+        server = FederatedServer.from_checkpoint(
             checkpoint_dir, config, key_fingerprint, key_version, n_sites=n_sites
         )
+        if site_rows is not None:
+            check_same_sites(server.rows, site_rows)
+        return server
     if checkpoint_dir is not None and Path(checkpoint_dir).is_file():
         raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file: give a directory.")
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "checkpoint.json").exists():
@@ -221,3 +229,34 @@ def start_server(
         checkpoint_dir=checkpoint_dir,
         n_sites=n_sites,
     )
+
+
+def check_same_sites(rows: Sequence[Mapping], site_rows: Mapping[str, int]) -> None:
+    """Refuse to resume a run whose sites, or their training rows, differ from the checkpoint's.
+
+    Selection compares validation losses across rounds: over other sites they measure another
+    thing, and a site's split is drawn from its name and rows, so a renamed or changed site
+    would validate on rows it trained on.
+
+    Examples
+    --------
+    >>> check_same_sites([{"site": "a", "n_train": 9}], {"a": 9})
+    >>> check_same_sites([{"site": "a", "n_train": 9}], {"b": 9})
+    Traceback (most recent call last):
+    ...
+    ValueError: The checkpoint's run had sites ['a'], this one has ['b']: ...
+    """
+    trained = {row["site"]: row.get("n_train", 0) for row in rows if row.get("n_train", 0) > 0}
+    saved = sorted({row["site"] for row in rows})
+    now = sorted(site_rows)
+    changed = [name for name, n in trained.items() if name in site_rows and site_rows[name] != n]
+    if saved != now or changed:
+        detail = f"this one has {now}"
+        if changed:
+            name = changed[0]
+            detail = f"site {name!r} trains on {site_rows[name]} rows, {trained[name]} then"
+        raise ValueError(
+            f"The checkpoint's run had sites {saved}, {detail}: resume continues that run, with "
+            "the same sites and rows. To train with a site that joined or left, call "
+            "train_federated without resume (it continues from the model's weights)."
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._aggregate import accept_updates, fedavg
+from ._aggregate import accept_updates, fedavg, is_finite_update
 from ._client import ClientConfig, ClientUpdate
 from ._config import TRAJECTORY_SETTINGS, FederationConfig
 from ._dp import DPFedAvg
@@ -143,6 +143,12 @@ class FederatedServer:
         instructions ``sent`` (:func:`~scinfl.federated.frame_id`), which becomes :attr:`frame`.
         """
         accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
+        if not accepted and updates and not any(is_finite_update(u) for u in updates):
+            raise FloatingPointError(
+                f"Round {round_}: training diverged at every site (their updates hold NaN or "
+                "infinite values). Lower the learning rate (lr=), and check the data (values far "
+                "from 1 in magnitude: log-transform intensities)."
+            )
         if not accepted:
             raise RuntimeError(
                 f"Round {round_}: no update was accepted (all sites failed, or all used another "

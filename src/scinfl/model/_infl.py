@@ -309,10 +309,11 @@ class INFL(
             column = {"site_key": site_key, "batch_key": batch_key, "labels_key": labels_key}[
                 argument
             ]
-            unlisted = str(unlabeled_category) not in map(str, cats)
-            if argument == "labels_key" and unlabeled_category is not None and unlisted:
-                # the placeholder of unlabelled rows is no class for the sites to agree on
-                cats = [*cats, unlabeled_category]
+            if argument == "labels_key" and unlabeled_category is not None:
+                # the placeholder of unlabelled rows is no class for the sites to agree on: it
+                # goes last (the classes keep their order), named as text as the agreed are
+                unlabeled_category = str(unlabeled_category)
+                cats = [*(c for c in cats if str(c) != unlabeled_category), unlabeled_category]
             apply_agreed_categories(adata, column, cats)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -323,8 +324,9 @@ class INFL(
                 REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category
             ),
         ]
-        if "source_registry" not in kwargs:
-            # a trained model's setup (load, new samples) may meet data without labels
+        if "source_registry" not in kwargs and "labels_key" not in (categories or {}):
+            # a trained model's setup (load, new samples) may meet data without labels, and so
+            # may one site of a federation that agreed its classes
             _check_labelled_rows(adata, labels_key, unlabeled_category)
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)

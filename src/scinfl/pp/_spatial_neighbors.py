@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.spatial import QhullError
 
-from scinfl._checks import check_not_empty
+from scinfl._checks import check_not_empty, check_value
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,20 @@ def _builder(coord_type: str, n_neighs: int, radius, delaunay: bool) -> tuple[st
             )
         return "spatial_neighbors_grid", {"n_neighs": n_neighs}
     if radius is not None:
-        bounds = np.atleast_1d(np.asarray(radius, dtype=float))
+        try:
+            bounds = np.atleast_1d(np.asarray(radius, dtype=float))
+        except (TypeError, ValueError):
+            bounds = np.array([np.nan])
         if bounds.size not in (1, 2) or not np.isfinite(bounds).all() or (bounds < 0).any():
             raise ValueError(
                 f"radius must be a non-negative distance or a (min, max) pair; got {radius!r}."
             )
+        if bounds.size == 2 and bounds[0] > bounds[1]:
+            raise ValueError(f"radius=(min, max) needs min <= max; got {radius!r}.")
         if not delaunay and bounds.max() <= 0:
             raise ValueError("radius must be positive: a radius of 0 joins no spots.")
+        # plain floats: squidpy reads a tuple as (min, max) and numpy scalars as neither
+        radius = float(bounds[0]) if bounds.size == 1 else (float(bounds[0]), float(bounds[1]))
     if delaunay:
         # squidpy prunes the triangulation to a (min, max) radius; a single radius would be
         # ignored there, so it is read as the pair (0, radius)
@@ -268,7 +275,8 @@ def spatial_neighbors(
         )
     if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] must hold finite numbers.")
-    builder, settings = _builder(coord_type, n_neighs, radius, bool(delaunay))
+    check_value("delaunay", delaunay, bool, "True or False")
+    builder, settings = _builder(coord_type, n_neighs, radius, delaunay)
     groups = _groups(adata, site_key, library_key)
     _warn_stacked_sections(coords, groups)
     sizes = groups.value_counts()
@@ -300,6 +308,14 @@ def spatial_neighbors(
         graph = sp.block_diag(parts, format="csr")[back][:, back]
         graph.sort_indices()
         adata.obsp[f"{key_added}_{kind}"] = graph.tocsr()
+    alone = int((np.diff(adata.obsp[f"{key_added}_connectivities"].indptr) == 0).sum())
+    if alone:
+        logger.warning(
+            "%d of %d spots have no neighbour in the graph (a radius below the spacing of "
+            "the spots, or spots off the grid?); domains aggregate nothing for them.",
+            alone,
+            n_obs,
+        )
     adata.uns[f"{key_added}_neighbors"] = {
         "connectivities_key": f"{key_added}_connectivities",
         "distances_key": f"{key_added}_distances",

@@ -233,6 +233,7 @@ def run_flower_simulation(
         n_sites=len(sites),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        site_rows={site.name: site.n_train for site in sites},
     )
     table = SimulationSites(
         template,

@@ -476,6 +476,10 @@ def training_device(
 def registered_features_changed(manager, adata) -> str | None:
     """How ``adata``'s features differ from those its setup registered, or ``None``.
 
+    Features reordered, added or removed are told by name. The same number of features under
+    other names is a renaming (gene symbols for Ensembl ids, say), read by position as
+    scvi-tools reads it: ``None``.
+
     Examples
     --------
     >>> import scinfl
@@ -493,6 +497,8 @@ def registered_features_changed(manager, adata) -> str | None:
     current = adata.var_names.astype(str)
     if len(names) == 0 or current.equals(names):
         return None
-    if len(current) == len(names) and current.sort_values().equals(names.sort_values()):
-        return f"the same {len(names)} features in another order"
+    if len(current) == len(names):
+        if current.sort_values().equals(names.sort_values()):
+            return f"the same {len(names)} features in another order"
+        return None  # renamed in place
     return f"{len(current)} features, {len(names)} at setup"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +108,19 @@ class KeyedModelMixin:
                 "Load the federation's key file, or pass allow_mismatch=True to rotate keys and "
                 "fine-tune."
             )
+        rotated = self.key_fingerprint_ is not None and key.fingerprint != self.key_fingerprint_
         self.module.set_key(key)
         self._key = key
         self.key_fingerprint_ = key.fingerprint
         self.key_version_ = key.version
+        if rotated and getattr(self, "is_trained_", False):
+            # the weights were trained under the old key: under this one they mean nothing yet
+            self.is_trained_ = False
+            logger.warning(
+                "Key rotated: the weights were trained under another key, so the model's "
+                "outputs mean nothing under this one until it is fine-tuned "
+                "(train_federated); until then it counts as untrained."
+            )
 
     def __getstate__(self) -> dict:
         """Pickled (``pickle``, ``joblib``, ``torch.save``) without the key, which stays in memory.
@@ -141,6 +152,12 @@ class KeyedModelMixin:
         )
         return state
 
+    def __copy__(self):
+        # a copy in this process keeps the key (pickling, which __getstate__ serves, does not)
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
     def __deepcopy__(self, memo: dict):
         # a copy in this process keeps the key (pickling, which __getstate__ serves, does not)
         copied = type(self).__new__(type(self))
@@ -158,6 +175,7 @@ class KeyedModelMixin:
         dir_path: str | os.PathLike,
         adata: AnnData | None = None,
         key: Key | None = None,
+        allow_mismatch: bool = False,
         **kwargs,
     ):
         """Load a saved model; a keyed model needs the key it was trained with.
@@ -170,6 +188,10 @@ class KeyedModelMixin:
             AnnData set up like the training data.
         key
             The federation's key (saved models never contain it).
+        allow_mismatch
+            Accept a key other than the one the model was trained with: after a key rotation
+            (:meth:`scinfl.Key.rotate`), load with the new key, then fine-tune with
+            ``train_federated`` (:meth:`set_key`).
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
 
@@ -187,7 +209,7 @@ class KeyedModelMixin:
             adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
         # scvi-tools reports a local file as "already downloaded", and the model is built
         # without its key before the key below is set: neither is news to the user
-        with quiet("scvi.data._download", __name__):
+        with quiet("scvi.data._download", __name__), _categories_fixed_by_the_model():
             model = super().load(str(dir_path), adata=adata, **kwargs)
         if model.module.is_keyed:
             if key is None:
@@ -195,14 +217,37 @@ class KeyedModelMixin:
                     f"The model in {dir_path} is keyed (key {model.key_fingerprint_}); pass "
                     "key=scinfl.Key.load(path) with the federation's key to load it."
                 )
-            if model.key_fingerprint_ is not None and key.fingerprint != model.key_fingerprint_:
+            rotated = key.fingerprint != model.key_fingerprint_
+            if model.key_fingerprint_ is not None and rotated and not allow_mismatch:
                 raise KeyMismatchError(
                     f"The model in {dir_path} was trained with key {model.key_fingerprint_}; the key "
-                    f"given is {key.fingerprint}. Use the federation's key file."
+                    f"given is {key.fingerprint}. Use the federation's key file; after a key "
+                    "rotation, pass allow_mismatch=True and fine-tune with train_federated."
                 )
         if key is not None:
-            model.set_key(key)
+            model.set_key(key, allow_mismatch=allow_mismatch)
         return model
+
+
+@contextmanager
+def _categories_fixed_by_the_model() -> Iterator[None]:
+    """Rephrase scvi-tools' refusal of a category the saved model does not know.
+
+    scvi-tools advises ``extend_categories=True``, which ``load`` does not take: a model has
+    weights (a classifier output, a batch embedding) for its own categories only.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if "not found in source registry" not in str(error):
+            raise
+        category = str(error).split(" not found")[0].removeprefix("Category ")
+        raise ValueError(
+            f"The data hold category {category} (a label, batch or condition) that the saved "
+            "model was not built with: its categories are fixed with its weights. Leave those "
+            "rows out (or mark their labels with the model's unlabeled_category), or train a "
+            "new model, agreeing future categories up front (setup_anndata(..., categories=))."
+        ) from error
 
 
 def _with_saved_features(dir_path, adata: AnnData | MuData, prefix: str | None):
