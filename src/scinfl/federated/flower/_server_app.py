@@ -302,6 +302,10 @@ def share_feature_scale(
     return loc, scale
 
 
+#: how a site's FloatingPointError of a diverged training begins (``_client``)
+_DIVERGED = "Training diverged"
+
+
 def _collect(
     replies,
     directory: SiteDirectory,
@@ -343,6 +347,10 @@ def _collect(
             continue
         updates.append(update)
     if (errors or asked) and not updates:
+        diverged = [e[e.index(_DIVERGED) :].split("\n")[0] for e in errors if _DIVERGED in e]
+        if diverged and len(diverged) == len(errors):
+            # the sites' own FloatingPointError, whatever Flower and Ray wrapped it in
+            raise FloatingPointError(f"Round {round_}: {diverged[0]}")
         raise RuntimeError(
             f"Round {round_}: no site completed its {what} step: {'; '.join(errors) or 'timeout'}"
         )
