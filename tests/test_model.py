@@ -455,6 +455,10 @@ def test_normalized_expression_and_differential_expression_as_scvi(counts_adata,
         normal.get_normalized_expression()
     with pytest.raises(NotImplementedError, match="has none of these"):
         normal.get_likelihood_parameters()
+    # each says its own name (scvi-tools' internals failed on the normal's missing theta)
+    for method in ("differential_expression", "get_feature_correlation_matrix"):
+        with pytest.raises(NotImplementedError, match=f"^{method} works on expected count"):
+            getattr(normal, method)()
 
 
 def test_zeros_of_log_rna_seq_are_measurements_not_missing(caplog):

@@ -379,14 +379,49 @@ class INFL(
         --------
         >>> model.get_normalized_expression(library_size=1e4)  # doctest: +SKIP
         """
+        self._refuse_for_continuous_data("get_normalized_expression")
+        return super().get_normalized_expression(*args, **kwargs)
+
+    def differential_expression(self, *args, **kwargs):
+        """scvi-tools' differential expression, from :meth:`get_normalized_expression` (counts).
+
+        Examples
+        --------
+        >>> model.differential_expression(groupby="cell_type")  # doctest: +SKIP
+        """
+        self._refuse_for_continuous_data("differential_expression")
+        return super().differential_expression(*args, **kwargs)
+
+    def get_feature_correlation_matrix(self, *args, **kwargs):
+        """scvi-tools' feature correlations of denoised counts, for count likelihoods.
+
+        Examples
+        --------
+        >>> model.get_feature_correlation_matrix()  # doctest: +SKIP
+        """
+        self._refuse_for_continuous_data("get_feature_correlation_matrix")
+        return super().get_feature_correlation_matrix(*args, **kwargs)
+
+    def get_latent_library_size(self, *args, **kwargs):
+        """scvi-tools' library size per cell, for count likelihoods.
+
+        Examples
+        --------
+        >>> model.get_latent_library_size()  # doctest: +SKIP
+        """
+        self._refuse_for_continuous_data("get_latent_library_size")
+        return super().get_latent_library_size(*args, **kwargs)
+
+    def _refuse_for_continuous_data(self, method: str) -> None:
+        """The key first; then refuse a count-proportion method under the normal likelihood."""
         self._require_key()
         if getattr(self.module, "gene_likelihood", None) == "normal":
             raise NotImplementedError(
-                "get_normalized_expression gives expected count proportions, which "
+                f"{method} works on expected count proportions, which "
                 "gene_likelihood='normal' does not model: continuous data are on their own "
-                "scale already (the latent, get_latent_representation, is what to compare)."
+                "scale already (the latent, get_latent_representation, is what to compare; "
+                "for differences between groups, test the data themselves)."
             )
-        return super().get_normalized_expression(*args, **kwargs)
 
     def get_likelihood_parameters(self, *args, **kwargs):
         """The count likelihood's parameters per cell (scvi-tools' method), for count models.
