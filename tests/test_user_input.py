@@ -702,3 +702,51 @@ def test_a_round_where_every_site_diverged_says_so():
     updates = [ClientUpdate(s, 10, {"w": np.array([np.nan, 0], np.float32)}) for s in "ab"]
     with pytest.raises(FloatingPointError, match="training diverged at every site"):
         server.aggregate(0, updates)
+
+
+def test_multiomics_data_a_model_cannot_pair_or_read_are_named(multiome, key, tmp_path):
+    mdata, model = multiome
+    rna = mdata.mod["rna"].copy()
+    rna.obs_names = [rna.obs_names[0]] * 2 + list(rna.obs_names[2:])
+    with pytest.raises(ValueError, match=r"mod\['rna'\].obs_names repeat names"):
+        MultiOmicsINFL.setup_mudata(
+            mudata.MuData({"rna": rna, "prot": mdata.mod["prot"]}), ["rna", "prot"]
+        )
+    prot = mdata.mod["prot"][:, []].copy()
+    with pytest.raises(ValueError, match=r"mod\['prot'\] has no features"):
+        MultiOmicsINFL.setup_mudata(
+            mudata.MuData({"rna": mdata.mod["rna"], "prot": prot}), ["rna", "prot"]
+        )
+    with pytest.raises(TypeError, match="reads a MuData, got AnnData"):
+        model.get_latent(mdata.mod["rna"])
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="saved without its data"):
+        MultiOmicsINFL.load(tmp_path / "m", key=key)
+
+
+def test_a_latent_from_modalities_a_sample_lacks_is_nan(key):
+    mdata = scinfl.data.synthetic_multiome(n_obs=80, n_genes=20, n_proteins=6, n_sites=2)
+    mdata.mod["prot"] = mdata.mod["prot"][:40].copy()
+    mdata.update()
+    padded = scinfl.pp.pad_modalities(mdata)
+    MultiOmicsINFL.setup_mudata(padded, ["rna", "prot"], site_key="site")
+    model = MultiOmicsINFL(padded, key=key, n_hidden=8)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    z = model.get_latent(modalities=["prot"])  # the 40 without proteins were the prior's 0
+    held = np.isin(padded.obs_names, mdata.mod["prot"].obs_names)
+    assert np.isnan(z[~held]).all() and np.isfinite(z[held]).all()
+
+
+def test_padding_keeps_each_modalitys_per_sample_arrays_and_uns():
+    mdata = scinfl.data.synthetic_multiome(n_obs=40, n_genes=10, n_proteins=4, n_sites=2)
+    mdata.mod["rna"].obsm["X_pca"] = np.random.default_rng(0).random((40, 3))
+    mdata.mod["rna"].uns["note"] = "kept"
+    mdata.mod["prot"] = mdata.mod["prot"][:20].copy()
+    mdata.mod["prot"].obsm["X_pca"] = np.ones((20, 2))
+    mdata.update()
+    padded = scinfl.pp.pad_modalities(mdata)
+    np.testing.assert_allclose(
+        padded.mod["rna"].obsm["X_pca"], mdata.mod["rna"].obsm["X_pca"], rtol=1e-6
+    )
+    assert padded.mod["rna"].uns["note"] == "kept"
+    assert np.isnan(padded.mod["prot"].obsm["X_pca"]).all(axis=1).sum() == 20

@@ -313,6 +313,11 @@ class MultiOmicsINFL(
         >>> mdata.obsm["X_scinfl"] = model.get_latent()  # doctest: +SKIP
         """
         self._require_key()
+        if mdata is not None and not isinstance(mdata, MuData):
+            raise TypeError(
+                f"{type(self).__name__} reads a MuData, got {type(mdata).__name__}: wrap one "
+                'modality as mudata.MuData({"rna": adata}) (its other modalities absent).'
+            )
         names = list(self.module.registry_keys)
         if isinstance(modalities, str):
             modalities = [modalities]
@@ -325,13 +330,26 @@ class MultiOmicsINFL(
         mdata = self._validate_anndata(mdata)
         loader = self._make_data_loader(adata=mdata, indices=indices, batch_size=batch_size)
         self.module.eval()
+        used = [key for key in self.module.registry_keys.values() if key not in hidden]
         latent = []
         for tensors in loader:
             for key in hidden:
                 tensors[key] = torch.full_like(tensors[key], float("nan"))
             inputs = self.module._get_inference_input(tensors)
-            latent.append(self.module.inference(**inputs)["qz"].loc.cpu())
-        return torch.cat(latent).numpy()
+            z = self.module.inference(**inputs)["qz"].loc.cpu()
+            # a sample without any of the modalities read has the prior's mean (0), no latent
+            held = torch.stack([~torch.isnan(tensors[k]).all(-1).cpu() for k in used]).any(0)
+            latent.append(torch.where(held[:, None], z, float("nan")))
+        latent = torch.cat(latent).numpy()
+        empty = int(np.isnan(latent[:, 0]).sum())
+        if empty:
+            logger.warning(
+                "%d samples hold none of the modalities %s: their latent is NaN (subset to the "
+                "others before clustering).",
+                empty,
+                modalities or names,
+            )
+        return latent
 
     def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
         """The same as :meth:`get_latent` (scvi-tools' name).

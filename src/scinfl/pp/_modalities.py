@@ -39,6 +39,13 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
     missing = [name for name in modalities if name not in mdata.mod]
     if missing:
         raise ValueError(f"MuData has no modality {missing}; its modalities are {list(mdata.mod)}.")
+    if getattr(mdata, "isbacked", False):
+        raise ValueError(
+            "The MuData is backed (read with backed=True): load it into memory first, "
+            "mudata.read_h5mu(path)."
+        )
+    for name in modalities:
+        _check_modality_names(mdata.mod[name], name)
     if len(modalities) < 2:
         return
     names = [set(mdata.mod[name].obs_names) for name in modalities]
@@ -49,6 +56,24 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
             "sample must carry the same name in every modality. Rename them (e.g. "
             "mdata.mod['prot'].obs_names = ...) and build the MuData again."
         )
+
+
+def _check_modality_names(mod, name: str) -> None:
+    """Refuse a modality without features, or whose samples or features repeat a name."""
+    if mod.n_vars == 0:
+        raise ValueError(f"mdata.mod[{name!r}] has no features: drop the modality or fill it.")
+    for axis, what, fix in (
+        ("obs", "samples are paired across modalities", "obs_names_make_unique"),
+        ("var", "features are matched to the model's", "var_names_make_unique"),
+    ):
+        names = getattr(mod, f"{axis}_names")
+        if not names.is_unique:
+            repeated = list(names[names.duplicated()].unique()[:5])
+            raise ValueError(
+                f"mdata.mod[{name!r}].{axis}_names repeat names (e.g. {repeated}): {what} by "
+                f"name, so make them unique (mdata.mod[{name!r}].{fix}()) and build the MuData "
+                "again."
+            )
 
 
 def pad_modalities(
@@ -145,9 +170,23 @@ def _pad(adata: AnnData, obs_names) -> AnnData:
         if pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
     }
     obs = adata.obs.astype(nullable).reindex(obs_names)
-    return AnnData(
+    # per-sample arrays follow their samples (absent ones NaN); per-feature ones and .uns stay
+    obsm = {
+        name: _pad_matrix(np.asarray(value, dtype=np.float32), position, present)
+        for name, value in adata.obsm.items()
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype.kind in "fiub"
+    }
+    dropped = sorted(set(adata.obsm) - set(obsm))
+    dropped += [slot for slot in ("obsp", "raw") if getattr(adata, slot) not in (None, {})]
+    dropped = [slot for slot in dropped if slot != "obsp" or len(adata.obsp)]
+    if dropped:
+        logger.info("pad_modalities: %s of a modality not carried over (no NaN padding).", dropped)
+    padded_mod = AnnData(
         X=padded.pop("X"), obs=obs, var=adata.var.copy(), layers=padded, varm=dict(adata.varm)
     )
+    padded_mod.obsm.update(obsm)
+    padded_mod.uns.update(adata.uns)
+    return padded_mod
 
 
 def _pad_matrix(matrix, position: np.ndarray, present: np.ndarray):

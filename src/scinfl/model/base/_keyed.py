@@ -239,6 +239,11 @@ def _categories_fixed_by_the_model() -> Iterator[None]:
     try:
         yield
     except ValueError as error:
+        if "adata or registry must be provided" in str(error):
+            raise ValueError(
+                "The model was saved without its data: pass the data to load it onto, "
+                "load(path, adata, key=...), or save it with save_anndata=True."
+            ) from error
         if "not found in source registry" not in str(error):
             raise
         category = str(error).split(" not found")[0].removeprefix("Category ")
