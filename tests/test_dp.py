@@ -126,6 +126,23 @@ def test_dp_releases_the_last_round_and_composes_continued_runs(counts_adata, ke
     assert model.dp_epsilon_ == pytest.approx(four.epsilon()) and model.dp_epsilon_ > first
     model.train_federated(max_rounds=1, batch_size=64, progress_bar=False)
     assert model.dp_epsilon_ is None  # trained without DP after: no guarantee to report
+    model.train_federated(max_rounds=1, **kwargs)
+    assert model.dp_epsilon_ is None  # nor after a later DP run: its start is not covered
+
+
+def test_a_resumed_dp_run_composes_what_its_start_held(counts_adata, key, tmp_path):
+    scinfl.model.INFL.setup_anndata(counts_adata, site_key="site")
+    model = scinfl.model.INFL(counts_adata, key=key, n_hidden=8, n_latent=4)
+    kwargs = {"batch_size": 64, "privacy": "dp", "progress_bar": False}
+    model.train_federated(max_rounds=2, **kwargs)
+    model.save(tmp_path / "after_one")
+    model.train_federated(max_rounds=1, checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    # another model object (loaded from disk) resumes the run and grows it to 2 rounds
+    loaded = scinfl.model.INFL.load(tmp_path / "after_one", counts_adata, key=key)
+    loaded.train_federated(max_rounds=2, checkpoint_dir=tmp_path / "ckpt", resume=True, **kwargs)
+    four = DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, n_sites=3)
+    four.releases = [3, 3, 3, 3]
+    assert loaded.dp_epsilon_ == pytest.approx(four.epsilon())
 
 
 def test_an_update_that_is_not_finite_is_rejected(caplog):

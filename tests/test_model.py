@@ -136,6 +136,8 @@ def test_a_rotated_model_counts_as_untrained_until_fine_tuned(counts_adata, key,
     new = key.rotate()
     model.set_key(new, allow_mismatch=True)
     assert not model.is_trained_
+    with pytest.raises(RuntimeError, match="untrained"):
+        model.predict()  # it answered, with 4% of the labels right
     with pytest.raises(KeyMismatchError, match="after a key rotation, pass allow_mismatch=True"):
         INFL.load(tmp_path / "old", counts_adata, key=new)
     loaded = INFL.load(tmp_path / "old", counts_adata, key=new, allow_mismatch=True)

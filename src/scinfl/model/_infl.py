@@ -484,6 +484,8 @@ class INFL(
                 f"{type(self).__name__}.setup_anndata."
             )
         self._require_key()
+        # as scvi-tools' inference methods do: an untrained (or key-rotated) model has no answer
+        self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         self.module.eval()

@@ -206,7 +206,7 @@ def spatial_neighbors(
         ``delaunay``).
     radius
         ``coord_type="generic"`` only, as squidpy's ``radius``: a distance joins every pair of
-        spots closer than it (:func:`squidpy.gr.spatial_neighbors_radius`, in the units of the
+        spots at most that far apart (:func:`squidpy.gr.spatial_neighbors_radius`, in the units of the
         coordinates; ``n_neighs`` is then not read); a ``(min, max)`` pair keeps the edges
         whose length lies in it. With ``delaunay=True`` it prunes the triangulation's edges
         (a single distance is read as ``(0, radius)``).

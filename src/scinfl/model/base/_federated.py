@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -137,9 +138,10 @@ class FederatedTrainingMixin:
         resume
             Continue the interrupted run saved in ``checkpoint_dir`` from its last completed
             round, with the same settings (``max_rounds`` may grow); the result equals that of
-            an uninterrupted run, except under ``sample_dp_epsilon``: a restarted site draws
-            new DP noise (its noise secret lives in the process), so the model differs as
-            another draw of the same mechanism does.
+            an uninterrupted run, except under DP (``sample_dp_epsilon``, ``privacy="dp"``):
+            the noise comes from a secret of the process that draws it (a site's, the
+            server's), so a restarted run draws new noise, and the model differs as another
+            draw of the same mechanism does.
         progress_bar
             Show a progress bar over rounds.
         accelerator, devices
@@ -298,7 +300,10 @@ class FederatedTrainingMixin:
         self._fit_feature_scale([SiteData.from_registry(self.adata_manager, "all", None, 0.0)])
         # a trained model is left in eval mode, which Lightning keeps (no dropout) unless told
         self.module.train()
-        return super().train(*args, **kwargs)
+        result = super().train(*args, **kwargs)
+        # trained without DP: no guarantee is left to report or to continue
+        self.dp_releases_, self.dp_epsilon_ = None, None
+        return result
 
     def _fit_feature_scale(self, sites: list[SiteData]) -> None:
         """Standardise continuous features with their location and scale over all sites.
@@ -336,6 +341,29 @@ class FederatedTrainingMixin:
         self.train_indices_ = np.sort(np.concatenate([rows[s.name][s.train_idx] for s in sites]))
         self.validation_indices_ = np.sort(np.concatenate([rows[s.name][s.val_idx] for s in sites]))
 
+    def _dp_releases_before_run(
+        self, checkpoint_dir: str | Path | None, resume: bool
+    ) -> list[tuple[float, int]] | None:
+        """The DP releases the weights a run starts from hold; ``None`` if trained without DP.
+
+        A run that continues this model's weights composes with them. A resumed run takes them
+        from its checkpoint directory, where its first start wrote them (the model object that
+        resumes may be another, loaded from disk).
+        """
+        record = Path(checkpoint_dir) / _DP_EARLIER if checkpoint_dir is not None else None
+        if resume and record is not None and record.is_file():
+            saved = json.loads(record.read_text())
+            return None if saved is None else [tuple(release) for release in saved]
+        trained = getattr(self, "is_trained_", False)
+        releases = getattr(self, "dp_releases_", None)
+        earlier = None if trained and releases is None else list(releases or [])
+        starting = record is not None and not record.parent.is_file()
+        starting = starting and not (record.parent / "checkpoint.json").exists()
+        if not resume and starting:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(earlier))
+        return earlier
+
     def _run(
         self,
         sites: list[SiteData],
@@ -348,9 +376,7 @@ class FederatedTrainingMixin:
     ) -> pd.DataFrame:
         if device is not None:
             self.module.to(device)
-        if not resume:
-            # a run that continues this model's weights composes with the DP releases they hold
-            self._dp_earlier = list(getattr(self, "dp_releases_", None) or [])
+        earlier = self._dp_releases_before_run(checkpoint_dir, resume)
         torch.manual_seed(config.seed)
         runner = run_local
         if engine == "flower":
@@ -380,8 +406,14 @@ class FederatedTrainingMixin:
         previous = None if resume else getattr(self, "history_", None)
         self.history_ = scvi_history(history, previous)
         self.dp_releases_, self.dp_epsilon_ = None, None
-        if server.dp is not None:
-            self.dp_releases_ = [*getattr(self, "_dp_earlier", []), *server.dp.release_events]
+        if server.dp is not None and earlier is None:
+            logger.warning(
+                "This model was trained without DP before this DP run: the weights it started "
+                "from are not covered, so it reports no epsilon (dp_epsilon_ is None; the "
+                "history's dp_epsilon is this run's releases alone)."
+            )
+        elif server.dp is not None:
+            self.dp_releases_ = [*earlier, *server.dp.release_events]
             self.dp_epsilon_ = dp_fedavg_epsilon(
                 self.dp_releases_, server.dp.n_sites, server.dp.delta
             )
@@ -389,6 +421,9 @@ class FederatedTrainingMixin:
         self.secret_frame_ = server.best_frame
         return history
 
+
+#: file of a checkpoint directory holding the DP releases the run's starting weights held
+_DP_EARLIER = "dp_releases_before.json"
 
 #: scvi-tools' names (``model.history`` keys) of the federated history's columns
 _SCVI_NAMES = {
