@@ -750,3 +750,31 @@ def test_padding_keeps_each_modalitys_per_sample_arrays_and_uns():
     )
     assert padded.mod["rna"].uns["note"] == "kept"
     assert np.isnan(padded.mod["prot"].obsm["X_pca"]).all(axis=1).sum() == 20
+
+
+def test_federation_level_label_check_and_nan_latents_in_cluster(key):
+    adata = _counts()
+    adata.obs["label"] = "Unknown"  # agreed classes skip the per-setup check: not training's
+    INFL.setup_anndata(
+        adata,
+        site_key="site",
+        labels_key="label",
+        unlabeled_category="Unknown",
+        categories={"labels_key": ["type0", "type1"]},
+    )
+    with pytest.raises(ValueError, match="No row of the training data is labelled"):
+        INFL(adata, key=key, n_hidden=8).train_federated(max_rounds=1, progress_bar=False)
+    adata.obsm["X_part"] = np.where(np.arange(adata.n_obs)[:, None] < 10, np.nan, 1.0) * np.ones(
+        (1, 3)
+    )
+    with pytest.raises(ValueError, match="10 rows of adata.obsm\\['X_part'\\] hold NaN"):
+        scinfl.tl.cluster(adata, use_rep="X_part")
+
+
+def test_rotating_the_key_of_an_unkeyed_model_keeps_it_trained():
+    adata = _counts()
+    INFL.setup_anndata(adata, site_key="site")
+    model = INFL(adata, key_mode=None, key=scinfl.Key.generate(), n_hidden=8)
+    model.train_federated(max_rounds=1, progress_bar=False)
+    model.set_key(scinfl.Key.generate(), allow_mismatch=True)
+    assert model.is_trained_ and model.get_latent_representation().shape[0] == adata.n_obs

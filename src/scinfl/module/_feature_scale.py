@@ -12,10 +12,9 @@ from scipy import sparse
 
 #: Rows read at a time by :func:`feature_moments` (bounds the float64 copy it makes).
 CHUNK_ROWS = 4096
-#: A feature whose standard deviation is at most this fraction of its ``|location|``, or of the
-#: typical magnitude of the features (float32's resolution), is taken as constant:
-#: :func:`scale_from_moments` gives it scale 1 (it is centred only). Relative, so that data in
-#: small units (1e-7) keep their spread.
+#: A feature whose standard deviation is at most this fraction of its ``|location|`` (float32's
+#: resolution), or exactly 0, is taken as constant: :func:`scale_from_moments` gives it scale 1
+#: (it is centred only). Relative, so that features in small units (1e-7) keep their spread.
 CONSTANT_TOLERANCE = 1e-6
 #: A feature observed fewer times than this over all sites has no scale: the model ignores it.
 MIN_OBSERVED = 2
@@ -87,8 +86,7 @@ def scale_from_moments(
 
     Equal to ``np.nanmean`` and ``np.nanstd`` (``ddof=0``) of the rows the moments were summed
     over, except that the result is never ``NaN``: a constant feature (standard deviation at
-    most ``1e-6`` times its ``|mean|`` or the features' median ``|mean| + sd``, the resolution
-    of float32 data) gets scale 1, so that it
+    most ``1e-6 * |mean|``, the resolution of float32 data, or 0) gets scale 1, so that it
     is centred but not blown up; a feature observed fewer than :data:`MIN_OBSERVED` times
     (nowhere, or once: no spread to scale by) gets scale 0, which
     :meth:`~scinfl.module.KeyedVAE.set_feature_scale` reads as "treat as missing", and
@@ -125,11 +123,9 @@ def scale_from_moments(
     loc = np.where(observed, total / n, 0.0)
     variance = np.maximum(np.where(observed, sumsq / n - loc * loc, 0.0), 0.0)
     scale = np.sqrt(variance)
-    # float32's resolution at the feature's own magnitude, or at the data's (rounding residue
-    # of a feature centred at 0 is no spread): data in small units keep their spread
-    magnitude = np.abs(loc) + scale
-    typical = float(np.median(magnitude[observed])) if observed.any() else 0.0
-    constant = scale <= CONSTANT_TOLERANCE * np.maximum(np.abs(loc), typical)
+    # float32's resolution at the feature's own magnitude: a feature in small units (1e-7,
+    # beside log intensities of 25) keeps its spread
+    constant = scale <= CONSTANT_TOLERANCE * np.abs(loc)
     scale = np.where(constant, 1.0, scale)
     # a spread from a handful of values can be tiny by chance (two close values): such a
     # feature would put new samples many scales away; it is floored at the typical scale

@@ -16,7 +16,7 @@ from scinfl._mudata import mudata_of
 logger = logging.getLogger(__name__)
 
 
-def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
+def check_shared_samples(mdata: MuData, modalities: Sequence[str], features: bool = True) -> None:
     """Refuse modalities that share no sample name (the same samples named differently).
 
     Parameters
@@ -25,6 +25,9 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
         The MuData.
     modalities
         Names of the modalities to check.
+    features
+        Also refuse a modality without features, or whose features repeat a name (a model
+        matches them by name; padding does not read them).
 
     Examples
     --------
@@ -45,7 +48,7 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
             "mudata.read_h5mu(path)."
         )
     for name in modalities:
-        _check_modality_names(mdata.mod[name], name)
+        _check_modality_names(mdata.mod[name], name, features)
     if len(modalities) < 2:
         return
     names = [set(mdata.mod[name].obs_names) for name in modalities]
@@ -58,14 +61,14 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str]) -> None:
         )
 
 
-def _check_modality_names(mod, name: str) -> None:
-    """Refuse a modality without features, or whose samples or features repeat a name."""
-    if mod.n_vars == 0:
+def _check_modality_names(mod, name: str, features: bool) -> None:
+    """Refuse a modality whose samples repeat a name; or without features, or repeating one."""
+    if features and mod.n_vars == 0:
         raise ValueError(f"mdata.mod[{name!r}] has no features: drop the modality or fill it.")
-    for axis, what, fix in (
-        ("obs", "samples are paired across modalities", "obs_names_make_unique"),
-        ("var", "features are matched to the model's", "var_names_make_unique"),
-    ):
+    checks = [("obs", "samples are paired across modalities", "obs_names_make_unique")]
+    if features:
+        checks.append(("var", "features are matched to the model's", "var_names_make_unique"))
+    for axis, what, fix in checks:
         names = getattr(mod, f"{axis}_names")
         if not names.is_unique:
             repeated = list(names[names.duplicated()].unique()[:5])
@@ -123,7 +126,7 @@ def pad_modalities(
     modalities += [name for name in features if name not in modalities]
     absent = [name for name in modalities if name not in mdata.mod and name in features]
     held = [name for name in modalities if name not in absent]
-    check_shared_samples(mdata, held)
+    check_shared_samples(mdata, held, features=False)
     padded = {
         name: _pad(mdata.mod[name], mdata.obs_names)
         if name in held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anndata as ad
+import numpy as np
 import scanpy as sc
 from anndata import AnnData
 from mudata import MuData
@@ -84,6 +85,15 @@ def cluster(
     if use_rep not in adata.obsm:
         raise ValueError(
             f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
+        )
+    values = np.asarray(adata.obsm[use_rep], dtype=float)
+    empty = np.isnan(values).any(axis=1)
+    if empty.any():
+        raise ValueError(
+            f"{int(empty.sum())} rows of adata.obsm[{use_rep!r}] hold NaN (samples without the "
+            "modalities their latent was computed from?): cluster the others, e.g. "
+            f"scinfl.tl.cluster(adata[~np.isnan(adata.obsm[{use_rep!r}]).any(axis=1)].copy(), "
+            f"use_rep={use_rep!r})."
         )
     if key_added == neighbors_key:
         raise ValueError(

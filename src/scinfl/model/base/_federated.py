@@ -84,6 +84,18 @@ class FederatedTrainingMixin:
                 "(set it up again), or restore them."
             )
         self.adata_manager.validate()
+        module = self.module
+        if getattr(module, "classifier", None) is not None and getattr(
+            module, "has_unlabeled", False
+        ):
+            labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
+            if not (labels < module.n_labels).any():
+                # a site may hold unlabelled rows only (agreed classes); the whole data may not
+                raise ValueError(
+                    "No row of the training data is labelled (all are the unlabeled_category): "
+                    "the classifier would train on nothing. Label some rows, or set up without "
+                    "labels_key."
+                )
 
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         """Every site's data from the registry, split by ``seed`` and each site's name."""
@@ -535,5 +547,7 @@ def registered_features_changed(manager, adata) -> str | None:
     if len(current) == len(names):
         if current.sort_values().equals(names.sort_values()):
             return f"the same {len(names)} features in another order"
-        return None  # renamed in place
+        if not current.isin(names).any():
+            return None  # renamed in place
+        return f"{int((~current.isin(names)).sum())} of the {len(names)} features replaced"
     return f"{len(current)} features, {len(names)} at setup"

@@ -113,7 +113,7 @@ class KeyedModelMixin:
         self._key = key
         self.key_fingerprint_ = key.fingerprint
         self.key_version_ = key.version
-        if rotated and getattr(self, "is_trained_", False):
+        if rotated and self.module.is_keyed and getattr(self, "is_trained_", False):
             # the weights were trained under the old key: under this one they mean nothing yet
             self.is_trained_ = False
             logger.warning(
@@ -248,10 +248,12 @@ def _categories_fixed_by_the_model() -> Iterator[None]:
             raise
         category = str(error).split(" not found")[0].removeprefix("Category ")
         raise ValueError(
-            f"The data hold category {category} (a label, batch or condition) that the saved "
-            "model was not built with: its categories are fixed with its weights. Leave those "
-            "rows out (or mark their labels with the model's unlabeled_category), or train a "
-            "new model, agreeing future categories up front (setup_anndata(..., categories=))."
+            f"The data hold category {category} (of a label, batch or condition column) that "
+            "the saved model was not built with: its categories are fixed with its weights. "
+            "To embed or predict, load the model onto its own data and pass these as new "
+            "samples (get_latent_representation, tl.embed, tl.predict read labels they never "
+            "saw); to train on them, leave those rows out, or train a new model agreeing future "
+            "categories up front (setup_anndata(..., categories=))."
         ) from error
 
 
