@@ -1,6 +1,6 @@
 """Federated training: partitioning, client update, aggregation and engines."""
 
-from ._aggregate import accept_updates, fedavg
+from ._aggregate import accept_updates, fedavg, is_finite_update
 from ._client import (
     PROTOCOL_VERSION,
     ClientConfig,
@@ -10,7 +10,7 @@ from ._client import (
     site_seed,
 )
 from ._config import FederationConfig, PrivacyConfig
-from ._dp import DPFedAvg
+from ._dp import DPFedAvg, dp_fedavg_epsilon
 from ._features import (
     agree_features,
     agree_features_from_reports,
@@ -86,6 +86,7 @@ __all__ = [
     "SiteState",
     "Transport",
     "accept_updates",
+    "dp_fedavg_epsilon",
     "advertise_key",
     "agree_features",
     "agree_features_from_reports",
@@ -93,6 +94,7 @@ __all__ = [
     "client_update",
     "dp_sgd_epsilon",
     "fedavg",
+    "is_finite_update",
     "frame_id",
     "frames_for",
     "generate_private_key",

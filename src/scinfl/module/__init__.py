@@ -10,7 +10,7 @@ from ._key_encoder import CoordinateKeyEncoder
 from ._key_modes import KEY_MODES, KeyMode, ModelKeyMode, PooledKeyMode, get_key_mode
 from ._keyed_linear import PooledKeyedLinear
 from ._keyify import keyify
-from ._likelihood import NONZERO_KEY, nb_log_likelihood
+from ._likelihood import NONZERO_KEY, nb_log_likelihood, standardised_normal_log_prob
 from ._multimodal_vae import MultiModalKeyedVAE, observed_rows
 from ._vae import KeyedVAE
 
@@ -30,4 +30,5 @@ __all__ = [
     "nb_log_likelihood",
     "observed_rows",
     "scale_from_moments",
+    "standardised_normal_log_prob",
 ]
