@@ -778,3 +778,18 @@ def test_rotating_the_key_of_an_unkeyed_model_keeps_it_trained():
     model.train_federated(max_rounds=1, progress_bar=False)
     model.set_key(scinfl.Key.generate(), allow_mismatch=True)
     assert model.is_trained_ and model.get_latent_representation().shape[0] == adata.n_obs
+
+
+def test_a_loaded_model_fine_tunes_on_unlabelled_data_and_sparse_latents_cluster(key, tmp_path):
+    import scipy.sparse as sp
+
+    adata = _counts()
+    model = _infl(adata, key, labels_key="label", unlabeled_category="Unknown")
+    model.save(tmp_path / "m")
+    query = _counts(seed=2)
+    query.obs["label"] = "Unknown"  # scANVI's query step: no label, the VAE still trains
+    loaded = INFL.load(tmp_path / "m", query, key=key)
+    loaded.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    query.obsm["X_sparse"] = sp.csr_matrix(np.abs(loaded.get_latent_representation()))
+    scinfl.tl.cluster(query, use_rep="X_sparse", n_neighbors=5)
+    assert "scinfl_leiden" in query.obs

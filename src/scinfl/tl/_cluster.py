@@ -86,7 +86,8 @@ def cluster(
         raise ValueError(
             f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
         )
-    values = np.asarray(adata.obsm[use_rep], dtype=float)
+    values = adata.obsm[use_rep]
+    values = values.toarray() if hasattr(values, "toarray") else np.asarray(values, dtype=float)
     empty = np.isnan(values).any(axis=1)
     if empty.any():
         raise ValueError(

@@ -85,9 +85,11 @@ class FederatedTrainingMixin:
             )
         self.adata_manager.validate()
         module = self.module
-        if getattr(module, "classifier", None) is not None and getattr(
-            module, "has_unlabeled", False
-        ):
+        # a model loaded onto new data (a saved registry's setup) may fine-tune without labels,
+        # as scANVI's query step does; a new model's data must label some row
+        loaded = getattr(self.adata_manager, "_source_registry", None) is not None
+        classify = getattr(module, "classifier", None) is not None
+        if classify and getattr(module, "has_unlabeled", False) and not loaded:
             labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
             if not (labels < module.n_labels).any():
                 # a site may hold unlabelled rows only (agreed classes); the whole data may not
