@@ -109,16 +109,13 @@ class DPFedAvg:
         )
         return result
 
-    def epsilon(self, earlier: Sequence[tuple[float, int]] = ()) -> float:
+    def epsilon(self) -> float:
         """Epsilon spent so far at :attr:`delta` (RDP accounting, no sampling amplification).
 
         Sites are few and sampled by a seeded schedule the server knows, so no amplification by
-        sampling is claimed: every release is charged in full. ``earlier``: releases of earlier
-        runs the model continued from, as ``(noise_multiplier, n_updates)`` pairs, composed
-        with this run's (:func:`dp_fedavg_epsilon`).
+        sampling is claimed: every release is charged in full (:func:`dp_fedavg_epsilon`).
         """
-        releases = [*earlier, *((self.noise_multiplier, m) for m in self.releases)]
-        return dp_fedavg_epsilon(releases, self.n_sites, self.delta)
+        return dp_fedavg_epsilon(self.release_events, self.n_sites, self.delta)
 
     @property
     def release_events(self) -> list[tuple[float, int]]:

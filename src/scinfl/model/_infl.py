@@ -332,6 +332,25 @@ class INFL(
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
+    def _revalidate_setup(self) -> None:
+        """The training mixin's check of the setup, then: some row must be labelled.
+
+        A site may hold unlabelled rows only (agreed classes), the whole data may not; a model
+        loaded onto new data (a saved registry's setup) may fine-tune without labels, as
+        scANVI's query step does.
+        """
+        super()._revalidate_setup()
+        loaded = getattr(self.adata_manager, "_source_registry", None) is not None
+        if self.module.classifier is None or not self.module.has_unlabeled or loaded:
+            return
+        labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
+        if not (labels < self.module.n_labels).any():
+            raise ValueError(
+                "No row of the training data is labelled (all are the unlabeled_category): "
+                "the classifier would train on nothing. Label some rows, or set up without "
+                "labels_key."
+            )
+
     @property
     def _unlabeled(self) -> str | None:
         """The registered label of unlabelled rows, if any."""

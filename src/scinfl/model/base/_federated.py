@@ -84,20 +84,6 @@ class FederatedTrainingMixin:
                 "(set it up again), or restore them."
             )
         self.adata_manager.validate()
-        module = self.module
-        # a model loaded onto new data (a saved registry's setup) may fine-tune without labels,
-        # as scANVI's query step does; a new model's data must label some row
-        loaded = getattr(self.adata_manager, "_source_registry", None) is not None
-        classify = getattr(module, "classifier", None) is not None
-        if classify and getattr(module, "has_unlabeled", False) and not loaded:
-            labels = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
-            if not (labels < module.n_labels).any():
-                # a site may hold unlabelled rows only (agreed classes); the whole data may not
-                raise ValueError(
-                    "No row of the training data is labelled (all are the unlabeled_category): "
-                    "the classifier would train on nothing. Label some rows, or set up without "
-                    "labels_key."
-                )
 
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         """Every site's data from the registry, split by ``seed`` and each site's name."""
