@@ -56,3 +56,28 @@ def check_not_empty(n_obs: int, what: str = "observations", name: str = "adata")
     """
     if n_obs == 0:
         raise ValueError(f"{name} has no {what} (empty after filtering?).")
+
+
+def check_obs_column_free(adata, key_added: str, is_ours: Callable[[Any], bool], tool: str) -> None:
+    """Refuse to overwrite an ``.obs`` column that holds data rather than ``tool``'s result.
+
+    A column is ``tool``'s when ``.uns[key_added]`` holds its parameters (``is_ours``); any
+    other column (labels, sites, another tool's clusters) is the user's, and writing over it
+    would lose it silently.
+
+    Examples
+    --------
+    >>> from anndata import AnnData
+    >>> import numpy as np, pandas as pd
+    >>> adata = AnnData(np.zeros((2, 1)), obs=pd.DataFrame({"site": ["a", "b"]}, index=["0", "1"]))
+    >>> check_obs_column_free(adata, "site", lambda entry: False, "scinfl.tl.cluster")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obs['site'] holds data that scinfl.tl.cluster did not write (labels, sites, another tool's result): pass another key_added=, or drop the column first (del adata.obs['site']).
+    """
+    if key_added in adata.obs.columns and not is_ours(adata.uns.get(key_added)):
+        raise ValueError(
+            f"adata.obs[{key_added!r}] holds data that {tool} did not write (labels, sites, "
+            f"another tool's result): pass another key_added=, or drop the column first "
+            f"(del adata.obs[{key_added!r}])."
+        )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -171,16 +172,33 @@ class InProcessTransport:
     ) -> list[ClientUpdate]:
         """Each site's update, in turn."""
         opened, digest = self._open(parameters, config), parameters_digest(parameters)
-        return [self.protocols[s].train(parameters, config, opened, digest) for s in sorted(sites)]
+        updates = []
+        for s in sorted(sites):
+            with _named_site(s, round_):
+                updates.append(self.protocols[s].train(parameters, config, opened, digest))
+        return updates
 
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
         """Each site's validation metrics of the global model."""
         opened, digest = self._open(parameters, config), parameters_digest(parameters)
-        return [
-            self.protocols[s].evaluate(parameters, config, opened, digest) for s in sorted(sites)
-        ]
+        updates = []
+        for s in sorted(sites):
+            with _named_site(s, round_):
+                updates.append(self.protocols[s].evaluate(parameters, config, opened, digest))
+        return updates
+
+
+@contextmanager
+def _named_site(site: str, round_: int) -> Iterator[None]:
+    """Add the site and round to an error raised while a site trains or validates."""
+    try:
+        yield
+    except Exception as error:
+        if repr(site) not in str(error):
+            error.add_note(f"(raised at site {site!r} in round {round_})")
+        raise
 
 
 def start_server(

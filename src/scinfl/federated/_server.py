@@ -10,7 +10,8 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,9 +323,11 @@ class FederatedServer:
         if self.best_parameters is not None:
             arrays.update({f"best/{k}": v for k, v in self.best_parameters.items()})
         tmp = directory / f".{arrays_name}.tmp"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, directory / arrays_name)
+        fresh = not (directory / arrays_name).exists()
+        with _removed_on_failure(tmp):
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, directory / arrays_name)
         state = {
             "format": _CHECKPOINT_FORMAT,
             "version": 1,
@@ -344,8 +347,10 @@ class FederatedServer:
             "rows": self.rows,
         }
         tmp = directory / ".checkpoint.json.tmp"
-        tmp.write_text(json.dumps(state, default=_json_default))
-        os.replace(tmp, directory / "checkpoint.json")
+        # the previous checkpoint.json names the previous arrays: new ones go if it fails
+        with _removed_on_failure(tmp, *([directory / arrays_name] if fresh else [])):
+            tmp.write_text(json.dumps(state, default=_json_default))
+            os.replace(tmp, directory / "checkpoint.json")
         for old in directory.glob("round-*.npz"):
             if old.name != arrays_name:
                 old.unlink()
@@ -456,3 +461,14 @@ class FederatedServer:
             server.best_round,
         )
         return server
+
+
+@contextmanager
+def _removed_on_failure(*paths: Path) -> Iterator[None]:
+    """Remove ``paths`` (files being written) when the block fails: no stray partial files."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from mudata import MuData
 
-from scinfl._checks import check_not_empty
+from scinfl._checks import check_not_empty, check_obs_column_free, check_value
 from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
@@ -103,20 +104,18 @@ def cluster(
         )
     if not resolution > 0:
         raise ValueError(f"resolution must be > 0, got {resolution!r}.")
-    if not n_neighbors >= 2:
-        raise ValueError(
-            f"n_neighbors must be at least 2 (a cell and a neighbour), got {n_neighbors!r}."
-        )
+    check_value("n_neighbors", n_neighbors, int, "an integer >= 2", lambda v: v >= 2)
+    if random_state is not None:
+        check_value("random_state", random_state, int, "an integer (or None)")
+    check_obs_column_free(adata, key_added, _is_cluster_result, "scinfl.tl.cluster")
     check_not_empty(adata.n_obs)
-    if copy:
-        adata = in_memory_copy(adata)
-    if isinstance(adata, MuData):
-        _cluster_mudata(
-            adata, use_rep, resolution, n_neighbors, key_added, neighbors_key, umap, random_state
-        )
-        return adata if copy else None
+    # computed on an AnnData of the embedding alone and written into adata at the end: an
+    # error or an interrupt part-way leaves adata as it was (scanpy writes as it goes)
+    carrier = ad.AnnData(
+        obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={use_rep: adata.obsm[use_rep]}
+    )
     sc.pp.neighbors(
-        adata,
+        carrier,
         use_rep=use_rep,
         n_neighbors=n_neighbors,
         key_added=neighbors_key,
@@ -124,7 +123,7 @@ def cluster(
     )
     n_iterations = 2
     sc.tl.leiden(
-        adata,
+        carrier,
         resolution=resolution,
         key_added=key_added,
         neighbors_key=neighbors_key,
@@ -141,33 +140,23 @@ def cluster(
         "n_iterations": n_iterations,
         "neighbors_key": neighbors_key,
     }
+    obsm = {}
     if umap:
-        umap_key = f"X_umap_{neighbors_key}"
-        # scanpy writes .obsm["X_umap"] and .uns["umap"]: move ours under its own key and put
-        # back the user's own
-        previous = {"obsm": adata.obsm.get("X_umap"), "uns": adata.uns.get("umap")}
-        sc.tl.umap(adata, neighbors_key=neighbors_key, random_state=random_state)
-        adata.obsm[umap_key] = adata.obsm.pop("X_umap")
-        del adata.uns["umap"]
-        if previous["obsm"] is not None:
-            adata.obsm["X_umap"] = previous["obsm"]
-        if previous["uns"] is not None:
-            adata.uns["umap"] = previous["uns"]
-        params["umap_key"] = umap_key
+        params["umap_key"] = f"X_umap_{neighbors_key}"
+        sc.tl.umap(carrier, neighbors_key=neighbors_key, random_state=random_state)
+        obsm[params["umap_key"]] = carrier.obsm["X_umap"]
+    if copy:
+        adata = in_memory_copy(adata)
+    adata.obs[key_added] = carrier.obs[key_added].array
+    for name in (f"{neighbors_key}_distances", f"{neighbors_key}_connectivities"):
+        adata.obsp[name] = carrier.obsp[name]
+    adata.obsm.update(obsm)
+    adata.uns[neighbors_key] = carrier.uns[neighbors_key]
     adata.uns[key_added] = {"params": params}
     return adata if copy else None
 
 
-def _cluster_mudata(mdata: MuData, use_rep: str, *args) -> None:
-    """:func:`cluster` on an AnnData that holds the MuData's embedding; results copied back."""
-    carrier = ad.AnnData(obs=mdata.obs[[]].copy(), obsm={use_rep: mdata.obsm[use_rep]})
-    cluster(carrier, use_rep, *args)
-    for column in carrier.obs:
-        mdata.obs[column] = carrier.obs[column].to_numpy()
-        mdata.obs[column] = mdata.obs[column].astype(carrier.obs[column].dtype)
-    for key, value in carrier.obsp.items():
-        mdata.obsp[key] = value
-    for key, value in carrier.obsm.items():
-        if key != use_rep:
-            mdata.obsm[key] = value
-    mdata.uns.update(carrier.uns)
+def _is_cluster_result(entry) -> bool:
+    """Whether an ``.uns`` entry holds :func:`cluster`'s parameters."""
+    params = entry.get("params", {}) if isinstance(entry, dict) else {}
+    return isinstance(params, dict) and {"resolution", "neighbors_key"} <= set(params)

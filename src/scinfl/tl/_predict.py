@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scinfl._checks import check_obs_column_free
 from scinfl._copies import in_memory_copy
 
 
@@ -63,6 +64,7 @@ def predict(
             "use scinfl.model.INFL set up with labels_key= (tl.embed and tl.cluster read this "
             "model)."
         )
+    check_obs_column_free(adata, key_added, _is_prediction, "scinfl.tl.predict")
     proba = model.predict(adata, soft=True)
     if copy:
         adata = in_memory_copy(adata)
@@ -71,3 +73,9 @@ def predict(
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))
     adata.uns[key_added] = {"params": {"proba_key": proba_key, "labels": labels}}
     return adata if copy else None
+
+
+def _is_prediction(entry) -> bool:
+    """Whether an ``.uns`` entry holds :func:`predict`'s parameters."""
+    params = entry.get("params", {}) if isinstance(entry, dict) else {}
+    return isinstance(params, dict) and {"proba_key", "labels"} <= set(params)

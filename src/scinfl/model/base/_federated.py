@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -217,9 +219,10 @@ class FederatedTrainingMixin:
                 f"secagg_min_participants={participants} but a round asks {sampled} sites to "
                 "train: no round could be aggregated. Lower it, or raise fraction."
             )
-        self._fit_feature_scale(sites)
         device = training_device(accelerator, devices, engine)
-        history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume, device)
+        with self._restored_on_failure(checkpoint_dir):
+            self._fit_feature_scale(sites)
+            history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume, device)
         self._record_split(sites, self._site_rows())
         return history
 
@@ -271,9 +274,10 @@ class FederatedTrainingMixin:
             self.adata_manager, "all", None, config.validation_size, config.seed
         )
         validate_sites({"all": site.n_train + site.n_val}, {"all": site.n_train}, 0, 2)
-        self._fit_feature_scale([site])
         device = training_device(accelerator, devices)
-        history = self._run([site], config, progress_bar and "epochs", device=device)
+        with self._restored_on_failure():
+            self._fit_feature_scale([site])
+            history = self._run([site], config, progress_bar and "epochs", device=device)
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
         return history
 
@@ -304,6 +308,43 @@ class FederatedTrainingMixin:
         # trained without DP: no guarantee is left to report or to continue
         self.dp_releases_, self.dp_epsilon_ = None, None
         return result
+
+    @contextmanager
+    def _restored_on_failure(self, checkpoint_dir: str | Path | None = None) -> Iterator[None]:
+        """Leave the model as it was when a training run stops early (an error, Ctrl-C).
+
+        A run trains the module in place: stopped part-way, it would hold one site's weights
+        from the middle of a local epoch, in training mode (dropout on), under the history and
+        ``is_trained_`` of the run before. The weights, buffers (the feature scale), device and
+        mode the run started from are put back; the rounds completed are in the checkpoint
+        directory, when there is one.
+        """
+        module = self.module
+        state = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+        training = module.training
+        device = next(module.parameters()).device
+        try:
+            yield
+        except BaseException as error:
+            current = module.state_dict()
+            changed = any(not torch.equal(state[name], current[name].cpu()) for name in state)
+            module.to(device)
+            module.load_state_dict(state)
+            module.train(training)
+            if not changed:  # refused before training (a setting, a checkpoint): nothing to say
+                raise
+            resumable = (
+                f" The rounds completed are in {str(checkpoint_dir)!r}: continue with resume=True."
+                if checkpoint_dir is not None
+                and (Path(checkpoint_dir) / "checkpoint.json").is_file()
+                else ""
+            )
+            logger.warning(
+                "Training stopped (%s): the model is left as it was before this call.%s",
+                type(error).__name__,
+                resumable,
+            )
+            raise
 
     def _fit_feature_scale(self, sites: list[SiteData]) -> None:
         """Standardise continuous features with their location and scale over all sites.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +170,71 @@ class KeyedModelMixin:
     def _require_key(self) -> None:
         if self.module.is_keyed and not self.module.has_key:
             raise MissingKeyError(MISSING_KEY_MESSAGE)
+
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model (never its key), all or nothing.
+
+        scvi-tools' :meth:`~scvi.model.base.BaseModelClass.save`, written first to a new
+        directory beside ``dir_path`` and moved into place when complete: an error or an
+        interrupt part-way leaves what was there (a model saved before, or nothing) as it was.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to save to (created, with its parents, if missing).
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace the files of a model saved in ``dir_path`` before.
+        save_anndata
+            Also save the AnnData (MuData).
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Examples
+        --------
+        >>> import os, scinfl, tempfile
+        >>> adata = scinfl.data.synthetic_counts(n_obs=40, n_vars=8, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model")
+        >>> scinfl.model.INFL(adata, key_mode=None).save(path)
+        >>> sorted(os.listdir(path))
+        ['model.pt']
+        """
+        target = Path(dir_path).absolute()
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{dir_path} is a file; save to a directory.")
+        if target.exists() and not overwrite:
+            raise ValueError(
+                f"{dir_path} already exists: pass overwrite=True to replace the model saved "
+                "there, or save to another directory."
+            )
+        created = next((p for p in reversed(target.parents) if not p.exists()), None)
+        made_target = not target.exists()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            super().save(
+                str(staging), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
+            )
+            target.mkdir(exist_ok=True)
+            for item in sorted(staging.iterdir()):
+                os.replace(item, target / item.name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif made_target:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        staging.rmdir()
 
     @classmethod
     def load(
