@@ -407,7 +407,7 @@ def test_sample_dp_cannot_be_weakened_by_message(change):
     reply = server.train("a", x0, server.config(0, INITIAL_FRAME))
     assert not reply.has_error(), reply.error.reason
     metrics = content_to_update(reply.content).metrics
-    assert set(metrics) == {"dp_epsilon", "dp_noise_multiplier", "time_s"}
+    assert set(metrics) == {"dp_epsilon", "dp_noise_multiplier"}
     assert 0 < metrics["dp_epsilon"] < 2.0
     # the noise secret stays in the site's state and in no reply
     secret = SiteState.from_mapping(server.contexts["a"].state[PROTOCOL_STATE]).dp_secret
@@ -525,3 +525,81 @@ def test_key_agreement_messages_that_do_not_fit_are_refused():
     for reply in server.replies:
         assert reply.has_error() or private not in repr(reply.content)
     server.assert_nothing_leaked()
+
+
+def test_models_of_another_kind_are_refused_before_they_are_read():
+    """A huge, mistyped or non-finite model is refused by its names, shapes and values alone."""
+    server = Adversary(_settings())
+    x0 = server.initial_model()
+    config = server.config(0, INITIAL_FRAME)
+    huge = {**x0, "extra": np.zeros(4_000_000, np.float32)}  # no frame is drawn for it
+    _refused(server.train("a", huge, config), "unexpected", "extra")
+    name = next(n for n, v in x0.items() if np.asarray(v).ndim == 2)
+    for dtype in (np.int32, np.float16, np.bool_, np.complex64):
+        crafted = {**x0, name: np.asarray(x0[name]).astype(dtype)}
+        _refused(server.train("a", crafted, config), name, "would be cast")
+    poisoned = {**x0, name: np.full_like(x0[name], np.nan)}
+    _refused(server.train("a", poisoned, config), name, "NaN or infinite")
+    # refused messages leave the site as it was: the honest model is still answered
+    assert not server.train("a", x0, config).has_error()
+    server.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize("value", [0.0, False, -0.0, "0"])
+def test_instructions_of_another_type_are_refused(value):
+    """``0 == 0.0 == False``, but the seed and the frame's name are formed from the text."""
+    server = Adversary(_settings())
+    x0 = server.initial_model()
+    record = config_to_record(server.config(0, INITIAL_FRAME))
+    record["round"] = value
+    content = RecordDict({PARAMETERS: parameters_to_record(x0), CONFIG: record})
+    reply = server.send("a", "train", content)
+    assert reply.has_error() and "round=" in reply.error.reason, reply.error.reason
+    assert not server.train("a", x0, server.config(0, INITIAL_FRAME)).has_error()
+
+
+def test_messages_without_their_records_and_flags_of_another_type_are_refused():
+    server = Adversary(_settings())
+    x0 = server.initial_model()
+    only_model = RecordDict({PARAMETERS: parameters_to_record(x0)})
+    assert "'config' record" in server.send("a", "train", only_model).error.reason
+    only_config = RecordDict({CONFIG: config_to_record(server.config(0, INITIAL_FRAME))})
+    assert "'parameters' record" in server.send("a", "train", only_config).error.reason
+    reply = server.query("b", **{WANT_PARAMETERS: True, IN_SECRET_FRAME: "no"})
+    assert reply.has_error() and "True or False" in reply.error.reason
+
+
+def test_no_model_is_decoded_from_any_earlier_upload_frame():
+    """Sitting out a round does not free the frame of an older upload."""
+    server = Adversary(_settings(max_rounds=5))
+    x0 = server.initial_model()
+    x1, f1, updates0 = server.honest_round(0, x0, INITIAL_FRAME)
+    x2, f2, _ = server.honest_round(1, x1, f1)
+    x3, f3, _ = server.honest_round(2, x2, f2, sites=("b", "c"))  # site a sits out
+    own_round0 = updates0[0].parameters  # site a's upload, in frame f1
+    _refused(server.evaluate("a", own_round0, server.config(3, f1)), "earlier uploads")
+    _refused(server.train("a", own_round0, server.config(3, f1)), "earlier uploads")
+    assert not server.train("a", x3, server.config(3, f3)).has_error()
+    server.assert_nothing_leaked()
+
+
+def test_a_feature_scale_the_sites_own_rows_contradict_is_refused(key):
+    """Scale 0 (never observed) for features the site sees vary would train it on nothing."""
+    from scinfl.federated import FederationConfig, SiteData, SiteProtocol, SiteRuntime
+    from scinfl.federated._site_runtime import RefusedMessageError
+
+    x = np.random.default_rng(0).normal(25, 3, (20, 6)).astype(np.float32)
+    x[:, 5] = np.nan  # never observed here: a scale of 0 is the federation's to give
+    module = KeyedVAE(n_input=6, gene_likelihood="normal", key_mode=None)
+    federation = FederationConfig.from_settings(max_rounds=2, secret_frames=True)
+    runtime = SiteRuntime(
+        module, SiteData.from_arrays("a", x), key=key, federation=federation, secret_frames=True
+    )
+    protocol = SiteProtocol(runtime)
+    with pytest.raises(RefusedMessageError, match="scale 0 .* to 5 features"):
+        protocol.set_feature_scale(np.full(6, 25.0), np.zeros(6))
+    with pytest.raises(RefusedMessageError, match="finite"):
+        protocol.set_feature_scale(np.full(6, np.inf), np.ones(6))
+    assert not protocol.state.feature_scale
+    protocol.set_feature_scale(np.full(6, 25.0), np.array([3.0] * 5 + [0.0]))
+    assert module.feature_observed.tolist() == [True] * 5 + [False]

@@ -100,7 +100,7 @@ def test_noise_comes_from_the_sites_secret_not_the_federation_seed():
     # the same seed: the same upload, up to float32 rounding (kernels may sum in another order)
     assert_same_weights(again.parameters[name], same.parameters[name])
     assert not np.allclose(other.parameters[name], same.parameters[name], rtol=1e-3)
-    assert set(same.metrics) == {"dp_epsilon", "dp_noise_multiplier", "time_s"}  # no losses
+    assert set(same.metrics) == {"dp_epsilon", "dp_noise_multiplier"}  # no losses
 
 
 def test_settings_that_read_the_data_outside_the_noise_are_refused():

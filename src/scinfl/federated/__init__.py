@@ -28,6 +28,7 @@ from ._key_agreement import (
 from ._local_engine import InProcessTransport, run_local
 from ._parameters import (
     Parameters,
+    check_parameters_fit,
     get_shared_parameters,
     set_shared_parameters,
     site_state_names,
@@ -113,6 +114,7 @@ __all__ = [
     "run_rounds",
     "self_mask_seed",
     "set_shared_parameters",
+    "check_parameters_fit",
     "site_evaluate",
     "site_feature_report",
     "site_parameters",

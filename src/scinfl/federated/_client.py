@@ -243,7 +243,10 @@ def client_update(
             metrics = _private_epochs(module, site, config, optimizer, anchors, dp_seed)
         else:
             metrics = _local_epochs(module, site, config, optimizer, anchors, seed)
-    metrics["time_s"] = time.perf_counter() - start
+    if config.sample_dp_epsilon <= 0:
+        # under sample-level DP only what the noise covers leaves the site: the time of the
+        # round depends on its rows and on its secret sampling
+        metrics["time_s"] = time.perf_counter() - start
     return ClientUpdate(
         site=site.name,
         n=site.n_train,

@@ -49,8 +49,76 @@ def get_shared_parameters(module: nn.Module) -> Parameters:
     return {name: t.detach().cpu().numpy().copy() for name, t in state.items() if name not in own}
 
 
+def check_parameters_fit(module: nn.Module, parameters: Mapping[str, np.ndarray]) -> None:
+    """Refuse parameters that are not ``module``'s shared parameters: names, shapes, kinds, values.
+
+    Every tensor must be there under its name with its shape; a floating-point tensor must
+    arrive as float32 or float64 (an integer, boolean, complex or half-precision copy would be
+    cast silently, losing its values) and finite; an integer one as integers. Checked before
+    anything else reads a model (a secret frame is drawn per axis, so a huge tensor would cost
+    its memory first).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 3)
+    >>> check_parameters_fit(layer, {"weight": np.zeros((3, 2), np.int32), "bias": np.zeros(3)})
+    Traceback (most recent call last):
+    ...
+    ValueError: Parameter 'weight' arrived as int32, but it is float32 in the model: its values would be cast (a model of another scinfl version, or a tampered message).
+    """
+    own = set(site_state_names(module))
+    expected = {k: v for k, v in module.state_dict().items() if k not in own}
+    missing = sorted(set(expected) - set(parameters))
+    unexpected = sorted(set(parameters) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            "The parameters do not fit this model "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}). All sites must build the "
+            "same architecture: same features, categories, likelihood and key_mode."
+        )
+    for name, value in parameters.items():
+        target = expected[name]
+        shape = tuple(np.shape(value))
+        if shape != tuple(target.shape):
+            raise ValueError(
+                f"Parameter {name!r} has shape {shape} here but {tuple(target.shape)} in the "
+                "model: sites disagree on the feature space or on the categories. Agree on the "
+                "feature names and categories before training."
+            )
+        dtype = _dtype_name(
+            value.dtype if isinstance(value, torch.Tensor) else np.asarray(value).dtype
+        )
+        floating = target.is_floating_point()
+        wanted = _dtype_name(target.dtype)
+        if floating:
+            fits = dtype in ("float32", "float64")
+        else:
+            fits = dtype == wanted or (_is_integer(dtype) and _is_integer(wanted))
+        if not fits:
+            raise ValueError(
+                f"Parameter {name!r} arrived as {dtype}, but it is {wanted} in the model: its "
+                "values would be "
+                "cast (a model of another scinfl version, or a tampered message)."
+            )
+        if floating and not torch.isfinite(torch.as_tensor(value)).all():
+            raise ValueError(
+                f"Parameter {name!r} holds NaN or infinite values: the model it comes from "
+                "diverged, or the message was tampered with."
+            )
+
+
+def _dtype_name(dtype) -> str:
+    """``"float32"`` for numpy's and torch's float32 alike."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_integer(name: str) -> bool:
+    return name.startswith(("int", "uint"))
+
+
 def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray]) -> None:
-    """Load shared parameters into ``module`` (strictly: names and shapes must match).
+    """Load shared parameters into ``module`` (strictly: see :func:`check_parameters_fit`).
 
     Examples
     --------
@@ -58,23 +126,8 @@ def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray
     >>> layer = torch.nn.Linear(2, 3)
     >>> set_shared_parameters(layer, get_shared_parameters(torch.nn.Linear(2, 3)))
     """
+    check_parameters_fit(module, parameters)
     state = {name: torch.as_tensor(np.asarray(value)) for name, value in parameters.items()}
     own = set(site_state_names(module))
-    expected = {k: v for k, v in module.state_dict().items() if k not in own}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            "The parameters do not fit this model "
-            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}). All sites must build the "
-            "same architecture: same features, categories, likelihood and key_mode."
-        )
-    for name, value in state.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"Parameter {name!r} has shape {tuple(value.shape)} here but "
-                f"{tuple(expected[name].shape)} in the model: sites disagree on the feature space "
-                "or on the categories. Agree on the feature names and categories before training."
-            )
     # the site's own state is absent by design (the module keeps its values); all else strict
     module.load_state_dict(state, strict=not own)

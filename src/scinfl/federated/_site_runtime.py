@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from secrets import token_hex
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from scinfl.key import Key
-from scinfl.module import feature_moments
+from scinfl.module import feature_moments, scale_from_moments
 
 from ._client import ClientConfig, ClientUpdate, client_evaluate, client_update
 from ._config import FederationConfig
@@ -34,7 +35,12 @@ from ._key_agreement import (
     public_key_of,
     verify_advertisements,
 )
-from ._parameters import Parameters, get_shared_parameters, site_state_names
+from ._parameters import (
+    Parameters,
+    check_parameters_fit,
+    get_shared_parameters,
+    site_state_names,
+)
 from ._sample_dp import noise_seed
 from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters, parameters_digest
 from ._secure_aggregation import mask_update, protect_update, self_mask_seed
@@ -267,6 +273,9 @@ class SiteState:
         Round (``-1``: none) and secure-aggregation attempt of the site's last train step.
     upload_frame
         The secret frame of its last upload: the frame of the next round's global model.
+    upload_frames
+        The secret frames of all its uploads in this run (space-separated): no model is
+        decoded from one of them but the next round's from the last.
     moments_sent
         Whether the site has sent its feature moments (once: see :meth:`SiteProtocol.moments`).
     feature_scale
@@ -303,6 +312,7 @@ class SiteState:
     trained_round: int = -1
     attempt: int = -1
     upload_frame: str = ""
+    upload_frames: str = ""
     moments_sent: bool = False
     feature_scale: bool = False
     private_key: str = field(default="", repr=False)
@@ -536,9 +546,27 @@ class SiteProtocol:
 
     def set_feature_scale(self, loc, scale) -> None:
         """Install the federation's feature scale (``query``), before any model only."""
+        what = "a feature scale"
         if self.state.round >= 0:
-            raise self._refuse("a feature scale", "it has received a model already")
-        self.runtime.module.set_feature_scale(loc, scale)
+            raise self._refuse(what, "it has received a model already")
+        runtime = self.runtime
+        own = scale_from_moments(*feature_moments(runtime.site.feature_matrix(runtime.module)))[1]
+        try:
+            scale = np.asarray(scale, dtype=np.float64)
+            # a scale of 0 marks a feature no site observed twice with different values: the
+            # site's own rows tell it that much of a scale sent in its stead
+            contradicted = (
+                np.flatnonzero((scale == 0) & (own > 0)) if scale.shape == own.shape else []
+            )
+            if len(contradicted):
+                raise ValueError(
+                    f"it gives scale 0 (not observed) to {len(contradicted)} features whose "
+                    "values vary in the site's own rows (e.g. feature "
+                    f"{int(contradicted[0])})"
+                )
+            runtime.module.set_feature_scale(loc, scale)
+        except ValueError as err:
+            raise self._refuse(what, str(err).rstrip(".")) from err
         self.state.feature_scale = True
 
     def train(
@@ -589,6 +617,8 @@ class SiteProtocol:
         state.participants = json.dumps(sorted(config.participants)) if secure else ""
         frames = self.runtime.secret_frames
         state.upload_frame = frame_id(received, config, digest) if frames else ""
+        if frames:
+            state.upload_frames = f"{state.upload_frames} {state.upload_frame}".strip()
         return update
 
     def reveal_self_mask(self, config: ClientConfig) -> bytes:
@@ -649,6 +679,10 @@ class SiteProtocol:
     ) -> str:
         """Refuse a model message that does not fit; the digest of its model otherwise."""
         self._check_instructions(config, what, train)
+        try:  # before anything reads the model (hashing, secret frames drawn per axis)
+            check_parameters_fit(self.runtime.module, received)
+        except ValueError as err:
+            raise self._refuse(what, str(err).rstrip(".")) from err
         state, round_, frame = self.state, config.round, config.frame
         digest = parameters_digest(received) if digest is None else digest
         if round_ < state.round:
@@ -687,6 +721,12 @@ class SiteProtocol:
                 what,
                 f"frame {frame!r} holds its round {state.trained_round} upload, and only round "
                 f"{state.trained_round + 1}'s model is decoded from it",
+            )
+        elif frame in state.upload_frames.split():
+            raise self._refuse(
+                what,
+                f"frame {frame!r} holds one of its earlier uploads, and only the model of the "
+                "round after it was decoded from it",
             )
         return digest
 

@@ -128,10 +128,10 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         runtime = protocol.runtime
         content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
         asked = msg.content[CONFIG] if CONFIG in msg.content else {}
-        if asked.get(WANT_PARAMETERS, False):
-            parameters = protocol.parameters(bool(asked.get(IN_SECRET_FRAME, False)))
+        if _flag(asked, WANT_PARAMETERS):
+            parameters = protocol.parameters(_flag(asked, IN_SECRET_FRAME))
             content[PARAMETERS] = parameters_to_record(parameters)
-        if asked.get(WANT_PUBLIC_KEY, False):
+        if _flag(asked, WANT_PUBLIC_KEY):
             content[PUBLIC_KEYS] = advertisements_to_record([protocol.advertise_key()])
             _keep(protocol, context)
         if PUBLIC_KEYS in msg.content:
@@ -141,12 +141,16 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
             seed = protocol.reveal_self_mask(record_to_config(msg.content[REVEAL]))
             content[SELF_MASK] = ConfigRecord({"seed": seed.hex()})
             _keep(protocol, context)
-        if asked.get(WANT_MOMENTS, False):
+        if _flag(asked, WANT_MOMENTS):
             update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
             content[PARAMETERS] = parameters_to_record(update.parameters)
             _keep(protocol, context)
         if FEATURE_SCALE in msg.content:
             scale = record_to_parameters(msg.content[FEATURE_SCALE])
+            if set(scale) != {"loc", "scale"}:
+                raise ValueError(
+                    f"A feature scale record holds {sorted(scale)}, not 'loc' and 'scale': refused."
+                )
             protocol.set_feature_scale(scale["loc"], scale["scale"])
             context.state[FEATURE_SCALE] = parameters_to_record(scale)
             _keep(protocol, context)
@@ -155,8 +159,9 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         protocol = _protocol(context)
-        config = record_to_config(msg.content[CONFIG])
-        update = protocol.train(record_to_parameters(msg.content[PARAMETERS]), config)
+        config = record_to_config(_record(msg, CONFIG, "a train message"))
+        received = record_to_parameters(_record(msg, PARAMETERS, "a train message"))
+        update = protocol.train(received, config)
         _keep(protocol, context)
         content = update_to_content(update)
         content[IDENTITY] = _identity(protocol.runtime, update.n)
@@ -167,7 +172,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         protocol = _protocol(context)
         runtime = protocol.runtime
         config = record_to_config(msg.content[CONFIG]) if CONFIG in msg.content else None
-        received = record_to_parameters(msg.content[PARAMETERS])
+        received = record_to_parameters(_record(msg, PARAMETERS, "an evaluate message"))
         metrics = protocol.evaluate(received, config).metrics
         _keep(protocol, context)
         content = RecordDict(
@@ -176,3 +181,18 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
         return Message(content, reply_to=msg)
 
     return app
+
+
+def _record(msg: Message, name: str, what: str):
+    """The record ``name`` of a message, or a refusal naming it."""
+    if name not in msg.content:
+        raise ValueError(f"{what[0].upper()}{what[1:]} without its {name!r} record: refused.")
+    return msg.content[name]
+
+
+def _flag(asked, name: str) -> bool:
+    """A yes/no entry of a query (absent: no); anything but a bool is refused."""
+    value = asked.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"The query's {name!r} must be True or False, got {value!r}: refused.")
+    return value

@@ -114,7 +114,36 @@ def record_to_config(record: ConfigRecord) -> ClientConfig:
             f"{PROTOCOL_VERSION}: they would read each other's messages (and secret frames) "
             "differently. Give the server and every site the same scinfl version."
         )
-    return ClientConfig(**dict(record.items()))
+    values = dict(record.items())
+    if "round" not in values:
+        raise ValueError("The server's round instructions name no round: refused.")
+    for name, value in values.items():
+        if not _is_of_type(value, _FIELDS[name]):
+            raise ValueError(
+                f"The server's round instructions give {name}={value!r} "
+                f"({type(value).__name__}), where a value of type {_FIELDS[name]} is expected: "
+                "refused."
+            )
+    return ClientConfig(**values)
+
+
+def _is_of_type(value, annotation: str) -> bool:
+    """Whether ``value`` is of the annotated type, strictly (a bool is no number).
+
+    Instructions are compared with the site's own by value, and ``0 == 0.0 == False``: but
+    the seed and the frame's name are formed from their text, so each would train otherwise.
+    """
+    if isinstance(value, bool):
+        return annotation == "bool"
+    if annotation == "int":
+        return isinstance(value, int)
+    if annotation == "float":
+        return isinstance(value, int | float)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "list[str]":
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return False
 
 
 def identity_record(
