@@ -114,7 +114,7 @@ def test_an_interrupted_cluster_leaves_adata_as_it_was(monkeypatch):
     adata = scinfl.data.synthetic_counts(n_obs=80, n_vars=12)
     adata.obsm["X_scinfl"] = np.log1p(adata.X.toarray())
     scinfl.tl.cluster(adata, n_neighbors=10, resolution=0.5)
-    before = (adata.obs.copy(), dict(adata.obsp), {k: v for k, v in adata.uns.items()})
+    before = (adata.obs.copy(), dict(adata.obsp), dict(adata.uns))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
