@@ -55,6 +55,18 @@ def test_updates_under_another_key_are_rejected_and_logged(caplog):
         server.aggregate(1, [wrong_key])
 
 
+def test_an_update_of_another_shape_is_rejected_not_broadcast(caplog):
+    """numpy would broadcast a (1,) tensor into the average of (3,) ones without a word."""
+    server = FederatedServer({"w": np.zeros(3)}, FederationConfig(max_rounds=2))
+    good = ClientUpdate("a", 1, {"w": np.ones(3)})
+    odd = ClientUpdate("b", 1, {"w": np.full(1, 100.0)})
+    extra = ClientUpdate("c", 1, {"w": np.ones(3), "v": np.ones(2)})
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(server.aggregate(0, [good, odd, extra])["w"], np.ones(3))
+    assert "site 'b'" in caplog.text and "shape (1,)" in caplog.text
+    assert "site 'c'" in caplog.text and "not those of the global model" in caplog.text
+
+
 def _vae_and_site(seed=0, n=64, p=12):
     torch.manual_seed(seed)
     vae = KeyedVAE(n_input=p, key_mode=None)

@@ -17,17 +17,34 @@ def accept_updates(
     updates: Sequence[ClientUpdate],
     key_fingerprint: str | None,
     key_version: int | None,
+    reference: Parameters | None = None,
 ) -> list[ClientUpdate]:
     """Drop (and log) updates made under another key fingerprint or key version, or not finite.
+
+    With ``reference`` (the global parameters the round started from), also an update whose
+    tensors are not those of the global model, by name and shape: numpy would broadcast a
+    tensor of another shape into the average without a word.
 
     Examples
     --------
     >>> accept_updates([], key_fingerprint=None, key_version=None)
     []
+    >>> import numpy as np
+    >>> odd = ClientUpdate("a", 1, {"w": np.zeros(1)})
+    >>> accept_updates([odd], None, None, reference={"w": np.zeros(3)})
+    []
     """
     accepted = []
     for update in updates:
-        if key_fingerprint is not None and update.key_fingerprint != key_fingerprint:
+        misfit = None if reference is None else _misfit(update.parameters, reference)
+        if misfit is not None:
+            logger.warning(
+                "Rejected the update of site %r: %s (a site on another scinfl version, or "
+                "corrupted).",
+                update.site,
+                misfit,
+            )
+        elif key_fingerprint is not None and update.key_fingerprint != key_fingerprint:
             logger.warning(
                 "Rejected the update of site %r: key fingerprint %s, expected %s.",
                 update.site,
@@ -51,6 +68,19 @@ def accept_updates(
         else:
             accepted.append(update)
     return accepted
+
+
+def _misfit(parameters: Parameters, reference: Parameters) -> str | None:
+    """How ``parameters`` differ from ``reference`` in names or shapes; ``None`` if they fit."""
+    if set(parameters) != set(reference):
+        return "its tensors are not those of the global model"
+    for name, value in parameters.items():
+        if np.shape(value) != np.shape(reference[name]):
+            return (
+                f"its {name!r} has shape {np.shape(value)}, the global model's "
+                f"{np.shape(reference[name])}"
+            )
+    return None
 
 
 def is_finite_update(update: ClientUpdate) -> bool:

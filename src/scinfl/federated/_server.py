@@ -143,7 +143,9 @@ class FederatedServer:
         Under ``secret_frames`` the updates are in the frame named by the parameters and the
         instructions ``sent`` (:func:`~scinfl.federated.frame_id`), which becomes :attr:`frame`.
         """
-        accepted = accept_updates(updates, self.key_fingerprint, self.key_version)
+        accepted = accept_updates(
+            updates, self.key_fingerprint, self.key_version, reference=self.parameters
+        )
         if not accepted and updates and not any(is_finite_update(u) for u in updates):
             raise FloatingPointError(
                 f"Round {round_}: training diverged at every site (their updates hold NaN or "
