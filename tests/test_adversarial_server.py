@@ -603,3 +603,17 @@ def test_a_feature_scale_the_sites_own_rows_contradict_is_refused(key):
     assert not protocol.state.feature_scale
     protocol.set_feature_scale(np.full(6, 25.0), np.array([3.0] * 5 + [0.0]))
     assert module.feature_observed.tolist() == [True] * 5 + [False]
+
+
+def test_float_instructions_given_as_integers_name_the_same_frame():
+    """``kl_weight=1`` equals ``1.0`` but hashed as text it named another frame."""
+    from scinfl.federated import ClientConfig
+    from scinfl.federated.flower._records import record_to_config
+
+    honest = ClientConfig(round=0, kl_weight=1.0, mu=0.0)
+    record = config_to_record(honest)
+    record["kl_weight"], record["mu"] = 1, 0
+    received = record_to_config(record)
+    assert received == honest and isinstance(received.kl_weight, float)
+    x = {"w": np.zeros(2, np.float32)}
+    assert frame_id(x, received) == frame_id(x, honest)

@@ -162,3 +162,26 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(monkeypatch, tmp_path)
     with pytest.raises(OSError):
         server.save_checkpoint(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == listed
+
+
+def test_a_save_interrupted_while_moving_its_files_in_puts_the_old_ones_back(monkeypatch, tmp_path):
+    import os
+
+    model = _model()
+    path = tmp_path / "model"
+    model.save(path, save_anndata=True)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    replace, calls = os.replace, {"n": 0}
+
+    def interrupted(source, destination):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second file: the first is in, its old one kept aside
+            raise KeyboardInterrupt
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path, overwrite=True, save_anndata=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before

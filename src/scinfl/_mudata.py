@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import mudata as md
 from anndata import AnnData
@@ -23,5 +25,34 @@ def mudata_of(modalities: Mapping[str, AnnData]) -> md.MuData:
     >>> mdata.n_obs, list(mdata.mod)
     (2, ['rna'])
     """
-    with md.set_options(pull_on_update=False):
+    with mudata_options(pull_on_update=False):
         return md.MuData(dict(modalities))
+
+
+@contextmanager
+def mudata_options(**options) -> Iterator[None]:
+    """``mudata.set_options(**options)`` as a context, leaving the root logger unconfigured.
+
+    mudata's option context logs through the module-level ``logging.info``, which configures
+    the root logger (``logging.basicConfig``) when it has no handler, so that a notebook's own
+    ``basicConfig`` afterwards does nothing: a handler that prints nothing stands there
+    meanwhile.
+
+    Examples
+    --------
+    >>> before = list(logging.getLogger().handlers)
+    >>> with mudata_options(pull_on_update=False):
+    ...     pass
+    >>> logging.getLogger().handlers == before
+    True
+    """
+    root = logging.getLogger()
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        with md.set_options(**options):
+            yield
+    finally:
+        if placeholder is not None:
+            root.removeHandler(placeholder)

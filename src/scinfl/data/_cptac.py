@@ -21,6 +21,8 @@ import mudata as md
 import numpy as np
 import pandas as pd
 
+from scinfl._mudata import mudata_options
+
 from ._package_data import installed_data_dir, installed_version
 
 logger = logging.getLogger(__name__)
@@ -272,7 +274,7 @@ def cptac_ucec(
     if len(modalities) == 1:
         return modalities[names[0]]
 
-    with md.set_options(pull_on_update=False), warnings.catch_warnings():
+    with mudata_options(pull_on_update=False), warnings.catch_warnings():
         # The same gene symbol can be a feature of several modalities; names are
         # unique within each modality, which is what MuData needs.
         warnings.filterwarnings("ignore", message="var_names are not unique")

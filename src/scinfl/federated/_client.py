@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -93,6 +94,15 @@ class ClientConfig:
     sample_dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
     protocol: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        # a number given as an integer where a float is meant (kl_weight=1) compares equal to
+        # the float but hashes otherwise (the upload's frame is named from the instructions'
+        # text): every float setting is held as a float, on the server and at the sites alike
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
 
 
 @dataclass

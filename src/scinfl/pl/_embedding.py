@@ -33,6 +33,30 @@ def check_save_path(save) -> None:
         raise FileNotFoundError(f"save={save!r}: the folder {folder!r} does not exist.")
 
 
+def finish_figure(fig, save, show: bool):
+    """Save (``save``) and show (``show``) a figure; return it.
+
+    A figure saved and not shown is closed, as scanpy does: it is written, and a loop that
+    saves one per sample leaves no pile of open figures (matplotlib warns past 20). The
+    returned figure can still be saved or displayed.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> fig = finish_figure(plt.figure(), None, False)
+    >>> plt.fignum_exists(fig.number)
+    True
+    >>> plt.close(fig)
+    """
+    if save is not None:
+        fig.savefig(save, dpi=120, bbox_inches="tight")
+    if show:
+        plt.show()
+    elif save is not None:
+        plt.close(fig)
+    return fig
+
+
 def _mudata_for_plot(mdata, basis: str, colors: Sequence[str], layer: str | None) -> AnnData:
     """An AnnData with ``mdata``'s samples, ``basis`` and ``colors`` as ``.obs`` columns.
 
@@ -141,11 +165,7 @@ def umap(
         ax.set_xlabel(f"{name}1")
         ax.set_ylabel(f"{name}2")
     _make_room_for_legends(fig, axes)
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show:
-        plt.show()
-    return fig
+    return finish_figure(fig, save, show)
 
 
 def _make_room_for_legends(fig, axes) -> None:

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from scinfl.tl._perturbation_scores import same_genes_as
 
-from ._embedding import check_save_path
+from ._embedding import check_save_path, finish_figure
 
 
 def perturbation(
@@ -98,11 +98,7 @@ def perturbation(
     if title is not None:
         fig.suptitle(title)
     fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show:
-        plt.show()
-    return fig
+    return finish_figure(fig, save, show)
 
 
 def _scatter(ax, x: np.ndarray, y: np.ndarray, top: np.ndarray, names, n_labels: int) -> None:

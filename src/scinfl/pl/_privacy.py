@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from scinfl._checks import check_value
 
-from ._embedding import check_save_path
+from ._embedding import check_save_path, finish_figure
 
 
 def _as_list(value) -> list:
@@ -150,8 +150,4 @@ def privacy(
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, title=hue, loc="upper right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show:
-        plt.show()
-    return fig
+    return finish_figure(fig, save, show)

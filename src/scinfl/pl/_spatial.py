@@ -11,7 +11,7 @@ from scanpy.plotting._utils import _set_default_colors_for_categorical_obs
 
 from scinfl._checks import check_not_empty, check_value
 
-from ._embedding import _make_room_for_legends, check_save_path
+from ._embedding import _make_room_for_legends, check_save_path, finish_figure
 
 #: ``library_key`` default: the sections ``pp.spatial_neighbors`` built its graph over
 AUTO = "auto"
@@ -184,8 +184,4 @@ def spatial(
     if named and title:
         fig.suptitle(title)
     _make_room_for_legends(fig, list(axes.ravel()[: len(names)]))
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show:
-        plt.show()
-    return fig
+    return finish_figure(fig, save, show)

@@ -418,7 +418,6 @@ class FederatedTrainingMixin:
         if device is not None:
             self.module.to(device)
         earlier = self._dp_releases_before_run(checkpoint_dir, resume)
-        torch.manual_seed(config.seed)
         runner = run_local
         if engine == "flower":
             try:
@@ -427,17 +426,23 @@ class FederatedTrainingMixin:
                 raise ImportError(
                     "engine='flower' needs Flower: install the extra with `pip install 'scinfl[flower]'`."
                 ) from err
-        server = runner(
-            self.module,
-            sites,
-            config,
-            key_fingerprint=self.key_fingerprint_,
-            key_version=self.key_version_,
-            progress_bar=progress_bar,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            key=self._key,
-        )
+        # training seeds torch from the run's seed (every site, every round): on a fork of the
+        # global generator, so that the user's own draws after the call (the next model's
+        # initial weights) are not reset to the same values by every run
+        cuda = device is not None and device.type == "cuda"
+        with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
+            torch.manual_seed(config.seed)
+            server = runner(
+                self.module,
+                sites,
+                config,
+                key_fingerprint=self.key_fingerprint_,
+                key_version=self.key_version_,
+                progress_bar=progress_bar,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                key=self._key,
+            )
         self.module.eval()
         self.is_trained_ = True
         history = server.history()

@@ -217,24 +217,24 @@ class KeyedModelMixin:
                 "there, or save to another directory."
             )
         created = next((p for p in reversed(target.parents) if not p.exists()), None)
-        made_target = not target.exists()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        created = created or (None if target.exists() else target)
+        target.mkdir(parents=True, exist_ok=True)
+        # staged inside the target, so on its file system (a mount, a link elsewhere) and
+        # needing no right to write beside it; the files it replaces are kept until the end
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
         try:
             super().save(
-                str(staging), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
+                str(staging / "new"),
+                prefix=prefix,
+                overwrite=True,
+                save_anndata=save_anndata,
+                **kwargs,
             )
-            target.mkdir(exist_ok=True)
-            for item in sorted(staging.iterdir()):
-                os.replace(item, target / item.name)
+            _move_in(staging / "new", target, staging / "replaced")
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            elif made_target:
-                shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(created if created is not None else staging, ignore_errors=True)
             raise
-        staging.rmdir()
+        shutil.rmtree(staging)
 
     @classmethod
     def load(
@@ -294,6 +294,29 @@ class KeyedModelMixin:
         if key is not None:
             model.set_key(key, allow_mismatch=allow_mismatch)
         return model
+
+
+def _move_in(new: Path, target: Path, replaced: Path) -> None:
+    """Move the files of ``new`` into ``target``, keeping those they replace in ``replaced``.
+
+    An error or an interrupt part-way puts every replaced file back and removes the new ones.
+    """
+    replaced.mkdir()
+    moved = []
+    try:
+        for item in sorted(new.iterdir()):
+            destination = target / item.name
+            if destination.exists():
+                os.replace(destination, replaced / item.name)
+            moved.append(item.name)
+            os.replace(item, destination)
+    except BaseException:
+        for name in moved:
+            if (replaced / name).exists():
+                os.replace(replaced / name, target / name)
+            else:
+                (target / name).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
