@@ -351,6 +351,45 @@ class INFL(
                 "labels_key."
             )
 
+    def _check_what_training_gave(self, sites, config, unit: str) -> None:
+        """Warn when the classifier says one class for rows of several: it is undertrained.
+
+        A small cohort trains few optimiser steps at the defaults (a site smaller than a
+        minibatch trains one step a round); the classifier then says the majority class (or
+        any one) for nearly every row, with nothing else to flag it.
+        """
+        if self.module.classifier is None:
+            return
+        labels = self.adata.obs[self.adata_manager.registry["setup_args"]["labels_key"]]
+        rows = self.train_indices_[
+            (labels.iloc[self.train_indices_] != self._unlabeled).to_numpy()
+            & labels.iloc[self.train_indices_].notna().to_numpy()
+        ]
+        truth = labels.iloc[rows].astype(str).value_counts(normalize=True)
+        if len(rows) < 20 or len(truth) < 2:
+            return
+        said = pd.Series(self.predict(indices=rows)).astype(str).value_counts(normalize=True)
+        top, share = said.index[0], said.iloc[0]
+        if share < 0.9 or truth.get(top, 0.0) > 0.6:
+            return
+        runs = self.federated_history_["round"].nunique()
+        steps = max(-(-site.n_train // config.batch_size) for site in sites) * config.local_epochs
+        logger.warning(
+            "The classifier says %r for %.0f%% of the labelled training rows, where %.0f%% are "
+            "%r: it has not learned to tell the classes apart. This run made %d optimiser steps "
+            "at its largest site (%d %s x %d steps a %s); small cohorts need more: e.g. "
+            "local_epochs=5 or batch_size=32 (and balance_classes=True for unequal classes).",
+            top,
+            100 * share,
+            100 * truth.get(top, 0.0),
+            top,
+            runs * steps,
+            runs,
+            unit,
+            steps,
+            unit.removesuffix("s"),
+        )
+
     @property
     def _unlabeled(self) -> str | None:
         """The registered label of unlabelled rows, if any."""

@@ -224,6 +224,7 @@ class FederatedTrainingMixin:
             self._fit_feature_scale(sites)
             history = self._run(sites, config, progress_bar, engine, checkpoint_dir, resume, device)
         self._record_split(sites, self._site_rows())
+        self._check_what_training_gave(sites, config, "rounds")
         return history
 
     def train_centralized(
@@ -279,6 +280,7 @@ class FederatedTrainingMixin:
             self._fit_feature_scale([site])
             history = self._run([site], config, progress_bar and "epochs", device=device)
         self._record_split([site], {"all": np.arange(self.adata.n_obs)})
+        self._check_what_training_gave([site], config, "epochs")
         return history
 
     def train(self, *args, **kwargs):
@@ -375,6 +377,11 @@ class FederatedTrainingMixin:
                 len(rare),
                 list(names[rare[:5]]) if named else [f"feature {i}" for i in rare[:5]],
             )
+
+    def _check_what_training_gave(
+        self, sites: list[SiteData], config: FederationConfig, unit: str
+    ) -> None:
+        """Hook for a model class to check the model a run gave (``INFL``: its classifier)."""
 
     def _record_split(self, sites: list[SiteData], rows: dict[str, np.ndarray]) -> None:
         # scvi-tools' train_indices / validation_indices: the rows each site trained on and

@@ -8,12 +8,14 @@ import warnings
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from scinfl._checks import check_not_empty
 from scinfl._copies import in_memory_copy
 from scinfl._logging import quiet
 from scinfl.model._validation import rows_without_values, validate_matrix
+from scinfl.module import feature_moments
 from scinfl.pp._features import align_features
 
 from ._federated import registered_features_changed
@@ -173,6 +175,7 @@ class NewSamplesMixin:
                 "holds the same kind of values."
             )
         likelihood = getattr(self.module, "gene_likelihood", None)
+        shared_by_name = int(names.isin(adata.var_names.astype(str)).sum())
         if len(names) == 0 or adata.var_names.astype(str).equals(names):
             adata = in_memory_copy(adata)
         else:
@@ -196,6 +199,8 @@ class NewSamplesMixin:
                     "without data. Check that they quantify the model's features.",
                     empty,
                 )
+            elif likelihood == "normal" and hasattr(self.module, "feature_loc"):
+                warn_of_unlike_samples(matrix, self.module, shared_by_name)
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):
             adata.uns.pop(key, None)
         for arg, registry_key in _TRAINING_ONLY.items():
@@ -214,6 +219,67 @@ class NewSamplesMixin:
                 )
             adata.obs[column] = pd.Categorical([mapping[0]] * adata.n_obs, categories=mapping)
         return adata
+
+
+#: new samples whose median feature lies this many training standard deviations from its
+#: training location are far from the training data (a batch of one class moves few features)
+SHIFT_WARNING = 1.0
+
+
+def warn_of_unlike_samples(matrix, module, shared_by_name: int) -> None:
+    """Warn of new continuous samples unlike the training data: few values, or shifted ones.
+
+    - Few of the model's features hold a value (absent by name is warned of before; all-NaN
+      columns, as :func:`scinfl.pp.align_features` writes them, are the same thing), or the
+      median sample holds values for fewer than half of them.
+    - The median feature's mean over the new samples lies :data:`SHIFT_WARNING` or more
+      training standard deviations from its training location: another instrument or
+      normalisation. The model standardises with the training sites' location and scale and
+      reads shifted samples as extreme ones (predictions may all fall into one class).
+    """
+    count, total, _ = feature_moments(matrix)
+    n_features = len(count)
+    observed = count > 0
+    per_row = _observed_per_row(matrix) / n_features
+    if shared_by_name >= n_features / 2 and (
+        observed.sum() < n_features / 2 or np.median(per_row) < 0.5
+    ):
+        logger.warning(
+            "The new samples hold values for %d of the model's %d features (the median sample "
+            "for %.0f%% of them); the others are missing, which leaves the model little to go "
+            "on.",
+            int(observed.sum()),
+            n_features,
+            100 * np.median(per_row),
+        )
+    scale = module.feature_scale.detach().cpu().numpy().astype(np.float64)
+    loc = module.feature_loc.detach().cpu().numpy().astype(np.float64)
+    usable = observed & module.feature_observed.detach().cpu().numpy()
+    if not usable.any():
+        return
+    shift = np.median(np.abs(total[usable] / count[usable] - loc[usable]) / scale[usable])
+    if shift >= SHIFT_WARNING:
+        logger.warning(
+            "The new samples lie far from the training data: the median feature is %.1f "
+            "training standard deviations from its training location (another instrument, "
+            "normalisation or scale?). The model standardises with the training sites' "
+            "location and scale, so it reads them as extreme samples: its latent and "
+            "predictions may mean little (e.g. all one class). Normalise them as the training "
+            "sites did.",
+            shift,
+        )
+
+
+def _observed_per_row(matrix) -> np.ndarray:
+    """How many values each row holds (not NaN)."""
+    if sparse.issparse(matrix):
+        matrix = sparse.csr_matrix(matrix)
+        missing = sparse.csr_matrix(
+            (np.isnan(matrix.data).astype(np.int64), matrix.indices, matrix.indptr),
+            shape=matrix.shape,
+        )
+        return matrix.shape[1] - np.asarray(missing.sum(axis=1)).ravel()
+    return (~np.isnan(np.asarray(matrix, dtype=np.float64))).sum(axis=1)
 
 
 def features_by_name(

@@ -1,0 +1,74 @@
+"""What a model says about itself and about new samples: an undertrained classifier, unlike data."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import scinfl
+
+
+def _labelled(n_obs: int = 150):
+    adata = scinfl.data.synthetic_counts(n_obs=n_obs, n_vars=20, n_sites=2)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    return adata
+
+
+def test_a_classifier_that_says_one_class_is_warned_of(caplog, monkeypatch):
+    adata = _labelled()
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+    majority = adata.obs["label"].value_counts().index[-1]  # the rarest: said for all rows
+    monkeypatch.setattr(
+        scinfl.model.INFL,
+        "predict",
+        lambda self, indices=None, **kw: np.full(len(indices), majority),
+    )
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.train_federated(max_rounds=2, batch_size=64, progress_bar=False)
+    assert f"says {majority!r} for 100% of the labelled training rows" in caplog.text
+    assert "4 optimiser steps at its largest site (2 rounds x 2 steps a round)" in caplog.text
+
+
+def test_a_classifier_that_tells_classes_apart_is_not_warned_of(caplog):
+    adata = _labelled(240)
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.train_federated(max_rounds=10, local_epochs=3, batch_size=16, progress_bar=False)
+    assert (model.predict() == adata.obs["label"].to_numpy()).mean() > 0.8
+    assert "has not learned" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def continuous_model():
+    rng = np.random.default_rng(0)
+    adata = scinfl.data.synthetic_counts(n_obs=200, n_vars=30, n_sites=2)
+    adata.X = (np.log2(adata.X.toarray() + 1) + 20 + rng.normal(0, 0.3, adata.shape)).astype(
+        np.float32
+    )
+    scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), gene_likelihood="normal")
+    model.train_federated(max_rounds=2, batch_size=64, progress_bar=False)
+    return model, adata
+
+
+def test_new_samples_far_from_the_training_data_are_warned_of(continuous_model, caplog):
+    model, adata = continuous_model
+    like = adata[:40].copy()
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.get_latent_representation(like)
+        assert "lie far" not in caplog.text
+        shifted = like.copy()
+        shifted.X = shifted.X + 5.0  # another instrument's gain, on the log scale
+        model.get_latent_representation(shifted)
+    assert "lie far from the training data" in caplog.text
+
+
+def test_new_samples_with_few_values_are_warned_of_however_they_lack_them(continuous_model, caplog):
+    model, adata = continuous_model
+    new = adata[:40].copy()
+    new.X[:, 5:] = np.nan  # present by name, all missing (as align_features writes them)
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.get_latent_representation(new)
+    assert "hold values for 5 of the model's 30 features" in caplog.text
