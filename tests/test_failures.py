@@ -185,3 +185,11 @@ def test_a_save_interrupted_while_moving_its_files_in_puts_the_old_ones_back(mon
         model.save(path, overwrite=True, save_anndata=True)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+def test_saving_over_a_model_saved_with_its_data_does_not_pair_it_with_that_data(tmp_path):
+    model = _model()
+    model.save(tmp_path / "model", save_anndata=True)
+    other = _model()
+    other.save(tmp_path / "model", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt"]

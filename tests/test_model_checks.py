@@ -28,7 +28,17 @@ def test_a_classifier_that_says_one_class_is_warned_of(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="scinfl"):
         model.train_federated(max_rounds=2, batch_size=64, progress_bar=False)
     assert f"says {majority!r} for 100% of the labelled training rows" in caplog.text
-    assert "4 optimiser steps at its largest site (2 rounds x 2 steps a round)" in caplog.text
+    assert "4 optimiser steps at its largest site (2 rounds x 2 steps each)" in caplog.text
+
+
+def test_the_classifier_check_reads_the_labels_training_read(caplog):
+    """Labels renamed or dropped after setup: the check reads the registered codes."""
+    adata = _labelled()
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+    del adata.obs["label"]
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.train_federated(max_rounds=10, local_epochs=3, batch_size=16, progress_bar=False)
+    assert model.is_trained_ and "has not learned" not in caplog.text
 
 
 def test_a_classifier_that_tells_classes_apart_is_not_warned_of(caplog):
@@ -63,6 +73,13 @@ def test_new_samples_far_from_the_training_data_are_warned_of(continuous_model, 
         shifted.X = shifted.X + 5.0  # another instrument's gain, on the log scale
         model.get_latent_representation(shifted)
     assert "lie far from the training data" in caplog.text
+    caplog.clear()
+    rescaled = like.copy()
+    centre = adata.X.mean(axis=0)
+    rescaled.X = centre + 3.0 * (rescaled.X - centre)  # another logarithm's base
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.get_latent_representation(rescaled)
+    assert "spreads" in caplog.text
 
 
 def test_new_samples_with_few_values_are_warned_of_however_they_lack_them(continuous_model, caplog):
@@ -71,4 +88,10 @@ def test_new_samples_with_few_values_are_warned_of_however_they_lack_them(contin
     new.X[:, 5:] = np.nan  # present by name, all missing (as align_features writes them)
     with caplog.at_level(logging.WARNING, logger="scinfl"):
         model.get_latent_representation(new)
-    assert "hold values for 5 of the model's 30 features" in caplog.text
+    assert "40 new samples hold values for 5 of the model's 30 features" in caplog.text
+    caplog.clear()
+    one = adata[:1].copy()
+    one.X[:, ::2] = np.nan  # one sample lacking half its values: no sign of absent features
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.get_latent_representation(one)
+    assert "hold values" not in caplog.text and "lie far" not in caplog.text

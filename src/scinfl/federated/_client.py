@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 import secrets
 import time
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ class ClientConfig:
         # text): every float setting is held as a float, on the server and at the sites alike
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if f.type == "float" and integral:
                 setattr(self, f.name, float(value))
 
 

@@ -18,6 +18,7 @@ from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMix
 from scvi.utils import setup_anndata_dsp
 
 from scinfl._checks import check_value
+from scinfl._random import forked_rng
 from scinfl.key import Key
 from scinfl.module import KeyedVAE
 
@@ -360,34 +361,37 @@ class INFL(
         """
         if self.module.classifier is None:
             return
-        labels = self.adata.obs[self.adata_manager.registry["setup_args"]["labels_key"]]
-        rows = self.train_indices_[
-            (labels.iloc[self.train_indices_] != self._unlabeled).to_numpy()
-            & labels.iloc[self.train_indices_].notna().to_numpy()
-        ]
-        truth = labels.iloc[rows].astype(str).value_counts(normalize=True)
-        if len(rows) < 20 or len(truth) < 2:
+        # the labels the run trained on, by their registered codes (the .obs column may have
+        # been renamed, recoded or dropped since setup); code n_classes marks unlabelled rows
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
+        codes = codes.ravel()[self.train_indices_]
+        classes = np.asarray(self.classes, dtype=object)
+        labelled = codes < len(classes)
+        rows, truth = self.train_indices_[labelled], classes[codes[labelled]]
+        shares = pd.Series(truth).astype(str).value_counts(normalize=True)
+        if len(rows) < 20 or len(shares) < 2:
             return
-        said = pd.Series(self.predict(indices=rows)).astype(str).value_counts(normalize=True)
+        with forked_rng(self.module):  # the prediction draws nothing the user should see
+            said = pd.Series(self.predict(indices=rows)).astype(str)
+        said = said.value_counts(normalize=True)
         top, share = said.index[0], said.iloc[0]
-        if share < 0.9 or truth.get(top, 0.0) > 0.6:
+        if share < 0.9 or shares.get(top, 0.0) > 0.6:
             return
         runs = self.federated_history_["round"].nunique()
         steps = max(-(-site.n_train // config.batch_size) for site in sites) * config.local_epochs
         logger.warning(
             "The classifier says %r for %.0f%% of the labelled training rows, where %.0f%% are "
             "%r: it has not learned to tell the classes apart. This run made %d optimiser steps "
-            "at its largest site (%d %s x %d steps a %s); small cohorts need more: e.g. "
+            "at its largest site (%d %s x %d steps each); small cohorts need more: e.g. "
             "local_epochs=5 or batch_size=32 (and balance_classes=True for unequal classes).",
             top,
             100 * share,
-            100 * truth.get(top, 0.0),
+            100 * shares.get(top, 0.0),
             top,
             runs * steps,
             runs,
-            unit,
+            unit if runs != 1 else unit.removesuffix("s"),
             steps,
-            unit.removesuffix("s"),
         )
 
     @property

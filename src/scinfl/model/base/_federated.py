@@ -17,6 +17,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.model._utils import parse_device_args
 
+from scinfl._random import forked_rng
 from scinfl.federated import FederationConfig, SiteData, run_local
 from scinfl.federated._dp import dp_fedavg_epsilon
 from scinfl.model._validation import validate_sites
@@ -436,8 +437,7 @@ class FederatedTrainingMixin:
         # training seeds torch from the run's seed (every site, every round): on a fork of the
         # global generator, so that the user's own draws after the call (the next model's
         # initial weights) are not reset to the same values by every run
-        cuda = device is not None and device.type == "cuda"
-        with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
+        with forked_rng(self.module):
             torch.manual_seed(config.seed)
             server = runner(
                 self.module,

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -230,7 +230,9 @@ class KeyedModelMixin:
                 save_anndata=save_anndata,
                 **kwargs,
             )
-            _move_in(staging / "new", target, staging / "replaced")
+            # a data file an earlier save left would be read with this model by load
+            stale = [] if save_anndata else [f"{prefix or ''}{name}" for name in _DATA_FILES]
+            _move_in(staging / "new", target, staging / "replaced", stale)
         except BaseException:
             shutil.rmtree(created if created is not None else staging, ignore_errors=True)
             raise
@@ -296,14 +298,23 @@ class KeyedModelMixin:
         return model
 
 
-def _move_in(new: Path, target: Path, replaced: Path) -> None:
+#: the data files scvi-tools' ``save(save_anndata=True)`` writes (after the prefix)
+_DATA_FILES = ("adata.h5ad", "mdata.h5mu")
+
+
+def _move_in(new: Path, target: Path, replaced: Path, stale: Sequence[str] = ()) -> None:
     """Move the files of ``new`` into ``target``, keeping those they replace in ``replaced``.
 
-    An error or an interrupt part-way puts every replaced file back and removes the new ones.
+    Files of ``target`` named in ``stale`` are moved to ``replaced`` too. An error or an
+    interrupt part-way puts every replaced file back and removes the new ones.
     """
     replaced.mkdir()
     moved = []
     try:
+        for name in stale:
+            if (target / name).exists():
+                moved.append(name)
+                os.replace(target / name, replaced / name)
         for item in sorted(new.iterdir()):
             destination = target / item.name
             if destination.exists():

@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from scinfl._checks import check_not_empty
@@ -222,64 +221,65 @@ class NewSamplesMixin:
 
 
 #: new samples whose median feature lies this many training standard deviations from its
-#: training location are far from the training data (a batch of one class moves few features)
+#: training location (plus the noise of a mean over few samples) are far from the training
+#: data; a batch of one class moves few features
 SHIFT_WARNING = 1.0
+#: ... or whose median feature spreads this many times more (or less) than in training
+SPREAD_WARNING = 2.0
+#: features absent from every new sample, or a spread, are told apart from chance from this
+#: many samples on (one sample of data with half its values missing lacks half the features)
+FEW_SAMPLES = 10
 
 
 def warn_of_unlike_samples(matrix, module, shared_by_name: int) -> None:
-    """Warn of new continuous samples unlike the training data: few values, or shifted ones.
+    """Warn of new continuous samples unlike the training data: few values, shifted, rescaled.
 
-    - Few of the model's features hold a value (absent by name is warned of before; all-NaN
-      columns, as :func:`scinfl.pp.align_features` writes them, are the same thing), or the
-      median sample holds values for fewer than half of them.
-    - The median feature's mean over the new samples lies :data:`SHIFT_WARNING` or more
-      training standard deviations from its training location: another instrument or
-      normalisation. The model standardises with the training sites' location and scale and
-      reads shifted samples as extreme ones (predictions may all fall into one class).
+    - Half or more of the model's features hold no value in any of the new samples (absent by
+      name is warned of before; all-NaN columns, as :func:`scinfl.pp.align_features` writes
+      them, are the same thing), from :data:`FEW_SAMPLES` samples on.
+    - The median feature's mean lies :data:`SHIFT_WARNING` or more training standard
+      deviations (more for fewer samples) from its training location, or its spread differs
+      :data:`SPREAD_WARNING` times or more from the training scale (from
+      :data:`FEW_SAMPLES` samples on): another instrument, normalisation or logarithm. The
+      model standardises with the training sites' location and scale and reads such samples as
+      extreme (or flat) ones: predictions may all fall into one class.
     """
-    count, total, _ = feature_moments(matrix)
-    n_features = len(count)
+    count, total, squares = feature_moments(matrix)
+    n_samples, n_features = matrix.shape[0], len(count)
     observed = count > 0
-    per_row = _observed_per_row(matrix) / n_features
-    if shared_by_name >= n_features / 2 and (
-        observed.sum() < n_features / 2 or np.median(per_row) < 0.5
-    ):
+    enough = n_samples >= FEW_SAMPLES
+    if enough and shared_by_name >= n_features / 2 and observed.sum() < n_features / 2:
         logger.warning(
-            "The new samples hold values for %d of the model's %d features (the median sample "
-            "for %.0f%% of them); the others are missing, which leaves the model little to go "
-            "on.",
+            "The %d new samples hold values for %d of the model's %d features (the others are "
+            "missing in every one), which leaves the model little to go on.",
+            n_samples,
             int(observed.sum()),
             n_features,
-            100 * np.median(per_row),
         )
     scale = module.feature_scale.detach().cpu().numpy().astype(np.float64)
     loc = module.feature_loc.detach().cpu().numpy().astype(np.float64)
     usable = observed & module.feature_observed.detach().cpu().numpy()
     if not usable.any():
         return
-    shift = np.median(np.abs(total[usable] / count[usable] - loc[usable]) / scale[usable])
-    if shift >= SHIFT_WARNING:
+    mean = total[usable] / count[usable]
+    shift = np.median(np.abs(mean - loc[usable]) / scale[usable])
+    spread = None
+    several = usable & (count > 1)
+    if enough and several.any():
+        variance = squares[several] / count[several] - (total[several] / count[several]) ** 2
+        spread = np.median(np.sqrt(np.maximum(variance, 0.0)) / scale[several])
+    rescaled = spread is not None and not 1 / SPREAD_WARNING < spread < SPREAD_WARNING
+    if shift >= SHIFT_WARNING * (1 + 1 / np.sqrt(n_samples)) or rescaled:
         logger.warning(
             "The new samples lie far from the training data: the median feature is %.1f "
-            "training standard deviations from its training location (another instrument, "
-            "normalisation or scale?). The model standardises with the training sites' "
+            "training standard deviations from its training location%s (another instrument, "
+            "normalisation or logarithm?). The model standardises with the training sites' "
             "location and scale, so it reads them as extreme samples: its latent and "
             "predictions may mean little (e.g. all one class). Normalise them as the training "
             "sites did.",
             shift,
+            "" if spread is None else f" and spreads {spread:.2g} times as wide",
         )
-
-
-def _observed_per_row(matrix) -> np.ndarray:
-    """How many values each row holds (not NaN)."""
-    if sparse.issparse(matrix):
-        matrix = sparse.csr_matrix(matrix)
-        missing = sparse.csr_matrix(
-            (np.isnan(matrix.data).astype(np.int64), matrix.indices, matrix.indptr),
-            shape=matrix.shape,
-        )
-        return matrix.shape[1] - np.asarray(missing.sum(axis=1)).ravel()
-    return (~np.isnan(np.asarray(matrix, dtype=np.float64))).sum(axis=1)
 
 
 def features_by_name(
