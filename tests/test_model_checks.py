@@ -88,10 +88,26 @@ def test_new_samples_with_few_values_are_warned_of_however_they_lack_them(contin
     new.X[:, 5:] = np.nan  # present by name, all missing (as align_features writes them)
     with caplog.at_level(logging.WARNING, logger="scinfl"):
         model.get_latent_representation(new)
-    assert "40 new samples hold values for 5 of the model's 30 features" in caplog.text
+    assert "new samples (40) hold values for 5 of the model's 30 features" in caplog.text
     caplog.clear()
     one = adata[:1].copy()
     one.X[:, ::2] = np.nan  # one sample lacking half its values: no sign of absent features
     with caplog.at_level(logging.WARNING, logger="scinfl"):
         model.get_latent_representation(one)
     assert "hold values" not in caplog.text and "lie far" not in caplog.text
+
+
+def test_new_samples_of_a_continuous_modality_far_from_training_are_warned_of(caplog):
+    mdata = scinfl.data.synthetic_multiome(n_obs=200)
+    scinfl.model.MultiOmicsINFL.setup_mudata(mdata, modalities=["rna", "prot"], site_key="site")
+    model = scinfl.model.MultiOmicsINFL(
+        mdata, key=scinfl.Key.generate(), likelihoods={"rna": "nb", "prot": "normal"}
+    )
+    model.train_federated(max_rounds=1, batch_size=64, progress_bar=False)
+    new = mdata[:40].copy()
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        model.get_latent_representation(new)
+        assert "lie far" not in caplog.text
+        new.mod["prot"].X = new.mod["prot"].X + 1000.0  # ten training SDs
+        model.get_latent_representation(new.copy())
+    assert "The new samples' 'prot' values lie far from the training data" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from ._infl import INFL
 from ._multiomics_new_samples import aligned_new_mudata
 from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
 from .base import FederatedTrainingMixin, KeyedModelMixin
-from .base._new_samples import check_input_columns
+from .base._new_samples import check_input_columns, warn_of_unlike_samples
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +178,36 @@ class MultiOmicsINFL(
             features = getattr(self, "modality_features_", None) or {
                 name: list(self.adata.mod[name].var_names) for name in setup["modalities"]
             }
+            new = adata
             adata = aligned_new_mudata(
                 adata, features, setup.get("layers") or {}, self.module.likelihoods
             )
             check_input_columns(adata.obs, self.adata_manager)
+            self._warn_of_unlike_modalities(new, adata, setup.get("layers") or {})
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _warn_of_unlike_modalities(self, given: MuData, aligned: MuData, layers) -> None:
+        """:func:`warn_of_unlike_samples` for each continuous modality's samples that hold it."""
+        for name, likelihood in self.module.likelihoods.items():
+            if likelihood != "normal":
+                continue
+            mod = aligned.mod[name]
+            matrix = mod.X if layers.get(name) is None else mod.layers[layers[name]]
+            holding = observed_rows(matrix)
+            if not holding.any():
+                continue
+            names = mod.var_names.astype(str)
+            given_names = given.mod[name].var_names.astype(str) if name in given.mod else []
+            shared = int(names.isin(given_names).sum())
+            scale = SimpleNamespace(
+                **{
+                    part: getattr(self.module, f"{part}_{name}")
+                    for part in ("feature_loc", "feature_scale", "feature_observed")
+                }
+            )
+            warn_of_unlike_samples(
+                matrix[holding], scale, shared, f"The new samples' {name!r} values"
+            )
 
     @classmethod
     def setup_anndata(cls, adata, *args, **kwargs) -> None:

@@ -231,7 +231,9 @@ SPREAD_WARNING = 2.0
 FEW_SAMPLES = 10
 
 
-def warn_of_unlike_samples(matrix, module, shared_by_name: int) -> None:
+def warn_of_unlike_samples(
+    matrix, module, shared_by_name: int, what: str = "The new samples"
+) -> None:
     """Warn of new continuous samples unlike the training data: few values, shifted, rescaled.
 
     - Half or more of the model's features hold no value in any of the new samples (absent by
@@ -250,8 +252,9 @@ def warn_of_unlike_samples(matrix, module, shared_by_name: int) -> None:
     enough = n_samples >= FEW_SAMPLES
     if enough and shared_by_name >= n_features / 2 and observed.sum() < n_features / 2:
         logger.warning(
-            "The %d new samples hold values for %d of the model's %d features (the others are "
-            "missing in every one), which leaves the model little to go on.",
+            "%s (%d) hold values for %d of the model's %d features (the others are missing in "
+            "every one), which leaves the model little to go on.",
+            what,
             n_samples,
             int(observed.sum()),
             n_features,
@@ -271,12 +274,13 @@ def warn_of_unlike_samples(matrix, module, shared_by_name: int) -> None:
     rescaled = spread is not None and not 1 / SPREAD_WARNING < spread < SPREAD_WARNING
     if shift >= SHIFT_WARNING * (1 + 1 / np.sqrt(n_samples)) or rescaled:
         logger.warning(
-            "The new samples lie far from the training data: the median feature is %.1f "
+            "%s lie far from the training data: the median feature is %.1f "
             "training standard deviations from its training location%s (another instrument, "
             "normalisation or logarithm?). The model standardises with the training sites' "
             "location and scale, so it reads them as extreme samples: its latent and "
             "predictions may mean little (e.g. all one class). Normalise them as the training "
             "sites did.",
+            what,
             shift,
             "" if spread is None else f" and spreads {spread:.2g} times as wide",
         )
