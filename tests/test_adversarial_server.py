@@ -617,3 +617,5 @@ def test_float_instructions_given_as_integers_name_the_same_frame():
     assert received == honest and isinstance(received.kl_weight, float)
     x = {"w": np.zeros(2, np.float32)}
     assert frame_id(x, received) == frame_id(x, honest)
+    numpy_typed = ClientConfig(round=np.int64(0), kl_weight=np.float32(1.0), mu=np.float64(0))
+    assert frame_id(x, numpy_typed) == frame_id(x, honest)

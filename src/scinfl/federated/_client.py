@@ -97,14 +97,17 @@ class ClientConfig:
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
-        # a number given as an integer where a float is meant (kl_weight=1) compares equal to
-        # the float but hashes otherwise (the upload's frame is named from the instructions'
-        # text): every float setting is held as a float, on the server and at the sites alike
+        # a number of another type (kl_weight=1, lr=np.float32(1e-3), round=np.int64(0))
+        # compares equal but hashes otherwise (the upload's frame is named from the
+        # instructions' text): every number is held as Python's, on the server and the sites
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if f.type == "float" and integral:
+            if isinstance(value, bool | np.bool_):
+                continue
+            if f.type == "float" and isinstance(value, numbers.Real):
                 setattr(self, f.name, float(value))
+            elif f.type == "int" and isinstance(value, numbers.Integral):
+                setattr(self, f.name, int(value))
 
 
 @dataclass

@@ -224,7 +224,8 @@ class NewSamplesMixin:
 #: training location (plus the noise of a mean over few samples) are far from the training
 #: data; a batch of one class moves few features
 SHIFT_WARNING = 1.0
-#: ... or whose median feature spreads this many times more (or less) than in training
+#: ... or whose median feature spreads this many times wider than in training (narrower is
+#: what a batch of one class does, the training spread holding the gaps between classes)
 SPREAD_WARNING = 2.0
 #: features absent from every new sample, or a spread, are told apart from chance from this
 #: many samples on (one sample of data with half its values missing lacks half the features)
@@ -240,17 +241,17 @@ def warn_of_unlike_samples(
       name is warned of before; all-NaN columns, as :func:`scinfl.pp.align_features` writes
       them, are the same thing), from :data:`FEW_SAMPLES` samples on.
     - The median feature's mean lies :data:`SHIFT_WARNING` or more training standard
-      deviations (more for fewer samples) from its training location, or its spread differs
-      :data:`SPREAD_WARNING` times or more from the training scale (from
+      deviations (more for fewer samples) from its training location, or it spreads
+      :data:`SPREAD_WARNING` times as wide as the training scale or more (from
       :data:`FEW_SAMPLES` samples on): another instrument, normalisation or logarithm. The
       model standardises with the training sites' location and scale and reads such samples as
-      extreme (or flat) ones: predictions may all fall into one class.
+      extreme ones: predictions may all fall into one class.
     """
     count, total, squares = feature_moments(matrix)
     n_samples, n_features = matrix.shape[0], len(count)
     observed = count > 0
     enough = n_samples >= FEW_SAMPLES
-    if enough and shared_by_name >= n_features / 2 and observed.sum() < n_features / 2:
+    if enough and shared_by_name >= n_features / 2 and observed.sum() <= n_features / 2:
         logger.warning(
             "%s (%d) hold values for %d of the model's %d features (the others are missing in "
             "every one), which leaves the model little to go on.",
@@ -267,11 +268,12 @@ def warn_of_unlike_samples(
     mean = total[usable] / count[usable]
     shift = np.median(np.abs(mean - loc[usable]) / scale[usable])
     spread = None
-    several = usable & (count > 1)
+    several = usable & (count > 2)
     if enough and several.any():
         variance = squares[several] / count[several] - (total[several] / count[several]) ** 2
+        variance *= count[several] / (count[several] - 1)  # unbiased
         spread = np.median(np.sqrt(np.maximum(variance, 0.0)) / scale[several])
-    rescaled = spread is not None and not 1 / SPREAD_WARNING < spread < SPREAD_WARNING
+    rescaled = spread is not None and spread >= SPREAD_WARNING
     if shift >= SHIFT_WARNING * (1 + 1 / np.sqrt(n_samples)) or rescaled:
         logger.warning(
             "%s lie far from the training data: the median feature is %.1f "
@@ -282,7 +284,7 @@ def warn_of_unlike_samples(
             "sites did.",
             what,
             shift,
-            "" if spread is None else f" and spreads {spread:.2g} times as wide",
+            "" if spread is None else f" and spreads {spread:.1f} times as wide",
         )
 
 
