@@ -113,3 +113,25 @@ def test_new_samples_of_a_continuous_modality_far_from_training_are_warned_of(ca
         new.mod["prot"].X = new.mod["prot"].X + 1000.0  # ten training SDs
         model.get_latent_representation(new.copy())
     assert "The new samples' 'prot' values lie far from the training data" in caplog.text
+
+
+def test_a_latent_that_separates_the_sites_is_warned_of(caplog):
+    rng = np.random.default_rng(0)
+    adata = scinfl.data.synthetic_counts(n_obs=240, n_vars=30, n_sites=2)
+    values = np.log2(adata.X.toarray() + 1) + 20 + rng.normal(0, 0.3, adata.shape)
+    adata.X = values.astype(np.float32)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), gene_likelihood="normal")
+    model.train_federated(max_rounds=5, batch_size=64, progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        scinfl.tl.embed(adata, model)
+    assert "separates the sites" not in caplog.text
+    shifted = adata.copy()
+    offsets = rng.normal(0, 3, adata.n_vars)  # another instrument at site1, per feature
+    shifted.X[(shifted.obs["site"] == "site1").to_numpy()] += offsets.astype(np.float32)
+    scinfl.model.INFL.setup_anndata(shifted, site_key="site")
+    model = scinfl.model.INFL(shifted, key=scinfl.Key.generate(), gene_likelihood="normal")
+    model.train_federated(max_rounds=5, batch_size=64, progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        scinfl.tl.embed(shifted, model)
+    assert "separates the sites" in caplog.text

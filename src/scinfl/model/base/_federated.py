@@ -158,7 +158,9 @@ class FederatedTrainingMixin:
             ``lr``, ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
             ``balance_classes``, ``validation_size``, ``min_cells_per_site``,
             ``early_stopping``/``early_stopping_patience``, ``min_available``, ``seed``
-            (default: ``scvi.settings.seed``); and the privacy part
+            (default: ``scvi.settings.seed``; it seeds the run, while the initial weights were
+            drawn when the model was built: set ``scvi.settings.seed`` before building it for
+            a model that repeats exactly); and the privacy part
             (:class:`~scinfl.federated.PrivacyConfig`): ``privacy`` (``"dp"``, ``"secagg"``,
             or a whole ``PrivacyConfig``), its ``dp_*`` settings, ``sample_dp_epsilon``
             (DP-SGD at every site: a formal guarantee per row, whatever the server does),
