@@ -135,3 +135,20 @@ def test_a_latent_that_separates_the_sites_is_warned_of(caplog):
     with caplog.at_level(logging.WARNING, logger="scinfl"):
         scinfl.tl.embed(shifted, model)
     assert "separates the sites" in caplog.text
+
+
+def test_a_mosaic_compares_the_samples_that_hold_every_modality(caplog):
+    """Sites holding other modalities have latents that differ by design: no alarm."""
+    full = scinfl.data.synthetic_multiome(n_obs=600, n_sites=3, seed=0)
+    mosaic = scinfl.data.make_mosaic(full, "site", {"site0": "prot", "site1": "rna"})
+    mdata = scinfl.pp.pad_modalities(mosaic)
+    scinfl.model.MultiOmicsINFL.setup_mudata(mdata, modalities=["rna", "prot"], site_key="site")
+    model = scinfl.model.MultiOmicsINFL(mdata, key=scinfl.Key.generate())
+    model.train_federated(max_rounds=10, progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="scinfl"):
+        scinfl.tl.embed(mdata, model)
+        assert "separates the sites" not in caplog.text
+        # over every sample, the sites do separate (site0 holds proteins only, site1 RNA only)
+        latent, sites = mdata.obsm["X_scinfl"], mdata.obs["site"].to_numpy()
+        scinfl.tl._embed.warn_if_sites_separate(latent, sites)
+    assert "separates the sites" in caplog.text

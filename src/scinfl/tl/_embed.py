@@ -11,6 +11,7 @@ from mudata import MuData
 from sklearn.neighbors import NearestNeighbors
 
 from scinfl._copies import in_memory_copy
+from scinfl.module import observed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,18 @@ def embed(
     (60, 4)
     """
     latent = model.get_latent(adata)
-    site_key = model.adata_manager.registry["setup_args"].get("site_key")
+    setup = model.adata_manager.registry["setup_args"]
+    site_key = setup.get("site_key")
     if site_key is not None and site_key in adata.obs:
-        warn_if_sites_separate(latent, adata.obs[site_key].to_numpy())
+        sites = adata.obs[site_key].to_numpy()
+        if isinstance(adata, MuData):
+            # sites of a mosaic hold other modalities, whose latents differ by design: compare
+            # the samples that hold them all
+            every = _holding_every_modality(adata, setup)
+            latent_checked, sites = latent[every], sites[every]
+        else:
+            latent_checked = latent
+        warn_if_sites_separate(latent_checked, sites)
     if copy:
         adata = in_memory_copy(adata)
     adata.obsm[key_added] = latent
@@ -104,3 +114,16 @@ def warn_if_sites_separate(latent: np.ndarray, sites: np.ndarray, n_neighbors: i
             k,
             100 * expected,
         )
+
+
+def _holding_every_modality(mdata: MuData, setup: dict) -> np.ndarray:
+    """Which samples of ``mdata`` hold every modality the model reads."""
+    every = np.ones(mdata.n_obs, dtype=bool)
+    layers = setup.get("layers") or {}
+    for name in setup.get("modalities") or []:
+        if name not in mdata.mod:
+            return np.zeros(mdata.n_obs, dtype=bool)
+        mod = mdata.mod[name]
+        matrix = mod.X if layers.get(name) is None else mod.layers[layers[name]]
+        every &= mdata.obs_names.isin(mod.obs_names[observed_rows(matrix)])
+    return every
