@@ -98,8 +98,7 @@ def check_parameters_fit(module: nn.Module, parameters: Mapping[str, np.ndarray]
         if not fits:
             raise ValueError(
                 f"Parameter {name!r} arrived as {dtype}, but it is {wanted} in the model: its "
-                "values would be "
-                "cast (a model of another scinfl version, or a tampered message)."
+                "values would be cast (a model of another scinfl version, or a tampered message)."
             )
         if floating and not torch.isfinite(torch.as_tensor(value)).all():
             raise ValueError(

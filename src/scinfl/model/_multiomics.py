@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -27,6 +26,9 @@ from .base import FederatedTrainingMixin, KeyedModelMixin
 from .base._new_samples import check_input_columns, warn_of_unlike_samples
 
 logger = logging.getLogger(__name__)
+
+#: a modality's feature standardisation, as the module names its buffers (``<part>_<name>``)
+_FEATURE_SCALE = ("feature_loc", "feature_scale", "feature_observed")
 
 
 def modality_key(index: int, name: str) -> str:
@@ -199,14 +201,11 @@ class MultiOmicsINFL(
             names = mod.var_names.astype(str)
             given_names = given.mod[name].var_names.astype(str) if name in given.mod else []
             shared = int(names.isin(given_names).sum())
-            scale = SimpleNamespace(
-                **{
-                    part: getattr(self.module, f"{part}_{name}")
-                    for part in ("feature_loc", "feature_scale", "feature_observed")
-                }
-            )
             warn_of_unlike_samples(
-                matrix[holding], scale, shared, f"The new samples' {name!r} values"
+                matrix[holding],
+                *(getattr(self.module, f"{part}_{name}") for part in _FEATURE_SCALE),
+                shared,
+                f"The new samples' {name!r} values",
             )
 
     @classmethod

@@ -181,9 +181,11 @@ class KeyedModelMixin:
     ) -> None:
         """Save the model (never its key), all or nothing.
 
-        scvi-tools' :meth:`~scvi.model.base.BaseModelClass.save`, written first to a new
-        directory beside ``dir_path`` and moved into place when complete: an error or an
-        interrupt part-way leaves what was there (a model saved before, or nothing) as it was.
+        scvi-tools' :meth:`~scvi.model.base.BaseModelClass.save`, written first to a hidden
+        folder inside ``dir_path`` (on its file system) and moved into place when complete:
+        an error or an interrupt part-way leaves what was there (a model saved before, or
+        nothing) as it was. Without ``save_anndata``, a data file a model saved there before
+        left is removed with it (``load`` would read it with this model).
 
         Parameters
         ----------

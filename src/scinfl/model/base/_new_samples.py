@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
@@ -199,7 +200,14 @@ class NewSamplesMixin:
                     empty,
                 )
             elif likelihood == "normal" and hasattr(self.module, "feature_loc"):
-                warn_of_unlike_samples(matrix, self.module, shared_by_name)
+                module = self.module
+                warn_of_unlike_samples(
+                    matrix,
+                    module.feature_loc,
+                    module.feature_scale,
+                    module.feature_observed,
+                    shared_by_name,
+                )
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):
             adata.uns.pop(key, None)
         for arg, registry_key in _TRAINING_ONLY.items():
@@ -233,9 +241,18 @@ FEW_SAMPLES = 10
 
 
 def warn_of_unlike_samples(
-    matrix, module, shared_by_name: int, what: str = "The new samples"
+    matrix,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    observed: torch.Tensor,
+    shared_by_name: int,
+    what: str = "The new samples",
 ) -> None:
     """Warn of new continuous samples unlike the training data: few values, shifted, rescaled.
+
+    ``loc``, ``scale`` and ``observed`` are the model's feature standardisation (its
+    ``feature_loc``, ``feature_scale`` and ``feature_observed``); ``shared_by_name`` the number
+    of the model's features the data named.
 
     - Half or more of the model's features hold no value in any of the new samples (absent by
       name is warned of before; all-NaN columns, as :func:`scinfl.pp.align_features` writes
@@ -249,20 +266,20 @@ def warn_of_unlike_samples(
     """
     count, total, squares = feature_moments(matrix)
     n_samples, n_features = matrix.shape[0], len(count)
-    observed = count > 0
+    held = count > 0
     enough = n_samples >= FEW_SAMPLES
-    if enough and shared_by_name >= n_features / 2 and observed.sum() <= n_features / 2:
+    if enough and shared_by_name >= n_features / 2 and held.sum() <= n_features / 2:
         logger.warning(
             "%s (%d) hold values for %d of the model's %d features (the others are missing in "
             "every one), which leaves the model little to go on.",
             what,
             n_samples,
-            int(observed.sum()),
+            int(held.sum()),
             n_features,
         )
-    scale = module.feature_scale.detach().cpu().numpy().astype(np.float64)
-    loc = module.feature_loc.detach().cpu().numpy().astype(np.float64)
-    usable = observed & module.feature_observed.detach().cpu().numpy()
+    scale = scale.detach().cpu().numpy().astype(np.float64)
+    loc = loc.detach().cpu().numpy().astype(np.float64)
+    usable = held & observed.detach().cpu().numpy()
     if not usable.any():
         return
     mean = total[usable] / count[usable]
