@@ -379,48 +379,8 @@ class FederatedServer:
         >>> server = FederatedServer.from_checkpoint("ckpt/", config)  # doctest: +SKIP
         """
         directory = Path(directory)
-        path = directory / "checkpoint.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No checkpoint at {directory} (no checkpoint.json). Start without resume=True, "
-                "or pass the checkpoint_dir of the interrupted run."
-            )
-        try:
-            state = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a readable scinfl checkpoint: {error}.") from error
-        if state.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a scinfl federation checkpoint.")
-        saved = state["config"]
-        if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
-            # a default warm-up follows max_rounds; a resumed run keeps the one it started with
-            config = dataclasses.replace(config, kl_warmup_rounds=saved["kl_warmup_rounds"])
-        settings = config.settings()
-        changed = [
-            f"{name} ({saved.get(name)!r} -> {settings[name]!r})"
-            for name in TRAJECTORY_SETTINGS
-            if saved.get(name, settings[name]) != settings[name]
-        ]
-        sample_dp = config.privacy.sample_dp_epsilon is not None
-        if sample_dp and saved["max_rounds"] != config.max_rounds:
-            # each site's noise spreads the epsilon over the rounds the run was planned with
-            changed.append(
-                f"max_rounds ({saved['max_rounds']} -> {config.max_rounds}; under sample-level "
-                "DP it is part of the budget)"
-            )
-        if changed:
-            raise ValueError(
-                f"Cannot resume from {directory}: settings differ from the checkpoint's: "
-                f"{', '.join(changed)}. Resume with the same settings (only max_rounds, except "
-                "under sample-level DP, early stopping and min_available may change), or start "
-                "a new run in another checkpoint_dir."
-            )
-        if int(state["next_round"]) > config.max_rounds:
-            raise ValueError(
-                f"The checkpoint in {directory} holds {state['next_round']} completed rounds; "
-                f"max_rounds={config.max_rounds} asks for fewer: pass max_rounds >= "
-                f"{state['next_round']} (equal: the run as it stands)."
-            )
+        state = _read_checkpoint(directory)
+        config = _resumable_config(state, config, directory)
         for what, ours, theirs in (
             ("fingerprint", key_fingerprint, state["key_fingerprint"]),
             ("version", key_version, state["key_version"]),
@@ -463,6 +423,61 @@ class FederatedServer:
             server.best_round,
         )
         return server
+
+
+def _read_checkpoint(directory: Path) -> dict:
+    """The state in ``directory/checkpoint.json``, or an error saying what is wrong with it."""
+    path = directory / "checkpoint.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No checkpoint at {directory} (no checkpoint.json). Start without resume=True, "
+            "or pass the checkpoint_dir of the interrupted run."
+        )
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a readable scinfl checkpoint: {error}.") from error
+    if state.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a scinfl federation checkpoint.")
+    return state
+
+
+def _resumable_config(state: dict, config: FederationConfig, directory: Path) -> FederationConfig:
+    """``config`` to continue the checkpointed run with (its default KL warm-up kept).
+
+    Raises where ``config`` changes a setting that shapes the trajectory, or asks for fewer
+    rounds than the checkpoint holds.
+    """
+    saved = state["config"]
+    if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
+        # a default warm-up follows max_rounds; a resumed run keeps the one it started with
+        config = dataclasses.replace(config, kl_warmup_rounds=saved["kl_warmup_rounds"])
+    settings = config.settings()
+    changed = [
+        f"{name} ({saved.get(name)!r} -> {settings[name]!r})"
+        for name in TRAJECTORY_SETTINGS
+        if saved.get(name, settings[name]) != settings[name]
+    ]
+    if config.privacy.sample_dp_epsilon is not None and saved["max_rounds"] != config.max_rounds:
+        # each site's noise spreads the epsilon over the rounds the run was planned with
+        changed.append(
+            f"max_rounds ({saved['max_rounds']} -> {config.max_rounds}; under sample-level "
+            "DP it is part of the budget)"
+        )
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {directory}: settings differ from the checkpoint's: "
+            f"{', '.join(changed)}. Resume with the same settings (only max_rounds, except "
+            "under sample-level DP, early stopping and min_available may change), or start "
+            "a new run in another checkpoint_dir."
+        )
+    if int(state["next_round"]) > config.max_rounds:
+        raise ValueError(
+            f"The checkpoint in {directory} holds {state['next_round']} completed rounds; "
+            f"max_rounds={config.max_rounds} asks for fewer: pass max_rounds >= "
+            f"{state['next_round']} (equal: the run as it stands)."
+        )
+    return config
 
 
 @contextmanager

@@ -617,87 +617,103 @@ def dlg_optimize(
         for n in shared_parameter_names(attacker)
         if n in gradients and float(gradients[n].abs().sum()) > 0
     ]
-    for p in attacker.parameters():
-        p.requires_grad_(False)
     params = dict(attacker.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
     target = [gradients[n].to(params[n].dtype) for n in names]
-    v, label_logits = dummy.x, dummy.label_logits
-    variables = [v] if label_logits is None else [v, label_logits]
-
+    prior = _profile_prior(attacker, prior_weight, reference, prior_scale)
     key_encoder = getattr(attacker, "key_encoder", None)
-    saved_material = None
-    material = None
-    if optimize_key:
-        if key_encoder is None:
-            raise ValueError("optimize_key=True needs a keyed module.")
-        if not getattr(key_encoder, "differentiable", False):
-            raise ValueError(
-                f"The key material of {type(key_encoder).__name__} is discrete; optimize_key "
-                "works for the 'pooled' and 'feature-inr' key modes."
-            )
-        if key_encoder.coordinates is None:
-            raise ValueError("optimize_key=True starts from a key guess: see attacker_module().")
-        saved_material = key_encoder.coordinates
-        material = saved_material.detach().clone().requires_grad_(True)
-        # a leaf tensor in place of the buffer, so that the gradient reaches the coordinates
-        key_encoder._buffers["coordinates"] = material
-        variables.append(material)
-    prior = None
-    if prior_weight > 0:
-        if reference is None:
-            raise ValueError("prior_weight > 0 needs reference=, the public mean profile.")
-        scale = np.ones(attacker.n_input) if prior_scale is None else np.asarray(prior_scale)
-        prior = (
-            torch.as_tensor(np.asarray(reference), dtype=torch.float32),
-            torch.as_tensor(np.maximum(scale, 1e-6), dtype=torch.float32),
-        )
-
+    saved_material = _check_key_guess(key_encoder) if optimize_key else None
+    material = None if saved_material is None else saved_material.detach().clone()
+    if material is not None:
+        material.requires_grad_(True)
+    variables = [v for v in (dummy.x, dummy.label_logits, material) if v is not None]
+    best_variables = [v.detach().clone() for v in variables]
     optimizer = torch.optim.Adam(variables, lr=lr)
     milestones = [int(n_iter * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    batch = torch.zeros(v.shape[0], 1, dtype=torch.long)
-    best, best_v, history = np.inf, v.detach().clone(), []
-    best_logits = None if label_logits is None else label_logits.detach().clone()
-    best_material = None if material is None else material.detach().clone()
-    for it in range(n_iter):
-        tensors = {
-            REGISTRY_KEYS.X_KEY: dummy.inputs(),
-            REGISTRY_KEYS.BATCH_KEY: batch,
-            REGISTRY_KEYS.LABELS_KEY: dummy.labels,
-        }
-        soft = None if label_logits is None else torch.softmax(label_logits, -1)
-        loss = client_loss(attacker, tensors, kl_weight=kl_weight, soft_labels=soft)
-        grads = torch.autograd.grad(
-            loss, [params[n] for n in names], create_graph=True, allow_unused=True
-        )
-        pairs = [(d, t) for d, t in zip(grads, target, strict=True) if d is not None]
-        dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
-        if prior is not None:
-            dist = dist + prior_weight * ((dummy.profile() - prior[0]) / prior[1]).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        dist.backward()
-        optimizer.step()
-        scheduler.step()
-        value = float(dist.detach())
-        if np.isfinite(value) and value < best:
-            best, best_v = value, v.detach().clone()
-            if label_logits is not None:
-                best_logits = label_logits.detach().clone()
-            if material is not None:
-                best_material = material.detach().clone()
-        if it % 50 == 0:
-            history.append(value)
+    best, history = np.inf, []
     for p in attacker.parameters():
-        p.requires_grad_(True)
-    if saved_material is not None:
-        key_encoder._buffers["coordinates"] = saved_material
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    if material is not None:
+        # a leaf tensor in place of the buffer, so that the gradient reaches the coordinates
+        key_encoder._buffers["coordinates"] = material
+    try:
+        for it in range(n_iter):
+            grads = torch.autograd.grad(
+                client_loss(attacker, **_dummy_loss_inputs(dummy), kl_weight=kl_weight),
+                [params[n] for n in names],
+                create_graph=True,
+                allow_unused=True,
+            )
+            pairs = [(d, t) for d, t in zip(grads, target, strict=True) if d is not None]
+            dist = _distance([d for d, _ in pairs], [t for _, t in pairs], distance)
+            if prior is not None:
+                dist = dist + prior_weight * ((dummy.profile() - prior[0]) / prior[1]).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            dist.backward()
+            optimizer.step()
+            scheduler.step()
+            value = float(dist.detach())
+            if np.isfinite(value) and value < best:
+                best, best_variables = value, [v.detach().clone() for v in variables]
+            if it % 50 == 0:
+                history.append(value)
+    finally:
+        for p in attacker.parameters():
+            p.requires_grad_(True)
+        if saved_material is not None:
+            key_encoder._buffers["coordinates"] = saved_material
     with torch.no_grad():  # the dummy ends at its best iterate
-        v.copy_(best_v)
-        if label_logits is not None:
-            label_logits.copy_(best_logits)
-    return best, history, None if best_material is None else best_material.numpy()
+        for variable, value in zip(variables, best_variables, strict=True):
+            variable.copy_(value)
+    return best, history, None if material is None else best_variables[-1].numpy()
+
+
+def _dummy_loss_inputs(dummy: DummyBatch) -> dict:
+    """The minibatch and soft labels of the dummy's current iterate, for :func:`client_loss`."""
+    tensors = {
+        REGISTRY_KEYS.X_KEY: dummy.inputs(),
+        REGISTRY_KEYS.BATCH_KEY: torch.zeros(dummy.x.shape[0], 1, dtype=torch.long),
+        REGISTRY_KEYS.LABELS_KEY: dummy.labels,
+    }
+    logits = dummy.label_logits
+    return {
+        "tensors": tensors,
+        "soft_labels": None if logits is None else torch.softmax(logits, -1),
+    }
+
+
+def _check_key_guess(key_encoder: nn.Module | None) -> torch.Tensor:
+    """The key material to start ``optimize_key`` from, or an error saying why there is none."""
+    if key_encoder is None:
+        raise ValueError("optimize_key=True needs a keyed module.")
+    if not getattr(key_encoder, "differentiable", False):
+        raise ValueError(
+            f"The key material of {type(key_encoder).__name__} is discrete; optimize_key "
+            "works for the 'pooled' and 'feature-inr' key modes."
+        )
+    if key_encoder.coordinates is None:
+        raise ValueError("optimize_key=True starts from a key guess: see attacker_module().")
+    return key_encoder.coordinates
+
+
+def _profile_prior(
+    attacker: nn.Module,
+    prior_weight: float,
+    reference: np.ndarray | None,
+    prior_scale: np.ndarray | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and scale of the public profile the dummy is pulled to (``prior_weight > 0``)."""
+    if prior_weight <= 0:
+        return None
+    if reference is None:
+        raise ValueError("prior_weight > 0 needs reference=, the public mean profile.")
+    scale = np.ones(attacker.n_input) if prior_scale is None else np.asarray(prior_scale)
+    return (
+        torch.as_tensor(np.asarray(reference), dtype=torch.float32),
+        torch.as_tensor(np.maximum(scale, 1e-6), dtype=torch.float32),
+    )
 
 
 def dlg_labels(dummy: DummyBatch) -> np.ndarray | None:

@@ -587,12 +587,9 @@ class ReconstructionAttack:
         if not methods:
             return []
         rng = config.rng(1)
-        rows_data, reference = data.data, data.reference
+        rows_data = data.data
         log_var = bool(getattr(module, "log_variational", True))
-        p = module.n_input
-        n_labels = int(getattr(module, "n_labels", 0) or 0)
-        classify = getattr(module, "classifier", None) is not None
-        k_top = max(1, min(config.top_k, p // 2))
+        n_cands = min(config.n_candidates, rows_data.n_obs)
         rows = []
         for size in config.upload_sizes:
             uploads = _draw_uploads(
@@ -600,59 +597,18 @@ class ReconstructionAttack:
             )
             victims = np.unique(np.concatenate(uploads))
             others = np.setdiff1d(np.arange(rows_data.n_obs), victims)
-            n_cands = min(config.n_candidates, rows_data.n_obs)
             extra = rng.choice(others, min(len(others), 20 * n_cands), replace=False)
             pool = np.concatenate([victims, extra])  # candidates of re-identification
             pool_x = rows_data.encoder_input(pool, log_var)
             position = {int(r): i for i, r in enumerate(pool)}
             scored = {(m, g): [] for m in methods for g in data.attackers}
             for i, upload in enumerate(uploads):
-                grads = upload_gradient(
-                    module, rows_data.tensors(upload), kl_weight=config.kl_weight
-                )
                 truths = pool_x[[position[int(r)] for r in upload]]
-                for guess, attacker in data.attackers.items():
-                    seen = data.views[guess](grads) if guess in data.views else grads
-                    for method in methods:
-                        recs, labels = _reconstruct(
-                            method,
-                            attacker,
-                            seen,
-                            len(upload),
-                            config,
-                            seed=i,
-                            prior=(reference, data.reference_sd),
-                        )
-                        for k, j in _match(recs, truths, reference):
-                            label_hit = (
-                                float(labels[k] == rows_data.labels[upload[j]])
-                                if labels is not None and classify
-                                else np.nan
-                            )
-                            scored[(method, guess)].append((recs[k], int(upload[j]), label_hit))
+                for key, found in self._attack_upload(module, data, config, upload, truths, i):
+                    scored[key].extend(found)
                 logger.info("Upload %d/%d (%s) attacked.", i + 1, len(uploads), _upload_name(size))
             for (method, guess), found in scored.items():
-                recs = np.stack([f[0] for f in found])
-                victims_pos = [position[f[1]] for f in found]
-                truths = pool_x[victims_pos]
-                pc = partial_correlation(recs, truths, reference)
-                top = [
-                    top_k_overlap(r, t, k_top, reference) for r, t in zip(recs, truths, strict=True)
-                ]
-                hits = [
-                    reidentification_rate(
-                        r[None], [v], pool_x, reference, n_cands, seed=config.seed
-                    )
-                    for r, v in zip(recs, victims_pos, strict=True)
-                ]
-                metrics = {
-                    "reidentification": (hits, 1.0 / n_cands),
-                    "partial_corr": (pc, 0.0),
-                    f"top{k_top}_overlap": (top, k_top / p),
-                }
-                labels_found = [f[2] for f in found]
-                if not np.isnan(labels_found).all():
-                    metrics["label_recovery"] = (labels_found, 1.0 / max(n_labels, 1))
+                metrics = _reconstruction_metrics(module, data, config, found, pool_x, position)
                 for metric, (values, chance) in metrics.items():
                     rows.append(
                         {
@@ -667,6 +623,61 @@ class ReconstructionAttack:
                         }
                     )
         return rows
+
+    def _attack_upload(self, module, data: AuditData, config: AuditConfig, upload, truths, i):
+        """``((method, guess), [(reconstruction, victim row, label hit), ...])`` of one upload."""
+        rows_data = data.data
+        classify = getattr(module, "classifier", None) is not None
+        grads = upload_gradient(module, rows_data.tensors(upload), kl_weight=config.kl_weight)
+        for guess, attacker in data.attackers.items():
+            seen = data.views[guess](grads) if guess in data.views else grads
+            for method in self._applicable(module):
+                recs, labels = _reconstruct(
+                    method,
+                    attacker,
+                    seen,
+                    len(upload),
+                    config,
+                    seed=i,
+                    prior=(data.reference, data.reference_sd),
+                )
+                found = []
+                for k, j in _match(recs, truths, data.reference):
+                    label_hit = (
+                        float(labels[k] == rows_data.labels[upload[j]])
+                        if labels is not None and classify
+                        else np.nan
+                    )
+                    found.append((recs[k], int(upload[j]), label_hit))
+                yield (method, guess), found
+
+
+def _reconstruction_metrics(module, data: AuditData, config: AuditConfig, found, pool_x, position):
+    """``{metric: (values, chance)}`` of the matched reconstructions of one method and guess."""
+    reference = data.reference
+    p = module.n_input
+    k_top = max(1, min(config.top_k, p // 2))
+    n_cands = min(config.n_candidates, data.data.n_obs)
+    recs = np.stack([f[0] for f in found])
+    victims_pos = [position[f[1]] for f in found]
+    truths = pool_x[victims_pos]
+    hits = [
+        reidentification_rate(r[None], [v], pool_x, reference, n_cands, seed=config.seed)
+        for r, v in zip(recs, victims_pos, strict=True)
+    ]
+    metrics = {
+        "reidentification": (hits, 1.0 / n_cands),
+        "partial_corr": (partial_correlation(recs, truths, reference), 0.0),
+        f"top{k_top}_overlap": (
+            [top_k_overlap(r, t, k_top, reference) for r, t in zip(recs, truths, strict=True)],
+            k_top / p,
+        ),
+    }
+    labels_found = [f[2] for f in found]
+    if not np.isnan(labels_found).all():
+        n_labels = int(getattr(module, "n_labels", 0) or 0)
+        metrics["label_recovery"] = (labels_found, 1.0 / max(n_labels, 1))
+    return metrics
 
 
 class LabelPrevalenceAttack:

@@ -241,30 +241,7 @@ def wrong_key_utility(
     bad = set(guesses) - {"correct", "wrong", "none"}
     if bad:
         raise ValueError(f"Unknown key guesses {sorted(bad)}; use 'correct', 'wrong', 'none'.")
-    if isinstance(model, nn.Module):
-        module = model
-        if data is None:
-            raise ValueError("With a module, pass data= as registry tensors.")
-        tensors = data
-        if labels is None:
-            y = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).cpu().numpy()
-        else:
-            y = np.asarray(labels).ravel()
-        names = None
-    else:
-        module = model.module
-        registered = model_data(model, data)
-        tensors = registered.tensors(np.arange(registered.n_obs))
-        names = registered.label_names
-        if labels is None:
-            if names is None:
-                raise ValueError("The model has no labels_key: pass labels=.")
-            y = names[registered.labels]
-        elif isinstance(labels, str):
-            adata = model._validate_anndata(data)
-            y = adata.obs[labels].astype(str).to_numpy()
-        else:
-            y = np.asarray(labels).ravel()
+    module, tensors, y, names = _utility_inputs(model, data, labels)
     if not module.has_key:
         raise ValueError("The model has no key set: the 'correct' reference needs it.")
     if len(y) != int(tensors[REGISTRY_KEYS.X_KEY].shape[0]):
@@ -304,19 +281,48 @@ def wrong_key_utility(
                 continue
             rows.append({"key_guess": guess, "metric": metric, "value": value, "chance": chance})
         logger.info("Utility with key guess %r computed.", guess)
-    if reference and set(LATENT_METRICS) & set(metrics):
-        x = tensors[REGISTRY_KEYS.X_KEY].cpu().double().numpy()
-        x = np.log1p(x) if getattr(module, "log_variational", True) else np.nan_to_num(x, nan=0.0)
-        n_components = min(int(module.n_latent), *x.shape)
-        embedded = PCA(n_components, random_state=seed).fit_transform(x)
-        for metric in (m for m in LATENT_METRICS if m in metrics):
-            value = _latent_score(metric, embedded, y, n_neighbors, seed)
-            rows.append(
-                {
-                    "key_guess": NO_MODEL,
-                    "metric": metric,
-                    "value": value,
-                    "chance": latent_chance[metric],
-                }
-            )
+    if reference:
+        rows += _model_free_rows(module, tensors, y, metrics, n_neighbors, seed, latent_chance)
     return pd.DataFrame(rows, columns=["key_guess", "metric", "value", "chance"])
+
+
+def _utility_inputs(model, data, labels) -> tuple[nn.Module, dict, np.ndarray, np.ndarray | None]:
+    """The module, registry tensors, labels of the rows and label names (model's codes only)."""
+    if isinstance(model, nn.Module):
+        if data is None:
+            raise ValueError("With a module, pass data= as registry tensors.")
+        if labels is None:
+            return model, data, data[REGISTRY_KEYS.LABELS_KEY].view(-1).cpu().numpy(), None
+        return model, data, np.asarray(labels).ravel(), None
+    registered = model_data(model, data)
+    tensors = registered.tensors(np.arange(registered.n_obs))
+    names = registered.label_names
+    if labels is None:
+        if names is None:
+            raise ValueError("The model has no labels_key: pass labels=.")
+        y = names[registered.labels]
+    elif isinstance(labels, str):
+        y = model._validate_anndata(data).obs[labels].astype(str).to_numpy()
+    else:
+        y = np.asarray(labels).ravel()
+    return model.module, tensors, y, names
+
+
+def _model_free_rows(module, tensors, y, metrics, n_neighbors, seed, chance) -> list[dict]:
+    """The ``"no model"`` rows: latent metrics on principal components of the encoder input."""
+    wanted = [m for m in LATENT_METRICS if m in metrics]
+    if not wanted:
+        return []
+    x = tensors[REGISTRY_KEYS.X_KEY].cpu().double().numpy()
+    x = np.log1p(x) if getattr(module, "log_variational", True) else np.nan_to_num(x, nan=0.0)
+    n_components = min(int(module.n_latent), *x.shape)
+    embedded = PCA(n_components, random_state=seed).fit_transform(x)
+    return [
+        {
+            "key_guess": NO_MODEL,
+            "metric": metric,
+            "value": _latent_score(metric, embedded, y, n_neighbors, seed),
+            "chance": chance[metric],
+        }
+        for metric in wanted
+    ]

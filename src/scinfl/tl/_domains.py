@@ -72,6 +72,67 @@ def _ring_means(graph: sp.spmatrix, latent: np.ndarray, n_layers: int) -> list[n
     return means
 
 
+def _check_domain_settings(
+    adata: AnnData, n_layers: int, method: str, n_domains: int, resolution: float
+) -> None:
+    """Refuse settings :func:`domains` cannot work with, naming the fitting values."""
+    check_value("n_layers", n_layers, int, "an integer >= 0", lambda v: v >= 0)
+    if method not in ("gmm", "leiden"):
+        raise ValueError(f"`method` must be 'gmm' or 'leiden'; got {method!r}.")
+    if method == "leiden":
+        check_value("resolution", resolution, float, "a number > 0", lambda v: v > 0)
+        return
+    check_value("n_domains", n_domains, int, "an integer >= 1", lambda v: v >= 1)
+    if not 1 <= n_domains <= adata.n_obs:
+        raise ValueError(
+            f"n_domains={n_domains} with {adata.n_obs} spots: a mixture needs between 1 domain "
+            "and as many domains as spots."
+        )
+
+
+def _leiden_domains(
+    adata: AnnData, features: np.ndarray, key_added: str, resolution: float, random_state: int
+) -> tuple[pd.Categorical, tuple]:
+    """Leiden domains of ``features`` (named D0, D1, ..., largest first) and their graph.
+
+    Computed on an AnnData of the features alone, so that ``adata`` is written only once
+    everything has worked (scanpy writes as it goes).
+    """
+    graph = f"{key_added}_features"
+    carrier = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X": features})
+    sc.pp.neighbors(carrier, use_rep="X", key_added=graph, random_state=random_state)
+    sc.tl.leiden(
+        carrier,
+        resolution=resolution,
+        key_added=key_added,
+        neighbors_key=graph,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=random_state,
+    )
+    found = carrier.obs[key_added].cat.categories
+    labels = carrier.obs[key_added].cat.rename_categories([f"D{name}" for name in found])
+    params = dict(carrier.uns[graph])
+    # the graph is of the features as adata holds them
+    params["params"] = {**params["params"], "use_rep": f"X_{key_added}"}
+    connectivities = carrier.obsp[f"{graph}_connectivities"]
+    return labels.array, (connectivities, carrier.obsp[f"{graph}_distances"], params)
+
+
+def _write_feature_graph(adata: AnnData, graph: str, found: tuple | None) -> None:
+    """Write the features' neighbour graph, or remove an earlier one that no longer matches."""
+    if found is None:
+        adata.uns.pop(graph, None)
+        for kind in ("connectivities", "distances"):
+            adata.obsp.pop(f"{graph}_{kind}", None)
+        return
+    connectivities, distances, params = found
+    adata.obsp[f"{graph}_connectivities"] = connectivities
+    adata.obsp[f"{graph}_distances"] = distances
+    adata.uns[graph] = params
+
+
 @keeps_torch_threads
 def domains(
     adata: AnnData,
@@ -153,24 +214,13 @@ def domains(
     >>> adata.obs["scinfl_domain"].nunique(), adata.obsm["X_scinfl_domain"].shape
     (4, (128, 12))
     """
-    check_value("n_layers", n_layers, int, "an integer >= 0", lambda v: v >= 0)
-    if method not in ("gmm", "leiden"):
-        raise ValueError(f"`method` must be 'gmm' or 'leiden'; got {method!r}.")
-    if method == "gmm":
-        check_value("n_domains", n_domains, int, "an integer >= 1", lambda v: v >= 1)
-    else:
-        check_value("resolution", resolution, float, "a number > 0", lambda v: v > 0)
+    _check_domain_settings(adata, n_layers, method, n_domains, resolution)
     graph_key = f"{neighbors_key}_connectivities"
     if n_layers > 0 and graph_key not in adata.obsp:
         raise ValueError(
             f"adata.obsp[{graph_key!r}] not found; run scinfl.pp.spatial_neighbors(adata) first."
         )
     _check_key_added(adata, key_added, use_rep)
-    if method == "gmm" and not 1 <= n_domains <= adata.n_obs:
-        raise ValueError(
-            f"n_domains={n_domains} with {adata.n_obs} spots: a mixture needs between 1 domain "
-            "and as many domains as spots."
-        )
     if model is not None:
         latent = np.asarray(model.get_latent(adata), dtype=np.float64)
     elif use_rep in adata.obsm:
@@ -179,47 +229,24 @@ def domains(
         raise ValueError(
             f"adata.obsm[{use_rep!r}] not found; pass the model or run scinfl.tl.embed first."
         )
-    if copy:
-        adata = in_memory_copy(adata)
     parts = [latent]
     if n_layers > 0:
         parts += _ring_means(adata.obsp[graph_key], latent, n_layers)
     features = np.concatenate(parts, axis=1)
+    # computed before anything is written: a failing fit leaves the AnnData as it was
     if method == "gmm":
-        # fitted before anything is written: a failing fit leaves the AnnData as it was
         mixture = GaussianMixture(n_components=n_domains, random_state=random_state)
-        labels = mixture.fit_predict(features)
-        names = [f"D{k}" for k in range(n_domains)]
-        adata.obsm[f"X_{key_added}"] = features
-        adata.obs[key_added] = pd.Categorical.from_codes(labels, categories=names)
-        # an earlier Leiden call's graph of the features would no longer match them
-        graph = f"{key_added}_features"
-        adata.uns.pop(graph, None)
-        for kind in ("connectivities", "distances"):
-            adata.obsp.pop(f"{graph}_{kind}", None)
+        labels = pd.Categorical.from_codes(
+            mixture.fit_predict(features), categories=[f"D{k}" for k in range(n_domains)]
+        )
+        graph = None
     else:
-        adata.obsm[f"X_{key_added}"] = features
-        sc.pp.neighbors(
-            adata,
-            use_rep=f"X_{key_added}",
-            key_added=f"{key_added}_features",
-            random_state=random_state,
-        )
-        sc.tl.leiden(
-            adata,
-            resolution=resolution,
-            key_added=key_added,
-            neighbors_key=f"{key_added}_features",
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            random_state=random_state,
-        )
-        # named like the mixture's domains (D0, D1, ...), largest first as Leiden numbers them
-        found = adata.obs[key_added].cat.categories
-        adata.obs[key_added] = adata.obs[key_added].cat.rename_categories(
-            [f"D{name}" for name in found]
-        )
+        labels, graph = _leiden_domains(adata, features, key_added, resolution, random_state)
+    if copy:
+        adata = in_memory_copy(adata)
+    adata.obsm[f"X_{key_added}"] = features
+    adata.obs[key_added] = labels
+    _write_feature_graph(adata, f"{key_added}_features", graph)
     adata.uns[key_added] = {
         "params": {
             "n_layers": n_layers,

@@ -101,86 +101,104 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     """
     app = ClientApp()
 
-    def _identity(runtime: SiteRuntime, n: int) -> ConfigRecord:
-        return identity_record(
-            runtime.site.name,
-            n,
-            runtime.key_fingerprint,
-            runtime.key_version,
-            **{"n-train": runtime.site.n_train, "n-val": runtime.site.n_val},
-        )
-
-    def _protocol(context: Context) -> SiteProtocol:
-        stored = context.state[PROTOCOL_STATE] if PROTOCOL_STATE in context.state else None
-        state = SiteState() if stored is None else SiteState.from_mapping(stored)
-        runtime = resolve(context)
-        if FEATURE_SCALE in context.state:  # each message may run in a fresh process
-            scale = record_to_parameters(context.state[FEATURE_SCALE])
-            runtime.module.set_feature_scale(scale["loc"], scale["scale"])
-        return SiteProtocol(runtime, state)
-
-    def _keep(protocol: SiteProtocol, context: Context) -> None:
-        context.state[PROTOCOL_STATE] = ConfigRecord(protocol.state.to_dict())
-
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        protocol = _protocol(context)
-        runtime = protocol.runtime
-        content = RecordDict({IDENTITY: _identity(runtime, runtime.site.n_train)})
-        asked = msg.content[CONFIG] if CONFIG in msg.content else {}
-        if _flag(asked, WANT_PARAMETERS):
-            parameters = protocol.parameters(_flag(asked, IN_SECRET_FRAME))
-            content[PARAMETERS] = parameters_to_record(parameters)
-        if _flag(asked, WANT_PUBLIC_KEY):
-            content[PUBLIC_KEYS] = advertisements_to_record([protocol.advertise_key()])
-            _keep(protocol, context)
-        if PUBLIC_KEYS in msg.content:
-            protocol.install_peer_keys(record_to_advertisements(msg.content[PUBLIC_KEYS]))
-            _keep(protocol, context)
-        if REVEAL in msg.content:
-            seed = protocol.reveal_self_mask(record_to_config(msg.content[REVEAL]))
-            content[SELF_MASK] = ConfigRecord({"seed": seed.hex()})
-            _keep(protocol, context)
-        if _flag(asked, WANT_MOMENTS):
-            update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
-            content[PARAMETERS] = parameters_to_record(update.parameters)
-            _keep(protocol, context)
-        if FEATURE_SCALE in msg.content:
-            scale = record_to_parameters(msg.content[FEATURE_SCALE])
-            if set(scale) != {"loc", "scale"}:
-                raise ValueError(
-                    f"A feature scale record holds {sorted(scale)}, not 'loc' and 'scale': refused."
-                )
-            protocol.set_feature_scale(scale["loc"], scale["scale"])
-            context.state[FEATURE_SCALE] = parameters_to_record(scale)
-            _keep(protocol, context)
-        return Message(content, reply_to=msg)
+        return _answer_query(_load_protocol(context, resolve), msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        protocol = _protocol(context)
-        config = record_to_config(_record(msg, CONFIG, "a train message"))
-        received = record_to_parameters(_record(msg, PARAMETERS, "a train message"))
-        update = protocol.train(received, config)
-        _keep(protocol, context)
-        content = update_to_content(update)
-        content[IDENTITY] = _identity(protocol.runtime, update.n)
-        return Message(content, reply_to=msg)
+        return _answer_train(_load_protocol(context, resolve), msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        protocol = _protocol(context)
-        runtime = protocol.runtime
-        config = record_to_config(msg.content[CONFIG]) if CONFIG in msg.content else None
-        received = record_to_parameters(_record(msg, PARAMETERS, "an evaluate message"))
-        metrics = protocol.evaluate(received, config).metrics
-        _keep(protocol, context)
-        content = RecordDict(
-            {METRICS: metrics_record(metrics), IDENTITY: _identity(runtime, runtime.site.n_val)}
-        )
-        return Message(content, reply_to=msg)
+        return _answer_evaluate(_load_protocol(context, resolve), msg, context)
 
     return app
+
+
+def _site_identity(runtime: SiteRuntime, n: int) -> ConfigRecord:
+    """The site's public identity, with ``n`` the sample count of what it answers about."""
+    return identity_record(
+        runtime.site.name,
+        n,
+        runtime.key_fingerprint,
+        runtime.key_version,
+        **{"n-train": runtime.site.n_train, "n-val": runtime.site.n_val},
+    )
+
+
+def _load_protocol(context: Context, resolve: SiteResolver) -> SiteProtocol:
+    """The node's protocol, its state as ``context`` kept it."""
+    stored = context.state[PROTOCOL_STATE] if PROTOCOL_STATE in context.state else None
+    state = SiteState() if stored is None else SiteState.from_mapping(stored)
+    runtime = resolve(context)
+    if FEATURE_SCALE in context.state:  # each message may run in a fresh process
+        scale = record_to_parameters(context.state[FEATURE_SCALE])
+        runtime.module.set_feature_scale(scale["loc"], scale["scale"])
+    return SiteProtocol(runtime, state)
+
+
+def _keep(protocol: SiteProtocol, context: Context) -> None:
+    """Store the protocol's state in ``context`` (once a message is answered)."""
+    context.state[PROTOCOL_STATE] = ConfigRecord(protocol.state.to_dict())
+
+
+def _answer_query(protocol: SiteProtocol, msg: Message, context: Context) -> Message:
+    """Identity, and whatever else the query asks for (see :func:`make_client_app`)."""
+    runtime = protocol.runtime
+    content = RecordDict({IDENTITY: _site_identity(runtime, runtime.site.n_train)})
+    asked = msg.content[CONFIG] if CONFIG in msg.content else {}
+    if _flag(asked, WANT_PARAMETERS):
+        parameters = protocol.parameters(_flag(asked, IN_SECRET_FRAME))
+        content[PARAMETERS] = parameters_to_record(parameters)
+    if _flag(asked, WANT_PUBLIC_KEY):
+        content[PUBLIC_KEYS] = advertisements_to_record([protocol.advertise_key()])
+        _keep(protocol, context)
+    if PUBLIC_KEYS in msg.content:
+        protocol.install_peer_keys(record_to_advertisements(msg.content[PUBLIC_KEYS]))
+        _keep(protocol, context)
+    if REVEAL in msg.content:
+        seed = protocol.reveal_self_mask(record_to_config(msg.content[REVEAL]))
+        content[SELF_MASK] = ConfigRecord({"seed": seed.hex()})
+        _keep(protocol, context)
+    if _flag(asked, WANT_MOMENTS):
+        update = protocol.moments(list(asked.get(PARTICIPANTS, [])))
+        content[PARAMETERS] = parameters_to_record(update.parameters)
+        _keep(protocol, context)
+    if FEATURE_SCALE in msg.content:
+        scale = record_to_parameters(msg.content[FEATURE_SCALE])
+        if set(scale) != {"loc", "scale"}:
+            raise ValueError(
+                f"A feature scale record holds {sorted(scale)}, not 'loc' and 'scale': refused."
+            )
+        protocol.set_feature_scale(scale["loc"], scale["scale"])
+        context.state[FEATURE_SCALE] = parameters_to_record(scale)
+        _keep(protocol, context)
+    return Message(content, reply_to=msg)
+
+
+def _answer_train(protocol: SiteProtocol, msg: Message, context: Context) -> Message:
+    """Train from the received parameters under the received instructions; reply the update."""
+    config = record_to_config(_record(msg, CONFIG, "a train message"))
+    received = record_to_parameters(_record(msg, PARAMETERS, "a train message"))
+    update = protocol.train(received, config)
+    _keep(protocol, context)
+    content = update_to_content(update)
+    content[IDENTITY] = _site_identity(protocol.runtime, update.n)
+    return Message(content, reply_to=msg)
+
+
+def _answer_evaluate(protocol: SiteProtocol, msg: Message, context: Context) -> Message:
+    """Evaluate the received parameters; reply metrics only."""
+    runtime = protocol.runtime
+    config = record_to_config(msg.content[CONFIG]) if CONFIG in msg.content else None
+    received = record_to_parameters(_record(msg, PARAMETERS, "an evaluate message"))
+    metrics = protocol.evaluate(received, config).metrics
+    _keep(protocol, context)
+    content = RecordDict(
+        {METRICS: metrics_record(metrics), IDENTITY: _site_identity(runtime, runtime.site.n_val)}
+    )
+    return Message(content, reply_to=msg)
 
 
 def _record(msg: Message, name: str, what: str):

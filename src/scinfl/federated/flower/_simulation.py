@@ -19,7 +19,7 @@ from torch import nn
 from scinfl.federated._config import FederationConfig
 from scinfl.federated._local_engine import start_server
 from scinfl.federated._parameters import Parameters, get_shared_parameters, set_shared_parameters
-from scinfl.federated._secret_frames import INITIAL_FRAME, frames_for
+from scinfl.federated._secret_frames import INITIAL_FRAME, SecretFrames, frames_for
 from scinfl.federated._server import FederatedServer
 from scinfl.federated._site_data import SiteData
 from scinfl.federated._site_runtime import SiteRuntime
@@ -139,6 +139,27 @@ def _default_backend_config() -> dict[str, Any]:
     }
 
 
+def _site_keys(key: Key | Mapping[str, Key] | None, sites: Sequence[SiteData]) -> dict | None:
+    """The key of each site by name (``None``: the module's own key travels)."""
+    if isinstance(key, Key):
+        return {site.name: key for site in sites}
+    return None if key is None else dict(key)
+
+
+def _coordinator_frames(
+    config: FederationConfig, key: Key | Mapping[str, Key] | None
+) -> SecretFrames | None:
+    """The secret frames the coordinator encodes the initial model and decodes the result in."""
+    if not config.privacy.secret_frames:
+        return None
+    if not isinstance(key, Key):
+        raise ValueError(
+            "secret_frames=True: the coordinator needs the federation's key (one Key, the "
+            "same at every site) to put the initial model in its frame and read the result."
+        )
+    return frames_for(key)
+
+
 def run_flower_simulation(
     module: nn.Module,
     sites: Sequence[SiteData],
@@ -207,23 +228,13 @@ def run_flower_simulation(
     sites = list(sites)
     if not sites:
         raise ValueError("No sites to federate.")
-    keys: dict[str, Key] | None = None
-    if isinstance(key, Key):
-        keys = {site.name: key for site in sites}
-    elif key is not None:
-        keys = dict(key)
+    keys = _site_keys(key, sites)
     template = copy.deepcopy(module)
     if keys is not None and hasattr(template, "set_key"):
         template.set_key(None)  # the nodes install their own key
     initial = initial_parameters or get_shared_parameters(module)
-    frames = None
-    if config.privacy.secret_frames:
-        if not isinstance(key, Key):
-            raise ValueError(
-                "secret_frames=True: the coordinator needs the federation's key (one Key, the "
-                "same at every site) to put the initial model in its frame and read the result."
-            )
-        frames = frames_for(key)
+    frames = _coordinator_frames(config, key)
+    if frames is not None:
         initial = frames.encode(initial, INITIAL_FRAME)
     server = start_server(
         initial,
