@@ -82,6 +82,11 @@ def privacy(
     missing = {"metric", "value", hue, *x_cols} - set(df.columns)
     if missing:
         raise ValueError(f"The table lacks columns {sorted(missing)}.")
+    if hue in x_cols:
+        raise ValueError(
+            f"hue={hue!r} is also one of x={x_cols}: the bars of a group are the values of hue; "
+            "pass another hue (e.g. hue='key_guess') or leave it out of x."
+        )
     table = df
     if upload is not None:
         if "upload" not in table.columns:
@@ -90,6 +95,9 @@ def privacy(
     metric_names = list(dict.fromkeys(table["metric"])) if metrics is None else _as_list(metrics)
     if not metric_names or table.empty:
         raise ValueError("Nothing to draw: no rows for the metrics and uploads selected.")
+    absent = [metric for metric in metric_names if not (table["metric"] == metric).any()]
+    if absent:
+        raise ValueError(f"No rows for metric {absent[0]!r}.")
     hues = list(dict.fromkeys(table[hue]))
     check_save_path(save)
     n_rows = math.ceil(len(metric_names) / ncols)
@@ -100,50 +108,8 @@ def privacy(
         figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows),
         squeeze=False,
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    width = 0.8 / max(len(hues), 1)
     for ax, metric in zip(axes.flat, metric_names, strict=False):
-        sub = table[table["metric"] == metric]
-        if sub.empty:
-            raise ValueError(f"No rows for metric {metric!r}.")
-        group_cols = list(x_cols)
-        if "upload" in sub and "upload" not in group_cols and sub["upload"].nunique() > 1:
-            group_cols.append("upload")
-        columns = {"value": "mean"}
-        for extra in ("sd", "chance"):
-            if extra in sub:
-                columns[extra] = "mean"
-        summary = sub.groupby([*group_cols, hue], sort=False, dropna=False).agg(columns)
-        groups = list(dict.fromkeys(summary.index.droplevel(hue)))
-        positions = np.arange(len(groups))
-        for h, name in enumerate(hues):
-            values, errors = [], []
-            for group in groups:
-                index = (*group, name) if isinstance(group, tuple) else (group, name)
-                row = summary.loc[index] if index in summary.index else None
-                values.append(np.nan if row is None else row["value"])
-                errors.append(np.nan if row is None or "sd" not in row else row["sd"])
-            offset = (h - (len(hues) - 1) / 2) * width
-            errors = np.asarray(errors, dtype=float)
-            ax.bar(
-                positions + offset,
-                values,
-                width,
-                yerr=None if np.isnan(errors).all() else np.nan_to_num(errors),
-                color=colors[h % len(colors)],
-                label=str(name),
-                capsize=2,
-            )
-        if "chance" in summary:
-            chance = summary["chance"].groupby(level=list(range(len(group_cols))), sort=False)
-            chance = chance.mean().reindex(groups)
-            for pos, level in zip(positions, chance.to_numpy(), strict=True):
-                if np.isfinite(level):
-                    ax.hlines(level, pos - 0.45, pos + 0.45, colors="k", linestyles="--", lw=1)
-        rotate = len(groups) > 4
-        sep = " / " if rotate else "\n"
-        labels = [sep.join(map(str, g)) if isinstance(g, tuple) else str(g) for g in groups]
-        ax.set_xticks(positions, labels, rotation=90 if rotate else 0, fontsize=8)
+        _metric_panel(ax, table[table["metric"] == metric], x_cols, hue, hues)
         ax.set_title(metric)
     for ax in axes.flat[len(metric_names) :]:
         ax.set_visible(False)
@@ -151,3 +117,45 @@ def privacy(
     fig.legend(handles, labels, title=hue, loc="upper right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     return finish_figure(fig, save, show)
+
+
+def _metric_panel(ax, sub: pd.DataFrame, x_cols: list, hue: str, hues: list) -> None:
+    """Bars of one metric's rows: groups of ``x_cols`` on the axis, one bar per ``hue``.
+
+    Error bars from an ``sd`` column, a dashed line at each group's ``chance``.
+    """
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / max(len(hues), 1)
+    group_cols = list(x_cols)
+    if "upload" in sub and "upload" not in group_cols and sub["upload"].nunique() > 1:
+        group_cols.append("upload")
+    columns = {"value": "mean", **{extra: "mean" for extra in ("sd", "chance") if extra in sub}}
+    summary = sub.groupby([*group_cols, hue], sort=False, dropna=False).agg(columns)
+    groups = list(dict.fromkeys(summary.index.droplevel(hue)))
+    positions = np.arange(len(groups))
+    for h, name in enumerate(hues):
+        values, errors = [], []
+        for group in groups:
+            index = (*group, name) if isinstance(group, tuple) else (group, name)
+            row = summary.loc[index] if index in summary.index else None
+            values.append(np.nan if row is None else row["value"])
+            errors.append(np.nan if row is None or "sd" not in row else row["sd"])
+        errors = np.asarray(errors, dtype=float)
+        ax.bar(
+            positions + (h - (len(hues) - 1) / 2) * width,
+            values,
+            width,
+            yerr=None if np.isnan(errors).all() else np.nan_to_num(errors),
+            color=colors[h % len(colors)],
+            label=str(name),
+            capsize=2,
+        )
+    if "chance" in summary:
+        chance = summary["chance"].groupby(level=list(range(len(group_cols))), sort=False)
+        for pos, level in zip(positions, chance.mean().reindex(groups).to_numpy(), strict=True):
+            if np.isfinite(level):
+                ax.hlines(level, pos - 0.45, pos + 0.45, colors="k", linestyles="--", lw=1)
+    rotate = len(groups) > 4
+    sep = " / " if rotate else "\n"
+    labels = [sep.join(map(str, g)) if isinstance(g, tuple) else str(g) for g in groups]
+    ax.set_xticks(positions, labels, rotation=90 if rotate else 0, fontsize=8)
