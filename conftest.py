@@ -36,3 +36,51 @@ def _quiet_scvi_in_doctests(request):
         scvi.settings.verbosity = verbosity
     else:
         yield
+
+
+@pytest.fixture(scope="session")
+def _example_models() -> dict:
+    """A small trained model of each class, for the examples of their methods (built once).
+
+    ``scinfl.model._infl``'s examples see ``adata`` and ``model`` (an :class:`INFL` with
+    labels), ``_perturbation``'s a :class:`PerturbationINFL` and its data, ``_multiomics``'s
+    ``mdata`` and a :class:`MultiOmicsINFL`: what each class docstring's example builds.
+    """
+    import scinfl
+
+    settings = {"max_rounds": 2, "batch_size": 32, "progress_bar": False, "seed": 0}
+    adata = scinfl.data.synthetic_counts(n_obs=300, n_vars=40, n_sites=3, seed=0)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    infl = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=16)
+    infl.train_federated(**settings)
+    perturbed = scinfl.data.synthetic_perturbation(n_obs=200, n_vars=24)
+    scinfl.model.PerturbationINFL.setup_anndata(
+        perturbed, condition_key="condition", site_key="site"
+    )
+    perturbation = scinfl.model.PerturbationINFL(perturbed, key=scinfl.Key.generate(), n_hidden=16)
+    perturbation.train_federated(**settings)
+    mdata = scinfl.data.synthetic_multiome(n_obs=120, n_sites=3, seed=0)
+    scinfl.model.MultiOmicsINFL.setup_mudata(mdata, modalities=["rna", "prot"], site_key="site")
+    multiomics = scinfl.model.MultiOmicsINFL(mdata, key=scinfl.Key.generate(), n_hidden=16)
+    multiomics.train_federated(**settings)
+    return {
+        "_infl": {"adata": adata, "model": infl},
+        "_perturbation": {"adata": perturbed, "model": perturbation},
+        "_multiomics": {"mdata": mdata, "model": multiomics},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _models_in_model_examples(request):
+    """The examples of a model class's methods start from its trained model (see above)."""
+    names = request.node.name.split(".") if isinstance(request.node, pytest.DoctestItem) else []
+    found = names[names.index("model") + 1] if "model" in names[:-1] else None
+    if found not in ("_infl", "_perturbation", "_multiomics"):
+        yield
+        return
+    namespace = request.getfixturevalue("doctest_namespace")
+    objects = request.getfixturevalue("_example_models")[found]
+    namespace.update(objects)
+    yield
+    for name in objects:  # no other example may lean on them
+        namespace.pop(name, None)

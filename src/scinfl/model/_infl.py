@@ -287,8 +287,12 @@ class INFL(
 
         Examples
         --------
-        >>> INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="cell_type")  # doctest: +SKIP
-        >>> INFL.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")  # doctest: +SKIP
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> INFL.setup_anndata(adata, layer="counts", site_key="site", labels_key="label")
+        >>> adata.obs["label"] = adata.obs["label"].cat.add_categories("Unknown")
+        >>> adata.obs.loc[adata.obs_names[:10], "label"] = "Unknown"  # rows without a label
+        >>> INFL.setup_anndata(adata, site_key="site", labels_key="label", unlabeled_category="Unknown")
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         validate_anndata_object(adata)
@@ -408,8 +412,8 @@ class INFL(
 
         Examples
         --------
-        >>> model.classes  # doctest: +SKIP
-        ['B', 'CD4 T', 'NK']
+        >>> model.classes
+        ['type0', 'type1', 'type2']
         """
         mapping = list(
             self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
@@ -424,7 +428,9 @@ class INFL(
 
         Examples
         --------
-        >>> adata.obsm["X_scinfl"] = model.get_latent_representation()  # doctest: +SKIP
+        >>> adata.obsm["X_scinfl"] = model.get_latent_representation()
+        >>> adata.obsm["X_scinfl"].shape
+        (300, 10)
         """
         self._require_key()
         return super().get_latent_representation(*args, **kwargs)
@@ -439,7 +445,9 @@ class INFL(
 
         Examples
         --------
-        >>> model.get_normalized_expression(library_size=1e4)  # doctest: +SKIP
+        >>> expression = model.get_normalized_expression(library_size=1e4)
+        >>> expression.shape, bool(np.allclose(expression.sum(axis=1), 1e4, rtol=1e-4))
+        ((300, 40), True)
         """
         self._refuse_for_continuous_data("get_normalized_expression")
         return super().get_normalized_expression(*args, **kwargs)
@@ -449,7 +457,9 @@ class INFL(
 
         Examples
         --------
-        >>> model.differential_expression(groupby="cell_type")  # doctest: +SKIP
+        >>> de = model.differential_expression(groupby="label", group1="type0", silent=True)
+        >>> de.shape[0], "bayes_factor" in de
+        (40, True)
         """
         self._refuse_for_continuous_data("differential_expression")
         return super().differential_expression(*args, **kwargs)
@@ -459,7 +469,8 @@ class INFL(
 
         Examples
         --------
-        >>> model.get_feature_correlation_matrix()  # doctest: +SKIP
+        >>> model.get_feature_correlation_matrix(n_samples=2).shape
+        (40, 40)
         """
         self._refuse_for_continuous_data("get_feature_correlation_matrix")
         return super().get_feature_correlation_matrix(*args, **kwargs)
@@ -469,7 +480,8 @@ class INFL(
 
         Examples
         --------
-        >>> model.get_latent_library_size()  # doctest: +SKIP
+        >>> model.get_latent_library_size(give_mean=False).shape  # the observed library sizes
+        (300, 1)
         """
         self._refuse_for_continuous_data("get_latent_library_size")
         return super().get_latent_library_size(*args, **kwargs)
@@ -490,7 +502,8 @@ class INFL(
 
         Examples
         --------
-        >>> model.get_likelihood_parameters()  # doctest: +SKIP
+        >>> sorted(model.get_likelihood_parameters())
+        ['dispersions', 'mean']
         """
         self._require_key()
         if getattr(self.module, "gene_likelihood", None) == "normal":
@@ -510,7 +523,9 @@ class INFL(
 
         Examples
         --------
-        >>> adata.obsm["X_scinfl"] = model.get_latent()  # doctest: +SKIP
+        >>> adata.obsm["X_scinfl"] = model.get_latent()
+        >>> model.get_latent(indices=[0, 1]).shape
+        (2, 10)
         """
         return self.get_latent_representation(adata=adata, indices=indices, batch_size=batch_size)
 
@@ -533,7 +548,11 @@ class INFL(
 
         Examples
         --------
-        >>> adata.obs["scinfl_prediction"] = model.predict()  # doctest: +SKIP
+        >>> adata.obs["scinfl_prediction"] = model.predict()
+        >>> set(adata.obs["scinfl_prediction"]) <= set(model.classes)
+        True
+        >>> model.predict(soft=True).columns.tolist()
+        ['type0', 'type1', 'type2']
         """
         if self.module.classifier is None:
             if "labels_key" not in inspect.signature(self.setup_anndata).parameters:

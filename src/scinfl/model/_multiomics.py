@@ -335,7 +335,9 @@ class MultiOmicsINFL(
 
         Examples
         --------
-        >>> mdata.obsm["X_scinfl"] = model.get_latent()  # doctest: +SKIP
+        >>> mdata.obsm["X_scinfl"] = model.get_latent()
+        >>> mdata.obsm["X_scinfl"].shape
+        (120, 10)
         """
         self._require_key()
         if mdata is not None and not isinstance(mdata, MuData):
@@ -381,7 +383,9 @@ class MultiOmicsINFL(
 
         Examples
         --------
-        >>> mdata.obsm["X_scinfl"] = model.get_latent_representation()  # doctest: +SKIP
+        >>> mdata.obsm["X_scinfl"] = model.get_latent_representation()
+        >>> mdata.obsm["X_scinfl"].shape
+        (120, 10)
         """
         return self.get_latent(*args, **kwargs)
 

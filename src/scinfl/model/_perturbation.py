@@ -213,7 +213,8 @@ class PerturbationINFL(INFL):
 
         Examples
         --------
-        >>> model.get_normalized_expression(library_size=1e4)  # doctest: +SKIP
+        >>> model.get_normalized_expression(library_size=1e4).shape
+        (200, 24)
         """
         self._require_key()
         return super().get_normalized_expression(*args, **kwargs)
@@ -286,7 +287,10 @@ class PerturbationINFL(INFL):
 
         Examples
         --------
-        >>> pred = model.predict_perturbation(cell_type_key="cell_type", cell_types=["B"])  # doctest: +SKIP
+        >>> pred = model.predict_perturbation(cell_type_key="cell_type", cell_types=["type0"])
+        >>> is_source = adata.obs["condition"].eq("ctrl") & adata.obs["cell_type"].eq("type0")
+        >>> pred.shape == (int(is_source.sum()), 24), pred.index.equals(adata.obs_names[is_source])
+        (True, True)
         """
         self._require_key()
         if adata is not None and not adata.obs_names.is_unique:
