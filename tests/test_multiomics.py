@@ -343,3 +343,15 @@ def test_a_mosaic_deploys_from_h5mu_files_as_it_trains_in_process(key, tmp_path)
     deployed, _, _ = load_results(tmp_path / "out", key=key)
     for name, value in expected.items():
         assert_same_weights(deployed[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["feature", "feature-inr"])
+def test_per_feature_key_modes_are_refused_rather_than_keying_nothing(mode):
+    """The per-feature modes key a layer reading every feature; no encoder here does."""
+    with pytest.raises(ValueError, match="key_mode='pooled'"):
+        MultiModalKeyedVAE(
+            {"rna": 6, "prot": 3},
+            {"rna": "X", "prot": "X_prot"},
+            {"rna": "nb", "prot": "normal"},
+            key_mode=mode,
+        )

@@ -44,10 +44,6 @@ def quickstart(
     --------
     >>> summary = quickstart(rounds=2, out="/tmp/qs", central=False)  # doctest: +SKIP
     """
-    import numpy as np
-    import scvi
-    from sklearn.metrics import adjusted_rand_score
-
     import scinfl
     from scinfl.federated import FederationConfig
 
@@ -67,42 +63,9 @@ def quickstart(
         "sites": adata.obs["site"].nunique(),
     }
 
-    def fit(federated: bool):
-        data = adata.copy()
-        scvi.settings.seed = seed
-        scinfl.model.INFL.setup_anndata(
-            data, layer="counts", site_key="site", labels_key="bulk_labels"
-        )
-        model = scinfl.model.INFL(data, key=key)
-        start = time.perf_counter()
-        if federated:
-            history = model.train_federated(max_rounds=rounds, local_epochs=2)
-        else:
-            history = model.train_centralized(max_epochs=rounds)
-        elapsed = time.perf_counter() - start
-        scinfl.tl.embed(data, model)
-        scinfl.tl.cluster(data)
-        scinfl.tl.predict(data, model)
-        # the classifier is scored on the validation rows only: the model never trained on them
-        held_out = data.obs.iloc[model.validation_indices_]
-        scores = {
-            "ARI (Leiden vs bulk_labels, all cells)": adjusted_rand_score(
-                data.obs["bulk_labels"], data.obs["scinfl_leiden"]
-            ),
-            "accuracy (classifier, held-out cells)": float(
-                np.mean(
-                    held_out["scinfl_prediction"].to_numpy() == held_out["bulk_labels"].to_numpy()
-                )
-            ),
-            "held-out cells (validation split)": len(held_out),
-            "best round": history.attrs["best_round"],
-            "seconds per round": elapsed / rounds,
-        }
-        return model, data, scores
-
-    model, fed, summary["federated"] = fit(federated=True)
+    model, fed, summary["federated"] = _fit_quickstart(adata, key, rounds, seed, federated=True)
     if central:
-        summary["centralized"] = fit(federated=False)[2]
+        summary["centralized"] = _fit_quickstart(adata, key, rounds, seed, federated=False)[2]
 
     fed.write_h5ad(out / "pbmc68k_scinfl.h5ad")
     scinfl.pl.umap(fed, color=["scinfl_leiden", "bulk_labels", "site"], save=out / "umap.png")
@@ -112,6 +75,42 @@ def quickstart(
     ]
     _print_summary(summary, rounds)
     return summary
+
+
+def _fit_quickstart(adata, key, rounds: int, seed: int, federated: bool) -> tuple:
+    """Train the quickstart's model (federated or centralized); the model, its data, scores."""
+    import numpy as np
+    import scvi
+    from sklearn.metrics import adjusted_rand_score
+
+    import scinfl
+
+    data = adata.copy()
+    scvi.settings.seed = seed
+    scinfl.model.INFL.setup_anndata(data, layer="counts", site_key="site", labels_key="bulk_labels")
+    model = scinfl.model.INFL(data, key=key)
+    start = time.perf_counter()
+    if federated:
+        history = model.train_federated(max_rounds=rounds, local_epochs=2)
+    else:
+        history = model.train_centralized(max_epochs=rounds)
+    elapsed = time.perf_counter() - start
+    scinfl.tl.embed(data, model)
+    scinfl.tl.cluster(data)
+    scinfl.tl.predict(data, model)
+    # the classifier is scored on the validation rows only: the model never trained on them
+    held_out = data.obs.iloc[model.validation_indices_]
+    correct = held_out["scinfl_prediction"].to_numpy() == held_out["bulk_labels"].to_numpy()
+    scores = {
+        "ARI (Leiden vs bulk_labels, all cells)": adjusted_rand_score(
+            data.obs["bulk_labels"], data.obs["scinfl_leiden"]
+        ),
+        "accuracy (classifier, held-out cells)": float(np.mean(correct)),
+        "held-out cells (validation split)": len(held_out),
+        "best round": history.attrs["best_round"],
+        "seconds per round": elapsed / rounds,
+    }
+    return model, data, scores
 
 
 def _print_summary(summary: dict, rounds: int) -> None:

@@ -176,6 +176,15 @@ class Key:
         Independent of the seed itself and of every other purpose: revealing one does not
         reveal the key.
 
+        Parameters
+        ----------
+        purpose
+            Domain-separation label; the same label always gives the same bytes.
+
+        Returns
+        -------
+        32 bytes (HMAC-SHA256 of the label under the seed).
+
         Examples
         --------
         >>> key = Key.generate()
@@ -194,6 +203,11 @@ class Key:
 
         After rotation, load the model with the new key and fine-tune it for a few rounds
         (``model.set_key(new_key, allow_mismatch=True)`` then ``train_federated``).
+
+        Returns
+        -------
+        A new random key whose :attr:`version` is this key's plus one (nothing of this key's
+        seed carries over).
 
         Examples
         --------

@@ -22,7 +22,9 @@ MIN_OBSERVED = 2
 MIN_SPREAD_ROWS = 10
 
 
-def feature_moments(X, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def feature_moments(
+    X: np.ndarray | sparse.spmatrix, chunk_rows: int = CHUNK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Observed count, sum and sum of squares of every feature, missing values left out.
 
     ``NaN`` entries are missing; the implicit zeros of a sparse matrix are observed zeros.

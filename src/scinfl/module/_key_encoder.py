@@ -57,7 +57,27 @@ class CoordinateKeyEncoder(nn.Module):
         return self.coordinates is not None
 
     def set_coordinates(self, coordinates: torch.Tensor | None) -> None:
-        """Set (or clear, with ``None``) the secret coordinates."""
+        """Set (or clear, with ``None``) the secret coordinates.
+
+        Stored detached, on the encoder's device and dtype, as a non-persistent buffer.
+
+        Parameters
+        ----------
+        coordinates
+            Shape ``(n_points, coord_dim)`` (e.g. :meth:`scinfl.Key.coordinates`), or ``None``
+            to remove the key (:meth:`forward` then raises
+            :class:`~scinfl.key.MissingKeyError`).
+
+        Examples
+        --------
+        >>> enc = CoordinateKeyEncoder()
+        >>> enc.set_coordinates(torch.zeros(8, 2))
+        >>> enc.has_key, "coordinates" in enc.state_dict()
+        (True, False)
+        >>> enc.set_coordinates(None)
+        >>> enc.has_key
+        False
+        """
         if coordinates is not None:
             if coordinates.ndim != 2 or coordinates.shape[1] != self.coord_dim:
                 raise ValueError(
@@ -67,12 +87,32 @@ class CoordinateKeyEncoder(nn.Module):
         self.coordinates = coordinates
 
     def encode_points(self, coordinates: torch.Tensor) -> torch.Tensor:
-        """Per-point embeddings ``phi(c)``, shape ``(n, key_dim)``."""
+        """Per-point embeddings ``phi(c)``, before pooling.
+
+        Parameters
+        ----------
+        coordinates
+            Any points, shape ``(n, coord_dim)`` (not necessarily the secret ones).
+
+        Returns
+        -------
+        Embeddings, shape ``(n, key_dim)``.
+
+        Examples
+        --------
+        >>> CoordinateKeyEncoder(key_dim=4).encode_points(torch.zeros(3, 2)).shape
+        torch.Size([3, 4])
+        """
         return self.norm(F.silu(self.fc2(F.silu(self.fc1(coordinates)))))
 
     @contextmanager
     def reuse(self) -> Iterator[None]:
         """Compute the key vector once for every keyed layer of one forward pass.
+
+        Returns
+        -------
+        A context manager: inside it, :meth:`forward` computes the key vector on its first
+        call and returns that tensor on the later ones.
 
         Examples
         --------
@@ -88,7 +128,24 @@ class CoordinateKeyEncoder(nn.Module):
             self._caching, self._cached = False, None
 
     def forward(self) -> torch.Tensor:
-        """Pooled key vector of shape ``(key_dim,)``."""
+        """Pooled key vector: the mean of :meth:`encode_points` over the secret coordinates.
+
+        Returns
+        -------
+        The key vector, shape ``(key_dim,)``.
+
+        Raises
+        ------
+        MissingKeyError
+            If no coordinates are set.
+
+        Examples
+        --------
+        >>> enc = CoordinateKeyEncoder(key_dim=4)
+        >>> enc.set_coordinates(torch.zeros(8, 2))
+        >>> enc().shape
+        torch.Size([4])
+        """
         if self._cached is not None:
             return self._cached
         k = self._compute()

@@ -9,7 +9,7 @@ interface is the protocol :class:`KeyMode`; a mode that also keys parts of the m
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,15 +38,45 @@ class KeyMode(Protocol):
     name: ClassVar[str]
 
     def build_key_encoder(self, n_input: int) -> nn.Module:
-        """The module that holds the key material (``set_coordinates``, ``has_key``)."""
+        """The module that holds the key material (``set_coordinates``, ``has_key``).
+
+        Parameters
+        ----------
+        n_input
+            Number of features of the model.
+
+        Returns
+        -------
+        The key encoder; the keyed layers call it (or read it) for the key.
+        """
         ...
 
     def key_material(self, key: Key, n_input: int) -> torch.Tensor:
-        """The secret material derived from ``key``, for the key encoder."""
+        """The secret material derived from ``key``, for the key encoder.
+
+        Parameters
+        ----------
+        key
+            The federation's key.
+        n_input
+            Number of features of the model.
+
+        Returns
+        -------
+        The tensor the key encoder's ``set_coordinates`` takes.
+        """
         ...
 
     def install(self, module: nn.Module, key_encoder: nn.Module) -> None:
-        """Make ``module`` (the encoder, the classifier) depend on the key encoder."""
+        """Make ``module`` (the encoder, the classifier) depend on the key encoder.
+
+        Parameters
+        ----------
+        module
+            The module to key, modified in place.
+        key_encoder
+            The module :meth:`build_key_encoder` built.
+        """
         ...
 
 
@@ -64,7 +94,19 @@ class ModelKeyMode(KeyMode, Protocol):
     """
 
     def install_model(self, vae: nn.Module, key_encoder: nn.Module | None = None) -> nn.Module:
-        """Key the rest of ``vae`` (idempotent); returns ``vae``."""
+        """Key the rest of ``vae`` (idempotent).
+
+        Parameters
+        ----------
+        vae
+            The whole VAE (e.g. its decoder's per-feature heads and dispersions).
+        key_encoder
+            The module :meth:`~KeyMode.build_key_encoder` built (``None``: ``vae.key_encoder``).
+
+        Returns
+        -------
+        ``vae``, modified in place.
+        """
         ...
 
 
@@ -100,15 +142,67 @@ class PooledKeyMode:
         self.key_dim = key_dim
 
     def build_key_encoder(self, n_input: int) -> CoordinateKeyEncoder:
-        """The module that turns key material into what keyed layers consume."""
+        """The module that turns key material into what keyed layers consume.
+
+        Parameters
+        ----------
+        n_input
+            Number of features (unused: the pooled key does not depend on it).
+
+        Returns
+        -------
+        A :class:`~scinfl.module.CoordinateKeyEncoder` of 2-D points and ``key_dim`` outputs.
+
+        Examples
+        --------
+        >>> PooledKeyMode(key_dim=8).build_key_encoder(n_input=100).key_dim
+        8
+        """
         return CoordinateKeyEncoder(coord_dim=2, key_dim=self.key_dim)
 
     def key_material(self, key: Key, n_input: int) -> torch.Tensor:
-        """Secret coordinates derived from ``key``."""
+        """Secret coordinates derived from ``key``.
+
+        Parameters
+        ----------
+        key
+            The federation's key.
+        n_input
+            Number of features (unused).
+
+        Returns
+        -------
+        ``n_points`` coordinates in ``[-1, 1]^2``, shape ``(n_points, 2)``.
+
+        Examples
+        --------
+        >>> PooledKeyMode(n_points=16).key_material(Key.generate(), n_input=100).shape
+        torch.Size([16, 2])
+        """
         return torch.from_numpy(key.coordinates(self.n_points, dim=2, purpose=self.name))
 
     def install(self, module: nn.Module, key_encoder: nn.Module) -> None:
-        """Key every linear layer inside ``module``."""
+        """Key every linear layer inside ``module``.
+
+        Each :class:`torch.nn.Linear` becomes a :class:`~scinfl.module.PooledKeyedLinear`
+        reading ``key_encoder`` (:func:`~scinfl.module.keyify`); it computes the same function
+        until trained.
+
+        Parameters
+        ----------
+        module
+            The module to key, modified in place.
+        key_encoder
+            The key encoder :meth:`build_key_encoder` built.
+
+        Examples
+        --------
+        >>> mode = PooledKeyMode()
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> mode.install(net, mode.build_key_encoder(n_input=4))
+        >>> type(net[0]).__name__
+        'PooledKeyedLinear'
+        """
         keyify(
             module,
             key_encoder,
@@ -124,8 +218,25 @@ class PooledKeyMode:
 KEY_MODES: dict[str, type[KeyMode]] = {PooledKeyMode.name: PooledKeyMode}
 
 
-def get_key_mode(name: str, **kwargs) -> KeyMode:
+def get_key_mode(name: str, **kwargs: Any) -> KeyMode:
     """Instantiate the key mode registered under ``name``.
+
+    Parameters
+    ----------
+    name
+        A name in :data:`KEY_MODES`: ``"pooled"``, or the superseded ``"feature"`` and
+        ``"feature-inr"`` (:mod:`scinfl.module.experimental`).
+    **kwargs
+        Passed to the mode's constructor (``key_strength``, and the mode's own settings).
+
+    Returns
+    -------
+    The key mode.
+
+    Raises
+    ------
+    ValueError
+        If no key mode is registered under ``name``.
 
     Examples
     --------

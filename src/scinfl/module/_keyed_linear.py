@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,8 +82,35 @@ class PooledKeyedLinear(nn.Linear):
             nn.init.zeros_(zero_init.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> PooledKeyedLinear:
-        """Keyed copy of ``linear`` (weights and bias copied)."""
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> PooledKeyedLinear:
+        """Keyed copy of ``linear`` (weights and bias copied).
+
+        The copy computes what ``linear`` computes until it is trained (the modulation starts
+        at the identity), on ``linear``'s device and dtype.
+
+        Parameters
+        ----------
+        linear
+            The layer to copy.
+        **kwargs
+            Keyword arguments of the constructor: ``key_source`` (required), ``key_dim``,
+            ``key_strength``, ``n_hidden_scale``, ``n_hidden_film``.
+
+        Returns
+        -------
+        The keyed layer.
+
+        Examples
+        --------
+        >>> from scinfl.module import CoordinateKeyEncoder
+        >>> enc = CoordinateKeyEncoder()
+        >>> enc.set_coordinates(torch.zeros(8, 2))
+        >>> linear = nn.Linear(5, 3)
+        >>> layer = PooledKeyedLinear.from_linear(linear, key_source=enc, key_strength=2.0)
+        >>> x = torch.randn(4, 5)
+        >>> torch.allclose(layer(x), linear(x))
+        True
+        """
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         layer.to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
@@ -99,6 +127,28 @@ class PooledKeyedLinear(nn.Linear):
         (no per-row copy of the key); both FiLM outputs through one ``tanh``. These layers act
         on narrow hidden activations, where each operation costs its dispatch more than its
         arithmetic.
+
+        Parameters
+        ----------
+        x
+            Input, shape ``(..., in_features)``.
+
+        Returns
+        -------
+        Output, shape ``(..., out_features)``.
+
+        Raises
+        ------
+        MissingKeyError
+            If the key source has no key.
+
+        Examples
+        --------
+        >>> from scinfl.module import CoordinateKeyEncoder
+        >>> enc = CoordinateKeyEncoder()
+        >>> enc.set_coordinates(torch.zeros(8, 2))
+        >>> PooledKeyedLinear(5, 3, key_source=enc)(torch.randn(4, 5)).shape
+        torch.Size([4, 3])
         """
         k = self._key_source()
         lam = self.key_strength
@@ -114,4 +164,5 @@ class PooledKeyedLinear(nn.Linear):
         return torch.add(h, torch.addcmul(beta, h, gamma), alpha=lam)
 
     def extra_repr(self) -> str:
+        """The linear layer's sizes and the key strength, for ``repr``."""
         return f"{super().extra_repr()}, key_strength={self.key_strength}"

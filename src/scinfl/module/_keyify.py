@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ def keyify(
     module: nn.Module,
     key_source: Callable[[], torch.Tensor],
     layer_cls: type[nn.Linear] = PooledKeyedLinear,
-    **layer_kwargs,
+    **layer_kwargs: Any,
 ) -> nn.Module:
     """Replace, in place, every :class:`torch.nn.Linear` inside ``module`` by a keyed copy.
 

@@ -99,6 +99,19 @@ def standardised_normal_log_prob(
     standardised residual: squaring data-scale numbers overflows float32 for values beyond
     about 1e19, and the result no longer depends on the data's units.
 
+    Parameters
+    ----------
+    x
+        Values on the data's scale, shape ``(n, n_features)``; no ``NaN`` (mask them first).
+    px
+        Normal distribution on the data's scale, broadcastable to ``x``.
+    feature_scale
+        Per-feature scale the data were standardised with, shape ``(n_features,)``.
+
+    Returns
+    -------
+    The log-density of each entry, shape of ``x``.
+
     Examples
     --------
     >>> px = Normal(torch.tensor([25.0]), torch.tensor([2.0]))

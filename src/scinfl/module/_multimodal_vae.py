@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from scvi.nn import Encoder, FCLayers
 from torch import nn
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Distribution, Normal, kl_divergence
+
+from scinfl.key import Key
 
 from ._key_modes import get_key_mode
 from ._likelihood import standardised_normal_log_prob
 from ._vae import MIN_FEATURE_SCALE
+
+if TYPE_CHECKING:
+    from scinfl.federated import SiteData
 
 ModalityLikelihood = Literal["nb", "normal"]
 Joint = Literal["poe", "mean"]
@@ -26,7 +32,7 @@ Joint = Literal["poe", "mean"]
 VAR_EPS = 1e-4
 
 
-def observed_rows(X) -> np.ndarray:
+def observed_rows(X: np.ndarray | sparse.spmatrix) -> np.ndarray:
     """Rows that hold a modality: any entry not ``NaN`` (a missing modality is a row of ``NaN``).
 
     Parameters
@@ -95,7 +101,10 @@ class MultiModalKeyedVAE(BaseModuleClass):
         ``docs/multiomics.md``). Costs one more pass of every decoder per modality on those
         samples.
     key_mode, key_strength
-        Key mode of the encoders' linear layers (``None``: no key) and its ``lambda``.
+        Key mode of the encoders' linear layers (``"pooled"``, the default; ``None``: no key)
+        and its ``lambda``. The per-feature modes of :mod:`scinfl.module.experimental`
+        (``"feature"``, ``"feature-inr"``) are refused: they key the layers that read every
+        feature, and each encoder here reads one modality's.
 
     Examples
     --------
@@ -193,6 +202,13 @@ class MultiModalKeyedVAE(BaseModuleClass):
             self.register_buffer(
                 f"feature_observed_{name}", torch.ones(self.modalities[name], dtype=torch.bool)
             )
+        if key_mode not in ("pooled", None):
+            # the per-feature modes install themselves on a layer reading all the key
+            # encoder's features; no encoder here does, so they would key nothing
+            raise ValueError(
+                f"key_mode={key_mode!r} keys the layers that read every feature; a multi-omics "
+                "model's encoders read one modality each. Use key_mode='pooled' (the default)."
+            )
         self.key_mode_name = key_mode
         self.key_encoder = None
         if key_mode is not None:
@@ -212,16 +228,60 @@ class MultiModalKeyedVAE(BaseModuleClass):
         """Whether a key is set (always ``True`` for an unkeyed module)."""
         return self.key_encoder is None or self.key_encoder.has_key
 
-    def set_key(self, key) -> None:
-        """Install (or, with ``None``, remove) the secret key material."""
+    def set_key(self, key: Key | None) -> None:
+        """Install (or, with ``None``, remove) the secret key material.
+
+        No effect on an unkeyed module. The material is a non-persistent buffer: it enters no
+        ``state_dict``.
+
+        Parameters
+        ----------
+        key
+            The federation's :class:`~scinfl.Key`; ``None`` removes the material (the keyed
+            encoders then refuse to run, :class:`~scinfl.key.MissingKeyError`).
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"rna": 4}, {"rna": "X"}, {"rna": "nb"}, n_hidden=8)
+        >>> vae.set_key(Key.generate())
+        >>> vae.has_key
+        True
+        >>> vae.set_key(None)
+        >>> vae.has_key
+        False
+        """
         if self.key_encoder is None:
             return
         n_input = sum(self.modalities.values())
         material = None if key is None else self._key_mode.key_material(key, n_input)
         self.key_encoder.set_coordinates(material)
 
-    def forward(self, *args, **kwargs):
-        """scvi-tools' forward pass, with the key vector computed once for all keyed layers."""
+    def forward(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[dict, dict] | tuple[dict, dict, LossOutput]:
+        """scvi-tools' forward pass, with the key vector computed once for all keyed layers.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            As for :meth:`scvi.module.base.BaseModuleClass.forward`: a minibatch ``tensors``
+            (every modality's registry key, and ``"batch"``), and ``compute_loss`` (default
+            ``True``) and per-step keyword dictionaries.
+
+        Returns
+        -------
+        ``(inference_outputs, generative_outputs)``, and the :meth:`loss` when
+        ``compute_loss``.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"rna": 4, "prot": 2}, {"rna": "X", "prot": "X_prot"},
+        ...                          {"rna": "nb", "prot": "normal"}, key_mode=None, n_hidden=8)
+        >>> tensors = {"X": torch.ones(3, 4), "X_prot": torch.zeros(3, 2), "batch": torch.zeros(3, 1)}
+        >>> _, _, losses = vae(tensors)
+        >>> sorted(losses.reconstruction_loss)
+        ['reconstruction_prot', 'reconstruction_rna']
+        """
         if self.key_encoder is None or not hasattr(self.key_encoder, "reuse"):
             return super().forward(*args, **kwargs)
         with self.key_encoder.reuse():
@@ -247,7 +307,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
             for what in ("loc", "scale", "observed")
         )
 
-    def set_feature_scale(self, loc, scale) -> None:
+    def set_feature_scale(self, loc: ArrayLike, scale: ArrayLike) -> None:
         """Set the location and scale of the normal modalities' features, side by side.
 
         Parameters
@@ -296,7 +356,7 @@ class MultiModalKeyedVAE(BaseModuleClass):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- mosaic ------------------------------------------------------------------------------
-    def parameter_counts(self, site) -> dict[str, float]:
+    def parameter_counts(self, site: SiteData) -> dict[str, float]:
         """Training rows of ``site`` that inform each modality's parameters, where not all do.
 
         The parameters of a modality's encoder, decoder and dispersion learn only from the
@@ -354,6 +414,26 @@ class MultiModalKeyedVAE(BaseModuleClass):
         """Each modality's posterior (mean, variance) and its observed rows (boolean mask).
 
         A modality no row of ``x`` holds is left out (its encoder does not run).
+
+        Parameters
+        ----------
+        x
+            Each modality's data by registry key, shape ``(n, n_features)``; a row of ``NaN``
+            is a missing modality.
+
+        Returns
+        -------
+        ``{modality: (mean, variance, observed)}``: the posterior's mean and variance, shape
+        ``(n, n_latent)``, and which rows hold the modality, shape ``(n,)``.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"rna": 4, "prot": 2}, {"rna": "X", "prot": "X_prot"},
+        ...                          {"rna": "nb", "prot": "normal"}, key_mode=None, n_hidden=8)
+        >>> x = {"X": torch.ones(3, 4), "X_prot": torch.zeros(3, 2)}
+        >>> x["X_prot"][0] = float("nan")
+        >>> vae.experts(x)["prot"][2].tolist()
+        [False, True, True]
         """
         out = {}
         for name, key in self.registry_keys.items():
@@ -368,6 +448,26 @@ class MultiModalKeyedVAE(BaseModuleClass):
         """The joint posterior of the modalities each row holds (:attr:`joint`).
 
         A row without any modality gets the prior ``N(0, 1)``.
+
+        Parameters
+        ----------
+        experts
+            ``{modality: (mean, variance, observed)}``, as :meth:`experts` returns.
+        n
+            Number of rows.
+        like
+            A tensor whose dtype and device the result takes.
+
+        Returns
+        -------
+        The joint Gaussian posterior, batch shape ``(n, n_latent)``.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"a": 2}, {"a": "X"}, {"a": "normal"}, key_mode=None, n_latent=2)
+        >>> expert = (torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([True, False]))
+        >>> vae.combine({"a": expert}, 2, expert[0]).scale[:, 0]  # N(0, 1) times the prior; prior
+        tensor([0.7071, 1.0000])
         """
         zeros = torch.zeros(n, self.n_latent, dtype=like.dtype, device=like.device)
         if self.joint == "poe":
@@ -386,8 +486,30 @@ class MultiModalKeyedVAE(BaseModuleClass):
         return Normal(means / count, torch.where(none, 1.0, variances / count).sqrt())
 
     @auto_move_data
-    def inference(self, x: Mapping[str, torch.Tensor], batch_index=None, n_samples: int = 1):
-        """Joint posterior ``qz`` and a sample ``z``; the modalities' posteriors as ``experts``."""
+    def inference(
+        self,
+        x: Mapping[str, torch.Tensor],
+        batch_index: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, Any]:
+        """Joint posterior ``qz`` and a sample ``z``; the modalities' posteriors as ``experts``.
+
+        Parameters
+        ----------
+        x
+            Each modality's data by registry key, shape ``(n, n_features)``; a row of ``NaN``
+            is a missing modality.
+        batch_index
+            Batch code of each row (unused by the encoders; accepted for scvi-tools).
+        n_samples
+            Number of latent samples ``z``.
+
+        Returns
+        -------
+        ``{"qz": ..., "z": ..., "experts": ...}``: the joint posterior (:meth:`combine`), a
+        sample of shape ``(n, n_latent)`` (``(n_samples, n, n_latent)`` for several), and
+        :meth:`experts`.
+        """
         like = next(iter(x.values()))
         experts = self.experts(x)
         qz = self.combine(experts, like.shape[0], like)
@@ -402,12 +524,41 @@ class MultiModalKeyedVAE(BaseModuleClass):
         }
 
     @auto_move_data
-    def generative(self, z, x, batch_index=None) -> dict:
+    def generative(
+        self,
+        z: torch.Tensor,
+        x: Mapping[str, torch.Tensor],
+        batch_index: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """Each modality's distribution ``px`` (on the data's own scale), by modality name.
 
         Counts: a negative binomial whose mean is the observed library size times a
         proportion; continuous: a normal whose location and scale map back through the
         feature scale.
+
+        Parameters
+        ----------
+        z
+            Latent samples, shape ``(n, n_latent)``.
+        x
+            Each modality's data by registry key: the observed library sizes of the count
+            modalities, and which modalities any row holds (the others are not decoded).
+        batch_index
+            Batch code of each row, shape ``(n, 1)`` (read with ``n_batch > 1``).
+
+        Returns
+        -------
+        ``{"px": {modality: distribution}, "pz": N(0, 1)}``, each ``px`` of shape ``(n,
+        n_features)``.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"rna": 4, "prot": 2}, {"rna": "X", "prot": "X_prot"},
+        ...                          {"rna": "nb", "prot": "normal"}, key_mode=None, n_latent=2)
+        >>> x = {"X": torch.ones(3, 4), "X_prot": torch.zeros(3, 2)}
+        >>> px = vae.generative(torch.zeros(3, 2), x)["px"]
+        >>> type(px["rna"]).__name__, px["prot"].mean.shape
+        ('NegativeBinomial', torch.Size([3, 2]))
         """
         cats = (batch_index,) if self.n_batch > 1 and batch_index is not None else ()
         px = {}
@@ -425,11 +576,34 @@ class MultiModalKeyedVAE(BaseModuleClass):
                 px[name] = Normal(loc + scale * out, scale.expand_as(out))
         return {"px": px, "pz": Normal(torch.zeros_like(z), torch.ones_like(z))}
 
-    def reconstruction_loss(self, x: Mapping[str, torch.Tensor], px: Mapping) -> dict:
+    def reconstruction_loss(
+        self, x: Mapping[str, torch.Tensor], px: Mapping[str, Distribution]
+    ) -> dict[str, torch.Tensor]:
         """Negative log-likelihood of each modality per row; ``NaN`` entries masked out.
 
         For normal modalities, the likelihood of the standardised values (plus the log feature
         scale, its Jacobian), the same whatever scale the data come in.
+
+        Parameters
+        ----------
+        x
+            Each modality's data by registry key.
+        px
+            Each decoded modality's distribution by modality name (:meth:`generative`).
+
+        Returns
+        -------
+        Negative log-likelihood by modality name, each of shape ``(n,)`` (0 for a row
+        without the modality).
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"a": 2}, {"a": "X"}, {"a": "normal"}, key_mode=None)
+        >>> px = {"a": Normal(torch.zeros(2, 2), torch.ones(2, 2))}
+        >>> x = {"X": torch.tensor([[0.0, 0.0], [float("nan")] * 2])}  # the second row: missing
+        >>> loss = vae.reconstruction_loss(x, px)["a"]
+        >>> round(float(loss[0]), 4), bool(loss[1] == 0)
+        (1.8379, True)
         """
         losses = {}
         for name, dist in px.items():
@@ -447,7 +621,27 @@ class MultiModalKeyedVAE(BaseModuleClass):
         return losses
 
     def alignment(self, experts: Mapping[str, tuple]) -> torch.Tensor | float:
-        """Symmetric KL divergence between the posteriors of each pair of a row's modalities."""
+        """Symmetric KL divergence between the posteriors of each pair of a row's modalities.
+
+        Parameters
+        ----------
+        experts
+            ``{modality: (mean, variance, observed)}``, as :meth:`experts` returns.
+
+        Returns
+        -------
+        The sum over pairs of modalities, per row, shape ``(n,)`` (0 for a row with fewer than
+        two); ``0.0`` when fewer than two modalities are present.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"a": 2, "b": 2}, {"a": "X", "b": "X_b"},
+        ...                          {"a": "normal", "b": "normal"}, key_mode=None, n_latent=2)
+        >>> seen = torch.tensor([True])
+        >>> vae.alignment({"a": (torch.ones(1, 2), torch.ones(1, 2), seen),
+        ...                "b": (-torch.ones(1, 2), torch.ones(1, 2), seen)})
+        tensor([8.])
+        """
         names = list(experts)
         total = 0.0
         for i, a in enumerate(names):
@@ -469,6 +663,22 @@ class MultiModalKeyedVAE(BaseModuleClass):
 
         Only rows holding at least two modalities count (for a row with one, that posterior
         is the joint one, already in the loss).
+
+        Parameters
+        ----------
+        x
+            Each modality's data by registry key.
+        experts
+            ``{modality: (mean, variance, observed)}``, as :meth:`experts` returns.
+        batch_index
+            Batch code of each row, for the decoders.
+        kl_weight
+            Weight of the KL divergence.
+
+        Returns
+        -------
+        The mean negative ELBO per row, shape ``(n,)``; ``0.0`` with fewer than two
+        modalities present.
         """
         if len(experts) < 2:
             return 0.0
@@ -483,12 +693,43 @@ class MultiModalKeyedVAE(BaseModuleClass):
         return total / len(experts)
 
     def loss(
-        self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, Any],
+        generative_outputs: dict[str, Any],
+        kl_weight: float = 1.0,
     ) -> LossOutput:
         """ELBO over the modalities each row holds, plus the alignment and subset terms.
 
         The alignment term is weighted by ``alignment_weight``; with ``subset_elbo``, the
         one-modality ELBOs of the rows that hold several are added (:meth:`subset_loss`).
+
+        Parameters
+        ----------
+        tensors
+            The minibatch, by registry key (every modality's, and ``"batch"``).
+        inference_outputs
+            Output of :meth:`inference`.
+        generative_outputs
+            Output of :meth:`generative`.
+        kl_weight
+            Weight of the KL divergence (scvi-tools' warm-up sets it below 1 early on).
+
+        Returns
+        -------
+        scvi-tools' :class:`~scvi.module.base.LossOutput`: the mean loss,
+        ``reconstruction_<modality>`` per row, the KL divergence per row, and the mean
+        ``alignment`` and ``subset_elbo`` terms as extra metrics.
+
+        Examples
+        --------
+        >>> vae = MultiModalKeyedVAE({"rna": 4, "prot": 2}, {"rna": "X", "prot": "X_prot"},
+        ...                          {"rna": "nb", "prot": "normal"}, key_mode=None, n_hidden=8)
+        >>> tensors = {"X": torch.ones(3, 4), "X_prot": torch.zeros(3, 2), "batch": torch.zeros(3, 1)}
+        >>> inference_outputs, generative_outputs = vae(tensors, compute_loss=False)
+        >>> losses = vae.loss(tensors, inference_outputs, generative_outputs)
+        >>> losses.loss.ndim, sorted(losses.extra_metrics)
+        (0, ['alignment', 'subset_elbo'])
         """
         x = {key: tensors[key] for key in self.registry_keys.values()}
         qz = inference_outputs["qz"]

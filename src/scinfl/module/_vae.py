@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from scvi import REGISTRY_KEYS
 from scvi.module import VAE
 from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Distribution, Normal, kl_divergence
 from torch.nn import functional as F
 
 from scinfl.key import MISSING_KEY_MESSAGE, Key, MissingKeyError
@@ -59,7 +60,10 @@ class KeyedVAE(VAE):
         (:meth:`set_feature_scale`; identity until set): the encoder and the likelihood see
         standardised values, reconstructions are on the data's own scale.
     key_mode
-        Registered key mode (``"pooled"``: the paper's design) or ``None`` for no key.
+        Registered key mode, a name in :data:`~scinfl.module.KEY_MODES`: ``"pooled"`` (the
+        paper's design), the superseded per-feature ``"feature"`` or ``"feature-inr"``
+        (:mod:`scinfl.module.experimental`, which also key the decoder's per-feature heads and
+        dispersions), or ``None`` for no key.
     key_strength
         ``lambda`` of the keyed layers.
     classify
@@ -72,6 +76,10 @@ class KeyedVAE(VAE):
         per feature. A learned variance lets the model give up on features it explains badly
         and its latent space clusters far worse (``benchmarks/results/continuous.md``: ARI
         0.32 against 0.65 on Kang 2018 PBMC, where PCA reaches 0.66).
+    has_unlabeled
+        Some rows are unlabelled: label code ``n_labels`` (one past the last class) marks them,
+        and they add no classification loss (:func:`labelled_cross_entropy`). ``False`` (the
+        default): every row carries one of the ``n_labels`` classes.
     **vae_kwargs
         Passed to :class:`scvi.module.VAE` (``n_hidden``, ``n_latent``, ``n_layers``,
         ``dropout_rate``, ``dispersion``, ...).
@@ -98,7 +106,7 @@ class KeyedVAE(VAE):
         classification_ratio: float = 50.0,
         normal_variance: NormalVariance = "unit",
         has_unlabeled: bool = False,
-        **vae_kwargs,
+        **vae_kwargs: Any,
     ) -> None:
         if gene_likelihood not in ("nb", "zinb", "normal"):
             raise ValueError(
@@ -184,7 +192,29 @@ class KeyedVAE(VAE):
         return self.key_encoder is None or self.key_encoder.has_key
 
     def set_key(self, key: Key | None) -> None:
-        """Install (or, with ``None``, remove) the secret key material."""
+        """Install (or, with ``None``, remove) the secret key material.
+
+        Derives the key mode's material (:meth:`~scinfl.module.KeyMode.key_material`) into the
+        key encoder, and the classifier's class order (:meth:`set_class_order`) from ``key``.
+        Neither is a parameter: nothing of the key enters a ``state_dict``. No effect on an
+        unkeyed module.
+
+        Parameters
+        ----------
+        key
+            The federation's :class:`~scinfl.Key`; ``None`` removes the material (the module
+            then refuses to run, :class:`~scinfl.key.MissingKeyError`).
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=5, n_hidden=8)
+        >>> vae.set_key(Key.generate())
+        >>> vae.has_key
+        True
+        >>> vae.set_key(None)
+        >>> vae.has_key
+        False
+        """
         if self.key_encoder is None:
             return
         material = None if key is None else self._key_mode.key_material(key, self.n_input)
@@ -201,6 +231,12 @@ class KeyedVAE(VAE):
         so that the shared classifier weights do not say which unit means which class: the
         label of a one-sample update can no longer be read off the sign of the output bias
         gradient (iDLG) without the key, and a wrong key predicts permuted labels.
+
+        Parameters
+        ----------
+        order
+            Permutation of ``range(n_labels)`` (a tensor or sequence of ints), or ``None`` for
+            the identity order (an unkeyed module's; a keyed one then refuses to classify).
 
         Examples
         --------
@@ -219,7 +255,24 @@ class KeyedVAE(VAE):
         self.class_order = order
 
     def key_parameter_names(self) -> list[str]:
-        """Names of the parameters that exist only because the model is keyed."""
+        """Names of the parameters that exist only because the model is keyed.
+
+        The key encoder's weights and the modulation networks of the keyed layers (not their
+        ``weight`` and ``bias``, which an unkeyed layer has too).
+
+        Returns
+        -------
+        Parameter names as in :meth:`~torch.nn.Module.named_parameters`; empty for an
+        unkeyed module.
+
+        Examples
+        --------
+        >>> KeyedVAE(n_input=5, key_mode=None).key_parameter_names()
+        []
+        >>> names = KeyedVAE(n_input=5, n_hidden=8).key_parameter_names()
+        >>> names[0]
+        'z_encoder.encoder.fc_layers.Layer 0.0.scale_in.weight'
+        """
         names = []
         for path, sub in self.named_modules():
             if path == "key_encoder":
@@ -231,7 +284,7 @@ class KeyedVAE(VAE):
         return names
 
     # -- feature scale (normal likelihood) ---------------------------------------------------
-    def set_feature_scale(self, loc, scale) -> None:
+    def set_feature_scale(self, loc: ArrayLike, scale: ArrayLike) -> None:
         """Set the per-feature location and scale the normal likelihood standardises with.
 
         The encoder sees ``(x - loc) / scale`` and the likelihood is that of the standardised
@@ -305,8 +358,31 @@ class KeyedVAE(VAE):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- inference / generative / loss -------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        """scvi-tools' forward pass, with the key vector computed once for all keyed layers."""
+    def forward(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[dict, dict] | tuple[dict, dict, LossOutput]:
+        """scvi-tools' forward pass, with the key vector computed once for all keyed layers.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            As for :meth:`scvi.module.base.BaseModuleClass.forward`: a minibatch ``tensors``
+            (registry key to tensor: ``"X"``, ``"batch"``, ``"labels"``, ...), and
+            ``compute_loss`` (default ``True``) and per-step keyword dictionaries.
+
+        Returns
+        -------
+        ``(inference_outputs, generative_outputs)``, and the :meth:`loss` when
+        ``compute_loss``.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=5, key_mode=None, n_hidden=8, n_latent=2)
+        >>> tensors = {"X": torch.ones(3, 5), "batch": torch.zeros(3, 1), "labels": torch.zeros(3, 1)}
+        >>> inference_outputs, generative_outputs, losses = vae(tensors)
+        >>> inference_outputs["qz"].loc.shape, losses.loss.ndim
+        (torch.Size([3, 2]), 0)
+        """
         if self.key_encoder is None or not hasattr(self.key_encoder, "reuse"):
             return super().forward(*args, **kwargs)
         with self.key_encoder.reuse():
@@ -325,19 +401,50 @@ class KeyedVAE(VAE):
     @auto_move_data
     def generative(
         self,
-        z,
-        library,
-        batch_index,
-        cont_covs=None,
-        cat_covs=None,
-        size_factor=None,
-        y=None,
-        transform_batch=None,
-    ):
+        z: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor,
+        cont_covs: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        size_factor: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        transform_batch: torch.Tensor | int | None = None,
+    ) -> dict[str, Distribution | None]:
         """Generative process; for ``normal`` a linear mean head and per-feature scale.
 
         The ``normal`` distribution ``px`` is on the data's scale: the network's standardised
         mean and standard deviation mapped back through the feature location and scale.
+        Counts (``"nb"``, ``"zinb"``) use scvi-tools' :meth:`scvi.module.VAE.generative`.
+
+        Parameters
+        ----------
+        z
+            Latent samples, shape ``(n, n_latent)`` (or ``(n_samples, n, n_latent)``).
+        library
+            Log library size of each row, shape ``(n, 1)`` (counts only).
+        batch_index
+            Batch code of each row, shape ``(n, 1)``.
+        cont_covs, cat_covs
+            Continuous and categorical covariates, if registered (counts only).
+        size_factor
+            Library size factors, if registered (counts only).
+        y
+            Labels, passed to the decoder by scvi-tools (counts only).
+        transform_batch
+            Decode every row as this batch code instead of its own (``None``: its own).
+
+        Returns
+        -------
+        ``{"px": ..., "pl": ..., "pz": ...}``: the data distribution (shape ``(n,
+        n_input)``), the library prior (``None`` with the observed library size) and the
+        latent prior ``N(0, 1)``.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=5, key_mode=None, n_hidden=8, n_latent=2)
+        >>> out = vae.generative(torch.zeros(3, 2), torch.full((3, 1), 2.0), torch.zeros(3, 1))
+        >>> type(out["px"]).__name__, out["px"].mean.shape
+        ('NegativeBinomial', torch.Size([3, 5]))
         """
         if self.gene_likelihood != "normal":
             return super().generative(
@@ -360,15 +467,33 @@ class KeyedVAE(VAE):
         }
 
     def reconstruction_loss(
-        self, x: torch.Tensor, px, nonzero: torch.Tensor | None = None
+        self, x: torch.Tensor, px: Distribution, nonzero: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Negative log-likelihood per observation; NaN entries of ``x`` are masked out.
 
-        ``nonzero``: the flat positions of the non-zero counts, when the minibatch carries them
-        (see :func:`~scinfl.module.nb_log_likelihood`).
-
         For ``normal``, the likelihood of the standardised values (``px``'s log-density plus
         the log feature scale, its Jacobian), the same whatever scale the data come in.
+
+        Parameters
+        ----------
+        x
+            Observed data, shape ``(n, n_input)``; ``NaN`` marks a missing value (``normal``).
+        px
+            The generative distribution (``generative(...)["px"]``), on the data's scale.
+        nonzero
+            Flat positions of the non-zero counts, when the minibatch carries them (see
+            :func:`~scinfl.module.nb_log_likelihood`); found from ``x`` otherwise.
+
+        Returns
+        -------
+        Negative log-likelihood of each row, shape ``(n,)``.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=2, gene_likelihood="normal", key_mode=None)
+        >>> px = Normal(torch.zeros(1, 2), torch.ones(1, 2))
+        >>> vae.reconstruction_loss(torch.tensor([[0.0, float("nan")]]), px)  # one value seen
+        tensor([0.9189])
         """
         if self.gene_likelihood == "normal":
             observed = ~torch.isnan(x) & self.feature_observed
@@ -380,7 +505,28 @@ class KeyedVAE(VAE):
         return -px.log_prob(x).sum(-1)
 
     def classification_logits(self, qz_mean: torch.Tensor) -> torch.Tensor:
-        """Class logits from the latent mean (through the keyed class order, if any)."""
+        """Class logits from the latent mean (through the keyed class order, if any).
+
+        Parameters
+        ----------
+        qz_mean
+            Latent means, shape ``(n, n_latent)``.
+
+        Returns
+        -------
+        Logits, shape ``(n, n_labels)``, column ``c`` for class ``c``.
+
+        Raises
+        ------
+        MissingKeyError
+            If the module is keyed and no key (class order) is set.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=5, n_labels=3, classify=True, key_mode=None, n_latent=2)
+        >>> vae.classification_logits(torch.zeros(4, 2)).shape
+        torch.Size([4, 3])
+        """
         logits = self.classifier(qz_mean)
         if self.class_order is not None:
             return logits[:, self.class_order]
@@ -389,9 +535,41 @@ class KeyedVAE(VAE):
         return logits
 
     def loss(
-        self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, Any],
+        generative_outputs: dict[str, Distribution | None],
+        kl_weight: float = 1.0,
     ) -> LossOutput:
-        """ELBO (with KL warm-up weight) plus, with a classifier, weighted cross-entropy."""
+        """ELBO (with KL warm-up weight) plus, with a classifier, weighted cross-entropy.
+
+        Parameters
+        ----------
+        tensors
+            The minibatch, by registry key (``"X"``, and ``"labels"`` with a classifier).
+        inference_outputs
+            Output of :meth:`inference` (``"qz"`` read here).
+        generative_outputs
+            Output of :meth:`generative` (``"px"``, ``"pz"``).
+        kl_weight
+            Weight of the KL divergence (scvi-tools' warm-up sets it below 1 early on).
+
+        Returns
+        -------
+        scvi-tools' :class:`~scvi.module.base.LossOutput`: the mean loss, the per-row
+        reconstruction loss and KL divergence and, with a classifier,
+        ``classification_loss``, ``logits`` and ``true_labels``.
+
+        Examples
+        --------
+        >>> vae = KeyedVAE(n_input=5, key_mode=None, n_hidden=8, n_latent=2)
+        >>> tensors = {"X": torch.ones(3, 5), "batch": torch.zeros(3, 1), "labels": torch.zeros(3, 1)}
+        >>> inference_outputs, generative_outputs = vae(tensors, compute_loss=False)
+        >>> vae.loss(tensors, inference_outputs, generative_outputs).reconstruction_loss[
+        ...     "reconstruction_loss"
+        ... ].shape
+        torch.Size([3])
+        """
         x = tensors[REGISTRY_KEYS.X_KEY]
         qz = inference_outputs[MODULE_KEYS.QZ_KEY]
         kl_z = kl_divergence(qz, generative_outputs[MODULE_KEYS.PZ_KEY]).sum(dim=-1)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
+from matplotlib.figure import Figure
 
 from scinfl._checks import check_not_empty
 
@@ -103,8 +105,8 @@ def umap(
     basis: str = "X_umap_scinfl",
     show: bool = False,
     save: str | os.PathLike | None = None,
-    **kwargs,
-):
+    **kwargs: Any,
+) -> Figure:
     """UMAP of the scinfl latent space coloured by ``.obs`` columns (after :func:`scinfl.tl.cluster`).
 
     Parameters

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from anndata import AnnData
+from matplotlib.figure import Figure
 
 from scinfl.tl._perturbation_scores import same_genes_as
 
@@ -22,7 +23,7 @@ def perturbation(
     title: str | None = None,
     show: bool = False,
     save: str | None = None,
-):
+) -> Figure:
     """Predicted vs observed mean expression, and predicted vs observed change (scGen's plot).
 
     Left: mean expression per gene of the predicted and the observed perturbed cells, the

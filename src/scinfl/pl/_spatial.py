@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
 from anndata import AnnData
+from matplotlib.figure import Figure
 from scanpy.plotting._utils import _set_default_colors_for_categorical_obs
 
 from scinfl._checks import check_not_empty, check_value
@@ -84,8 +87,8 @@ def spatial(
     legend_loc: str = "right margin",
     show: bool = False,
     save: str | None = None,
-    **kwargs,
-):
+    **kwargs: Any,
+) -> Figure:
     """Spots on their tissue coordinates coloured by an ``.obs`` column, one panel per section.
 
     Each section is drawn on its own coordinates (:func:`scanpy.pl.embedding` with

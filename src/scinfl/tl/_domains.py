@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,9 @@ from sklearn.mixture import GaussianMixture
 from scinfl._checks import check_value
 from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
+
+if TYPE_CHECKING:
+    from scinfl.model import INFL
 
 #: what a domains result holds in ``.uns[key_added]["params"]``, to tell it from others'
 _PARAMS = ("n_layers", "method", "neighbors_key")
@@ -136,7 +139,7 @@ def _write_feature_graph(adata: AnnData, graph: str, found: tuple | None) -> Non
 @keeps_torch_threads
 def domains(
     adata: AnnData,
-    model=None,
+    model: INFL | None = None,
     n_layers: int = 3,
     n_domains: int = 5,
     method: Literal["gmm", "leiden"] = "gmm",

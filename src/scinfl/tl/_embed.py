@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,9 @@ from sklearn.neighbors import NearestNeighbors
 from scinfl._copies import in_memory_copy
 from scinfl.module import observed_rows
 
+if TYPE_CHECKING:
+    from scinfl.model import INFL, MultiOmicsINFL
+
 logger = logging.getLogger(__name__)
 
 #: a latent "separates the sites" when this share of each sample's neighbours is its own site's
@@ -20,7 +24,10 @@ SEPARATED = 0.95
 
 
 def embed(
-    adata: AnnData | MuData, model, key_added: str = "X_scinfl", copy: bool = False
+    adata: AnnData | MuData,
+    model: INFL | MultiOmicsINFL,
+    key_added: str = "X_scinfl",
+    copy: bool = False,
 ) -> AnnData | MuData | None:
     """Store the model's latent means in ``adata.obsm[key_added]``.
 

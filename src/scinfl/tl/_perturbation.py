@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+if TYPE_CHECKING:
+    from scinfl.model import PerturbationINFL
+
 
 def predict_perturbation(
     adata: AnnData,
-    model,
+    model: PerturbationINFL,
     source: str = "ctrl",
     target: str = "stim",
     cell_type_key: str = "cell_type",

@@ -176,6 +176,22 @@ def e_distance(
     ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Euclidean), in the first 30 principal components
     of the observed control and perturbed cells, on at most ``n_cells`` cells of each set.
 
+    Parameters
+    ----------
+    predicted, observed
+        Predicted and observed perturbed cells, log-normalised, with the same genes in the
+        same order.
+    control
+        Observed control cells (with ``observed``, they define the principal components).
+    n_cells
+        Cells drawn from each of ``predicted`` and ``observed`` (all, if fewer).
+    seed
+        Seed of the draw.
+
+    Returns
+    -------
+    The energy distance: 0 for identical distributions, larger the further apart.
+
     Examples
     --------
     >>> import anndata, numpy as np

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -9,10 +11,13 @@ from anndata import AnnData
 from scinfl._checks import check_obs_column_free
 from scinfl._copies import in_memory_copy
 
+if TYPE_CHECKING:
+    from scinfl.model import INFL
+
 
 def predict(
     adata: AnnData,
-    model,
+    model: INFL,
     key_added: str = "scinfl_prediction",
     proba_key: str = "scinfl_proba",
     copy: bool = False,

@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -134,7 +134,21 @@ class SecretBasis(nn.Module):
         return self.coordinates is not None
 
     def set_coordinates(self, coordinates: torch.Tensor | None) -> None:
-        """Set (or clear, with ``None``) the secret coordinates, shape ``(size, 2 * n_rounds)``."""
+        """Set (or clear, with ``None``) the secret coordinates; derive the permutations and signs.
+
+        Parameters
+        ----------
+        coordinates
+            Shape ``(size, 2 * n_rounds)`` (:meth:`FeatureKeyMode.key_material`), or ``None``
+            to remove the key.
+
+        Examples
+        --------
+        >>> basis = SecretBasis(5)
+        >>> basis.set_coordinates(torch.rand(8, 6) * 2 - 1)
+        >>> basis.has_key, basis.perm.shape
+        (True, torch.Size([3, 8]))
+        """
         if coordinates is None:
             self.coordinates = self.perm = self.inverse_perm = self.signs = None
             return
@@ -159,11 +173,44 @@ class SecretBasis(nn.Module):
             raise MissingKeyError(MISSING_KEY_MESSAGE)
 
     def pad(self, v: torch.Tensor) -> torch.Tensor:
-        """Zero-pad the last dimension from ``n_features`` to ``size``."""
+        """Zero-pad the last dimension from ``n_features`` to ``size``.
+
+        Parameters
+        ----------
+        v
+            Tensor whose last dimension has at most ``size`` entries.
+
+        Returns
+        -------
+        ``v`` with zeros appended to its last dimension, up to ``size``.
+
+        Examples
+        --------
+        >>> SecretBasis(5).pad(torch.ones(2, 5)).shape
+        torch.Size([2, 8])
+        """
         return F.pad(v, (0, self.size - v.shape[-1]))
 
     def forward(self, v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``T v`` along ``dim`` (``-1`` or ``0``, of length ``size``)."""
+        """``T v`` along ``dim`` (``-1`` or ``0``, of length ``size``).
+
+        Parameters
+        ----------
+        v
+            Tensor whose dimension ``dim`` has length ``size`` (:meth:`pad` the features
+            first).
+        dim
+            ``-1`` (rows of vectors) or ``0`` (columns).
+
+        Returns
+        -------
+        ``T v``, shape of ``v``.
+
+        Raises
+        ------
+        MissingKeyError
+            If no coordinates are set.
+        """
         self._check()
         scale = 1 / math.sqrt(self.size)
         shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
@@ -174,7 +221,25 @@ class SecretBasis(nn.Module):
         return v
 
     def inverse(self, v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``T^-1 v = T^T v`` along ``dim`` (``-1`` or ``0``)."""
+        """``T^-1 v = T^T v`` along ``dim`` (``-1`` or ``0``).
+
+        Parameters
+        ----------
+        v
+            Tensor whose dimension ``dim`` has length ``size`` (:meth:`pad` the features
+            first).
+        dim
+            ``-1`` (rows of vectors) or ``0`` (columns).
+
+        Returns
+        -------
+        ``T^T v``, shape of ``v``.
+
+        Raises
+        ------
+        MissingKeyError
+            If no coordinates are set.
+        """
         self._check()
         scale = 1 / math.sqrt(self.size)
         shape = (-1,) + (1,) * (v.ndim - 1) if dim == 0 else (-1,)
@@ -233,8 +298,22 @@ class BasisInputLinear(nn.Linear):
         self.weight = nn.Parameter(self.weight.detach()[:, n_features:].clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> BasisInputLinear:
-        """Keyed copy of ``linear``: the same function under the key it is built with."""
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> BasisInputLinear:
+        """Keyed copy of ``linear``: the same function under the key it is built with.
+
+        Without a key set, the feature weights are drawn with ``linear``'s spread instead.
+
+        Parameters
+        ----------
+        linear
+            The layer to copy.
+        **kwargs
+            ``key_source`` and ``n_features`` (keyword arguments of the constructor).
+
+        Returns
+        -------
+        The keyed layer.
+        """
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         layer.to(linear.weight.device, linear.weight.dtype)
         basis = layer._key_source
@@ -250,23 +329,49 @@ class BasisInputLinear(nn.Linear):
         return layer
 
     def effective_weight(self) -> torch.Tensor:
-        """The per-feature weight ``W`` (``out x n_features``), computed with the key."""
+        """The per-feature weight ``W``, computed with the key.
+
+        Returns
+        -------
+        ``W``, shape ``(out_features, n_features)``.
+        """
         return self._key_source.inverse(self.feature_weight)[:, : self.n_features]
 
     def lift(self, projection: torch.Tensor) -> torch.Tensor:
-        """Features ``x`` with ``T x = projection`` under the current key."""
+        """Features ``x`` with ``T x = projection`` under the current key.
+
+        Parameters
+        ----------
+        projection
+            Vectors in the secret basis, shape ``(..., size)``.
+
+        Returns
+        -------
+        Features, shape ``(..., n_features)``.
+        """
         return self._key_source.inverse(projection.to(self.feature_weight.dtype))[
             ..., : self.n_features
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Keyed affine map."""
+        """Keyed affine map.
+
+        Parameters
+        ----------
+        x
+            Input, shape ``(..., in_features)``: the features, then any covariates.
+
+        Returns
+        -------
+        Output, shape ``(..., out_features)``.
+        """
         h = F.linear(x[..., : self.n_features], self.effective_weight(), self.bias)
         if self.weight.shape[1]:
             h = h + F.linear(x[..., self.n_features :], self.weight)
         return h
 
     def extra_repr(self) -> str:
+        """The layer's sizes (features and covariates), for ``repr``."""
         return f"in_features={self.in_features}, n_features={self.n_features}, out_features={self.out_features}"
 
 
@@ -306,7 +411,22 @@ class BasisOutputLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, key_source: SecretBasis) -> BasisOutputLinear:
-        """Keyed copy of ``linear`` (``out_features`` = number of features)."""
+        """Keyed copy of ``linear`` (``out_features`` = number of features).
+
+        The same function under the key it is built with; without a key set, the weights
+        and biases are drawn with ``linear``'s spread instead.
+
+        Parameters
+        ----------
+        linear
+            The per-feature output layer to copy.
+        key_source
+            The :class:`SecretBasis`.
+
+        Returns
+        -------
+        The keyed head.
+        """
         head = cls(linear.in_features, linear.out_features, key_source=key_source)
         head.to(linear.weight.device, linear.weight.dtype)
         b = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
@@ -321,13 +441,24 @@ class BasisOutputLinear(nn.Module):
         return head
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Per-feature outputs."""
+        """Per-feature outputs.
+
+        Parameters
+        ----------
+        h
+            Hidden activations, shape ``(..., in_features)``.
+
+        Returns
+        -------
+        Outputs, shape ``(..., out_features)``.
+        """
         basis = self._key_source
         weight = basis.inverse(self.feature_weight, dim=0)[: self.out_features]
         bias = basis.inverse(self.feature_bias)[: self.out_features]
         return F.linear(h, weight, bias)
 
     def extra_repr(self) -> str:
+        """The head's sizes, for ``repr``."""
         return f"in_features={self.in_features}, out_features={self.out_features} (secret basis)"
 
 
@@ -337,6 +468,14 @@ class BasisVector(nn.Module):
     Registered with :func:`torch.nn.utils.parametrize.register_parametrization` (``unsafe``):
     the original tensor is replaced by an empty one; ``weight`` (``size`` or ``size x k``) is the
     tensor in the basis.
+
+    Parameters
+    ----------
+    key_source
+        The :class:`SecretBasis` (referenced, not registered).
+    value
+        The per-feature tensor, shape ``(n_features,)`` or ``(n_features, k)``: expressed in
+        the basis when a key is set, else only its shape is used (random weights).
 
     Examples
     --------
@@ -363,13 +502,33 @@ class BasisVector(nn.Module):
         self.weight = nn.Parameter(w.reshape(-1) if self.squeeze else w.T.contiguous())
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        """The per-feature tensor (``original`` is ignored)."""
+        """The per-feature tensor (``original`` is ignored).
+
+        Parameters
+        ----------
+        original
+            The stored (empty) tensor, passed by the parametrization.
+
+        Returns
+        -------
+        The per-feature tensor, shape ``(n_features,)`` or ``(n_features, k)``.
+        """
         w = self.weight if self.squeeze else self.weight.T
         v = self._key_source.inverse(w)[..., : self.n_features]
         return v if self.squeeze else v.T
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
-        """Nothing per feature is stored."""
+        """Nothing per feature is stored.
+
+        Parameters
+        ----------
+        value
+            The value assigned to the parametrized tensor (ignored).
+
+        Returns
+        -------
+        An empty tensor, stored in place of the per-feature one.
+        """
         return value.new_empty(0)
 
 
@@ -392,6 +551,13 @@ class _PerFeatureKeyMode:
 
         Modules that do not read the features (e.g. a classifier on the latent space) are left
         as they are.
+
+        Parameters
+        ----------
+        module
+            The module to key (the encoder), modified in place.
+        key_encoder
+            The key encoder :meth:`build_key_encoder` built.
         """
         n_features = key_encoder.n_features
         first = next(((n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)), None)
@@ -409,6 +575,17 @@ class _PerFeatureKeyMode:
         likelihood uses (the mean head always, the dropout head with ZINB, the dispersion head
         with ``dispersion="gene-cell"``; unused heads receive no gradient and keep their random
         initial values), and parametrizes ``vae.px_r``. Idempotent.
+
+        Parameters
+        ----------
+        vae
+            The whole VAE (``decoder`` and ``px_r`` as in scvi-tools' VAE).
+        key_encoder
+            The key encoder :meth:`build_key_encoder` built (``None``: ``vae.key_encoder``).
+
+        Returns
+        -------
+        ``vae``, modified in place.
 
         Notes
         -----
@@ -483,11 +660,34 @@ class FeatureKeyMode(_PerFeatureKeyMode):
         self.n_rounds = n_rounds
 
     def build_key_encoder(self, n_input: int) -> SecretBasis:
-        """The secret basis of the feature space."""
+        """The secret basis of the feature space.
+
+        Parameters
+        ----------
+        n_input
+            Number of features.
+
+        Returns
+        -------
+        A :class:`SecretBasis` of ``n_input`` features, without a key.
+        """
         return SecretBasis(n_input, n_rounds=self.n_rounds)
 
     def key_material(self, key: Key, n_input: int) -> torch.Tensor:
-        """One secret coordinate per (padded) feature, derived from ``key``."""
+        """One secret coordinate per (padded) feature, derived from ``key``.
+
+        Parameters
+        ----------
+        key
+            The federation's key.
+        n_input
+            Number of features.
+
+        Returns
+        -------
+        Coordinates, shape ``(size, 2 * n_rounds)`` with ``size`` the next power of two from
+        ``n_input``.
+        """
         size = 1 << max(0, (n_input - 1).bit_length())
         return torch.from_numpy(key.coordinates(size, dim=2 * self.n_rounds, purpose=self.name))
 
@@ -561,6 +761,11 @@ class FeatureKeyEncoder(nn.Module):
     def reuse(self) -> Iterator[None]:
         """Compute the embeddings once for every keyed layer of one forward pass.
 
+        Returns
+        -------
+        A context manager: inside it, :meth:`forward` computes ``E`` on its first call and
+        returns that tensor on the later ones.
+
         Examples
         --------
         >>> enc = FeatureKeyEncoder(n_features=3)
@@ -575,7 +780,21 @@ class FeatureKeyEncoder(nn.Module):
             self._caching, self._cached = False, None
 
     def set_coordinates(self, coordinates: torch.Tensor | None) -> None:
-        """Set (or clear, with ``None``) the secret coordinates, shape ``(n_features, coord_dim)``."""
+        """Set (or clear, with ``None``) the secret coordinates.
+
+        Parameters
+        ----------
+        coordinates
+            Shape ``(n_features, coord_dim)`` (:meth:`InrFeatureKeyMode.key_material`), or
+            ``None`` to remove the key.
+
+        Examples
+        --------
+        >>> enc = FeatureKeyEncoder(n_features=3, coord_dim=4)
+        >>> enc.set_coordinates(torch.zeros(3, 4))
+        >>> enc.has_key
+        True
+        """
         if coordinates is not None:
             expected = (self.n_features, self.coord_dim)
             if tuple(coordinates.shape) != expected:
@@ -586,11 +805,31 @@ class FeatureKeyEncoder(nn.Module):
         self.coordinates = coordinates
 
     def embed(self, coordinates: torch.Tensor) -> torch.Tensor:
-        """Embeddings of arbitrary coordinates, shape ``(n, embed_dim)``."""
+        """Embeddings of arbitrary coordinates.
+
+        Parameters
+        ----------
+        coordinates
+            Points, shape ``(n, coord_dim)`` (not necessarily the secret ones).
+
+        Returns
+        -------
+        Embeddings, shape ``(n, embed_dim)``.
+        """
         return self.norm(self.fc2(torch.sin(self.omega * self.fc1(coordinates))))
 
     def forward(self) -> torch.Tensor:
-        """Embeddings ``E`` of the secret coordinates, shape ``(n_features, embed_dim)``."""
+        """Embeddings ``E`` of the secret coordinates.
+
+        Returns
+        -------
+        ``E``, shape ``(n_features, embed_dim)``.
+
+        Raises
+        ------
+        MissingKeyError
+            If no coordinates are set.
+        """
         if self._cached is not None:
             return self._cached
         emb = self._compute()
@@ -654,8 +893,23 @@ class FeatureInputLinear(nn.Linear):
         self.weight = nn.Parameter(self.weight.detach()[:, n_features:].clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> FeatureInputLinear:
-        """Replacement for ``linear`` (its covariate columns and bias are copied)."""
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> FeatureInputLinear:
+        """Replacement for ``linear`` (its covariate columns and bias are copied).
+
+        The feature weights are not copied (no per-feature weight exists): the layer starts
+        from fresh ones.
+
+        Parameters
+        ----------
+        linear
+            The layer to replace.
+        **kwargs
+            ``key_source`` and ``n_features`` (keyword arguments of the constructor).
+
+        Returns
+        -------
+        The keyed layer.
+        """
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
         layer.to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
@@ -665,24 +919,55 @@ class FeatureInputLinear(nn.Linear):
         return layer
 
     def project(self, x_features: torch.Tensor) -> torch.Tensor:
-        """``E^T x / sqrt(d)`` for rows ``x`` of features."""
+        """``E^T x / sqrt(d)`` for rows ``x`` of features.
+
+        Parameters
+        ----------
+        x_features
+            Features, shape ``(..., n_features)``.
+
+        Returns
+        -------
+        The projection, shape ``(..., embed_dim)``.
+        """
         emb = self._key_source()
         return x_features @ emb / math.sqrt(emb.shape[1])
 
     def lift(self, projection: torch.Tensor) -> torch.Tensor:
-        """Minimum-norm features ``x`` with ``E^T x / sqrt(d) = projection`` under the current key."""
+        """Minimum-norm features ``x`` with ``E^T x / sqrt(d) = projection`` under the current key.
+
+        Parameters
+        ----------
+        projection
+            Projections, shape ``(n, embed_dim)``.
+
+        Returns
+        -------
+        Features, shape ``(n, n_features)``, in float64.
+        """
         emb = self._key_source().detach().double()
         proj = projection.double() * math.sqrt(emb.shape[1])
         return (torch.linalg.pinv(emb.T) @ proj.T).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Keyed affine map."""
+        """Keyed affine map.
+
+        Parameters
+        ----------
+        x
+            Input, shape ``(..., in_features)``: the features, then any covariates.
+
+        Returns
+        -------
+        Output, shape ``(..., out_features)``.
+        """
         h = F.linear(self.project(x[..., : self.n_features]), self.feature_weight, self.bias)
         if self.weight.shape[1]:
             h = h + F.linear(x[..., self.n_features :], self.weight)
         return h
 
     def extra_repr(self) -> str:
+        """The layer's sizes (features and covariates), for ``repr``."""
         return f"in_features={self.in_features}, n_features={self.n_features}, out_features={self.out_features}"
 
 
@@ -723,12 +1008,23 @@ class FeatureOutputLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Per-feature outputs."""
+        """Per-feature outputs.
+
+        Parameters
+        ----------
+        h
+            Hidden activations, shape ``(..., in_features)``.
+
+        Returns
+        -------
+        Outputs, shape ``(..., n_features)``.
+        """
         emb = self._key_source()
         z = (F.linear(h, self.feature_weight) + self.feature_bias) / math.sqrt(emb.shape[1])
         return z @ emb.T + self.bias
 
     def extra_repr(self) -> str:
+        """The head's sizes, for ``repr``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features} (keyed per feature)"
         )
@@ -740,6 +1036,14 @@ class FeatureVector(nn.Module):
     Registered with :func:`torch.nn.utils.parametrize.register_parametrization` (``unsafe``):
     the original per-feature tensor is replaced by an empty one, so only ``r`` and ``r0`` are
     shared.
+
+    Parameters
+    ----------
+    key_source
+        The :class:`FeatureKeyEncoder` (referenced, not registered).
+    n_columns
+        ``0`` for a vector (``n_features``), else the columns of a ``n_features x n_columns``
+        tensor.
 
     Examples
     --------
@@ -760,12 +1064,32 @@ class FeatureVector(nn.Module):
         self.offset = nn.Parameter(torch.zeros(() if n_columns == 0 else (n_columns,)))
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        """The per-feature vector (``original`` is ignored)."""
+        """The per-feature vector (``original`` is ignored).
+
+        Parameters
+        ----------
+        original
+            The stored (empty) tensor, passed by the parametrization.
+
+        Returns
+        -------
+        The per-feature tensor, shape ``(n_features,)`` or ``(n_features, n_columns)``.
+        """
         emb = self._key_source()
         return emb @ self.weight / math.sqrt(emb.shape[1]) + self.offset
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
-        """Nothing per feature is stored."""
+        """Nothing per feature is stored.
+
+        Parameters
+        ----------
+        value
+            The value assigned to the parametrized tensor (ignored).
+
+        Returns
+        -------
+        An empty tensor, stored in place of the per-feature one.
+        """
         return value.new_empty(0)
 
 
@@ -821,7 +1145,17 @@ class InrFeatureKeyMode(_PerFeatureKeyMode):
         self.omega = omega
 
     def build_key_encoder(self, n_input: int) -> FeatureKeyEncoder:
-        """The INR from secret coordinates to feature embeddings."""
+        """The INR from secret coordinates to feature embeddings.
+
+        Parameters
+        ----------
+        n_input
+            Number of features.
+
+        Returns
+        -------
+        A :class:`FeatureKeyEncoder` of ``n_input`` features, without a key.
+        """
         return FeatureKeyEncoder(
             n_input,
             coord_dim=self.coord_dim,
@@ -831,7 +1165,19 @@ class InrFeatureKeyMode(_PerFeatureKeyMode):
         )
 
     def key_material(self, key: Key, n_input: int) -> torch.Tensor:
-        """One secret coordinate per feature, derived from ``key``."""
+        """One secret coordinate per feature, derived from ``key``.
+
+        Parameters
+        ----------
+        key
+            The federation's key.
+        n_input
+            Number of features.
+
+        Returns
+        -------
+        Coordinates, shape ``(n_input, coord_dim)``.
+        """
         return torch.from_numpy(key.coordinates(n_input, dim=self.coord_dim, purpose=self.name))
 
     def _input_layer(self, linear, key_encoder, n_features):
