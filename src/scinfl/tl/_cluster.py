@@ -83,27 +83,7 @@ def cluster(
     >>> "fine" in fine.obs, "fine" in adata.obs
     (True, False)
     """
-    if use_rep not in adata.obsm:
-        raise ValueError(
-            f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
-        )
-    values = adata.obsm[use_rep]
-    values = values.toarray() if hasattr(values, "toarray") else np.asarray(values, dtype=float)
-    empty = np.isnan(values).any(axis=1)
-    if empty.any():
-        raise ValueError(
-            f"{int(empty.sum())} rows of adata.obsm[{use_rep!r}] hold NaN (samples without the "
-            "modalities their latent was computed from?): cluster the others, e.g. "
-            f"scinfl.tl.cluster(adata[~np.isnan(adata.obsm[{use_rep!r}]).any(axis=1)].copy(), "
-            f"use_rep={use_rep!r})."
-        )
-    if key_added == neighbors_key:
-        raise ValueError(
-            f"key_added and neighbors_key are both {key_added!r}: the clusters' parameters "
-            "would replace the graph's entry in .uns; give them different names."
-        )
-    if not resolution > 0:
-        raise ValueError(f"resolution must be > 0, got {resolution!r}.")
+    _check_cluster_arguments(adata, use_rep, key_added, neighbors_key, resolution)
     check_value("n_neighbors", n_neighbors, int, "an integer >= 2", lambda v: v >= 2)
     if random_state is not None:
         check_value("random_state", random_state, int, "an integer (or None)")
@@ -154,6 +134,33 @@ def cluster(
     adata.uns[neighbors_key] = carrier.uns[neighbors_key]
     adata.uns[key_added] = {"params": params}
     return adata if copy else None
+
+
+def _check_cluster_arguments(
+    adata: AnnData, use_rep: str, key_added: str, neighbors_key: str, resolution: float
+) -> None:
+    """Refuse an embedding :func:`cluster` cannot use and names that would collide."""
+    if use_rep not in adata.obsm:
+        raise ValueError(
+            f"adata.obsm[{use_rep!r}] not found; run scinfl.tl.embed(adata, model) first."
+        )
+    values = adata.obsm[use_rep]
+    values = values.toarray() if hasattr(values, "toarray") else np.asarray(values, dtype=float)
+    empty = np.isnan(values).any(axis=1)
+    if empty.any():
+        raise ValueError(
+            f"{int(empty.sum())} rows of adata.obsm[{use_rep!r}] hold NaN (samples without the "
+            "modalities their latent was computed from?): cluster the others, e.g. "
+            f"scinfl.tl.cluster(adata[~np.isnan(adata.obsm[{use_rep!r}]).any(axis=1)].copy(), "
+            f"use_rep={use_rep!r})."
+        )
+    if key_added == neighbors_key:
+        raise ValueError(
+            f"key_added and neighbors_key are both {key_added!r}: the clusters' parameters "
+            "would replace the graph's entry in .uns; give them different names."
+        )
+    if not resolution > 0:
+        raise ValueError(f"resolution must be > 0, got {resolution!r}.")
 
 
 def _is_cluster_result(entry) -> bool:
