@@ -25,6 +25,20 @@ def accept_updates(
     tensors are not those of the global model, by name and shape: numpy would broadcast a
     tensor of another shape into the average without a word.
 
+    Parameters
+    ----------
+    updates
+        The round's updates from the sites.
+    key_fingerprint, key_version
+        Identity of the federation's key; an update made under another is dropped (``None``:
+        not checked).
+    reference
+        The global parameters the round started from; ``None``: names and shapes not checked.
+
+    Returns
+    -------
+    The accepted updates, in their order.
+
     Examples
     --------
     >>> accept_updates([], key_fingerprint=None, key_version=None)
@@ -86,6 +100,15 @@ def _misfit(parameters: Parameters, reference: Parameters) -> str | None:
 def is_finite_update(update: ClientUpdate) -> bool:
     """Whether every float parameter of ``update`` is finite (no NaN, no infinity).
 
+    Parameters
+    ----------
+    update
+        A site's update; its integer tensors (counters) are not checked.
+
+    Returns
+    -------
+    ``True`` if no float tensor holds NaN or an infinity.
+
     Examples
     --------
     >>> is_finite_update(ClientUpdate("a", 1, {"w": np.array([np.nan])}))
@@ -107,6 +130,16 @@ def fedavg(updates: Sequence[ClientUpdate]) -> Parameters:
     modality the site's rows lack, in a mosaic) is weighted by that count instead, so that
     sites that did not train it do not pull it back; if no update trained it, it is the plain
     mean (all updates then hold the global value).
+
+    Parameters
+    ----------
+    updates
+        The accepted updates of one round (at least one, each with ``n > 0`` and the same
+        tensor names).
+
+    Returns
+    -------
+    The averaged parameters: name to array, of the first update's shapes and dtypes.
 
     Examples
     --------

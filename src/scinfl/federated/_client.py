@@ -118,6 +118,23 @@ class ClientUpdate:
     many did (a modality some of the site's rows lack: its parameters learned from the rows
     that hold it, or, with none, not at all); FedAvg weights those parameters by it.
 
+    Parameters
+    ----------
+    site
+        Name of the sending site.
+    n
+        Its number of training rows ``n_k`` (the update's FedAvg weight).
+    parameters
+        The shared parameters after local training (name to array), or, under secure
+        aggregation, their masked form.
+    metrics
+        Training or validation metrics (``loss``, ``val_loss``, ``n_val``, ...).
+    key_fingerprint, key_version
+        Identity of the key the site trained under (``None``: keyless); the server drops an
+        update made under another.
+    counts
+        Per-parameter number of rows that trained it, where fewer than ``n`` (see above).
+
     Examples
     --------
     >>> import numpy as np
@@ -136,6 +153,19 @@ class ClientUpdate:
 
 def site_seed(seed: int, round_: int, site: str) -> int:
     """Seed for one site in one round, independent of the order sites are visited in.
+
+    Parameters
+    ----------
+    seed
+        Federation seed.
+    round_
+        Global round (0-based).
+    site
+        Site name.
+
+    Returns
+    -------
+    A 32-bit seed (SHA-256 of the three).
 
     Examples
     --------
@@ -358,6 +388,23 @@ def client_evaluate(
 
     The loss is the full ELBO (KL weight 1, plus the classification term), so it is comparable
     across rounds whatever the KL warm-up.
+
+    Parameters
+    ----------
+    module
+        The site's (keyed) module; evaluated in place.
+    site
+        The site's data; its validation rows are scored.
+    global_parameters
+        Load these shared parameters into ``module`` first (``None``: score it as it is).
+    batch_size
+        Rows per forward pass (memory only; the metrics do not depend on it).
+
+    Returns
+    -------
+    Metrics averaged over the validation rows (``val_loss``, ``val_reconstruction``,
+    ``val_kl``, classification metrics if the module classifies) and ``n_val``; all NaN but
+    ``n_val = 0`` for a site without validation rows.
 
     Examples
     --------

@@ -139,6 +139,11 @@ class PrivacyConfig:
     def unused_settings(self) -> list[str]:
         """DP-FedAvg's settings given other values than their defaults without ``privacy="dp"``.
 
+        Returns
+        -------
+        ``"name=value"`` for each such setting (empty with ``mode="dp"``): settings that
+        would have no effect, for a warning.
+
         Examples
         --------
         >>> PrivacyConfig(dp_noise_multiplier=5.0).unused_settings()
@@ -158,6 +163,20 @@ class PrivacyConfig:
         Left at ``None``, frames are on whenever the sites hold the federation's key (any key
         mode), except with ``mode="dp"``, whose server-side clipping needs updates in a common
         frame. Frames or secure aggregation without a key are refused.
+
+        Parameters
+        ----------
+        has_key
+            Whether the sites hold the federation's key.
+
+        Returns
+        -------
+        A copy with ``secret_frames`` a bool.
+
+        Raises
+        ------
+        ValueError
+            Secret frames or secure aggregation asked for without a key.
 
         Examples
         --------
@@ -335,6 +354,10 @@ class FederationConfig:
     def setting_defaults(cls) -> dict[str, Any]:
         """Every setting by its flat name, with its default (``None`` where there is none).
 
+        Returns
+        -------
+        Flat setting name to default value, the privacy settings included.
+
         Examples
         --------
         >>> defaults = FederationConfig.setting_defaults()
@@ -349,6 +372,21 @@ class FederationConfig:
 
         ``privacy`` may be a :class:`PrivacyConfig` (the other privacy names then change it)
         or its ``mode``.
+
+        Parameters
+        ----------
+        **settings
+            Flat settings (``max_rounds=3``, ``privacy="dp"``, ``dp_noise_multiplier=2.0``);
+            the others keep their defaults.
+
+        Returns
+        -------
+        The settings object.
+
+        Raises
+        ------
+        TypeError
+            A name that is not a setting.
 
         Examples
         --------
@@ -374,6 +412,10 @@ class FederationConfig:
     def settings(self) -> dict[str, Any]:
         """These settings by flat name: the inverse of :meth:`from_settings`.
 
+        Returns
+        -------
+        Flat setting name to value, for every name of :meth:`setting_defaults`.
+
         Examples
         --------
         >>> config = FederationConfig(max_rounds=4, privacy="dp")
@@ -393,6 +435,15 @@ class FederationConfig:
     def for_key(self, has_key: bool) -> FederationConfig:
         """These settings with the privacy part decided for the key (:meth:`PrivacyConfig.for_key`).
 
+        Parameters
+        ----------
+        has_key
+            Whether the sites hold the federation's key.
+
+        Returns
+        -------
+        A copy with ``privacy.secret_frames`` decided.
+
         Examples
         --------
         >>> FederationConfig(privacy="dp").for_key(True).privacy.secret_frames
@@ -406,6 +457,15 @@ class FederationConfig:
     def sites_per_round(self, n_sites: int) -> int:
         """How many of ``n_sites`` sites a round asks to train: the fraction, at least ``min_sites``.
 
+        Parameters
+        ----------
+        n_sites
+            Sites available.
+
+        Returns
+        -------
+        ``min(n_sites, max(min_sites, ceil(fraction * n_sites)))``.
+
         Examples
         --------
         >>> FederationConfig(fraction=0.3, min_sites=2).sites_per_round(10)
@@ -414,7 +474,22 @@ class FederationConfig:
         return min(n_sites, max(self.min_sites, math.ceil(self.fraction * n_sites)))
 
     def kl_weight(self, round_: int) -> float:
-        """KL weight of a round: linear warm-up over the global rounds, never reset by a site."""
+        """KL weight of a round: linear warm-up over the global rounds, never reset by a site.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+
+        Returns
+        -------
+        ``min(1, (round_ + 1) / kl_warmup_rounds)``.
+
+        Examples
+        --------
+        >>> FederationConfig(kl_warmup_rounds=4).kl_weight(1)
+        0.5
+        """
         return float(min(1.0, (round_ + 1) / self.kl_warmup_rounds))
 
     def client_config(
@@ -424,6 +499,29 @@ class FederationConfig:
 
         Under secure aggregation the ``participants`` of this ``attempt`` mask their updates;
         under secret frames the parameters sent along are in ``frame``.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based); fixes the KL weight.
+        participants
+            Sites asked to train in this attempt (kept only under secure aggregation).
+        attempt
+            Attempt of the round (kept only under secure aggregation).
+        frame
+            Name of the secret frame of the parameters sent along (kept only under secret
+            frames).
+
+        Returns
+        -------
+        The round's :class:`ClientConfig`.
+
+        Examples
+        --------
+        >>> config = FederationConfig(kl_warmup_rounds=4, privacy="secagg")
+        >>> instructions = config.client_config(1, participants=["b", "a"])
+        >>> instructions.kl_weight, instructions.participants
+        (0.5, ['a', 'b'])
         """
         privacy = self.privacy
         secure = privacy.secure_aggregation

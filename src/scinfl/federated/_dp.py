@@ -44,6 +44,11 @@ class DPFedAvg:
         Seed of the noise; ``None`` (the default) draws a secret one from the operating system.
         The noise must be unknown to anyone but the server: from a known seed (the
         federation's, which every site receives) it could be drawn again and subtracted.
+    releases
+        Number of updates averaged in each noisy release so far, one entry per aggregated
+        round (the accountant's history; :meth:`aggregate` appends to it). Leave it empty for
+        a new run; a run resumed from a checkpoint passes the checkpoint's, so that
+        :meth:`epsilon` counts the rounds already released.
 
     Examples
     --------
@@ -79,7 +84,32 @@ class DPFedAvg:
     def aggregate(
         self, current: Parameters, updates: Sequence[ClientUpdate], round_: int
     ) -> Parameters:
-        """Clip every update around ``current``, average uniformly, add the Gaussian noise."""
+        """Clip every update around ``current``, average uniformly, add the Gaussian noise.
+
+        Records the release in :attr:`releases` (for :meth:`epsilon`).
+
+        Parameters
+        ----------
+        current
+            The global parameters the round started from (the clipping's centre).
+        updates
+            The accepted updates of the round's sites (plain parameters, not masked).
+        round_
+            Global round (0-based); with the secret :attr:`seed` it fixes the noise.
+
+        Returns
+        -------
+        The new global parameters: ``current`` plus the noisy mean of the clipped updates
+        (float tensors; integer tensors are those of ``current``).
+
+        Examples
+        --------
+        >>> dp = DPFedAvg(noise_multiplier=1.0, clipping_norm=0.5, n_sites=2, seed=0)
+        >>> updates = [ClientUpdate(s, 10, {"w": np.full(4, 3.0)}) for s in "ab"]
+        >>> new = dp.aggregate({"w": np.zeros(4)}, updates, round_=0)
+        >>> new["w"].dtype, dp.releases
+        (dtype('float64'), [2])
+        """
         dp, _, _ = flower_dp()
         names = [n for n, a in current.items() if np.issubdtype(a.dtype, np.floating)]
         base = [current[n].astype(np.float64) for n in names]
@@ -114,6 +144,19 @@ class DPFedAvg:
 
         Sites are few and sampled by a seeded schedule the server knows, so no amplification by
         sampling is claimed: every release is charged in full (:func:`dp_fedavg_epsilon`).
+
+        Returns
+        -------
+        The client-level epsilon of the releases in :attr:`releases` (0 before any).
+
+        Examples
+        --------
+        >>> dp = DPFedAvg(noise_multiplier=1.0, clipping_norm=0.5, n_sites=3)
+        >>> dp.epsilon()
+        0.0
+        >>> dp.releases = [3, 3]  # two rounds of three updates each
+        >>> dp.epsilon() == dp_fedavg_epsilon([(1.0, 3)] * 2, n_sites=3)
+        True
         """
         return dp_fedavg_epsilon(self.release_events, self.n_sites, self.delta)
 
@@ -130,6 +173,19 @@ def dp_fedavg_epsilon(
 
     Flower's RDP accountant, add-or-remove-one-site neighbouring, no sampling amplification:
     the Gaussian releases of every round (of every run a model continued from) compose.
+
+    Parameters
+    ----------
+    releases
+        One ``(noise_multiplier, n_updates)`` pair per noisy release (round).
+    n_sites
+        Sites in the federation (the population).
+    delta
+        Target ``delta``.
+
+    Returns
+    -------
+    Epsilon at ``delta`` (0 for no release).
 
     Examples
     --------

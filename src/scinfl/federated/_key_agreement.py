@@ -73,6 +73,10 @@ class KeyAdvertisement:
 def generate_private_key() -> str:
     """A fresh X25519 private key, hex (it stays in the site's state and never leaves it).
 
+    Returns
+    -------
+    The raw 32-byte private key as 64 hex characters.
+
     Examples
     --------
     >>> len(generate_private_key())
@@ -93,6 +97,15 @@ def _private(private_key: str) -> X25519PrivateKey:
 
 def public_key_of(private_key: str) -> str:
     """The public key (hex) of a private key of :func:`generate_private_key`.
+
+    Parameters
+    ----------
+    private_key
+        An X25519 private key, hex.
+
+    Returns
+    -------
+    Its raw 32-byte public key as 64 hex characters.
 
     Examples
     --------
@@ -120,6 +133,27 @@ def advertise_key(
 
     With an ``identity`` (the site's own), the advertisement is signed with it.
 
+    Parameters
+    ----------
+    private_key
+        The site's private key for the run (:func:`generate_private_key`).
+    site
+        The site's name (bound into the tag and the signature).
+    key
+        The federation's key, which the tag is made under.
+    identity
+        The site's long-term :class:`~scinfl.federated.SiteIdentity`, to sign with
+        (``None``: unsigned).
+
+    Returns
+    -------
+    The advertisement to send to the server.
+
+    Raises
+    ------
+    ValueError
+        When ``identity`` belongs to another site.
+
     Examples
     --------
     >>> key = Key.generate()
@@ -143,6 +177,19 @@ def verify_advertisements(
     advertisements: Sequence[KeyAdvertisement], key: Key, roster: Roster | None = None
 ) -> dict[str, str]:
     """Each site's public key, once every tag (and, with a ``roster``, signature) is checked.
+
+    Parameters
+    ----------
+    advertisements
+        Every site's advertisement, as relayed by the server.
+    key
+        The federation's key (checks the tags).
+    roster
+        The federation's pinned site identities (checks the signatures); ``None``: tags only.
+
+    Returns
+    -------
+    Site name to public key (hex).
 
     Raises
     ------
@@ -203,6 +250,10 @@ def pair_secrets(
     ------
     KeyError
         When a participant has no public key in ``peers``.
+
+    Returns
+    -------
+    Peer name to the 32-byte secret shared with it (the same at both ends).
 
     Examples
     --------

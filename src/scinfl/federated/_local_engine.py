@@ -142,17 +142,85 @@ class InProcessTransport:
         self._opened: tuple[str, Parameters] | None = None
 
     def available(self, round_: int) -> list[str]:
-        """Every site: none of them can be away."""
+        """Every site: none of them can be away.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based; unused).
+
+        Returns
+        -------
+        The names of all the transport's sites, sorted.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> vae = KeyedVAE(n_input=4, key_mode=None)
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4)))) for s in "ba"}
+        >>> InProcessTransport(runtimes).available(3)
+        ['a', 'b']
+        """
         return sorted(self.runtimes)
 
     def agree_keys(self, sites: list[str]) -> None:
-        """Each site's public key advertised, and the list installed at every site."""
+        """Each site's public key advertised, and the list installed at every site.
+
+        Parameters
+        ----------
+        sites
+            The sites that take part in secure aggregation (each must hold the key and have
+            ``privacy="secagg"`` in its settings).
+
+        Examples
+        --------
+        >>> import json
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae, key = FederationConfig(privacy="secagg"), KeyedVAE(n_input=4, key_mode=None), Key.generate()
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config) for s in "ab"}
+        >>> transport = InProcessTransport(runtimes)
+        >>> transport.agree_keys(["a", "b"])
+        >>> sorted(json.loads(transport.protocols["b"].state.peer_keys))
+        ['a', 'b']
+        """
         advertisements = [self.protocols[s].advertise_key() for s in sorted(sites)]
         for site in sorted(sites):
             self.protocols[site].install_peer_keys(advertisements)
 
     def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
-        """Each site's self-mask seed of the attempt ``config`` names."""
+        """Each site's self-mask seed of the attempt ``config`` names.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The participants of the attempt.
+        config
+            The instructions they trained under.
+
+        Returns
+        -------
+        Each site's 32-byte self-mask seed, by site.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.module import KeyedVAE
+        >>> config = FederationConfig.from_settings(max_rounds=1, batch_size=8, privacy="secagg", secagg_min_participants=2)
+        >>> vae, key = KeyedVAE(n_input=4, key_mode=None), Key.generate()
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config) for s in "ab"}
+        >>> transport = InProcessTransport(runtimes)
+        >>> transport.agree_keys(["a", "b"])
+        >>> sent = config.client_config(0, ["a", "b"])
+        >>> _ = transport.train(0, ["a", "b"], get_shared_parameters(vae), sent)
+        >>> sorted(transport.reveal(0, ["a", "b"], sent))
+        ['a', 'b']
+        """
         return {s: self.protocols[s].reveal_self_mask(config) for s in sorted(sites)}
 
     def _open(self, parameters: Parameters, config: ClientConfig) -> Parameters:
@@ -170,7 +238,35 @@ class InProcessTransport:
         config: ClientConfig,
         attempt: int = 0,
     ) -> list[ClientUpdate]:
-        """Each site's update, in turn."""
+        """Each site's update, in turn.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The sites asked to train.
+        parameters
+            The global parameters, as the server holds them (decoded once per frame).
+        config
+            The round's instructions.
+        attempt
+            Attempt of the round (under secure aggregation; ``config`` carries it too).
+
+        Returns
+        -------
+        The sites' updates, sorted by site.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1, batch_size=8), KeyedVAE(n_input=4, key_mode=None)
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), federation=config) for s in "ab"}
+        >>> updates = InProcessTransport(runtimes).train(0, ["a", "b"], get_shared_parameters(vae), config.client_config(0))
+        >>> [(u.site, u.n) for u in updates]
+        [('a', 9), ('b', 9)]
+        """
         opened, digest = self._open(parameters, config), parameters_digest(parameters)
         updates = []
         for s in sorted(sites):
@@ -181,7 +277,33 @@ class InProcessTransport:
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
-        """Each site's validation metrics of the global model."""
+        """Each site's validation metrics of the global model.
+
+        Parameters
+        ----------
+        round_
+            The round the parameters come from (0-based).
+        sites
+            The sites asked to validate.
+        parameters
+            The global parameters, as the server holds them.
+        config
+            The instructions that go with them.
+
+        Returns
+        -------
+        The sites' updates, sorted by site: validation metrics, no parameters.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1), KeyedVAE(n_input=4, key_mode=None)
+        >>> runtime = SiteRuntime(vae, SiteData.from_arrays("a", np.ones((20, 4))), federation=config)
+        >>> [update] = InProcessTransport({"a": runtime}).evaluate(0, ["a"], get_shared_parameters(vae), config.client_config(0))
+        >>> update.metrics["n_val"], update.parameters
+        (2.0, {})
+        """
         opened, digest = self._open(parameters, config), parameters_digest(parameters)
         updates = []
         for s in sorted(sites):

@@ -19,6 +19,15 @@ _FORBIDDEN_SUBSTRINGS = ("coordinates", "key_seed")
 def site_state_names(module: nn.Module) -> tuple[str, ...]:
     """``state_dict`` entries every site sets itself and never shares (``site_state_names``).
 
+    Parameters
+    ----------
+    module
+        A module; the names come from its ``site_state_names`` attribute, if any.
+
+    Returns
+    -------
+    The names (empty for a module without site-owned state).
+
     Examples
     --------
     >>> import torch
@@ -33,6 +42,20 @@ def get_shared_parameters(module: nn.Module) -> Parameters:
 
     Key material is held in non-persistent buffers and is therefore never part of it; state
     each site sets itself (:func:`site_state_names`, e.g. the feature scale) is left out.
+
+    Parameters
+    ----------
+    module
+        The model's module (any :class:`torch.nn.Module`).
+
+    Returns
+    -------
+    Parameter and buffer name to a numpy copy (on the CPU), in ``state_dict`` order.
+
+    Raises
+    ------
+    RuntimeError
+        When a key buffer would be in the state dict (it never is by design).
 
     Examples
     --------
@@ -57,6 +80,18 @@ def check_parameters_fit(module: nn.Module, parameters: Mapping[str, np.ndarray]
     cast silently, losing its values) and finite; an integer one as integers. Checked before
     anything else reads a model (a secret frame is drawn per axis, so a huge tensor would cost
     its memory first).
+
+    Parameters
+    ----------
+    module
+        The module the parameters are meant for.
+    parameters
+        Name to array (numpy or torch), as received.
+
+    Raises
+    ------
+    ValueError
+        When a name is missing or unexpected, or a shape, kind or value does not fit.
 
     Examples
     --------
@@ -118,6 +153,19 @@ def _is_integer(name: str) -> bool:
 
 def set_shared_parameters(module: nn.Module, parameters: Mapping[str, np.ndarray]) -> None:
     """Load shared parameters into ``module`` (strictly: see :func:`check_parameters_fit`).
+
+    Parameters
+    ----------
+    module
+        The module to load into (in place); its site-owned state
+        (:func:`site_state_names`) keeps its values.
+    parameters
+        Shared parameters, as :func:`get_shared_parameters` gives them.
+
+    Raises
+    ------
+    ValueError
+        When the parameters do not fit ``module``.
 
     Examples
     --------

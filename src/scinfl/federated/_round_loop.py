@@ -29,10 +29,42 @@ class Transport(Protocol):
     round's instructions to each of ``sites`` and return their replies as updates, sorted by
     site; a site that fails or does not answer is left out (and logged) where the transport
     can go on without it.
+
+    Implemented by :class:`~scinfl.federated.InProcessTransport` (the sites of this process)
+    and :class:`~scinfl.federated.flower.GridTransport` (the sites behind a Flower Grid).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scinfl.federated import InProcessTransport, SiteData, SiteRuntime
+    >>> from scinfl.module import KeyedVAE
+    >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
+    >>> transport: Transport = InProcessTransport({"a": SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site)})
+    >>> transport.available(0)
+    ['a']
     """
 
     def available(self, round_: int) -> list[str]:
-        """The sites that can be asked in this round, sorted."""
+        """The sites that can be asked in this round, sorted.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+
+        Returns
+        -------
+        The names of the sites that can be asked.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.federated import InProcessTransport, SiteData, SiteRuntime
+        >>> from scinfl.module import KeyedVAE
+        >>> runtime = SiteRuntime(KeyedVAE(n_input=4, key_mode=None), SiteData.from_arrays("a", np.ones((10, 4))))
+        >>> InProcessTransport({"a": runtime}).available(0)
+        ['a']
+        """
 
     def train(
         self,
@@ -42,12 +74,70 @@ class Transport(Protocol):
         config: ClientConfig,
         attempt: int,
     ) -> list[ClientUpdate]:
-        """Each site's update from ``parameters`` under ``config``."""
+        """Each site's update from ``parameters`` under ``config``.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The sites asked to train.
+        parameters
+            The global parameters, as the server holds them (in their secret frame, if any).
+        config
+            The round's instructions (:meth:`~scinfl.federated.FederatedServer.client_config`).
+        attempt
+            Attempt of the round (under secure aggregation; 0 otherwise).
+
+        Returns
+        -------
+        The sites' updates, sorted by site; a site that failed is missing.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.federated import FederationConfig, InProcessTransport, SiteData, SiteRuntime, get_shared_parameters
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1, batch_size=8), KeyedVAE(n_input=4, key_mode=None)
+        >>> runtime = SiteRuntime(vae, SiteData.from_arrays("a", np.ones((10, 4))), federation=config)
+        >>> transport: Transport = InProcessTransport({"a": runtime})
+        >>> [u.n for u in transport.train(0, ["a"], get_shared_parameters(vae), config.client_config(0), 0)]
+        [9]
+        """
 
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
-        """Each site's validation metrics of ``parameters`` (updates without parameters)."""
+        """Each site's validation metrics of ``parameters`` (updates without parameters).
+
+        Parameters
+        ----------
+        round_
+            The round the parameters come from (0-based; ``max_rounds`` is allowed: the
+            model after the last round).
+        sites
+            The sites asked to validate.
+        parameters
+            The global parameters, as the server holds them.
+        config
+            The instructions that go with them (their round and frame).
+
+        Returns
+        -------
+        The sites' updates, sorted by site, with empty ``parameters`` and the validation
+        metrics (``val_loss``, ``n_val``, ...) in ``metrics``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.federated import FederationConfig, InProcessTransport, SiteData, SiteRuntime, get_shared_parameters
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1), KeyedVAE(n_input=4, key_mode=None)
+        >>> runtime = SiteRuntime(vae, SiteData.from_arrays("a", np.ones((10, 4))), federation=config)
+        >>> transport: Transport = InProcessTransport({"a": runtime})
+        >>> [u.metrics["n_val"] for u in transport.evaluate(0, ["a"], get_shared_parameters(vae), config.client_config(0))]
+        [1.0]
+        """
 
     def agree_keys(self, sites: list[str]) -> None:
         """Secure aggregation's key agreement: relay each site's public key to every site.
@@ -55,6 +145,25 @@ class Transport(Protocol):
         Each of ``sites`` advertises its public key (tagged with the federation's key) and
         installs the list of all of them (:meth:`~scinfl.federated.SiteProtocol.advertise_key`,
         :meth:`~scinfl.federated.SiteProtocol.install_peer_keys`).
+
+        Parameters
+        ----------
+        sites
+            Every site that may be asked to train in the run.
+
+        Examples
+        --------
+        >>> import json
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.federated import FederationConfig, InProcessTransport, SiteData, SiteRuntime
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae, key = FederationConfig(privacy="secagg"), KeyedVAE(n_input=4, key_mode=None), Key.generate()
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config) for s in "abc"}
+        >>> transport: Transport = InProcessTransport(runtimes)
+        >>> transport.agree_keys(["a", "b", "c"])
+        >>> len(json.loads(transport.protocols["a"].state.peer_keys))  # every site's public key
+        3
         """
 
     def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
@@ -63,6 +172,35 @@ class Transport(Protocol):
         Asked once every participant's masked upload of the attempt ``config`` names is in
         (:meth:`~scinfl.federated.SiteProtocol.reveal_self_mask`); a site that fails or does
         not answer is left out.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The participants of the attempt.
+        config
+            The instructions they trained under (round, attempt, participants).
+
+        Returns
+        -------
+        Each answering site's 32-byte self-mask seed, by site.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.federated import FederationConfig, InProcessTransport, SiteData, SiteRuntime, get_shared_parameters
+        >>> from scinfl.module import KeyedVAE
+        >>> config = FederationConfig.from_settings(max_rounds=1, batch_size=8, privacy="secagg", secagg_min_participants=2)
+        >>> vae, key = KeyedVAE(n_input=4, key_mode=None), Key.generate()
+        >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config) for s in "ab"}
+        >>> transport: Transport = InProcessTransport(runtimes)
+        >>> transport.agree_keys(["a", "b"])
+        >>> sent = config.client_config(0, ["a", "b"])
+        >>> _ = transport.train(0, ["a", "b"], get_shared_parameters(vae), sent, 0)
+        >>> {site: len(seed) for site, seed in transport.reveal(0, ["a", "b"], sent).items()}
+        {'a': 32, 'b': 32}
         """
 
 
@@ -81,6 +219,22 @@ def run_rounds(
     every available site (updates under another key are dropped), and
     :meth:`~scinfl.federated.FederatedServer.record_evaluation`, which selects the model and
     decides early stopping.
+
+    Parameters
+    ----------
+    transport
+        How the server reaches the sites.
+    server
+        The server; its rounds still to run (:meth:`~scinfl.federated.FederatedServer.rounds`)
+        are run.
+    progress_bar
+        Show a progress bar over rounds (a string: shown, with that label).
+    desc
+        The progress bar's label when ``progress_bar`` is ``True``.
+
+    Returns
+    -------
+    ``server``, with its history and selected model updated.
 
     Examples
     --------
@@ -126,9 +280,37 @@ def train_round(
     (their training is seeded, so they send the same update), until every participant's
     update is in or fewer than ``min_available`` remain.
 
+    Parameters
+    ----------
+    transport
+        How the server reaches the sites.
+    server
+        The server; its global parameters and history are updated
+        (:meth:`~scinfl.federated.FederatedServer.aggregate`).
+    round_
+        Global round (0-based).
+    selected
+        The sites asked to train (:meth:`~scinfl.federated.FederatedServer.sample_sites`).
+
+    Raises
+    ------
+    RuntimeError
+        Under secure aggregation, when fewer than ``secagg_min_participants`` or
+        ``min_available`` sites remain.
+
     Examples
     --------
-    >>> train_round(transport, server, 0, ["a", "b"])  # doctest: +SKIP
+    >>> import numpy as np
+    >>> from scinfl.federated import FederatedServer, FederationConfig, InProcessTransport, SiteData, SiteRuntime, get_shared_parameters
+    >>> from scinfl.module import KeyedVAE
+    >>> config, vae = FederationConfig(max_rounds=1, batch_size=8), KeyedVAE(n_input=4, key_mode=None)
+    >>> runtimes = {s: SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), federation=config) for s in "ab"}
+    >>> server = FederatedServer(get_shared_parameters(vae), config)
+    >>> train_round(InProcessTransport(runtimes), server, 0, ["a", "b"])
+    >>> server.history()[["round", "site", "n_train", "accepted"]]
+       round site  n_train  accepted
+    0      0    a        9      True
+    1      0    b        9      True
     """
     participants, attempt = list(selected), 0
     privacy = server.config.privacy

@@ -139,7 +139,40 @@ class DPSGDPlan:
         max_rounds: int,
         local_epochs: int,
     ) -> DPSGDPlan:
-        """The smallest noise that keeps the whole run within ``epsilon`` (bisection, 1%)."""
+        """The smallest noise that keeps the whole run within ``epsilon`` (bisection, 1%).
+
+        Cached: the same arguments give the same plan without a second search.
+
+        Parameters
+        ----------
+        epsilon
+            The site's budget for the whole run (``sample_dp_epsilon``).
+        clipping_norm
+            ``C``: bound on the L2 norm of one row's gradient.
+        delta
+            The ``delta`` of the guarantee.
+        n_rows
+            The site's training rows.
+        batch_size
+            Expected minibatch size (the sampling rate is ``batch_size / n_rows``).
+        max_rounds, local_epochs
+            Rounds of the run and local epochs per round: the steps the budget is spread over.
+
+        Returns
+        -------
+        The plan, with the noise multiplier found.
+
+        Raises
+        ------
+        ValueError
+            When no noise multiplier up to 10^4 reaches ``epsilon``.
+
+        Examples
+        --------
+        >>> plan = DPSGDPlan.for_site(3.0, 1.0, 1e-5, n_rows=500, batch_size=50, max_rounds=5, local_epochs=1)
+        >>> plan.sample_rate, round(plan.noise_multiplier, 1)
+        (0.1, 1.5)
+        """
         warn_of_a_large_delta(delta, n_rows, "rows at this site")
         rate = min(1.0, batch_size / n_rows)
         steps_per_epoch = math.ceil(1 / rate)
@@ -161,7 +194,23 @@ class DPSGDPlan:
         return cls(n_rows, rate, steps_per_epoch, high, clipping_norm, delta)
 
     def epsilon(self, steps: int) -> float:
-        """Epsilon spent after ``steps`` steps."""
+        """Epsilon spent after ``steps`` steps.
+
+        Parameters
+        ----------
+        steps
+            Noisy minibatch steps taken so far at the site (over all rounds).
+
+        Returns
+        -------
+        The sample-level epsilon at :attr:`delta` (:func:`dp_sgd_epsilon`).
+
+        Examples
+        --------
+        >>> plan = DPSGDPlan(n_rows=500, sample_rate=0.1, steps_per_epoch=10, noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5)
+        >>> round(plan.epsilon(10), 2), round(plan.epsilon(50), 2)
+        (3.45, 5.89)
+        """
         return dp_sgd_epsilon(
             self.noise_multiplier, self.sample_rate, steps, self.n_rows, self.delta
         )
@@ -174,6 +223,17 @@ def noise_seed(secret: bytes, round_: int) -> int:
     rows sampled into a minibatch (which the accountant's amplification assumes hidden) would be
     known. The same round gives the same seed, so a round asked again (secure aggregation after
     a dropout) sends the same noisy update: no second release.
+
+    Parameters
+    ----------
+    secret
+        The site's secret (drawn once per run, kept in its state).
+    round_
+        Global round (0-based).
+
+    Returns
+    -------
+    A 63-bit seed (HMAC-SHA256 of the round under ``secret``).
 
     Examples
     --------

@@ -303,7 +303,35 @@ class SecretFrames:
         self._cache_frames = cache_frames
 
     def axis_frame(self, frame: str | int, name: str, axis: int, n: int) -> AxisFrame:
-        """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``."""
+        """The map of axis ``axis`` (length ``n``) of parameter ``name`` in ``frame``.
+
+        Drawn from the key, the frame and the axis (the same at every site holding the key),
+        and cached for the last frames used.
+
+        Parameters
+        ----------
+        frame
+            Name (or number) of the frame.
+        name
+            Name of the parameter.
+        axis
+            Which axis of the parameter.
+        n
+            Length of that axis.
+
+        Returns
+        -------
+        The axis's secret invertible map.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> frame = SecretFrames(Key.generate()).axis_frame("f", "w", 0, 4)
+        >>> x = np.arange(4.0)
+        >>> bool(np.allclose(frame.apply(frame.apply(x, "forward"), "inverse"), x))
+        True
+        """
         return self._maps(frame, [(name, axis, n)])[(name, axis, n)]
 
     def _maps(self, frame: str | int, axes: list[tuple[str, int, int]]) -> dict:
@@ -363,6 +391,17 @@ class SecretFrames:
     def encode(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> Parameters:
         """Parameters as the server sees them in ``frame`` (integer tensors unchanged).
 
+        Parameters
+        ----------
+        parameters
+            Plain parameters, by name.
+        frame
+            Name (or number) of the frame.
+
+        Returns
+        -------
+        The parameters in ``frame``: each float tensor mapped along its axes, same shapes.
+
         Examples
         --------
         >>> import numpy as np
@@ -375,6 +414,17 @@ class SecretFrames:
 
     def decode(self, parameters: Mapping[str, np.ndarray], frame: str | int) -> Parameters:
         """The plain parameters of ones in ``frame`` (the inverse of :meth:`encode`).
+
+        Parameters
+        ----------
+        parameters
+            Parameters in ``frame``, by name.
+        frame
+            Name (or number) of the frame.
+
+        Returns
+        -------
+        The plain parameters, same shapes.
 
         Examples
         --------
@@ -392,6 +442,17 @@ class SecretFrames:
 
         ``S = W T`` along each axis, so ``dL/dS = dL/dW T^-T``.
 
+        Parameters
+        ----------
+        gradients
+            Gradients with respect to the plain parameters, by name (numpy arrays).
+        frame
+            Name (or number) of the frame.
+
+        Returns
+        -------
+        The gradients with respect to the parameters in ``frame``, same shapes.
+
         Examples
         --------
         >>> import numpy as np
@@ -403,6 +464,17 @@ class SecretFrames:
 
     def decode_gradient(self, gradients: Mapping, frame: str | int) -> dict:
         """Plain-coordinate gradients of ones in ``frame`` (the inverse of :meth:`encode_gradient`).
+
+        Parameters
+        ----------
+        gradients
+            Gradients with respect to the parameters in ``frame``, by name.
+        frame
+            Name (or number) of the frame.
+
+        Returns
+        -------
+        The gradients with respect to the plain parameters, same shapes.
 
         Examples
         --------
@@ -421,6 +493,22 @@ _FRAMES: OrderedDict[bytes, SecretFrames] = OrderedDict()
 
 def frames_for(key: Key | None, what: str = "secret_frames") -> SecretFrames:
     """The :class:`SecretFrames` of ``key`` (shared, so that sites of one process reuse the maps).
+
+    Parameters
+    ----------
+    key
+        The federation's key.
+    what
+        The setting that asked for frames, named in the error when ``key`` is ``None``.
+
+    Returns
+    -------
+    The key's secret frames (one object per key, for the last few keys).
+
+    Raises
+    ------
+    ValueError
+        When ``key`` is ``None``.
 
     Examples
     --------
@@ -456,6 +544,19 @@ def frame_id(
     upload can go to the frame its start was named in (that would need a fixed point of the
     hash).
 
+    Parameters
+    ----------
+    parameters
+        The global parameters as sent (in their frame).
+    config
+        The instructions sent with them.
+    digest
+        :func:`parameters_digest` of ``parameters``, if known.
+
+    Returns
+    -------
+    The frame's name (32 hex characters).
+
     Examples
     --------
     >>> import numpy as np
@@ -473,6 +574,15 @@ def frame_id(
 
 def parameters_digest(parameters: Mapping[str, np.ndarray]) -> str:
     """A short hash of parameters (names, dtypes, shapes, bytes): which model a message carried.
+
+    Parameters
+    ----------
+    parameters
+        Parameters, by name (the order of the names does not matter).
+
+    Returns
+    -------
+    A BLAKE2b digest, 32 hex characters.
 
     Examples
     --------
@@ -498,6 +608,19 @@ def open_parameters(
     Under ``config.secret_frames`` they are in the frame ``config.frame``; otherwise they are
     returned as they are.
 
+    Parameters
+    ----------
+    parameters
+        The global parameters as received.
+    key
+        The federation's key (needed under secret frames).
+    config
+        The instructions received with them.
+
+    Returns
+    -------
+    The plain parameters (``parameters`` itself without secret frames).
+
     Examples
     --------
     >>> import numpy as np
@@ -512,6 +635,19 @@ def open_parameters(
 
 def hide_update(update: ClientUpdate, key: Key | None, frame: str) -> ClientUpdate:
     """``update`` with its parameters in ``frame`` (see :func:`frame_id`).
+
+    Parameters
+    ----------
+    update
+        The site's plain update.
+    key
+        The federation's key.
+    frame
+        Name of the upload's frame.
+
+    Returns
+    -------
+    A copy of ``update`` with :meth:`SecretFrames.encode`'d parameters.
 
     Examples
     --------

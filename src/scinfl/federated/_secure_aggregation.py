@@ -90,6 +90,18 @@ def _self_mask(seed: bytes, name: str, shape: tuple[int, ...]) -> np.ndarray:
 def self_mask_seed(secret: bytes, round_: int, attempt: int) -> bytes:
     """The seed of a site's self mask in one attempt of a round, from the site's own secret.
 
+    Parameters
+    ----------
+    secret
+        The site's own secret (drawn once per run, never shared).
+    round_, attempt
+        Global round and its attempt.
+
+    Returns
+    -------
+    The 32-byte seed (HMAC-SHA256 of round and attempt under ``secret``); the site reveals it
+    only once every participant's upload is in.
+
     Examples
     --------
     >>> self_mask_seed(bytes(32), 0, 0) == self_mask_seed(bytes(32), 0, 1)
@@ -283,6 +295,33 @@ def protect_update(
     (:func:`~scinfl.federated.frame_id`, :func:`~scinfl.federated.hide_update`), then masked
     under ``config.secure_aggregation`` with the ``secrets`` the site shares with the other
     participants.
+
+    Parameters
+    ----------
+    update
+        The site's plain update.
+    key
+        The federation's key (draws the secret frames; unused without them).
+    config
+        The round's instructions: which protections are on, the round, attempt and
+        participants.
+    received
+        The global parameters as sent (needed under secret frames: they name the frame).
+    secrets
+        The secrets shared with each other participant (needed under secure aggregation).
+    self_seed
+        The seed of the site's self mask (:func:`self_mask_seed`; ``None``: no self mask).
+    received_digest
+        :func:`~scinfl.federated.parameters_digest` of ``received``, if known (saves hashing).
+
+    Returns
+    -------
+    The update to send: ``update`` itself when no protection is on.
+
+    Raises
+    ------
+    ValueError
+        When a protection is asked for without what it needs (``received``, ``secrets``).
 
     Examples
     --------

@@ -56,6 +56,20 @@ class FederatedServer:
         :meth:`from_checkpoint` continues from it.
     n_sites
         Number of sites in the federation (the population of the DP accountant).
+    next_round, stopped, rows
+        State restored from a checkpoint (:meth:`from_checkpoint`; leave the defaults for a
+        new run): the first round still to run, whether early stopping ended the run, and
+        the history's rows (:meth:`history`).
+    best_parameters, best_round, best_val_loss, rounds_without_improvement
+        Checkpointed selection state: the selected global model so far, its round, its
+        validation loss (weighted by validation rows; ``inf`` before any) and the rounds since
+        it last improved (for early stopping).
+    dp
+        Checkpointed DP-FedAvg accountant; ``None`` builds one from ``config`` under
+        ``privacy="dp"``.
+    frame, best_frame
+        Checkpointed names of the secret frames :attr:`parameters` and
+        :attr:`best_parameters` are in (under secret frames; no secret).
 
     Examples
     --------
@@ -99,6 +113,19 @@ class FederatedServer:
     ) -> ClientConfig:
         """The instructions that go with :attr:`parameters` in ``round_`` (their frame included).
 
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        participants, attempt
+            The sites asked to train in this attempt of the round, and the attempt (used
+            under secure aggregation).
+
+        Returns
+        -------
+        The round's :class:`~scinfl.federated.ClientConfig`
+        (:meth:`FederationConfig.client_config`).
+
         Examples
         --------
         >>> import numpy as np
@@ -109,13 +136,46 @@ class FederatedServer:
         return self.config.client_config(round_, participants, attempt, frame=self.frame)
 
     def rounds(self) -> range:
-        """The rounds still to run: those after the last completed one, none once stopped early."""
+        """The rounds still to run: those after the last completed one, none once stopped early.
+
+        Returns
+        -------
+        ``range(next_round, max_rounds)``, or an empty range after early stopping.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=3))
+        >>> _ = server.record_evaluation(0, {})
+        >>> list(server.rounds())
+        [1, 2]
+        """
         if self.stopped and self.config.early_stopping:
             return range(0)
         return range(self.next_round, self.config.max_rounds)
 
     def sample_sites(self, sites: Sequence[str], round_: int) -> list[str]:
-        """The sites asked to train in ``round_`` (a seeded fraction, at least ``min_sites``)."""
+        """The sites asked to train in ``round_`` (a seeded fraction, at least ``min_sites``).
+
+        Parameters
+        ----------
+        sites
+            The sites available in this round.
+        round_
+            Global round (0-based); with the federation's seed it fixes the draw.
+
+        Returns
+        -------
+        The sampled sites, sorted (all of them when the fraction covers them).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> config = FederationConfig(fraction=0.5, min_sites=1, seed=0)
+        >>> server = FederatedServer({"w": np.zeros(1)}, config)
+        >>> len(server.sample_sites(["a", "b", "c", "d"], round_=0))
+        2
+        """
         sites = sorted(sites)
         n = self.config.sites_per_round(len(sites))
         if n == len(sites):
@@ -142,6 +202,46 @@ class FederatedServer:
 
         Under ``secret_frames`` the updates are in the frame named by the parameters and the
         instructions ``sent`` (:func:`~scinfl.federated.frame_id`), which becomes :attr:`frame`.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        updates
+            The sites' updates (updates under another key, of another shape or not finite are
+            dropped, and recorded as not accepted).
+        participants
+            Under secure aggregation, the sites whose masks are in the sum (default: the
+            senders of ``updates``).
+        sent
+            The instructions the round was sent with (needed under secret frames).
+        self_seeds
+            Under secure aggregation, each participant's revealed self-mask seed.
+
+        Returns
+        -------
+        The new global parameters (also :attr:`parameters`).
+
+        Raises
+        ------
+        RuntimeError
+            When fewer than ``min_available`` updates are accepted.
+        FloatingPointError
+            When every update holds NaN or infinite values.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.federated import ClientUpdate
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=1))
+        >>> a = ClientUpdate("a", 1, {"w": np.array([0.0])})
+        >>> b = ClientUpdate("b", 3, {"w": np.array([4.0])})
+        >>> server.aggregate(0, [a, b])["w"]  # FedAvg, weighted by n
+        array([3.])
+        >>> server.history()[["site", "n_train", "accepted"]]
+          site  n_train  accepted
+        0    a        1      True
+        1    b        3      True
         """
         accepted = accept_updates(
             updates, self.key_fingerprint, self.key_version, reference=self.parameters
@@ -212,6 +312,27 @@ class FederatedServer:
 
         The global model with the lowest validation loss (weighted by validation rows) is kept.
         This completes the round: with a ``checkpoint_dir``, the state is saved.
+
+        Parameters
+        ----------
+        round_
+            The round just aggregated (0-based).
+        site_metrics
+            Each site's validation metrics of the new global model, by site (``val_loss``,
+            ``n_val``, ...); a site with ``n_val = 0`` does not count in the selection.
+
+        Returns
+        -------
+        ``True`` when early stopping ends the run.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=2))
+        >>> server.record_evaluation(0, {"a": {"n_val": 5, "val_loss": 2.0}})
+        False
+        >>> server.best_round, server.best_val_loss, server.next_round
+        (0, 2.0, 1)
         """
         for row in self.rows:
             if row["round"] == round_ and row["site"] in site_metrics:
@@ -268,6 +389,10 @@ class FederatedServer:
         Raises a clear error where no round could be selected: none ran, or every round's
         validation loss was ``NaN`` or infinite (training diverged).
 
+        Returns
+        -------
+        The selected round's global parameters, and the name of their secret frame.
+
         Examples
         --------
         >>> import numpy as np
@@ -290,14 +415,50 @@ class FederatedServer:
         )
 
     def history(self) -> pd.DataFrame:
-        """One row per (round, site): sizes, training and validation metrics."""
+        """One row per (round, site): sizes, training and validation metrics.
+
+        Returns
+        -------
+        A data frame sorted by round and site: ``round``, ``site``, ``n_train``, ``trained``
+        (whether the site trained that round), ``accepted`` (whether its update was
+        aggregated), ``kl_weight``, the training metrics (``train_loss``, ...), the validation
+        metrics (``val_loss``, ``n_val``, ...) and, under DP, ``dp_epsilon``; empty before the
+        first round.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.federated import ClientUpdate
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=1))
+        >>> _ = server.aggregate(0, [ClientUpdate("a", 4, {"w": np.ones(1)}, {"train_loss": 1.5})])
+        >>> _ = server.record_evaluation(0, {"a": {"n_val": 2, "val_loss": 1.25}, "b": {"n_val": 3, "val_loss": 1.0}})
+        >>> server.history()[["round", "site", "trained", "train_loss", "val_loss"]]
+           round site  trained  train_loss  val_loss
+        0      0    a     True         1.5      1.25
+        1      0    b    False         NaN      1.00
+        """
         df = pd.DataFrame(self.rows)
         if not df.empty:
             df = df.sort_values(["round", "site"], kind="stable").reset_index(drop=True)
         return df
 
     def dp_epsilon(self) -> float | None:
-        """Epsilon spent so far (``None`` without ``privacy="dp"``)."""
+        """Epsilon spent so far (``None`` without ``privacy="dp"``).
+
+        Returns
+        -------
+        The client-level epsilon of DP-FedAvg's releases at ``dp_delta``
+        (:meth:`DPFedAvg.epsilon`), or ``None``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> FederatedServer({"w": np.zeros(1)}, FederationConfig()).dp_epsilon() is None
+        True
+        >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(privacy="dp"), n_sites=2)
+        >>> server.dp_epsilon()
+        0.0
+        """
         return None if self.dp is None else self.dp.epsilon()
 
     def save_checkpoint(self, directory: str | Path) -> Path:
@@ -308,6 +469,16 @@ class FederatedServer:
         secret frames (no secret: the maps need the key) and history; the JSON is replaced
         atomically last, so an interrupted write leaves the previous checkpoint intact. Only
         what the server holds is written: no key, no data.
+
+        Parameters
+        ----------
+        directory
+            Where to write (created if missing); older ``round-*.npz`` files there are
+            removed.
+
+        Returns
+        -------
+        ``directory``, as a :class:`~pathlib.Path`.
 
         Examples
         --------
@@ -374,9 +545,39 @@ class FederatedServer:
         epochs, KL warm-up, DP, ...) must be those of the checkpoint, and so must the key.
         Checkpoints are written again to ``directory``.
 
+        Parameters
+        ----------
+        directory
+            The checkpoint directory (:meth:`save_checkpoint`).
+        config
+            Settings of the continued run (see above for what may change).
+        key_fingerprint, key_version
+            The key identity of this run: must be the checkpoint's.
+        n_sites
+            Number of sites in the federation (the DP accountant's population).
+
+        Returns
+        -------
+        A server whose next round is the first the checkpoint had not completed, with the
+        checkpoint's parameters, selection, history and DP accounting.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``directory`` holds no checkpoint.
+        ValueError
+            When the key or a trajectory setting differs from the checkpoint's, or
+            ``max_rounds`` is below the rounds it holds.
+
         Examples
         --------
-        >>> server = FederatedServer.from_checkpoint("ckpt/", config)  # doctest: +SKIP
+        >>> import numpy as np, tempfile
+        >>> config = FederationConfig(max_rounds=2)
+        >>> server = FederatedServer({"w": np.zeros(1)}, config, checkpoint_dir=tempfile.mkdtemp())
+        >>> _ = server.record_evaluation(0, {"a": {"n_val": 5, "val_loss": 2.0}})  # saves
+        >>> resumed = FederatedServer.from_checkpoint(server.checkpoint_dir, config)
+        >>> list(resumed.rounds()), resumed.best_val_loss
+        ([1], 2.0)
         """
         directory = Path(directory)
         state = _read_checkpoint(directory)

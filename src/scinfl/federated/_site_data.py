@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ from scvi.data._utils import registry_key_to_default_dtype
 from sklearn.model_selection import train_test_split
 
 from scinfl.module import NONZERO_KEY
+
+if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
 
 #: Field arrays: ``(n, ...)`` rows of one registered field (dense, or CSR for a matrix).
 FieldArray = np.ndarray | sparse.csr_matrix
@@ -81,6 +85,17 @@ class SiteData:
         seed), so the training size of every site is known before any split is drawn, e.g.
         to choose a batch size that every site can fill.
 
+        Parameters
+        ----------
+        n
+            The site's number of rows.
+        validation_size
+            Fraction of rows held out.
+
+        Returns
+        -------
+        The number of validation rows.
+
         Examples
         --------
         >>> SiteData.n_validation(12, 0.1), SiteData.n_validation(4, 0.1), SiteData.n_validation(25, 0.1)
@@ -98,6 +113,17 @@ class SiteData:
         Every engine (in-process, Flower simulation, a deployed SuperNode) derives the split
         from these two alone, so the same seed gives the same split everywhere.
 
+        Parameters
+        ----------
+        seed
+            The federation's seed.
+        name
+            The site's name.
+
+        Returns
+        -------
+        A 32-bit seed.
+
         Examples
         --------
         >>> SiteData.split_seed(0, "a") == SiteData.split_seed(0, "a") != SiteData.split_seed(0, "b")
@@ -110,7 +136,7 @@ class SiteData:
     def from_arrays(
         cls,
         name: str,
-        X,
+        X: np.ndarray | sparse.spmatrix,
         batch: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         validation_size: float = 0.1,
@@ -141,6 +167,10 @@ class SiteData:
         **fields
             Further registered fields by registry key, ``(n, ...)`` each.
 
+        Returns
+        -------
+        The site.
+
         Examples
         --------
         >>> labels = np.array([0] * 8 + [1] * 2)
@@ -167,7 +197,7 @@ class SiteData:
     @classmethod
     def from_registry(
         cls,
-        adata_manager,
+        adata_manager: AnnDataManager,
         name: str,
         rows: np.ndarray | None = None,
         validation_size: float = 0.1,
@@ -192,6 +222,10 @@ class SiteData:
         exclude
             Registry keys not to carry (e.g. the site column, which partitions the data and is
             no input of the model).
+
+        Returns
+        -------
+        The site, its fields as the registry holds them (sparse stays sparse).
 
         Examples
         --------
@@ -230,11 +264,24 @@ class SiteData:
         """The data matrix."""
         return self.fields[REGISTRY_KEYS.X_KEY]
 
-    def feature_matrix(self, module=None, split: str = "train") -> FieldArray:
+    def feature_matrix(
+        self, module: torch.nn.Module | None = None, split: str = "train"
+    ) -> FieldArray:
         """The rows of a split in the fields a module's feature scale covers, side by side.
 
         The fields are the module's ``feature_scale_keys`` (default: ``("X",)``, the data
         matrix); what :func:`~scinfl.module.feature_moments` of every site sums over.
+
+        Parameters
+        ----------
+        module
+            The model's module (``None``: the data matrix alone).
+        split
+            ``"train"`` or ``"val"``.
+
+        Returns
+        -------
+        ``(n_rows, n_features)``: the fields' columns side by side (CSR if any is sparse).
 
         Examples
         --------
@@ -279,6 +326,15 @@ class SiteData:
     def class_weights(self, n_labels: int) -> torch.Tensor:
         """Inverse-frequency weights of the labels among the training rows (0 for absent ones).
 
+        Parameters
+        ----------
+        n_labels
+            Number of classes; label code ``n_labels`` (unlabelled) and above count for none.
+
+        Returns
+        -------
+        ``(n_labels,)`` float32 weights, ``n / (n_present_classes * count)`` for a present class.
+
         Examples
         --------
         >>> site = SiteData.from_arrays("a", np.ones((4, 1)), labels=np.array([0, 0, 0, 1]), validation_size=0)
@@ -295,6 +351,16 @@ class SiteData:
 
     def tensors(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Every field's tensor for the given row positions, keyed by registry key.
+
+        Parameters
+        ----------
+        rows
+            Row positions (integers into the site's rows).
+
+        Returns
+        -------
+        Registry key to a ``(len(rows), ...)`` tensor (sparse fields densified; for a sparse
+        data matrix, also the flat positions of its non-zero entries).
 
         Examples
         --------
@@ -330,6 +396,19 @@ class SiteData:
 
         A trailing minibatch of a single row is merged into the previous one (LayerNorm and
         the KL term are fine with it, but one-row steps are needlessly noisy).
+
+        Parameters
+        ----------
+        split
+            ``"train"`` or ``"val"``.
+        batch_size
+            Rows per minibatch.
+        generator
+            Shuffles the rows (``None``: in order).
+
+        Returns
+        -------
+        An iterator of minibatches, as :meth:`tensors` gives them.
 
         Examples
         --------

@@ -71,7 +71,28 @@ class SiteIdentity:
 
     @classmethod
     def generate(cls, site: str) -> SiteIdentity:
-        """A fresh identity for ``site`` (a non-empty name)."""
+        """A fresh identity for ``site`` (a non-empty name).
+
+        Parameters
+        ----------
+        site
+            The site's name, as the federation knows it.
+
+        Returns
+        -------
+        The identity, with a new random private key.
+
+        Raises
+        ------
+        ValueError
+            When ``site`` is empty.
+
+        Examples
+        --------
+        >>> identity = SiteIdentity.generate("a")
+        >>> identity.site, len(identity.public_key)
+        ('a', 64)
+        """
         if not str(site).strip():
             raise ValueError("A site identity needs the site's name (non-empty).")
         private = Ed25519PrivateKey.generate()
@@ -91,11 +112,44 @@ class SiteIdentity:
         return _public_hex(self._private())
 
     def sign(self, message: bytes) -> str:
-        """The Ed25519 signature of ``message`` (hex)."""
+        """The Ed25519 signature of ``message`` (hex).
+
+        Parameters
+        ----------
+        message
+            The bytes to sign.
+
+        Returns
+        -------
+        The 64-byte signature as 128 hex characters (Ed25519 signatures are deterministic).
+
+        Examples
+        --------
+        >>> identity = SiteIdentity.generate("a")
+        >>> signature = identity.sign(b"hello")
+        >>> len(signature), signature == identity.sign(b"hello")
+        (128, True)
+        """
         return self._private().sign(message).hex()
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the identity (private: owner-only permissions); returns the path.
+
+        Parameters
+        ----------
+        path
+            The file to write (a JSON file readable by :meth:`load`).
+        overwrite
+            Replace an existing file; otherwise an existing file is an error.
+
+        Returns
+        -------
+        ``path``, as a :class:`~pathlib.Path`.
+
+        Raises
+        ------
+        FileExistsError
+            When ``path`` exists and ``overwrite`` is false.
 
         Examples
         --------
@@ -115,7 +169,29 @@ class SiteIdentity:
 
     @classmethod
     def load(cls, path: str | Path) -> SiteIdentity:
-        """Read an identity written by :meth:`save`."""
+        """Read an identity written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The identity file.
+
+        Returns
+        -------
+        The identity.
+
+        Raises
+        ------
+        ValueError
+            When the file is not a readable scinfl identity file.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> identity = SiteIdentity.generate("a")
+        >>> SiteIdentity.load(identity.save(tempfile.mkdtemp() + "/a.identity")) == identity
+        True
+        """
         payload = _read_json(Path(path), "site identity", _IDENTITY_FORMAT)
         return cls(str(payload["site"]), str(payload["private_key"]))
 
@@ -167,11 +243,50 @@ class Roster:
 
     @classmethod
     def from_identities(cls, identities: list[SiteIdentity]) -> Roster:
-        """The roster of these identities (the coordinator holds only their public keys)."""
+        """The roster of these identities (the coordinator holds only their public keys).
+
+        Parameters
+        ----------
+        identities
+            One identity per site (only the public keys are kept).
+
+        Returns
+        -------
+        The roster.
+
+        Examples
+        --------
+        >>> identity = SiteIdentity.generate("a")
+        >>> Roster.from_identities([identity]).public_keys == {"a": identity.public_key}
+        True
+        """
         return cls({identity.site: identity.public_key for identity in identities})
 
     def verify(self, site: str, message: bytes, signature: str) -> bool:
-        """Whether ``signature`` is ``site``'s over ``message`` (``False`` for an unknown site)."""
+        """Whether ``signature`` is ``site``'s over ``message`` (``False`` for an unknown site).
+
+        Parameters
+        ----------
+        site
+            The site the message claims to come from.
+        message
+            The signed bytes.
+        signature
+            The signature (hex), as :meth:`SiteIdentity.sign` gives it.
+
+        Returns
+        -------
+        ``True`` only for a valid signature by the key the roster pins for ``site``.
+
+        Examples
+        --------
+        >>> identity = SiteIdentity.generate("a")
+        >>> roster = Roster.from_identities([identity])
+        >>> roster.verify("a", b"m", identity.sign(b"m")), roster.verify("a", b"other", identity.sign(b"m"))
+        (True, False)
+        >>> roster.verify("c", b"m", identity.sign(b"m"))  # not in the roster
+        False
+        """
         public = self.public_keys.get(site)
         if public is None or not signature:
             return False
@@ -185,6 +300,15 @@ class Roster:
 
     def save(self, path: str | Path) -> Path:
         """Write the roster (public: it holds no secret); returns the path.
+
+        Parameters
+        ----------
+        path
+            The file to write (JSON; replaced if it exists).
+
+        Returns
+        -------
+        ``path``, as a :class:`~pathlib.Path`.
 
         Examples
         --------
@@ -200,6 +324,28 @@ class Roster:
 
     @classmethod
     def load(cls, path: str | Path) -> Roster:
-        """Read a roster written by :meth:`save`."""
+        """Read a roster written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The roster file.
+
+        Returns
+        -------
+        The roster (its keys checked).
+
+        Raises
+        ------
+        ValueError
+            When the file is not a readable roster, or a key is invalid or shared by two sites.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> path = Roster.from_identities([SiteIdentity.generate(s) for s in "ab"]).save(tempfile.mkdtemp() + "/roster.json")
+        >>> sorted(Roster.load(path).public_keys)
+        ['a', 'b']
+        """
         payload = _read_json(Path(path), "site roster", _ROSTER_FORMAT)
         return cls({str(site): str(key) for site, key in payload["public_keys"].items()})

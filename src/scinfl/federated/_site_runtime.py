@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from secrets import token_hex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -46,6 +46,9 @@ from ._secret_frames import INITIAL_FRAME, frame_id, frames_for, open_parameters
 from ._secure_aggregation import mask_update, protect_update, self_mask_seed
 from ._site_data import SiteData
 from ._site_identity import Roster, SiteIdentity
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +181,10 @@ def site_train(
         :func:`~scinfl.federated.parameters_digest` of ``received``, when the caller has it
         (it names the upload's frame; a wide model is then hashed once per message).
 
+    Returns
+    -------
+    The site's update as it is sent: in its secret frame and/or masked, as ``config`` asks.
+
     Examples
     --------
     >>> import numpy as np
@@ -207,6 +214,23 @@ def site_evaluate(
     opened: Parameters | None = None,
 ) -> ClientUpdate:
     """Validation metrics of what the server sent, as an update without parameters.
+
+    Parameters
+    ----------
+    runtime
+        The site.
+    received
+        The global parameters as sent.
+    config
+        The instructions sent with them (``None``: ``received`` is plain, no frame).
+    opened
+        ``received`` already decoded from its frame, if the caller has it.
+
+    Returns
+    -------
+    An update with ``n`` the validation rows, no parameters and the validation metrics
+    (:func:`~scinfl.federated.client_evaluate`); under sample-level DP, ``n_val = 0`` only
+    (no loss leaves the site).
 
     Examples
     --------
@@ -238,6 +262,17 @@ def site_parameters(runtime: SiteRuntime, in_secret_frame: bool = False) -> Para
 
     Never what the module holds now: after a train or evaluate step that is a model decoded
     from a secret frame.
+
+    Parameters
+    ----------
+    runtime
+        The site.
+    in_secret_frame
+        Send them in the initial secret frame (needs ``runtime.key``).
+
+    Returns
+    -------
+    A copy of the site's initial shared parameters.
 
     Examples
     --------
@@ -323,12 +358,38 @@ class SiteState:
     revealed_round: int = -1
 
     def to_dict(self) -> dict[str, Any]:
-        """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``)."""
+        """The state as a flat dictionary (e.g. for a Flower ``ConfigRecord``).
+
+        Returns
+        -------
+        Field name to value (integers, strings, booleans only).
+
+        Examples
+        --------
+        >>> SiteState(round=3).to_dict()["round"]
+        3
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SiteState:
-        """The state stored by :meth:`to_dict`."""
+        """The state stored by :meth:`to_dict`.
+
+        Parameters
+        ----------
+        values
+            Field name to value; missing fields keep their defaults, unknown names are
+            ignored, and values are cast to the fields' types.
+
+        Returns
+        -------
+        The state.
+
+        Examples
+        --------
+        >>> SiteState.from_mapping({"round": 2, "moments_sent": True, "other": 0})
+        SiteState(round=2, frame='', digest='', trained_round=-1, attempt=-1, upload_frame='', upload_frames='', moments_sent=True, feature_scale=False, peer_keys='', participants='', revealed_round=-1)
+        """
         return cls(
             **{
                 f.name: type(f.default)(values[f.name])
@@ -410,7 +471,32 @@ class SiteProtocol:
         return RefusedMessageError(f"Site {self.runtime.site.name!r} refused {what}: {why}.")
 
     def parameters(self, in_secret_frame: bool = False) -> Parameters:
-        """The site's initial parameters, for a ``query`` (see :func:`site_parameters`)."""
+        """The site's initial parameters, for a ``query`` (see :func:`site_parameters`).
+
+        Parameters
+        ----------
+        in_secret_frame
+            Whether the server asks for them in the initial secret frame; must agree with the
+            site's own setting.
+
+        Returns
+        -------
+        The initial shared parameters.
+
+        Raises
+        ------
+        RefusedMessageError
+            After a model was received, or when ``in_secret_frame`` disagrees with the site.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> vae = KeyedVAE(n_input=4, key_mode=None)
+        >>> protocol = SiteProtocol(SiteRuntime(vae, SiteData.from_arrays("a", np.ones((10, 4)))))
+        >>> sorted(protocol.parameters()) == sorted(get_shared_parameters(vae))
+        True
+        """
         what = "a query for parameters"
         if self.state.round >= 0:
             raise self._refuse(
@@ -437,6 +523,32 @@ class SiteProtocol:
         feature scale (:func:`~scinfl.federated.site_state_names`): answers under several
         participant lists would let the server solve for each site's moments, and a list of
         one site would leave them unmasked.
+
+        Parameters
+        ----------
+        participants
+            Under secure aggregation, the sites whose masks cancel in the sum.
+
+        Returns
+        -------
+        An update with ``n = n_k`` and the parameters ``count``, ``sum`` and ``sumsq``
+        (``(n_features,)`` each, divided by ``n_k``; masked under secure aggregation).
+
+        Raises
+        ------
+        RefusedMessageError
+            After a model was received, a second time, or for a model without a feature
+            scale.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> vae = KeyedVAE(n_input=3, key_mode=None, gene_likelihood="normal")
+        >>> site = SiteData.from_arrays("a", np.full((10, 3), 2.0))
+        >>> update = SiteProtocol(SiteRuntime(vae, site, federation=FederationConfig())).moments()
+        >>> update.n, update.parameters["sum"].tolist()
+        (9, [2.0, 2.0, 2.0])
         """
         what = "a query for feature moments"
         runtime = self.runtime
@@ -484,6 +596,26 @@ class SiteProtocol:
 
         The key pair is drawn at the first advertisement and kept in the state for the run;
         asked again, the site advertises the same key.
+
+        Returns
+        -------
+        The advertisement (signed too when the site holds an identity).
+
+        Raises
+        ------
+        RefusedMessageError
+            When the site's settings have secure aggregation off, or it holds no key.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.module import KeyedVAE
+        >>> site = SiteData.from_arrays("a", np.ones((10, 4)))
+        >>> runtime = SiteRuntime(KeyedVAE(n_input=4, key_mode=None), site, key=Key.generate(), federation=FederationConfig(privacy="secagg"))
+        >>> protocol = SiteProtocol(runtime)
+        >>> protocol.advertise_key() == protocol.advertise_key()
+        True
         """
         if not self._secure() or self.runtime.key is None:
             raise self._refuse(
@@ -501,6 +633,31 @@ class SiteProtocol:
 
         The site's own advertisement must be among them, unchanged; a second list is accepted
         only if it holds the same keys (a server resending the honest list).
+
+        Parameters
+        ----------
+        advertisements
+            Every site's advertisement, as the server relays them.
+
+        Raises
+        ------
+        RefusedMessageError
+            When the site advertised no key, a tag or signature is wrong, its own key is
+            missing or changed, or another list was installed already.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.module import KeyedVAE
+        >>> config, key, vae = FederationConfig(privacy="secagg"), Key.generate(), KeyedVAE(n_input=4, key_mode=None)
+        >>> sites = {s: SiteProtocol(SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config)) for s in "ab"}
+        >>> advertisements = [p.advertise_key() for p in sites.values()]
+        >>> sites["a"].install_peer_keys(advertisements)
+        >>> sites["a"].install_peer_keys(advertisements[1:])
+        Traceback (most recent call last):
+        ...
+        scinfl.federated._site_runtime.RefusedMessageError: Site 'a' refused a list of public keys: the list does not carry its own public key ('a') as sent.
         """
         what = "a list of public keys"
         if not self._secure() or not self.state.private_key:
@@ -544,8 +701,32 @@ class SiteProtocol:
             )
         return pair_secrets(self.state.private_key, self.runtime.site.name, peers, participants)
 
-    def set_feature_scale(self, loc, scale) -> None:
-        """Install the federation's feature scale (``query``), before any model only."""
+    def set_feature_scale(self, loc: ArrayLike, scale: ArrayLike) -> None:
+        """Install the federation's feature scale (``query``), before any model only.
+
+        Parameters
+        ----------
+        loc, scale
+            ``(n_features,)`` location and scale
+            (:func:`~scinfl.module.scale_from_moments` of the pooled moments); a scale of 0
+            marks a feature no site observed varying.
+
+        Raises
+        ------
+        RefusedMessageError
+            After a model was received, when the module refuses the values, or when a scale
+            of 0 is given to a feature that varies in the site's own rows.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> vae = KeyedVAE(n_input=3, key_mode=None, gene_likelihood="normal")
+        >>> protocol = SiteProtocol(SiteRuntime(vae, SiteData.from_arrays("a", np.ones((10, 3)))))
+        >>> protocol.set_feature_scale(np.zeros(3), np.ones(3))
+        >>> protocol.state.feature_scale
+        True
+        """
         what = "a feature scale"
         if self.state.round >= 0:
             raise self._refuse(what, "it has received a model already")
@@ -581,6 +762,34 @@ class SiteProtocol:
         ``opened`` (``received`` decoded) and ``digest`` (its
         :func:`~scinfl.federated.parameters_digest`) come from a caller playing several sites
         in one process, which decodes and hashes each message once.
+
+        Parameters
+        ----------
+        received
+            The global parameters as sent.
+        config
+            The round's instructions; must be those the site's own settings give.
+        opened, digest
+            ``received`` decoded, and its digest, if the caller has them.
+
+        Returns
+        -------
+        The site's update as it is sent (framed, masked as the round asks).
+
+        Raises
+        ------
+        RefusedMessageError
+            When the message does not fit (see the class's rules).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1, batch_size=8), KeyedVAE(n_input=4, key_mode=None)
+        >>> protocol = SiteProtocol(SiteRuntime(vae, SiteData.from_arrays("a", np.ones((10, 4))), federation=config))
+        >>> update = protocol.train(protocol.parameters(), config.client_config(0))
+        >>> update.n, protocol.state.trained_round
+        (9, 0)
         """
         digest = self._check(received, config, "a train message", True, digest)
         state = self.state
@@ -627,6 +836,37 @@ class SiteProtocol:
         The server asks for it when every participant's upload of the attempt is in; the site
         answers only for its last upload (round, attempt and participants as it masked them),
         once per round, and trains in no other attempt of that round afterwards.
+
+        Parameters
+        ----------
+        config
+            The instructions of the attempt (round, attempt, participants).
+
+        Returns
+        -------
+        The 32-byte seed (:func:`~scinfl.federated.self_mask_seed`).
+
+        Raises
+        ------
+        RefusedMessageError
+            When the site sent no masked upload, revealed this round already, or its last
+            upload was another attempt.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl import Key
+        >>> from scinfl.module import KeyedVAE
+        >>> config = FederationConfig.from_settings(max_rounds=1, batch_size=8, privacy="secagg", secagg_min_participants=2)
+        >>> key, vae = Key.generate(), KeyedVAE(n_input=4, key_mode=None)
+        >>> sites = {s: SiteProtocol(SiteRuntime(vae, SiteData.from_arrays(s, np.ones((10, 4))), key=key, federation=config)) for s in "ab"}
+        >>> advertisements = [p.advertise_key() for p in sites.values()]
+        >>> for p in sites.values():
+        ...     p.install_peer_keys(advertisements)
+        >>> sent = config.client_config(0, ["a", "b"])
+        >>> _ = sites["a"].train(get_shared_parameters(vae), sent)
+        >>> len(sites["a"].reveal_self_mask(sent))
+        32
         """
         what = "a request for its self mask"
         state = self.state
@@ -656,6 +896,34 @@ class SiteProtocol:
         """:func:`site_evaluate` (metrics only), if the message fits.
 
         ``opened`` and ``digest`` as for :meth:`train`.
+
+        Parameters
+        ----------
+        received
+            The global parameters as sent.
+        config
+            The instructions sent with them (their round and frame); ``None`` is refused.
+        opened, digest
+            ``received`` decoded, and its digest, if the caller has them.
+
+        Returns
+        -------
+        An update with the validation metrics and no parameters.
+
+        Raises
+        ------
+        RefusedMessageError
+            When the message does not fit (see the class's rules).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scinfl.module import KeyedVAE
+        >>> config, vae = FederationConfig(max_rounds=1), KeyedVAE(n_input=4, key_mode=None)
+        >>> protocol = SiteProtocol(SiteRuntime(vae, SiteData.from_arrays("a", np.ones((20, 4))), federation=config))
+        >>> update = protocol.evaluate(protocol.parameters(), config.client_config(1))
+        >>> update.n, sorted(update.metrics)
+        (2, ['n_val', 'val_kl', 'val_loss', 'val_reconstruction'])
         """
         if config is None:
             raise self._refuse(

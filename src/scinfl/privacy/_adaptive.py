@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -70,7 +72,9 @@ def spectral_alignment_attack(
     return pub_mean + (y_scores * signs * scale) @ v[:k]
 
 
-def class_order_from_prevalence(units, prevalence) -> np.ndarray:
+def class_order_from_prevalence(
+    units: np.ndarray | Sequence[int], prevalence: np.ndarray | Sequence[float]
+) -> np.ndarray:
     """Guess a keyed model's secret class order from many uploads and public label counts.
 
     The keyed class order (:meth:`~scinfl.module.KeyedVAE.set_class_order`) hides which output

@@ -92,6 +92,20 @@ def attacker_module(
 def input_layer(module: nn.Module) -> tuple[str, nn.Linear]:
     """Name and module of the first linear layer of the encoder (the one that reads the input).
 
+    Parameters
+    ----------
+    module
+        A scinfl module (its encoder is ``z_encoder``).
+
+    Returns
+    -------
+    ``(name, layer)``: the layer's dotted name in ``module`` and the layer.
+
+    Raises
+    ------
+    ValueError
+        When the encoder has no linear layer.
+
     Examples
     --------
     >>> from scinfl.module import KeyedVAE
@@ -106,6 +120,22 @@ def input_layer(module: nn.Module) -> tuple[str, nn.Linear]:
 
 def output_layer(module: nn.Module, prefix: str) -> tuple[str, nn.Linear]:
     """Name and module of the last linear layer under ``prefix`` (e.g. ``"classifier"``).
+
+    Parameters
+    ----------
+    module
+        A scinfl module.
+    prefix
+        Dotted name of the submodule to search (``"classifier"``, ``"decoder"``, ...).
+
+    Returns
+    -------
+    ``(name, layer)``: the layer's dotted name in ``module`` and the layer.
+
+    Raises
+    ------
+    ValueError
+        When there is no linear layer under ``prefix``.
 
     Examples
     --------
@@ -350,6 +380,18 @@ def decoder_bias_attack(attacker: nn.Module, gradients: Gradients) -> np.ndarray
     For one sample it is the residual of the sample against the model's expected profile
     (``-delta_k`` grows with ``x_k - mu_k``): the simplest view of the decoder-side leak.
 
+    Parameters
+    ----------
+    attacker
+        The adversary's module (:func:`attacker_module`): its key guess lifts the keyed bias
+        to per-feature values.
+    gradients
+        The upload's gradients, by parameter name (:func:`upload_gradient`).
+
+    Returns
+    -------
+    ``(n_input,)``: the reconstruction, one value per feature.
+
     Examples
     --------
     >>> from scinfl.module import KeyedVAE
@@ -374,6 +416,17 @@ def class_of_unit(attacker: nn.Module, unit: int) -> int:
     (:meth:`~scinfl.module.KeyedVAE.set_class_order`); the attacker can only map units to
     classes through the order its own key guess gives.
 
+    Parameters
+    ----------
+    attacker
+        The adversary's module (:func:`attacker_module`).
+    unit
+        Index of a classifier output unit.
+
+    Returns
+    -------
+    The class code the attacker reads (``unit`` itself for an unkeyed class order).
+
     Examples
     --------
     >>> import torch
@@ -397,6 +450,17 @@ def infer_label(gradients: Gradients, layer_name: str = "classifier.3") -> int:
     With softmax cross-entropy, ``dL/db_u = p_u - [u = unit of y]`` is negative only for the
     unit of the true class of a one-sample upload. On an unkeyed model the unit is the class;
     on a keyed one, :func:`class_of_unit` maps it through the attacker's key guess.
+
+    Parameters
+    ----------
+    gradients
+        The upload's gradients, by parameter name.
+    layer_name
+        Name of the classifier's output layer (:func:`output_layer`).
+
+    Returns
+    -------
+    The output unit of the upload's label.
 
     Examples
     --------
@@ -424,6 +488,12 @@ class Reconstruction:
     key_material
         The key material the adaptive attacker ended with (``optimize_key=True``), else
         ``None``.
+
+    Examples
+    --------
+    >>> result = Reconstruction(x=np.zeros((1, 3)), labels=None, loss=0.25, history=[1.0, 0.25])
+    >>> result.x.shape, result.loss, result.key_material is None
+    ((1, 3), 0.25, True)
     """
 
     x: np.ndarray
@@ -475,11 +545,34 @@ class DummyBatch:
     classify: bool = False
 
     def profile(self) -> torch.Tensor:
-        """The rows as the encoder reads them: ``log1p`` counts, or the values."""
+        """The rows as the encoder reads them: ``log1p`` counts, or the values.
+
+        Returns
+        -------
+        ``(n, n_input)``: ``softplus(x)`` for count models, ``x`` otherwise (differentiable).
+
+        Examples
+        --------
+        >>> dummy = DummyBatch(x=nn.Parameter(torch.zeros(1, 2)), labels=torch.zeros(1, 1), counts=False)
+        >>> dummy.profile().tolist()
+        [[0.0, 0.0]]
+        """
         return F.softplus(self.x) if self.counts else self.x
 
     def inputs(self) -> torch.Tensor:
-        """The rows as the model's data: counts, or the values."""
+        """The rows as the model's data: counts, or the values.
+
+        Returns
+        -------
+        ``(n, n_input)``: ``expm1(softplus(x))`` for count models (non-negative, not
+        integers), ``x`` otherwise (differentiable).
+
+        Examples
+        --------
+        >>> dummy = DummyBatch(x=nn.Parameter(torch.zeros(1, 2)), labels=torch.zeros(1, 1))
+        >>> dummy.inputs().tolist()  # expm1(log(2)) = 1
+        [[1.0, 1.0]]
+        """
         return torch.expm1(F.softplus(self.x)) if self.counts else self.x
 
 
@@ -721,6 +814,16 @@ def dlg_labels(dummy: DummyBatch) -> np.ndarray | None:
 
     The most likely class of each row's optimised soft labels (``labels="optimize"``), else
     the fixed labels (inferred by iDLG or given); ``None`` for a model without a classifier.
+
+    Parameters
+    ----------
+    dummy
+        The optimised dummy batch (:func:`dlg_optimize`).
+
+    Returns
+    -------
+    ``(n,)`` class codes (output units: see :func:`class_of_unit` for a keyed model), or
+    ``None``.
 
     Examples
     --------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,11 @@ from ._metrics import candidate_scores, partial_correlation, reidentification_ra
 from ._upload import upload_gradient
 from ._utility import NO_MODEL, ModelData, model_data, wrong_key_utility
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+    from scvi.model.base import BaseModelClass
+
 logger = logging.getLogger(__name__)
 
 RECONSTRUCTION_ATTACKS = (
@@ -58,7 +63,7 @@ ADAPTIVE_PRIOR_WEIGHT = 0.01
 
 
 def training_rows(
-    model, validation_size: float | None = None, seed: int | None = None
+    model: BaseModelClass, validation_size: float | None = None, seed: int | None = None
 ) -> np.ndarray:
     """Rows of the model's AnnData that :meth:`~scinfl.model.INFL.train_federated` trained on.
 
@@ -329,7 +334,23 @@ class AuditConfig:
             )
 
     def rng(self, part: int) -> np.random.Generator:
-        """The random stream of one part: 0 public split, 1 uploads, 2 membership, 3 labels."""
+        """The random stream of one part: 0 public split, 1 uploads, 2 membership, 3 labels.
+
+        Parameters
+        ----------
+        part
+            Which part of the audit draws from it.
+
+        Returns
+        -------
+        A new generator seeded with ``(seed, part)``: the same draws on every call.
+
+        Examples
+        --------
+        >>> config = AuditConfig(seed=1)
+        >>> int(config.rng(2).integers(100)) == int(config.rng(2).integers(100))
+        True
+        """
         return np.random.default_rng([self.seed, part])
 
 
@@ -382,8 +403,40 @@ class AuditData:
     framed: bool = False
 
     @classmethod
-    def prepare(cls, model, adata, config: AuditConfig) -> AuditData:
-        """Split the rows, compute the public reference and build the attackers."""
+    def prepare(
+        cls, model: BaseModelClass, adata: AnnData | MuData | None, config: AuditConfig
+    ) -> AuditData:
+        """Split the rows, compute the public reference and build the attackers.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        adata
+            Data set up like the training data (``None``: the model's own; then the members
+            default to :func:`training_rows`).
+        config
+            The audit's settings (members, public rows, key guesses, seed, secret frame).
+
+        Returns
+        -------
+        The shared data of the audit.
+
+        Raises
+        ------
+        ValueError
+            When the model has no key, no member split can be found, or no public row is left.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> shared = AuditData.prepare(model, None, AuditConfig(key_guesses=["none"], validation_size=0.2, training_seed=0))
+        >>> len(shared.public_rows) + len(shared.held_out) + int(shared.members.sum())
+        60
+        """
         module = model.module
         if not module.has_key:
             raise ValueError("The model has no key set: the audit needs it to make the uploads.")
@@ -461,8 +514,35 @@ class Attack(Protocol):
     #: name of the attack family
     name: str
 
-    def run(self, model, data: AuditData, config: AuditConfig) -> list[dict]:
-        """Attack with every key guess of ``data``; the rows of the table."""
+    def run(self, model: BaseModelClass, data: AuditData, config: AuditConfig) -> list[dict]:
+        """Attack with every key guess of ``data``; the rows of the table.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        data
+            What the attacks share (:meth:`AuditData.prepare`).
+        config
+            The audit's settings.
+
+        Returns
+        -------
+        The rows of the audit table this attack scores, one dict per (key guess, upload,
+        metric) with the columns of :data:`COLUMNS` but ``defence``; empty when skipped.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> config = AuditConfig(key_guesses=["none"], validation_size=0.2, training_seed=0)
+        >>> attack: Attack = InferenceAttack()
+        >>> rows = attack.run(model, AuditData.prepare(model, None, config), config)
+        >>> sorted({row["metric"] for row in rows})
+        ['accuracy', 'agreement', 'ari', 'knn_accuracy']
+        """
         ...
 
 
@@ -580,8 +660,34 @@ class ReconstructionAttack:
             methods.remove("adaptive-key")
         return methods
 
-    def run(self, model, data: AuditData, config: AuditConfig) -> list[dict]:
-        """Attack ``config.n_victims`` uploads of each size with every method and key guess."""
+    def run(self, model: BaseModelClass, data: AuditData, config: AuditConfig) -> list[dict]:
+        """Attack ``config.n_victims`` uploads of each size with every method and key guess.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        data
+            What the attacks share (:meth:`AuditData.prepare`).
+        config
+            The audit's settings.
+
+        Returns
+        -------
+        The rows of the audit table this attack scores, one dict per (key guess, upload,
+        metric) with the columns of :data:`COLUMNS` but ``defence``; empty when skipped.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> config = AuditConfig(n_victims=1, key_guesses=["none"], validation_size=0.2, training_seed=0)
+        >>> rows = ReconstructionAttack(["analytic"]).run(model, AuditData.prepare(model, None, config), config)
+        >>> [(row["attack"], row["upload"], row["n"]) for row in rows][:1]
+        [('analytic', 'one-sample', 1)]
+        """
         module = model.module
         methods = self._applicable(module)
         if not methods:
@@ -700,8 +806,34 @@ class LabelPrevalenceAttack:
 
     name = "label-prevalence"
 
-    def run(self, model, data: AuditData, config: AuditConfig) -> list[dict]:
-        """Read the label of every upload with every key guess."""
+    def run(self, model: BaseModelClass, data: AuditData, config: AuditConfig) -> list[dict]:
+        """Read the label of every upload with every key guess.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        data
+            What the attacks share (:meth:`AuditData.prepare`).
+        config
+            The audit's settings.
+
+        Returns
+        -------
+        The rows of the audit table this attack scores, one dict per (key guess, upload,
+        metric) with the columns of :data:`COLUMNS` but ``defence``; empty when skipped.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> config = AuditConfig(key_guesses=["none"], n_label_uploads=5, validation_size=0.2, training_seed=0)
+        >>> [row] = LabelPrevalenceAttack().run(model, AuditData.prepare(model, None, config), config)
+        >>> row["metric"], row["n"]
+        ('label_recovery', 5)
+        """
         module = model.module
         if config.aggregated_sites > 1:
             logger.info("label-prevalence skipped: it reads single uploads, not aggregates.")
@@ -775,8 +907,34 @@ class MembershipAttack:
     def __init__(self, methods: Sequence[str] = MEMBERSHIP_ATTACKS) -> None:
         self.methods = _methods(methods, MEMBERSHIP_ATTACKS, self.name)
 
-    def run(self, model, data: AuditData, config: AuditConfig) -> list[dict]:
-        """Score members against held-out rows with every key guess."""
+    def run(self, model: BaseModelClass, data: AuditData, config: AuditConfig) -> list[dict]:
+        """Score members against held-out rows with every key guess.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        data
+            What the attacks share (:meth:`AuditData.prepare`).
+        config
+            The audit's settings.
+
+        Returns
+        -------
+        The rows of the audit table this attack scores, one dict per (key guess, upload,
+        metric) with the columns of :data:`COLUMNS` but ``defence``; empty when skipped.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> config = AuditConfig(key_guesses=["none"], n_membership=10, validation_size=0.2, training_seed=0)
+        >>> rows = MembershipAttack(["loss"]).run(model, AuditData.prepare(model, None, config), config)
+        >>> sorted(row["metric"] for row in rows)
+        ['auc', 'tpr@1%fpr']
+        """
         members, held_out, rows_data = data.members, data.held_out, data.data
         count = min(config.n_membership, len(held_out), int(members.sum()))
         if count < 2:
@@ -860,8 +1018,34 @@ class InferenceAttack:
 
     name = "inference"
 
-    def run(self, model, data: AuditData, config: AuditConfig) -> list[dict]:
-        """Utility metrics of the model with every key guess."""
+    def run(self, model: BaseModelClass, data: AuditData, config: AuditConfig) -> list[dict]:
+        """Utility metrics of the model with every key guess.
+
+        Parameters
+        ----------
+        model
+            The trained model audited (its key set).
+        data
+            What the attacks share (:meth:`AuditData.prepare`).
+        config
+            The audit's settings.
+
+        Returns
+        -------
+        The rows of the audit table this attack scores, one dict per (key guess, upload,
+        metric) with the columns of :data:`COLUMNS` but ``defence``; empty when skipped.
+
+        Examples
+        --------
+        >>> import scinfl
+        >>> adata = scinfl.data.synthetic_counts(n_obs=60, n_vars=20, n_sites=2)
+        >>> scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+        >>> model = scinfl.model.INFL(adata, key=scinfl.Key.generate())
+        >>> config = AuditConfig(key_guesses=["none"], validation_size=0.2, training_seed=0)
+        >>> rows = InferenceAttack().run(model, AuditData.prepare(model, None, config), config)
+        >>> sorted({row["key_guess"] for row in rows})
+        ['no model', 'none']
+        """
         if data.data.label_names is None and config.labels_key is None:
             logger.info("Inference utility skipped: the model has no labels; pass labels_key=.")
             return []
@@ -904,11 +1088,11 @@ def _resolve(attacks: Sequence[str | Attack]) -> list[Attack]:
 
 
 def audit(
-    model,
-    adata=None,
+    model: BaseModelClass,
+    adata: AnnData | MuData | None = None,
     attacks: Sequence[str | Attack] = DEFAULT_ATTACKS,
     config: AuditConfig | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Audit a trained model against the attacks of the threat model, with every key guess.
 

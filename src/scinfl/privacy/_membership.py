@@ -96,7 +96,9 @@ def sample_losses(
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def membership_metrics(scores, is_member, fpr: float = 0.01) -> tuple[float, float]:
+def membership_metrics(
+    scores: np.ndarray, is_member: np.ndarray, fpr: float = 0.01
+) -> tuple[float, float]:
     """ROC-AUC of membership scores and the true-positive rate at a false-positive rate.
 
     Parameters
@@ -143,6 +145,12 @@ class MembershipResult:
         True-positive rate at false-positive rate ``fpr`` (chance ``fpr``).
     fpr
         The false-positive rate of ``tpr``.
+
+    Examples
+    --------
+    >>> result = MembershipResult.from_scores(np.array([0.9, 0.4, 0.6, 0.1]), np.array([1, 1, 0, 0]))
+    >>> result.auc, result.tpr, result.is_member.tolist()
+    (0.75, 0.5, [True, True, False, False])
     """
 
     scores: np.ndarray = field(repr=False)
@@ -152,8 +160,23 @@ class MembershipResult:
     fpr: float
 
     @classmethod
-    def from_scores(cls, scores, is_member, fpr: float = 0.01) -> MembershipResult:
+    def from_scores(
+        cls, scores: np.ndarray, is_member: np.ndarray, fpr: float = 0.01
+    ) -> MembershipResult:
         """Compute the metrics of ``scores`` (see :func:`membership_metrics`).
+
+        Parameters
+        ----------
+        scores
+            ``(n,)`` membership score of every target row (higher = more likely a member).
+        is_member
+            ``(n,)`` truth (booleans, or 0/1).
+        fpr
+            False-positive rate at which the TPR is read.
+
+        Returns
+        -------
+        The result, with the scores and truth kept as arrays.
 
         Examples
         --------
@@ -216,6 +239,12 @@ class ReferenceModels:
         The trained models.
     trained_on
         ``(n_models, n_population)`` booleans: the population rows each model was trained on.
+
+    Examples
+    --------
+    >>> references = ReferenceModels([nn.Linear(2, 1)], trained_on=np.array([[True, False, True]]))
+    >>> len(references.modules), references.trained_on.sum(1).tolist()
+    (1, [2])
     """
 
     modules: list[nn.Module] = field(repr=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -32,7 +34,9 @@ def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.nan_to_num(r, nan=0.0)
 
 
-def partial_correlation(reconstruction, truth, reference=None) -> float | np.ndarray:
+def partial_correlation(
+    reconstruction: np.ndarray, truth: np.ndarray, reference: np.ndarray | None = None
+) -> float | np.ndarray:
     """Partial correlation of a reconstruction and the truth given a public reference profile.
 
     Both are residualised on ``[1, reference]`` (least squares), then correlated. It is free of
@@ -71,8 +75,23 @@ def partial_correlation(reconstruction, truth, reference=None) -> float | np.nda
     return float(r[0]) if np.ndim(reconstruction) == 1 else r
 
 
-def candidate_scores(reconstruction, candidates, reference=None) -> np.ndarray:
+def candidate_scores(
+    reconstruction: np.ndarray, candidates: np.ndarray, reference: np.ndarray | None = None
+) -> np.ndarray:
     """Partial correlation of a reconstruction with every candidate row.
+
+    Parameters
+    ----------
+    reconstruction
+        ``(p,)`` reconstruction, or ``(n, p)`` reconstructions.
+    candidates
+        ``(m, p)`` candidate rows, in the same space.
+    reference
+        ``(p,)`` public profile removed before correlating (``None``: Pearson).
+
+    Returns
+    -------
+    ``(m,)`` scores, or ``(n, m)`` for 2-D ``reconstruction``.
 
     Examples
     --------
@@ -89,8 +108,23 @@ def candidate_scores(reconstruction, candidates, reference=None) -> np.ndarray:
     return scores[0] if np.ndim(reconstruction) == 1 else scores
 
 
-def reidentify(reconstruction, candidates, reference=None) -> int | np.ndarray:
+def reidentify(
+    reconstruction: np.ndarray, candidates: np.ndarray, reference: np.ndarray | None = None
+) -> int | np.ndarray:
     """Index of the candidate the reconstruction is matched to (highest partial correlation).
+
+    Parameters
+    ----------
+    reconstruction
+        ``(p,)`` reconstruction, or ``(n, p)`` reconstructions.
+    candidates
+        ``(m, p)`` candidate rows, in the same space.
+    reference
+        ``(p,)`` public profile removed before matching.
+
+    Returns
+    -------
+    The index of the best candidate, or ``(n,)`` indices for 2-D ``reconstruction``.
 
     Examples
     --------
@@ -108,6 +142,21 @@ def candidate_set(n: int, victim: int, n_candidates: int = 100, seed: int = 0) -
 
     The victim is at position 0. Chance re-identification is ``1 / n_candidates``.
 
+    Parameters
+    ----------
+    n
+        Number of rows to draw from.
+    victim
+        The victim's row.
+    n_candidates
+        Size of the set, the victim included (at most ``n``).
+    seed
+        Seed of the draw (with ``victim``).
+
+    Returns
+    -------
+    ``(n_candidates,)`` row indices, the victim first.
+
     Examples
     --------
     >>> rows = candidate_set(500, victim=7, n_candidates=100)
@@ -122,7 +171,12 @@ def candidate_set(n: int, victim: int, n_candidates: int = 100, seed: int = 0) -
 
 
 def reidentification_rate(
-    reconstructions, victims, data, reference=None, n_candidates: int = 100, seed: int = 0
+    reconstructions: np.ndarray,
+    victims: np.ndarray | Sequence[int],
+    data: np.ndarray,
+    reference: np.ndarray | None = None,
+    n_candidates: int = 100,
+    seed: int = 0,
 ) -> float:
     """Fraction of reconstructions matched to their own sample among ``n_candidates`` candidates.
 
@@ -145,6 +199,10 @@ def reidentification_rate(
     seed
         Seed of the candidate draws.
 
+    Returns
+    -------
+    The re-identification rate, in ``[0, 1]``.
+
     Examples
     --------
     >>> import numpy as np
@@ -163,11 +221,26 @@ def reidentification_rate(
     return float(np.mean(hits))
 
 
-def top_k_overlap(reconstruction, truth, k: int = 50, reference=None) -> float:
+def top_k_overlap(
+    reconstruction: np.ndarray, truth: np.ndarray, k: int = 50, reference: np.ndarray | None = None
+) -> float:
     """Fraction of the truth's top-``k`` features that are also top-``k`` in the reconstruction.
 
     With a ``reference``, features are ranked by their residual after removing it (what sets
     this sample apart), otherwise by value. Chance level is about ``k / p``.
+
+    Parameters
+    ----------
+    reconstruction, truth
+        ``(p,)`` vectors (of a 2-D input, the first row is used).
+    k
+        Number of top features compared.
+    reference
+        ``(p,)`` public profile removed before ranking.
+
+    Returns
+    -------
+    The overlap, in ``[0, 1]``.
 
     Examples
     --------
@@ -185,8 +258,19 @@ def top_k_overlap(reconstruction, truth, k: int = 50, reference=None) -> float:
     return len(np.intersect1d(top_r, top_t)) / k
 
 
-def label_recovery(predicted, true) -> float:
+def label_recovery(
+    predicted: np.ndarray | Sequence[int], true: np.ndarray | Sequence[int]
+) -> float:
     """Fraction of uploads whose label the attacker recovered.
+
+    Parameters
+    ----------
+    predicted, true
+        Recovered and true label of each upload (same length).
+
+    Returns
+    -------
+    The accuracy, in ``[0, 1]``.
 
     Examples
     --------

@@ -18,6 +18,15 @@ Gradients = dict[str, torch.Tensor]
 def shared_parameter_names(module: nn.Module) -> list[str]:
     """Names of the trainable parameters that travel to the server (they are in the ``state_dict``).
 
+    Parameters
+    ----------
+    module
+        A scinfl module.
+
+    Returns
+    -------
+    The names, in ``named_parameters`` order (the keys of an upload's gradients).
+
     Examples
     --------
     >>> from scinfl.module import KeyedVAE
@@ -197,8 +206,24 @@ def gradient_from_update(
     return grads
 
 
-def make_tensors(x: torch.Tensor | np.ndarray, labels=None, batch=None) -> dict[str, torch.Tensor]:
+def make_tensors(
+    x: torch.Tensor | np.ndarray,
+    labels: np.ndarray | int | None = None,
+    batch: np.ndarray | int | None = None,
+) -> dict[str, torch.Tensor]:
     """Registry tensors for rows ``x`` (counts or values), with optional labels and batches.
+
+    Parameters
+    ----------
+    x
+        ``(n, p)`` rows, or one ``(p,)`` row.
+    labels, batch
+        Label and batch code of each row, ``(n,)`` (a scalar for one row; ``None``: all 0).
+
+    Returns
+    -------
+    ``{"X": (n, p) float32, "batch": (n, 1) int64, "labels": (n, 1) int64}``, the minibatch a
+    scinfl module reads.
 
     Examples
     --------

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,11 @@ from torch import nn
 
 from ._attacks import attacker_module
 from ._upload import make_tensors
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+    from scvi.model.base import BaseModelClass
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +161,8 @@ def _latent_score(metric: str, latent: np.ndarray, y: np.ndarray, n_neighbors: i
 
 
 def wrong_key_utility(
-    model,
-    data=None,
+    model: BaseModelClass | nn.Module,
+    data: AnnData | MuData | Mapping[str, torch.Tensor] | None = None,
     labels: str | Sequence | np.ndarray | None = None,
     guesses: Sequence[str] = ("correct", "wrong", "none"),
     metrics: Sequence[str] = UTILITY_METRICS,

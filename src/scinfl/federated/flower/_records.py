@@ -30,6 +30,15 @@ _FIELDS = {f.name: f.type for f in dataclasses.fields(ClientConfig)}
 def parameters_to_record(parameters: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Encode shared parameters as an :class:`~flwr.app.ArrayRecord` (exact, names kept).
 
+    Parameters
+    ----------
+    parameters
+        Name to numpy array.
+
+    Returns
+    -------
+    The record, one :class:`~flwr.app.Array` per name, in the same order.
+
     Examples
     --------
     >>> import numpy as np
@@ -55,6 +64,10 @@ def record_to_parameters(
         Names in the wanted order (e.g. the current global parameters); names not in it
         follow in the record's order, so a mismatch still reaches the architecture check.
 
+    Returns
+    -------
+    Name to numpy array.
+
     Examples
     --------
     >>> import numpy as np
@@ -72,6 +85,15 @@ def record_to_parameters(
 
 def config_to_record(config: ClientConfig) -> ConfigRecord:
     """Encode the round's instructions.
+
+    Parameters
+    ----------
+    config
+        The round's instructions.
+
+    Returns
+    -------
+    A record with one entry per field (an empty ``participants`` list is left out).
 
     Examples
     --------
@@ -91,6 +113,20 @@ def config_to_record(config: ClientConfig) -> ConfigRecord:
 
 def record_to_config(record: ConfigRecord) -> ClientConfig:
     """Decode the round's instructions (unknown entries and another protocol are refused).
+
+    Parameters
+    ----------
+    record
+        The record, as :func:`config_to_record` makes it.
+
+    Returns
+    -------
+    The instructions.
+
+    Raises
+    ------
+    ValueError
+        On an unknown entry, a value of the wrong type or another protocol version.
 
     Examples
     --------
@@ -210,6 +246,16 @@ def metrics_record(metrics: Mapping[str, float]) -> MetricRecord:
 def update_to_content(update: ClientUpdate) -> RecordDict:
     """Encode a :class:`~scinfl.federated.ClientUpdate` as a reply's content.
 
+    Parameters
+    ----------
+    update
+        The site's update.
+
+    Returns
+    -------
+    The content: ``parameters``, ``metrics``, ``identity`` (site, ``n``, key identity) and,
+    if the update has them, ``counts``.
+
     Examples
     --------
     >>> import numpy as np
@@ -237,6 +283,17 @@ def content_to_update(
     """Decode a reply's content into a :class:`~scinfl.federated.ClientUpdate`.
 
     A reply without parameters (an evaluation) gives an update with empty parameters.
+
+    Parameters
+    ----------
+    content
+        The reply's content (:func:`update_to_content`).
+    order
+        Parameter names in the wanted order (see :func:`record_to_parameters`).
+
+    Returns
+    -------
+    The update.
 
     Examples
     --------

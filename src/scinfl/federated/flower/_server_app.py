@@ -58,6 +58,16 @@ FinishCallback = Callable[[FederatedServer, Context], None]
 class SiteDirectory:
     """Which Flower node holds which site, as the sites reported it.
 
+    Parameters
+    ----------
+    nodes
+        Flower node id of each site, by site name.
+    n_train, n_val
+        Training and validation rows of each site, by name.
+    keys
+        Key identity ``(fingerprint, version)`` each site reported, by name (``None`` entries
+        for a keyless site).
+
     Examples
     --------
     >>> SiteDirectory({"a": 11}, {"a": 9}, {"a": 1}).sites
@@ -76,6 +86,15 @@ class SiteDirectory:
 
     def site_of(self, node_id: int) -> str | None:
         """The site the node ``node_id`` holds (``None``: no site of the directory).
+
+        Parameters
+        ----------
+        node_id
+            A Flower node id.
+
+        Returns
+        -------
+        The site's name, or ``None``.
 
         Examples
         --------
@@ -171,6 +190,26 @@ def request_parameters(
     The parameters of a freshly built module: random initial weights, no data, no key; in
     the initial secret frame with ``in_secret_frame`` (:class:`~scinfl.federated.SecretFrames`).
 
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    directory
+        Site-to-node map from :func:`discover_sites`.
+    timeout
+        Seconds to wait for the reply (``None``: forever).
+    in_secret_frame
+        Ask for them in the initial secret frame (the sites' frames must be on).
+
+    Returns
+    -------
+    The initial global parameters, name to numpy array.
+
+    Raises
+    ------
+    RuntimeError
+        When the site does not answer, or answers with an error.
+
     Examples
     --------
     >>> parameters = request_parameters(grid, discover_sites(grid, 3))  # doctest: +SKIP
@@ -218,6 +257,22 @@ def agree_public_keys(
     site, which checks the tags and derives a secret with each peer
     (:meth:`~scinfl.federated.SiteProtocol.install_peer_keys`).
 
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    directory
+        Site-to-node map from :func:`discover_sites`.
+    sites
+        The sites that take part (every site that may be asked to train).
+    timeout
+        Seconds to wait for each step's replies (``None``: forever).
+
+    Raises
+    ------
+    RuntimeError
+        When a site fails, does not answer in time, or a node claims another's site.
+
     Examples
     --------
     >>> agree_public_keys(grid, directory, directory.sites)  # doctest: +SKIP
@@ -248,6 +303,17 @@ def share_feature_scale(
     rows' moments per row, from which the location and scale follow
     (:func:`~scinfl.module.scale_from_moments`); every site then installs them. Before any
     model: a site answers neither once it has received one.
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    directory
+        Site-to-node map from :func:`discover_sites`.
+    secure
+        The sites mask their moments (secure aggregation, with the keys agreed first).
+    timeout
+        Seconds to wait for each step's replies (``None``: forever).
 
     Returns
     -------
@@ -365,6 +431,17 @@ class GridTransport:
     addressed one dropped, and a site that fails or does not answer within ``round_timeout``
     is left out of the step (logged).
 
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    directory
+        Site-to-node map from :func:`discover_sites`.
+    server
+        The federation's server (its parameters order the decoded replies).
+    round_timeout
+        Seconds to wait for the replies of one step (``None``: wait for all).
+
     Examples
     --------
     >>> transport = GridTransport(grid, discover_sites(grid, 3), server)  # doctest: +SKIP
@@ -381,7 +458,22 @@ class GridTransport:
         self.round_timeout = round_timeout
 
     def available(self, round_: int) -> list[str]:
-        """The sites whose node is still connected."""
+        """The sites whose node is still connected.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based; named in the warning about disconnected sites).
+
+        Returns
+        -------
+        The connected sites, sorted.
+
+        Examples
+        --------
+        >>> transport.available(0)  # doctest: +SKIP
+        ['a', 'b', 'c']
+        """
         connected = set(self.grid.get_node_ids())
         gone = [s for s in self.directory.sites if self.directory.nodes[s] not in connected]
         if gone:
@@ -396,22 +488,99 @@ class GridTransport:
         config: ClientConfig,
         attempt: int = 0,
     ) -> list[ClientUpdate]:
-        """A ``train`` message to each site; their updates."""
+        """A ``train`` message to each site; their updates.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The sites asked to train.
+        parameters
+            The global parameters, as the server holds them.
+        config
+            The round's instructions.
+        attempt
+            Attempt of the round (under secure aggregation; names the message group).
+
+        Returns
+        -------
+        The answering sites' updates, sorted by site.
+
+        Raises
+        ------
+        RuntimeError
+            When no site completed the step.
+        FloatingPointError
+            When training diverged at every site that answered.
+
+        Examples
+        --------
+        >>> updates = transport.train(0, ["a", "b"], server.parameters, server.client_config(0))  # doctest: +SKIP
+        """
         group = f"{round_}" if attempt == 0 else f"{round_}.{attempt}"
         return self._ask(sites, parameters, config, MessageType.TRAIN, round_, group)
 
     def evaluate(
         self, round_: int, sites: list[str], parameters: Parameters, config: ClientConfig
     ) -> list[ClientUpdate]:
-        """An ``evaluate`` message to each site; their metrics."""
+        """An ``evaluate`` message to each site; their metrics.
+
+        Parameters
+        ----------
+        round_
+            The round the parameters come from (0-based).
+        sites
+            The sites asked to validate.
+        parameters
+            The global parameters, as the server holds them.
+        config
+            The instructions that go with them.
+
+        Returns
+        -------
+        The answering sites' updates (validation metrics, no parameters), sorted by site.
+
+        Examples
+        --------
+        >>> updates = transport.evaluate(0, ["a", "b"], server.parameters, server.client_config(1))  # doctest: +SKIP
+        """
         return self._ask(sites, parameters, config, MessageType.EVALUATE, round_, str(round_))
 
     def agree_keys(self, sites: list[str]) -> None:
-        """:func:`agree_public_keys` among ``sites``."""
+        """:func:`agree_public_keys` among ``sites``.
+
+        Parameters
+        ----------
+        sites
+            Every site that may be asked to train in the run.
+
+        Examples
+        --------
+        >>> transport.agree_keys(transport.available(0))  # doctest: +SKIP
+        """
         agree_public_keys(self.grid, self.directory, sites, self.round_timeout)
 
     def reveal(self, round_: int, sites: list[str], config: ClientConfig) -> dict[str, bytes]:
-        """A ``query`` to each site for its self-mask seed of the attempt ``config`` names."""
+        """A ``query`` to each site for its self-mask seed of the attempt ``config`` names.
+
+        Parameters
+        ----------
+        round_
+            Global round (0-based).
+        sites
+            The participants of the attempt.
+        config
+            The instructions they trained under.
+
+        Returns
+        -------
+        Each answering site's 32-byte seed, by site (a site that fails is left out, logged).
+
+        Examples
+        --------
+        >>> seeds = transport.reveal(0, ["a", "b"], sent)  # doctest: +SKIP
+        """
         content = RecordDict({REVEAL: config_to_record(config)})
         messages = [
             Message(

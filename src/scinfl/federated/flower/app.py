@@ -26,7 +26,7 @@ import logging
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,10 @@ from ._server_app import (
     run_flower_rounds,
     share_feature_scale,
 )
+
+if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
+    from scvi.model.base import BaseModelClass
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +132,16 @@ def federation_config(run_config: Mapping[str, Any]) -> FederationConfig:
     own type; ``secret-frames = "auto"`` is decided as :meth:`FederationConfig.for_key`
     decides it for the model's key mode.
 
+    Parameters
+    ----------
+    run_config
+        The run configuration (entries missing from it take
+        :data:`DEFAULT_RUN_CONFIG`'s values).
+
+    Returns
+    -------
+    The federation's settings.
+
     Examples
     --------
     >>> federation_config({"num-rounds": 3, "batch-size": 64}).max_rounds
@@ -149,6 +163,20 @@ def secret_frames_on(run_config: Mapping[str, Any]) -> bool:
     ``true`` or ``false``, or ``"auto"`` (the default): on whenever the sites hold the
     federation's key (a keyed ``key_mode`` in ``init-params``, or ``privacy = "secagg"``),
     except with ``privacy = "dp"`` (:meth:`FederationConfig.for_key`).
+
+    Parameters
+    ----------
+    run_config
+        The run configuration.
+
+    Returns
+    -------
+    ``True`` when the parameters travel in secret frames.
+
+    Raises
+    ------
+    ValueError
+        When ``secret-frames`` is another string than ``true``, ``false`` or ``"auto"``.
 
     Examples
     --------
@@ -203,6 +231,20 @@ def _init_params(s: Mapping[str, Any]) -> dict[str, Any]:
 def model_class(run_config: Mapping[str, Any]) -> type:
     """The model class every site builds (run-config ``model``: ``package.module.Class``).
 
+    Parameters
+    ----------
+    run_config
+        The run configuration (default model: :class:`~scinfl.model.INFL`).
+
+    Returns
+    -------
+    The imported class.
+
+    Raises
+    ------
+    ValueError
+        When the class cannot be imported.
+
     Examples
     --------
     >>> model_class({}).__name__
@@ -219,12 +261,24 @@ def model_class(run_config: Mapping[str, Any]) -> type:
         ) from err
 
 
-def model_run_config(model, **entries: Any) -> dict[str, Any]:
+def model_run_config(model: BaseModelClass, **entries: Any) -> dict[str, Any]:
     """The run-config entries that make every site build ``model``'s architecture.
 
     The model's ``setup_anndata`` arguments (with the categories of its registered
     categorical fields agreed, so codes mean the same at every site) and its init
     parameters, as JSON, plus the key's public identity; ``entries`` are added as they are.
+
+    Parameters
+    ----------
+    model
+        A set-up scinfl model (its data registry and init parameters are read).
+    **entries
+        Further run-config entries (``"num-rounds"``, ``"privacy"``, ...), added as given.
+
+    Returns
+    -------
+    Run-config entries: ``model``, ``setup-args``, ``init-params``, ``features``,
+    ``key-fingerprint``, ``key-version`` and ``entries``.
 
     Examples
     --------
@@ -259,11 +313,25 @@ def model_run_config(model, **entries: Any) -> dict[str, Any]:
     }
 
 
-def categorical_arguments(manager, setup: Mapping[str, Any]) -> dict[str, list[str]]:
+def categorical_arguments(
+    manager: AnnDataManager, setup: Mapping[str, Any]
+) -> dict[str, list[str]]:
     """The categories of every categorical ``.obs`` column a setup registered, by argument.
 
     Labels, batches and the categorical covariates (a perturbation model's condition): their
     codes are inputs or targets of the model, so every site must code them alike.
+
+    Parameters
+    ----------
+    manager
+        The model's data manager (its registry holds the categories).
+    setup
+        The ``setup_anndata`` arguments the data was registered with.
+
+    Returns
+    -------
+    ``setup_anndata`` argument (``labels_key``, ``batch_key``, a covariate's key) to its
+    categories, in code order.
 
     Examples
     --------
@@ -342,6 +410,28 @@ def load_site(
     its data from the model's registry, split as every engine splits it
     (:meth:`~scinfl.federated.SiteData.from_registry`). With the run's ``features``
     (:func:`model_run_config` writes them), the file's features are matched to them by name.
+
+    Parameters
+    ----------
+    path
+        The site's ``.h5ad`` or ``.h5mu`` file.
+    site
+        The site's name.
+    run_config
+        The run configuration (``setup-args``, ``init-params``, ``features``, ``seed``, ...).
+    key
+        The federation's key, set on the model (``None``: a keyless model).
+
+    Returns
+    -------
+    ``(model, site_data)``: the built model and the site's data.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` is not a file.
+    ValueError
+        When the file does not fit the run (features, layer, categories, values).
 
     Examples
     --------
@@ -505,6 +595,20 @@ def resolve_deployed_site(context: Context) -> SiteRuntime:
     the federation's :class:`~scinfl.federated.Roster`), secure aggregation's public keys are
     signed and pinned.
 
+    Parameters
+    ----------
+    context
+        The ClientApp's Flower context (its ``node_config`` and ``run_config``).
+
+    Returns
+    -------
+    The site's runtime (cached per node config and run config).
+
+    Raises
+    ------
+    ValueError
+        When the node config has no ``data-path``.
+
     Examples
     --------
     >>> runtime = resolve_deployed_site(context)  # doctest: +SKIP
@@ -528,6 +632,17 @@ def save_results(server: FederatedServer, output_dir: str | Path) -> Path:
 
     Under ``secret-frames`` the parameters are written as the server holds them, in a secret
     frame (``summary["secret_frame"]``): only :func:`load_results` with the key reads them.
+
+    Parameters
+    ----------
+    server
+        The server after the run (its selected round is written).
+    output_dir
+        Where to write (created if missing).
+
+    Returns
+    -------
+    ``output_dir``, as a :class:`~pathlib.Path`.
 
     Examples
     --------
@@ -569,9 +684,27 @@ def load_results(
         The federation's key: needed when the run used ``secret-frames`` (the parameters are
         decoded from their secret frame).
 
+    Returns
+    -------
+    ``(parameters, history, summary)``: the selected round's parameters (plain, name to
+    array, in the model's order), the history (:meth:`FederatedServer.history`) and the
+    summary (``best_round``, ``best_val_loss``, key identity, ``dp_epsilon``, ``sites``, ...).
+
+    Raises
+    ------
+    MissingKeyError
+        When the parameters are in a secret frame and no ``key`` is given.
+    KeyMismatchError
+        When ``key`` is not the one the run was trained under.
+
     Examples
     --------
-    >>> parameters, history, summary = load_results("scinfl-flower-output")  # doctest: +SKIP
+    >>> import numpy as np, tempfile
+    >>> server = FederatedServer({"w": np.zeros(2)}, FederationConfig(max_rounds=1))
+    >>> _ = server.record_evaluation(0, {"a": {"n_val": 3, "val_loss": 1.5}})
+    >>> parameters, history, summary = load_results(save_results(server, tempfile.mkdtemp()))
+    >>> parameters["w"], summary["best_round"], history["val_loss"].tolist()
+    (array([0., 0.]), 0, [1.5])
     """
     out = Path(output_dir)
     summary = json.loads((out / "summary.json").read_text())
