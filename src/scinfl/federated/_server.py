@@ -246,6 +246,40 @@ class FederatedServer:
         accepted = accept_updates(
             updates, self.key_fingerprint, self.key_version, reference=self.parameters
         )
+        self._check_enough_accepted(round_, updates, accepted)
+        if self.config.privacy.secret_frames:
+            if sent is None:
+                raise ValueError("Under secret_frames, aggregate() needs the instructions sent.")
+            frame = frame_id(self.parameters, sent)
+        if self.config.privacy.secure_aggregation:
+            if participants is None:
+                participants = [u.site for u in updates]
+            self.parameters = unmask_sum(accepted, self.parameters, participants, self_seeds)
+            extra = {}
+        else:
+            self.parameters, extra = self._average(accepted, round_)
+        if self.config.privacy.secret_frames:
+            self.frame = frame
+        kl_weight = self.config.kl_weight(round_)
+        for update in updates:
+            self.rows.append(
+                {
+                    "round": round_,
+                    "site": update.site,
+                    "n_train": update.n,
+                    "trained": True,
+                    "accepted": update in accepted,
+                    "kl_weight": kl_weight,
+                    **update.metrics,
+                    **extra,
+                }
+            )
+        return self.parameters
+
+    def _check_enough_accepted(
+        self, round_: int, updates: Sequence[ClientUpdate], accepted: list[ClientUpdate]
+    ) -> None:
+        """Refuse a round with no accepted update, or fewer than ``min_available``."""
         if not accepted and updates and not any(is_finite_update(u) for u in updates):
             raise FloatingPointError(
                 f"Round {round_}: training diverged at every site (their updates hold NaN or "
@@ -266,46 +300,21 @@ class FederatedServer:
                 "time, or used another key). Bring the sites back (each with the federation's "
                 f"key file) and {then}, or lower min_available."
             )
-        extra = {}
-        if self.config.privacy.secret_frames:
-            if sent is None:
-                raise ValueError("Under secret_frames, aggregate() needs the instructions sent.")
-            frame = frame_id(self.parameters, sent)
-        if self.config.privacy.secure_aggregation:
-            if participants is None:
-                participants = [u.site for u in updates]
-            self.parameters = unmask_sum(accepted, self.parameters, participants, self_seeds)
-        elif self.dp is not None:
-            if any(u.counts for u in accepted):
-                raise ValueError(
-                    "DP-FedAvg of a mosaic is not supported: its clipping and noise assume one "
-                    "weight per site, and some sites trained only some parameters (a modality "
-                    "they lack). Train without privacy='dp', or give every site every modality."
-                )
-            self.parameters = self.dp.aggregate(self.parameters, accepted, round_)
-            extra["dp_epsilon"] = self.dp.epsilon()
-            logger.debug(
-                "Round %d: epsilon %.3g at delta %g.", round_, extra["dp_epsilon"], self.dp.delta
+
+    def _average(self, accepted: list[ClientUpdate], round_: int) -> tuple[Parameters, dict]:
+        """FedAvg of the accepted updates (DP-FedAvg's under ``privacy="dp"``), and what to record."""
+        if self.dp is None:
+            return fedavg(accepted), {}
+        if any(u.counts for u in accepted):
+            raise ValueError(
+                "DP-FedAvg of a mosaic is not supported: its clipping and noise assume one "
+                "weight per site, and some sites trained only some parameters (a modality "
+                "they lack). Train without privacy='dp', or give every site every modality."
             )
-        else:
-            self.parameters = fedavg(accepted)
-        if self.config.privacy.secret_frames:
-            self.frame = frame
-        kl_weight = self.config.kl_weight(round_)
-        for update in updates:
-            self.rows.append(
-                {
-                    "round": round_,
-                    "site": update.site,
-                    "n_train": update.n,
-                    "trained": True,
-                    "accepted": update in accepted,
-                    "kl_weight": kl_weight,
-                    **update.metrics,
-                    **extra,
-                }
-            )
-        return self.parameters
+        parameters = self.dp.aggregate(self.parameters, accepted, round_)
+        epsilon = self.dp.epsilon()
+        logger.debug("Round %d: epsilon %.3g at delta %g.", round_, epsilon, self.dp.delta)
+        return parameters, {"dp_epsilon": epsilon}
 
     def record_evaluation(self, round_: int, site_metrics: dict[str, dict[str, float]]) -> bool:
         """Record the validation metrics of the new global model; returns ``True`` to stop.
