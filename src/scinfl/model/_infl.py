@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,10 @@ class INFL(
         Weight of the classifier loss when ``labels_key`` was registered. ``None`` (the
         default): the number of features, at least 50, see :meth:`default_classification_ratio`.
     **module_kwargs
-        Passed to :class:`~scinfl.module.KeyedVAE`.
+        Passed to :class:`~scinfl.module.KeyedVAE`: its own ``normal_variance``, and through
+        it :class:`scvi.module.VAE`'s (``dispersion``, ...). The
+        arguments INFL derives from the setup (``n_input``, ``n_batch``, ``n_labels``, ...) are
+        not for passing.
 
     Examples
     --------
@@ -108,7 +111,7 @@ class INFL(
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         classification_ratio: float | None = None,
-        **module_kwargs,
+        **module_kwargs: Any,
     ) -> None:
         super().__init__(adata)
         if n_latent is None:
@@ -257,7 +260,7 @@ class INFL(
         labels_key: str | None = None,
         categories: Mapping[str, Sequence[str]] | None = None,
         unlabeled_category: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """Register an AnnData for INFL.
 
@@ -283,7 +286,9 @@ class INFL(
             the labelled rows only, never predicts this label, and missing labels (``NaN``)
             become it. ``None``: every row must be labelled.
         **kwargs
-            Passed to :class:`~scvi.data.AnnDataManager`.
+            Passed to scvi-tools' :meth:`scvi.data.AnnDataManager.register_fields`:
+            ``source_registry`` and its transfer arguments (``extend_categories``), with which
+            scvi-tools (``load``, new samples) sets up data like a trained model's.
 
         Examples
         --------
@@ -421,10 +426,23 @@ class INFL(
         return mapping[:-1] if self._unlabeled is not None else mapping
 
     # -- outputs -------------------------------------------------------------------------------
-    def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
+    def get_latent_representation(
+        self, *args: Any, **kwargs: Any
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation of each observation (mean of q(z|x) by default).
 
-        Parameters are those of :meth:`scvi.model.base.VAEMixin.get_latent_representation`.
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.VAEMixin.get_latent_representation`:
+            ``adata`` (default: the registered AnnData; new samples are matched to the model's
+            features by name), ``indices``, ``give_mean`` (``False``: a draw of q(z|x)),
+            ``batch_size``, ``return_dist``.
+
+        Returns
+        -------
+        The latent, shape ``(n_obs, n_latent)``; with ``return_dist=True`` the means and the
+        variances of q(z|x), each of that shape.
 
         Examples
         --------
@@ -435,13 +453,26 @@ class INFL(
         self._require_key()
         return super().get_latent_representation(*args, **kwargs)
 
-    def get_normalized_expression(self, *args, **kwargs):
+    def get_normalized_expression(self, *args: Any, **kwargs: Any) -> np.ndarray | pd.DataFrame:
         """Expected expression per cell (scvi-tools' method), for count likelihoods.
 
-        Parameters are those of :meth:`scvi.model.base.RNASeqMixin.get_normalized_expression`
-        (``library_size``, ``gene_list``, ``n_samples``, ...); :meth:`differential_expression`
-        builds on it, as in scvi-tools' SCVI. Continuous data (``gene_likelihood="normal"``)
-        have no count proportions to normalise: refused.
+        :meth:`differential_expression` builds on it, as in scvi-tools' SCVI. Continuous data
+        (``gene_likelihood="normal"``) have no count proportions to normalise: refused
+        (``NotImplementedError``).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.RNASeqMixin.get_normalized_expression`:
+            ``adata``, ``indices``, ``gene_list``, ``library_size`` (default 1: proportions),
+            ``n_samples``, ``return_mean``, ``return_numpy``, ``batch_size``,
+            ``transform_batch``.
+
+        Returns
+        -------
+        Cells x genes, a DataFrame named by cells and genes (an array with
+        ``return_numpy=True``); with ``n_samples > 1`` and ``return_mean=False`` an array of
+        shape ``(n_samples, n_cells, n_genes)``.
 
         Examples
         --------
@@ -452,8 +483,23 @@ class INFL(
         self._refuse_for_continuous_data("get_normalized_expression")
         return super().get_normalized_expression(*args, **kwargs)
 
-    def differential_expression(self, *args, **kwargs):
+    def differential_expression(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
         """scvi-tools' differential expression, from :meth:`get_normalized_expression` (counts).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.RNASeqMixin.differential_expression`:
+            ``adata``, ``groupby``, ``group1``, ``group2`` (default: the rest), or ``idx1`` /
+            ``idx2``; ``mode`` (``"vanilla"`` or ``"change"``), ``delta``, ``fdr_target``,
+            ``batch_size``, ``silent``.
+
+        Returns
+        -------
+        One row per gene (per gene and group when ``group1`` is ``None``), scvi-tools'
+        columns: ``bayes_factor``, ``scale1``/``scale2``, ``raw_mean1``/``raw_mean2``,
+        ``comparison``, ...; ``mode="change"`` adds ``proba_de``, ``lfc_mean`` and
+        ``is_de_fdr_<fdr_target>``.
 
         Examples
         --------
@@ -464,8 +510,20 @@ class INFL(
         self._refuse_for_continuous_data("differential_expression")
         return super().differential_expression(*args, **kwargs)
 
-    def get_feature_correlation_matrix(self, *args, **kwargs):
+    def get_feature_correlation_matrix(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
         """scvi-tools' feature correlations of denoised counts, for count likelihoods.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools'
+            :meth:`scvi.model.base.RNASeqMixin.get_feature_correlation_matrix`: ``adata``,
+            ``indices``, ``n_samples``, ``batch_size``, ``rna_size_factor``,
+            ``transform_batch``, ``correlation_type`` (``"spearman"`` or ``"pearson"``).
+
+        Returns
+        -------
+        Genes x genes correlations, named by the genes.
 
         Examples
         --------
@@ -475,8 +533,19 @@ class INFL(
         self._refuse_for_continuous_data("get_feature_correlation_matrix")
         return super().get_feature_correlation_matrix(*args, **kwargs)
 
-    def get_latent_library_size(self, *args, **kwargs):
+    def get_latent_library_size(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """scvi-tools' library size per cell, for count likelihoods.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.RNASeqMixin.get_latent_library_size`:
+            ``adata``, ``indices``, ``give_mean``, ``batch_size``. INFL uses the observed library
+            size (no library posterior): pass ``give_mean=False``.
+
+        Returns
+        -------
+        Library size per cell, shape ``(n_obs, 1)``.
 
         Examples
         --------
@@ -497,8 +566,19 @@ class INFL(
                 "for differences between groups, test the data themselves)."
             )
 
-    def get_likelihood_parameters(self, *args, **kwargs):
+    def get_likelihood_parameters(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """The count likelihood's parameters per cell (scvi-tools' method), for count models.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.RNASeqMixin.get_likelihood_parameters`:
+            ``adata``, ``indices``, ``n_samples``, ``give_mean``, ``batch_size``.
+
+        Returns
+        -------
+        ``"mean"`` and ``"dispersions"`` (and ``"dropout"`` under ``"zinb"``), each cells x
+        genes (with ``n_samples > 1`` and ``give_mean=False``, samples x cells x genes).
 
         Examples
         --------
@@ -520,6 +600,21 @@ class INFL(
         batch_size: int | None = None,
     ) -> np.ndarray:
         """Latent means, shape ``(n_obs, n_latent)``: what to store in ``.obsm["X_scinfl"]``.
+
+        Parameters
+        ----------
+        adata
+            Data to embed (default: the registered AnnData); new samples need no site or label
+            column, and their features are matched to the model's by name.
+        indices
+            Rows of ``adata`` to embed (default: all).
+        batch_size
+            Minibatch size (default: scvi-tools' setting).
+
+        Returns
+        -------
+        The latent means, shape ``(n_obs, n_latent)`` (``len(indices)`` rows with
+        ``indices``).
 
         Examples
         --------
@@ -545,6 +640,12 @@ class INFL(
             Data to predict on (default: the registered AnnData).
         soft
             Return class probabilities as a DataFrame instead of label names.
+
+        Returns
+        -------
+        The predicted label of each row, an array of names from :attr:`classes`; with
+        ``soft=True`` a DataFrame of class probabilities, rows named by the observations, one
+        column per class.
 
         Examples
         --------

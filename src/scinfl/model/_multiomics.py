@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -209,8 +210,19 @@ class MultiOmicsINFL(
             )
 
     @classmethod
-    def setup_anndata(cls, adata, *args, **kwargs) -> None:
+    def setup_anndata(cls, adata: Any, *args: Any, **kwargs: Any) -> None:
         """Refused: this model reads a MuData (:meth:`setup_mudata`).
+
+        Parameters
+        ----------
+        adata, *args, **kwargs
+            Not read: any call is refused.
+
+        Raises
+        ------
+        TypeError
+            Always: register a MuData with :meth:`setup_mudata`, or one modality in an
+            AnnData with :meth:`scinfl.model.INFL.setup_anndata`.
 
         Examples
         --------
@@ -233,7 +245,7 @@ class MultiOmicsINFL(
         site_key: str | None = None,
         batch_key: str | None = None,
         categories: Mapping[str, Sequence[str]] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """Register a MuData: one ``MuDataLayerField`` per modality, sites and batches in ``.obs``.
 
@@ -261,7 +273,9 @@ class MultiOmicsINFL(
             Agreed categories by argument name (``"site_key"``, ``"batch_key"``), as in
             :meth:`scinfl.model.INFL.setup_anndata`.
         **kwargs
-            Passed to :class:`~scvi.data.AnnDataManager`.
+            Passed to scvi-tools' :meth:`scvi.data.AnnDataManager.register_fields`:
+            ``source_registry`` and its transfer arguments, with which scvi-tools (``load``)
+            sets up data like a trained model's.
 
         Examples
         --------
@@ -333,6 +347,11 @@ class MultiOmicsINFL(
             Use only these modalities (default: all): e.g. the latent a sample would get from
             its proteomics alone. One name may be a string.
 
+        Returns
+        -------
+        The latent means, shape ``(n_obs, n_latent)``; ``NaN`` rows for samples that hold
+        none of the modalities read (with a warning).
+
         Examples
         --------
         >>> mdata.obsm["X_scinfl"] = model.get_latent()
@@ -378,8 +397,19 @@ class MultiOmicsINFL(
             )
         return latent
 
-    def get_latent_representation(self, *args, **kwargs) -> np.ndarray:
+    def get_latent_representation(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """The same as :meth:`get_latent` (scvi-tools' name).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to :meth:`get_latent`: ``mdata``, ``indices``, ``batch_size``,
+            ``modalities`` (not scvi-tools' ``give_mean`` or ``return_dist``: the latent
+            means only).
+
+        Returns
+        -------
+        The latent means, shape ``(n_obs, n_latent)``, as :meth:`get_latent` returns them.
 
         Examples
         --------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,10 @@ class PerturbationINFL(INFL):
     adata
         AnnData registered with :meth:`setup_anndata`.
     **kwargs
-        Those of :class:`INFL` (``key``, ``key_mode``, ``n_latent``, ...).
+        Those of :class:`INFL` (``key``, ``key_mode``, ``key_strength``, ``n_hidden``,
+        ``n_latent``, ``n_layers``, ``dropout_rate``, ``**module_kwargs``);
+        ``gene_likelihood`` ``"nb"`` or ``"zinb"`` (``"normal"`` is refused: the model reads
+        counts).
 
     Examples
     --------
@@ -79,7 +82,7 @@ class PerturbationINFL(INFL):
     )
     agreed_category_arguments = ("batch_key", "condition_key")
 
-    def __init__(self, adata: AnnData, **kwargs) -> None:
+    def __init__(self, adata: AnnData, **kwargs: Any) -> None:
         if kwargs.get("gene_likelihood", "nb") == "normal":
             raise ValueError(
                 "PerturbationINFL models counts (its decoder's condition acts on expression "
@@ -99,7 +102,7 @@ class PerturbationINFL(INFL):
         site_key: str | None = None,
         batch_key: str | None = None,
         categories: Mapping[str, Sequence[str]] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """Register an AnnData of counts under two or more conditions.
 
@@ -121,7 +124,10 @@ class PerturbationINFL(INFL):
             ``"condition_key"``), as in :meth:`INFL.setup_anndata`: sites that set up their
             data separately then share the category codes.
         **kwargs
-            Passed to :class:`~scvi.data.AnnDataManager`.
+            Passed to scvi-tools' :meth:`scvi.data.AnnDataManager.register_fields`:
+            ``source_registry`` and its transfer arguments, with which scvi-tools (``load``,
+            new samples) sets up data like a trained model's. ``labels_key`` and covariate
+            keys are refused.
 
         Examples
         --------
@@ -206,10 +212,22 @@ class PerturbationINFL(INFL):
         return self.conditions.index(str(name))
 
     # -- outputs -------------------------------------------------------------------------------
-    def get_normalized_expression(self, *args, **kwargs):
+    def get_normalized_expression(self, *args: Any, **kwargs: Any) -> np.ndarray | pd.DataFrame:
         """Expected expression per cell under its own condition (scvi-tools' method).
 
-        Parameters are those of :meth:`scvi.model.base.RNASeqMixin.get_normalized_expression`.
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.RNASeqMixin.get_normalized_expression`:
+            ``adata``, ``indices``, ``gene_list``, ``library_size`` (default 1: proportions),
+            ``n_samples``, ``return_mean``, ``return_numpy``, ``batch_size``. For another
+            condition than the cell's own, see :meth:`predict_perturbation`.
+
+        Returns
+        -------
+        Cells x genes, a DataFrame named by cells and genes (an array with
+        ``return_numpy=True``); with ``n_samples > 1`` and ``return_mean=False`` an array of
+        shape ``(n_samples, n_cells, n_genes)``.
 
         Examples
         --------

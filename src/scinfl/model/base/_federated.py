@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -115,7 +115,7 @@ class FederatedTrainingMixin:
         progress_bar: bool = True,
         accelerator: str = "auto",
         devices: int | str = "auto",
-        **settings,
+        **settings: Any,
     ) -> pd.DataFrame:
         """Train across the sites of ``.obs[site_key]``; each site sees only its own rows.
 
@@ -154,17 +154,20 @@ class FederatedTrainingMixin:
             memory and travel a minibatch at a time); the Flower engine trains on CPU.
         **settings
             Any setting of :class:`~scinfl.federated.FederationConfig`, by its flat name
-            (:meth:`~scinfl.federated.FederationConfig.setting_defaults`): ``batch_size``,
-            ``lr``, ``weight_decay``, ``fraction``, ``strategy``/``mu``, ``kl_warmup_rounds``,
-            ``balance_classes``, ``validation_size``, ``min_cells_per_site``,
+            (:meth:`~scinfl.federated.FederationConfig.setting_defaults` lists them with their
+            defaults; each is documented in the Parameters of ``FederationConfig`` and
+            ``PrivacyConfig``): ``batch_size``, ``lr``, ``weight_decay``, ``fraction``,
+            ``min_sites``, ``strategy``/``mu``, ``kl_warmup_rounds``, ``balance_classes``,
+            ``validation_size``, ``min_cells_per_site``,
             ``early_stopping``/``early_stopping_patience``, ``min_available``, ``seed``
             (default: ``scvi.settings.seed``; it seeds the run, while the initial weights were
             drawn when the model was built: set ``scvi.settings.seed`` before building it for
             a model that repeats exactly); and the privacy part
             (:class:`~scinfl.federated.PrivacyConfig`): ``privacy`` (``"dp"``, ``"secagg"``,
-            or a whole ``PrivacyConfig``), its ``dp_*`` settings, ``sample_dp_epsilon``
-            (DP-SGD at every site: a formal guarantee per row, whatever the server does),
-            ``secret_frames``.
+            or a whole ``PrivacyConfig``), ``dp_noise_multiplier``, ``dp_clipping_norm``,
+            ``dp_delta``, ``sample_dp_epsilon``/``sample_dp_clipping_norm`` (DP-SGD at every
+            site: a formal guarantee per row, whatever the server does), ``secret_frames``,
+            ``secagg_min_participants``. Another name raises ``TypeError``.
 
         Returns
         -------
@@ -237,7 +240,7 @@ class FederatedTrainingMixin:
         progress_bar: bool = True,
         accelerator: str = "auto",
         devices: int | str = "auto",
-        **settings,
+        **settings: Any,
     ) -> pd.DataFrame:
         """Train the same model on all rows pooled, as one site: the centralized reference.
 
@@ -256,8 +259,21 @@ class FederatedTrainingMixin:
         accelerator, devices
             Where to train, as in :meth:`train_federated`.
         **settings
-            Settings of :class:`~scinfl.federated.FederationConfig` (``batch_size``, ``lr``,
-            ``validation_size``, ...).
+            Settings of :class:`~scinfl.federated.FederationConfig` by their flat names, as in
+            :meth:`train_federated` (listed with their defaults by
+            :meth:`~scinfl.federated.FederationConfig.setting_defaults`, documented in
+            ``FederationConfig``): ``batch_size``, ``lr``, ``weight_decay``,
+            ``validation_size``, ``balance_classes``,
+            ``early_stopping``/``early_stopping_patience``, ``seed``, and privacy settings such
+            as ``sample_dp_epsilon``. ``max_rounds`` and ``kl_warmup_rounds`` are
+            ``max_epochs`` and ``kl_warmup_epochs`` here; ``secret_frames`` defaults to
+            ``False`` (nothing travels).
+
+        Returns
+        -------
+        History, as :meth:`train_federated` returns it: one row per epoch, the one site named
+        ``"all"``. Also stored in ``model.federated_history_`` (and ``model.history`` under
+        scvi-tools' names).
 
         Examples
         --------
@@ -286,12 +302,20 @@ class FederatedTrainingMixin:
         self._check_what_training_gave([site], config, "epochs")
         return history
 
-    def train(self, *args, **kwargs):
+    def train(self, *args: Any, **kwargs: Any) -> None:
         """scvi-tools' Lightning training on all rows, after fitting the feature scale.
 
         The same as :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (all its
         arguments), but continuous features are first standardised over all rows, as
         :meth:`train_centralized` and :meth:`train_federated` do.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to scvi-tools' :meth:`scvi.model.base.UnsupervisedTrainingMixin.train`:
+            ``max_epochs``, ``accelerator``, ``devices``, ``train_size``,
+            ``validation_size``, ``batch_size``, ``early_stopping``, ``plan_kwargs`` (e.g.
+            ``{"lr": 1e-3}``), and Lightning ``Trainer`` arguments (``enable_progress_bar``).
 
         Examples
         --------

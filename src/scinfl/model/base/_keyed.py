@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -177,7 +178,7 @@ class KeyedModelMixin:
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """Save the model (never its key), all or nothing.
 
@@ -198,7 +199,9 @@ class KeyedModelMixin:
         save_anndata
             Also save the AnnData (MuData).
         **kwargs
-            Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+            Passed to scvi-tools' :meth:`scvi.model.base.BaseModelClass.save`:
+            ``save_kwargs`` (for ``torch.save``), ``legacy_mudata_format``, and the data
+            writer's arguments (e.g. ``compression="gzip"``, with ``save_anndata=True``).
 
         Examples
         --------
@@ -244,11 +247,11 @@ class KeyedModelMixin:
     def load(
         cls,
         dir_path: str | os.PathLike,
-        adata: AnnData | None = None,
+        adata: AnnData | MuData | None = None,
         key: Key | None = None,
         allow_mismatch: bool = False,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> Self:
         """Load a saved model; a keyed model needs the key it was trained with.
 
         Parameters
@@ -256,7 +259,9 @@ class KeyedModelMixin:
         dir_path
             Directory written by ``save``.
         adata
-            AnnData set up like the training data.
+            AnnData (a MuData for :class:`~scinfl.model.MultiOmicsINFL`) holding the
+            features the model was trained on, matched by name (default: the data saved with
+            ``save_anndata=True``).
         key
             The federation's key (saved models never contain it).
         allow_mismatch
@@ -264,7 +269,12 @@ class KeyedModelMixin:
             (:meth:`scinfl.Key.rotate`), load with the new key, then fine-tune with
             ``train_federated`` (:meth:`set_key`).
         **kwargs
-            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+            Passed to scvi-tools' :meth:`scvi.model.base.BaseModelClass.load`: ``prefix`` (as
+            given to :meth:`save`), ``accelerator``, ``device``, ``backup_url``.
+
+        Returns
+        -------
+        The model, of the class ``load`` is called on, with ``key`` installed.
 
         Examples
         --------
