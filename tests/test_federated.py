@@ -42,7 +42,7 @@ def test_fedavg_refuses_empty_and_mismatched():
 
 
 def test_updates_under_another_key_are_rejected_and_logged(caplog):
-    good = ClientUpdate("a", 1, {"w": np.zeros(1)}, key_fingerprint="f1", key_version=1)
+    good = ClientUpdate("a", 1, {"w": np.full(1, 0.5)}, key_fingerprint="f1", key_version=1)
     wrong_key = ClientUpdate("b", 1, {"w": np.ones(1)}, key_fingerprint="f2", key_version=1)
     old_version = ClientUpdate("c", 1, {"w": np.ones(1)}, key_fingerprint="f1", key_version=0)
     with caplog.at_level(logging.WARNING):
@@ -50,7 +50,7 @@ def test_updates_under_another_key_are_rejected_and_logged(caplog):
     assert accepted == [good]
     assert "site 'b'" in caplog.text and "site 'c'" in caplog.text
     server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=1), "f1", 1)
-    np.testing.assert_array_equal(server.aggregate(0, [good, wrong_key])["w"], [0.0])
+    np.testing.assert_array_equal(server.aggregate(0, [good, wrong_key])["w"], [0.5])
     with pytest.raises(RuntimeError, match="no update was accepted"):
         server.aggregate(1, [wrong_key])
 

@@ -156,15 +156,15 @@ def test_resume_refuses_other_settings_another_key_or_no_checkpoint(tmp_path, ke
 def test_round_with_too_few_sites_fails_and_leaves_the_last_model(tmp_path):
     config = FederationConfig(max_rounds=3, min_available=2)
     server = FederatedServer({"w": np.zeros(2)}, config, checkpoint_dir=tmp_path)
-    updates = [ClientUpdate(s, 10, {"w": np.ones(2) * i}) for i, s in enumerate("ab")]
+    updates = [ClientUpdate(s, 10, {"w": np.ones(2) * (i + 1)}) for i, s in enumerate("ab")]
     with pytest.raises(RuntimeError, match="fewer than min_available=2.*train again"):
         server.aggregate(0, updates[:1])  # no round is checkpointed yet: nothing to resume
     server.aggregate(0, updates)
     server.record_evaluation(0, {})
-    np.testing.assert_array_equal(server.parameters["w"], [0.5, 0.5])
+    np.testing.assert_array_equal(server.parameters["w"], [1.5, 1.5])
     with pytest.raises(RuntimeError, match="fewer than min_available=2.*resume=True"):
         server.aggregate(1, updates[:1])
-    np.testing.assert_array_equal(server.parameters["w"], [0.5, 0.5])
+    np.testing.assert_array_equal(server.parameters["w"], [1.5, 1.5])
     assert set(server.history()["round"]) == {0}
 
 

@@ -5,6 +5,7 @@ import warnings
 import anndata
 import numpy as np
 import pytest
+from sklearn.metrics import adjusted_rand_score
 
 import scinfl
 
@@ -55,9 +56,10 @@ def test_embed_and_predict_copy(counts_adata, key):
     assert _keys(counts_adata) == before
     assert embedded.obsm["X_scinfl"].shape == (counts_adata.n_obs, 4)
     assert predicted.obsm["scinfl_proba"].shape == (counts_adata.n_obs, 3)
-    assert scinfl.tl.embed(counts_adata, model, key_added="X_z") is None
-    assert scinfl.tl.predict(counts_adata, model, key_added="pred") is None
-    np.testing.assert_allclose(counts_adata.obsm["X_z"], embedded.obsm["X_scinfl"])
+    assert scinfl.tl.embed(counts_adata, model, key_added="X_z", batch_size=7) is None
+    assert scinfl.tl.predict(counts_adata, model, key_added="pred", batch_size=7) is None
+    # another batch size: the same latent up to float32 rounding
+    np.testing.assert_allclose(counts_adata.obsm["X_z"], embedded.obsm["X_scinfl"], atol=1e-6)
     assert counts_adata.obs["pred"].tolist() == predicted.obs["scinfl_prediction"].tolist()
 
 
@@ -123,3 +125,18 @@ def test_results_of_labels_with_slashes_write_to_h5ad_and_zarr(counts_adata, key
     back = anndata.read_h5ad(tmp_path / "a.h5ad")
     np.testing.assert_allclose(back.obsm["scinfl_proba"], proba)
     assert list(back.uns["scinfl_prediction"]["params"]["labels"]) == labels
+
+
+def test_cluster_takes_an_atlas_sized_embedding():
+    """From 8,192 cells on scanpy's neighbour graph goes through pynndescent (here it failed
+    on every such data set until pynndescent was kept below 0.7: 'csr_array' object has no
+    attribute 'getnnz')."""
+    n = 8192
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 3, n)
+    adata = anndata.AnnData(obs={"group": groups.astype(str)})
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    adata.obsm["X_scinfl"] = (rng.normal(size=(n, 10)) + 6 * groups[:, None]).astype(np.float32)
+    scinfl.tl.cluster(adata, umap=False, resolution=0.1)
+    codes = adata.obs["scinfl_leiden"].cat.codes.to_numpy()
+    assert adjusted_rand_score(groups, codes) > 0.99

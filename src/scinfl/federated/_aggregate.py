@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,12 +19,26 @@ def accept_updates(
     key_fingerprint: str | None,
     key_version: int | None,
     reference: Parameters | None = None,
+    expected_rows: Mapping[str, int] | None = None,
+    masked: bool = False,
 ) -> list[ClientUpdate]:
-    """Drop (and log) updates made under another key fingerprint or key version, or not finite.
+    """Drop (and log, naming the site) the updates that cannot go into the average.
 
-    With ``reference`` (the global parameters the round started from), also an update whose
-    tensors are not those of the global model, by name and shape: numpy would broadcast a
-    tensor of another shape into the average without a word.
+    Always: an update made under another key fingerprint or key version. With ``reference``
+    (the global parameters the round started from, as sent: training uploads), also one
+
+    - whose tensors are not those of the global model, by name, shape or kind (numpy would
+      broadcast a tensor of another shape into the average without a word, and an integer or
+      complex copy of a float tensor would be cast or break the sum);
+    - whose number of training samples ``n`` is not a positive integer, or differs from
+      ``expected_rows[site]`` (the rows the site declared when the run began): ``n`` weighs
+      the site in the average, so a wrong one silently outweighs or cancels the others;
+    - that is not finite;
+    - unless ``masked`` (secure aggregation: only the sum is readable), one that returns the
+      model it was sent unchanged (it did not train; under secret frames it is in the frame it
+      came in, and averaging it would mix frames), or whose size is far outside the model's
+      (its parameters' norm over 1,000 times the global model's: a finite but corrupted
+      upload would wreck every site's next round).
 
     Parameters
     ----------
@@ -33,7 +48,14 @@ def accept_updates(
         Identity of the federation's key; an update made under another is dropped (``None``:
         not checked).
     reference
-        The global parameters the round started from; ``None``: names and shapes not checked.
+        The global parameters the round started from; ``None``: only the key is checked (e.g.
+        evaluation replies, which carry metrics only).
+    expected_rows
+        Training rows of each site, as declared at the start of the run (``None``, or a site
+        missing from it: any positive integer is taken).
+    masked
+        The uploads are masked (secure aggregation): float tensors arrive as ``uint64``, and
+        their values cannot be inspected.
 
     Returns
     -------
@@ -47,45 +69,116 @@ def accept_updates(
     >>> odd = ClientUpdate("a", 1, {"w": np.zeros(1)})
     >>> accept_updates([odd], None, None, reference={"w": np.zeros(3)})
     []
+    >>> lying = ClientUpdate("b", 10**9, {"w": np.ones(3)})
+    >>> accept_updates([lying], None, None, reference={"w": np.zeros(3)}, expected_rows={"b": 40})
+    []
     """
     accepted = []
     for update in updates:
-        misfit = None if reference is None else _misfit(update.parameters, reference)
-        if misfit is not None:
-            logger.warning(
-                "Rejected the update of site %r: %s (a site on another scinfl version, or "
-                "corrupted).",
-                update.site,
-                misfit,
-            )
-        elif key_fingerprint is not None and update.key_fingerprint != key_fingerprint:
-            logger.warning(
-                "Rejected the update of site %r: key fingerprint %s, expected %s.",
-                update.site,
-                update.key_fingerprint,
-                key_fingerprint,
-            )
-        elif key_version is not None and update.key_version != key_version:
-            logger.warning(
-                "Rejected the update of site %r: key version %s, expected %s.",
-                update.site,
-                update.key_version,
-                key_version,
-            )
-        elif not is_finite_update(update):
+        reason = _key_mismatch(update, key_fingerprint, key_version)
+        if reason is None and reference is not None:
+            reason = _upload_misfit(update, reference, expected_rows, masked)
+        if reason is None and not is_finite_update(update):
             # NaN escapes clipping (min(1, C / NaN) is 1) and poisons any average
-            logger.warning(
-                "Rejected the update of site %r: it holds NaN or infinite values (its training "
-                "diverged: a learning rate too high, or data of an extreme scale).",
-                update.site,
+            reason = (
+                "it holds NaN or infinite values (its training diverged: a learning rate too "
+                "high, or data of an extreme scale)."
             )
-        else:
+        if reason is None and reference is not None and not masked:
+            reason = _upload_outlier(update, reference)
+        if reason is None:
             accepted.append(update)
+        else:
+            logger.warning("Rejected the update of site %r: %s", update.site, reason)
     return accepted
 
 
-def _misfit(parameters: Parameters, reference: Parameters) -> str | None:
-    """How ``parameters`` differ from ``reference`` in names or shapes; ``None`` if they fit."""
+#: an upload whose parameters' norm exceeds this many times the global model's is refused
+OUTSIZED = 1_000.0
+
+
+def _key_mismatch(update: ClientUpdate, fingerprint: str | None, version: int | None) -> str | None:
+    """Why ``update`` was made under another key; ``None`` if it was not."""
+    if fingerprint is not None and update.key_fingerprint != fingerprint:
+        return f"key fingerprint {update.key_fingerprint}, expected {fingerprint}."
+    if version is not None and update.key_version != version:
+        return f"key version {update.key_version}, expected {version}."
+    return None
+
+
+def _upload_misfit(
+    update: ClientUpdate,
+    reference: Parameters,
+    expected_rows: Mapping[str, int] | None,
+    masked: bool,
+) -> str | None:
+    """Why a training upload cannot go into the average (see :func:`accept_updates`)."""
+    misfit = _misfit(update.parameters, reference, masked)
+    if misfit is not None:
+        return f"{misfit} (a site on another scinfl version, or corrupted)."
+    n = update.n
+    if not is_count(n) or n <= 0:
+        return (
+            f"it reports {n!r} training samples, not a positive integer (the count weighs it in "
+            "the average)."
+        )
+    declared = None if expected_rows is None else expected_rows.get(update.site)
+    if declared is not None and int(n) != int(declared):
+        return (
+            f"it reports {n} training samples, but declared {declared} when the run began (the "
+            "count weighs it in the average)."
+        )
+    return None
+
+
+def _upload_outlier(update: ClientUpdate, reference: Parameters) -> str | None:
+    """Why a plain upload is no local training of the global model: unchanged, or far too large."""
+    floats = [name for name, value in reference.items() if _is_float(value)]
+    if floats and all(np.array_equal(update.parameters[name], reference[name]) for name in floats):
+        return (
+            "it returned the model it was sent, unchanged: it did not train (under secret frames "
+            "averaging it would also mix two frames)."
+        )
+    size, global_size = _norm(update.parameters, floats), _norm(reference, floats)
+    if size > OUTSIZED * max(global_size, 1.0):
+        return (
+            f"its parameters' norm is {size:.3g}, {size / max(global_size, 1.0):.3g} times the "
+            "global model's: no local training moves a model that far (corrupted, or a site "
+            "whose training blew up)."
+        )
+    return None
+
+
+def is_count(value) -> bool:
+    """Whether ``value`` is a whole number (an integer, or a float without a fraction; no bool).
+
+    Examples
+    --------
+    >>> is_count(40), is_count(40.0), is_count(2.5), is_count(True), is_count(float("nan"))
+    (True, True, False, False, False)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return bool(np.isfinite(value)) and float(value).is_integer()
+
+
+def _is_float(value) -> bool:
+    return np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+def _norm(parameters: Parameters, names: Sequence[str]) -> float:
+    """Euclidean norm of the tensors ``names`` of ``parameters`` together (float64)."""
+    return float(
+        np.sqrt(sum(float(np.sum(np.square(parameters[n], dtype=np.float64))) for n in names))
+    )
+
+
+def _misfit(parameters: Parameters, reference: Parameters, masked: bool = False) -> str | None:
+    """How ``parameters`` differ from ``reference`` in names, shapes or kinds; ``None`` if they fit.
+
+    A float tensor must arrive as float32 or float64 (``uint64`` when ``masked``), an integer
+    one as integers.
+    """
     if set(parameters) != set(reference):
         return "its tensors are not those of the global model"
     for name, value in parameters.items():
@@ -94,6 +187,13 @@ def _misfit(parameters: Parameters, reference: Parameters) -> str | None:
                 f"its {name!r} has shape {np.shape(value)}, the global model's "
                 f"{np.shape(reference[name])}"
             )
+        dtype, wanted = np.asarray(value).dtype, np.asarray(reference[name]).dtype
+        if _is_float(reference[name]):
+            fits = dtype == np.uint64 if masked else dtype in (np.float32, np.float64)
+        else:
+            fits = np.issubdtype(dtype, np.integer)
+        if not fits:
+            return f"its {name!r} arrived as {dtype}, where the global model's is {wanted}"
     return None
 
 

@@ -77,6 +77,14 @@ def run_local(
     >>> int(server.history()["round"].max())
     1
     """
+    names = [site.name for site in sites]
+    if len(set(names)) < len(names):
+        doubled = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(
+            f"Two sites are named {doubled[0]!r} (sites {doubled}): the server tells sites "
+            "apart by name, so one would silently take the other's place. Give every site its "
+            "own name."
+        )
     initial = initial_parameters or get_shared_parameters(module)
     frames = frames_for(key) if config.privacy.secret_frames else None
     server = start_server(
@@ -89,6 +97,7 @@ def run_local(
         resume=resume,
         site_rows={site.name: site.n_train for site in sites},
     )
+    server.site_rows = {site.name: (site.n_train, site.n_val) for site in sites}
     runtimes = {
         site.name: SiteRuntime(
             module,

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._aggregate import accept_updates, fedavg, is_finite_update
+from ._aggregate import accept_updates, fedavg, is_count, is_finite_update
 from ._client import ClientConfig, ClientUpdate
 from ._config import TRAJECTORY_SETTINGS, FederationConfig
 from ._dp import DPFedAvg
@@ -70,6 +70,11 @@ class FederatedServer:
     frame, best_frame
         Checkpointed names of the secret frames :attr:`parameters` and
         :attr:`best_parameters` are in (under secret frames; no secret).
+    site_rows
+        Training and validation rows of each site, ``(n_train, n_val)`` by name, as the sites
+        declared them when the run began: an upload or evaluation reporting other counts is
+        rejected (the counts weigh the sites in the average and in the selection). ``None``:
+        only their form is checked.
 
     Examples
     --------
@@ -95,6 +100,7 @@ class FederatedServer:
     dp: DPFedAvg | None = None
     frame: str = INITIAL_FRAME
     best_frame: str | None = None
+    site_rows: dict[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.config.privacy.server_dp and self.dp is None:
@@ -234,17 +240,22 @@ class FederatedServer:
         >>> import numpy as np
         >>> from scinfl.federated import ClientUpdate
         >>> server = FederatedServer({"w": np.zeros(1)}, FederationConfig(max_rounds=1))
-        >>> a = ClientUpdate("a", 1, {"w": np.array([0.0])})
-        >>> b = ClientUpdate("b", 3, {"w": np.array([4.0])})
+        >>> a = ClientUpdate("a", 1, {"w": np.array([1.0])})
+        >>> b = ClientUpdate("b", 3, {"w": np.array([5.0])})
         >>> server.aggregate(0, [a, b])["w"]  # FedAvg, weighted by n
-        array([3.])
+        array([4.])
         >>> server.history()[["site", "n_train", "accepted"]]
           site  n_train  accepted
         0    a        1      True
         1    b        3      True
         """
         accepted = accept_updates(
-            updates, self.key_fingerprint, self.key_version, reference=self.parameters
+            updates,
+            self.key_fingerprint,
+            self.key_version,
+            reference=self.parameters,
+            expected_rows=None if self.site_rows is None else self._declared(0),
+            masked=self.config.privacy.secure_aggregation,
         )
         self._check_enough_accepted(round_, updates, accepted)
         if self.config.privacy.secret_frames:
@@ -264,13 +275,13 @@ class FederatedServer:
         for update in updates:
             self.rows.append(
                 {
+                    **_site_metrics(update.site, update.metrics),
                     "round": round_,
                     "site": update.site,
                     "n_train": update.n,
                     "trained": True,
                     "accepted": update in accepted,
                     "kl_weight": kl_weight,
-                    **update.metrics,
                     **extra,
                 }
             )
@@ -294,8 +305,10 @@ class FederatedServer:
         if len(accepted) < self.config.min_available:
             saved = self.checkpoint_dir is not None and round_ > 0
             then = "continue with resume=True from the last checkpoint" if saved else "train again"
+            rejected = sorted(u.site for u in updates if not any(u is a for a in accepted))
             raise RuntimeError(
-                f"Round {round_}: {len(accepted)} update(s) accepted, fewer than "
+                f"Round {round_}: {len(accepted)} update(s) accepted "
+                f"({sorted(u.site for u in accepted)}; rejected: {rejected}), fewer than "
                 f"min_available={self.config.min_available} (sites failed, did not answer in "
                 "time, or used another key). Bring the sites back (each with the federation's "
                 f"key file) and {then}, or lower min_available."
@@ -315,6 +328,47 @@ class FederatedServer:
         epsilon = self.dp.epsilon()
         logger.debug("Round %d: epsilon %.3g at delta %g.", round_, epsilon, self.dp.delta)
         return parameters, {"dp_epsilon": epsilon}
+
+    def _declared(self, which: int) -> dict[str, int]:
+        """Each site's declared training (``which=0``) or validation (``1``) rows."""
+        return {site: rows[which] for site, rows in (self.site_rows or {}).items()}
+
+    def _selectable(self, round_: int, site_metrics: Mapping[str, Mapping]) -> dict:
+        """The sites' metrics that count in the selection: validation rows, a finite loss.
+
+        A site whose ``n_val`` is not a non-negative integer (or not the count it declared)
+        or whose loss is NaN or infinite is left out, with a warning naming it: one site's
+        broken evaluation would otherwise make the round unselectable for everyone, or weigh
+        its loss as it pleases. Where every site's loss is NaN or infinite, the model
+        diverged: they are all kept, and the round is not selectable.
+        """
+        declared = self._declared(1)
+        losses = [m.get("val_loss", np.nan) for m in site_metrics.values() if m.get("n_val", 0)]
+        if losses and not np.isfinite(losses).any():
+            # every site's loss is NaN or infinite: the model diverged, the round is not
+            # selectable (and the run says so if no round is)
+            return {s: m for s, m in site_metrics.items() if m.get("n_val", 0)}
+        selectable = {}
+        for site, metrics in site_metrics.items():
+            n_val, loss = metrics.get("n_val", 0), metrics.get("val_loss", np.nan)
+            counted = is_count(n_val)
+            if counted and site in declared and n_val != declared[site]:
+                reason = f"it reports {n_val} validation rows, but declared {declared[site]}"
+            elif not counted or n_val < 0:
+                reason = f"it reports {n_val!r} validation rows, not a count"
+            elif n_val > 0 and not np.isfinite(loss):
+                reason = f"its validation loss is {loss!r}"
+            else:
+                if n_val > 0:
+                    selectable[site] = metrics
+                continue
+            logger.warning(
+                "Round %d: the evaluation of site %r is left out of the model selection: %s.",
+                round_,
+                site,
+                reason,
+            )
+        return selectable
 
     def record_evaluation(self, round_: int, site_metrics: dict[str, dict[str, float]]) -> bool:
         """Record the validation metrics of the new global model; returns ``True`` to stop.
@@ -345,18 +399,18 @@ class FederatedServer:
         """
         for row in self.rows:
             if row["round"] == round_ and row["site"] in site_metrics:
-                row.update(site_metrics[row["site"]])
-        evaluated = {s: m for s, m in site_metrics.items() if m.get("n_val", 0) > 0}
+                row.update(_site_metrics(row["site"], site_metrics[row["site"]]))
+        evaluated = self._selectable(round_, site_metrics)
         for site, metrics in site_metrics.items():
             if not any(r["round"] == round_ and r["site"] == site for r in self.rows):
                 self.rows.append(
                     {
+                        **_site_metrics(site, metrics),
                         "round": round_,
                         "site": site,
                         "n_train": 0,
                         "trained": False,  # not sampled, or away when the round trained
                         "accepted": False,
-                        **metrics,
                     }
                 )
         stop = False
@@ -699,3 +753,18 @@ def _removed_on_failure(*paths: Path) -> Iterator[None]:
         for path in paths:
             path.unlink(missing_ok=True)
         raise
+
+
+#: history columns the server writes; a site's metrics of these names are dropped (a site's
+#: own ``dp_epsilon`` under sample-level DP is its metric; DP-FedAvg's, the server's, wins)
+_SERVER_COLUMNS = frozenset({"round", "site", "n_train", "trained", "accepted", "kl_weight"})
+
+
+def _site_metrics(site: str, metrics: Mapping) -> dict:
+    """``metrics`` without the server's own history columns (logged when a site sends them)."""
+    taken = sorted(set(metrics) & _SERVER_COLUMNS)
+    if taken:
+        logger.warning(
+            "Site %r sent metrics named like the server's columns %s: dropped.", site, taken
+        )
+    return {name: value for name, value in metrics.items() if name not in _SERVER_COLUMNS}

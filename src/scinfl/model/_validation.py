@@ -12,7 +12,10 @@ from scipy import sparse
 
 logger = logging.getLogger(__name__)
 
+#: rows of a sparse chunk, and values of a dense one (rows times columns): what one check
+#: holds at a time
 _CHUNK = 16384
+_CHUNK_VALUES = 1 << 22
 
 
 def _values(matrix) -> np.ndarray:
@@ -23,8 +26,14 @@ def _values(matrix) -> np.ndarray:
 
 
 def _iter_chunks(matrix):
-    for start in range(0, matrix.shape[0], _CHUNK):
-        yield matrix[start : start + _CHUNK]
+    """Row blocks of ``matrix``: :data:`_CHUNK` rows if sparse, :data:`_CHUNK_VALUES` values if dense.
+
+    A dense chunk's size follows its width: the checks make temporaries of a chunk's size,
+    and 16,384 rows of 20,000 proteins are 1.3 GB of float32.
+    """
+    rows = _CHUNK if sparse.issparse(matrix) else max(1, _CHUNK_VALUES // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        yield matrix[start : start + rows]
 
 
 #: Counts may carry float rounding (e.g. ``(counts / size) * size`` in float32): a value this

@@ -666,6 +666,8 @@ def run_flower_rounds(
                 server.key_fingerprint,
                 server.key_version,
             )
+    if server.site_rows is None:  # the counts the sites declared weigh them from now on
+        server.site_rows = {s: (directory.n_train[s], directory.n_val[s]) for s in directory.sites}
     transport = GridTransport(grid, directory, server, round_timeout)
     return run_rounds(transport, server, progress_bar, desc="federated rounds (flower)")
 

@@ -246,6 +246,7 @@ def run_flower_simulation(
         resume=resume,
         site_rows={site.name: site.n_train for site in sites},
     )
+    server.site_rows = {site.name: (site.n_train, site.n_val) for site in sites}
     table = SimulationSites(
         template,
         sites,
