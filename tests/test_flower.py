@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import dataclasses
@@ -414,6 +415,7 @@ def test_simulation_matches_local_engine(module, sites, config, key, privacy):
     config = dataclasses.replace(config, privacy=PrivacyConfig(privacy, secret_frames=True))
     expected, local_server = _local(module, sites, config, key)
     simulated = copy.deepcopy(module)
+    print_before = builtins.print
     start = time.perf_counter()
     server = run_flower_simulation(
         simulated,
@@ -426,6 +428,9 @@ def test_simulation_matches_local_engine(module, sites, config, key, privacy):
         key=key,
     )
     elapsed = time.perf_counter() - start
+    # Ray replaces print when it shuts down; numba (pynndescent: tl.cluster on 8,192 cells or
+    # more) then fails in this session
+    assert builtins.print is print_before
     # client_update is deterministic given global parameters, site, round and seed, the
     # workers run with the caller's torch thread count, and the server averages the updates
     # sorted by site (in float64) as the local engine does: the result is bitwise equal in

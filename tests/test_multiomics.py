@@ -346,12 +346,18 @@ def test_a_mosaic_deploys_from_h5mu_files_as_it_trains_in_process(key, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["feature", "feature-inr"])
-def test_per_feature_key_modes_are_refused_rather_than_keying_nothing(mode):
-    """The per-feature modes key a layer reading every feature; no encoder here does."""
+def test_per_feature_key_modes_are_refused_rather_than_keying_nothing(mode, key, caplog):
+    """They key a layer reading every feature; no encoder here does. A model saved with one
+    by an earlier version (it keyed nothing) still loads, with a warning."""
+    mdata = scinfl.data.synthetic_multiome(n_obs=60, n_sites=2, seed=0)
+    MultiOmicsINFL.setup_mudata(mdata, modalities=["rna", "prot"], site_key="site")
     with pytest.raises(ValueError, match="key_mode='pooled'"):
+        MultiOmicsINFL(mdata, key=key, key_mode=mode)
+    with caplog.at_level("WARNING"):
         MultiModalKeyedVAE(
             {"rna": 6, "prot": 3},
             {"rna": "X", "prot": "X_prot"},
             {"rna": "nb", "prot": "normal"},
             key_mode=mode,
         )
+    assert "no layer is keyed" in caplog.text

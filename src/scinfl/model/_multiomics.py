@@ -24,6 +24,7 @@ from ._infl import INFL
 from ._multiomics_new_samples import aligned_new_mudata
 from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
 from .base import FederatedTrainingMixin, KeyedModelMixin
+from .base._keyed import LOADING_SAVED_MODEL
 from .base._new_samples import check_input_columns, warn_of_unlike_samples
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,13 @@ class MultiOmicsINFL(
             )
         if n_latent is None:
             n_latent = max(INFL.default_n_latent(chosen[name]) for name in names)
+        if key_mode not in ("pooled", None) and not LOADING_SAVED_MODEL.get():
+            # the per-feature modes key a layer reading every feature; each encoder here
+            # reads one modality (a model saved with one keyed nothing, and still loads)
+            raise ValueError(
+                f"key_mode={key_mode!r} keys the layers that read every feature; a multi-omics "
+                "model's encoders read one modality each. Use key_mode='pooled' (the default)."
+            )
         self.module = self._module_cls(
             modalities={name: data[name].shape[1] for name in names},
             registry_keys=keys,

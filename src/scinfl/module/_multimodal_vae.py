@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +22,8 @@ from scinfl.key import Key
 from ._key_modes import get_key_mode
 from ._likelihood import standardised_normal_log_prob
 from ._vae import MIN_FEATURE_SCALE
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from scinfl.federated import SiteData
@@ -103,8 +106,9 @@ class MultiModalKeyedVAE(BaseModuleClass):
     key_mode, key_strength
         Key mode of the encoders' linear layers (``"pooled"``, the default; ``None``: no key)
         and its ``lambda``. The per-feature modes of :mod:`scinfl.module.experimental`
-        (``"feature"``, ``"feature-inr"``) are refused: they key the layers that read every
-        feature, and each encoder here reads one modality's.
+        (``"feature"``, ``"feature-inr"``) key the layers that read every feature, and each
+        encoder here reads one modality's: they key no layer (with a warning);
+        :class:`~scinfl.model.MultiOmicsINFL` refuses them.
 
     Examples
     --------
@@ -204,10 +208,12 @@ class MultiModalKeyedVAE(BaseModuleClass):
             )
         if key_mode not in ("pooled", None):
             # the per-feature modes install themselves on a layer reading all the key
-            # encoder's features; no encoder here does, so they would key nothing
-            raise ValueError(
-                f"key_mode={key_mode!r} keys the layers that read every feature; a multi-omics "
-                "model's encoders read one modality each. Use key_mode='pooled' (the default)."
+            # encoder's features; no encoder here does, so they key nothing (MultiOmicsINFL
+            # refuses them; a model saved with one before still loads)
+            logger.warning(
+                "key_mode=%r keys the layers that read every feature; the encoders here read "
+                "one modality each, so no layer is keyed: the model computes without its key.",
+                key_mode,
             )
         self.key_mode_name = key_mode
         self.key_encoder = None

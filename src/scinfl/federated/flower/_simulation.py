@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import logging
@@ -128,6 +129,22 @@ def _quiet_deprecation():
         yield
     finally:
         flwr_logger.removeFilter(log_filter)
+
+
+@contextlib.contextmanager
+def _print_kept():
+    """Put back Python's ``print``, which Ray replaces in this process when it shuts down.
+
+    Ray's progress bars install their own ``print`` (``RAY_TQDM_PATCH_PRINT``) and leave it
+    there: numba then cannot compile functions that print, such as pynndescent's, which
+    scanpy's neighbour graph of 8,192 cells or more runs (``tl.cluster`` failed after a Flower
+    simulation in the same session).
+    """
+    kept = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = kept
 
 
 def _default_backend_config() -> dict[str, Any]:
@@ -270,7 +287,7 @@ def run_flower_simulation(
     if backend_config is None:
         backend_config = _default_backend_config()
     try:
-        with _quiet_deprecation():
+        with _quiet_deprecation(), _print_kept():
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

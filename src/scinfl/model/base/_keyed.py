@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import os
@@ -290,8 +291,12 @@ class KeyedModelMixin:
             adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
         # scvi-tools reports a local file as "already downloaded", and the model is built
         # without its key before the key below is set: neither is news to the user
-        with quiet("scvi.data._download", __name__), _categories_fixed_by_the_model():
-            model = super().load(str(dir_path), adata=adata, **kwargs)
+        loading = LOADING_SAVED_MODEL.set(True)
+        try:
+            with quiet("scvi.data._download", __name__), _categories_fixed_by_the_model():
+                model = super().load(str(dir_path), adata=adata, **kwargs)
+        finally:
+            LOADING_SAVED_MODEL.reset(loading)
         if model.module.is_keyed:
             if key is None:
                 raise MissingKeyError(
@@ -311,6 +316,11 @@ class KeyedModelMixin:
 
 
 #: the data files scvi-tools' ``save(save_anndata=True)`` writes (after the prefix)
+#: ``True`` while :meth:`KeyedModelMixin.load` builds a saved model: a constructor may then
+#: accept settings of an earlier version that it refuses for a new model
+LOADING_SAVED_MODEL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "scinfl_loading_saved_model", default=False
+)
 _DATA_FILES = ("adata.h5ad", "mdata.h5mu")
 
 
