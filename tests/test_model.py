@@ -10,6 +10,7 @@ import scinfl
 from scinfl import Key, KeyMismatchError, MissingKeyError
 from scinfl.federated import client_update, get_shared_parameters
 from scinfl.model import INFL
+from scinfl.model._validation import validate_matrix
 
 from ._equality import assert_same_weights
 
@@ -276,6 +277,16 @@ def test_continuous_data_as_tables_come_get_the_fix(key, change, message, caplog
         assert "WARNING" not in caplog.text
     else:
         assert message in caplog.text
+
+
+def test_the_magnitude_checks_judge_the_whole_matrix_not_its_first_rows(caplog):
+    """Linear intensities in all but the first rows were judged by those first rows."""
+    rng = np.random.default_rng(0)
+    logged = 20 + rng.normal(0, 1, (10_000, 10))
+    linear = 1e6 * rng.lognormal(0, 1, (20_000, 10))
+    with caplog.at_level("WARNING", logger="scinfl"):
+        validate_matrix(np.vstack([logged, linear]).astype(np.float32), "normal", "adata.X")
+    assert "linear intensities" in caplog.text
 
 
 def test_tiny_site_is_refused_with_fix(counts_adata, key):

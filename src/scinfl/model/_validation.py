@@ -71,6 +71,7 @@ def validate_matrix(
     """
     n_nan = n_inf = n_neg = n_frac = n_zero = n_finite = 0
     sample = []
+    size = max(1, matrix.shape[0] * matrix.shape[1])
     for chunk in _iter_chunks(matrix):
         values = _values(chunk)
         nan = np.isnan(values)
@@ -84,8 +85,7 @@ def validate_matrix(
         else:
             n_finite += finite.size + (chunk.shape[0] * chunk.shape[1] - values.size)
             n_zero += int((finite == 0).sum()) + (chunk.shape[0] * chunk.shape[1] - values.size)
-            if sum(len(part) for part in sample) < _SAMPLE:
-                sample.append(np.abs(finite[finite != 0])[:_SAMPLE])
+            sample.append(_spread_sample(np.abs(finite[finite != 0]), chunk.shape, size))
     if n_inf:
         hint = (
             " (the log of 0? If zeros marked missing values, replace them by NaN before the "
@@ -100,6 +100,17 @@ def validate_matrix(
         _check_counts(where, likelihood, n_nan, n_neg, n_frac, advice)
     elif sample:
         _warn_unlogged_or_zero_filled(where, np.concatenate(sample), n_zero, n_finite)
+
+
+def _spread_sample(magnitudes: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Evenly spaced values of a chunk, its share of :data:`_SAMPLE`: every chunk is heard.
+
+    The magnitude checks judge the whole matrix, not its first rows (linear intensities in
+    all but the first rows were judged by those first rows).
+    """
+    quota = max(1, -(-_SAMPLE * shape[0] * shape[1] // size))
+    step = max(1, len(magnitudes) // quota)
+    return magnitudes[::step][:quota]
 
 
 def rows_without_values(matrix) -> int:
