@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ._client import ClientUpdate
-from ._parameters import Parameters
+from ._parameters import Parameters, dtype_fits
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ def accept_updates(
     []
     """
     accepted = []
+    screened = reference is not None and not masked
+    floats = [n for n, value in reference.items() if _is_float(value)] if screened else []
+    global_size = _norm(reference, floats) if screened else 0.0
     for update in updates:
         reason = _key_mismatch(update, key_fingerprint, key_version)
         if reason is None and reference is not None:
@@ -84,8 +87,8 @@ def accept_updates(
                 "it holds NaN or infinite values (its training diverged: a learning rate too "
                 "high, or data of an extreme scale)."
             )
-        if reason is None and reference is not None and not masked:
-            reason = _upload_outlier(update, reference)
+        if reason is None and screened:
+            reason = _upload_outlier(update, reference, floats, global_size)
         if reason is None:
             accepted.append(update)
         else:
@@ -131,15 +134,19 @@ def _upload_misfit(
     return None
 
 
-def _upload_outlier(update: ClientUpdate, reference: Parameters) -> str | None:
-    """Why a plain upload is no local training of the global model: unchanged, or far too large."""
-    floats = [name for name, value in reference.items() if _is_float(value)]
+def _upload_outlier(
+    update: ClientUpdate, reference: Parameters, floats: list[str], global_size: float
+) -> str | None:
+    """Why a plain upload is no local training of the global model: unchanged, or far too large.
+
+    ``floats``: the float tensors' names; ``global_size``: their norm in ``reference``.
+    """
     if floats and all(np.array_equal(update.parameters[name], reference[name]) for name in floats):
         return (
             "it returned the model it was sent, unchanged: it did not train (under secret frames "
             "averaging it would also mix two frames)."
         )
-    size, global_size = _norm(update.parameters, floats), _norm(reference, floats)
+    size = _norm(update.parameters, floats)
     if size > OUTSIZED * max(global_size, 1.0):
         return (
             f"its parameters' norm is {size:.3g}, {size / max(global_size, 1.0):.3g} times the "
@@ -188,11 +195,7 @@ def _misfit(parameters: Parameters, reference: Parameters, masked: bool = False)
                 f"{np.shape(reference[name])}"
             )
         dtype, wanted = np.asarray(value).dtype, np.asarray(reference[name]).dtype
-        if _is_float(reference[name]):
-            fits = dtype == np.uint64 if masked else dtype in (np.float32, np.float64)
-        else:
-            fits = np.issubdtype(dtype, np.integer)
-        if not fits:
+        if not dtype_fits(dtype, wanted, _is_float(reference[name]), masked):
             return f"its {name!r} arrived as {dtype}, where the global model's is {wanted}"
     return None
 

@@ -95,9 +95,8 @@ def run_local(
         n_sites=len(sites),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        site_rows={site.name: site.n_train for site in sites},
+        site_rows={site.name: (site.n_train, site.n_val) for site in sites},
     )
-    server.site_rows = {site.name: (site.n_train, site.n_val) for site in sites}
     runtimes = {
         site.name: SiteRuntime(
             module,
@@ -340,12 +339,13 @@ def start_server(
     n_sites: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    site_rows: Mapping[str, int] | None = None,
+    site_rows: Mapping[str, tuple[int, int]] | None = None,
 ) -> FederatedServer:
     """A new :class:`FederatedServer`, or the one saved in ``checkpoint_dir`` when ``resume``.
 
-    ``site_rows``: the training rows of every site of this run, by name; a resumed run must
-    have the checkpoint's sites with their rows (see :func:`check_same_sites`).
+    ``site_rows``: the training and validation rows of every site of this run, by name (the
+    server's :attr:`~FederatedServer.site_rows`); a resumed run must have the checkpoint's
+    sites with their training rows (see :func:`check_same_sites`).
 
     Examples
     --------
@@ -360,7 +360,8 @@ def start_server(
             checkpoint_dir, config, key_fingerprint, key_version, n_sites=n_sites
         )
         if site_rows is not None:
-            check_same_sites(server.rows, site_rows)
+            check_same_sites(server.rows, {name: rows[0] for name, rows in site_rows.items()})
+            server.site_rows = dict(site_rows)
         return server
     if checkpoint_dir is not None and Path(checkpoint_dir).is_file():
         raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file: give a directory.")
@@ -377,6 +378,7 @@ def start_server(
         key_version=key_version,
         checkpoint_dir=checkpoint_dir,
         n_sites=n_sites,
+        site_rows=None if site_rows is None else dict(site_rows),
     )
 
 

@@ -126,11 +126,7 @@ def check_parameters_fit(module: nn.Module, parameters: Mapping[str, np.ndarray]
         )
         floating = target.is_floating_point()
         wanted = _dtype_name(target.dtype)
-        if floating:
-            fits = dtype in ("float32", "float64")
-        else:
-            fits = dtype == wanted or (_is_integer(dtype) and _is_integer(wanted))
-        if not fits:
+        if not dtype_fits(dtype, wanted, floating):
             raise ValueError(
                 f"Parameter {name!r} arrived as {dtype}, but it is {wanted} in the model: its "
                 "values would be cast (a model of another scinfl version, or a tampered message)."
@@ -140,6 +136,36 @@ def check_parameters_fit(module: nn.Module, parameters: Mapping[str, np.ndarray]
                 f"Parameter {name!r} holds NaN or infinite values: the model it comes from "
                 "diverged, or the message was tampered with."
             )
+
+
+def dtype_fits(dtype, wanted, floating: bool, masked: bool = False) -> bool:
+    """Whether a tensor of ``dtype`` can stand for one of ``wanted`` without its values being cast.
+
+    A floating-point tensor must arrive as float32 or float64 (as ``uint64`` when ``masked``:
+    secure aggregation's fixed-point encoding), an integer one as integers.
+
+    Parameters
+    ----------
+    dtype, wanted
+        The dtype that arrived and the model's (numpy or torch dtypes, or their names).
+    floating
+        Whether ``wanted`` is a floating-point dtype.
+    masked
+        The tensor is a masked upload.
+
+    Returns
+    -------
+    ``True`` if it fits.
+
+    Examples
+    --------
+    >>> dtype_fits(np.dtype("float64"), torch.float32, True), dtype_fits("int32", "float32", True)
+    (True, False)
+    """
+    dtype, wanted = _dtype_name(dtype), _dtype_name(wanted)
+    if floating:
+        return dtype == "uint64" if masked else dtype in ("float32", "float64")
+    return dtype == wanted or (_is_integer(dtype) and _is_integer(wanted))
 
 
 def _dtype_name(dtype) -> str:

@@ -710,7 +710,7 @@ class ReconstructionAttack:
             scored = {(m, g): [] for m in methods for g in data.attackers}
             for i, upload in enumerate(uploads):
                 truths = pool_x[[position[int(r)] for r in upload]]
-                for key, found in self._attack_upload(module, data, config, upload, truths, i):
+                for key, found in _attack_upload(module, methods, data, config, upload, truths, i):
                     scored[key].extend(found)
                 logger.info("Upload %d/%d (%s) attacked.", i + 1, len(uploads), _upload_name(size))
             for (method, guess), found in scored.items():
@@ -730,32 +730,33 @@ class ReconstructionAttack:
                     )
         return rows
 
-    def _attack_upload(self, module, data: AuditData, config: AuditConfig, upload, truths, i):
-        """``((method, guess), [(reconstruction, victim row, label hit), ...])`` of one upload."""
-        rows_data = data.data
-        classify = getattr(module, "classifier", None) is not None
-        grads = upload_gradient(module, rows_data.tensors(upload), kl_weight=config.kl_weight)
-        for guess, attacker in data.attackers.items():
-            seen = data.views[guess](grads) if guess in data.views else grads
-            for method in self._applicable(module):
-                recs, labels = _reconstruct(
-                    method,
-                    attacker,
-                    seen,
-                    len(upload),
-                    config,
-                    seed=i,
-                    prior=(data.reference, data.reference_sd),
+
+def _attack_upload(module, methods, data: AuditData, config: AuditConfig, upload, truths, i):
+    """``((method, guess), [(reconstruction, victim row, label hit), ...])`` of one upload."""
+    rows_data = data.data
+    classify = getattr(module, "classifier", None) is not None
+    grads = upload_gradient(module, rows_data.tensors(upload), kl_weight=config.kl_weight)
+    for guess, attacker in data.attackers.items():
+        seen = data.views[guess](grads) if guess in data.views else grads
+        for method in methods:
+            recs, labels = _reconstruct(
+                method,
+                attacker,
+                seen,
+                len(upload),
+                config,
+                seed=i,
+                prior=(data.reference, data.reference_sd),
+            )
+            found = []
+            for k, j in _match(recs, truths, data.reference):
+                label_hit = (
+                    float(labels[k] == rows_data.labels[upload[j]])
+                    if labels is not None and classify
+                    else np.nan
                 )
-                found = []
-                for k, j in _match(recs, truths, data.reference):
-                    label_hit = (
-                        float(labels[k] == rows_data.labels[upload[j]])
-                        if labels is not None and classify
-                        else np.nan
-                    )
-                    found.append((recs[k], int(upload[j]), label_hit))
-                yield (method, guess), found
+                found.append((recs[k], int(upload[j]), label_hit))
+            yield (method, guess), found
 
 
 def _reconstruction_metrics(module, data: AuditData, config: AuditConfig, found, pool_x, position):

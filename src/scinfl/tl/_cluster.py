@@ -89,35 +89,22 @@ def cluster(
         check_value("random_state", random_state, int, "an integer (or None)")
     check_obs_column_free(adata, key_added, _is_cluster_result, "scinfl.tl.cluster")
     check_not_empty(adata.n_obs)
-    # computed on an AnnData of the embedding alone and written into adata at the end: an
-    # error or an interrupt part-way leaves adata as it was (scanpy writes as it goes)
-    carrier = ad.AnnData(
-        obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={use_rep: adata.obsm[use_rep]}
-    )
-    sc.pp.neighbors(
-        carrier,
-        use_rep=use_rep,
-        n_neighbors=n_neighbors,
-        key_added=neighbors_key,
-        random_state=random_state,
-    )
-    n_iterations = 2
-    sc.tl.leiden(
-        carrier,
-        resolution=resolution,
-        key_added=key_added,
-        neighbors_key=neighbors_key,
-        flavor="igraph",
-        n_iterations=n_iterations,
-        directed=False,
-        random_state=random_state,
+    carrier = leiden_carrier(
+        adata.obs_names,
+        adata.obsm[use_rep],
+        use_rep,
+        neighbors_key,
+        key_added,
+        resolution,
+        random_state,
+        n_neighbors,
     )
     params = {
         "use_rep": use_rep,
         "n_neighbors": n_neighbors,
         "resolution": resolution,
         "random_state": random_state,
-        "n_iterations": n_iterations,
+        "n_iterations": LEIDEN_ITERATIONS,
         "neighbors_key": neighbors_key,
     }
     obsm = {}
@@ -134,6 +121,58 @@ def cluster(
     adata.uns[neighbors_key] = carrier.uns[neighbors_key]
     adata.uns[key_added] = {"params": params}
     return adata if copy else None
+
+
+#: iterations of scinfl's Leiden clusterings (scanpy's igraph flavour)
+LEIDEN_ITERATIONS = 2
+
+
+def leiden_carrier(
+    obs_names: pd.Index,
+    representation,
+    use_rep: str,
+    neighbors_key: str,
+    key_added: str,
+    resolution: float,
+    random_state: int | None,
+    n_neighbors: int = 15,
+) -> ad.AnnData:
+    """Neighbour graph and Leiden clusters of ``representation``, on an AnnData of it alone.
+
+    The callers copy the results into the user's AnnData once everything has worked: an error
+    or an interrupt part-way leaves it as it was (scanpy writes as it goes).
+
+    Returns
+    -------
+    The carrier: ``.obs[key_added]``, the graph under ``neighbors_key`` (``.uns``, ``.obsp``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rep = np.repeat(np.eye(2), 20, axis=0) + np.random.default_rng(0).normal(0, 0.01, (40, 2))
+    >>> carrier = leiden_carrier(pd.Index([f"c{i}" for i in range(40)]), rep, "X", "g", "c", 0.5, 0)
+    >>> carrier.obs["c"].nunique(), "g_connectivities" in carrier.obsp
+    (2, True)
+    """
+    carrier = ad.AnnData(obs=pd.DataFrame(index=obs_names.copy()), obsm={use_rep: representation})
+    sc.pp.neighbors(
+        carrier,
+        use_rep=use_rep,
+        n_neighbors=n_neighbors,
+        key_added=neighbors_key,
+        random_state=random_state,
+    )
+    sc.tl.leiden(
+        carrier,
+        resolution=resolution,
+        key_added=key_added,
+        neighbors_key=neighbors_key,
+        flavor="igraph",
+        n_iterations=LEIDEN_ITERATIONS,
+        directed=False,
+        random_state=random_state,
+    )
+    return carrier
 
 
 def _check_cluster_arguments(

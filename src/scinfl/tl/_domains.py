@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.mixture import GaussianMixture
@@ -14,6 +13,8 @@ from sklearn.mixture import GaussianMixture
 from scinfl._checks import check_value
 from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
+
+from ._cluster import leiden_carrier
 
 if TYPE_CHECKING:
     from scinfl.model import INFL
@@ -102,23 +103,12 @@ def _leiden_domains(
     everything has worked (scanpy writes as it goes).
     """
     graph = f"{key_added}_features"
-    carrier = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X": features})
-    sc.pp.neighbors(carrier, use_rep="X", key_added=graph, random_state=random_state)
-    sc.tl.leiden(
-        carrier,
-        resolution=resolution,
-        key_added=key_added,
-        neighbors_key=graph,
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-        random_state=random_state,
+    carrier = leiden_carrier(
+        adata.obs_names, features, f"X_{key_added}", graph, key_added, resolution, random_state
     )
     found = carrier.obs[key_added].cat.categories
     labels = carrier.obs[key_added].cat.rename_categories([f"D{name}" for name in found])
-    params = dict(carrier.uns[graph])
-    # the graph is of the features as adata holds them
-    params["params"] = {**params["params"], "use_rep": f"X_{key_added}"}
+    params = carrier.uns[graph]
     connectivities = carrier.obsp[f"{graph}_connectivities"]
     return labels.array, (connectivities, carrier.obsp[f"{graph}_distances"], params)
 

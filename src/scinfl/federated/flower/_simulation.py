@@ -261,9 +261,8 @@ def run_flower_simulation(
         n_sites=len(sites),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        site_rows={site.name: site.n_train for site in sites},
+        site_rows={site.name: (site.n_train, site.n_val) for site in sites},
     )
-    server.site_rows = {site.name: (site.n_train, site.n_val) for site in sites}
     table = SimulationSites(
         template,
         sites,
