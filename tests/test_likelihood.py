@@ -8,6 +8,7 @@ from scvi.distributions import NegativeBinomial
 
 from scinfl.federated import SiteData
 from scinfl.module import NONZERO_KEY, KeyedVAE, nb_log_likelihood
+from scinfl.module._likelihood import digamma_positive
 
 
 def _counts(n=32, p=50, seed=0):
@@ -62,3 +63,19 @@ def test_the_module_loss_is_scvi_tools_nb_loss():
     inference, generative, loss = vae(tensors, compute_loss=True)
     expected = -generative["px"].log_prob(x).sum(-1)
     torch.testing.assert_close(loss.reconstruction_loss["reconstruction_loss"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorised_digamma_is_as_accurate_as_torch(dtype):
+    z = torch.cat([torch.logspace(-6, 8, 3000, dtype=torch.float64), torch.rand(3000) * 30 + 1])
+    exact = torch.digamma(z.double())
+    relative = (digamma_positive(z.to(dtype)).double() - exact).abs() / exact.abs().clamp(min=1)
+    assert relative.max() < (1e-6 if dtype == torch.float32 else 1e-8)
+
+
+def test_second_derivatives_for_gradient_matching_attacks():
+    # the audit's gradient inversion differentiates the loss's gradient again
+    x = _counts(n=6, p=5, seed=4).double()
+    mu = (torch.rand(*x.shape, dtype=torch.float64) * 3 + 0.1).requires_grad_()
+    theta = (torch.rand(5, dtype=torch.float64) * 2 + 0.2).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda m, t: nb_log_likelihood(x, m, t), (mu, theta))

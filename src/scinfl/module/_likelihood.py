@@ -79,14 +79,85 @@ def nb_log_likelihood(
     else:
         dense = (theta * (torch.log(theta + eps) - log_theta_mu)).sum(-1)
         th = theta.reshape(-1).index_select(0, flat)
-        lgamma_th = torch.lgamma(th)
+        lgamma_th = log_gamma(th)
     log_ratio = torch.log(mu.reshape(-1).index_select(0, flat) + eps) - log_theta_mu.reshape(
         -1
     ).index_select(0, flat)
     on_nonzero = (
-        counts * log_ratio + torch.lgamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
+        counts * log_ratio + log_gamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
     )
     return dense.index_add(0, rows, on_nonzero)
+
+
+def digamma_positive(z: torch.Tensor) -> torch.Tensor:
+    r"""The digamma function :math:`\psi(z)` for ``z > 0``, in a few vectorised operations.
+
+    :math:`\psi(z) = \psi(z + 3) - 1/z - 1/(z + 1) - 1/(z + 2)`, and :math:`\psi(w)` for
+    ``w >= 3`` from its asymptotic series to the ``w^-10`` term (truncation error below 4e-8).
+    On a CPU, :func:`torch.digamma` evaluates element by element and cost more than the
+    matrix products of a training step on 2,000 genes (it is the derivative of the log-gamma
+    terms of the negative binomial); this is about twice as fast, as accurate in float32 (and
+    to 1e-8 relative in float64), and differentiable (its derivative approximates trigamma).
+
+    Parameters
+    ----------
+    z
+        Positive values.
+
+    Returns
+    -------
+    :math:`\psi(z)`, elementwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.tensor([1e-3, 0.5, 1.0, 7.5, 1e6])
+    >>> torch.allclose(digamma_positive(z), torch.digamma(z), rtol=1e-6)
+    True
+    """
+    shifted = z + 3
+    r = (shifted * shifted).reciprocal()
+    series = r * (1 / 12 - r * (1 / 120 - r * (1 / 252 - r * (1 / 240 - r * (1 / 132)))))
+    recurrence = z.reciprocal() + (z + 1).reciprocal() + (z + 2).reciprocal()
+    return shifted.log() - 0.5 * shifted.reciprocal() - series - recurrence
+
+
+class _LogGamma(torch.autograd.Function):
+    """:func:`torch.lgamma` whose derivative is :func:`digamma_positive` (arguments > 0)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return torch.lgamma(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # written in differentiable operations: gradient-matching attacks differentiate it again
+        (z,) = ctx.saved_tensors
+        return grad * digamma_positive(z)
+
+
+def log_gamma(z: torch.Tensor) -> torch.Tensor:
+    """:math:`\log\Gamma(z)` for ``z > 0``, differentiated with :func:`digamma_positive`.
+
+    Parameters
+    ----------
+    z
+        Positive values.
+
+    Returns
+    -------
+    :func:`torch.lgamma` of ``z``; its gradient is ``digamma_positive(z)`` times the incoming one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.tensor([0.5, 3.0], requires_grad=True)
+    >>> log_gamma(z).sum().backward()
+    >>> torch.allclose(z.grad, torch.digamma(z.detach()))
+    True
+    """
+    return _LogGamma.apply(z)
 
 
 def standardised_normal_log_prob(
