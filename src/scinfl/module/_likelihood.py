@@ -83,9 +83,7 @@ def nb_log_likelihood(
     log_ratio = torch.log(mu.reshape(-1).index_select(0, flat) + eps) - log_theta_mu.reshape(
         -1
     ).index_select(0, flat)
-    on_nonzero = (
-        counts * log_ratio + log_gamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
-    )
+    on_nonzero = counts * log_ratio + log_gamma(counts + th) - lgamma_th - torch.lgamma(counts + 1)
     return dense.index_add(0, rows, on_nonzero)
 
 
@@ -138,7 +136,7 @@ class _LogGamma(torch.autograd.Function):
 
 
 def log_gamma(z: torch.Tensor) -> torch.Tensor:
-    """:math:`\log\Gamma(z)` for ``z > 0``, differentiated with :func:`digamma_positive`.
+    r""":math:`\log\Gamma(z)` for ``z > 0``, differentiated with :func:`digamma_positive`.
 
     Parameters
     ----------
