@@ -69,7 +69,7 @@ def test_each_block_is_squidpys_graph_of_that_section():
         ({"delaunay": True, "radius": 1.2}, "spatial_neighbors_delaunay", {"radius": (0, 1.2)}),
     ],
 )
-def test_radius_and_delaunay_graphs_are_squidpys_per_section(kwargs, builder, settings):
+def test_radius_and_delaunay_graphs_are_squidpys_per_section(kwargs, builder, settings, tmp_path):
     import squidpy as sq
 
     adata = _two_sites_four_sections()
@@ -87,6 +87,7 @@ def test_radius_and_delaunay_graphs_are_squidpys_per_section(kwargs, builder, se
     rows, cols = graph.nonzero()
     assert len(rows) and (codes[rows] == codes[cols]).all()
     assert adata.uns["spatial_neighbors"]["params"]["delaunay"] == kwargs.get("delaunay", False)
+    adata.write_h5ad(tmp_path / "graph.h5ad")  # a radius interval was a tuple: not writable
 
 
 @pytest.mark.parametrize(

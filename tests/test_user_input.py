@@ -59,6 +59,14 @@ def test_a_perturbation_model_of_any_architecture_loads_back(key, tmp_path):
     )
 
 
+def test_loading_with_a_key_file_path_names_key_load(key, tmp_path):
+    adata = _counts()
+    _infl(adata, key).save(tmp_path, overwrite=True)
+    key.save(tmp_path / "fed.key")
+    with pytest.raises(TypeError, match=r"key=scinfl.Key.load\(path\)"):
+        INFL.load(tmp_path, adata, key=str(tmp_path / "fed.key"))
+
+
 def test_loading_onto_genes_in_another_order_matches_them_by_name(key, tmp_path):
     adata = _counts()
     model = _infl(adata, key)
@@ -658,11 +666,26 @@ def test_features_changed_in_place_since_setup(key):
     adata.var_names = names
     adata._inplace_subset_var(adata.var_names[::-1])  # reordered: matched by name
     np.testing.assert_allclose(model.get_latent_representation(), before, atol=1e-5)
-    with pytest.raises(ValueError, match="features changed since setup_anndata .*another order"):
+    with pytest.raises(ValueError, match="features changed since setup .*another order"):
         model.train_federated(max_rounds=1, progress_bar=False)
     adata._inplace_subset_var(adata.var_names[:10])  # subset: counts cannot be missing
     with pytest.raises(ValueError, match="lack 6 of the model's 16 features"):
         model.get_latent_representation()
+
+
+def test_a_modality_changed_in_place_since_setup(multiome):
+    # read by position before: another latent silently, a raw shape error for a subset
+    mdata, model = multiome
+    before = model.get_latent(mdata)
+    mdata.mod["rna"] = mdata.mod["rna"][:, ::-1].copy()
+    mdata.update()
+    np.testing.assert_allclose(model.get_latent(mdata), before, atol=1e-5)
+    with pytest.raises(ValueError, match="modality 'rna': the same 20 features in another"):
+        model.train_federated(max_rounds=1, progress_bar=False)
+    mdata.mod["rna"] = mdata.mod["rna"][:, :15].copy()
+    mdata.update()
+    with pytest.raises(ValueError, match="Modality 'rna' of the new data lack 5 of the"):
+        scinfl.tl.embed(mdata, model)
 
 
 def test_predicting_with_a_model_that_has_no_classifier_says_which_has(multiome, key):
@@ -793,3 +816,21 @@ def test_a_loaded_model_fine_tunes_on_unlabelled_data_and_sparse_latents_cluster
     query.obsm["X_sparse"] = sp.csr_matrix(np.abs(loaded.get_latent_representation()))
     scinfl.tl.cluster(query, use_rep="X_sparse", n_neighbors=5)
     assert "scinfl_leiden" in query.obs
+
+
+def test_views_and_backed_data_get_the_copy_that_works(multiome, key, tmp_path):
+    mdata, model = multiome
+    view = mdata[mdata.obs["site"] == mdata.obs["site"].iloc[0]]
+    with pytest.raises(ValueError, match=r"mdata = mdata\[mask\].copy\(\)"):
+        MultiOmicsINFL.setup_mudata(view, ["rna", "prot"], site_key="site")
+    model.save(tmp_path / "model", overwrite=True)
+    with pytest.raises(ValueError, match=r"mdata is a view"):
+        MultiOmicsINFL.load(tmp_path / "model", view, key=key)
+    mudata.write_h5mu(tmp_path / "m.h5mu", mdata)
+    with pytest.raises(ValueError, match="The MuData is backed"):
+        model.get_latent(mudata.read_h5mu(tmp_path / "m.h5mu", backed=True))
+    adata = _counts()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"adata\[mask\].to_memory\(\)"):
+        INFL.setup_anndata(backed[:10], site_key="site")

@@ -1,10 +1,12 @@
-"""Where scinfl's info lines go: shown by default, as scvi-tools shows its own.
+"""Where scinfl's info lines go: shown as scvi-tools shows its own, at its verbosity.
 
 scinfl adapts to data where adapting is what a user wants (a small site's batch size, features
 aligned by name, categories without rows dropped) and says so at the ``INFO`` level. A library
 logger shows only warnings unless it is given a handler, so, as scvi-tools does for ``"scvi"``,
 the ``"scinfl"`` logger gets one (rich, on standard error, looked up when a line is written)
-if it has none. ``logging.getLogger("scinfl").setLevel(logging.WARNING)`` silences them.
+if it has none. Until its level is set, the ``"scinfl"`` logger's level is scvi-tools'
+verbosity: ``scvi.settings.verbosity = logging.WARNING`` silences both libraries' info lines;
+``logging.getLogger("scinfl").setLevel(...)`` sets scinfl's alone.
 """
 
 from __future__ import annotations
@@ -17,10 +19,34 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 
+class _FollowsScviVerbosity(logging.Logger):
+    """A logger whose level, until one is set, is that of scvi-tools' logger.
+
+    Loggers below it (``"scinfl.model._validation"``, ...) read this level as their own, so
+    ``scvi.settings.verbosity`` (which sets the ``"scvi"`` logger's level) applies to every
+    scinfl line; setting a level here (``setLevel``, pytest's ``caplog.at_level``) overrides
+    it.
+    """
+
+    @property
+    def level(self) -> int:
+        own = self.__dict__.get("_own_level", logging.NOTSET)
+        return own if own != logging.NOTSET else logging.getLogger("scvi").getEffectiveLevel()
+
+    @level.setter
+    def level(self, value: int) -> None:
+        self.__dict__["_own_level"] = value
+
+
 def configure_logging(level: int | None = None) -> None:
     """Show the ``"scinfl"`` logger's lines from ``level`` on (a handler added if it has none).
 
-    ``None`` (at import): ``INFO``, unless the user set the logger's level before.
+    Parameters
+    ----------
+    level
+        A logging level; ``None`` (at import): scvi-tools' verbosity
+        (``scvi.settings.verbosity``, ``INFO`` unless changed), unless the user set the
+        logger's level before.
 
     Examples
     --------
@@ -31,10 +57,14 @@ def configure_logging(level: int | None = None) -> None:
     >>> configure_logging(logging.INFO)
     """
     logger = logging.getLogger("scinfl")
+    if not isinstance(logger, _FollowsScviVerbosity):
+        # the "scinfl" logger may exist already (a level set before scinfl was imported): it
+        # keeps that level as its own
+        own = logger.__dict__.pop("level", logging.NOTSET)
+        logger.__class__ = _FollowsScviVerbosity
+        logger.level = own
     if level is not None:
         logger.setLevel(level)
-    elif logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
     if not logger.handlers:
         # a console without a file writes to the sys.stderr of the moment (Jupyter, pytest)
         handler = RichHandler(

@@ -130,7 +130,8 @@ class DPFedAvg:
             noisy = value + rng.normal(0.0, std, size=value.shape)
             result[name] = noisy.astype(current[name].dtype)
         self.releases.append(len(updates))
-        logger.info(
+        # a line every round would drown the progress bar: at the debug level
+        logger.debug(
             "Round %d: %d updates clipped to %.3g, noise std %.3g.",
             round_,
             len(updates),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ._aggregate import accept_updates
@@ -262,9 +261,10 @@ def run_rounds(
         )
         accepted = accept_updates(evaluations, server.key_fingerprint, server.key_version)
         stop = server.record_evaluation(round_, {u.site: u.metrics for u in accepted})
-        val = [u.metrics["val_loss"] for u in accepted if u.metrics.get("n_val", 0) > 0]
-        if val:
-            rounds.set_postfix(val_loss=f"{np.mean(val):.4g}", best_round=server.best_round)
+        if server.last_val_loss is not None:
+            # the selection's loss (weighted by validation rows), as the history has it
+            best = {"best_epoch" if desc == "epochs" else "best_round": server.best_round}
+            rounds.set_postfix(val_loss=f"{server.last_val_loss:.4g}", **best)
         if stop:
             break
     return server

@@ -101,6 +101,9 @@ class FederatedServer:
     frame: str = INITIAL_FRAME
     best_frame: str | None = None
     site_rows: dict[str, tuple[int, int]] | None = None
+    #: the validation loss of the last round recorded (weighted by validation rows, the
+    #: selection's), ``None`` before any or when no site could score
+    last_val_loss: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.config.privacy.server_dp and self.dp is None:
@@ -414,16 +417,23 @@ class FederatedServer:
                     }
                 )
         stop = False
+        self.last_val_loss = (
+            float(
+                np.average(
+                    [m["val_loss"] for m in evaluated.values()],
+                    weights=[m["n_val"] for m in evaluated.values()],
+                )
+            )
+            if evaluated
+            else None
+        )
+        val_loss = self.last_val_loss
         # under DP-FedAvg the last round is released: choosing by the sites' raw validation
         # losses would make the released model depend on data the noise does not cover
-        if not evaluated or self.dp is not None:
+        if val_loss is None or self.dp is not None:
             self.best_parameters, self.best_round = self.parameters, round_
             self.best_frame = self._frame_or_none()
         else:
-            weights = np.array([m["n_val"] for m in evaluated.values()])
-            val_loss = float(
-                np.average([m["val_loss"] for m in evaluated.values()], weights=weights)
-            )
             if val_loss < self.best_val_loss:
                 self.best_val_loss = val_loss
                 self.best_parameters = self.parameters
@@ -715,6 +725,14 @@ def _resumable_config(state: dict, config: FederationConfig, directory: Path) ->
     saved = state["config"]
     if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
         # a default warm-up follows max_rounds; a resumed run keeps the one it started with
+        logger.info(
+            "The KL warm-up stays %s rounds, as the run began (max_rounds=%s); an uninterrupted "
+            "run of max_rounds=%d would warm up over %d. Pass kl_warmup_rounds to choose.",
+            saved["kl_warmup_rounds"],
+            saved.get("max_rounds"),
+            config.max_rounds,
+            config.kl_warmup_rounds,
+        )
         config = dataclasses.replace(config, kl_warmup_rounds=saved["kl_warmup_rounds"])
     settings = config.settings()
     changed = [

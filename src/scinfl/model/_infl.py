@@ -391,8 +391,7 @@ class INFL(
         logger.warning(
             "The classifier says %r for %.0f%% of the labelled training rows, where %.0f%% are "
             "%r: it has not learned to tell the classes apart. This run made %d optimiser steps "
-            "at its largest site (%d %s x %d steps each); small cohorts need more: e.g. "
-            "local_epochs=5 or batch_size=32 (and balance_classes=True for unequal classes).",
+            "at its largest site (%d %s x %d steps each); %s",
             top,
             100 * share,
             100 * shares.get(top, 0.0),
@@ -401,6 +400,7 @@ class INFL(
             runs,
             unit if runs != 1 else unit.removesuffix("s"),
             steps,
+            _undertrained_advice(config, unit),
         )
 
     @property
@@ -772,3 +772,20 @@ def _check_labelled_rows(adata: AnnData, labels_key: str | None, unlabeled) -> N
             labels_key,
             labelled.iloc[0],
         )
+
+
+def _undertrained_advice(config, unit: str) -> str:
+    """What would train an undertrained classifier more, from the settings a run had."""
+    more = [f"max_{unit}={2 * config.max_rounds}"]
+    if unit == "rounds" and config.local_epochs < 5:
+        more.append(f"local_epochs={max(5, 2 * config.local_epochs)}")
+    if config.batch_size > 32:
+        more.append("batch_size=32")
+    advice = f"small cohorts need more steps: e.g. {' or '.join(more)}"
+    sample_dp = config.privacy.sample_dp_epsilon is not None
+    if not config.balance_classes and not sample_dp:
+        # sample-level DP refuses it: the label counts it reads are not covered by the noise
+        advice += " (and balance_classes=True for unequal classes)"
+    if sample_dp or config.privacy.mode == "dp":
+        advice += "; differential privacy's noise also drowns what few steps learn"
+    return advice + "."

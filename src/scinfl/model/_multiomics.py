@@ -22,8 +22,14 @@ from scinfl.pp._modalities import check_shared_samples
 
 from ._infl import INFL
 from ._multiomics_new_samples import aligned_new_mudata
-from ._validation import apply_agreed_categories, validate_matrix, validate_obs_column
+from ._validation import (
+    apply_agreed_categories,
+    check_not_a_view,
+    validate_matrix,
+    validate_obs_column,
+)
 from .base import FederatedTrainingMixin, KeyedModelMixin
+from .base._federated import features_changed
 from .base._keyed import LOADING_SAVED_MODEL
 from .base._new_samples import check_input_columns, warn_of_unlike_samples
 
@@ -181,17 +187,35 @@ class MultiOmicsINFL(
         self.init_params_ = self._get_init_params(locals())
         self._init_key(key)
 
+    def _features_changed_since_setup(self) -> str | None:
+        """How a modality of the registered MuData changed in place since setup, or ``None``."""
+        for name, registered in self._modality_features().items():
+            if name not in self.adata.mod:
+                return f"modality {name!r} removed"
+            changed = features_changed(registered, self.adata.mod[name].var_names)
+            if changed:
+                return f"modality {name!r}: {changed}"
+        return None
+
+    def _modality_features(self) -> dict[str, list]:
+        """Each modality's features, in the model's order."""
+        return getattr(self, "modality_features_", None) or {
+            name: list(self.adata.mod[name].var_names)
+            for name in self.adata_manager.registry["setup_args"]["modalities"]
+        }
+
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
         if adata is not None:
             check_not_empty(adata.n_obs, "samples", "mdata")
-        if isinstance(adata, MuData) and adata is not self.adata:
+        if adata is None and self._features_changed_since_setup():
+            # the registered MuData whose modalities changed in place: read as new samples
+            adata = self.adata
+        registered = adata is self.adata and not self._features_changed_since_setup()
+        if isinstance(adata, MuData) and not registered:
             setup = self.adata_manager.registry["setup_args"]
-            features = getattr(self, "modality_features_", None) or {
-                name: list(self.adata.mod[name].var_names) for name in setup["modalities"]
-            }
             new = adata
             adata = aligned_new_mudata(
-                adata, features, setup.get("layers") or {}, self.module.likelihoods
+                adata, self._modality_features(), setup.get("layers") or {}, self.module.likelihoods
             )
             check_input_columns(adata.obs, self.adata_manager)
             self._warn_of_unlike_modalities(new, adata, setup.get("layers") or {})
@@ -301,6 +325,7 @@ class MultiOmicsINFL(
             )
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must name distinct modalities, got {modalities}.")
+        check_not_a_view(mdata)
         layers = dict(layers or {})
         check_shared_samples(mdata, modalities)
         for name, layer in layers.items():

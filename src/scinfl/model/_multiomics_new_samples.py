@@ -11,7 +11,7 @@ from mudata import MuData
 
 from scinfl._mudata import mudata_of
 from scinfl.model.base._new_samples import features_by_name
-from scinfl.pp._modalities import _absent, _pad
+from scinfl.pp._modalities import _absent, _pad, check_in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def aligned_new_mudata(
     >>> list(new.mod["rna"].var_names), bool(np.isnan(new.mod["prot"].X).all())
     (['g0', 'g1'], True)
     """
+    check_in_memory(mdata)
     samples = _samples(mdata, features)
     modalities = {}
     for name, names in features.items():

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from mudata import MuData
 from scipy import sparse
 
 logger = logging.getLogger(__name__)
@@ -192,23 +193,62 @@ def validate_layer(adata: AnnData, layer: str | None) -> None:
         )
 
 
+def check_not_a_view(data: AnnData | MuData) -> None:
+    """Refuse a view (``data[mask]``), which scvi-tools' registration cannot write into.
+
+    Parameters
+    ----------
+    data
+        An AnnData or a MuData.
+
+    Raises
+    ------
+    ValueError
+        For a view, with the copy to make (``.to_memory()`` for a view of a backed AnnData,
+        whose ``.copy()`` needs a file).
+
+    Examples
+    --------
+    >>> import numpy as np, anndata
+    >>> check_not_a_view(anndata.AnnData(np.ones((2, 2)))[:1])
+    Traceback (most recent call last):
+    ...
+    ValueError: adata is a view of another AnnData (e.g. adata[mask]), which setup cannot register into: make it a copy first, adata = adata[mask].copy().
+    """
+    if not data.is_view:
+        return
+    kind = type(data).__name__
+    name = "mdata" if isinstance(data, MuData) else "adata"
+    fix = (
+        f"read it into memory first, {name} = {name}[mask].to_memory()"
+        if getattr(data, "isbacked", False)
+        else f"make it a copy first, {name} = {name}[mask].copy()"
+    )
+    raise ValueError(
+        f"{name} is a view of another {kind} (e.g. {name}[mask]), which setup cannot register "
+        f"into: {fix}."
+    )
+
+
 def validate_anndata_object(adata: AnnData) -> None:
     """Refuse what scvi-tools' registration cannot take: a view, duplicate feature names.
+
+    Parameters
+    ----------
+    adata
+        The AnnData to set up.
+
+    Raises
+    ------
+    ValueError
+        For a view (:func:`check_not_a_view`) or repeated ``var_names``.
 
     Examples
     --------
     >>> import numpy as np, anndata
     >>> validate_anndata_object(anndata.AnnData(np.ones((2, 2))))
-    >>> validate_anndata_object(anndata.AnnData(np.ones((2, 2)))[:1])
-    Traceback (most recent call last):
-    ...
-    ValueError: adata is a view of another AnnData (e.g. adata[mask]), which setup cannot register into: make it a copy first, adata = adata[mask].copy().
     """
-    if adata.is_view:
-        raise ValueError(
-            "adata is a view of another AnnData (e.g. adata[mask]), which setup cannot register "
-            "into: make it a copy first, adata = adata[mask].copy()."
-        )
+    check_not_a_view(adata)
     if not adata.var_names.is_unique:
         duplicated = adata.var_names[adata.var_names.duplicated()].unique()
         raise ValueError(

@@ -16,6 +16,31 @@ from scinfl._mudata import mudata_of
 logger = logging.getLogger(__name__)
 
 
+def check_in_memory(mdata: MuData) -> None:
+    """Refuse a MuData backed on disk, which scvi-tools' MuData fields cannot read.
+
+    Parameters
+    ----------
+    mdata
+        The MuData.
+
+    Raises
+    ------
+    ValueError
+        When ``mdata`` is backed, naming the fix.
+
+    Examples
+    --------
+    >>> import numpy as np, anndata, mudata
+    >>> check_in_memory(mudata.MuData({"rna": anndata.AnnData(np.ones((2, 1)))}))
+    """
+    if getattr(mdata, "isbacked", False):
+        raise ValueError(
+            "The MuData is backed (read with backed=True): load it into memory first, "
+            "mudata.read_h5mu(path)."
+        )
+
+
 def check_shared_samples(mdata: MuData, modalities: Sequence[str], features: bool = True) -> None:
     """Refuse modalities that share no sample name (the same samples named differently).
 
@@ -42,11 +67,7 @@ def check_shared_samples(mdata: MuData, modalities: Sequence[str], features: boo
     missing = [name for name in modalities if name not in mdata.mod]
     if missing:
         raise ValueError(f"MuData has no modality {missing}; its modalities are {list(mdata.mod)}.")
-    if getattr(mdata, "isbacked", False):
-        raise ValueError(
-            "The MuData is backed (read with backed=True): load it into memory first, "
-            "mudata.read_h5mu(path)."
-        )
+    check_in_memory(mdata)
     for name in modalities:
         _check_modality_names(mdata.mod[name], name, features)
     if len(modalities) < 2:

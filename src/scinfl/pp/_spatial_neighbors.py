@@ -319,8 +319,9 @@ def spatial_neighbors(
     adata.uns[f"{key_added}_neighbors"] = {
         "connectivities_key": f"{key_added}_connectivities",
         "distances_key": f"{key_added}_distances",
+        # a tuple (squidpy's radius interval) cannot be written to h5ad or zarr: a list can
         "params": {
-            **dict(params),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dict(params).items()},
             "delaunay": builder == "spatial_neighbors_delaunay",
             "site_key": site_key,
             "library_key": library_key,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -79,14 +79,18 @@ class FederatedTrainingMixin:
         labels. scvi-tools' ``validate`` re-registers this model's own setup. Features changed
         in place since setup (subset or reordered) are refused: the weights are per feature.
         """
-        changed = registered_features_changed(self.adata_manager, self.adata)
+        changed = self._features_changed_since_setup()
         if changed:
             raise ValueError(
-                f"adata's features changed since setup_anndata ({changed}): this model's "
+                f"The data's features changed since setup ({changed}): this model's "
                 "weights are per feature of its setup. Train a new model on the new features "
                 "(set it up again), or restore them."
             )
         self.adata_manager.validate()
+
+    def _features_changed_since_setup(self) -> str | None:
+        """How the registered data's features changed in place since setup, or ``None``."""
+        return registered_features_changed(self.adata_manager, self.adata)
 
     def _site_data(self, validation_size: float, seed: int) -> list[SiteData]:
         """Every site's data from the registry, split by ``seed`` and each site's name."""
@@ -140,11 +144,13 @@ class FederatedTrainingMixin:
             accounting; never the key or data) there after every completed round.
         resume
             Continue the interrupted run saved in ``checkpoint_dir`` from its last completed
-            round, with the same settings (``max_rounds`` may grow); the result equals that of
-            an uninterrupted run, except under DP (``sample_dp_epsilon``, ``privacy="dp"``):
-            the noise comes from a secret of the process that draws it (a site's, the
-            server's), so a restarted run draws new noise, and the model differs as another
-            draw of the same mechanism does.
+            round, with the same settings; the result equals that of an uninterrupted run,
+            except under DP (``sample_dp_epsilon``, ``privacy="dp"``): the noise comes from a
+            secret of the process that draws it (a site's, the server's), so a restarted run
+            draws new noise, and the model differs as another draw of the same mechanism does.
+            ``max_rounds`` may grow: the run goes on with the KL warm-up it began with (by
+            default half of the first call's ``max_rounds``, where an uninterrupted longer run
+            warms up longer; give ``kl_warmup_rounds`` for runs you may extend).
         progress_bar
             Show a progress bar over rounds.
         accelerator, devices
@@ -193,6 +199,13 @@ class FederatedTrainingMixin:
         """
         if engine not in ("local", "flower"):
             raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+        check_setting_names(
+            "train_federated",
+            settings,
+            _FEDERATED_ARGUMENTS,
+            {"max_epochs": "max_rounds", "n_epochs_kl_warmup": "kl_warmup_rounds"},
+        )
+        check_progress_bar(progress_bar)
         config = self._federation_config(
             max_rounds=max_rounds, local_epochs=local_epochs, **settings
         )
@@ -285,10 +298,28 @@ class FederatedTrainingMixin:
         >>> history["site"].unique().tolist()
         ['all']
         """
-        settings.setdefault("secret_frames", False)  # nothing travels
-        config = self._federation_config(
-            max_rounds=max_epochs, kl_warmup_rounds=kl_warmup_epochs, **settings
+        check_setting_names(
+            "train_centralized",
+            settings,
+            _CENTRALIZED_ARGUMENTS,
+            {
+                "max_rounds": "max_epochs",
+                "kl_warmup_rounds": "kl_warmup_epochs",
+                "n_epochs_kl_warmup": "kl_warmup_epochs",
+            },
+            pooled=True,
         )
+        check_progress_bar(progress_bar)
+        settings["secret_frames"] = False  # nothing travels
+        try:
+            config = self._federation_config(
+                max_rounds=max_epochs, kl_warmup_rounds=kl_warmup_epochs, **settings
+            )
+        except (TypeError, ValueError) as error:
+            # the checks are FederationConfig's, in its names for what are epochs here
+            message = str(error).replace("max_rounds", "max_epochs")
+            message = message.replace("kl_warmup_rounds", "kl_warmup_epochs")
+            raise type(error)(message) from error
         self._revalidate_setup()
         site = SiteData.from_registry(
             self.adata_manager, "all", None, config.validation_size, config.seed
@@ -355,12 +386,16 @@ class FederatedTrainingMixin:
         try:
             yield
         except BaseException as error:
-            current = module.state_dict()
-            changed = any(not torch.equal(state[name], current[name].cpu()) for name in state)
+            # the weights, not the buffers: a continuous model fits its feature scale before a
+            # setting or a checkpoint can be refused, and no training ran then
+            trained = any(
+                not torch.equal(state[name], weight.detach().cpu())
+                for name, weight in module.named_parameters()
+            )
             module.to(device)
             module.load_state_dict(state)
             module.train(training)
-            if not changed:  # refused before training (a setting, a checkpoint): nothing to say
+            if not trained:  # refused before training: nothing to say
                 raise
             resumable = (
                 f" The rounds completed are in {str(checkpoint_dir)!r}: continue with resume=True."
@@ -587,6 +622,138 @@ def training_device(
     return device
 
 
+#: the arguments of the training methods besides the settings of FederationConfig
+_FEDERATED_ARGUMENTS = (
+    "max_rounds",
+    "local_epochs",
+    "engine",
+    "checkpoint_dir",
+    "resume",
+    "progress_bar",
+    "accelerator",
+    "devices",
+)
+_CENTRALIZED_ARGUMENTS = (
+    "max_epochs",
+    "kl_warmup_epochs",
+    "progress_bar",
+    "accelerator",
+    "devices",
+)
+#: settings that shape rounds across sites, which a pooled run has no use for
+_ACROSS_SITES = (
+    "local_epochs",
+    "fraction",
+    "min_sites",
+    "strategy",
+    "mu",
+    "min_available",
+    "min_cells_per_site",
+    "privacy",
+    "dp_noise_multiplier",
+    "dp_clipping_norm",
+    "secret_frames",
+    "secagg_min_participants",
+)
+#: scvi-tools' names of training arguments, and scinfl's for the same thing
+_SCVI_TOOLS_NAMES = {
+    "enable_progress_bar": "progress_bar",
+    "train_size": "validation_size (the share of each site's rows held out)",
+    "plan_kwargs": "lr= and weight_decay= themselves",
+    "datasplitter_kwargs": "validation_size=",
+    "check_val_every_n_epoch": "nothing: every round is validated",
+    "early_stopping_monitor": "early_stopping=True (on the validation loss)",
+}
+
+
+def check_setting_names(
+    method: str,
+    settings: Mapping[str, Any],
+    arguments: Sequence[str],
+    renamed: Mapping[str, str],
+    pooled: bool = False,
+) -> None:
+    """Refuse names a training method does not take, naming the one meant where there is one.
+
+    Parameters
+    ----------
+    method
+        The training method's name, for the message.
+    settings
+        Its keyword arguments beyond its own.
+    arguments
+        Its own arguments (listed beside the settings of
+        :class:`~scinfl.federated.FederationConfig`).
+    renamed
+        Names that are another name in this method (``max_epochs`` is ``max_rounds`` in
+        :meth:`~FederatedTrainingMixin.train_federated`).
+    pooled
+        The method trains on every row pooled as one site: the settings of rounds across
+        sites (``local_epochs``, ``fraction``, ``privacy``, ...) are refused too.
+
+    Raises
+    ------
+    TypeError
+        Naming each unknown name and, for scvi-tools' names or renamed ones, the name here.
+
+    Examples
+    --------
+    >>> check_setting_names("train_federated", {"lr": 1e-3}, ("max_rounds",), {})
+    >>> check_setting_names("train_federated", {"max_epochs": 5}, ("max_rounds",), {"max_epochs": "max_rounds"})
+    Traceback (most recent call last):
+    ...
+    TypeError: train_federated takes no max_epochs (here: max_rounds). ...
+    """
+    known = set(FederationConfig.setting_defaults()) - set(renamed)
+    if pooled:
+        known -= set(_ACROSS_SITES)
+        across = [name for name in _ACROSS_SITES if name in settings]
+        if across and not (across == ["privacy"] and settings["privacy"] is None):
+            raise TypeError(
+                f"{method} trains on every row pooled as one site: {across} "
+                f"{'is a setting' if len(across) == 1 else 'are settings'} of train_federated "
+                "(rounds across sites)."
+                + (
+                    " For a guarantee per row here: sample_dp_epsilon."
+                    if "privacy" in across
+                    else ""
+                )
+            )
+        settings = {name: value for name, value in settings.items() if name not in across}
+    unknown = [name for name in settings if name not in known]
+    if not unknown:
+        return
+    meant = {**_SCVI_TOOLS_NAMES, **renamed}
+    told = ", ".join(
+        f"{name} (here: {meant[name]})" if name in meant else repr(name) for name in unknown
+    )
+    raise TypeError(
+        f"{method} takes no {told}. Its arguments: {sorted(arguments)}; its settings: "
+        f"{sorted(known - set(arguments))}."
+    )
+
+
+def check_progress_bar(progress_bar: Any) -> None:
+    """Refuse a ``progress_bar`` that is not ``True`` or ``False`` (a string became its label).
+
+    Parameters
+    ----------
+    progress_bar
+        The value given.
+
+    Raises
+    ------
+    TypeError
+        Unless a boolean.
+
+    Examples
+    --------
+    >>> check_progress_bar(False)
+    """
+    if not isinstance(progress_bar, bool | np.bool_):
+        raise TypeError(f"progress_bar must be True or False, got {progress_bar!r}.")
+
+
 def registered_features_changed(manager, adata) -> str | None:
     """How ``adata``'s features differ from those its setup registered, or ``None``.
 
@@ -607,8 +774,33 @@ def registered_features_changed(manager, adata) -> str | None:
     if not isinstance(adata, AnnData) or REGISTRY_KEYS.X_KEY not in manager.data_registry:
         return None
     state = manager.get_state_registry(REGISTRY_KEYS.X_KEY)
-    names = pd.Index(np.asarray(state.get("column_names", [])).astype(str))
-    current = adata.var_names.astype(str)
+    return features_changed(state.get("column_names", []), adata.var_names)
+
+
+def features_changed(registered: Sequence, current: Sequence) -> str | None:
+    """How the feature names ``current`` differ from ``registered`` (set up), or ``None``.
+
+    Parameters
+    ----------
+    registered
+        The features a model was set up with, in its order.
+    current
+        The features the data hold now.
+
+    Returns
+    -------
+    What changed, in words, or ``None`` when nothing did or the features were only renamed
+    (the same number, none of the old names): those are read by position.
+
+    Examples
+    --------
+    >>> features_changed(["a", "b", "c"], ["a", "b"])
+    '2 features, 3 at setup'
+    >>> features_changed(["a", "b"], ["x", "y"]) is None
+    True
+    """
+    names = pd.Index(np.asarray(registered).astype(str))
+    current = pd.Index(np.asarray(current).astype(str))
     if len(names) == 0 or current.equals(names):
         return None
     if len(current) == len(names):

@@ -22,6 +22,7 @@ from mudata import MuData
 from scinfl._logging import quiet
 from scinfl.key import MISSING_KEY_MESSAGE, Key, KeyMismatchError, MissingKeyError
 from scinfl.model._multiomics_new_samples import aligned_new_mudata
+from scinfl.model._validation import check_not_a_view
 from scinfl.pp._features import align_features
 
 logger = logging.getLogger(__name__)
@@ -287,7 +288,13 @@ class KeyedModelMixin:
         >>> scinfl.model.INFL.load(path, adata, key=key).has_key
         True
         """
+        if key is not None and not isinstance(key, Key):
+            raise TypeError(
+                f"key= takes a scinfl.Key, got {type(key).__name__}; load the federation's key "
+                "file with key=scinfl.Key.load(path)."
+            )
         if isinstance(adata, AnnData | MuData):
+            check_not_a_view(adata)
             adata = _with_saved_features(dir_path, adata, kwargs.get("prefix"))
         # scvi-tools reports a local file as "already downloaded", and the model is built
         # without its key before the key below is set: neither is news to the user
