@@ -60,6 +60,8 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     assert {"train_accuracy", "train_classification_loss", "validation_classification_loss"} <= set(
         model.history
     )
+    kl_weight = model.history["kl_weight"]["kl_weight"]  # scvi-tools logs it every epoch
+    assert kl_weight.tolist() == history.groupby("round")["kl_weight"].first().tolist()
     model.train_federated(**FAST)  # a second run continues it
     assert len(model.history["validation_loss"]) == 2 * rounds
 

@@ -121,12 +121,21 @@ def digamma_positive(z: torch.Tensor) -> torch.Tensor:
 
 
 class _LogGamma(torch.autograd.Function):
-    """:func:`torch.lgamma` whose derivative is :func:`digamma_positive` (arguments > 0)."""
+    """:func:`torch.lgamma` whose derivative is :func:`digamma_positive` (arguments > 0).
+
+    Written for torch.func as well (``setup_context``, a generated vmap rule): sample-level
+    DP takes per-sample gradients with ``vmap(grad(...))``.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z)
+    def forward(z: torch.Tensor) -> torch.Tensor:
         return torch.lgamma(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

@@ -554,6 +554,8 @@ _SCVI_NAMES = {
     "train_accuracy": ("train_accuracy", "train_labelled"),
     "val_classification": ("validation_classification_loss", "val_labelled"),
     "val_accuracy": ("validation_accuracy", "val_labelled"),
+    # the round's, the same at every site that trained
+    "kl_weight": ("kl_weight", "n_train"),
 }
 
 
