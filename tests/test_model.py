@@ -66,6 +66,17 @@ def test_train_federated_history_and_outputs(counts_adata, key):
     assert len(model.history["validation_loss"]) == 2 * rounds
 
 
+def test_scvi_tools_scores_of_several_draws_at_once(counts_adata, key):
+    # the likelihood on a leading axis of posterior draws: a raw expand error before
+    model = _model(counts_adata, key)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    assert np.isfinite(model.get_marginal_ll(n_mc_samples=4, n_mc_samples_per_pass=2))
+    de = model.differential_expression(
+        groupby="label", group1="type0", weights="importance", silent=True
+    )
+    assert len(de) == counts_adata.n_vars
+
+
 def test_training_is_deterministic_for_a_seed(counts_adata, key):
     latents = []
     for _ in range(2):

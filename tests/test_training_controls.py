@@ -53,14 +53,22 @@ def model():
         ("train_federated", {"max_epochs": 2}, r"max_epochs \(here: max_rounds\)"),
         ("train_federated", {"progress_bar": "yes"}, "progress_bar must be True or False"),
         ("train_centralized", {"max_rounds": 2}, r"max_rounds \(here: max_epochs\)"),
-        ("train_centralized", {"local_epochs": 5}, r"pooled as one site: \['local_epochs'\]"),
+        ("train_centralized", {"local_epochs": 5}, "pooled as one site: local_epochs=5 would change"),
         ("train_centralized", {"privacy": "secagg"}, "sample_dp_epsilon"),
-        ("train_centralized", {"min_available": 2}, "setting of train_federated"),
+        ("train_centralized", {"min_available": 2}, "settings of train_federated"),
     ],
 )
 def test_training_arguments_are_named_as_the_method_names_them(model, method, settings, match):
     with pytest.raises(TypeError, match=match):
         getattr(model, method)(**settings)
+
+
+def test_centralized_ignores_what_has_no_use_for_one_site(model, caplog):
+    # a settings dict shared with train_federated, to compare the two
+    shared = {"fraction": 0.5, "min_cells_per_site": 5, "local_epochs": 1, "privacy": None}
+    with caplog.at_level(logging.INFO, logger="scinfl"):
+        model.train_centralized(max_epochs=1, batch_size=32, progress_bar=False, **shared)
+    assert "fraction, min_cells_per_site: no use when every row is one site" in caplog.text
 
 
 def test_centralized_checks_speak_of_epochs(model):

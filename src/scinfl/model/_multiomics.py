@@ -430,15 +430,26 @@ class MultiOmicsINFL(
             )
         return latent
 
-    def get_latent_representation(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        """The same as :meth:`get_latent` (scvi-tools' name).
+    def get_latent_representation(
+        self,
+        adata: MuData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        modalities: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """The same as :meth:`get_latent`, under scvi-tools' name and arguments.
 
         Parameters
         ----------
-        *args, **kwargs
-            Passed to :meth:`get_latent`: ``mdata``, ``indices``, ``batch_size``,
-            ``modalities`` (not scvi-tools' ``give_mean`` or ``return_dist``: the latent
-            means only).
+        adata
+            The MuData (scvi-tools' name; :meth:`get_latent`'s ``mdata``).
+        indices, batch_size, modalities
+            As in :meth:`get_latent`.
+        give_mean, return_dist
+            Only the latent means are given (``give_mean=True``, ``return_dist=False``): the
+            joint posterior of a sample's modalities is not one scvi-tools distribution.
 
         Returns
         -------
@@ -450,7 +461,13 @@ class MultiOmicsINFL(
         >>> mdata.obsm["X_scinfl"].shape
         (120, 10)
         """
-        return self.get_latent(*args, **kwargs)
+        if not give_mean or return_dist:
+            raise ValueError(
+                f"{type(self).__name__} gives the latent means only (give_mean=True, "
+                "return_dist=False): the joint posterior of a sample's modalities is a product "
+                "of experts, not one of scvi-tools' distributions."
+            )
+        return self.get_latent(adata, indices, batch_size, modalities)
 
 
 def _default_likelihood(matrix) -> str:

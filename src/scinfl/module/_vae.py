@@ -500,8 +500,11 @@ class KeyedVAE(VAE):
             value = torch.where(observed, x, self.feature_loc.expand_as(x))
             log_prob = standardised_normal_log_prob(value, px, self.feature_scale)
             return -(log_prob * observed).sum(-1)
-        if self.gene_likelihood == "nb":
+        if self.gene_likelihood == "nb" and px.mu.dim() == x.dim():
             return -nb_log_likelihood(x, px.mu, px.theta, nonzero=nonzero)
+        # several posterior draws at once (scvi-tools' marginal likelihood, importance
+        # weights: a leading axis of draws), or a zero-inflated likelihood: the distribution's
+        # own log-density broadcasts
         return -px.log_prob(x).sum(-1)
 
     def classification_logits(self, qz_mean: torch.Tensor) -> torch.Tensor:

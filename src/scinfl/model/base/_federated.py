@@ -310,6 +310,11 @@ class FederatedTrainingMixin:
             pooled=True,
         )
         check_progress_bar(progress_bar)
+        ignored = sorted(
+            name for name in _ACROSS_SITES_IGNORED if settings.pop(name, None) is not None
+        )
+        if ignored:
+            logger.info("%s: no use when every row is one site (ignored).", ", ".join(ignored))
         settings["secret_frames"] = False  # nothing travels
         try:
             config = self._federation_config(
@@ -642,16 +647,21 @@ _CENTRALIZED_ARGUMENTS = (
     "accelerator",
     "devices",
 )
-#: settings that shape rounds across sites, which a pooled run has no use for
-_ACROSS_SITES = (
-    "local_epochs",
+#: settings of rounds across sites that would change what a pooled run does: refused there,
+#: unless at the value that does nothing
+_ACROSS_SITES_REFUSED = {
+    "privacy": None,
+    "local_epochs": 1,
+    "min_available": 1,
+    "strategy": "fedavg",
+}
+#: the others, which a pooled run has no use for and ignores (a settings dict shared with
+#: train_federated, to compare the two)
+_ACROSS_SITES_IGNORED = (
     "fraction",
     "min_sites",
-    "strategy",
     "mu",
-    "min_available",
     "min_cells_per_site",
-    "privacy",
     "dp_noise_multiplier",
     "dp_clipping_norm",
     "secret_frames",
@@ -691,7 +701,8 @@ def check_setting_names(
         :meth:`~FederatedTrainingMixin.train_federated`).
     pooled
         The method trains on every row pooled as one site: the settings of rounds across
-        sites (``local_epochs``, ``fraction``, ``privacy``, ...) are refused too.
+        sites that would change what it does (``privacy``, ``local_epochs``,
+        ``min_available``, ``strategy``) are refused, unless at the value that does nothing.
 
     Raises
     ------
@@ -708,20 +719,29 @@ def check_setting_names(
     """
     known = set(FederationConfig.setting_defaults()) - set(renamed)
     if pooled:
-        known -= set(_ACROSS_SITES)
-        across = [name for name in _ACROSS_SITES if name in settings]
-        if across and not (across == ["privacy"] and settings["privacy"] is None):
+        known -= set(_ACROSS_SITES_REFUSED) | set(_ACROSS_SITES_IGNORED)
+        across = [
+            name
+            for name, no_op in _ACROSS_SITES_REFUSED.items()
+            if name in settings and settings[name] != no_op
+        ]
+        if across:
             raise TypeError(
-                f"{method} trains on every row pooled as one site: {across} "
-                f"{'is a setting' if len(across) == 1 else 'are settings'} of train_federated "
-                "(rounds across sites)."
+                f"{method} trains on every row pooled as one site: "
+                + ", ".join(f"{name}={settings[name]!r}" for name in across)
+                + " would change what it does (they are settings of train_federated, for rounds "
+                "across sites)."
                 + (
                     " For a guarantee per row here: sample_dp_epsilon."
                     if "privacy" in across
                     else ""
                 )
             )
-        settings = {name: value for name, value in settings.items() if name not in across}
+        settings = {
+            name: value
+            for name, value in settings.items()
+            if name not in _ACROSS_SITES_REFUSED and name not in _ACROSS_SITES_IGNORED
+        }
     unknown = [name for name in settings if name not in known]
     if not unknown:
         return
