@@ -361,3 +361,26 @@ def test_per_feature_key_modes_are_refused_rather_than_keying_nothing(mode, key,
             key_mode=mode,
         )
     assert "no layer is keyed" in caplog.text
+
+
+def test_a_modality_is_decoded_also_where_a_sample_lacks_it(trained):
+    # totalVI users' denoised values; a sample with RNA only gets its proteins predicted
+    mdata, model = trained
+    truth = mdata.mod["prot"].X
+    truth = np.asarray(truth.todense() if hasattr(truth, "todense") else truth)
+    truth = truth / truth.sum(1, keepdims=True)
+    decoded = model.get_normalized_expression(modality="prot")
+    assert list(decoded.columns) == list(mdata.mod["prot"].var_names)
+    np.testing.assert_allclose(decoded.sum(1), 1.0, rtol=1e-5)
+    mosaic = _mosaic(mdata)
+    rna_only = mosaic.obs_names[(mosaic.obs["site"] == "site1").to_numpy()]
+    predicted = model.get_normalized_expression(mosaic, modality="prot").loc[rna_only]
+    truth = pd.DataFrame(truth, index=mdata.obs_names).loc[rna_only].to_numpy()
+    # how each sample departs from the features' means (which any row would get right)
+    departs = (predicted - predicted.mean(0)).to_numpy()
+    matched = np.corrcoef(departs.ravel(), (truth - truth.mean(0)).ravel())[0, 1]
+    other = np.roll(truth, 7, axis=0)
+    shuffled = np.corrcoef(departs.ravel(), (other - other.mean(0)).ravel())[0, 1]
+    assert np.isfinite(departs).all() and matched > shuffled + 0.2, (matched, shuffled)
+    with pytest.raises(ValueError, match="Unknown modality 'adt'"):
+        model.get_normalized_expression(modality="adt")

@@ -53,7 +53,11 @@ def model():
         ("train_federated", {"max_epochs": 2}, r"max_epochs \(here: max_rounds\)"),
         ("train_federated", {"progress_bar": "yes"}, "progress_bar must be True or False"),
         ("train_centralized", {"max_rounds": 2}, r"max_rounds \(here: max_epochs\)"),
-        ("train_centralized", {"local_epochs": 5}, "pooled as one site: local_epochs=5 would change"),
+        (
+            "train_centralized",
+            {"local_epochs": 5},
+            "pooled as one site: local_epochs=5 would change",
+        ),
         ("train_centralized", {"privacy": "secagg"}, "sample_dp_epsilon"),
         ("train_centralized", {"min_available": 2}, "settings of train_federated"),
     ],
