@@ -42,6 +42,17 @@ def test_save_load_roundtrip_with_private_permissions(tmp_path, key):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scinfl-key-")]
 
 
+def test_a_home_relative_path_is_the_users_home(tmp_path, key, monkeypatch):
+    # a folder literally named "~" in the working directory held the secret before
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    key.save("~/fed/site.key")
+    assert (tmp_path / "home" / "fed" / "site.key").is_file() and not (tmp_path / "~").exists()
+    assert Key.load("~/fed/site.key") == key
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        key.save(tmp_path, overwrite=True)
+
+
 def test_save_refuses_to_overwrite(tmp_path, key):
     path = key.save(tmp_path / "site.key")
     other = Key.generate()

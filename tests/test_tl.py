@@ -140,3 +140,41 @@ def test_cluster_takes_an_atlas_sized_embedding():
     scinfl.tl.cluster(adata, umap=False, resolution=0.1)
     codes = adata.obs["scinfl_leiden"].cat.codes.to_numpy()
     assert adjusted_rand_score(groups, codes) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda a, m: scinfl.tl.predict(a, m, key_added="p2", proba_key="X_scinfl"),
+            "obsm\\['X_scinfl'\\] holds the result of scinfl.tl.embed",
+        ),
+        (
+            lambda a, m: scinfl.tl.embed(a, m, key_added="X_umap_scinfl"),
+            "holds the result of scinfl.tl.cluster",
+        ),
+        (
+            lambda a, m: scinfl.tl.embed(a, m, key_added="scinfl_leiden"),
+            "uns\\['scinfl_leiden'\\] holds the result of scinfl.tl.cluster",
+        ),
+        (
+            lambda a, m: scinfl.tl.cluster(a, key_added="c2", neighbors_key="scinfl_prediction"),
+            "holds the result of scinfl.tl.predict",
+        ),
+    ],
+)
+def test_a_tool_never_writes_over_another_tools_result(call, match):
+    adata = scinfl.data.synthetic_counts(n_obs=90, n_vars=12, n_sites=2)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site", labels_key="label")
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=8)
+    model.train_federated(max_rounds=1, batch_size=32, progress_bar=False)
+    scinfl.tl.embed(adata, model)
+    scinfl.tl.cluster(adata)
+    scinfl.tl.predict(adata, model)
+    before = {key: np.array(adata.obsm[key]) for key in adata.obsm}
+    with pytest.raises(ValueError, match=match):
+        call(adata, model)
+    assert all(np.array_equal(adata.obsm[key], value) for key, value in before.items())
+    scinfl.tl.embed(adata, model)  # rerunning a tool on its own result is fine
+    scinfl.tl.cluster(adata)
+    scinfl.tl.predict(adata, model)

@@ -239,7 +239,11 @@ class Key:
         >>> oct(os.stat(path).st_mode & 0o777)
         '0o600'
         """
-        path = Path(path)
+        # "~/fed/site.key" is the user's home, as pandas and scanpy read it (not a folder "~"
+        # made here, with the secret in it)
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: give the key file's path in it.")
         if path.exists() and not overwrite:
             raise FileExistsError(
                 f"{path} already exists; refusing to overwrite a key. Pass `overwrite=True` "
@@ -297,7 +301,7 @@ class Key:
         >>> Key.load(path) == key
         True
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise KeyFileError(
                 f"No key file at {path}. Generate one with `scinfl.Key.generate().save(path)` "

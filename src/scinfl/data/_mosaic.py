@@ -47,6 +47,8 @@ def make_mosaic(mdata: MuData, site_key: str, absent: Mapping[str, str]) -> MuDa
             f"its modalities: {list(mdata.mod)}."
         )
     sites = mdata.obs[site_key].astype(str).to_numpy()
+    # sites coded as numbers (1, 2, 3) are named as their text, as everywhere else
+    absent = {str(site): modality for site, modality in absent.items()}
     unknown = sorted(set(absent) - set(sites))
     if unknown:
         raise ValueError(f"No samples of sites {unknown} in mdata.obs[{site_key!r}].")

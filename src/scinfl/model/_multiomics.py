@@ -326,6 +326,15 @@ class MultiOmicsINFL(
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must name distinct modalities, got {modalities}.")
         check_not_a_view(mdata)
+        dotted = [name for name in modalities if "." in str(name)]
+        if dotted:
+            # the model's per-modality layers and the registry are named after the modality,
+            # and neither torch nor scvi-tools takes a dot in a name
+            raise ValueError(
+                f"Modality names cannot hold a dot ({dotted}): rename it, e.g. "
+                f"mdata.mod[{dotted[0].replace('.', '_')!r}] = mdata.mod.pop({dotted[0]!r}); "
+                "mdata.update()."
+            )
         layers = dict(layers or {})
         check_shared_samples(mdata, modalities)
         for name, layer in layers.items():

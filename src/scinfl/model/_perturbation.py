@@ -152,6 +152,14 @@ class PerturbationINFL(INFL):
         columns = {"site_key": site_key, "batch_key": batch_key, "condition_key": condition_key}
         for argument, key in columns.items():
             validate_obs_column(adata, key, argument)
+        if "." in str(condition_key):
+            # the decoder's covariate is registered under the column's name, which
+            # scvi-tools' summary statistics refuse with a dot in it
+            raise ValueError(
+                f"condition_key={condition_key!r}: scvi-tools cannot register a column whose "
+                "name holds a dot; rename it, e.g. adata.obs = adata.obs.rename(columns="
+                f"{{{condition_key!r}: {condition_key.replace('.', '_')!r}}})."
+            )
         for argument in ("site_key", "batch_key"):
             if columns[argument] == condition_key:
                 raise ValueError(

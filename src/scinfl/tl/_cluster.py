@@ -13,6 +13,8 @@ from scinfl._checks import check_not_empty, check_obs_column_free, check_value
 from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
+from ._results import check_entries_free
+
 
 @keeps_torch_threads
 def cluster(
@@ -88,6 +90,10 @@ def cluster(
     if random_state is not None:
         check_value("random_state", random_state, int, "an integer (or None)")
     check_obs_column_free(adata, key_added, _is_cluster_result, "scinfl.tl.cluster")
+    entries = [("obs", key_added), ("uns", key_added), ("uns", neighbors_key)]
+    if umap:
+        entries.append(("obsm", f"X_umap_{neighbors_key}"))
+    check_entries_free(adata, entries, "scinfl.tl.cluster")
     check_not_empty(adata.n_obs)
     carrier = leiden_carrier(
         adata.obs_names,

@@ -15,6 +15,7 @@ from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
 from ._cluster import leiden_carrier
+from ._results import check_entries_free
 
 if TYPE_CHECKING:
     from scinfl.model import INFL
@@ -214,6 +215,8 @@ def domains(
             f"adata.obsp[{graph_key!r}] not found; run scinfl.pp.spatial_neighbors(adata) first."
         )
     _check_key_added(adata, key_added, use_rep)
+    entries = [("obs", key_added), ("uns", key_added), ("obsm", f"X_{key_added}")]
+    check_entries_free(adata, entries, "scinfl.tl.domains")
     if model is not None:
         latent = np.asarray(model.get_latent(adata), dtype=np.float64)
     elif use_rep in adata.obsm:

@@ -14,6 +14,8 @@ from sklearn.neighbors import NearestNeighbors
 from scinfl._copies import in_memory_copy
 from scinfl.module import observed_rows
 
+from ._results import check_entries_free
+
 if TYPE_CHECKING:
     from scinfl.model import INFL, MultiOmicsINFL
 
@@ -64,6 +66,7 @@ def embed(
     >>> adata.obsm["X_scinfl"].shape
     (60, 4)
     """
+    check_entries_free(adata, [("obsm", key_added), ("uns", key_added)], "scinfl.tl.embed")
     latent = model.get_latent(adata, batch_size=batch_size)
     setup = model.adata_manager.registry["setup_args"]
     site_key = setup.get("site_key")

@@ -11,6 +11,8 @@ from anndata import AnnData
 from scinfl._checks import check_obs_column_free
 from scinfl._copies import in_memory_copy
 
+from ._results import check_entries_free
+
 if TYPE_CHECKING:
     from scinfl.model import INFL
 
@@ -74,6 +76,8 @@ def predict(
             "model)."
         )
     check_obs_column_free(adata, key_added, _is_prediction, "scinfl.tl.predict")
+    entries = [("obsm", proba_key), ("uns", key_added), ("obs", key_added)]
+    check_entries_free(adata, entries, "scinfl.tl.predict")
     proba = model.predict(adata, soft=True, batch_size=batch_size)
     if copy:
         adata = in_memory_copy(adata)

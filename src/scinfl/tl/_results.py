@@ -1,0 +1,75 @@
+"""Which scinfl result holds which entry of an AnnData, so that one tool never writes over another's.
+
+Each tool records its parameters in ``.uns[key]["params"]``; from them this module tells the
+tool and the entries it wrote (its latent, probabilities, UMAP, neighbour graph). A tool about to
+write an entry that another result holds refuses, naming it: the other result would otherwise
+be lost without a word (probabilities over the latent, a latent over a UMAP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from anndata import AnnData
+
+
+def _result(key: str, params: Mapping) -> tuple[str, set[tuple[str, str]]] | None:
+    """The tool of the result in ``.uns[key]`` and the ``(slot, name)`` entries it wrote."""
+    wrote = {("uns", key)}
+    if {"proba_key", "labels"} <= set(params):
+        return "scinfl.tl.predict", wrote | {("obs", key), ("obsm", str(params["proba_key"]))}
+    if {"n_layers", "method", "neighbors_key"} <= set(params):
+        return "scinfl.tl.domains", wrote | {("obs", key), ("obsm", f"X_{key}")}
+    if {"neighbors_key", "resolution"} <= set(params):
+        wrote |= {("obs", key), ("uns", str(params["neighbors_key"]))}
+        if "umap_key" in params:
+            wrote.add(("obsm", str(params["umap_key"])))
+        return "scinfl.tl.cluster", wrote
+    if "model" in params:
+        return "scinfl.tl.embed", wrote | {("obsm", key)}
+    return None
+
+
+def check_entries_free(adata: AnnData, entries: Iterable[tuple[str, str]], tool: str) -> None:
+    """Refuse to write ``entries`` that another scinfl result holds.
+
+    Parameters
+    ----------
+    adata
+        The data written into.
+    entries
+        ``(slot, name)`` pairs the tool is about to write (``("obsm", "X_scinfl")``).
+    tool
+        The tool's name, for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming the entry, the result that holds it and where that result is recorded.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> adata = AnnData(np.zeros((2, 1)))
+    >>> adata.uns["X_scinfl"] = {"params": {"model": "INFL"}}
+    >>> check_entries_free(adata, [("obsm", "X_scinfl")], "scinfl.tl.predict")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.obsm['X_scinfl'] holds the result of scinfl.tl.embed (recorded in adata.uns['X_scinfl']): scinfl.tl.predict would write over it. Pass another name for it.
+    """
+    wanted = set(entries)
+    for key, entry in adata.uns.items():
+        params = entry.get("params") if isinstance(entry, Mapping) else None
+        result = _result(str(key), params) if isinstance(params, Mapping) else None
+        if result is None:
+            continue
+        owner, wrote = result
+        if owner == tool:
+            # the tool's own kind of entry: a rerun, or another result sharing it (Leiden at
+            # another resolution on the same neighbour graph, as scanpy shares it)
+            continue
+        for slot, name in sorted(wanted & wrote):
+            raise ValueError(
+                f"adata.{slot}[{name!r}] holds the result of {owner} (recorded in "
+                f"adata.uns[{key!r}]): {tool} would write over it. Pass another name for it."
+            )
