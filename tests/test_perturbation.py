@@ -99,6 +99,9 @@ def test_outputs(trained, method):
     change = model.predict_perturbation(train, **kwargs)
     assert np.isfinite(change.to_numpy()).all()
     assert list(change.index) == list(expected.index)
+    # batch_size is memory only, for encoding and both decodings
+    small = model.predict_perturbation(train, batch_size=7, **kwargs)
+    np.testing.assert_allclose(small.to_numpy(), change.to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_the_decoder_changes_the_response_genes(trained):

@@ -256,6 +256,8 @@ def test_domains_leiden_and_copy():
     assert out.obs["scinfl_domain"].nunique() >= 2
     # named as the mixture names them; the unused n_domains is not recorded as used
     assert out.obs["scinfl_domain"].cat.categories[0] == "D0"
+    sizes = out.obs["scinfl_domain"].value_counts(sort=False)
+    assert list(sizes) == sorted(sizes, reverse=True)  # D0, D1, ...: largest first
     assert out.uns["scinfl_domain"]["params"]["n_domains"] is None
     assert "scinfl_domain_features" in out.uns
     # a mixture over the same key drops the Leiden graph of the features it replaces

@@ -245,6 +245,37 @@ class PerturbationINFL(INFL):
         self._require_key()
         return super().get_normalized_expression(*args, **kwargs)
 
+    def predict(self, *args: Any, **kwargs: Any) -> None:
+        """Not a classifier: a perturbation model's predictions are :meth:`predict_perturbation`'s.
+
+        scGen users reach for ``predict(ctrl_key=, stim_key=, celltype_to_predict=)``; here the
+        same question is ``predict_perturbation(source=, target=, cell_type_key=,
+        cell_types=)``.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Any; refused.
+
+        Raises
+        ------
+        ValueError
+            Always, naming :meth:`predict_perturbation`.
+
+        Examples
+        --------
+        >>> model.predict(ctrl_key="ctrl", stim_key="stim", celltype_to_predict="B")
+        Traceback (most recent call last):
+        ...
+        ValueError: PerturbationINFL trains no classifier: ...
+        """
+        raise ValueError(
+            f"{type(self).__name__} trains no classifier: its predictions are responses to the "
+            "condition, predict_perturbation(source=, target=, cell_type_key=, cell_types=) "
+            "(scGen's predict(ctrl_key=, stim_key=, celltype_to_predict=)); for cell types, use "
+            "scinfl.model.INFL set up with labels_key=."
+        )
+
     def predict_perturbation(
         self,
         adata: AnnData | None = None,
@@ -350,11 +381,13 @@ class PerturbationINFL(INFL):
                 shift[mine] = _latent_shift(latent, types, conditions, name, source, target)
         code = source_code if method == "latent" else target_code
         sample = output == "counts"
-        values = self._decode(adata, rows, latent[rows] + shift, code, sample, seed)
+        values = self._decode(adata, rows, latent[rows] + shift, code, sample, seed, batch_size)
         if output == "expected":
             values = library_size * values
         elif output == "log_change":
-            reconstructed = self._decode(adata, rows, latent[rows], source_code, False, seed)
+            reconstructed = self._decode(
+                adata, rows, latent[rows], source_code, False, seed, batch_size
+            )
             values = (
                 self._observed_log_normalized(adata, rows, library_size)
                 + np.log1p(library_size * values)
@@ -371,10 +404,14 @@ class PerturbationINFL(INFL):
         return np.log1p(library_size * x / total)
 
     @torch.inference_mode()
-    def _decode(self, adata, rows, latent, condition_code, sample, seed) -> np.ndarray:
+    def _decode(
+        self, adata, rows, latent, condition_code, sample, seed, batch_size=None
+    ) -> np.ndarray:
         """Decode latent codes under one condition (proportions, or counts drawn)."""
         self.module.eval()
-        loader = self._make_data_loader(adata=adata, indices=rows, shuffle=False)
+        loader = self._make_data_loader(
+            adata=adata, indices=rows, shuffle=False, batch_size=batch_size
+        )
         out, start = [], 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

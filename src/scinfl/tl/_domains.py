@@ -107,11 +107,16 @@ def _leiden_domains(
     carrier = leiden_carrier(
         adata.obs_names, features, f"X_{key_added}", graph, key_added, resolution, random_state
     )
-    found = carrier.obs[key_added].cat.categories
-    labels = carrier.obs[key_added].cat.rename_categories([f"D{name}" for name in found])
+    # igraph's Leiden numbers communities in no particular order: named here by size, ties
+    # in the order found
+    found = carrier.obs[key_added]
+    sizes = found.value_counts(sort=False)
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes.iloc[i], i))
+    names = {sizes.index[i]: f"D{rank}" for rank, i in enumerate(order)}
+    labels = pd.Categorical(found.map(names), categories=[f"D{rank}" for rank in range(len(order))])
     params = carrier.uns[graph]
     connectivities = carrier.obsp[f"{graph}_connectivities"]
-    return labels.array, (connectivities, carrier.obsp[f"{graph}_distances"], params)
+    return labels, (connectivities, carrier.obsp[f"{graph}_distances"], params)
 
 
 def _write_feature_graph(adata: AnnData, graph: str, found: tuple | None) -> None:

@@ -135,7 +135,8 @@ def predict_perturbation(
             "target": target,
             "condition_key": condition_key,
             "cell_type_key": cell_type_key,
-            "cell_types": sorted(obs[cell_type_key].astype(str).unique()),
+            # as .obs names them (cell types coded as numbers stay numbers), in their order
+            "cell_types": _present_values(obs[cell_type_key]),
             "method": method,
             "output": output,
             "library_size": library_size,
@@ -143,3 +144,14 @@ def predict_perturbation(
         }
     }
     return result
+
+
+def _present_values(column: pd.Series) -> list:
+    """The values a column holds, in its categories' order (sorted for a plain column)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [value for value in column.cat.categories if (column == value).any()]
+    values = column.dropna().unique().tolist()
+    try:
+        return sorted(values)
+    except TypeError:  # numbers and names mixed
+        return sorted(values, key=str)
