@@ -378,6 +378,17 @@ def test_no_site_key(counts_adata, key):
         model.train_federated(**FAST)
 
 
+def test_integer_codes_turned_into_floats_keep_their_names(counts_adata):
+    # a merge that adds a missing value makes 1, 2, 10 into 1.0, 2.0, 10.0
+    codes = counts_adata.obs["label"].cat.codes.to_numpy()
+    counts_adata.obs["label"] = np.array([1.0, 2.0, 10.0])[codes]
+    INFL.setup_anndata(
+        counts_adata, layer="counts", labels_key="label", categories={"labels_key": [1, 2, 10]}
+    )
+    assert list(counts_adata.obs["label"].cat.categories) == ["1", "2", "10"]
+    assert (counts_adata.obs["label"].cat.codes.to_numpy() == codes).all()
+
+
 def test_agreed_categories(counts_adata):
     agreed = ["type0", "type1", "type2", "type3"]
     INFL.setup_anndata(

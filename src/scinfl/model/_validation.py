@@ -348,7 +348,8 @@ def apply_agreed_categories(
     Category codes must mean the same thing at every site; agreeing on the list up front (by
     name) makes them global without pooling any data. Values and categories are compared, and
     kept, as strings (as a run configuration carries them): sites coded ``0, 1, 2`` agree on
-    ``[0, 1, 2]`` or ``["0", "1", "2"]`` alike.
+    ``[0, 1, 2]`` or ``["0", "1", "2"]`` alike, and so do codes a merge turned into
+    ``0.0, 1.0, 2.0``.
 
     Examples
     --------
@@ -360,10 +361,12 @@ def apply_agreed_categories(
     """
     if key is None or categories is None:
         return
-    categories = [str(category) for category in categories]
+    categories = [_category_text(category) for category in categories]
     if len(set(categories)) != len(categories):
         raise ValueError(f"The agreed categories of {key!r} repeat a name: {categories[:10]}.")
-    values = adata.obs[key].astype(str)
+    values = pd.Series(
+        [_category_text(value) for value in adata.obs[key].astype(object)], index=adata.obs.index
+    )
     unknown = sorted(set(values) - set(categories))
     if unknown:
         raise ValueError(
@@ -373,6 +376,17 @@ def apply_agreed_categories(
             "in a deployment, `categories` of the run config's setup-args), or drop those rows."
         )
     adata.obs[key] = pd.Categorical(values, categories=categories)
+
+
+def _category_text(value) -> str:
+    """A category as text; a whole float reads as the integer (``1.0``: ``"1"``).
+
+    Integer codes become floats in pandas wherever a column gains a missing value (a merge):
+    the same site, label or condition must keep its name.
+    """
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def validate_sites(
