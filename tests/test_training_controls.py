@@ -116,3 +116,21 @@ def test_the_progress_bar_shows_the_selections_validation_loss():
     )
     assert server.last_val_loss == pytest.approx(1.5)  # weighted by rows, not 2.0
     assert server.best_val_loss == server.last_val_loss
+
+
+def test_centralized_takes_sample_level_dp_as_a_privacy_config(model):
+    # a PrivacyConfig of DP-SGD alone (or the default one) means the same pooled
+    privacy = scinfl.federated.PrivacyConfig(sample_dp_epsilon=50.0)
+    model.train_centralized(max_epochs=1, batch_size=32, progress_bar=None, privacy=privacy)
+    model.train_centralized(max_epochs=1, batch_size=32, progress_bar=np.bool_(False))
+
+
+def test_resuming_longer_says_which_kl_warm_up_it_keeps(tmp_path, caplog):
+    adata = scinfl.data.synthetic_counts(n_obs=90, n_vars=10, n_sites=3)
+    scinfl.model.INFL.setup_anndata(adata, site_key="site")
+    model = scinfl.model.INFL(adata, key=scinfl.Key.generate(), n_hidden=8)
+    settings = {"batch_size": 32, "progress_bar": False, "checkpoint_dir": tmp_path}
+    model.train_federated(max_rounds=2, **settings)
+    with caplog.at_level(logging.INFO, logger="scinfl"):
+        model.train_federated(max_rounds=4, resume=True, **settings)
+    assert "KL warm-up stays as the run began: 1 round(s)" in caplog.text

@@ -834,3 +834,38 @@ def test_views_and_backed_data_get_the_copy_that_works(multiome, key, tmp_path):
     backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
     with pytest.raises(ValueError, match=r"adata\[mask\].to_memory\(\)"):
         INFL.setup_anndata(backed[:10], site_key="site")
+
+
+def test_names_the_registry_cannot_hold_are_refused_at_setup(multiome):
+    mdata, _ = multiome
+    dotted = mudata.MuData({"rna": mdata.mod["rna"].copy(), "prot.adt": mdata.mod["prot"].copy()})
+    dotted.obs["site"] = mdata.obs["site"].reindex(dotted.obs_names)
+    with pytest.raises(ValueError, match=r"mdata.mod\['prot_adt'\] = mdata.mod.pop"):
+        MultiOmicsINFL.setup_mudata(dotted, ["rna", "prot.adt"], site_key="site")
+    adata = _counts()
+    adata.obs["treatment.arm"] = np.where(np.arange(adata.n_obs) % 2, "stim", "ctrl")
+    with pytest.raises(ValueError, match="'treatment_arm'"):
+        PerturbationINFL.setup_anndata(adata, condition_key="treatment.arm")
+
+
+def test_multiomics_latent_under_scvi_tools_names(multiome):
+    mdata, model = multiome
+    expected = model.get_latent(mdata)
+    np.testing.assert_array_equal(model.get_latent_representation(adata=mdata), expected)
+    np.testing.assert_array_equal(model.get_latent_representation(mdata=mdata), expected)
+    with pytest.raises(ValueError, match="latent means only"):
+        model.get_latent_representation(give_mean=False)
+
+
+def test_a_perturbation_model_names_its_predictions_to_scgen_users(key):
+    _, model = _perturbation(key, n_hidden=8)
+    with pytest.raises(ValueError, match=r"predict_perturbation\(source=, target="):
+        model.predict(ctrl_key="ctrl", stim_key="stim", celltype_to_predict="B")
+
+
+def test_a_mosaic_of_sites_coded_as_numbers(multiome):
+    mdata, _ = multiome
+    mdata = mdata.copy()
+    mdata.obs["site"] = mdata.obs["site"].cat.codes.to_numpy() + 1
+    mosaic = scinfl.data.make_mosaic(mdata, "site", {1: "prot"})
+    assert mosaic.mod["prot"].n_obs < mdata.mod["prot"].n_obs

@@ -24,8 +24,9 @@ class _FollowsScviVerbosity(logging.Logger):
 
     Loggers below it (``"scinfl.model._validation"``, ...) read this level as their own, so
     ``scvi.settings.verbosity`` (which sets the ``"scvi"`` logger's level) applies to every
-    scinfl line; setting a level here (``setLevel``, pytest's ``caplog.at_level``) overrides
-    it.
+    scinfl line; setting a level here (``setLevel``) overrides it, also when code that saved
+    the level puts it back (pytest's ``caplog.at_level``): ``setLevel(logging.NOTSET)``
+    follows scvi-tools again.
     """
 
     @property

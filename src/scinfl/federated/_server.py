@@ -726,8 +726,9 @@ def _resumable_config(state: dict, config: FederationConfig, directory: Path) ->
     if config.kl_warmup_default and saved.get("kl_warmup_rounds") != config.kl_warmup_rounds:
         # a default warm-up follows max_rounds; a resumed run keeps the one it started with
         logger.info(
-            "The KL warm-up stays %s rounds, as the run began (max_rounds=%s); an uninterrupted "
-            "run of max_rounds=%d would warm up over %d. Pass kl_warmup_rounds to choose.",
+            "The KL warm-up stays as the run began: %s round(s) (max_rounds=%s); an "
+            "uninterrupted run of max_rounds=%d would warm up over %d. Pass kl_warmup_rounds "
+            "to choose.",
             saved["kl_warmup_rounds"],
             saved.get("max_rounds"),
             config.max_rounds,

@@ -522,21 +522,27 @@ class MultiOmicsINFL(
         adata: MuData | None = None,
         indices: Sequence[int] | None = None,
         give_mean: bool = True,
+        mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
+        *,
         modalities: Sequence[str] | None = None,
+        mdata: MuData | None = None,
     ) -> np.ndarray:
         """The same as :meth:`get_latent`, under scvi-tools' name and arguments.
 
         Parameters
         ----------
         adata
-            The MuData (scvi-tools' name; :meth:`get_latent`'s ``mdata``).
+            The MuData (scvi-tools' name; ``mdata=`` as :meth:`get_latent` names it works too).
         indices, batch_size, modalities
             As in :meth:`get_latent`.
-        give_mean, return_dist
-            Only the latent means are given (``give_mean=True``, ``return_dist=False``): the
-            joint posterior of a sample's modalities is not one scvi-tools distribution.
+        give_mean, mc_samples, return_dist
+            Only the latent means are given (``give_mean=True``, ``return_dist=False``;
+            ``mc_samples`` is then unused, as in scvi-tools): the joint posterior of a
+            sample's modalities is not one scvi-tools distribution.
+        mdata
+            The MuData, by :meth:`get_latent`'s name (give it or ``adata``).
 
         Returns
         -------
@@ -554,7 +560,9 @@ class MultiOmicsINFL(
                 "return_dist=False): the joint posterior of a sample's modalities is a product "
                 "of experts, not one of scvi-tools' distributions."
             )
-        return self.get_latent(adata, indices, batch_size, modalities)
+        if adata is not None and mdata is not None:
+            raise TypeError("Give the MuData once: adata= or mdata=.")
+        return self.get_latent(adata if mdata is None else mdata, indices, batch_size, modalities)
 
 
 def _default_likelihood(matrix) -> str:

@@ -51,6 +51,7 @@ def check_entries_free(adata: AnnData, entries: Iterable[tuple[str, str]], tool:
     --------
     >>> import numpy as np
     >>> adata = AnnData(np.zeros((2, 1)))
+    >>> adata.obsm["X_scinfl"] = np.zeros((2, 10))  # as scinfl.tl.embed writes it
     >>> adata.uns["X_scinfl"] = {"params": {"model": "INFL"}}
     >>> check_entries_free(adata, [("obsm", "X_scinfl")], "scinfl.tl.predict")
     Traceback (most recent call last):
@@ -68,7 +69,10 @@ def check_entries_free(adata: AnnData, entries: Iterable[tuple[str, str]], tool:
             # the tool's own kind of entry: a rerun, or another result sharing it (Leiden at
             # another resolution on the same neighbour graph, as scanpy shares it)
             continue
-        for slot, name in sorted(wanted & wrote):
+        # only what is there: a record of parameters alone (another tool's, whose keys happen
+        # to match) holds no entry
+        held = {(slot, name) for slot, name in wrote if name in getattr(adata, slot)}
+        for slot, name in sorted(wanted & held):
             raise ValueError(
                 f"adata.{slot}[{name!r}] holds the result of {owner} (recorded in "
                 f"adata.uns[{key!r}]): {tool} would write over it. Pass another name for it."

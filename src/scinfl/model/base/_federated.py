@@ -279,8 +279,11 @@ class FederatedTrainingMixin:
             ``validation_size``, ``balance_classes``,
             ``early_stopping``/``early_stopping_patience``, ``seed``, and privacy settings such
             as ``sample_dp_epsilon``. ``max_rounds`` and ``kl_warmup_rounds`` are
-            ``max_epochs`` and ``kl_warmup_epochs`` here; ``secret_frames`` defaults to
-            ``False`` (nothing travels).
+            ``max_epochs`` and ``kl_warmup_epochs`` here; ``secret_frames`` is ``False``
+            (nothing travels). Settings of rounds across sites that would change what a
+            pooled run does (``privacy="dp"``/``"secagg"``, ``local_epochs``,
+            ``min_available``, ``strategy="fedprox"``) are refused; the others (``fraction``,
+            ``min_cells_per_site``, ...) are ignored with an info line.
 
         Returns
         -------
@@ -649,12 +652,7 @@ _CENTRALIZED_ARGUMENTS = (
 )
 #: settings of rounds across sites that would change what a pooled run does: refused there,
 #: unless at the value that does nothing
-_ACROSS_SITES_REFUSED = {
-    "privacy": None,
-    "local_epochs": 1,
-    "min_available": 1,
-    "strategy": "fedavg",
-}
+_ACROSS_SITES_REFUSED = ("privacy", "local_epochs", "min_available", "strategy")
 #: the others, which a pooled run has no use for and ignores (a settings dict shared with
 #: train_federated, to compare the two)
 _ACROSS_SITES_IGNORED = (
@@ -676,6 +674,16 @@ _SCVI_TOOLS_NAMES = {
     "check_val_every_n_epoch": "nothing: every round is validated",
     "early_stopping_monitor": "early_stopping=True (on the validation loss)",
 }
+
+
+def _changes_pooled(name: str, value: Any) -> bool:
+    """Whether a setting of rounds across sites would change what a pooled run does."""
+    if name == "privacy":
+        # a PrivacyConfig of sample-level DP alone (DP-SGD) applies to pooled rows as well
+        return getattr(value, "mode", value) is not None
+    if name == "strategy":
+        return value == "fedprox"  # another value is FederationConfig's to refuse
+    return value != 1
 
 
 def check_setting_names(
@@ -722,8 +730,8 @@ def check_setting_names(
         known -= set(_ACROSS_SITES_REFUSED) | set(_ACROSS_SITES_IGNORED)
         across = [
             name
-            for name, no_op in _ACROSS_SITES_REFUSED.items()
-            if name in settings and settings[name] != no_op
+            for name in _ACROSS_SITES_REFUSED
+            if name in settings and _changes_pooled(name, settings[name])
         ]
         if across:
             raise TypeError(
@@ -756,7 +764,7 @@ def check_setting_names(
 
 
 def check_progress_bar(progress_bar: Any) -> None:
-    """Refuse a ``progress_bar`` that is not ``True`` or ``False`` (a string became its label).
+    """Refuse a string as ``progress_bar`` (it became the bar's label); a truth value is read.
 
     Parameters
     ----------
@@ -766,13 +774,13 @@ def check_progress_bar(progress_bar: Any) -> None:
     Raises
     ------
     TypeError
-        Unless a boolean.
+        For a string.
 
     Examples
     --------
     >>> check_progress_bar(False)
     """
-    if not isinstance(progress_bar, bool | np.bool_):
+    if isinstance(progress_bar, str):
         raise TypeError(f"progress_bar must be True or False, got {progress_bar!r}.")
 
 
