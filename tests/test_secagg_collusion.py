@@ -40,7 +40,7 @@ from scinfl.federated import (
     unmask_sum,
     verify_advertisements,
 )
-from scinfl.federated._secure_aggregation import FIXED_POINT_BITS, _pair_mask, _self_mask
+from scinfl.federated._secure_aggregation import FIXED_POINT_BITS, _pair_masks, _self_masks
 from scinfl.module import KeyedVAE
 
 KEY = scinfl.Key.generate()
@@ -91,12 +91,12 @@ def _strip_colluder_masks(upload, state, seeds):
     and the masks it shares with ``d`` removed."""
     peers = json.loads(state.peer_keys)
     secret = pair_secrets(state.private_key, COLLUDER, peers, NAMES)[upload.site]
-    stripped = {}
-    for name, value in _floats(upload).items():
-        mask = _pair_mask(secret, 0, 0, NAMES, name, value.shape)
-        # the pair's first site (by name) added the mask: an honest site sorts before "d"
-        stripped[name] = value - mask - _self_mask(seeds[upload.site], name, value.shape)
-    return stripped
+    values = _floats(upload)
+    shapes = {name: value.shape for name, value in values.items()}
+    masks = _pair_masks(secret, 0, 0, NAMES, shapes)
+    own = _self_masks(seeds[upload.site], shapes)
+    # the pair's first site (by name) added the mask: an honest site sorts before "d"
+    return {name: value - masks[name] - own[name] for name, value in values.items()}
 
 
 def _decode(values, n):
@@ -162,7 +162,7 @@ def test_without_pinned_identities_a_key_holder_relaying_forged_keys_unmasks_a_s
     }
     value = upload.parameters["w"]
     for other in sorted(masks):
-        value = value - _pair_mask(masks[other], 0, 0, NAMES, "w", value.shape)
+        value = value - _pair_masks(masks[other], 0, 0, NAMES, {"w": value.shape})["w"]
     np.testing.assert_allclose(_decode({"w": value}, 5)["w"], update.parameters["w"], atol=1e-6)
 
 
@@ -252,8 +252,8 @@ def test_a_faked_dropout_does_not_give_two_sums_of_one_round():
     with pytest.raises(ValueError, match="were not revealed"):
         unmask_sum(list(uploads.values()), initial, NAMES, seeds_0)
     unmasked_d = _floats(uploads["d"])
-    for name, value in unmasked_d.items():
-        unmasked_d[name] = value - _self_mask(seeds_0["d"], name, value.shape)
+    own = _self_masks(seeds_0["d"], {name: value.shape for name, value in unmasked_d.items()})
+    unmasked_d = {name: value - own[name] for name, value in unmasked_d.items()}
     views = [_floats(uploads[site]) for site in survivors] + [unmasked_d]
     total = {name: sum(view[name] for view in views) for name in unmasked_d}
     four = fedavg(list(truth.values()))

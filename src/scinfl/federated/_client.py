@@ -23,8 +23,9 @@ from ._site_data import SiteData
 #: names of secret frames). Every round's instructions carry it and a site refuses another, so a
 #: server and sites on scinfl versions that would misread each other stop at the first message
 #: with an error that says so. Raise it with any change that makes an older site or server
-#: misread a message (the frame names changed in protocol 2).
-PROTOCOL_VERSION = 2
+#: misread a message (the frame names changed in protocol 2; the secure-aggregation masks in
+#: protocol 3: one key stream a pair, cut into the parameters).
+PROTOCOL_VERSION = 3
 
 
 @dataclass

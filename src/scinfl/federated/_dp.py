@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -208,12 +209,15 @@ def dp_fedavg_epsilon(
             sampling_method=accounting.SamplingMethod.NO_AMPLIFICATION,
         )
     )
-    for noise_multiplier, sample_size in releases:
+    # equal releases composed at once (a run's rounds mostly are): the server asks after
+    # every round, and composing each one alone cost time in the rounds run so far
+    for (noise_multiplier, sample_size), count in Counter(releases).items():
         accountant.compose(
             accounting.GaussianPrivacyEvent(
                 noise_multiplier=noise_multiplier,
                 sample_size=sample_size,
                 population_size=population,
-            )
+            ),
+            count=count,
         )
     return float(accountant.get_epsilon(delta))

@@ -400,12 +400,19 @@ class FederatedServer:
         >>> server.best_round, server.best_val_loss, server.next_round
         (0, 2.0, 1)
         """
-        for row in self.rows:
-            if row["round"] == round_ and row["site"] in site_metrics:
-                row.update(_site_metrics(row["site"], site_metrics[row["site"]]))
+        # this round's rows, at the end of the history (found from there: a scan of every row
+        # for every site grew with rounds x sites^2)
+        rows = {}
+        for row in reversed(self.rows):
+            if row["round"] != round_:
+                break
+            rows[row["site"]] = row
+        for site, row in rows.items():
+            if site in site_metrics:
+                row.update(_site_metrics(site, site_metrics[site]))
         evaluated = self._selectable(round_, site_metrics)
         for site, metrics in site_metrics.items():
-            if not any(r["round"] == round_ and r["site"] == site for r in self.rows):
+            if site not in rows:
                 self.rows.append(
                     {
                         **_site_metrics(site, metrics),
