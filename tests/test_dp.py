@@ -159,3 +159,13 @@ def test_a_delta_not_below_one_over_the_sites_is_warned_of(caplog):
     with caplog.at_level("WARNING", logger="scinfl"):
         DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, n_sites=3, delta=0.5)
     assert "dp_delta=0.5 is not below 1/n for n=3 sites" in caplog.text
+
+
+def test_a_divergence_under_dp_fedavg_names_its_noise():
+    # 3 sites at the defaults: noise of std 1/3 per parameter a round, which tiny data did
+    # not survive (round 9), with advice about learning rates only
+    config = FederationConfig(max_rounds=2, privacy=scinfl.federated.PrivacyConfig(mode="dp"))
+    server = FederatedServer({"w": np.zeros(3, np.float32)}, config, n_sites=3)
+    broken = [ClientUpdate(s, 10, {"w": np.full(3, np.nan, np.float32)}) for s in "abc"]
+    with pytest.raises(FloatingPointError, match="noise of std 0.333 per parameter"):
+        server.aggregate(0, broken)

@@ -295,10 +295,20 @@ class FederatedServer:
     ) -> None:
         """Refuse a round with no accepted update, or fewer than ``min_available``."""
         if not accepted and updates and not any(is_finite_update(u) for u in updates):
+            noise = ""
+            if self.dp is not None:
+                # DP-FedAvg adds noise of std z C / m to every averaged parameter each round
+                std = self.dp.noise_multiplier * self.dp.clipping_norm / len(updates)
+                noise = (
+                    f" Under privacy='dp' the average gets noise of std {std:.3g} per parameter "
+                    "every round, which a federation of few sites may not survive: more sites, "
+                    "a lower dp_clipping_norm, or a lower dp_noise_multiplier (a weaker "
+                    "guarantee)."
+                )
             raise FloatingPointError(
                 f"Round {round_}: training diverged at every site (their updates hold NaN or "
                 "infinite values). Lower the learning rate (lr=), and check the data (values far "
-                "from 1 in magnitude: log-transform intensities)."
+                f"from 1 in magnitude: log-transform intensities).{noise}"
             )
         if not accepted:
             raise RuntimeError(
