@@ -207,11 +207,11 @@ class MultiOmicsINFL(
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
         if adata is not None:
             check_not_empty(adata.n_obs, "samples", "mdata")
-        if adata is None and self._features_changed_since_setup():
+        changed = self._features_changed_since_setup()
+        if adata is None and changed:
             # the registered MuData whose modalities changed in place: read as new samples
             adata = self.adata
-        registered = adata is self.adata and not self._features_changed_since_setup()
-        if isinstance(adata, MuData) and not registered:
+        if isinstance(adata, MuData) and (adata is not self.adata or changed):
             setup = self.adata_manager.registry["setup_args"]
             new = adata
             adata = aligned_new_mudata(
@@ -426,7 +426,7 @@ class MultiOmicsINFL(
             inputs = self.module._get_inference_input(tensors)
             z = self.module.inference(**inputs)["qz"].loc.cpu()
             # a sample without any of the modalities read has the prior's mean (0), no latent
-            held = torch.stack([~torch.isnan(tensors[k]).all(-1).cpu() for k in used]).any(0)
+            held = _holding_any(tensors, used).cpu()
             latent.append(torch.where(held[:, None], z, float("nan")))
         latent = torch.cat(latent).numpy()
         empty = int(np.isnan(latent[:, 0]).sum())
@@ -513,8 +513,7 @@ class MultiOmicsINFL(
         generative_input["z"] = inference["qz"].loc
         px = self.module.generative(**generative_input)["px"][modality]
         values = px.mu / px.mu.sum(-1, keepdim=True) if counts else px.mean
-        keys = self.module.registry_keys.values()
-        held = torch.stack([~torch.isnan(tensors[key]).all(-1) for key in keys]).any(0)
+        held = _holding_any(tensors, self.module.registry_keys.values())
         return torch.where(held[:, None].to(values.device), values, float("nan")).cpu()
 
     def get_latent_representation(
@@ -563,6 +562,11 @@ class MultiOmicsINFL(
         if adata is not None and mdata is not None:
             raise TypeError("Give the MuData once: adata= or mdata=.")
         return self.get_latent(adata if mdata is None else mdata, indices, batch_size, modalities)
+
+
+def _holding_any(tensors: Mapping[str, torch.Tensor], keys) -> torch.Tensor:
+    """Which rows of a minibatch hold any of the modalities ``keys`` (a row of NaN: absent)."""
+    return torch.stack([~torch.isnan(tensors[key]).all(-1) for key in keys]).any(0)
 
 
 def _default_likelihood(matrix) -> str:

@@ -13,7 +13,7 @@ from scinfl._checks import check_not_empty, check_obs_column_free, check_value
 from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
-from ._results import check_entries_free
+from ._results import check_entries_free, result_tool
 
 
 @keeps_torch_threads
@@ -89,11 +89,12 @@ def cluster(
     check_value("n_neighbors", n_neighbors, int, "an integer >= 2", lambda v: v >= 2)
     if random_state is not None:
         check_value("random_state", random_state, int, "an integer (or None)")
-    check_obs_column_free(adata, key_added, _is_cluster_result, "scinfl.tl.cluster")
+    tool = "scinfl.tl.cluster"
+    check_obs_column_free(adata, key_added, lambda entry: result_tool(entry) == tool, tool)
     entries = [("obs", key_added), ("uns", key_added), ("uns", neighbors_key)]
     if umap:
         entries.append(("obsm", f"X_umap_{neighbors_key}"))
-    check_entries_free(adata, entries, "scinfl.tl.cluster")
+    check_entries_free(adata, entries, tool)
     check_not_empty(adata.n_obs)
     carrier = leiden_carrier(
         adata.obs_names,
@@ -206,9 +207,3 @@ def _check_cluster_arguments(
         )
     if not resolution > 0:
         raise ValueError(f"resolution must be > 0, got {resolution!r}.")
-
-
-def _is_cluster_result(entry) -> bool:
-    """Whether an ``.uns`` entry holds :func:`cluster`'s parameters."""
-    params = entry.get("params", {}) if isinstance(entry, dict) else {}
-    return isinstance(params, dict) and {"resolution", "neighbors_key"} <= set(params)

@@ -15,13 +15,11 @@ from scinfl._copies import in_memory_copy
 from scinfl._threads import keeps_torch_threads
 
 from ._cluster import leiden_carrier
-from ._results import check_entries_free
+from ._results import check_entries_free, result_tool
 
 if TYPE_CHECKING:
     from scinfl.model import INFL
 
-#: what a domains result holds in ``.uns[key_added]["params"]``, to tell it from others'
-_PARAMS = ("n_layers", "method", "neighbors_key")
 #: ``.uns`` keys scanpy and squidpy read (``"spatial"``: Visium images and scale factors)
 _RESERVED = ("spatial", "neighbors", "umap", "pca", "leiden", "louvain")
 
@@ -39,8 +37,7 @@ def _check_key_added(adata: AnnData, key_added: str, use_rep: str) -> None:
             f"(.uns[{key_added!r}]); pick another key_added."
         )
     held = adata.uns.get(key_added)
-    params = held.get("params", {}) if isinstance(held, dict) else {}
-    ours = held is not None and all(name in params for name in _PARAMS)
+    ours = result_tool(held) == "scinfl.tl.domains"
     if held is not None and not ours:
         raise ValueError(
             f"adata.uns[{key_added!r}] holds results that are not spatial domains (e.g. a "

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scinfl._checks import check_obs_column_free
 from scinfl._copies import in_memory_copy
 
-from ._results import check_entries_free
+from ._results import check_entries_free, result_tool
 
 if TYPE_CHECKING:
     from scinfl.model import INFL
@@ -75,9 +75,9 @@ def predict(
             "use scinfl.model.INFL set up with labels_key= (tl.embed and tl.cluster read this "
             "model)."
         )
-    check_obs_column_free(adata, key_added, _is_prediction, "scinfl.tl.predict")
-    entries = [("obsm", proba_key), ("uns", key_added), ("obs", key_added)]
-    check_entries_free(adata, entries, "scinfl.tl.predict")
+    tool = "scinfl.tl.predict"
+    check_obs_column_free(adata, key_added, lambda entry: result_tool(entry) == tool, tool)
+    check_entries_free(adata, [("obsm", proba_key), ("uns", key_added), ("obs", key_added)], tool)
     proba = model.predict(adata, soft=True, batch_size=batch_size)
     if copy:
         adata = in_memory_copy(adata)
@@ -86,9 +86,3 @@ def predict(
     adata.obs[key_added] = pd.Categorical(proba.idxmax(axis=1), categories=list(proba.columns))
     adata.uns[key_added] = {"params": {"proba_key": proba_key, "labels": labels}}
     return adata if copy else None
-
-
-def _is_prediction(entry) -> bool:
-    """Whether an ``.uns`` entry holds :func:`predict`'s parameters."""
-    params = entry.get("params", {}) if isinstance(entry, dict) else {}
-    return isinstance(params, dict) and {"proba_key", "labels"} <= set(params)

@@ -13,21 +13,56 @@ from collections.abc import Iterable, Mapping
 from anndata import AnnData
 
 
-def _result(key: str, params: Mapping) -> tuple[str, set[tuple[str, str]]] | None:
-    """The tool of the result in ``.uns[key]`` and the ``(slot, name)`` entries it wrote."""
+def result_tool(entry) -> str | None:
+    """The scinfl tool whose parameters an ``.uns`` entry records, or ``None``.
+
+    Parameters
+    ----------
+    entry
+        An ``.uns`` value.
+
+    Returns
+    -------
+    ``"scinfl.tl.predict"``, ``"scinfl.tl.domains"``, ``"scinfl.tl.cluster"``,
+    ``"scinfl.tl.embed"``, or ``None`` for anything else.
+
+    Examples
+    --------
+    >>> result_tool({"params": {"proba_key": "scinfl_proba", "labels": ["a"]}})
+    'scinfl.tl.predict'
+    >>> result_tool({"connectivities_key": "x"}) is None
+    True
+    """
+    params = entry.get("params") if isinstance(entry, Mapping) else None
+    if not isinstance(params, Mapping):
+        return None
+    names = set(params)
+    if {"proba_key", "labels"} <= names:
+        return "scinfl.tl.predict"
+    if {"n_layers", "method", "neighbors_key"} <= names:
+        return "scinfl.tl.domains"
+    if {"neighbors_key", "resolution"} <= names:
+        return "scinfl.tl.cluster"
+    if "model" in names:
+        return "scinfl.tl.embed"
+    return None
+
+
+def _written(tool: str, key: str, params: Mapping) -> set[tuple[str, str]]:
+    """The ``(slot, name)`` entries the result of ``tool`` recorded in ``.uns[key]`` wrote."""
     wrote = {("uns", key)}
-    if {"proba_key", "labels"} <= set(params):
-        return "scinfl.tl.predict", wrote | {("obs", key), ("obsm", str(params["proba_key"]))}
-    if {"n_layers", "method", "neighbors_key"} <= set(params):
-        return "scinfl.tl.domains", wrote | {("obs", key), ("obsm", f"X_{key}")}
-    if {"neighbors_key", "resolution"} <= set(params):
-        wrote |= {("obs", key), ("uns", str(params["neighbors_key"]))}
+    if tool == "scinfl.tl.embed":
+        return wrote | {("obsm", key)}
+    wrote.add(("obs", key))
+    if tool == "scinfl.tl.predict":
+        wrote.add(("obsm", str(params["proba_key"])))
+    elif tool == "scinfl.tl.domains":
+        wrote.add(("obsm", f"X_{key}"))
+    else:
+        wrote.add(("uns", str(params["neighbors_key"])))
         if "umap_key" in params:
             wrote.add(("obsm", str(params["umap_key"])))
-        return "scinfl.tl.cluster", wrote
-    if "model" in params:
-        return "scinfl.tl.embed", wrote | {("obsm", key)}
-    return None
+    return wrote
 
 
 def check_entries_free(adata: AnnData, entries: Iterable[tuple[str, str]], tool: str) -> None:
@@ -60,17 +95,14 @@ def check_entries_free(adata: AnnData, entries: Iterable[tuple[str, str]], tool:
     """
     wanted = set(entries)
     for key, entry in adata.uns.items():
-        params = entry.get("params") if isinstance(entry, Mapping) else None
-        result = _result(str(key), params) if isinstance(params, Mapping) else None
-        if result is None:
-            continue
-        owner, wrote = result
-        if owner == tool:
-            # the tool's own kind of entry: a rerun, or another result sharing it (Leiden at
-            # another resolution on the same neighbour graph, as scanpy shares it)
+        owner = result_tool(entry)
+        if owner is None or owner == tool:
+            # not a result, or the tool's own kind of entry: a rerun, or another result sharing
+            # it (Leiden at another resolution on the same neighbour graph, as scanpy shares it)
             continue
         # only what is there: a record of parameters alone (another tool's, whose keys happen
         # to match) holds no entry
+        wrote = _written(owner, str(key), entry["params"])
         held = {(slot, name) for slot, name in wrote if name in getattr(adata, slot)}
         for slot, name in sorted(wanted & held):
             raise ValueError(
