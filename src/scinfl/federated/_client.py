@@ -24,8 +24,9 @@ from ._site_data import SiteData
 #: server and sites on scinfl versions that would misread each other stop at the first message
 #: with an error that says so. Raise it with any change that makes an older site or server
 #: misread a message (the frame names changed in protocol 2; the secure-aggregation masks in
-#: protocol 3: one key stream a pair, cut into the parameters).
-PROTOCOL_VERSION = 3
+#: protocol 3: one key stream a pair, cut into the parameters; the frames' maps in protocol 4:
+#: smaller dense maps and blocks).
+PROTOCOL_VERSION = 4
 
 
 @dataclass

@@ -7,12 +7,14 @@ which the sites map back with ``T^-1``. The sites of a federation share a secret
 parameter in the coordinates the model computes with.
 
 Every axis of every floating-point tensor gets its own invertible map (a *frame*): a weight
-``W`` of shape ``(out, in)`` travels as ``A^T W B``. A frame is not orthogonal (its singular
-values spread over a factor of up to 16 per dense block), so it does not preserve the angles
-that spectral alignment with public data relies on, and it mixes every coordinate of the axis
-with every other (for long axes, layers of secret permutations and dense blocks of 32, one
-more layer than full mixing needs and at least three: four for 1,025 to 32,768 entries; one
-dense map for axes of at most 256 entries). The frame changes every round: the global
+``W`` of shape ``(out, in)`` travels as ``A^T W B``. A frame is not orthogonal (condition
+number about 15 for a dense map, 30 to 60 for a layered one), so it does not preserve the
+angles that spectral alignment with public data relies on, and it mixes every coordinate of the
+axis with every other (one dense map for axes of at most 64 entries; for longer ones, layers of
+secret permutations and dense blocks of 16, one more layer than full mixing needs and at least
+three: four for 257 to 4,096 entries, five up to 65,536). Small blocks keep a frame cheap to
+draw and apply (the QR factorisations of the blocks dominate its cost); the layers, not the
+block size, give the mixing. The frame changes every round: the global
 model is in some frame, the sites decode it, train in plain coordinates (no cost in the
 training loop) and upload in the frame named by what they received: a hash of the global
 parameters and of the round's instructions, the frame they came in included (:func:`frame_id`). The server can compute that name
@@ -50,12 +52,13 @@ from ._client import ClientConfig, ClientUpdate
 from ._parameters import Parameters
 
 #: axes up to this length get one dense map; longer ones layers of blocks
-DENSE_MAX = 256
+DENSE_MAX = 64
 #: block size of the layered maps of long axes
-BLOCK = 32
-#: singular values of each dense map (block) lie in [1/s, s]
+BLOCK = 16
+#: singular values of a one-layer dense map lie in [1/s, s]
 _DENSE_SPREAD = 4.0
-_BLOCK_SPREAD = 2.0
+#: the blocks of a layered map's L layers scale by at most this ** (1 / L) each
+_LAYERED_SPREAD = 16.0
 _MODES = ("forward", "inverse", "transpose", "inverse_transpose")
 #: frame of the initial global model
 INITIAL_FRAME = "initial"
@@ -223,10 +226,9 @@ class AxisFrame:
         if self.dense:
             self.layers = [_Layer(n, rng, n, _DENSE_SPREAD, False, orthogonal)]
         else:
-            self.layers = [
-                _Layer(n, rng, BLOCK, _BLOCK_SPREAD, True, orthogonal)
-                for _ in range(_layers_for(n))
-            ]
+            layers = _layers_for(n)
+            spread = _LAYERED_SPREAD ** (1 / layers)
+            self.layers = [_Layer(n, rng, BLOCK, spread, True, orthogonal) for _ in range(layers)]
         if own:
             orthogonal.compute()
             self.compute(orthogonal)
