@@ -1,7 +1,8 @@
 """Seconds per federated epoch against scvi-tools' SCVI, where the time goes, and peak memory.
 
 Every row runs in its own process (so that its peak resident memory is its own), and within a
-row every method runs in the same process, one after the other, on the same data:
+row every method runs in the same process, on the same data, twice (``--passes``), in mirrored
+order (A B C D, then D C B A: the machine's drift during a row biases no method):
 
 - ``INFL defaults``: ``train_federated`` at the library defaults (key, secret frames), local
   engine, one local epoch per round (a round is then one federated epoch over all sites);
@@ -269,24 +270,47 @@ def scvi_epoch(adata, setup, epochs, likelihood) -> dict:
     return {"wall": np.diff(marks[:, 0]).mean(), "cpu": np.diff(marks[:, 1]).mean()}
 
 
-def run_row(name: str, rounds: int) -> dict:
-    """Every method on one row; its own process, so ``peak_rss_gb`` is the row's."""
+def run_row(name: str, rounds: int, passes: int = 2) -> dict:
+    """Every method on one row; its own process, so ``peak_rss_gb`` is the row's.
+
+    The methods run ``passes`` times, in mirrored order (defaults, no frames, no key, SCVI,
+    then SCVI, no key, ...): a machine that speeds up or slows down during the row (this one
+    drifts by 20-50% within minutes) then biases no method, as it would if each ran once in
+    a fixed order. Seconds are the mean over passes; each pass's seconds are kept.
+    """
     adata, setup = load_row(name)
     likelihood = likelihood_of(adata, setup)
     breakdown = Breakdown()
+    methods = {
+        "defaults": lambda: infl_epoch(adata, setup, rounds, breakdown),
+        "no frames": lambda: infl_epoch(adata, setup, rounds, secret_frames=False),
+        "no key": lambda: infl_epoch(adata, setup, rounds, key_mode=None),
+        "SCVI": lambda: scvi_or_nan(adata, setup, rounds, likelihood),
+    }
+    measured = defaultdict(list)
+    for index in range(passes):
+        for method in list(methods)[:: 1 if index % 2 == 0 else -1]:
+            measured[method].append(methods[method]())
     out = {"row": name, "cells": adata.n_obs, "features": adata.n_vars}
     out["sites"] = adata.obs[setup["site_key"]].nunique()
-    out["defaults"] = infl_epoch(adata, setup, rounds, breakdown)
-    out["breakdown"] = dict(breakdown.seconds)
-    out["no frames"] = infl_epoch(adata, setup, rounds, secret_frames=False)
-    out["no key"] = infl_epoch(adata, setup, rounds, key_mode=None)
-    try:
-        out["SCVI"] = scvi_epoch(adata, setup, rounds, likelihood)
-    except ValueError as err:  # e.g. SCVI's normal likelihood diverging on raw log ratios
-        out["SCVI"] = {"wall": float("nan"), "cpu": float("nan"), "error": str(err)[:200]}
+    for method, seconds in measured.items():
+        out[method] = {
+            clock: float(np.mean([s[clock] for s in seconds])) for clock in ("wall", "cpu")
+        }
+        out[method]["cpu per pass"] = [s["cpu"] for s in seconds]
+    out["breakdown"] = {k: v / passes for k, v in breakdown.seconds.items()}
     out["rounds"] = rounds
+    out["passes"] = passes
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def scvi_or_nan(adata, setup, epochs, likelihood) -> dict:
+    """:func:`scvi_epoch`, or NaN seconds where SCVI fails on the row."""
+    try:
+        return scvi_epoch(adata, setup, epochs, likelihood)
+    except ValueError as err:  # e.g. SCVI's normal likelihood diverging on raw log ratios
+        return {"wall": float("nan"), "cpu": float("nan"), "error": str(err)[:200]}
 
 
 def run_scaling(name: str, rounds: int) -> dict:
@@ -346,10 +370,10 @@ def run_flower(name: str, rounds: int) -> dict:
 
 
 # -- driver --------------------------------------------------------------------------------
-def in_subprocess(kind: str, name: str, rounds: int, threads: int) -> dict:
+def in_subprocess(kind: str, name: str, rounds: int, threads: int, passes: int = 1) -> dict:
     """Run one measurement in a fresh process (its own peak memory, no shared caches)."""
     command = [sys.executable, __file__, "--one", kind, name, "--rounds", str(rounds)]
-    command += ["--threads", str(threads)]
+    command += ["--threads", str(threads), "--passes", str(passes)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} {name} failed:\n{done.stderr[-3000:]}")
@@ -458,11 +482,11 @@ def saved_path(kind: str, name: str) -> Path:
     return RESULTS / "speed" / f"{kind}-{name.replace(':', '-')}.json"
 
 
-def measure(kind: str, name: str, rounds: int, threads: int) -> dict:
+def measure(kind: str, name: str, rounds: int, threads: int, passes: int = 1) -> dict:
     """One measurement in its own process, saved with the machine's load around it."""
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    result = in_subprocess(kind, name, rounds, threads)
+    result = in_subprocess(kind, name, rounds, threads, passes)
     result |= {"kind": kind, "threads": threads, "started": started}
     result["load average (start, end)"] = [round(load, 1), round(os.getloadavg()[0], 1)]
     path = saved_path(kind, name)
@@ -490,8 +514,8 @@ def report() -> str:
     lines = [
         "# Speed: a federated epoch against scvi-tools' SCVI\n",
         "Each row ran in its own process (`benchmarks/speed.py`; see its docstring), every "
-        "method of a row in the same process, one after the other, on the same data: the "
-        "ratios are within a row. CPU seconds of a one-thread process are the work done; wall "
+        "method of a row in the same process, on the same data, in mirrored order over the "
+        "passes listed (seconds: the mean over passes): the ratios are within a row. CPU seconds of a one-thread process are the work done; wall "
         "seconds depend on what else the machine ran (its load average is listed).\n",
         table(rows).to_markdown(index=False),
         "\n",
@@ -502,6 +526,7 @@ def report() -> str:
                     "measured": r["started"],
                     "torch threads": r["threads"],
                     "timed epochs": r["rounds"],
+                    "passes": r.get("passes", 1),
                     "load average (start, end)": r["load average (start, end)"],
                 }
                 for r in rows
@@ -546,6 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--passes", type=int, default=2, help="passes over a row's methods, in mirrored order"
+    )
     parser.add_argument("--one", nargs=2, metavar=("KIND", "ROW"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -554,12 +582,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         sys.path.insert(0, str(Path(__file__).parent))
         kind, name = args.one
-        run = {"row": run_row, "scaling": run_scaling, "flower": run_flower}[kind]
-        print(json.dumps(run(name, args.rounds), default=float))
+        if kind == "row":
+            result = run_row(name, args.rounds, args.passes)
+        else:
+            result = {"scaling": run_scaling, "flower": run_flower}[kind](name, args.rounds)
+        print(json.dumps(result, default=float))
         return
     for name in args.rows + ([BIG_ROW] * args.big):
-        rounds = 1 if load_size(name) >= BIG else args.rounds  # one epoch of 1M cells is enough
-        measure("row", name, rounds, args.threads)
+        big = load_size(name) >= BIG  # one epoch, one pass of 1M cells is enough
+        measure("row", name, 1 if big else args.rounds, args.threads, 1 if big else args.passes)
     if args.scaling:
         for axis, names in SCALING.items():
             for name in names:

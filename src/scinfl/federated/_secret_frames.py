@@ -8,9 +8,8 @@ parameter in the coordinates the model computes with.
 
 Every axis of every floating-point tensor gets its own invertible map (a *frame*): a weight
 ``W`` of shape ``(out, in)`` travels as ``A^T W B``. A frame is not orthogonal (condition
-number about 15 for a dense map, 30 to 60 for a layered one), so it does not preserve the
-angles that spectral alignment with public data relies on, and it mixes every coordinate of the
-axis with every other (one dense map for axes of at most 64 entries; for longer ones, layers of
+number about 15 for a dense map, 30 to 60 for a layered one), and it mixes every coordinate of
+the axis with every other (one dense map for axes of at most 64 entries; for longer ones, layers of
 secret permutations and dense blocks of 16, one more layer than full mixing needs and at least
 three: four for 257 to 4,096 entries, five up to 65,536). Small blocks keep a frame cheap to
 draw and apply (the QR factorisations of the blocks dominate its cost); the layers, not the
@@ -21,7 +20,9 @@ parameters and of the round's instructions, the frame they came in included (:fu
 (it is no secret: the maps need the key) and tells the sites the frame of each model it sends.
 So the frame changes every round, and a frame never holds more than one upload per site,
 whatever the server does: replaying a model and instructions gets the same upload back
-(training is seeded), changing anything gets a new frame. Nothing the server collects over
+(training is seeded), changing anything gets a new frame. That, not the maps' shape, is what
+stops spectral alignment with public data: a random invertible map of a long axis nearly keeps
+the principal axes of many rows in one frame (docs/privacy.md). Nothing the server collects over
 rounds or runs is in a common frame; the initial model is in the frame :data:`INITIAL_FRAME`.
 
 What the server still learns: each site's ``n_k`` and metrics, and what is invariant under
