@@ -12,8 +12,8 @@ number about 15 for a dense map, 30 to 60 for a layered one), and it mixes every
 the axis with every other (one dense map for axes of at most 64 entries; for longer ones, layers of
 secret permutations and dense blocks of 16, one more layer than full mixing needs and at least
 three: four for 257 to 4,096 entries, five up to 65,536). Small blocks keep a frame cheap to
-draw and apply (the QR factorisations of the blocks dominate its cost); the layers, not the
-block size, give the mixing. The frame changes every round: the global
+draw (the QR factorisations of its blocks dominate drawing); the layers, not the block size,
+give the mixing. The frame changes every round: the global
 model is in some frame, the sites decode it, train in plain coordinates (no cost in the
 training loop) and upload in the frame named by what they received: a hash of the global
 parameters and of the round's instructions, the frame they came in included (:func:`frame_id`). The server can compute that name
