@@ -4,8 +4,9 @@ The spectral alignment attack (:func:`scinfl.privacy.spectral_alignment_attack`)
 one-sample uploads in one linear frame. This measures what it gets through one axis frame of
 the model's feature axis, against an orthogonal map and the identity: log1p counts of
 ``--victims`` Kang cells (the 1,000 genes of most counts) pass through each map, and the attack
-reconstructs them from ``--public`` other cells. Score: the mean Pearson correlation of each
-reconstruction with its cell, both less the public mean (partial correlation; 0 is chance).
+reconstructs them from ``--public`` other cells. Score: the mean partial correlation of each
+reconstruction with its cell given the public mean profile
+(:func:`scinfl.privacy.partial_correlation`, as in the privacy benchmark; 0 is chance).
 
 The protocol never puts two uploads of one site in one frame; the privacy benchmark
 (``benchmarks/privacy.py --spectral``) measures that case on trained models.
@@ -24,19 +25,7 @@ import pandas as pd
 
 import scinfl
 from scinfl.federated._secret_frames import AxisFrame  # one axis, as the feature axis travels
-from scinfl.privacy import spectral_alignment_attack
-
-
-def partial_correlation(reconstructions: np.ndarray, truth: np.ndarray, mean: np.ndarray) -> float:
-    """Mean correlation of each reconstruction with its row, both less ``mean``."""
-    return float(
-        np.mean(
-            [
-                np.corrcoef(r - mean, t - mean)[0, 1]
-                for r, t in zip(reconstructions, truth, strict=True)
-            ]
-        )
-    )
+from scinfl.privacy import partial_correlation, spectral_alignment_attack
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             seen = apply(victims, seed)
             for k in args.components:
                 attacked = spectral_alignment_attack(seen, public, n_components=k)
-                score = partial_correlation(attacked, victims, mean)
+                score = float(partial_correlation(attacked, victims, mean).mean())
                 results.append({"map": name, "seed": seed, "components": k, "partial corr": score})
     table = (
         pd.DataFrame(results)
